@@ -1,0 +1,388 @@
+"""The NumPy reference backend: every primitive of the backend contract, written to be read.
+
+This backend is the oracle of the project. Finite-difference gradient checks (cupynet/gradcheck.py)
+validate it in float64, and the GPU backend is tested primitive by primitive against it. It also trains
+for real on CPU: convolutions are im2col + one BLAS matrix product, never Python loops over pixels.
+
+The contract (the GPU backend implements the same names and arguments):
+  * every primitive writes into output arrays the caller allocated (`out=`-style), so a GPU backend can run
+    a whole step on preallocated buffers; scalars that change per step (the learning rate) are 0-d arrays;
+  * activations are (N, C, H, W) or (N, H, W, C) per `layout`; conv weights are (K, C, R, S) for NCHW and
+    (K, R, S, C) for NHWC (what cuDNN wants for each layout); `weight_to_canonical` maps both to KCRS;
+  * `calls` counts primitive invocations by name, so tests can prove which path actually ran.
+
+    from cupynet.backends.numpy_backend import NumpyBackend
+    be = NumpyBackend(layout="NHWC", dtype="float32")
+"""
+from collections import Counter
+
+import numpy as np
+
+from cupynet.sampling import crop_flip_draws
+
+LAYOUTS = ("NCHW", "NHWC")
+
+
+class NumpyBackend:
+    """Reference implementation of the backend contract on NumPy arrays."""
+
+    name = "numpy"
+    xp = np
+
+    def __init__(self, layout="NHWC", dtype="float32"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        self.dtype = np.dtype(dtype)        # activations and weights
+        self.param_dtype = np.dtype(dtype)  # master parameters, gradients, optimizer state
+        self.calls = Counter()
+
+    # ----------------------------------------------------------------- arrays and layout helpers
+
+    def empty(self, shape, dtype=None):
+        return np.empty(shape, dtype=dtype or self.dtype)
+
+    def zeros(self, shape, dtype=None):
+        return np.zeros(shape, dtype=dtype or self.dtype)
+
+    def to_host(self, array):
+        """A NumPy copy of a backend array (a host sync on GPU: only between steps)."""
+        return np.array(array, copy=True)
+
+    def from_host(self, array, dtype=None):
+        return np.array(array, dtype=dtype or array.dtype, copy=True)
+
+    def fill(self, array, value):
+        """Set every element (e.g. the learning-rate scalar between steps)."""
+        array[...] = value
+
+    def synchronize(self):
+        """Nothing runs asynchronously on the CPU."""
+
+    def activation_shape(self, n, c, h, w):
+        return (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
+
+    def nchw_dims(self, x):
+        """(N, C, H, W) of an activation array in this backend's layout."""
+        if self.layout == "NCHW":
+            return x.shape
+        n, h, w, c = x.shape
+        return n, c, h, w
+
+    def conv_weight_shape(self, k, c, r, s):
+        return (k, c, r, s) if self.layout == "NCHW" else (k, r, s, c)
+
+    def weight_to_canonical(self, w):
+        """Conv weight in this layout -> (K, C, R, S), as checkpoints store it."""
+        return w if self.layout == "NCHW" else w.transpose(0, 3, 1, 2)
+
+    def weight_from_canonical(self, w_kcrs):
+        return w_kcrs if self.layout == "NCHW" else w_kcrs.transpose(0, 2, 3, 1)
+
+    def _as_nhwc(self, x):
+        """A view of an activation (or KCRS/KRSC weight) with channels last."""
+        return x.transpose(0, 2, 3, 1) if self.layout == "NCHW" else x
+
+    def _channel_axes(self):
+        """Axes reduced by per-channel statistics: everything but C."""
+        return (0, 2, 3) if self.layout == "NCHW" else (0, 1, 2)
+
+    def _per_channel(self, v):
+        """Reshape a (C,) vector so it broadcasts against activations of this layout."""
+        return v.reshape(1, -1, 1, 1) if self.layout == "NCHW" else v
+
+    # ----------------------------------------------------------------- convolution (im2col + GEMM)
+
+    @staticmethod
+    def _im2col(x_nhwc, r, s, stride, pads):
+        """x: (N, H, W, C) -> cols: (N*Ho*Wo, R*S*C), one row per output pixel, columns ordered (r, s, c).
+
+        pads = (top, bottom, left, right). The windows are a strided view of the padded image
+        (sliding_window_view), gathered by one contiguous copy: no loop over pixels or images.
+        """
+        top, bottom, left, right = pads
+        n, _, _, c = x_nhwc.shape
+        padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (r, s), axis=(1, 2))
+        windows = windows[:, ::stride, ::stride]                      # (N, Ho, Wo, C, R, S)
+        ho, wo = windows.shape[1:3]
+        cols = np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))
+        return cols.reshape(n * ho * wo, r * s * c), (ho, wo)
+
+    def _weight_matrix(self, w):
+        """Conv weight -> (K, R*S*C), the column order of _im2col."""
+        w_krsc = self._as_nhwc(w)
+        return w_krsc.reshape(w_krsc.shape[0], -1)
+
+    def conv2d_forward(self, x, w, stride, pad, y):
+        """y = conv(x, w). x: activation; w: (K,C,R,S) | (K,R,S,C); y: activation with K channels."""
+        self.calls["conv2d_forward"] += 1
+        k, r, s, _ = self._as_nhwc(w).shape
+        cols, (ho, wo) = self._im2col(self._as_nhwc(x), r, s, stride, (pad, pad, pad, pad))
+        y_rows = cols @ self._weight_matrix(w).T                        # (N*Ho*Wo, K)
+        self._as_nhwc(y)[...] = y_rows.reshape(x.shape[0], ho, wo, k)
+        return y
+
+    def conv2d_backward_data(self, dy, w, stride, pad, dx):
+        """dx = d(loss)/dx given dy = d(loss)/dy, as a stride-1 convolution.
+
+        dx[n, i*s + r - p, j*s + q - p, c] += dy[n, i, j, k] * w[k, r, q, c] is a correlation of dy,
+        dilated by the stride (zeros between rows and columns), with the kernel rotated by 180 degrees
+        and its K and C axes swapped. Padding the dilated dy by R-1-p on top keeps exactly the H rows of
+        dx; the bottom padding makes up the rows that a stride-2 forward pass never reached.
+        """
+        self.calls["conv2d_backward_data"] += 1
+        w_krsc = self._as_nhwc(w)
+        k, r, s, c = w_krsc.shape
+        dy_nhwc = self._as_nhwc(dy)
+        n, ho, wo, _ = dy_nhwc.shape
+        _, h, wd, _ = self._as_nhwc(dx).shape
+        if stride > 1:
+            dilated = np.zeros((n, (ho - 1) * stride + 1, (wo - 1) * stride + 1, k), dtype=dy.dtype)
+            dilated[:, ::stride, ::stride, :] = dy_nhwc
+            dy_nhwc = dilated
+        hd, wdd = dy_nhwc.shape[1:3]
+        pads = (r - 1 - pad, h + pad - hd, s - 1 - pad, wd + pad - wdd)
+        cols, _ = self._im2col(dy_nhwc, r, s, 1, pads)                     # (N*H*W, R*S*K)
+        w_rotated = w_krsc[:, ::-1, ::-1, :].transpose(1, 2, 0, 3).reshape(r * s * k, c)
+        self._as_nhwc(dx)[...] = (cols @ w_rotated).reshape(n, h, wd, c)
+        return dx
+
+    def conv2d_backward_filter(self, x, dy, stride, pad, dw):
+        """dw = d(loss)/dw, written (not accumulated) into dw."""
+        self.calls["conv2d_backward_filter"] += 1
+        dw_krsc = self._as_nhwc(dw)
+        k, r, s, _ = dw_krsc.shape
+        cols, _ = self._im2col(self._as_nhwc(x), r, s, stride, (pad, pad, pad, pad))
+        dy_rows = self._as_nhwc(dy).reshape(-1, k)                       # (N*Ho*Wo, K)
+        dw_krsc[...] = (dy_rows.T @ cols).reshape(k, r, s, -1)
+        return dw
+
+    # ----------------------------------------------------------------- batch normalization
+
+    def _channel_sum(self, a):
+        """Per-channel sum (C,), accumulated in float64 (as cheap as float32 here, and exact enough to be the oracle)."""
+        return a.sum(axis=self._channel_axes(), dtype=np.float64)
+
+    def _channel_dot(self, a, b):
+        """Per-channel sum of a * b (C,), without materializing the product."""
+        return np.einsum("nchw,nchw->c" if self.layout == "NCHW" else "nhwc,nhwc->c", a, b)
+
+    def batchnorm_train_forward(self, x, gamma, beta, running_mean, running_var, decay, eps,
+                                y, saved_mean, saved_invstd, relu=False):
+        """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta) with batch statistics.
+
+        Saves the batch mean and 1/sqrt(var + eps) for backward, and updates the moving statistics
+        in place: moving = decay * moving + (1 - decay) * batch. Like TensorFlow's fused batch norm
+        (and PyTorch), the moving variance takes the unbiased (m / (m - 1)) batch variance.
+        """
+        self.calls["batchnorm_train_forward"] += 1
+        pc = self._per_channel
+        m = x.size // gamma.size                                    # elements per channel
+        mean = self._channel_sum(x) / m
+        centered = x - pc(mean.astype(x.dtype))
+        var = self._channel_dot(centered, centered) / m
+        invstd = 1.0 / np.sqrt(var + eps)
+        saved_mean[...] = mean
+        saved_invstd[...] = invstd
+        running_mean[...] = decay * running_mean + (1.0 - decay) * mean
+        running_var[...] = decay * running_var + (1.0 - decay) * var * (m / max(m - 1, 1))
+        np.multiply(centered, pc((gamma * invstd).astype(x.dtype)), out=y)
+        y += pc(beta)
+        if relu:
+            np.maximum(y, 0, out=y)
+        return y
+
+    def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False):
+        """BatchNorm with the moving statistics (evaluation): y = x * scale + shift per channel."""
+        self.calls["batchnorm_infer_forward"] += 1
+        pc = self._per_channel
+        scale = gamma / np.sqrt(running_var + eps)
+        np.multiply(x, pc(scale), out=y)
+        y += pc(beta - running_mean * scale)
+        if relu:
+            np.maximum(y, 0, out=y)
+        return y
+
+    def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None):
+        """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused.
+
+        xhat = (x - mean) * invstd; dbeta = sum(dz); dgamma = sum(dz * xhat);
+        dx = gamma * invstd * (dz - dbeta / m - xhat * dgamma / m), m = elements per channel,
+        where dz = dy masked by y > 0 when the forward applied relu.
+        """
+        self.calls["batchnorm_backward"] += 1
+        pc = self._per_channel
+        m = x.size // gamma.size
+        dz = dy if y is None else dy * (y > 0)
+        xhat = (x - pc(saved_mean)) * pc(saved_invstd)
+        db = self._channel_sum(dz)
+        dg = self._channel_dot(dz, xhat)
+        dbeta[...] = db
+        dgamma[...] = dg
+        xhat *= pc((dg / m).astype(x.dtype))
+        np.subtract(dz, xhat, out=dx)
+        dx -= pc((db / m).astype(x.dtype))
+        dx *= pc((gamma * saved_invstd).astype(x.dtype))
+        return dx
+
+    # ----------------------------------------------------------------- elementwise
+
+    def relu_forward(self, x, y):
+        self.calls["relu_forward"] += 1
+        np.maximum(x, 0, out=y)
+        return y
+
+    def relu_backward(self, dy, y, dx):
+        """dx = dy where the relu output y is positive."""
+        self.calls["relu_backward"] += 1
+        np.multiply(dy, y > 0, out=dx)
+        return dx
+
+    def add(self, a, b, y):
+        """y = a + b (the pre-activation residual sum)."""
+        self.calls["add"] += 1
+        np.add(a, b, out=y)
+        return y
+
+    def add_relu(self, a, b, y):
+        """y = relu(a + b) (the post-activation residual sum)."""
+        self.calls["add_relu"] += 1
+        np.add(a, b, out=y)
+        np.maximum(y, 0, out=y)
+        return y
+
+    # ----------------------------------------------------------------- option-A shortcut
+
+    def shortcut_forward(self, x, stride, y):
+        """y = zero-pad-channels(avgpool_stride(x)).
+
+        The reference's option-A shortcut: average pool with kernel = stride = `stride` (VALID), then the
+        channels are zero-padded symmetrically, (Cout - Cin) // 2 on each side.
+        """
+        self.calls["shortcut_forward"] += 1
+        x_nhwc, y_nhwc = self._as_nhwc(x), self._as_nhwc(y)
+        n, h, w, cin = x_nhwc.shape
+        cout = y_nhwc.shape[3]
+        lo = (cout - cin) // 2
+        ho, wo = h // stride, w // stride
+        pooled = x_nhwc[:, :ho * stride, :wo * stride, :].reshape(n, ho, stride, wo, stride, cin)
+        y_nhwc[...] = 0
+        y_nhwc[:, :, :, lo:lo + cin] = pooled.mean(axis=(2, 4))
+        return y
+
+    def shortcut_backward(self, dy, stride, dx):
+        """Adjoint: slice the input's channels, spread each pooled gradient evenly over its window."""
+        self.calls["shortcut_backward"] += 1
+        dy_nhwc, dx_nhwc = self._as_nhwc(dy), self._as_nhwc(dx)
+        n, h, w, cin = dx_nhwc.shape
+        lo = (dy_nhwc.shape[3] - cin) // 2
+        ho, wo = h // stride, w // stride
+        g = dy_nhwc[:, :, :, lo:lo + cin] / (stride * stride)
+        dx_nhwc[...] = 0
+        dx_nhwc[:, :ho * stride, :wo * stride, :] = np.repeat(np.repeat(g, stride, axis=1), stride, axis=2)
+        return dx
+
+    # ----------------------------------------------------------------- head: pooling, dense, loss
+
+    def global_avgpool_forward(self, x, y):
+        """x: activation (N, C, H, W | N, H, W, C) -> y: (N, C)."""
+        self.calls["global_avgpool_forward"] += 1
+        axes = (2, 3) if self.layout == "NCHW" else (1, 2)
+        y[...] = x.mean(axis=axes)
+        return y
+
+    def global_avgpool_backward(self, dy, dx):
+        self.calls["global_avgpool_backward"] += 1
+        n, c, h, w = self.nchw_dims(dx)
+        dx[...] = self._per_channel_rows(dy / (h * w))
+        return dx
+
+    def _per_channel_rows(self, v):
+        """(N, C) -> broadcastable against an activation of this layout."""
+        return v[:, :, None, None] if self.layout == "NCHW" else v[:, None, None, :]
+
+    def dense_forward(self, x, w, b, y):
+        """y = x @ w + b. x: (N, Cin), w: (Cin, Cout), b: (Cout,)."""
+        self.calls["dense_forward"] += 1
+        np.matmul(x, w, out=y)
+        y += b
+        return y
+
+    def dense_backward(self, x, w, dy, dx, dw, db):
+        self.calls["dense_backward"] += 1
+        np.matmul(dy, w.T, out=dx)
+        np.matmul(x.T, dy, out=dw)
+        dy.sum(axis=0, out=db)
+        return dx
+
+    def softmax_cross_entropy(self, logits, labels, loss, dlogits):
+        """Mean cross-entropy of logits (N, K) against int labels (N,) into the 0-d `loss`.
+
+        Also writes dlogits = (softmax - onehot) / N, the gradient of the mean: the loss layer's
+        forward and backward are one pass, as on the GPU. Computed in at least float32.
+        """
+        self.calls["softmax_cross_entropy"] += 1
+        z = logits.astype(np.promote_types(logits.dtype, np.float32))
+        z = z - z.max(axis=1, keepdims=True)
+        logsumexp = np.log(np.exp(z).sum(axis=1))
+        n = z.shape[0]
+        rows = np.arange(n)
+        loss[...] = np.mean(logsumexp - z[rows, labels])
+        probs = np.exp(z - logsumexp[:, None])
+        probs[rows, labels] -= 1.0
+        dlogits[...] = probs / n
+        return loss
+
+    def count_correct(self, logits, labels, num_valid, correct):
+        """correct += number of the first `num_valid` rows whose argmax equals the label."""
+        self.calls["count_correct"] += 1
+        hits = np.argmax(logits[:num_valid], axis=1) == labels[:num_valid]
+        correct[...] += np.count_nonzero(hits)
+        return correct
+
+    # ----------------------------------------------------------------- optimizer
+
+    def sgd_momentum_update(self, params, grads, accum, lr, momentum, weight_decay):
+        """One momentum-SGD step over flat buffers, in the reference's (TensorFlow) form.
+
+        g = grad + weight_decay * param   (the gradient of 0.5 * wd * ||v||^2 added to the loss)
+        accum = momentum * accum + g
+        param -= lr * accum               (lr: a 0-d array, so the GPU step needs no host value)
+        """
+        self.calls["sgd_momentum_update"] += 1
+        g = grads + weight_decay * params
+        accum *= momentum
+        accum += g
+        params -= lr * accum
+
+    def sum_of_squares(self, array, out):
+        """out = sum(array ** 2), for the L2 term of the reported loss."""
+        self.calls["sum_of_squares"] += 1
+        out[...] = np.vdot(array, array)
+        return out
+
+    # ----------------------------------------------------------------- data
+
+    def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out):
+        """Gather a batch from the uint8 dataset, [pad-crop-flip], normalize to x / 128 - 1.
+
+        images: uint8 (N, 32, 32, 3); indices: int (B,); x_out: activation (B, 3, 32, 32 | B, 32, 32, 3).
+        With `distort`, each image is zero-padded to 40x40, cropped at a random offset and flipped at
+        random, as the reference; the draws come from a counter-based hash of (seed, step, row), so
+        they are identical on every backend and reproducible from the step alone.
+        """
+        self.calls["augment_batch"] += 1
+        batch = images[indices]                                # (B, 32, 32, 3) uint8
+        b, h, w, _ = batch.shape
+        if distort:
+            pad = 4
+            padded = np.zeros((b, h + 2 * pad, w + 2 * pad, 3), dtype=np.uint8)
+            padded[:, pad:pad + h, pad:pad + w, :] = batch
+            dy, dx, flip = crop_flip_draws(seed, step, b, 2 * pad + 1)
+            rows = dy[:, None] + np.arange(h)                  # (B, 32)
+            cols = dx[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))
+            batch = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        self._as_nhwc(x_out)[...] = batch.astype(x_out.dtype) / 128.0 - 1.0
+        labels_out[...] = labels[indices]
+        return x_out

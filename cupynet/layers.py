@@ -1,0 +1,169 @@
+"""Layers with explicit forward and backward, written against the backend contract only.
+
+Each layer registers its tensors in the model's ParamStores (trainable parameters, and BatchNorm's
+moving statistics), allocates its output buffers once per input shape and reuses them, and keeps from
+forward exactly what backward needs (named attributes such as `self.x`). Every call goes through the
+backend, so one model definition runs on NumPy and on the GPU.
+
+    conv = Conv2d(be, params, "stem/conv", cin=3, cout=16, ksize=3, stride=1)
+    y = conv.forward(x, train=True)      # x: (N, C, H, W) or (N, H, W, C) per be.layout
+    dx = conv.backward(dy)               # writes conv's weight gradient into params' flat grad buffer
+
+Gradients are written, not accumulated: each parameter is used exactly once per step.
+"""
+from cupynet.params import glorot_uniform, he_normal, ones_init, zeros_init
+
+
+class Layer:
+    """Base class: a name, a backend and a cache of output buffers keyed by shape."""
+
+    def __init__(self, backend, name):
+        self.be = backend
+        self.name = name
+        self._buffers = {}
+
+    def buffer(self, key, shape, dtype=None):
+        """A persistent array for `key` and `shape` (allocated on first use, then reused).
+
+        Training and evaluation batches may differ in size: each shape gets its own buffer, so
+        evaluating between training steps never reallocates the training step's buffers.
+        """
+        dtype = dtype or self.be.dtype
+        cache_key = (key, tuple(shape), str(dtype))
+        if cache_key not in self._buffers:
+            self._buffers[cache_key] = self.be.empty(shape, dtype=dtype)
+        return self._buffers[cache_key]
+
+
+class Conv2d(Layer):
+    """2-D convolution without bias (every conv of the ResNet is followed by BatchNorm)."""
+
+    def __init__(self, backend, params, name, cin, cout, ksize, stride=1, input_grad=True):
+        super().__init__(backend, name)
+        self.cin, self.cout, self.ksize, self.stride = cin, cout, ksize, stride
+        self.pad = ksize // 2                      # "same" padding for odd kernels, as the reference
+        self.input_grad = input_grad               # the stem conv needs no gradient for the image
+        self.w = params.add(f"{name}/w", (cout, cin, ksize, ksize),
+                            init=he_normal(cin * ksize * ksize), conv=True)
+
+    def output_hw(self, h, w):
+        size = lambda n: (n + 2 * self.pad - self.ksize) // self.stride + 1
+        return size(h), size(w)
+
+    def forward(self, x, train):
+        n, _, h, w = self.be.nchw_dims(x)
+        y = self.buffer("y", self.be.activation_shape(n, self.cout, *self.output_hw(h, w)))
+        self.x = x
+        return self.be.conv2d_forward(x, self.w.value, self.stride, self.pad, y)
+
+    def backward(self, dy):
+        self.be.conv2d_backward_filter(self.x, dy, self.stride, self.pad, self.w.grad)
+        if not self.input_grad:
+            return None
+        dx = self.buffer("dx", self.x.shape)
+        return self.be.conv2d_backward_data(dy, self.w.value, self.stride, self.pad, dx)
+
+
+class BatchNorm(Layer):
+    """Batch normalization over N, H, W per channel, optionally with a fused ReLU.
+
+    Training uses the batch statistics and updates the moving ones (moving = decay * moving +
+    (1 - decay) * batch); evaluation uses the moving statistics.
+    """
+
+    def __init__(self, backend, params, state, name, channels, decay, eps, relu=False):
+        super().__init__(backend, name)
+        self.channels, self.decay, self.eps, self.relu = channels, decay, eps, relu
+        self.gamma = params.add(f"{name}/gamma", (channels,), init=ones_init)
+        self.beta = params.add(f"{name}/beta", (channels,), init=zeros_init)
+        self.moving_mean = state.add(f"{name}/moving_mean", (channels,), init=zeros_init)
+        self.moving_var = state.add(f"{name}/moving_variance", (channels,), init=ones_init)
+
+    def forward(self, x, train):
+        be = self.be
+        y = self.buffer("y", x.shape)
+        if not train:
+            return be.batchnorm_infer_forward(x, self.gamma.value, self.beta.value, self.moving_mean.value,
+                                              self.moving_var.value, self.eps, y, relu=self.relu)
+        stats_dtype = be.param_dtype
+        self.saved_mean = self.buffer("mean", (self.channels,), stats_dtype)
+        self.saved_invstd = self.buffer("invstd", (self.channels,), stats_dtype)
+        self.x, self.y = x, y
+        return be.batchnorm_train_forward(x, self.gamma.value, self.beta.value, self.moving_mean.value,
+                                          self.moving_var.value, self.decay, self.eps, y,
+                                          self.saved_mean, self.saved_invstd, relu=self.relu)
+
+    def backward(self, dy):
+        dx = self.buffer("dx", self.x.shape)
+        return self.be.batchnorm_backward(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
+                                          dx, self.gamma.grad, self.beta.grad,
+                                          y=self.y if self.relu else None)
+
+
+class ReLU(Layer):
+    def forward(self, x, train):
+        self.y = self.be.relu_forward(x, self.buffer("y", x.shape))
+        return self.y
+
+    def backward(self, dy):
+        return self.be.relu_backward(dy, self.y, self.buffer("dx", dy.shape))
+
+
+class ShortcutA(Layer):
+    """The option-A (parameter-free) shortcut: average pool with the stride, zero-pad the channels."""
+
+    def __init__(self, backend, name, cin, cout, stride):
+        super().__init__(backend, name)
+        self.cin, self.cout, self.stride = cin, cout, stride
+
+    def forward(self, x, train):
+        n, _, h, w = self.be.nchw_dims(x)
+        self.x_shape = x.shape
+        y = self.buffer("y", self.be.activation_shape(n, self.cout, h // self.stride, w // self.stride))
+        return self.be.shortcut_forward(x, self.stride, y)
+
+    def backward(self, dy):
+        return self.be.shortcut_backward(dy, self.stride, self.buffer("dx", self.x_shape))
+
+
+class GlobalAvgPool(Layer):
+    """(N, C, H, W) or (N, H, W, C) -> (N, C)."""
+
+    def forward(self, x, train):
+        n, c, _, _ = self.be.nchw_dims(x)
+        self.x_shape = x.shape
+        return self.be.global_avgpool_forward(x, self.buffer("y", (n, c)))
+
+    def backward(self, dy):
+        return self.be.global_avgpool_backward(dy, self.buffer("dx", self.x_shape))
+
+
+class Dense(Layer):
+    """Fully connected layer y = x @ w + b (the classifier)."""
+
+    def __init__(self, backend, params, name, cin, cout):
+        super().__init__(backend, name)
+        self.cout = cout
+        self.w = params.add(f"{name}/w", (cin, cout), init=glorot_uniform(cin, cout))
+        self.b = params.add(f"{name}/b", (cout,), init=zeros_init)
+
+    def forward(self, x, train):
+        self.x = x
+        y = self.buffer("y", (x.shape[0], self.cout))
+        return self.be.dense_forward(x, self.w.value, self.b.value, y)
+
+    def backward(self, dy):
+        dx = self.buffer("dx", self.x.shape)
+        return self.be.dense_backward(self.x, self.w.value, dy, dx, self.w.grad, self.b.grad)
+
+
+class SoftmaxCrossEntropy(Layer):
+    """Mean softmax cross-entropy; forward also produces the gradient, which backward returns."""
+
+    def forward(self, logits, labels):
+        self.loss = self.buffer("loss", (), self.be.param_dtype)
+        self.dlogits = self.buffer("dlogits", logits.shape)
+        return self.be.softmax_cross_entropy(logits, labels, self.loss, self.dlogits)
+
+    def backward(self):
+        return self.dlogits

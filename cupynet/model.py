@@ -1,0 +1,186 @@
+"""ResNet for CIFAR-10, built from cupynet.layers, as in TensorFlow's cifar10_estimator tutorial.
+
+Three block kinds, all with filters 16/32/64 and strides 1/2/2 over three stages:
+  * "v1": post-activation basic blocks (He et al. 2015; the reference's default), depth 6n+2, option-A
+    (average-pool + zero-pad) shortcuts where the shape changes;
+  * "v2": pre-activation basic blocks (He et al. 2016), depth 6n+2, option-A shortcuts, a final
+    BatchNorm + ReLU before pooling;
+  * "bottleneck": pre-activation bottleneck blocks 1x1 -> 3x3 -> 1x1 with widths 16/32/64 and outputs
+    64/128/256 (4x), depth 9n+2, 1x1 projection shortcuts where the shape changes (as the reference's
+    `_bottleneck_residual_v2`).
+The head is global average pooling and a 10-way dense layer (the reference's 11th logit is dropped).
+
+    model = ResNet(backend, num_layers=44, block="v1")
+    model.init(np.random.default_rng(0))
+    loss = model.forward_backward(x, labels)   # gradients land in model.params.grad_flat
+    logits = model.forward(x, train=False)
+"""
+from cupynet.layers import (BatchNorm, Conv2d, Dense, GlobalAvgPool, Layer, ShortcutA,
+                            SoftmaxCrossEntropy)
+from cupynet.params import ParamStore
+
+BLOCK_KINDS = ("v1", "v2", "bottleneck")
+STAGE_FILTERS = (16, 32, 64)
+STAGE_STRIDES = (1, 2, 2)
+BOTTLENECK_EXPANSION = 4
+NUM_CLASSES = 10
+
+
+def blocks_per_stage(num_layers, block):
+    """n for a depth: 6n+2 for basic blocks (2 convs each), 9n+2 for bottlenecks (3 convs each).
+
+    Raises ValueError with the rule and the nearest valid depths when `num_layers` does not fit.
+    """
+    if block not in BLOCK_KINDS:
+        raise ValueError(f"block kind must be one of {', '.join(BLOCK_KINDS)}, got {block!r}")
+    per_block = 3 if block == "bottleneck" else 2
+    step = 3 * per_block
+    if num_layers < step + 2 or (num_layers - 2) % step:
+        lower = max(step + 2, (num_layers - 2) // step * step + 2)
+        rule = f"{step}n+2"
+        raise ValueError(f"--num-layers {num_layers} is not a valid depth for {block} blocks: it must be "
+                         f"{rule} with n >= 1 (for example {lower} or {lower + step})")
+    return (num_layers - 2) // step
+
+
+class BasicBlockV1(Layer):
+    """conv-BN-ReLU-conv-BN, add the shortcut, ReLU (post-activation)."""
+
+    def __init__(self, be, params, state, name, cin, cout, stride, bn):
+        super().__init__(be, name)
+        self.conv1 = Conv2d(be, params, f"{name}/conv1", cin, cout, 3, stride)
+        self.bn1 = BatchNorm(be, params, state, f"{name}/bn1", cout, relu=True, **bn)
+        self.conv2 = Conv2d(be, params, f"{name}/conv2", cout, cout, 3, 1)
+        self.bn2 = BatchNorm(be, params, state, f"{name}/bn2", cout, relu=False, **bn)
+        self.shortcut = ShortcutA(be, f"{name}/shortcut", cin, cout, stride) if (cin, stride) != (cout, 1) else None
+
+    def forward(self, x, train):
+        h = self.bn1.forward(self.conv1.forward(x, train), train)
+        h = self.bn2.forward(self.conv2.forward(h, train), train)
+        s = self.shortcut.forward(x, train) if self.shortcut else x
+        self.y = self.buffer("y", h.shape)
+        return self.be.add_relu(h, s, self.y)
+
+    def backward(self, dy):
+        dz = self.buffer("dz", dy.shape)
+        self.be.relu_backward(dy, self.y, dz)                  # through the final ReLU
+        dh = self.conv2.backward(self.bn2.backward(dz))
+        dx = self.conv1.backward(self.bn1.backward(dh))
+        ds = self.shortcut.backward(dz) if self.shortcut else dz
+        return self.be.add(dx, ds, dx)                          # both paths meet at x
+
+
+class BasicBlockV2(Layer):
+    """BN-ReLU-conv-BN-ReLU-conv, add the shortcut (pre-activation; no ReLU after the sum)."""
+
+    def __init__(self, be, params, state, name, cin, cout, stride, bn):
+        super().__init__(be, name)
+        self.bn1 = BatchNorm(be, params, state, f"{name}/bn1", cin, relu=True, **bn)
+        self.conv1 = Conv2d(be, params, f"{name}/conv1", cin, cout, 3, stride)
+        self.bn2 = BatchNorm(be, params, state, f"{name}/bn2", cout, relu=True, **bn)
+        self.conv2 = Conv2d(be, params, f"{name}/conv2", cout, cout, 3, 1)
+        self.shortcut = ShortcutA(be, f"{name}/shortcut", cin, cout, stride) if (cin, stride) != (cout, 1) else None
+
+    def forward(self, x, train):
+        h = self.conv1.forward(self.bn1.forward(x, train), train)
+        h = self.conv2.forward(self.bn2.forward(h, train), train)
+        s = self.shortcut.forward(x, train) if self.shortcut else x
+        y = self.buffer("y", h.shape)
+        return self.be.add(h, s, y)
+
+    def backward(self, dy):
+        dh = self.bn2.backward(self.conv2.backward(dy))
+        dx = self.bn1.backward(self.conv1.backward(dh))
+        ds = self.shortcut.backward(dy) if self.shortcut else dy
+        return self.be.add(dx, ds, dx)
+
+
+class BottleneckBlock(Layer):
+    """BN-ReLU-conv1x1(stride)-BN-ReLU-conv3x3-BN-ReLU-conv1x1, plus a projection shortcut if needed."""
+
+    def __init__(self, be, params, state, name, cin, cout, stride, bn):
+        super().__init__(be, name)
+        mid = cout // BOTTLENECK_EXPANSION
+        self.bn1 = BatchNorm(be, params, state, f"{name}/bn1", cin, relu=True, **bn)
+        self.conv1 = Conv2d(be, params, f"{name}/conv1", cin, mid, 1, stride)
+        self.bn2 = BatchNorm(be, params, state, f"{name}/bn2", mid, relu=True, **bn)
+        self.conv2 = Conv2d(be, params, f"{name}/conv2", mid, mid, 3, 1)
+        self.bn3 = BatchNorm(be, params, state, f"{name}/bn3", mid, relu=True, **bn)
+        self.conv3 = Conv2d(be, params, f"{name}/conv3", mid, cout, 1, 1)
+        needs_projection = (cin, stride) != (cout, 1)
+        self.shortcut = Conv2d(be, params, f"{name}/shortcut", cin, cout, 1, stride) if needs_projection else None
+
+    def forward(self, x, train):
+        h = self.conv1.forward(self.bn1.forward(x, train), train)
+        h = self.conv2.forward(self.bn2.forward(h, train), train)
+        h = self.conv3.forward(self.bn3.forward(h, train), train)
+        s = self.shortcut.forward(x, train) if self.shortcut else x
+        y = self.buffer("y", h.shape)
+        return self.be.add(h, s, y)
+
+    def backward(self, dy):
+        dh = self.bn3.backward(self.conv3.backward(dy))
+        dh = self.bn2.backward(self.conv2.backward(dh))
+        dx = self.bn1.backward(self.conv1.backward(dh))
+        ds = self.shortcut.backward(dy) if self.shortcut else dy
+        return self.be.add(dx, ds, dx)
+
+
+BLOCK_CLASSES = {"v1": BasicBlockV1, "v2": BasicBlockV2, "bottleneck": BottleneckBlock}
+
+
+class ResNet:
+    """The CIFAR ResNet: stem conv, three stages of residual blocks, pooling and a dense classifier."""
+
+    def __init__(self, backend, num_layers=44, block="v1", bn_decay=0.997, bn_epsilon=1e-5,
+                 num_classes=NUM_CLASSES):
+        n = blocks_per_stage(num_layers, block)
+        be = self.be = backend
+        self.num_layers, self.block = num_layers, block
+        self.params = ParamStore(be, with_grads=True)     # trainable: conv/dense weights, BN gamma/beta
+        self.state = ParamStore(be, with_grads=False)     # BN moving statistics
+        bn = dict(decay=bn_decay, eps=bn_epsilon)
+        post_activation = block == "v1"
+
+        self.layers = [Conv2d(be, self.params, "stem/conv", 3, STAGE_FILTERS[0], 3, 1, input_grad=False)]
+        if post_activation:
+            self.layers.append(BatchNorm(be, self.params, self.state, "stem/bn", STAGE_FILTERS[0],
+                                         relu=True, **bn))
+        expansion = BOTTLENECK_EXPANSION if block == "bottleneck" else 1
+        channels = STAGE_FILTERS[0]
+        for stage, (filters, stride) in enumerate(zip(STAGE_FILTERS, STAGE_STRIDES), start=1):
+            for index in range(n):
+                cout = filters * expansion
+                self.layers.append(BLOCK_CLASSES[block](be, self.params, self.state, f"stage{stage}/block{index}",
+                                                        channels, cout, stride if index == 0 else 1, bn))
+                channels = cout
+        if not post_activation:   # pre-activation nets end with the activation their last block skipped
+            self.layers.append(BatchNorm(be, self.params, self.state, "final/bn", channels, relu=True, **bn))
+        self.layers.append(GlobalAvgPool(be, "pool"))
+        self.layers.append(Dense(be, self.params, "logits", channels, num_classes))
+        self.loss_layer = SoftmaxCrossEntropy(be, "loss")
+
+    @property
+    def architecture(self):
+        """What a checkpoint must match to be loaded into this model."""
+        return {"num_layers": self.num_layers, "block": self.block, "num_classes": self.layers[-1].cout}
+
+    def init(self, rng):
+        """Allocate the parameter and statistics buffers and initialize them from `rng`."""
+        self.params.allocate(rng)
+        self.state.allocate(rng)
+
+    def forward(self, x, train):
+        """x: (N, 3, 32, 32) or (N, 32, 32, 3) per layout -> logits (N, 10)."""
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def forward_backward(self, x, labels):
+        """One training pass: returns the 0-d mean cross-entropy; gradients land in params.grad_flat."""
+        logits = self.forward(x, train=True)
+        loss = self.loss_layer.forward(logits, labels)
+        grad = self.loss_layer.backward()
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+        return loss

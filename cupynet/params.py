@@ -1,0 +1,153 @@
+"""ParamStore: every tensor of one kind in one flat buffer, with named, aligned views.
+
+The model's trainable parameters live in one flat buffer and their gradients in another of the same
+size, so the optimizer update, the gradient all-reduce and a checkpoint are each one operation over one
+buffer. BatchNorm moving statistics live in a second store without gradients. Layers hold views into
+the buffers; nothing is ever reallocated, so a GPU step can be captured once and replayed.
+
+    store = ParamStore(backend, with_grads=True)
+    w = store.add("stage1/block0/conv1/w", shape, init=he_normal(fan_in), conv=True)
+    store.allocate(rng)              # after every add(); w.value and w.grad are now views
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+# Every view starts on a 64-element boundary (256 bytes in float32): aligned loads for GPU kernels,
+# and the padding elements stay zero forever (their gradient is zero and weight decay keeps them at 0).
+ALIGN_ELEMENTS = 64
+
+
+def zeros_init(shape, rng):
+    return np.zeros(shape)
+
+
+def ones_init(shape, rng):
+    return np.ones(shape)
+
+
+def he_normal(fan_in):
+    """He et al. (2015) initialization for layers followed by ReLU: N(0, 2 / fan_in)."""
+    def init(shape, rng):
+        return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+    return init
+
+
+def glorot_uniform(fan_in, fan_out):
+    """Glorot/Xavier uniform, the default of the reference's dense layer."""
+    def init(shape, rng):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, size=shape)
+    return init
+
+
+@dataclass
+class Param:
+    """One named tensor. `value`/`grad` are views into the store's flat buffers once allocated.
+
+    `shape` is the canonical shape (conv weights KCRS); for conv weights the view itself has the
+    backend's layout (KCRS for NCHW, KRSC for NHWC).
+    """
+    name: str
+    shape: tuple
+    init: Callable
+    conv: bool = False
+    offset: int = 0
+    value: Optional[object] = field(default=None, repr=False)
+    grad: Optional[object] = field(default=None, repr=False)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape))
+
+
+class ParamStore:
+    """Named tensors packed into one flat buffer (and one flat gradient buffer if `with_grads`)."""
+
+    def __init__(self, backend, with_grads=True):
+        self.backend = backend
+        self.with_grads = with_grads
+        self.params = {}          # name -> Param, in creation order
+        self.flat = None          # (total,) parameter buffer
+        self.grad_flat = None     # (total,) gradient buffer
+        self.total = 0
+
+    def add(self, name, shape, init=zeros_init, conv=False):
+        if self.flat is not None:
+            raise RuntimeError("ParamStore.add after allocate()")
+        if name in self.params:
+            raise ValueError(f"duplicate parameter name {name!r}")
+        param = Param(name, tuple(shape), init, conv, offset=self.total)
+        self.params[name] = param
+        self.total += -(-param.size // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+        return param
+
+    def allocate(self, rng):
+        """Create the flat buffers, point every Param at its view and initialize it from `rng`."""
+        be = self.backend
+        self.flat = be.zeros((self.total,), dtype=be.param_dtype)
+        if self.with_grads:
+            self.grad_flat = be.zeros((self.total,), dtype=be.param_dtype)
+        for param in self.params.values():
+            param.value = self._view(self.flat, param)
+            if self.with_grads:
+                param.grad = self._view(self.grad_flat, param)
+            self.set_canonical(param.name, param.init(param.shape, rng))
+
+    def _view(self, flat, param):
+        """The slice of `flat` for `param`, shaped in the backend's layout."""
+        shape = self.backend.conv_weight_shape(*param.shape) if param.conv else param.shape
+        return flat[param.offset:param.offset + param.size].reshape(shape)
+
+    def __getitem__(self, name):
+        return self.params[name]
+
+    def __iter__(self):
+        return iter(self.params.values())
+
+    def __len__(self):
+        return len(self.params)
+
+    @property
+    def num_elements(self):
+        """Number of real (unpadded) elements."""
+        return sum(p.size for p in self.params.values())
+
+    # ----------------------------------------------------------------- canonical host copies
+
+    def _read(self, flat, param):
+        """A NumPy copy of `param`'s view of `flat`, in canonical shape (conv weights KCRS)."""
+        view = self._view(flat, param)
+        if param.conv:
+            view = self.backend.weight_to_canonical(view)
+        return self.backend.to_host(view)
+
+    def _write(self, flat, param, array):
+        """Write a canonical-shape host array into `param`'s view of `flat`, converting the layout."""
+        array = np.asarray(array)
+        if array.shape != param.shape:
+            raise ValueError(f"{param.name}: shape {array.shape} != {param.shape}")
+        if param.conv:
+            array = np.ascontiguousarray(self.backend.weight_from_canonical(array))
+        self._view(flat, param)[...] = self.backend.from_host(array, dtype=flat.dtype)
+
+    def get_canonical(self, name):
+        return self._read(self.flat, self.params[name])
+
+    def set_canonical(self, name, array):
+        self._write(self.flat, self.params[name], array)
+
+    def state_dict(self, prefix="", flat=None):
+        """{prefix + name: canonical NumPy copy} of every tensor of `flat` (default: the parameters).
+
+        Any buffer laid out like the parameters (gradients, optimizer momentum) can be passed as `flat`.
+        """
+        flat = self.flat if flat is None else flat
+        return {prefix + p.name: self._read(flat, p) for p in self.params.values()}
+
+    def load_state_dict(self, arrays, prefix="", flat=None):
+        """Inverse of state_dict."""
+        flat = self.flat if flat is None else flat
+        for param in self.params.values():
+            self._write(flat, param, arrays[prefix + param.name])

@@ -1,0 +1,75 @@
+"""Which images, crops and flips each training step sees, as a pure function of (seed, step).
+
+Every random choice of the input pipeline is derived from the seed and the global step, never from a
+stateful generator:
+  * each epoch visits the training set in its own permutation, `epoch_order(seed, epoch, n)`;
+    step s uses rows [pos * B, (pos + 1) * B) of epoch s // steps_per_epoch, pos = s % steps_per_epoch
+    (the incomplete last batch of an epoch is dropped, as steps_per_epoch = n // B);
+  * crop offsets and flips come from a counter-based hash of (seed, step, row): `crop_flip_draws`.
+    The GPU kernel (kernels/augment.cu, a later issue) computes the same 32-bit hash, so both backends
+    see identical batches, a resumed run continues exactly where it stopped, and the GPU needs no host
+    data per step.
+"""
+import numpy as np
+
+# lowbias32 (Chris Wellons' hash-prospector): a cheap, well-mixed 32-bit integer hash.
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
+_GOLDEN = 0x9E3779B9   # decorrelates the seed, step and row streams
+
+
+def mix32(x):
+    """lowbias32 on a uint32 array (wrapping arithmetic)."""
+    x = np.asarray(x, dtype=np.uint32).copy()
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(_MIX1)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(_MIX2)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def step_key(seed, step):
+    """One 32-bit key per (seed, step)."""
+    seed_part = mix32(np.uint32(seed & 0xFFFFFFFF) ^ np.uint32(_GOLDEN))
+    return mix32(seed_part ^ mix32(np.uint32(step & 0xFFFFFFFF)))
+
+
+def crop_flip_draws(seed, step, batch, num_offsets):
+    """Per row of the batch: (dy, dx) crop offsets in [0, num_offsets) and a flip flag.
+
+    One 32-bit hash per row: dy = h % k, dx = (h // k) % k, flip = (h // k^2) & 1 with k = num_offsets.
+    """
+    rows = np.arange(batch, dtype=np.uint32) * np.uint32(_GOLDEN)
+    h = mix32(rows ^ step_key(seed, step))
+    k = np.uint32(num_offsets)
+    dy = (h % k).astype(np.int64)
+    dx = ((h // k) % k).astype(np.int64)
+    flip = ((h // (k * k)) & np.uint32(1)).astype(bool)
+    return dy, dx, flip
+
+
+def epoch_order(seed, epoch, num_images):
+    """The permutation of the training set used in `epoch` (int64 indices)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+class StepSampler:
+    """Maps a global step to the dataset rows of its batch."""
+
+    def __init__(self, seed, num_images, batch_size):
+        self.seed = seed
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.steps_per_epoch = num_images // batch_size
+        self._cached_epoch, self._cached_order = None, None
+
+    def epoch_of(self, step):
+        return step // self.steps_per_epoch
+
+    def indices(self, step):
+        """Dataset rows of the batch of `step` (B,), int64."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._cached_epoch:
+            self._cached_epoch = epoch
+            self._cached_order = epoch_order(self.seed, epoch, self.num_images)
+        return self._cached_order[pos * self.batch_size:(pos + 1) * self.batch_size]
