@@ -1,0 +1,45 @@
+"""What a run shows: the periodic progress line, the final report, and metrics.jsonl.
+
+    log = MetricsLog(model_dir)               # appends one JSON object per line to metrics.jsonl
+    log.write("train", step=100, loss=2.01)
+    print(progress_line(step=100, total=2000, epoch=0.28, loss=2.01, lr=0.1, images_per_sec=95.0, eta_s=610))
+"""
+import json
+import os
+import time
+
+
+def format_duration(seconds):
+    """1h02m, 5m12s or 42s."""
+    seconds = int(round(max(seconds, 0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def progress_line(step, total, epoch, loss, lr, images_per_sec, eta_s):
+    width = len(str(total))
+    return (f"step {step:>{width}}/{total}  epoch {epoch:6.2f}  loss {loss:.4f}  lr {lr:g}  "
+            f"{images_per_sec:,.0f} img/s  ETA {format_duration(eta_s)}")
+
+
+class MetricsLog:
+    """Appends events to <model_dir>/metrics.jsonl, one complete JSON object per write."""
+
+    def __init__(self, model_dir):
+        self.path = os.path.join(model_dir, "metrics.jsonl")
+
+    def write(self, event, **fields):
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        line = json.dumps(record) + "\n"
+        # One os.write of one line in append mode: a killed run leaves whole lines, never a torn one
+        # in the middle of the file.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)

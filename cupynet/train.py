@@ -1,0 +1,144 @@
+"""Train a CIFAR-10 ResNet, then evaluate it: `python -m cupynet.train [flags]`.
+
+    python -m cupynet.train                                  # demo: built-in sample, ~1 minute on 2 cores
+    python -m cupynet.train --data-dir ~/data/cifar10        # the reference recipe (ResNet-44, 80k steps)
+    python -m cupynet.train --help                           # every flag with its default
+
+parse flags -> load data -> prepare the model dir -> build the model -> resume from the latest checkpoint
+-> train to --train-steps (progress lines, periodic checkpoints) -> final checkpoint -> evaluate -> report.
+Metrics go to <model-dir>/metrics.jsonl as JSON lines. Rerunning the same command resumes; --train-steps
+is the total target step. Bad input ends with one line `error: ...` and exit status 2.
+"""
+import os
+import sys
+import time
+
+from cupynet import __version__
+from cupynet.backends import create_backend, resolve_devices
+from cupynet.checkpoint import latest_checkpoint, load_checkpoint, prepare_model_dir, save_checkpoint
+from cupynet.config import DEMO_DEFAULTS, parse_args
+from cupynet.data import builtin_sample_dir, load_cifar10, synthetic_dataset
+from cupynet.errors import ConfigError, CupynetError, DeviceError
+from cupynet.report import MetricsLog, format_duration, progress_line
+from cupynet.trainer import Trainer
+
+
+def load_dataset(config):
+    if config.synthetic:
+        return synthetic_dataset(seed=config.seed, validation_size=config.validation_size or 0)
+    return load_cifar10(config.data_dir or builtin_sample_dir(), config.validation_size)
+
+
+def check_against_data(config, dataset):
+    """Flag checks that need the dataset's sizes."""
+    if config.train_batch_size > len(dataset.train):
+        raise ConfigError(f"--train-batch-size {config.train_batch_size} is larger than the "
+                          f"{len(dataset.train)} training images")
+    if config.eval_on == "validation" and len(dataset.validation) == 0:
+        raise ConfigError("--eval-on validation needs --validation-size > 0")
+
+
+def build_backend(config):
+    devices = resolve_devices(config.devices)
+    if len(devices) > 1:
+        raise DeviceError(f"--gpus {config.gpus}: training on {len(devices)} workers needs the data-parallel "
+                          f"engine, which is not part of this version; use one device (--gpus cpu)")
+    return create_backend(devices[0], config.data_format, config.dtype), devices
+
+
+def run(config, out=print):
+    """Train and evaluate as `config` says; returns the final evaluation dict."""
+    started = time.time()
+    dataset = load_dataset(config)
+    check_against_data(config, dataset)
+    backend, devices = build_backend(config)
+    model_dir = prepare_model_dir(config.model_dir)
+
+    out(f"cupynet {__version__}: {dataset.description}")
+    if config.dataset_kind == "sample":
+        demo = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in DEMO_DEFAULTS.items())
+        out(f"  the built-in demo sample: flags not given take demo defaults ({demo}); "
+            f"pass --data-dir DIR for the full CIFAR-10")
+    trainer = Trainer(config, dataset, backend)
+    params = trainer.model.params
+    out(f"model: ResNet-{config.num_layers} {config.block}, {params.num_elements:,} parameters | "
+        f"backend: {backend.name} on {', '.join(map(str, devices))}, {backend.layout} {backend.dtype} | "
+        f"batch {config.train_batch_size}, {trainer.sampler.steps_per_epoch} steps/epoch")
+
+    resumed_from = latest_checkpoint(model_dir)
+    if resumed_from:
+        arrays, meta = load_checkpoint(resumed_from)
+        trainer.restore(arrays, meta, os.path.basename(resumed_from))
+        out(f"model dir: {model_dir} | resuming from {os.path.basename(resumed_from)} (step {trainer.step})")
+        if trainer.seed != config.seed:
+            out(f"  (continuing with the checkpoint's seed {trainer.seed}, not --seed {config.seed})")
+    else:
+        out(f"model dir: {model_dir} | starting at step 0")
+
+    metrics = MetricsLog(model_dir)
+    metrics.write("start", step=trainer.step, resumed_from=resumed_from, config=config.to_dict(),
+                  dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
+    train_seconds = train_loop(trainer, config, model_dir, metrics, out)
+
+    eval_started = time.time()
+    split = dataset.test if config.eval_on == "test" else dataset.validation
+    result = trainer.evaluate(split)
+    eval_seconds = time.time() - eval_started
+    wall = time.time() - started
+    metrics.write("eval", step=trainer.step, split=config.eval_on, wall_seconds=round(wall, 3), **result)
+    out(f"final: {config.eval_on} accuracy {result['accuracy']:.2%} ({result['correct']}/{result['images']}), "
+        f"loss {result['loss']:.4f}, global step {trainer.step}, wall time {format_duration(wall)} "
+        f"(train {format_duration(train_seconds)}, eval {format_duration(eval_seconds)})")
+    return dict(result, step=trainer.step, wall_seconds=wall)
+
+
+def train_loop(trainer, config, model_dir, metrics, out):
+    """Train from trainer.step to config.train_steps; returns the seconds spent."""
+    if trainer.step >= config.train_steps:
+        out(f"already at step {trainer.step} (--train-steps {config.train_steps}): nothing to train, evaluating")
+        return 0.0
+    started = time.time()
+    mark_time, mark_step = started, trainer.step
+    last_saved = trainer.step
+    while trainer.step < config.train_steps:
+        lr = trainer.learning_rate
+        trainer.train_step()
+        step = trainer.step
+        if step % config.log_interval == 0 or step == config.train_steps:
+            trainer.be.synchronize()
+            now = time.time()
+            images_per_sec = (step - mark_step) * config.train_batch_size / max(now - mark_time, 1e-9)
+            eta = (config.train_steps - step) * config.train_batch_size / max(images_per_sec, 1e-9)
+            loss = trainer.take_mean_loss()
+            out(progress_line(step, config.train_steps, trainer.epoch, loss, lr, images_per_sec, eta))
+            metrics.write("train", step=step, epoch=round(trainer.epoch, 4), loss=loss,
+                          total_loss=loss + trainer.l2_penalty(), lr=lr, images_per_sec=round(images_per_sec, 2))
+            mark_time, mark_step = time.time(), step
+        if step % config.checkpoint_interval == 0 or step == config.train_steps:
+            save(trainer, model_dir, config)
+            last_saved = step
+    assert last_saved == trainer.step
+    return time.time() - started
+
+
+def save(trainer, model_dir, config):
+    save_checkpoint(model_dir, trainer.step, trainer.checkpoint_arrays(), trainer.checkpoint_meta(),
+                    keep=config.keep_checkpoints)
+
+
+def main(argv=None):
+    try:
+        config = parse_args(argv)
+        run(config)
+    except CupynetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last complete checkpoint is intact; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

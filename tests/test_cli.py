@@ -1,0 +1,230 @@
+"""`python -m cupynet.train` end to end: training, metrics, checkpoints, resume, and every kind of bad input.
+
+Runs the real command in a subprocess on a tiny real CIFAR-10 folder cut from the built-in sample
+(5 x 40 training images, 50 test images) with a ResNet-8, so each run takes a second or two.
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cupynet.checkpoint import latest_checkpoint, load_checkpoint
+from cupynet.data import (TEST_BATCH_NAME, TRAIN_BATCH_NAMES, builtin_sample_dir, read_batch_file,
+                          write_batch_file, write_meta_file, CLASS_NAMES)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--num-layers", "8", "--train-batch-size", "16", "--eval-batch-size", "16",
+        "--log-interval", "2", "--checkpoint-interval", "2", "--validation-size", "20"]
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "cupynet.train", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A real CIFAR-10 folder in the official layout: 5 x 40 training images, 50 test images."""
+    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    root.mkdir()
+    sample = builtin_sample_dir()
+    for name in TRAIN_BATCH_NAMES:
+        images, labels = read_batch_file(os.path.join(sample, name))
+        write_batch_file(str(root / name), images[:40], labels[:40], f"tiny {name}")
+    images, labels = read_batch_file(os.path.join(sample, TEST_BATCH_NAME))
+    pick = np.arange(0, 500, 10)          # the sample's test batch is grouped by class: take every 10th
+    write_batch_file(str(root / TEST_BATCH_NAME), images[pick], labels[pick], "tiny test")
+    write_meta_file(str(root / "batches.meta"), list(CLASS_NAMES))
+    return root
+
+
+def copy_dataset(src, dst):
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def read_metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_short_training_run_reports_checkpoints_and_logs(tiny_cifar, tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 4, *FAST)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "180 train, 20 validation, 50 test" in out
+    assert "step 2/4" in out and "step 4/4" in out and "img/s" in out and "ETA" in out
+    assert "final: test accuracy" in out and "global step 4" in out
+    events = read_metrics(model_dir)
+    assert [e["event"] for e in events] == ["start", "train", "train", "eval"]
+    assert events[-1]["images"] == 50 and events[-1]["step"] == 4 and 0 <= events[-1]["accuracy"] <= 1
+    assert events[1]["lr"] == 0.1 and events[1]["loss"] > 0 and events[1]["total_loss"] > events[1]["loss"]
+    _, meta = load_checkpoint(latest_checkpoint(model_dir))
+    assert meta["step"] == 4 and meta["num_layers"] == 8 and meta["config"]["train_batch_size"] == 16
+
+
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tiny_cifar, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli("--data-dir", tiny_cifar, "--model-dir", straight, "--train-steps", 6, *FAST).returncode == 0
+    assert run_cli("--data-dir", tiny_cifar, "--model-dir", resumed, "--train-steps", 2, *FAST).returncode == 0
+    second = run_cli("--data-dir", tiny_cifar, "--model-dir", resumed, "--train-steps", 6, *FAST)
+    assert second.returncode == 0, second.stderr
+    assert "resuming from ckpt-00000002.npz (step 2)" in second.stdout
+    assert "step 4/6" in second.stdout and "step 2/6" not in second.stdout
+    arrays_a, meta_a = load_checkpoint(latest_checkpoint(straight))
+    arrays_b, meta_b = load_checkpoint(latest_checkpoint(resumed))
+    assert meta_a["step"] == meta_b["step"] == 6
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:      # parameters, BN statistics and momentum: bit for bit
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    assert read_metrics(straight)[-1]["accuracy"] == read_metrics(resumed)[-1]["accuracy"]
+    # a third run of the same command has nothing left to train: it only evaluates
+    third = run_cli("--data-dir", tiny_cifar, "--model-dir", resumed, "--train-steps", 6, *FAST)
+    assert third.returncode == 0 and "nothing to train" in third.stdout and "global step 6" in third.stdout
+
+
+def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_cifar, tmp_path):
+    model_dir = tmp_path / "run"
+    assert run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST).returncode == 0
+    before = {name: (model_dir / name).read_bytes() for name in os.listdir(model_dir) if name != "metrics.jsonl"}
+    result = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST,
+                     "--num-layers", 14)
+    assert_one_line_error(result, "num_layers=8", "num_layers=14")
+    after = {name: (model_dir / name).read_bytes() for name in os.listdir(model_dir) if name != "metrics.jsonl"}
+    assert after == before
+
+
+def test_demo_defaults_without_data_dir_and_explicit_flags_win():
+    from cupynet.config import parse_args
+    demo = parse_args([])
+    assert (demo.dataset_kind, demo.num_layers, demo.bn_decay) == ("sample", 8, 0.9)
+    assert demo.model_dir == "runs/sample-resnet8-v1"
+    assert parse_args(["--num-layers", "20"]).num_layers == 20
+    full = parse_args(["--data-dir", "/somewhere"])
+    assert (full.num_layers, full.train_steps, full.train_batch_size, full.bn_decay) == (44, 80000, 128, 0.997)
+    assert full.weight_decay == 1e-4 and full.momentum == 0.9 and full.bn_epsilon == 1e-5
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_data_dir(tmp_path):
+    result = run_cli("--data-dir", tmp_path / "nowhere", "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "nowhere")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_batch_file(tiny_cifar, tmp_path):
+    data = copy_dataset(tiny_cifar, tmp_path / "data")
+    (data / "data_batch_3").unlink()
+    result = run_cli("--data-dir", data, "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "data_batch_3")
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_pickle(tiny_cifar, tmp_path):
+    data = copy_dataset(tiny_cifar, tmp_path / "data")
+    content = (data / "data_batch_2").read_bytes()
+    (data / "data_batch_2").write_bytes(content[:len(content) // 2])
+    result = run_cli("--data-dir", data, "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "data_batch_2")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_pickle(tiny_cifar, tmp_path):
+    data = copy_dataset(tiny_cifar, tmp_path / "data")
+    (data / "test_batch").write_bytes(np.random.default_rng(0).bytes(5000))
+    result = run_cli("--data-dir", data, "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "test_batch")
+    assert not (tmp_path / "run").exists()
+
+
+def write_raw_batch(path, data, labels):
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"x", b"labels": labels, b"data": data, b"filenames": []}, f, protocol=2)
+
+
+def test_wrong_array_shape(tiny_cifar, tmp_path):
+    data = copy_dataset(tiny_cifar, tmp_path / "data")
+    write_raw_batch(data / "data_batch_4", np.zeros((40, 3000), np.uint8), [0] * 40)
+    result = run_cli("--data-dir", data, "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "data_batch_4")
+    assert not (tmp_path / "run").exists()
+
+
+def test_labels_out_of_range(tiny_cifar, tmp_path):
+    data = copy_dataset(tiny_cifar, tmp_path / "data")
+    write_raw_batch(data / "data_batch_1", np.zeros((40, 3072), np.uint8), [3] * 39 + [10])
+    result = run_cli("--data-dir", data, "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "data_batch_1")
+    assert not (tmp_path / "run").exists()
+
+
+class CallsAFunction:
+    """Unpickling this would run os.system: the classic pickle code-execution hole."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_tries_to_call_a_function(tiny_cifar, tmp_path):
+    data = copy_dataset(tiny_cifar, tmp_path / "data")
+    marker = tmp_path / "pwned"
+    with open(data / "data_batch_5", "wb") as f:
+        pickle.dump({b"data": CallsAFunction(marker), b"labels": []}, f, protocol=2)
+    result = run_cli("--data-dir", data, "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "data_batch_5", "system")
+    assert not marker.exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_model_dir(tiny_cifar, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_cli("--data-dir", tiny_cifar, "--model-dir", blocker / "run", *FAST)
+    assert_one_line_error(result, "a_file")
+    assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--num-layers", "21"], ["21", "6n+2"]),
+    (["--num-layers", "44", "--block", "bottleneck"], ["9n+2"]),
+    (["--gpus", "cpu,cpu", "--train-batch-size", "15"], ["15", "2 workers"]),
+    (["--gpus", "0"], ["GPU backend is not available", "pip install"]),
+    (["--gpus", "0,0"], ["twice"]),
+    (["--gpus", "gpu1"], ["gpu1"]),
+    (["--dtype", "bfloat16"], ["bfloat16"]),
+    (["--momentum", "1.5"], ["--momentum"]),
+    (["--lr-values", "0.1,0.01", "--lr-boundaries", "10,20"], ["--lr-values"]),
+    (["--train-batch-size", "500"], ["500", "180 training images"]),
+    (["--no-such-flag"], ["--no-such-flag"]),
+    (["--num-layers", "many"], ["many"]),
+])
+def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
+    model_dir = tmp_path / "run"
+    result = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, *FAST, *args)
+    assert_one_line_error(result, *fragments)
+    assert not model_dir.exists()

@@ -1,0 +1,106 @@
+"""The ResNet builder (depth rules, shapes, parameter counts), the ParamStore, the LR schedule, and
+learning on the built-in sample."""
+import numpy as np
+import pytest
+
+from cupynet.backends.numpy_backend import NumpyBackend
+from cupynet.config import TrainConfig
+from cupynet.data import builtin_sample_dir, load_cifar10
+from cupynet.model import ResNet, blocks_per_stage
+from cupynet.optim import PiecewiseConstant
+from cupynet.params import ALIGN_ELEMENTS
+from cupynet.trainer import Trainer
+
+
+@pytest.mark.parametrize("depth,block,n", [(20, "v1", 3), (32, "v2", 5), (44, "v1", 7), (56, "v1", 9),
+                                           (110, "v2", 18), (29, "bottleneck", 3), (164, "bottleneck", 18)])
+def test_valid_depths(depth, block, n):
+    assert blocks_per_stage(depth, block) == n
+
+
+@pytest.mark.parametrize("depth,block", [(21, "v1"), (2, "v1"), (0, "v2"), (44, "bottleneck"), (21, "bottleneck")])
+def test_invalid_depths_are_rejected_with_the_rule(depth, block):
+    with pytest.raises(ValueError, match=r"\dn\+2"):
+        blocks_per_stage(depth, block)
+
+
+def count_convs_and_params(depth, block):
+    model = ResNet(NumpyBackend("NHWC", "float32"), depth, block)
+    convs = [name for name in model.params.params if name.endswith("/w") and "logits" not in name
+             and "shortcut" not in name]
+    return len(convs), model.params.num_elements
+
+
+@pytest.mark.parametrize("depth,block", [(20, "v1"), (44, "v1"), (56, "v2"), (29, "bottleneck")])
+def test_depth_counts_weighted_layers(depth, block):
+    """6n+2 / 9n+2 = the convs on the main path + the dense layer (projection shortcuts not counted)."""
+    convs, _ = count_convs_and_params(depth, block)
+    assert convs + 1 == depth
+
+
+def test_parameter_counts_match_he_et_al():
+    """He et al. (2015) Table 6: ResNet-20 0.27M, ResNet-44 0.66M, ResNet-110 1.7M parameters."""
+    assert count_convs_and_params(20, "v1")[1] == pytest.approx(0.27e6, rel=0.01)
+    assert count_convs_and_params(44, "v1")[1] == pytest.approx(0.66e6, rel=0.01)
+    assert count_convs_and_params(110, "v1")[1] == pytest.approx(1.7e6, rel=0.02)
+
+
+def test_param_views_are_aligned_and_disjoint():
+    model = ResNet(NumpyBackend("NHWC", "float32"), 8, "v1")
+    model.init(np.random.default_rng(0))
+    spans = sorted((p.offset, p.offset + p.size) for p in model.params)
+    assert all(offset % ALIGN_ELEMENTS == 0 for offset, _ in spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    flat = model.params.flat
+    for p in model.params:               # every view really points into the flat buffer
+        assert np.shares_memory(p.value, flat) and np.shares_memory(p.grad, model.params.grad_flat)
+
+
+@pytest.mark.parametrize("block,depth", [("v1", 20), ("v2", 8), ("bottleneck", 11)])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_logits_shape_and_initial_loss(block, depth, layout):
+    be = NumpyBackend(layout, "float32")
+    model = ResNet(be, depth, block)
+    model.init(np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal(be.activation_shape(8, 3, 32, 32)).astype(np.float32)
+    assert model.forward(x, train=False).shape == (8, 10)
+    loss = float(model.forward_backward(x, np.arange(8, dtype=np.int32)))
+    assert 1.0 < loss < 6.0           # ~ln(10) = 2.3 for an untrained 10-way classifier
+
+
+def test_piecewise_schedule_boundaries_in_epochs():
+    schedule = PiecewiseConstant.from_epochs([82, 123, 300], [0.1, 0.01, 0.001, 0.0002], steps_per_epoch=351)
+    assert schedule.boundaries == [82 * 351, 123 * 351, 300 * 351]
+    assert schedule(0) == 0.1 and schedule(82 * 351 - 1) == 0.1
+    assert schedule(82 * 351) == 0.01 and schedule(123 * 351) == 0.001 and schedule(10 ** 7) == 0.0002
+
+
+def test_loss_decreases_on_the_builtin_sample():
+    """Training on the sample lowers the loss of a fixed batch of its images (measured before and after)."""
+    dataset = load_cifar10(builtin_sample_dir())
+    config = TrainConfig(num_layers=8, train_batch_size=32, bn_decay=0.9, distortion=False)
+    be = NumpyBackend("NHWC", "float32")
+    trainer = Trainer(config, dataset, be)
+    x, labels = be.empty((128, 32, 32, 3)), be.empty((128,), np.int32)
+    be.augment_batch(dataset.train.images, dataset.train.labels, np.arange(128), 0, 0, False, x, labels)
+    before = float(trainer.model.forward_backward(x, labels))
+    for _ in range(30):
+        trainer.train_step()
+    after = float(trainer.model.forward_backward(x, labels))
+    assert after < before - 0.25, (before, after)
+
+
+def test_evaluation_counts_every_image_exactly_once():
+    """Eval batches of 64 over 500 test images (the last batch holds 52) give the same counts as one
+    batch of all 500, so no image is skipped or counted twice."""
+    dataset = load_cifar10(builtin_sample_dir())
+    results = {}
+    for eval_batch in (64, 500):
+        config = TrainConfig(num_layers=8, train_batch_size=32, eval_batch_size=eval_batch, bn_decay=0.9)
+        trainer = Trainer(config, dataset, NumpyBackend("NHWC", "float32"))
+        for _ in range(5):
+            trainer.train_step()
+        results[eval_batch] = trainer.evaluate(dataset.test)
+    assert results[64]["images"] == results[500]["images"] == 500
+    assert results[64]["correct"] == results[500]["correct"]
+    assert results[64]["loss"] == pytest.approx(results[500]["loss"], rel=1e-5)
