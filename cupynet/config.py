@@ -137,6 +137,14 @@ def build_parser():
     return p
 
 
+def flag_of(field_name):
+    """The command-line spelling of a TrainConfig field, e.g. bn_decay -> --batch-norm-decay."""
+    for action in build_parser()._actions:
+        if action.dest == field_name and action.option_strings:
+            return action.option_strings[0]
+    raise KeyError(field_name)
+
+
 def parse_args(argv=None):
     """Flags -> a validated TrainConfig. Raises ConfigError with a one-line message."""
     args = vars(build_parser().parse_args(argv))

@@ -54,14 +54,14 @@ class Conv2d(Layer):
         n, _, h, w = self.be.nchw_dims(x)
         y = self.buffer("y", self.be.activation_shape(n, self.cout, *self.output_hw(h, w)))
         self.x = x
-        return self.be.conv2d_forward(x, self.w.value, self.stride, self.pad, y)
+        return self.be.conv2d_forward(x, self.w.compute, self.stride, self.pad, y)
 
     def backward(self, dy):
         self.be.conv2d_backward_filter(self.x, dy, self.stride, self.pad, self.w.grad)
         if not self.input_grad:
             return None
         dx = self.buffer("dx", self.x.shape)
-        return self.be.conv2d_backward_data(dy, self.w.value, self.stride, self.pad, dx)
+        return self.be.conv2d_backward_data(dy, self.w.compute, self.stride, self.pad, dx)
 
 
 class BatchNorm(Layer):

@@ -48,7 +48,8 @@ class MomentumSGD:
 
     def step(self):
         self.be.sgd_momentum_update(self.params.flat, self.params.grad_flat, self.accumulator,
-                                    self.learning_rate, self.momentum, self.weight_decay)
+                                    self.learning_rate, self.momentum, self.weight_decay,
+                                    compute_copy=self.params.compute_flat)
 
     def l2_penalty(self, out):
         """0.5 * weight_decay * ||v||^2 over every trainable variable, into the 0-d `out`."""

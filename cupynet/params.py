@@ -8,6 +8,12 @@ the buffers; nothing is ever reallocated, so a GPU step can be captured once and
     store = ParamStore(backend, with_grads=True)
     w = store.add("stage1/block0/conv1/w", shape, init=he_normal(fan_in), conv=True)
     store.allocate(rng)              # after every add(); w.value and w.grad are now views
+
+Mixed precision: when the backend computes in a narrower dtype than it keeps parameters in (bfloat16
+activations, float32 master weights), the store also holds `compute_flat`, a copy of the parameters in
+the compute dtype; `Param.compute` views it and is what convolutions read. The optimizer refreshes it in
+the same kernel as the update; `sync_compute_copy` refreshes it after any other write (init, restore).
+With one dtype (the NumPy backend, float32 GPU runs) `compute` is simply `value`.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -56,6 +62,7 @@ class Param:
     offset: int = 0
     value: Optional[object] = field(default=None, repr=False)
     grad: Optional[object] = field(default=None, repr=False)
+    compute: Optional[object] = field(default=None, repr=False)   # the copy convolutions read (see below)
 
     @property
     def size(self):
@@ -71,6 +78,7 @@ class ParamStore:
         self.params = {}          # name -> Param, in creation order
         self.flat = None          # (total,) parameter buffer
         self.grad_flat = None     # (total,) gradient buffer
+        self.compute_flat = None  # (total,) parameters in the compute dtype, when it differs
         self.total = 0
 
     def add(self, name, shape, init=zeros_init, conv=False):
@@ -89,11 +97,20 @@ class ParamStore:
         self.flat = be.zeros((self.total,), dtype=be.param_dtype)
         if self.with_grads:
             self.grad_flat = be.zeros((self.total,), dtype=be.param_dtype)
+            if be.dtype != be.param_dtype:
+                self.compute_flat = be.zeros((self.total,), dtype=be.dtype)
         for param in self.params.values():
             param.value = self._view(self.flat, param)
             if self.with_grads:
                 param.grad = self._view(self.grad_flat, param)
+            param.compute = param.value if self.compute_flat is None else self._view(self.compute_flat, param)
             self.set_canonical(param.name, param.init(param.shape, rng))
+        self.sync_compute_copy()
+
+    def sync_compute_copy(self):
+        """Refresh the compute-dtype copy from the master parameters (after init or a restore)."""
+        if self.compute_flat is not None:
+            self.compute_flat[...] = self.flat.astype(self.compute_flat.dtype)
 
     def _view(self, flat, param):
         """The slice of `flat` for `param`, shaped in the backend's layout."""
@@ -148,6 +165,8 @@ class ParamStore:
 
     def load_state_dict(self, arrays, prefix="", flat=None):
         """Inverse of state_dict."""
-        flat = self.flat if flat is None else flat
+        target = self.flat if flat is None else flat
         for param in self.params.values():
-            self._write(flat, param, arrays[prefix + param.name])
+            self._write(target, param, arrays[prefix + param.name])
+        if flat is None:
+            self.sync_compute_copy()

@@ -16,7 +16,7 @@ import time
 from cupynet import __version__
 from cupynet.backends import create_backend, resolve_devices
 from cupynet.checkpoint import latest_checkpoint, load_checkpoint, prepare_model_dir, save_checkpoint
-from cupynet.config import DEMO_DEFAULTS, parse_args
+from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args
 from cupynet.data import builtin_sample_dir, load_cifar10, synthetic_dataset
 from cupynet.errors import ConfigError, CupynetError, DeviceError
 from cupynet.report import MetricsLog, format_duration, progress_line
@@ -56,7 +56,7 @@ def run(config, out=print):
 
     out(f"cupynet {__version__}: {dataset.description}")
     if config.dataset_kind == "sample":
-        demo = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in DEMO_DEFAULTS.items())
+        demo = ", ".join(f"{flag_of(name)} {value}" for name, value in DEMO_DEFAULTS.items())
         out(f"  the built-in demo sample: flags not given take demo defaults ({demo}); "
             f"pass --data-dir DIR for the full CIFAR-10")
     trainer = Trainer(config, dataset, backend)

@@ -228,3 +228,11 @@ def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
     result = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, *FAST, *args)
     assert_one_line_error(result, *fragments)
     assert not model_dir.exists()
+
+
+def test_synthetic_data_trains_without_any_files(tmp_path):
+    result = run_cli("--synthetic", "--model-dir", tmp_path / "run", "--train-steps", 2, *FAST,
+                     "--eval-on", "validation")
+    assert result.returncode == 0, result.stderr
+    assert "synthetic" in result.stdout and "global step 2" in result.stdout
+    assert read_metrics(tmp_path / "run")[-1]["images"] == 20     # the --validation-size 20 split, once each

@@ -343,18 +343,21 @@ class NumpyBackend:
 
     # ----------------------------------------------------------------- optimizer
 
-    def sgd_momentum_update(self, params, grads, accum, lr, momentum, weight_decay):
+    def sgd_momentum_update(self, params, grads, accum, lr, momentum, weight_decay, compute_copy=None):
         """One momentum-SGD step over flat buffers, in the reference's (TensorFlow) form.
 
         g = grad + weight_decay * param   (the gradient of 0.5 * wd * ||v||^2 added to the loss)
         accum = momentum * accum + g
         param -= lr * accum               (lr: a 0-d array, so the GPU step needs no host value)
+        compute_copy, when given, receives the updated parameters in its (narrower) dtype.
         """
         self.calls["sgd_momentum_update"] += 1
         g = grads + weight_decay * params
         accum *= momentum
         accum += g
         params -= lr * accum
+        if compute_copy is not None:
+            compute_copy[...] = params
 
     def sum_of_squares(self, array, out):
         """out = sum(array ** 2), for the L2 term of the reported loss."""

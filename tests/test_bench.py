@@ -1,0 +1,23 @@
+"""The benchmark scripts run (`--quick`) and write the JSON fields their readers rely on."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_layouts_quick_writes_positive_figures(tmp_path):
+    out = tmp_path / "layouts.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    env = report["environment"]
+    for key in ("cupynet", "git_commit", "numpy", "python", "cpu_count", "date"):
+        assert key in env
+    rows = report["results"]
+    assert {row["layout"] for row in rows} == {"NCHW", "NHWC"}
+    for row in rows:
+        assert row["images_per_sec_min"] <= row["images_per_sec"] <= row["images_per_sec_max"]
+        assert row["images_per_sec"] > 0 and row["step_ms"] > 0 and row["windows"] == 2
