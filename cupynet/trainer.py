@@ -44,6 +44,7 @@ class Trainer:
         self.loss_steps = 0
         self.step = 0
         self._eval_buffers = {}
+        self._eval_splits = {}
 
     def _upload(self, split):
         """The split's uint8 images and labels as backend arrays (once; never per step)."""
@@ -93,7 +94,9 @@ class Trainer:
         split (layers keep a buffer per shape, so this costs one more set of buffers, not a copy).
         """
         be, model = self.be, self.model
-        images, labels = self._upload(split)
+        if id(split) not in self._eval_splits:          # uploaded once, reused by later evaluations
+            self._eval_splits[id(split)] = self._upload(split)
+        images, labels = self._eval_splits[id(split)]
         n = len(split)
         correct = be.zeros((), dtype=np.int64)
         loss_total = be.zeros((), dtype=be.param_dtype)
