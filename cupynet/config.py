@@ -45,6 +45,7 @@ class TrainConfig:
     bn_epsilon: float = 1e-5
     data_format: str = "NHWC"
     dtype: str = "float32"
+    tf32: bool = True                        # GPU float32 convolutions on TF32 tensor cores
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
     train_batch_size: int = 128
@@ -116,7 +117,10 @@ def build_parser():
     model.add_argument("--batch-norm-decay", dest="bn_decay", type=float, help="moving-average decay (default 0.997; demo 0.9)")
     model.add_argument("--batch-norm-epsilon", dest="bn_epsilon", type=float, default=d.bn_epsilon)
     model.add_argument("--data-format", type=_layout, default=d.data_format, help="memory layout: NCHW or NHWC")
-    model.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute precision (bfloat16: GPU only)")
+    model.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                       help="compute precision: float32, float64 (CPU only), bfloat16 (GPU only, float32 master weights)")
+    model.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32,
+                       help="GPU float32 convolutions may use TF32 tensor cores (--no-tf32: strict float32)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--train-steps", type=int, help="total target step; a rerun resumes and stops there "
                      "(default 80000; demo 150)")

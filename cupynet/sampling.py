@@ -54,22 +54,27 @@ def epoch_order(seed, epoch, num_images):
 
 
 class StepSampler:
-    """Maps a global step to the dataset rows of its batch."""
+    """Maps a global step to the dataset rows of its batch, kept on the backend.
 
-    def __init__(self, seed, num_images, batch_size):
+    The epoch's permutation is uploaded once per epoch (`upload`, e.g. backend.from_host); a step's rows
+    are then a slice of it, so no per-step host-to-device copy is needed.
+    """
+
+    def __init__(self, seed, num_images, batch_size, upload=None):
         self.seed = seed
         self.num_images = num_images
         self.batch_size = batch_size
         self.steps_per_epoch = num_images // batch_size
-        self._cached_epoch, self._cached_order = None, None
+        self.upload = upload or (lambda array: array)
+        self._epoch, self._order = None, None
 
     def epoch_of(self, step):
         return step // self.steps_per_epoch
 
-    def indices(self, step):
-        """Dataset rows of the batch of `step` (B,), int64."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if epoch != self._cached_epoch:
-            self._cached_epoch = epoch
-            self._cached_order = epoch_order(self.seed, epoch, self.num_images)
-        return self._cached_order[pos * self.batch_size:(pos + 1) * self.batch_size]
+    def rows(self, step):
+        """Dataset rows of the batch of `step` (B,), int64, as a view of the epoch's uploaded order."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = self.upload(epoch_order(self.seed, epoch, self.num_images))
+        return self._order[position * self.batch_size:(position + 1) * self.batch_size]

@@ -14,7 +14,7 @@ import sys
 import time
 
 from cupynet import __version__
-from cupynet.backends import create_backend, resolve_devices
+from cupynet.backends import check_devices, create_backend, resolve_devices
 from cupynet.checkpoint import latest_checkpoint, load_checkpoint, prepare_model_dir, save_checkpoint
 from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args
 from cupynet.data import builtin_sample_dir, load_cifar10, synthetic_dataset
@@ -40,10 +40,11 @@ def check_against_data(config, dataset):
 
 def build_backend(config):
     devices = resolve_devices(config.devices)
+    check_devices(devices)
     if len(devices) > 1:
         raise DeviceError(f"--gpus {config.gpus}: training on {len(devices)} workers needs the data-parallel "
-                          f"engine, which is not part of this version; use one device (--gpus cpu)")
-    return create_backend(devices[0], config.data_format, config.dtype), devices
+                          f"engine, which is not part of this version; use one device")
+    return create_backend(devices[0], config.data_format, config.dtype, config.tf32), devices
 
 
 def run(config, out=print):

@@ -34,7 +34,7 @@ class Trainer:
         self.optimizer = MomentumSGD(be, self.model.params, config.momentum, config.weight_decay)
 
         self.train_split = self._upload(dataset.train)
-        self.sampler = StepSampler(config.seed, len(dataset.train), config.train_batch_size)
+        self.sampler = StepSampler(config.seed, len(dataset.train), config.train_batch_size, be.from_host)
         self.schedule = PiecewiseConstant.from_epochs(config.lr_boundaries, config.lr_values,
                                                       self.sampler.steps_per_epoch)
         batch = config.train_batch_size
@@ -64,7 +64,7 @@ class Trainer:
         """Advance one step: batch `self.step` of the sampler, forward/backward, update."""
         be, c = self.be, self.config
         images, labels = self.train_split
-        rows = be.from_host(self.sampler.indices(self.step))
+        rows = self.sampler.rows(self.step)
         be.augment_batch(images, labels, rows, self.seed, self.step, c.distortion, self.x, self.labels)
         loss = self.model.forward_backward(self.x, self.labels)
         self.optimizer.set_learning_rate(self.learning_rate)
@@ -150,4 +150,4 @@ class Trainer:
             self.seed = int(meta["rng"]["seed"])
         except (KeyError, ValueError, TypeError) as error:
             raise CheckpointError(f"{source}: does not hold this model's state ({type(error).__name__}: {error})")
-        self.sampler = StepSampler(self.seed, self.sampler.num_images, self.sampler.batch_size)
+        self.sampler = StepSampler(self.seed, self.sampler.num_images, self.sampler.batch_size, self.be.from_host)

@@ -1,10 +1,12 @@
 """Backends: where the primitives of the contract run.
 
-Exactly two: `numpy_backend.NumpyBackend` (the readable reference, CPU) and the CuPy/cuDNN GPU backend
-(a later issue). `create_backend` turns a resolved device into a backend, with one-line errors for
-devices that are not there.
+Exactly two: `numpy_backend.NumpyBackend` (the readable reference, CPU) and `cupy_backend.CupyBackend`
+(cuDNN Frontend convolutions and our kernels in kernels/*.cu, one CUDA device). `create_backend` turns a
+device from --gpus into a backend, and turns every reason a GPU cannot be used (CuPy or the cuDNN Frontend
+not installed, no device, an id that is not there) into a one-line DeviceError.
 
     backend = create_backend("cpu", layout="NHWC", dtype="float32")
+    backend = create_backend(0, layout="NHWC", dtype="bfloat16")
 """
 from cupynet.errors import DeviceError
 
@@ -12,24 +14,60 @@ GPU_INSTALL_HINT = ("pip install 'cupynet[gpu]' (CuPy >= 14, cuDNN 9, the cuDNN 
                     "on a machine with an NVIDIA GPU")
 
 
-def gpu_backend_available():
-    """Whether this version of cupynet can train on a GPU. The CuPy backend is not part of it yet."""
-    return False
+def gpu_problem():
+    """None when the GPU backend can run here, else a sentence saying why not."""
+    try:
+        import cupy
+    except ImportError:
+        return f"CuPy is not installed; GPU training needs {GPU_INSTALL_HINT}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:      # CUDARuntimeError without a driver, or no device at all
+        return f"no CUDA device is visible to CuPy ({' '.join(str(error).split())})"
+    if count == 0:
+        return "no CUDA device is visible to CuPy"
+    try:
+        import cudnn  # noqa: F401  (the cuDNN Frontend's Python package)
+    except Exception as error:
+        return f"the cuDNN Frontend is not importable ({type(error).__name__}: {error}); install it with {GPU_INSTALL_HINT}"
+    return None
+
+
+def gpu_count():
+    import cupy
+    return cupy.cuda.runtime.getDeviceCount()
 
 
 def resolve_devices(devices):
     """Replace 'auto' by what is available: GPU 0 when the GPU backend can run, else the CPU."""
     if devices == ["auto"]:
-        return [0] if gpu_backend_available() else ["cpu"]
+        return [0] if gpu_problem() is None else ["cpu"]
     return devices
 
 
-def create_backend(device, layout, dtype):
-    """A backend for one worker's device: 'cpu' or a GPU id."""
-    if device != "cpu":
-        raise DeviceError(f"--gpus {device}: the GPU backend is not available in this version of cupynet, "
-                          f"which trains on the CPU (--gpus cpu); GPU training will need {GPU_INSTALL_HINT}")
-    if dtype == "bfloat16":
-        raise DeviceError("--dtype bfloat16 needs the GPU backend; on the CPU use float32 (or float64)")
-    from cupynet.backends.numpy_backend import NumpyBackend
-    return NumpyBackend(layout=layout, dtype=dtype)
+def check_devices(devices):
+    """Reject GPU ids that are not there, before anything starts."""
+    gpu_ids = [d for d in devices if d != "cpu"]
+    if not gpu_ids:
+        return
+    problem = gpu_problem()
+    if problem:
+        raise DeviceError(f"--gpus {','.join(map(str, gpu_ids))}: {problem}")
+    count = gpu_count()
+    missing = [d for d in gpu_ids if d >= count]
+    if missing:
+        raise DeviceError(f"--gpus: no GPU {missing[0]} on this machine (it has {count}: ids 0-{count - 1})")
+
+
+def create_backend(device, layout, dtype, tf32=True):
+    """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first)."""
+    if device == "cpu":
+        if dtype == "bfloat16":
+            raise DeviceError("--dtype bfloat16 needs the GPU backend; on the CPU use float32 (or float64)")
+        from cupynet.backends.numpy_backend import NumpyBackend
+        return NumpyBackend(layout=layout, dtype=dtype)
+    if dtype == "float64":
+        raise DeviceError("--dtype float64 is CPU-only (the NumPy reference); on a GPU use float32 or bfloat16")
+    check_devices([device])
+    from cupynet.backends.cupy_backend import CupyBackend
+    return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32)
