@@ -9,7 +9,10 @@ warm-up steps first (excluded), then `--repeats` timed windows of `--steps` full
 (augment -> forward -> backward -> momentum update); images/s is reported as the median of the windows
 with min and max. Prints a table and writes JSON (`--json`, default bench/results/layouts-<host>.json)
 with the hardware, library versions, git commit and the full config of each row.
-Only the NumPy (CPU) backend exists in this version; the GPU backend adds CUDA-event timing here.
+On a GPU (`--device 0`) windows are timed with CUDA events on the backend's stream and the peak memory of
+CuPy's pool is recorded; on the CPU with perf_counter.
+
+    python bench/layouts.py --device 0 --depths 44 --batches 128 --dtypes float32,bfloat16
 """
 import argparse
 import json
@@ -37,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="128", help="comma-separated batch sizes")
     p.add_argument("--layouts", default="NCHW,NHWC")
     p.add_argument("--dtypes", default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per configuration (median reported)")
@@ -49,7 +53,7 @@ def parse_args(argv=None):
     return args
 
 
-def environment():
+def environment(device="cpu"):
     """Hardware and versions, recorded with every result."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -61,27 +65,87 @@ def environment():
         blas = [lib.get("version") or lib.get("name") for lib in np.show_config(mode="dicts")["Build Dependencies"].values()]
     except Exception:   # older NumPy without mode="dicts": the version alone is enough
         pass
-    return {"cupynet": __version__, "git_commit": commit, "python": platform.python_version(),
+    env = {"cupynet": __version__, "git_commit": commit, "python": platform.python_version(),
             "numpy": np.__version__, "blas": blas, "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "host": platform.node(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    env.update(gpu_environment(device))
+    return env
+
+
+def gpu_environment(device):
+    """GPU name, driver, CUDA, CuPy, cuDNN, NCCL versions (empty on the CPU)."""
+    if device == "cpu":
+        return {}
+    import cupy
+    runtime = cupy.cuda.runtime
+    info = {"gpu": runtime.getDeviceProperties(int(device))["name"].decode(), "cupy": cupy.__version__,
+            "cuda_driver": runtime.driverGetVersion(), "cuda_runtime": runtime.runtimeGetVersion()}
+    try:
+        import cudnn
+        info["cudnn_backend"] = cudnn.backend_version()
+        info["cudnn_frontend"] = getattr(cudnn, "__version__", None)
+    except Exception as error:
+        info["cudnn"] = f"unavailable: {error}"
+    try:
+        from cupy.cuda import nccl
+        info["nccl"] = nccl.get_version()
+    except Exception as error:
+        info["nccl"] = f"unavailable: {error}"
+    return info
+
+
+class WallTimer:
+    """Seconds of a window on the CPU."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def start(self):
+        self.backend.synchronize()
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        self.backend.synchronize()
+        return time.perf_counter() - self.t0
+
+
+class CudaEventTimer:
+    """Seconds of a window measured on the device, between two events recorded on the backend's stream."""
+
+    def __init__(self, backend):
+        import cupy
+        self.backend = backend
+        self.begin, self.end = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def start(self):
+        self.begin.record(self.backend.stream)
+
+    def stop(self):
+        import cupy
+        self.end.record(self.backend.stream)
+        self.end.synchronize()
+        return cupy.cuda.get_elapsed_time(self.begin, self.end) / 1000.0
+
+
+def device_of(text):
+    return "cpu" if text == "cpu" else int(text)
 
 
 def measure(depth, batch, layout, dtype, args, dataset):
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
-                         synthetic=True)
-    backend = create_backend(args.device, layout, dtype)
+                         synthetic=True, tf32=args.tf32)
+    backend = create_backend(device_of(args.device), layout, dtype, args.tf32)
     trainer = Trainer(config, dataset, backend)
     for _ in range(args.warmup):
         trainer.train_step()
-    backend.synchronize()
+    timer = WallTimer(backend) if backend.name == "numpy" else CudaEventTimer(backend)
     rates = []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        timer.start()
         for _ in range(args.steps):
             trainer.train_step()
-        backend.synchronize()
-        rates.append(args.steps * batch / (time.perf_counter() - start))
+        rates.append(args.steps * batch / timer.stop())
     loss = trainer.take_mean_loss()
     if not np.isfinite(loss):
         raise RuntimeError(f"ResNet-{depth} {layout} {dtype}: loss is {loss}, not timing a broken step")
@@ -90,7 +154,15 @@ def measure(depth, batch, layout, dtype, args, dataset):
             "dtype": dtype, "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": args.warmup,
-            "mean_loss": round(loss, 4)}
+            "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend)}
+
+
+def peak_memory(backend):
+    """Bytes held by CuPy's memory pool (GPU), None on the CPU."""
+    if backend.name == "numpy":
+        return None
+    import cupy
+    return cupy.get_default_memory_pool().total_bytes()
 
 
 def main(argv=None):
@@ -98,8 +170,8 @@ def main(argv=None):
     ints = lambda text: [int(v) for v in text.split(",")]
     batches = ints(args.batches)
     dataset = synthetic_dataset(num_train=max(batches) * 4, num_test=max(batches), seed=0)
-    env = environment()
-    print(f"cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
+    env = environment(args.device)
+    print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
     print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'img/s':>9} {'min':>9} {'max':>9} {'ms/step':>9}")
     rows = []
