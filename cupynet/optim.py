@@ -42,6 +42,8 @@ class MomentumSGD:
         self.weight_decay = weight_decay
         self.accumulator = backend.zeros((params.total,), dtype=backend.param_dtype)
         self.learning_rate = backend.zeros((), dtype=backend.param_dtype)   # device scalar
+        self._squares = backend.zeros((), dtype=backend.param_dtype)
+        self._penalty = backend.zeros((), dtype=backend.param_dtype)
 
     def set_learning_rate(self, value):
         self.be.fill(self.learning_rate, value)
@@ -51,8 +53,9 @@ class MomentumSGD:
                                     self.learning_rate, self.momentum, self.weight_decay,
                                     compute_copy=self.params.compute_flat)
 
-    def l2_penalty(self, out):
-        """0.5 * weight_decay * ||v||^2 over every trainable variable, into the 0-d `out`."""
-        self.be.sum_of_squares(self.params.flat, out)
-        out *= 0.5 * self.weight_decay
-        return out
+    def l2_penalty(self):
+        """0.5 * weight_decay * ||v||^2 over every trainable variable, as a 0-d backend array."""
+        self.be.fill(self._penalty, 0)
+        self.be.sum_of_squares(self.params.flat, self._squares)
+        self.be.accumulate(self._penalty, self._squares, 0.5 * self.weight_decay)
+        return self._penalty

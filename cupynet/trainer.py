@@ -69,7 +69,7 @@ class Trainer:
         loss = self.model.forward_backward(self.x, self.labels)
         self.optimizer.set_learning_rate(self.learning_rate)
         self.optimizer.step()
-        self.loss_sum += loss
+        self.be.accumulate(self.loss_sum, loss, 1.0)
         self.loss_steps += 1
         self.step += 1
 
@@ -81,9 +81,8 @@ class Trainer:
         return mean
 
     def l2_penalty(self):
-        """0.5 * weight_decay * ||v||^2, the regularization part of the reference's total loss."""
-        out = self.be.zeros((), dtype=self.be.param_dtype)
-        return float(self.be.to_host(self.optimizer.l2_penalty(out)))
+        """0.5 * weight_decay * ||v||^2, the regularization part of the reference's total loss (a host read)."""
+        return float(self.be.to_host(self.optimizer.l2_penalty()))
 
     # ----------------------------------------------------------------- evaluation
 
@@ -106,7 +105,7 @@ class Trainer:
             rows = be.from_host(np.arange(start, start + count))
             be.augment_batch(images, labels, rows, self.seed, 0, False, x, y)
             logits = model.forward(x, train=False)
-            loss_total += model.loss_layer.forward(logits, y) * count
+            be.accumulate(loss_total, model.loss_layer.forward(logits, y), count)
             be.count_correct(logits, y, count, correct)
         num_correct = int(be.to_host(correct))
         return {"accuracy": num_correct / n, "correct": num_correct, "images": n,

@@ -160,10 +160,8 @@ def test_weight_decay_is_the_gradient_of_half_wd_squared_norm():
     opt = MomentumSGD(be, model.params, momentum=0.0, weight_decay=wd)
     x = rng.standard_normal(be.activation_shape(2, 3, 8, 8))
     labels = np.array([1, 7], dtype=np.int32)
-    penalty = be.zeros(())
-
     def total_loss():
-        return float(model.forward_backward(x, labels)) + float(opt.l2_penalty(penalty))
+        return float(model.forward_backward(x, labels)) + float(opt.l2_penalty())
 
     def effective_gradient():
         """What the update applied: (v_before - v_after) / lr with momentum 0 is grad + wd * v."""

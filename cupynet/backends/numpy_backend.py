@@ -359,6 +359,12 @@ class NumpyBackend:
         if compute_copy is not None:
             compute_copy[...] = params
 
+    def accumulate(self, total, value, scale):
+        """total += scale * value, on 0-d (or same-shape) arrays: device-side running sums of the loss."""
+        self.calls["accumulate"] += 1
+        total[...] += scale * value
+        return total
+
     def sum_of_squares(self, array, out):
         """out = sum(array ** 2), for the L2 term of the reported loss."""
         self.calls["sum_of_squares"] += 1
