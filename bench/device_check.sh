@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# One-shot GPU verification of cupynet, run from the repository root on the GPU machine:
+#
+#     bash bench/device_check.sh [path/to/cifar10-jpeg.tar.xz]        # or CIFAR_JPEG=... bash bench/device_check.sh
+#
+# Stages, each under its own `timeout` and all under one overall budget (DEVICE_CHECK_BUDGET seconds,
+# default 290), so a hang in one stage cannot eat the device time of the others:
+#   install     the cuDNN Frontend wheel carried in .whl/ -> .site/ (the GPU machine has no package index)
+#   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
+#   gpu_tests   python -m pytest -m gpu -q -ra                                       -> $OUT/gpu_tests.log
+#   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
+#   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
+#   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16           -> $OUT/layouts.json
+#   torch       the same model in PyTorch eager, for reference (if torch imports)    -> $OUT/torch_eager.json
+# Then $OUT/summary.txt: versions, stage results, test counts, an images/s table.
+#
+# A failing stage is recorded and the next one runs; the exit status is non-zero if any stage failed.
+# $OUT is the output folder the device tool brings back (default ./device_out when run by hand).
+# Needs: .whl/nvidia_cudnn_frontend-*.whl (see shared GPU notes for the `pip download` line); for the
+# real-data stages the archive and its converter cifar10_from_jpeg.py side by side.
+# Stage bodies are exported functions run as `timeout N bash -c name`, which shellcheck cannot see:
+# shellcheck disable=SC2329,SC2016
+set -u
+set -o pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+PY=${PYTHON:-python3}
+OUT=${OUT:-$REPO/device_out}
+mkdir -p "$OUT"
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
+BUDGET=${DEVICE_CHECK_BUDGET:-290}
+RESERVE=15                               # seconds kept for the summary at the end
+STAGES="$OUT/stages.tsv"                 # name <TAB> status <TAB> seconds <TAB> note
+: > "$STAGES"
+FAILED=0
+CIFAR_DIR=""
+export REPO PY OUT TMP
+
+# The Frontend lives in .site; the repository itself must be importable as `cupynet`.
+export PYTHONPATH="$REPO/.site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# ----------------------------------------------------------------------------- helpers
+
+record() {   # record NAME STATUS SECONDS NOTE
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES"
+    echo "--- $1: $2 (${3}s) $4"
+}
+
+run_stage() {   # run_stage NAME CAP_SECONDS COMMAND [ARGS...]: timed, logged to $OUT/NAME.log
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET - SECONDS - RESERVE))
+    if ((left < 10)); then
+        record "$name" "NOT RUN" 0 "overall budget of ${BUDGET}s spent"
+        FAILED=1
+        return 1
+    fi
+    local limit=$((cap < left ? cap : left))
+    echo "=== $name (limit ${limit}s) ==="
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local took=$((SECONDS - start))
+    if ((rc == 0)); then
+        record "$name" "ok" "$took" ""
+    elif ((rc == 124 || rc == 137)); then
+        record "$name" "TIMEOUT" "$took" "killed after ${limit}s"
+        FAILED=1
+    else
+        record "$name" "FAILED" "$took" "exit status $rc"
+        FAILED=1
+    fi
+    return "$rc"
+}
+
+skip_stage() {   # skip_stage NAME REASON: not a failure (optional input absent)
+    record "$1" "skipped" 0 "$2"
+}
+
+# ----------------------------------------------------------------------------- stage bodies (run under timeout)
+
+install_frontend() {
+    shopt -s nullglob
+    local wheels=("$REPO"/.whl/nvidia_cudnn_frontend-*.whl)
+    if ((${#wheels[@]} == 0)); then
+        echo "no .whl/nvidia_cudnn_frontend-*.whl in the working tree: download it where there is an index and carry .whl"
+        return 1
+    fi
+    rm -rf "$REPO/.site"
+    "$PY" -m pip install --no-index --no-deps --disable-pip-version-check --target "$REPO/.site" "${wheels[@]}"
+}
+
+print_versions() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    "$PY" - <<'EOF'
+import json, os, platform
+info = {"python": platform.python_version(), "LD_LIBRARY_PATH": os.environ.get("LD_LIBRARY_PATH", "")}
+problems = []
+try:
+    import cupy
+    rt = cupy.cuda.runtime
+    info["gpu"] = rt.getDeviceProperties(0)["name"].decode()
+    info["cuda_driver"] = rt.driverGetVersion()
+    info["cuda_runtime"] = rt.runtimeGetVersion()
+    info["cupy"] = cupy.__version__
+except Exception as error:
+    problems.append(f"cupy: {type(error).__name__}: {error}")
+try:
+    import cudnn
+    info["cudnn_backend"] = cudnn.backend_version()
+    info["cudnn_frontend"] = cudnn.__version__
+    info["cudnn_frontend_path"] = os.path.dirname(cudnn.__file__)
+except Exception as error:
+    problems.append(f"cudnn frontend: {type(error).__name__}: {error}")
+try:
+    from cupy.cuda import nccl
+    info["nccl"] = nccl.get_version()
+except Exception as error:
+    info["nccl"] = f"unavailable: {type(error).__name__}: {error}"
+try:
+    import torch
+    info["torch"] = torch.__version__
+    info["torch_cuda"] = torch.version.cuda
+except Exception as error:
+    info["torch"] = f"unavailable: {type(error).__name__}"
+info["problems"] = problems
+for key, value in info.items():
+    print(f"{key:>20}: {value}")
+with open(os.path.join(os.environ["OUT"], "versions.json"), "w") as f:
+    json.dump(info, f, indent=2)
+raise SystemExit(1 if problems else 0)
+EOF
+}
+
+convert_cifar() {   # convert_cifar ARCHIVE CONVERTER: writes $TMP/cifar/cifar-10-batches-py
+    # The converter reads cifar10-jpeg.tar.xz from its own folder: put both side by side in $TMP/jpeg.
+    mkdir -p "$TMP/jpeg"
+    ln -sf "$1" "$TMP/jpeg/cifar10-jpeg.tar.xz"
+    cp "$2" "$TMP/jpeg/cifar10_from_jpeg.py"
+    "$PY" "$TMP/jpeg/cifar10_from_jpeg.py" "$TMP/cifar"
+}
+
+export -f install_frontend print_versions convert_cifar
+
+# ----------------------------------------------------------------------------- locating things
+
+# Shared libraries the Frontend dlopens (libcudnn.so.9, libcudart.so.13/12) may sit in pip packages
+# under site-packages/nvidia/...; make them findable whatever the package layout is.
+find_nvidia_lib_dirs() {
+    "$PY" - <<'EOF'
+import glob, os, site
+roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+found = []
+for root in roots:
+    for name in ("libcudnn.so.9", "libcudart.so.13", "libcudart.so.12"):
+        for path in glob.glob(os.path.join(root, "nvidia", "**", name), recursive=True):
+            folder = os.path.dirname(os.path.realpath(path))
+            if folder not in found:
+                found.append(folder)
+print(":".join(found))
+EOF
+}
+
+find_cifar_archive() {   # first existing: $1, $CIFAR_JPEG, shared/data, ../shared/data, .data
+    local candidate
+    for candidate in "${1:-}" "${CIFAR_JPEG:-}" "$REPO/shared/data/cifar10-jpeg.tar.xz" \
+        "$REPO/../shared/data/cifar10-jpeg.tar.xz" "$REPO/.data/cifar10-jpeg.tar.xz"; do
+        if [[ -n "$candidate" && -f "$candidate" ]]; then
+            realpath "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+find_converter() {   # next to the archive first, then the usual places
+    local candidate
+    for candidate in "$(dirname "$1")/cifar10_from_jpeg.py" "$REPO/shared/data/cifar10_from_jpeg.py" \
+        "$REPO/../shared/data/cifar10_from_jpeg.py" "$REPO/.data/cifar10_from_jpeg.py"; do
+        if [[ -f "$candidate" ]]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# ----------------------------------------------------------------------------- the run
+
+echo "device_check: repo $REPO, output $OUT, scratch $TMP, budget ${BUDGET}s"
+
+LIB_DIRS=$(find_nvidia_lib_dirs 2>/dev/null || true)
+if [[ -n "$LIB_DIRS" ]]; then
+    export LD_LIBRARY_PATH="$LIB_DIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+echo "library folders added: ${LIB_DIRS:-none}"
+
+run_stage install 40 bash -c install_frontend
+run_stage versions 40 bash -c print_versions
+
+run_stage gpu_tests 150 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+
+if ARCHIVE=$(find_cifar_archive "${1:-}"); then
+    if CONVERTER=$(find_converter "$ARCHIVE"); then
+        if run_stage cifar 60 bash -c 'convert_cifar "$0" "$1"' "$ARCHIVE" "$CONVERTER"; then
+            CIFAR_DIR="$TMP/cifar"
+        fi
+    else
+        record cifar "FAILED" 0 "found $ARCHIVE but no cifar10_from_jpeg.py next to it"
+        FAILED=1
+    fi
+else
+    skip_stage cifar "no CIFAR-10 JPEG archive (give its path as argument 1 or CIFAR_JPEG)"
+fi
+
+if [[ -n "$CIFAR_DIR" ]]; then
+    run_stage train 100 "$PY" -m cupynet.train --gpus 0 --data-dir "$CIFAR_DIR" --train-steps 300 \
+        --log-interval 50 --model-dir "$TMP/run"
+    cp "$TMP/run/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null || true
+else
+    skip_stage train "needs the converted CIFAR-10 data"
+fi
+
+run_stage layouts 150 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
+    --dtypes float32,bfloat16 --json "$OUT/layouts.json"
+
+if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    run_stage torch 90 "$PY" bench/torch_eager_reference.py --depth 44 --batch 128 --layouts NCHW,NHWC \
+        --dtypes float32,bfloat16 --json "$OUT/torch_eager.json"
+else
+    skip_stage torch "PyTorch with CUDA is not importable here"
+fi
+
+# ----------------------------------------------------------------------------- summary
+
+timeout 30 "$PY" - "$FAILED" <<'EOF' | tee "$OUT/summary.txt"
+import json, os, re, sys
+import xml.etree.ElementTree as ET
+
+out = os.environ["OUT"]
+
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+print("cupynet device check")
+versions = load("versions.json") or {}
+for key in ("gpu", "cuda_driver", "cuda_runtime", "cupy", "cudnn_backend", "cudnn_frontend", "nccl", "torch", "python"):
+    print(f"  {key:>15}: {versions.get(key, '?')}")
+for problem in versions.get("problems", []):
+    print(f"  problem: {problem}")
+
+print("\nstages")
+with open(os.path.join(out, "stages.tsv")) as f:
+    for line in f:
+        name, status, seconds, note = (line.rstrip("\n").split("\t") + [""] * 4)[:4]
+        print(f"  {name:<10} {status:<8} {seconds:>4}s  {note}")
+
+print("\ngpu tests")
+try:
+    suite = ET.parse(os.path.join(out, "gpu_tests.xml")).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+    print(f"  passed {total - failures - errors - skipped}, failed {failures}, errors {errors}, skipped {skipped}")
+except (OSError, ET.ParseError, AttributeError):
+    try:
+        tail = open(os.path.join(out, "gpu_tests.log")).read().strip().splitlines()[-1:]
+        print("  " + (tail[0] if tail else "no output"))
+    except OSError:
+        print("  no results")
+
+print("\nimages/s, ResNet-44, batch 128 (median of timed windows)")
+rows = {}
+for name, column in (("layouts.json", "cupynet"), ("torch_eager.json", "torch eager")):
+    for row in (load(name) or {}).get("results", []):
+        rows.setdefault((row["layout"], row["dtype"]), {})[column] = row["images_per_sec"]
+print(f"  {'layout':<7}{'dtype':<10}{'cupynet':>10}{'torch eager':>13}")
+for (layout, dtype), values in sorted(rows.items()):
+    cells = [f"{values[c]:>10.0f}" if c in values else f"{'-':>10}" for c in ("cupynet", "torch eager")]
+    print(f"  {layout:<7}{dtype:<10}{cells[0]}   {cells[1]}")
+if not rows:
+    print("  no throughput results")
+
+try:
+    lines = open(os.path.join(out, "train.log")).read().strip().splitlines()
+    print("\ntraining (last lines of train.log)")
+    for line in lines[-4:]:
+        print("  " + line)
+except OSError:
+    pass
+
+print("\nresult:", "FAILED (see the stage logs in $OUT)" if sys.argv[1] != "0" else "all stages ok")
+EOF
+
+rm -rf "$TMP"
+exit "$FAILED"

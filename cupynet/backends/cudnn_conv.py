@@ -1,0 +1,369 @@
+"""cuDNN convolutions for the GPU backend: fprop, dgrad and wgrad graphs, built once per shape and cached.
+
+CuPy 14 has no cuDNN support, so the GPU backend reaches cuDNN through the cuDNN Frontend's Python
+graph API (`import cudnn`, wheel `nvidia-cudnn-frontend>=1.22,<1.27`). One `CudnnConv` serves one worker
+thread: one cuDNN handle (already bound to that worker's stream by the caller), one layout, one dtype.
+
+    conv = CudnnConv(handle, layout="NHWC", io_dtype="bfloat16")
+    conv.forward(x, w, stride, pad, y)            # y = conv(x, w)
+    conv.backward_data(dy, w, stride, pad, dx)    # dx = d(loss)/dx
+    conv.backward_filter(x, dy, stride, pad, dw)  # dw = d(loss)/dw (written, not accumulated)
+    conv.executions["fprop"]                      # how many times cuDNN really ran (tests check it)
+
+The GPU tests are tests/test_cudnn_conv_gpu.py (`python -m pytest -m gpu`, on a machine with a GPU).
+
+Layout lives only in the strides
+    Every cuDNN tensor is described with *logical* NCHW dims (weights KCRS); the memory layout is the
+    stride vector, in elements, of the dense CuPy array we are handed:
+        activation NCHW  dims [N, C, H, W]  strides [C*H*W, H*W, W, 1]
+        activation NHWC  dims [N, C, H, W]  strides [H*W*C, 1, W*C, C]
+        weight KCRS      dims [K, C, R, S]  strides [C*R*S, R*S, S, 1]      (NCHW backend)
+        weight KRSC      dims [K, C, R, S]  strides [R*S*C, 1, S*C, C]      (NHWC backend)
+    Strides are set explicitly on every tensor, outputs included: an output's stride left unset
+    defaults to NHWC-packed, which would silently scramble an NCHW result. dgrad and wgrad outputs also
+    need `set_dim`, because their shape cannot be inferred (a stride-2 dgrad loses H's parity).
+
+The cache key
+    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32), with N, C, H, W taken from the
+    op's image-side tensor (x, or dx for dgrad). A built graph is reusable with new pointers for the same
+    shapes, strides and dtypes, so each key is built exactly once (`builds` counts it) and every later call
+    is a dict lookup, three shape checks and one `execute`.
+
+Precision
+    compute and intermediate type are always FLOAT (fp32 accumulation).
+    * float32, strict_fp32=False ("TF32"): cuDNN may pick tensor-core engines that round the inputs to TF32
+      (10 mantissa bits). On an H100 it does so for NHWC (rel. error ~3e-4) but not for NCHW (~5e-7).
+    * float32, strict_fp32=True: the engines whose numerical notes say TENSOR_CORE or DOWN_CONVERT_INPUTS
+      are deselected, so only true fp32 engines remain (rel. error ~1e-6; used by the parity tests).
+    * bfloat16: bf16 tensors in memory, fp32 accumulation, bf16 output (rel. error ~3e-3). The cuDNN data
+      type comes from the constructor's io_dtype, never from the array dtype, so a CuPy bfloat16 array
+      and uint16 storage of bf16 bits are both accepted (only the item size, 2 bytes, is checked).
+
+Why integer pointers
+    `execute` is given `{tensor: arr.data.ptr}` and the workspace address as plain Python ints. Passing
+    CuPy arrays would make the Frontend fall back to `__dlpack__`, which (in CuPy) may synchronize
+    streams on every call. Ints cost nothing, and the addresses are what a CUDA-graph capture bakes in.
+
+Why building must not happen inside a step
+    `build_plans` holds the GIL, can take tens to hundreds of milliseconds and may JIT-compile kernels;
+    a newly built graph can also grow the workspace (a new allocation). Neither may happen inside a timed
+    or CUDA-graph-captured step. Building happens lazily on the first call with a new shape, i.e. in the
+    trainer's warm-up step; after that, `freeze()` turns any unexpected new shape into an error instead
+    of a silent mid-step build. The workspace is reallocated only right after a build, never on a
+    cached call, so its address is stable once warm-up is over.
+
+cuDNN Frontend API facts this file relies on (read in the nvidia-cudnn-frontend 1.22.1 wheel and its
+source; identical in 1.26.0, whose wheel was compared):
+    * `cudnn.pygraph` is the pybind class itself (cudnn/__init__.py, `symbols_to_import`); its Python
+      `tensor(name=, dim=, stride=, data_type=)` and `execute(var_pack, workspace, handle=None)` are
+      wrappers added in cudnn/__init__.py (`_tensor`, `_execute`). `_execute` maps each key through
+      `get_uid()` and passes an `int` pointer through untouched (`_library_device_pointer`: `type(x) is int`).
+    * `conv_fprop(image=, weight=, pre_padding=, post_padding=, stride=, dilation=, compute_data_type=,
+      name=)`, `conv_dgrad(loss=, filter=, ...)`, `conv_wgrad(image=, loss=, ...)`
+      (python/pygraph/pygraph.cpp, `init_pygraph_submodule`; the keyword strings are in the 1.22.1 .so).
+    * `deselect_numeric_notes(list)` is positional-only (bound without py::arg names). It marks the
+      candidate engine configs created by `create_execution_plans` whose notes match; `check_support`
+      then skips them (include/cudnn_frontend/plans.h, `Execution_plan_list`), hence the call order
+      create_execution_plans -> deselect_numeric_notes -> check_support -> build_plans.
+    * enum spellings: `cudnn.numerical_note.TENSOR_CORE`, `.DOWN_CONVERT_INPUTS`; `cudnn.heur_mode.A`,
+      `.FALLBACK`; `cudnn.data_type.FLOAT`, `.BFLOAT16` (python/properties.cpp; strings in the .so).
+    * an unsupported graph raises `cudnn.cudnnGraphNotSupportedError` (check_support: "No execution plans
+      built successfully"); other build failures raise ValueError or RuntimeError (python/pycudnn.cpp,
+      `throw_if`). All three become a one-line DeviceError naming the convolution.
+    * version range: 1.22-1.26 as above. Newer Frontends (the repository's main branch) replace
+      `pygraph` by a pure-Python class (python/cudnn/_pygraph.py) and 1.27+ pull in extra dependencies,
+      hence the `<1.27` pin in pyproject.toml.
+"""
+from collections import Counter
+
+from cupynet.errors import DeviceError
+
+LAYOUTS = ("NCHW", "NHWC")
+OPS = ("fprop", "dgrad", "wgrad")
+
+# io_dtype -> (name of the cudnn.data_type member, bytes per element in memory)
+IO_DTYPES = {"float32": ("FLOAT", 4), "bfloat16": ("BFLOAT16", 2)}
+
+FRONTEND_HINT = "pip install 'nvidia-cudnn-frontend>=1.22,<1.27'"
+
+
+# --------------------------------------------------------------------------- shape and stride helpers
+
+
+def packed_strides(layout, n, c, h, w):
+    """Element strides of a dense tensor with logical dims (n, c, h, w) stored in `layout`.
+
+    Weights use the same rule: KCRS is "NCHW" with (N, H, W) = (K, R, S), KRSC is "NHWC".
+    """
+    if layout == "NCHW":
+        return [c * h * w, h * w, w, 1]
+    return [h * w * c, 1, w * c, c]
+
+
+def array_shape(layout, n, c, h, w):
+    """The CuPy shape of a tensor with logical dims (n, c, h, w) in `layout`."""
+    if layout == "NCHW":
+        return (n, c, h, w)
+    return (n, h, w, c)
+
+
+def logical_dims(layout, shape):
+    """(n, c, h, w) of an array of `shape` in `layout` (for weights: (k, c, r, s))."""
+    if layout == "NCHW":
+        return tuple(shape)
+    n, h, w, c = shape
+    return n, c, h, w
+
+
+def conv_output_size(size, ksize, stride, pad):
+    """Output extent of a cross-correlation with symmetric padding (matches the NumPy backend)."""
+    return (size + 2 * pad - ksize) // stride + 1
+
+
+def describe(op, key_dims, stride, pad):
+    """'fprop N=128 C=16 H=32 W=32 K=32 3x3 stride 2 pad 1' for error messages."""
+    n, c, h, w, k, r, s = key_dims
+    return f"{op} N={n} C={c} H={h} W={w} K={k} {r}x{s} stride {stride} pad {pad}"
+
+
+def import_frontend():
+    """The cuDNN Frontend module, or a one-line DeviceError saying how to get it."""
+    try:
+        import cudnn
+    except Exception as error:       # ImportError, or OSError when libcudnn/libcudart cannot be loaded
+        raise DeviceError(f"the cuDNN Frontend is not importable ({type(error).__name__}: {error}); "
+                          f"{FRONTEND_HINT}") from error
+    return cudnn
+
+
+# --------------------------------------------------------------------------- one built graph
+
+
+class _BuiltGraph:
+    """A built cuDNN graph and what executing it needs.
+
+    tensors: the graph's three tensors in the order of the public method's array arguments,
+             e.g. (X, W, Y) for forward(x, w, stride, pad, y);
+    shapes:  the CuPy shapes those three arrays must have.
+    """
+
+    __slots__ = ("graph", "tensors", "shapes", "workspace_bytes")
+
+    def __init__(self, graph, tensors, shapes, workspace_bytes):
+        self.graph = graph
+        self.tensors = tensors
+        self.shapes = shapes
+        self.workspace_bytes = workspace_bytes
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class CudnnConv:
+    """fprop / dgrad / wgrad through cached cuDNN Frontend graphs, for one handle, layout and dtype.
+
+    handle:      int from `cudnn.create_handle()`, bound by the caller to the stream the backend uses
+                 (`cudnn.set_stream(handle=h, stream=stream.ptr)`); cuDNN enqueues on that stream.
+    layout:      "NCHW" (weights KCRS) or "NHWC" (weights KRSC).
+    io_dtype:    "float32" or "bfloat16": the dtype of every array passed in.
+    strict_fp32: float32 only; keep TF32 tensor-core engines out (see the module docstring).
+
+    Not thread-safe: one engine per worker thread, like the handle it uses.
+    """
+
+    def __init__(self, handle, layout, io_dtype, strict_fp32=False):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if io_dtype not in IO_DTYPES:
+            raise ValueError(f"io_dtype must be one of {tuple(IO_DTYPES)}, got {io_dtype!r}")
+        if strict_fp32 and io_dtype != "float32":
+            raise ValueError("strict_fp32 applies to float32 only (bfloat16 convolutions use tensor cores)")
+        self._cudnn = import_frontend()
+        import cupy                     # imported here so that the module itself imports without a GPU stack
+        self._cupy = cupy
+
+        self.handle = handle
+        self.layout = layout
+        self.io_dtype = io_dtype
+        self.strict_fp32 = bool(strict_fp32)
+        type_name, self.itemsize = IO_DTYPES[io_dtype]
+        self._data_type = getattr(self._cudnn.data_type, type_name)
+        self._float = self._cudnn.data_type.FLOAT
+
+        self.executions = Counter()     # op -> number of cuDNN executes
+        self.builds = Counter()         # op -> number of graphs built (one per cache key)
+        self._graphs = {}               # cache key -> _BuiltGraph
+        self._frozen = False
+
+        # One workspace shared by every graph of this engine (they run one after another on one stream).
+        self._workspace = None
+        self._workspace_ptr = 0         # a null workspace is valid while every graph needs 0 bytes
+        self.workspace_bytes = 0
+
+    # ------------------------------------------------------------------ public contract
+
+    def forward(self, x, w, stride, pad, y):
+        """y = conv(x, w). x: activation (N, C, H, W) per layout; w: KCRS | KRSC; y: (N, K, Ho, Wo) per layout."""
+        n, c, h, wd = logical_dims(self.layout, x.shape)
+        k, _, r, s = logical_dims(self.layout, w.shape)
+        entry = self._graph_for("fprop", (n, c, h, wd, k, r, s), stride, pad)
+        self._execute("fprop", entry, x, w, y)
+        return y
+
+    def backward_data(self, dy, w, stride, pad, dx):
+        """dx = d(loss)/dx from dy = d(loss)/dy. dx's shape fixes H and W (a stride-2 dy cannot)."""
+        n, c, h, wd = logical_dims(self.layout, dx.shape)
+        k, _, r, s = logical_dims(self.layout, w.shape)
+        entry = self._graph_for("dgrad", (n, c, h, wd, k, r, s), stride, pad)
+        self._execute("dgrad", entry, dy, w, dx)
+        return dx
+
+    def backward_filter(self, x, dy, stride, pad, dw):
+        """dw = d(loss)/dw, written (not accumulated) into dw (KCRS | KRSC)."""
+        n, c, h, wd = logical_dims(self.layout, x.shape)
+        k, _, r, s = logical_dims(self.layout, dw.shape)
+        entry = self._graph_for("wgrad", (n, c, h, wd, k, r, s), stride, pad)
+        self._execute("wgrad", entry, x, dy, dw)
+        return dw
+
+    def freeze(self):
+        """From now on a shape without a built graph is an error, not a build inside a step."""
+        self._frozen = True
+
+    @property
+    def graphs_built(self):
+        return sum(self.builds.values())
+
+    @property
+    def workspace_ptr(self):
+        return self._workspace_ptr
+
+    # ------------------------------------------------------------------ cache
+
+    def _graph_for(self, op, key_dims, stride, pad):
+        key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if self._frozen:
+                raise RuntimeError(f"cuDNN graph for conv {describe(op, key_dims, stride, pad)} was not built "
+                                   f"during warm-up (CudnnConv is frozen)")
+            entry = self._build(op, key_dims, stride, pad)
+            self._graphs[key] = entry
+            self.builds[op] += 1
+            self._grow_workspace(entry.workspace_bytes)
+        return entry
+
+    def _grow_workspace(self, nbytes):
+        """Reallocate the shared workspace when a newly built graph needs more than it has.
+
+        Only called right after a build. The old buffer goes back to CuPy's pool, which reuses it in
+        stream order, so kernels already enqueued on this stream still read valid memory.
+        """
+        if nbytes <= self.workspace_bytes:
+            return
+        self._workspace = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
+        self._workspace_ptr = self._workspace.data.ptr
+        self.workspace_bytes = nbytes
+
+    # ------------------------------------------------------------------ execute
+
+    def _execute(self, op, entry, a, b, out):
+        """Check the three arrays against the graph, then enqueue it with raw pointers."""
+        self._check(op, entry, 0, a)
+        self._check(op, entry, 1, b)
+        self._check(op, entry, 2, out)
+        t_a, t_b, t_out = entry.tensors
+        variant_pack = {t_a: a.data.ptr, t_b: b.data.ptr, t_out: out.data.ptr}
+        entry.graph.execute(variant_pack, self._workspace_ptr, handle=self.handle)
+        self.executions[op] += 1
+
+    def _check(self, op, entry, index, array):
+        """Shape, item size and density of one argument; a mismatch would make cuDNN read out of bounds."""
+        expected = entry.shapes[index]
+        if array.shape != expected:
+            raise ValueError(f"conv {op}: argument {index + 1} has shape {array.shape}, expected {expected} "
+                             f"({self.layout})")
+        if array.dtype.itemsize != self.itemsize:
+            raise ValueError(f"conv {op}: argument {index + 1} has dtype {array.dtype}, expected "
+                             f"{self.io_dtype} storage ({self.itemsize} bytes per element)")
+        if not array.flags.c_contiguous:
+            raise ValueError(f"conv {op}: argument {index + 1} is not C-contiguous")
+
+    # ------------------------------------------------------------------ build
+
+    def _build(self, op, key_dims, stride, pad):
+        """Describe one convolution as a cuDNN graph, pick and build its plan; DeviceError if unsupported."""
+        cudnn = self._cudnn
+        n, c, h, w, k, r, s = key_dims
+        ho = conv_output_size(h, r, stride, pad)
+        wo = conv_output_size(w, s, stride, pad)
+        image_dims = (n, c, h, w)
+        weight_dims = (k, c, r, s)
+        result_dims = (n, k, ho, wo)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"conv {describe(op, key_dims, stride, pad)}: empty output ({ho}x{wo})")
+
+        try:
+            graph = cudnn.pygraph(io_data_type=self._data_type, intermediate_data_type=self._float,
+                                  compute_data_type=self._float, handle=self.handle)
+            conv_args = dict(pre_padding=[pad, pad], post_padding=[pad, pad], stride=[stride, stride],
+                             dilation=[1, 1], compute_data_type=self._float, name=op)
+            if op == "fprop":
+                x = self._input(graph, "x", image_dims)
+                wt = self._input(graph, "w", weight_dims)
+                y = graph.conv_fprop(image=x, weight=wt, **conv_args)
+                self._output(y, result_dims)
+                tensors = (x, wt, y)
+                dims = (image_dims, weight_dims, result_dims)
+            elif op == "dgrad":
+                dy = self._input(graph, "dy", result_dims)
+                wt = self._input(graph, "w", weight_dims)
+                dx = graph.conv_dgrad(loss=dy, filter=wt, **conv_args)
+                self._output(dx, image_dims)            # set_dim: dx's shape cannot be inferred
+                tensors = (dy, wt, dx)
+                dims = (result_dims, weight_dims, image_dims)
+            else:
+                x = self._input(graph, "x", image_dims)
+                dy = self._input(graph, "dy", result_dims)
+                dw = graph.conv_wgrad(image=x, loss=dy, **conv_args)
+                self._output(dw, weight_dims)           # set_dim: dw's shape cannot be inferred
+                tensors = (x, dy, dw)
+                dims = (image_dims, result_dims, weight_dims)
+            self._plan(graph)
+            workspace_bytes = graph.get_workspace_size()
+        except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
+            raise DeviceError(self._unsupported_message(op, key_dims, stride, pad, error)) from error
+
+        shapes = tuple(array_shape(self.layout, *d) for d in dims)
+        return _BuiltGraph(graph, tensors, shapes, workspace_bytes)
+
+    def _input(self, graph, name, dims):
+        return graph.tensor(name=name, dim=list(dims), stride=packed_strides(self.layout, *dims),
+                            data_type=self._data_type)
+
+    def _output(self, tensor, dims):
+        """Mark a conv result as a graph output with explicit dims, layout strides and io dtype."""
+        tensor.set_output(True)
+        tensor.set_dim(list(dims))
+        tensor.set_stride(packed_strides(self.layout, *dims))
+        tensor.set_data_type(self._data_type)
+
+    def _plan(self, graph):
+        """validate -> operation graph -> heuristics [A, FALLBACK] -> (strict: drop TF32) -> check -> build."""
+        cudnn = self._cudnn
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        if self.strict_fp32:
+            # Must come after create_execution_plans (it filters the candidates that call created) and
+            # before check_support (which builds the first candidate that is not filtered out).
+            graph.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE,
+                                          cudnn.numerical_note.DOWN_CONVERT_INPUTS])
+        graph.check_support()
+        graph.build_plans()
+
+    def _unsupported_message(self, op, key_dims, stride, pad, error):
+        precision = self.io_dtype + (" strict fp32" if self.strict_fp32 else "")
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        return (f"cuDNN cannot run conv {describe(op, key_dims, stride, pad)} ({self.layout}, {precision}): "
+                f"{reason}")

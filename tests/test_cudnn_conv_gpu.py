@@ -1,0 +1,278 @@
+"""GPU parity tests of the cuDNN convolution engine (cupynet/backends/cudnn_conv.py) against the NumPy reference.
+
+    python -m pytest -m gpu tests/test_cudnn_conv_gpu.py -q -ra      # on a machine with a GPU
+
+Every test is marked `gpu`; without CuPy or a CUDA device the whole module is skipped with the reason
+printed (`-ra`). A missing cuDNN Frontend on a GPU machine is a failure, not a skip: the GPU backend
+cannot train without it.
+
+What is compared: fprop, dgrad and wgrad, NCHW and NHWC, 3x3 and 1x1, stride 1 and 2, odd sizes, in three
+precisions, against `NumpyBackend(layout, "float64")` run on exactly the values the GPU saw (bf16 inputs
+are rounded on the host first). Outputs start as NaN so an element cuDNN never wrote fails the test.
+
+Tolerances come from the dtype (see `RTOL`). They bound |gpu - ref| by rtol * conv(|a|, |b|), the sum of
+absolute products that the classic dot-product error bound |fl(sum) - sum| <= gamma_n * sum|a_i b_i|
+scales with; dividing by |ref| instead would be meaningless where the sum cancels to ~0.
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from cupynet.backends.numpy_backend import NumpyBackend
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests need CuPy and a CUDA device)")
+
+
+def _device_count():
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:       # no driver / no device
+        return 0
+
+
+if _device_count() == 0:
+    pytest.skip("no CUDA device visible to CuPy", allow_module_level=True)
+
+from cupynet.backends.cudnn_conv import CudnnConv   # noqa: E402  (after the skip: needs the GPU stack)
+
+# mode -> (io_dtype, strict_fp32)
+MODES = {"strict": ("float32", True), "tf32": ("float32", False), "bf16": ("bfloat16", False)}
+
+# Relative to conv(|a|, |b|):
+#  strict: fp32 accumulation, u = 2^-24 = 6e-8. The worst case gamma_n = n*u exceeds 1e-5 only for the
+#          longest reductions (wgrad: n = N*Ho*Wo = 1024 here); with random-sign data the error grows
+#          like sqrt(n)*u (~2e-6), and TF32 would show ~1e-4, so 1e-5 both holds and proves strictness.
+#  tf32:   inputs rounded to 10 mantissa bits (u = 2^-11 rounding, 2^-10 if truncating); a product of two
+#          rounded inputs is off by <= 2 * 2^-10 ~ 2e-3 of itself, so <= 2e-3 of sum|a||b|.
+#  bf16:   inputs exact (pre-rounded), fp32 accumulation, then the output is rounded to bf16: 2^-8 = 4e-3
+#          of |y| <= sum|a||b|; 1e-2 leaves room for engines that round a split-K partial sum to bf16.
+RTOL = {"strict": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
+
+# (N, C, H, W, K, ksize, stride): pad = ksize // 2 as in the ResNets.
+CASES = {
+    "first-conv-3ch": (4, 3, 16, 16, 16, 3, 1),
+    "block-3x3": (4, 16, 16, 16, 16, 3, 1),
+    "down-3x3-s2": (4, 16, 16, 16, 32, 3, 2),
+    "proj-1x1-s2": (4, 16, 16, 16, 32, 1, 2),
+    "pointwise-1x1": (2, 8, 8, 8, 8, 1, 1),
+    "odd-3x3-s2": (3, 5, 7, 9, 6, 3, 2),
+    "odd-3x3-s1": (3, 5, 7, 9, 6, 3, 1),
+}
+
+# Every case in strict fp32 (the parity that matters); a representative subset in TF32 and bf16, to keep
+# the number of graph builds (each tens of ms) and the device time small.
+PARITY = ([("strict", name) for name in CASES]
+          + [("tf32", "block-3x3"), ("tf32", "down-3x3-s2")]
+          + [("bf16", name) for name in ("first-conv-3ch", "down-3x3-s2", "proj-1x1-s2", "odd-3x3-s2")])
+
+
+# --------------------------------------------------------------------------- bf16 on the host
+
+
+def round_to_bf16_bits(values):
+    """float -> bf16 bit patterns (uint16), round to nearest even, as the GPU rounds."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounding = 0x7FFF + ((bits >> 16) & 1)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_float64(bits):
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+class Precision:
+    """How one mode stores values on the device and reads them back."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.io_dtype, self.strict = MODES[mode]
+
+    def to_device(self, values):
+        """Host float values -> (device array, the float64 values the device really holds)."""
+        if self.io_dtype == "bfloat16":
+            bits = round_to_bf16_bits(values)
+            return cupy.asarray(bits), bf16_bits_to_float64(bits)
+        stored = np.asarray(values, dtype=np.float32)
+        return cupy.asarray(stored), stored.astype(np.float64)
+
+    def nan_array(self, shape):
+        """An output buffer full of NaN, so unwritten elements cannot pass."""
+        if self.io_dtype == "bfloat16":
+            return cupy.full(shape, 0x7FC0, dtype=cupy.uint16)
+        return cupy.full(shape, np.nan, dtype=cupy.float32)
+
+    def to_host(self, array):
+        host = cupy.asnumpy(array)
+        if self.io_dtype == "bfloat16":
+            return bf16_bits_to_float64(host)
+        return host.astype(np.float64)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def handle():
+    """One cuDNN handle bound to CuPy's current stream, for the whole module."""
+    import cudnn
+    h = cudnn.create_handle()
+    cudnn.set_stream(handle=h, stream=cupy.cuda.get_current_stream().ptr)
+    yield h
+    cupy.cuda.get_current_stream().synchronize()
+    cudnn.destroy_handle(h)
+
+
+@pytest.fixture(scope="module")
+def engines(handle):
+    """CudnnConv per (layout, mode), shared by the parity tests (each case builds its own graphs)."""
+    cache = {}
+
+    def get(layout, mode):
+        if (layout, mode) not in cache:
+            io_dtype, strict = MODES[mode]
+            cache[(layout, mode)] = CudnnConv(handle, layout, io_dtype, strict_fp32=strict)
+        return cache[(layout, mode)]
+
+    return get
+
+
+def out_size(size, ksize, stride):
+    return (size + 2 * (ksize // 2) - ksize) // stride + 1
+
+
+def assert_close(name, got, ref, abs_ref, rtol):
+    """|got - ref| <= rtol * conv(|a|, |b|) everywhere (plus a denormal-sized floor); names the worst element."""
+    assert np.all(np.isfinite(got)), f"{name}: NaN/inf in the output (elements not written?)"
+    excess = np.abs(got - ref) - (rtol * abs_ref + 1e-30)
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess[worst] <= 0, (f"{name}: |gpu - ref| = {abs(got[worst] - ref[worst]):.3g} at {worst} exceeds "
+                                f"{rtol} * {abs_ref[worst]:.3g} (gpu {got[worst]:.6g}, ref {ref[worst]:.6g})")
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("mode,case", PARITY, ids=[f"{m}-{c}" for m, c in PARITY])
+def test_conv_matches_numpy_reference(engines, layout, mode, case):
+    n, c, h, w, k, ksize, stride = CASES[case]
+    pad = ksize // 2
+    ho, wo = out_size(h, ksize, stride), out_size(w, ksize, stride)
+    prec = Precision(mode)
+    ref = NumpyBackend(layout=layout, dtype="float64")
+    conv = engines(layout, mode)
+    rng = np.random.default_rng(zlib.crc32(f"{layout}-{mode}-{case}".encode()))   # stable across runs
+
+    x, x64 = prec.to_device(rng.standard_normal(ref.activation_shape(n, c, h, w)))
+    wt, w64 = prec.to_device(rng.standard_normal(ref.conv_weight_shape(k, c, ksize, ksize)))
+    dy, dy64 = prec.to_device(rng.standard_normal(ref.activation_shape(n, k, ho, wo)))
+    y = prec.nan_array(ref.activation_shape(n, k, ho, wo))
+    dx = prec.nan_array(ref.activation_shape(n, c, h, w))
+    dw = prec.nan_array(ref.conv_weight_shape(k, c, ksize, ksize))
+
+    conv.forward(x, wt, stride, pad, y)
+    if c > 3:
+        conv.backward_data(dy, wt, stride, pad, dx)
+    conv.backward_filter(x, dy, stride, pad, dw)
+
+    rtol = RTOL[mode]
+    y_ref = ref.conv2d_forward(x64, w64, stride, pad, np.empty(y.shape))
+    y_abs = ref.conv2d_forward(np.abs(x64), np.abs(w64), stride, pad, np.empty(y.shape))
+    assert_close("fprop", prec.to_host(y), y_ref, y_abs, rtol)
+
+    if c > 3:       # the 3-channel stem conv never needs dgrad (cupynet/model.py: input_grad=False)
+        dx_ref = ref.conv2d_backward_data(dy64, w64, stride, pad, np.empty(dx.shape))
+        dx_abs = ref.conv2d_backward_data(np.abs(dy64), np.abs(w64), stride, pad, np.empty(dx.shape))
+        assert_close("dgrad", prec.to_host(dx), dx_ref, dx_abs, rtol)
+
+    dw_ref = ref.conv2d_backward_filter(x64, dy64, stride, pad, np.empty(dw.shape))
+    dw_abs = ref.conv2d_backward_filter(np.abs(x64), np.abs(dy64), stride, pad, np.empty(dw.shape))
+    assert_close("wgrad", prec.to_host(dw), dw_ref, dw_abs, rtol)
+
+
+# --------------------------------------------------------------------------- cache, counters, guards
+
+
+def _block_arrays(layout, prec, n=4, c=8, hw=8, k=8):
+    """x, w, dy and outputs of a 3x3 stride-1 conv, on the device."""
+    ref = NumpyBackend(layout=layout, dtype="float64")
+    rng = np.random.default_rng(1)
+    x, _ = prec.to_device(rng.standard_normal(ref.activation_shape(n, c, hw, hw)))
+    wt, _ = prec.to_device(rng.standard_normal(ref.conv_weight_shape(k, c, 3, 3)))
+    dy, _ = prec.to_device(rng.standard_normal(ref.activation_shape(n, k, hw, hw)))
+    outs = (prec.nan_array(ref.activation_shape(n, k, hw, hw)), prec.nan_array(ref.activation_shape(n, c, hw, hw)),
+            prec.nan_array(ref.conv_weight_shape(k, c, 3, 3)))
+    return x, wt, dy, outs
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_graphs_are_built_once_per_shape_and_reused(handle, layout):
+    prec = Precision("bf16")
+    conv = CudnnConv(handle, layout, prec.io_dtype)
+    x, wt, dy, (y, dx, dw) = _block_arrays(layout, prec)
+
+    conv.forward(x, wt, 1, 1, y)
+    conv.backward_data(dy, wt, 1, 1, dx)
+    conv.backward_filter(x, dy, 1, 1, dw)
+    assert conv.builds == {"fprop": 1, "dgrad": 1, "wgrad": 1}
+    workspace = (conv.workspace_ptr, conv.workspace_bytes)
+
+    # Same shapes, new buffers: no build, no workspace reallocation, one more execute each.
+    x2, wt2, dy2, (y2, dx2, dw2) = _block_arrays(layout, prec)
+    conv.forward(x2, wt2, 1, 1, y2)
+    conv.backward_data(dy2, wt2, 1, 1, dx2)
+    conv.backward_filter(x2, dy2, 1, 1, dw2)
+    assert conv.graphs_built == 3
+    assert (conv.workspace_ptr, conv.workspace_bytes) == workspace
+    assert conv.executions == {"fprop": 2, "dgrad": 2, "wgrad": 2}
+
+    # A new batch size is a new key.
+    x3, wt3, dy3, (y3, _, _) = _block_arrays(layout, prec, n=2)
+    conv.forward(x3, wt3, 1, 1, y3)
+    assert conv.builds["fprop"] == 2
+    assert conv.executions["fprop"] == 3
+    cupy.cuda.get_current_stream().synchronize()
+    assert np.all(np.isfinite(prec.to_host(y3)))
+
+
+def test_wrong_output_shape_is_rejected_before_cudnn_runs(handle):
+    prec = Precision("strict")
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    wrong = prec.nan_array(y.shape[:-1] + (y.shape[-1] + 1,))
+    with pytest.raises(ValueError, match="shape"):
+        conv.forward(x, wt, 1, 1, wrong)
+    assert conv.executions["fprop"] == 0
+
+
+def test_frozen_engine_refuses_to_build_inside_a_step(handle):
+    prec = Precision("strict")
+    conv = CudnnConv(handle, "NCHW", prec.io_dtype, strict_fp32=True)
+    x, wt, _, (y, _, _) = _block_arrays("NCHW", prec)
+    conv.forward(x, wt, 1, 1, y)
+    conv.freeze()
+    conv.forward(x, wt, 1, 1, y)                       # cached: fine
+    x2, wt2, _, (y2, _, _) = _block_arrays("NCHW", prec, n=2)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        conv.forward(x2, wt2, 1, 1, y2)
+
+
+def test_bf16_accepts_uint16_storage_and_cupy_bfloat16_alike(handle):
+    """The cuDNN type comes from io_dtype, so both storages of the same bits give the same result."""
+    try:
+        import ml_dtypes
+        probe = cupy.zeros(1, dtype=ml_dtypes.bfloat16)
+    except Exception as error:      # no ml_dtypes, or this CuPy has no bfloat16 dtype
+        pytest.skip(f"CuPy has no bfloat16 dtype here ({type(error).__name__})")
+    del probe
+    prec = Precision("bf16")
+    conv = CudnnConv(handle, "NHWC", "bfloat16")
+    x, wt, _, (y_bits, _, _) = _block_arrays("NHWC", prec)
+    conv.forward(x, wt, 1, 1, y_bits)
+    y_typed = cupy.zeros(y_bits.shape, dtype=ml_dtypes.bfloat16)
+    conv.forward(x.view(ml_dtypes.bfloat16), wt.view(ml_dtypes.bfloat16), 1, 1, y_typed)
+    assert conv.builds["fprop"] == 1
+    np.testing.assert_array_equal(cupy.asnumpy(y_typed.view(cupy.uint16)), cupy.asnumpy(y_bits))
