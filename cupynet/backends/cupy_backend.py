@@ -1,0 +1,576 @@
+"""The GPU backend: the NumPy backend's contract on one CUDA device, with CuPy arrays.
+
+Convolutions run through cuDNN Frontend graphs (cupynet/backends/cudnn_conv.py); everything else runs
+our kernels from kernels/*.cu (loaded by cupynet/backends/kernels.py); the dense layer's two matrix
+products are cuBLAS via cupy.matmul. Every method has the name, arguments and semantics of
+NumpyBackend (cupynet/backends/numpy_backend.py), which is the oracle that tests/test_gpu_parity.py
+compares it with, primitive by primitive, on a machine with a GPU:
+
+    from cupynet.backends.cupy_backend import CupyBackend
+    be = CupyBackend(device_id=0, layout="NHWC", dtype="bfloat16", tf32=True)
+    python -m pytest -m gpu tests/test_gpu_parity.py -q       # on a GPU machine
+
+Streams and synchronisation
+    The backend owns a non-blocking stream (`self.stream`). Every primitive enters `self.device` and
+    `self.stream`, so its kernels, cuDNN executions (the cuDNN handle is bound to the same stream),
+    cuBLAS calls and copies are enqueued there, in order. No primitive waits for the device or reads a
+    device value on the host: scalars that change per step (the learning rate) are 0-d device arrays,
+    results that the host wants (loss, accuracy) stay on the device until `to_host`, and scratch memory
+    is allocated once per shape and reused, so a warmed-up step allocates nothing and can be captured.
+    The constructor also makes the device and the stream current for the calling thread, so CuPy array
+    operations done outside the primitives (ParamStore's `view[...] = ...`, `.astype`) are ordered on
+    the same stream. One backend per thread (the data-parallel design: one worker thread per GPU).
+
+bfloat16: CuPy 14 has a real bfloat16 dtype when `ml_dtypes` is installed (CuPy >= 14.0 maps
+    `ml_dtypes.bfloat16` to its C type; CuPy's own kernels then include <cuda_bf16.h>). We use it:
+    bf16 activations are `cupy.ndarray`s of dtype `ml_dtypes.bfloat16`, `astype` converts with
+    round-to-nearest-even, `to_host` returns a NumPy array of that dtype (`.astype(numpy.float32)` to
+    compute with it), and our kernels see `__nv_bfloat16*`. Without ml_dtypes, dtype="bfloat16" is
+    refused with a one-line DeviceError (no uint16 stand-in: ParamStore's `astype` would silently
+    convert numbers instead of reinterpreting bits).
+
+Mixed precision (dtype="bfloat16"): activations, their gradients and the convolutions' weight copy
+    (ParamStore.compute_flat) are bf16; master parameters, gradients, momentum, BatchNorm statistics,
+    the loss and all accumulations are float32 (`param_dtype`). cuDNN writes wgrad in its io dtype, so
+    `conv2d_backward_filter` runs it into a bf16 scratch buffer and converts into the float32 gradient.
+    The dense layer computes in float32 (bf16 inputs are converted into float32 scratch first).
+
+float32: `tf32=True` lets cuDNN use TF32 tensor cores (~1e-3 relative error per convolution);
+    `tf32=False` keeps convolutions strict fp32 (the parity tests use it).
+"""
+import functools
+from collections import Counter
+
+import numpy as np
+
+try:                                # importable without CuPy, so CPU tests can inspect the class
+    import cupy
+except ImportError:                 # pragma: no cover - depends on the machine
+    cupy = None
+
+from cupynet.backends import kernels as K
+from cupynet.backends.kernels import KernelLibrary, ctype
+from cupynet.errors import DeviceError
+
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("float32", "bfloat16")
+MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
+AUGMENT_PAD = 4                     # the reference's pad-4 crop: offsets in [0, 9)
+BN_THREADS = 256                    # threads per block of the BatchNorm partial sums
+FINALIZE_THREADS = 32               # one warp per channel adds the partial sums
+HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
+MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
+MIN_STEPS_PER_THREAD = 8            # a partial-sum thread reads at least this many elements
+
+
+def bfloat16_dtype():
+    """numpy.dtype of ml_dtypes.bfloat16, which CuPy 14 supports; DeviceError if ml_dtypes is missing."""
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise DeviceError("--dtype bfloat16 on the GPU needs the ml_dtypes package (CuPy's bfloat16 dtype): "
+                          "pip install ml_dtypes") from error
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _primitive(method):
+    """A contract primitive: counted in `calls`, run on the backend's device and stream."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        self.calls[name] += 1
+        with self.device, self.stream:
+            return method(self, *args, **kwargs)
+    return run
+
+
+def _on_device(method):
+    """An array helper (not counted, as in NumpyBackend): run on the backend's device and stream."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.device, self.stream:
+            return method(self, *args, **kwargs)
+    return run
+
+
+def _i32(value):
+    return np.int32(value)
+
+
+def _count(array):
+    """Number of elements, refused when the kernels' int indices could not address them."""
+    size = int(array.size)
+    if size > MAX_ELEMENTS:
+        raise ValueError(f"array of {size} elements: the kernels address at most {MAX_ELEMENTS}")
+    return size
+
+
+def _require_dtype(dtype, **arrays):
+    """Raise TypeError unless every named array has `dtype` (the kernels read raw pointers)."""
+    for name, array in arrays.items():
+        if array.dtype != dtype:
+            raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {array.dtype}")
+
+
+def _same_dtype(reference, **arrays):
+    """Raise TypeError unless the named arrays have the dtype of `reference` (one template argument)."""
+    _require_dtype(reference.dtype, **arrays)
+
+
+class CupyBackend:
+    """The backend contract on one CUDA device (see the module docstring)."""
+
+    name = "cupy"
+    xp = cupy
+
+    def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True):
+        if cupy is None:
+            raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        dtype_name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+        if dtype_name not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} on the GPU, got {dtype!r}")
+        self.layout = layout
+        self.dtype = bfloat16_dtype() if dtype_name == "bfloat16" else np.dtype(np.float32)   # activations
+        self.param_dtype = np.dtype(np.float32)     # master parameters, gradients, optimizer, statistics
+        self.tf32 = bool(tf32)
+        self.calls = Counter()
+        self._scratch_buffers = {}
+        self._bn_plans = {}
+
+        self.device = cupy.cuda.Device(device_id)
+        self.device.use()
+        with self.device:
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            self.stream.use()                       # ParamStore's own array operations land here too
+            self.kernels = KernelLibrary(self.device)
+            self._create_conv(dtype_name)
+
+    def _create_conv(self, dtype_name):
+        """cuDNN handle bound to our stream, and the convolution engine that uses it."""
+        from cupynet.backends.cudnn_conv import CudnnConv, import_frontend
+        cudnn = import_frontend()
+        self.cudnn_handle = cudnn.create_handle()
+        cudnn.set_stream(handle=self.cudnn_handle, stream=self.stream.ptr)
+        strict = (not self.tf32) and dtype_name == "float32"   # bf16 convolutions always use tensor cores
+        self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict)
+
+    # ----------------------------------------------------------------- arrays and layout helpers
+
+    def _as_dtype(self, dtype):
+        if dtype is None:
+            return self.dtype
+        if isinstance(dtype, str) and dtype == "bfloat16":
+            return bfloat16_dtype()
+        return np.dtype(dtype)
+
+    @_on_device
+    def empty(self, shape, dtype=None):
+        return cupy.empty(shape, dtype=self._as_dtype(dtype))
+
+    @_on_device
+    def zeros(self, shape, dtype=None):
+        return cupy.zeros(shape, dtype=self._as_dtype(dtype))
+
+    @_on_device
+    def to_host(self, array):
+        """A NumPy copy of a device array (waits for the stream: only between steps)."""
+        return cupy.ascontiguousarray(array).get(stream=self.stream)
+
+    @_on_device
+    def from_host(self, array, dtype=None):
+        """A device copy of a host array, converted to `dtype` on the host (bf16: round to nearest even)."""
+        host = np.asarray(array)
+        host = np.array(host, dtype=self._as_dtype(dtype) if dtype is not None else host.dtype,
+                        order="C", copy=True)
+        device_array = cupy.empty(host.shape, dtype=host.dtype)
+        device_array.set(host, stream=self.stream)
+        return device_array
+
+    @_on_device
+    def fill(self, array, value):
+        """Set every element on the device (e.g. the learning-rate scalar between steps)."""
+        array.fill(value)
+
+    def synchronize(self):
+        """Wait until everything enqueued on the backend's stream has run."""
+        self.stream.synchronize()
+
+    def activation_shape(self, n, c, h, w):
+        return (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
+
+    def nchw_dims(self, x):
+        """(N, C, H, W) of an activation array in this backend's layout."""
+        if self.layout == "NCHW":
+            return x.shape
+        n, h, w, c = x.shape
+        return n, c, h, w
+
+    def conv_weight_shape(self, k, c, r, s):
+        return (k, c, r, s) if self.layout == "NCHW" else (k, r, s, c)
+
+    def weight_to_canonical(self, w):
+        """Conv weight in this layout -> (K, C, R, S) (a view; works on NumPy and CuPy arrays)."""
+        return w if self.layout == "NCHW" else w.transpose(0, 3, 1, 2)
+
+    def weight_from_canonical(self, w_kcrs):
+        return w_kcrs if self.layout == "NCHW" else w_kcrs.transpose(0, 2, 3, 1)
+
+    @property
+    def _channels_last(self):
+        return _i32(self.layout == "NHWC")
+
+    def _scratch(self, role, shape, dtype):
+        """A device buffer for internal use, allocated once per (role, shape, dtype) and then reused.
+
+        Reuse is safe because everything runs in order on one stream: a later user of the buffer
+        starts only after the earlier one's kernels have finished.
+        """
+        key = (role, tuple(shape), np.dtype(dtype).str)
+        buffer = self._scratch_buffers.get(key)
+        if buffer is None:
+            buffer = cupy.empty(shape, dtype=dtype)
+            self._scratch_buffers[key] = buffer
+        return buffer
+
+    def _launch_1d(self, name, template_args, n, args):
+        """A grid-stride kernel over n items."""
+        self.kernels.launch(name, template_args, self.kernels.grid_1d(n), KernelLibrary.BLOCK, args)
+
+    def _convert(self, source, target):
+        """target = source converted to target's dtype (same number of elements)."""
+        n = _count(source)
+        self._launch_1d("convert", (ctype(source.dtype), ctype(target.dtype)), n, (source, target, _i32(n)))
+
+    # ----------------------------------------------------------------- convolution (cuDNN Frontend)
+
+    @_primitive
+    def conv2d_forward(self, x, w, stride, pad, y):
+        """y = conv(x, w). x: activation; w: (K,C,R,S) | (K,R,S,C) in the activation dtype."""
+        return self.conv.forward(x, w, stride, pad, y)
+
+    @_primitive
+    def conv2d_backward_data(self, dy, w, stride, pad, dx):
+        return self.conv.backward_data(dy, w, stride, pad, dx)
+
+    @_primitive
+    def conv2d_backward_filter(self, x, dy, stride, pad, dw):
+        """dw = d(loss)/dw, written. dw is a float32 gradient view; in bf16 cuDNN writes a bf16 scratch."""
+        if dw.dtype == self.dtype:
+            return self.conv.backward_filter(x, dy, stride, pad, dw)
+        dw_io = self._scratch("wgrad", dw.shape, self.dtype)
+        self.conv.backward_filter(x, dy, stride, pad, dw_io)
+        self._convert(dw_io, dw)
+        return dw
+
+    # ----------------------------------------------------------------- batch normalization
+
+    def _channel_geometry(self, x, channels):
+        """(C, inner, m): x seen as (outer, C, inner); m = elements per channel."""
+        _, c, h, w = self.nchw_dims(x)
+        if c != channels:
+            raise ValueError(f"activation has {c} channels, BatchNorm parameters {channels}")
+        inner = h * w if self.layout == "NCHW" else 1
+        return c, inner, _count(x) // c
+
+    def _bn_plan(self, channels, m):
+        """Launch geometry of the partial-sum kernels for C channels of m elements (see batchnorm.cu)."""
+        key = (channels, m)
+        plan = self._bn_plans.get(key)
+        if plan is None:
+            cw = min(channels, BN_THREADS) if self.layout == "NHWC" else 1
+            rows = BN_THREADS // cw
+            tiles = -(-channels // cw)
+            row_steps = -(-m // rows)
+            wanted = -(-row_steps // MIN_STEPS_PER_THREAD)
+            fill_gpu = max(1, 4 * self.kernels.sm_count // tiles)
+            slices = max(1, min(wanted, fill_gpu, MAX_SLICES))
+            plan = dict(cw=cw, grid=(tiles, slices), block=(cw * rows,), slices=slices,
+                        shared_mem=2 * cw * rows * 4)
+            self._bn_plans[key] = plan
+        return plan
+
+    def _bn_partials(self, channels, m):
+        """The (2, P, C) float32 scratch of the partial sums, and the plan that fills it."""
+        plan = self._bn_plan(channels, m)
+        partials = self._scratch("bn_partials", (2, plan["slices"], channels), np.float32)
+        return plan, partials
+
+    def _bn_apply(self, x, y, mean, stat, gamma, beta, eps, stat_is_variance, relu):
+        c, inner, _ = self._channel_geometry(x, gamma.size)
+        n = _count(x)
+        self._launch_1d("bn_apply", (ctype(x.dtype),), n,
+                        (x, y, mean, stat, gamma, beta, np.float32(eps), _i32(stat_is_variance),
+                         _i32(n), _i32(c), _i32(inner), _i32(relu)))
+
+    @_primitive
+    def batchnorm_train_forward(self, x, gamma, beta, running_mean, running_var, decay, eps,
+                                y, saved_mean, saved_invstd, relu=False):
+        """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta) with batch statistics.
+
+        Saves the batch mean and 1/sqrt(var + eps), and updates the moving statistics on the device
+        (moving variance with the unbiased m/(m-1) batch variance), as NumpyBackend.
+        """
+        _require_dtype(np.float32, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
+                       saved_mean=saved_mean, saved_invstd=saved_invstd)
+        _same_dtype(x, y=y)
+        c, inner, m = self._channel_geometry(x, gamma.size)
+        plan, partials = self._bn_partials(c, m)
+        t = (ctype(x.dtype),)
+        self.kernels.launch("bn_stats_partials", t, plan["grid"], plan["block"],
+                            (x, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials),
+                            shared_mem=plan["shared_mem"])
+        self.kernels.launch("bn_stats_finalize", t, (c,), (FINALIZE_THREADS,),
+                            (x, partials, _i32(plan["slices"]), _i32(c), _i32(inner), _i32(m),
+                             np.float64(decay), np.float64(eps), running_mean, running_var, saved_mean, saved_invstd))
+        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu)
+        return y
+
+    @_primitive
+    def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False):
+        """BatchNorm with the moving statistics (evaluation)."""
+        _require_dtype(np.float32, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+        _same_dtype(x, y=y)
+        self._bn_apply(x, y, running_mean, running_var, gamma, beta, eps, True, relu)
+        return y
+
+    @_primitive
+    def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None):
+        """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused."""
+        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
+                       dgamma=dgamma, dbeta=dbeta)
+        activations = dict(dy=dy, dx=dx)
+        if y is not None:
+            activations["y"] = y
+        _same_dtype(x, **activations)
+        c, inner, m = self._channel_geometry(x, gamma.size)
+        n = _count(x)
+        plan, partials = self._bn_partials(c, m)
+        t = (ctype(x.dtype),)
+        relu_applied = _i32(y is not None)
+        y_or_unused = y if y is not None else dy    # never read when relu_applied is 0
+        self.kernels.launch("bn_grad_partials", t, plan["grid"], plan["block"],
+                            (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd,
+                             _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials),
+                            shared_mem=plan["shared_mem"])
+        self.kernels.launch("bn_grad_finalize", (), (c,), (FINALIZE_THREADS,),
+                            (partials, _i32(plan["slices"]), _i32(c), dgamma, dbeta))
+        self._launch_1d("bn_backward_dx", t, n,
+                        (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
+                         dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
+        return dx
+
+    # ----------------------------------------------------------------- elementwise
+
+    @_primitive
+    def relu_forward(self, x, y):
+        _same_dtype(x, y=y)
+        n = _count(x)
+        self._launch_1d("relu_forward", (ctype(x.dtype),), n, (x, y, _i32(n)))
+        return y
+
+    @_primitive
+    def relu_backward(self, dy, y, dx):
+        """dx = dy where the relu output y is positive."""
+        _same_dtype(dy, y=y, dx=dx)
+        n = _count(dy)
+        self._launch_1d("relu_backward", (ctype(dy.dtype),), n, (dy, y, dx, _i32(n)))
+        return dx
+
+    def _residual_add(self, a, b, y, relu):
+        _same_dtype(a, b=b, y=y)
+        n = _count(a)
+        self._launch_1d("residual_add", (ctype(a.dtype),), n, (a, b, y, _i32(n), _i32(relu)))
+        return y
+
+    @_primitive
+    def add(self, a, b, y):
+        """y = a + b (the pre-activation residual sum); y may be a."""
+        return self._residual_add(a, b, y, relu=False)
+
+    @_primitive
+    def add_relu(self, a, b, y):
+        """y = relu(a + b) (the post-activation residual sum)."""
+        return self._residual_add(a, b, y, relu=True)
+
+    # ----------------------------------------------------------------- option-A shortcut
+
+    def _shortcut_args(self, x_like, y_like, stride):
+        """(N, Cin, H, W, Cout, Ho, Wo, stride, channels_last) as kernel arguments, checked."""
+        n, cin, h, w = self.nchw_dims(x_like)
+        n_out, cout, ho, wo = self.nchw_dims(y_like)
+        if n_out != n or cout < cin or (ho, wo) != (h // stride, w // stride):
+            raise ValueError(f"shortcut: input {x_like.shape} and output {y_like.shape} do not match stride {stride}")
+        return tuple(_i32(v) for v in (n, cin, h, w, cout, ho, wo, stride)) + (self._channels_last,)
+
+    @_primitive
+    def shortcut_forward(self, x, stride, y):
+        """y = zero-pad-channels(avgpool_stride(x)), padding (Cout - Cin) // 2 channels below."""
+        _same_dtype(x, y=y)
+        n = _count(y)
+        self._launch_1d("shortcut_forward", (ctype(x.dtype),), n, (x, y) + self._shortcut_args(x, y, stride))
+        return y
+
+    @_primitive
+    def shortcut_backward(self, dy, stride, dx):
+        _same_dtype(dy, dx=dx)
+        n = _count(dx)
+        self._launch_1d("shortcut_backward", (ctype(dy.dtype),), n, (dy, dx) + self._shortcut_args(dx, dy, stride))
+        return dx
+
+    # ----------------------------------------------------------------- head: pooling, dense, loss
+
+    @_primitive
+    def global_avgpool_forward(self, x, y):
+        """x: activation -> y: (N, C)."""
+        _same_dtype(x, y=y)
+        n, c, h, w = self.nchw_dims(x)
+        self._launch_1d("global_avgpool_forward", (ctype(x.dtype),), n * c,
+                        (x, y, _i32(n), _i32(c), _i32(h * w), self._channels_last))
+        return y
+
+    @_primitive
+    def global_avgpool_backward(self, dy, dx):
+        _same_dtype(dx, dy=dy)
+        n, c, h, w = self.nchw_dims(dx)
+        self._launch_1d("global_avgpool_backward", (ctype(dx.dtype),), _count(dx),
+                        (dy, dx, _i32(n), _i32(c), _i32(h * w), self._channels_last))
+        return dx
+
+    def _float32(self, array, role):
+        """The array itself if float32, else a float32 copy in a reused scratch buffer."""
+        if array.dtype == np.float32:
+            return array
+        copy = self._scratch(role, array.shape, np.float32)
+        self._convert(array, copy)
+        return copy
+
+    def _matmul_into(self, a, b, out, role):
+        """out = a @ b in float32 (cuBLAS), converted into out's dtype when it is not float32."""
+        if out.dtype == np.float32:
+            cupy.matmul(a, b, out=out)
+            return out
+        product = self._scratch(role, out.shape, np.float32)
+        cupy.matmul(a, b, out=product)
+        self._convert(product, out)
+        return out
+
+    @_primitive
+    def dense_forward(self, x, w, b, y):
+        """y = x @ w + b. x: (N, Cin), w: (Cin, Cout), b: (Cout,) float32; computed in float32."""
+        _require_dtype(np.float32, b=b)
+        x32 = self._float32(x, "dense_x")
+        w32 = self._float32(w, "dense_w")
+        product = y if y.dtype == np.float32 else self._scratch("dense_y", y.shape, np.float32)
+        cupy.matmul(x32, w32, out=product)
+        rows, cols = y.shape
+        self._launch_1d("bias_add", (ctype(y.dtype),), rows * cols, (product, b, y, _i32(rows), _i32(cols)))
+        return y
+
+    @_primitive
+    def dense_backward(self, x, w, dy, dx, dw, db):
+        """dx = dy @ w.T, dw = x.T @ dy, db = column sums of dy (dw, db float32 gradient views)."""
+        _require_dtype(np.float32, db=db)
+        x32 = self._float32(x, "dense_x")
+        w32 = self._float32(w, "dense_w")
+        dy32 = self._float32(dy, "dense_dy")
+        self._matmul_into(dy32, w32.T, dx, "dense_dx")
+        self._matmul_into(x32.T, dy32, dw, "dense_dw")
+        rows, cols = dy.shape
+        self._launch_1d("column_sums", (K.FLOAT,), cols, (dy32, _i32(rows), _i32(cols), db))
+        return dx
+
+    @_primitive
+    def softmax_cross_entropy(self, logits, labels, loss, dlogits):
+        """Mean cross-entropy into the 0-d float32 `loss`; dlogits = (softmax - onehot) / N. One block."""
+        _require_dtype(np.int32, labels=labels)
+        _require_dtype(np.float32, loss=loss)
+        _same_dtype(logits, dlogits=dlogits)
+        n, k = logits.shape
+        self.kernels.launch("softmax_cross_entropy", (ctype(logits.dtype),), (1,), (HEAD_THREADS,),
+                            (logits, labels, _i32(n), _i32(k), loss, dlogits))
+        return loss
+
+    @_primitive
+    def count_correct(self, logits, labels, num_valid, correct):
+        """correct (0-d int64) += number of the first `num_valid` rows whose argmax equals the label."""
+        _require_dtype(np.int32, labels=labels)
+        _require_dtype(np.int64, correct=correct)
+        n, k = logits.shape
+        valid = max(0, min(int(num_valid), n))
+        self.kernels.launch("count_correct", (ctype(logits.dtype),), (1,), (HEAD_THREADS,),
+                            (logits, labels, _i32(valid), _i32(k), correct))
+        return correct
+
+    # ----------------------------------------------------------------- optimizer
+
+    @_primitive
+    def sgd_momentum_update(self, params, grads, accum, lr, momentum, weight_decay, compute_copy=None):
+        """One momentum-SGD step over the flat float32 buffers, bit-identical to NumpyBackend's:
+
+        g = grad + weight_decay * param; accum = momentum * accum + g; param -= lr * accum
+        (lr: 0-d device array). compute_copy, when given, receives the updated parameters in its dtype,
+        in the same kernel.
+        """
+        _require_dtype(np.float32, params=params, grads=grads, accum=accum, lr=lr)
+        n = _count(params)
+        if grads.size != n or accum.size != n:
+            raise ValueError("params, grads and accum must have the same size")
+        copy = params if compute_copy is None else compute_copy   # not written when write_copy is 0
+        if copy.size != n:
+            raise ValueError(f"compute_copy has {copy.size} elements, params {n}")
+        self._launch_1d("sgd_momentum", (ctype(copy.dtype),), n,
+                        (params, grads, accum, lr, np.float32(momentum), np.float32(weight_decay), _i32(n),
+                         copy, _i32(compute_copy is not None)))
+
+    @_primitive
+    def accumulate(self, total, value, scale):
+        """total += scale * value, on 0-d (or same-shape) float32 device arrays (running sums of the loss)."""
+        _require_dtype(np.float32, total=total, value=value)
+        n = _count(total)
+        if value.size != n:
+            raise ValueError(f"accumulate: value has {value.size} elements, total {n}")
+        self._launch_1d("accumulate", (), n, (total, value, np.float32(scale), _i32(n)))
+        return total
+
+    @_primitive
+    def sum_of_squares(self, array, out):
+        """out (0-d float32) = sum(array ** 2): per-block partials, then one block adds them in double."""
+        _require_dtype(np.float32, out=out)
+        n = _count(array)
+        blocks = max(1, min(-(-n // (KernelLibrary.BLOCK * MIN_STEPS_PER_THREAD)),
+                            4 * self.kernels.sm_count, MAX_SLICES))
+        partials = self._scratch("sum_squares", (blocks,), np.float32)
+        self.kernels.launch("sum_squares_partials", (ctype(array.dtype),), (blocks,), (KernelLibrary.BLOCK,),
+                            (array, _i32(n), partials))
+        self.kernels.launch("sum_finalize", (), (1,), (KernelLibrary.BLOCK,), (partials, _i32(blocks), out))
+        return out
+
+    # ----------------------------------------------------------------- data
+
+    @_primitive
+    def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out):
+        """Gather a batch from the uint8 dataset on the device, [pad-crop-flip], normalize to x / 128 - 1.
+
+        images: uint8 (N, H, W, 3); labels: int32 (N,); indices: int64 (B,) device array;
+        x_out: activation (B, 3, H, W | B, H, W, 3); labels_out: int32 (B,). The crop/flip draws are
+        sampling.crop_flip_draws(seed, step, B, 9), computed in the kernel from (seed, step).
+        """
+        _require_dtype(np.uint8, images=images)
+        _require_dtype(np.int32, labels=labels, labels_out=labels_out)
+        if indices.dtype != np.int64:
+            indices = indices.astype(np.int64)
+        _, h, w, channels = images.shape
+        batch = int(indices.size)
+        expected = self.activation_shape(batch, channels, h, w)
+        if tuple(x_out.shape) != expected or labels_out.size != batch:
+            raise ValueError(f"augment_batch: x_out {x_out.shape} / labels_out {labels_out.shape} do not fit "
+                             f"{batch} images of {h}x{w}x{channels} ({self.layout})")
+        total = _count(x_out)
+        self._launch_1d("augment_batch", (ctype(x_out.dtype),), total,
+                        (images, labels, indices, _i32(batch), _i32(h), _i32(w), _i32(channels),
+                         _i32(AUGMENT_PAD), np.uint32(seed & 0xFFFFFFFF), np.uint32(step & 0xFFFFFFFF),
+                         _i32(bool(distort)), x_out, labels_out, self._channels_last))
+        return x_out

@@ -1,0 +1,69 @@
+/*
+ * kernels/augment.cu: the input pipeline on the device. Gathers a batch of rows from the uint8
+ * dataset (N, H, W, 3) kept on the GPU, optionally pads by `pad` zero pixels, crops back to H x W at a
+ * random offset and flips left-right at random, normalizes to x / 128 - 1, and gathers the labels.
+ * NumPy twin: NumpyBackend.augment_batch; the draws are those of cupynet/sampling.py::crop_flip_draws,
+ * reproduced bit for bit (tests/test_gpu_parity.py compares the outputs for exact equality).
+ * Loaded by cupynet/backends/kernels.py; syntax-checked on CPU by tests/test_kernels_compile.py.
+ *
+ * The draws are a counter-based hash, all in wrapping uint32 arithmetic:
+ *   key  = mix32(mix32(seed ^ GOLDEN) ^ mix32(step))        (sampling.step_key)
+ *   h    = mix32((row * GOLDEN) ^ key), row = position in the batch
+ *   dy   = h % k, dx = (h / k) % k, flip = (h / k^2) & 1,  k = 2 * pad + 1
+ * Every value v / 128 - 1 with v in 0..255 is exact in float32 and in bfloat16 (at most 8 significant
+ * bits), so both dtypes give exactly the reference's numbers.
+ */
+#include "common.cuh"
+
+#define GOLDEN 0x9E3779B9u
+
+// lowbias32 (Chris Wellons' hash-prospector), as sampling.mix32.
+__device__ __forceinline__ unsigned int mix32(unsigned int x)
+{
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+// The hash of batch position `row` at (seed, step), both already reduced mod 2^32 by the host.
+__device__ __forceinline__ unsigned int crop_flip_hash(unsigned int seed, unsigned int step, unsigned int row)
+{
+    const unsigned int key = mix32(mix32(seed ^ GOLDEN) ^ mix32(step));
+    return mix32((row * GOLDEN) ^ key);
+}
+
+// images: (N, H, W, C) uint8; labels: (N,) int32; indices: (B,) int64 dataset rows;
+// x_out: (B, C, H, W) or (B, H, W, C) per channels_last; labels_out: (B,) int32.
+template <typename T>
+__global__ void augment_batch(const unsigned char* images, const int* labels, const long long* indices, int B,
+                              int H, int W, int C, int pad, unsigned int seed, unsigned int step, int distort,
+                              T* x_out, int* labels_out, int channels_last)
+{
+    const int total = B * C * H * W;
+    const unsigned int k = 2u * (unsigned int)pad + 1u;
+    for (int i = first_index(); i < total; i += grid_stride()) {
+        int b, c, h, w;
+        decode_offset(i, C, H, W, channels_last, b, c, h, w);
+        int src_h = h;
+        int src_w = w;
+        if (distort) {
+            const unsigned int hash = crop_flip_hash(seed, step, (unsigned int)b);
+            const int dy = (int)(hash % k);
+            const int dx = (int)((hash / k) % k);
+            const bool flip = ((hash / (k * k)) & 1u) != 0u;
+            // output (h, w) reads padded pixel (dy + h, dx + w') with w' = W - 1 - w when flipped
+            src_h = dy + h - pad;
+            src_w = dx + (flip ? W - 1 - w : w) - pad;
+        }
+        unsigned int pixel = 0u;   // the zero padding, normalized to -1 like any black pixel
+        if (src_h >= 0 && src_h < H && src_w >= 0 && src_w < W) {
+            const long long row = indices[b];
+            pixel = images[((row * H + src_h) * W + src_w) * C + c];
+        }
+        x_out[i] = from_float<T>((float)pixel * (1.0f / 128.0f) - 1.0f);
+    }
+    for (int b = first_index(); b < B; b += grid_stride()) labels_out[b] = labels[indices[b]];
+}

@@ -1,0 +1,195 @@
+/*
+ * kernels/batchnorm.cu: BatchNorm over (N, H, W) per channel, NCHW or NHWC, float or bfloat16 activations.
+ * The NumPy twin is NumpyBackend.batchnorm_* (cupynet/backends/numpy_backend.py); the parity tests are
+ * in tests/test_gpu_parity.py. Loaded by cupynet/backends/kernels.py; syntax-checked on CPU by
+ * tests/test_kernels_compile.py (`nvcc -ptx -arch=sm_90`).
+ *
+ * Training forward = 3 launches:
+ *   bn_stats_partials  per block, per channel: sum(x - K) and sum((x - K)^2) over a slice of the rows,
+ *                      float32 accumulation, written to partials[2][P][C]; K = the channel's first
+ *                      element (a shift that keeps the one-pass variance free of cancellation when
+ *                      |mean| >> std);
+ *   bn_stats_finalize  one warp per channel adds the P partials in double, writes the saved mean and
+ *                      1/sqrt(var + eps), and updates the moving statistics on the device (the moving
+ *                      variance takes the unbiased m/(m-1) variance, as TensorFlow's fused batch norm);
+ *   bn_apply           y = [relu]((x - mean) * gamma * invstd + beta), also used for inference with the
+ *                      moving statistics (stat_is_variance = 1).
+ * Backward (relu backward fused: dz = dy * (y > 0) when the forward applied relu) = 3 launches:
+ *   bn_grad_partials   sum(dz) and sum(dz * xhat) in one pass, same partials layout;
+ *   bn_grad_finalize   dbeta = sum(dz), dgamma = sum(dz * xhat);
+ *   bn_backward_dx     dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m).
+ * Deterministic: no atomics; the split into P slices depends only on the shapes and the GPU.
+ *
+ * Partial-sum tiling: the activation is viewed as (outer, C, inner) (NCHW: inner = H*W; NHWC:
+ * inner = 1), m = outer * inner elements per channel. A block of cw * rows threads covers cw adjacent
+ * channels (blockIdx.x) and walks `rows` elements of each at a time, starting at slice blockIdx.y and
+ * stepping by gridDim.y = P. NHWC uses cw = min(C, 256): a block reads whole contiguous rows of C
+ * channels. NCHW uses cw = 1: a block reads a contiguous run of one channel plane.
+ */
+#include "common.cuh"
+
+// One thread's place in a partial-sum tile (see the file comment).
+struct ChannelTile {
+    int cw;     // channels per block
+    int rows;   // elements of each channel read per step
+    int lane;   // which of the cw channels
+    int row;    // which of the rows
+    int c;      // the channel itself (may be >= C in the last tile)
+
+    __device__ explicit ChannelTile(int channels_per_block)
+        : cw(channels_per_block), rows(blockDim.x / channels_per_block),
+          lane(threadIdx.x % channels_per_block), row(threadIdx.x / channels_per_block),
+          c(blockIdx.x * channels_per_block + threadIdx.x % channels_per_block) {}
+
+    __device__ int first() const { return blockIdx.y * rows + row; }
+    __device__ int step() const { return gridDim.y * rows; }
+};
+
+// Adds a and b over the tile's rows for each channel lane (a tree in shared memory that works for any
+// number of rows) and stores the block's partial sums: partials[blockIdx.y][c] and
+// partials[P + blockIdx.y][c], P = gridDim.y. Needs 2 * blockDim.x floats of dynamic shared memory.
+__device__ void store_tile_sums(float a, float b, const ChannelTile& t, int C, float* partials)
+{
+    extern __shared__ float tile_shared[];
+    float* sum_a = tile_shared;
+    float* sum_b = tile_shared + blockDim.x;
+    sum_a[threadIdx.x] = a;
+    sum_b[threadIdx.x] = b;
+    int span = 1;
+    while (span < t.rows) span <<= 1;
+    // After the step with stride s, rows [0, s) hold everything; the first step folds rows >= s.
+    for (int s = span >> 1; s > 0; s >>= 1) {
+        __syncthreads();
+        if (t.row < s && t.row + s < t.rows) {
+            sum_a[threadIdx.x] += sum_a[threadIdx.x + s * t.cw];
+            sum_b[threadIdx.x] += sum_b[threadIdx.x + s * t.cw];
+        }
+    }
+    if (t.row == 0 && t.c < C) {   // row 0 only ever read slots that were final, and wrote its own
+        const int slices = gridDim.y;
+        partials[blockIdx.y * C + t.c] = sum_a[threadIdx.x];
+        partials[(slices + blockIdx.y) * C + t.c] = sum_b[threadIdx.x];
+    }
+}
+
+// Channel c's totals over the P slices, added in double by one warp; complete in lane 0.
+__device__ double2 sum_partials(const float* partials, int slices, int C, int c)
+{
+    double a = 0.0, b = 0.0;
+    for (int p = threadIdx.x; p < slices; p += 32) {
+        a += partials[p * C + c];
+        b += partials[(slices + p) * C + c];
+    }
+    return make_double2(warp_sum(a), warp_sum(b));
+}
+
+// dz: the gradient reaching BatchNorm's output before the fused relu, masked by the relu output y.
+template <typename T>
+__device__ __forceinline__ float masked_grad(const T* dy, const T* y, int relu_applied, int i)
+{
+    const float g = to_float(dy[i]);
+    return (relu_applied && !(to_float(y[i]) > 0.0f)) ? 0.0f : g;
+}
+
+// ------------------------------------------------------------------ training forward
+
+// x: activation; partials: (2, P, C) float32. grid (ceil(C / cw), P), block cw * rows.
+template <typename T>
+__global__ void bn_stats_partials(const T* x, int C, int inner, int m, int cw, float* partials)
+{
+    const ChannelTile t(cw);
+    float sum = 0.0f, sum_sq = 0.0f;
+    if (t.c < C) {
+        const float shift = to_float(x[channel_element(0, t.c, C, inner)]);
+        for (int k = t.first(); k < m; k += t.step()) {
+            const float v = to_float(x[channel_element(k, t.c, C, inner)]) - shift;
+            sum += v;
+            sum_sq = fmaf(v, v, sum_sq);
+        }
+    }
+    store_tile_sums(sum, sum_sq, t, C, partials);
+}
+
+// grid C, block 32. Statistics in double: the per-channel arithmetic is negligible next to the passes.
+template <typename T>
+__global__ void bn_stats_finalize(const T* x, const float* partials, int slices, int C, int inner, int m,
+                                  double decay, double eps, float* running_mean, float* running_var,
+                                  float* saved_mean, float* saved_invstd)
+{
+    const int c = blockIdx.x;
+    const double2 sums = sum_partials(partials, slices, C, c);
+    if (threadIdx.x != 0) return;
+    const double shift = to_float(x[channel_element(0, c, C, inner)]);
+    const double shifted_mean = sums.x / m;
+    const double var = fmax(sums.y / m - shifted_mean * shifted_mean, 0.0);   // biased, as normalization uses
+    const double mean = shift + shifted_mean;
+    saved_mean[c] = (float)mean;
+    saved_invstd[c] = (float)(1.0 / sqrt(var + eps));
+    const double unbiased = var * m / (m > 1 ? m - 1 : 1);
+    running_mean[c] = (float)(decay * running_mean[c] + (1.0 - decay) * mean);
+    running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
+}
+
+// y = [relu]((x - mean) * gamma * invstd + beta). Training passes the saved invstd as `stat`;
+// inference passes the moving variance with stat_is_variance = 1. y may alias x.
+template <typename T>
+__global__ void bn_apply(const T* x, T* y, const float* mean, const float* stat, const float* gamma,
+                         const float* beta, float eps, int stat_is_variance, int n, int C, int inner, int relu_out)
+{
+    for (int i = first_index(); i < n; i += grid_stride()) {
+        const int c = channel_of(i, C, inner);
+        const float invstd = stat_is_variance ? 1.0f / sqrtf(stat[c] + eps) : stat[c];
+        float v = (to_float(x[i]) - mean[c]) * (gamma[c] * invstd) + beta[c];
+        if (relu_out) v = relu(v);
+        y[i] = from_float<T>(v);
+    }
+}
+
+// ------------------------------------------------------------------ backward
+
+// Both reductions of the backward pass in one read of dy, x (and y): partials (2, P, C).
+template <typename T>
+__global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                                 const float* invstd, int C, int inner, int m, int cw, float* partials)
+{
+    const ChannelTile t(cw);
+    float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
+    if (t.c < C) {
+        const float mu = mean[t.c];
+        const float is = invstd[t.c];
+        for (int k = t.first(); k < m; k += t.step()) {
+            const int i = channel_element(k, t.c, C, inner);
+            const float dz = masked_grad(dy, y, relu_applied, i);
+            sum_dz += dz;
+            sum_dz_xhat = fmaf(dz, (to_float(x[i]) - mu) * is, sum_dz_xhat);
+        }
+    }
+    store_tile_sums(sum_dz, sum_dz_xhat, t, C, partials);
+}
+
+// grid C, block 32: dbeta = sum(dz), dgamma = sum(dz * xhat), written (not accumulated).
+extern "C" __global__ void bn_grad_finalize(const float* partials, int slices, int C, float* dgamma, float* dbeta)
+{
+    const int c = blockIdx.x;
+    const double2 sums = sum_partials(partials, slices, C, c);
+    if (threadIdx.x == 0) {
+        dbeta[c] = (float)sums.x;
+        dgamma[c] = (float)sums.y;
+    }
+}
+
+// dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m). dx may alias dy.
+template <typename T>
+__global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                               const float* invstd, const float* gamma, const float* dgamma, const float* dbeta,
+                               T* dx, int n, int C, int inner, int m)
+{
+    const float count = (float)m;
+    for (int i = first_index(); i < n; i += grid_stride()) {
+        const int c = channel_of(i, C, inner);
+        const float xhat = (to_float(x[i]) - mean[c]) * invstd[c];
+        const float dz = masked_grad(dy, y, relu_applied, i);
+        const float v = (dz - dbeta[c] / count - xhat * (dgamma[c] / count)) * (gamma[c] * invstd[c]);
+        dx[i] = from_float<T>(v);
+    }
+}

@@ -1,0 +1,105 @@
+/*
+ * kernels/common.cuh: helpers shared by every kernel file of the GPU backend.
+ *
+ *   - float <-> storage conversion for the two activation dtypes (float, __nv_bfloat16): every kernel
+ *     loads with to_float(), computes in float32 and stores with from_float<T>(), so one template
+ *     serves both dtypes and bfloat16 is rounded exactly once, to nearest-even, on the way out;
+ *   - grid-stride loop bounds, layout-aware index helpers for (N, C, H, W) activations stored NCHW or
+ *     NHWC, and warp/block sums.
+ *
+ * Not compiled on its own: cupynet/backends/kernels.py pastes it in place of `#include "common.cuh"`
+ * (so CuPy's kernel cache key covers it), and `nvcc -ptx` (tests/test_kernels_compile.py) finds it
+ * beside the .cu files. NVRTC has no C/C++ standard headers: only CUDA's own headers are included.
+ *
+ * Sizes are `int`: the backend refuses arrays of more than 2^30 elements before launching, so an
+ * index plus a grid stride never overflows.
+ */
+#pragma once
+
+#include <cuda_bf16.h>
+
+// ------------------------------------------------------------------ storage <-> float
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);   // round to nearest even, like ml_dtypes and CuPy's astype
+}
+
+// NaN without <cmath>: marks a result whose input was invalid (e.g. a label out of range).
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
+
+// relu that keeps NaN visible (NumPy's maximum(v, 0) does too): NaN < 0 is false.
+__device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+// ------------------------------------------------------------------ grid-stride loops
+
+__device__ __forceinline__ int first_index() { return blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int grid_stride() { return gridDim.x * blockDim.x; }
+
+// ------------------------------------------------------------------ activation layouts
+
+// Linear offset of element (n, c, h, w) of an (N, C, H, W) activation stored NCHW or NHWC.
+__device__ __forceinline__ int offset_of(int n, int c, int h, int w, int C, int H, int W, int channels_last)
+{
+    return channels_last ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+// Inverse of offset_of: (n, c, h, w) of the element at linear offset i.
+__device__ __forceinline__ void decode_offset(int i, int C, int H, int W, int channels_last,
+                                              int& n, int& c, int& h, int& w)
+{
+    if (channels_last) {
+        c = i % C; i /= C;
+        w = i % W; i /= W;
+        h = i % H; n = i / H;
+    } else {
+        w = i % W; i /= W;
+        h = i % H; i /= H;
+        c = i % C; n = i / C;
+    }
+}
+
+// Per-channel kernels see an activation as (outer, C, inner): NCHW has inner = H*W, NHWC inner = 1.
+// Channel of the element at linear offset i:
+__device__ __forceinline__ int channel_of(int i, int C, int inner)
+{
+    return inner == 1 ? i % C : (i / inner) % C;
+}
+
+// Offset of the k-th element (k in [0, outer*inner)) of channel c.
+__device__ __forceinline__ int channel_element(int k, int c, int C, int inner)
+{
+    if (inner == 1) return k * C + c;
+    const int o = k / inner;
+    return (o * C + c) * inner + (k - o * inner);
+}
+
+// ------------------------------------------------------------------ reductions
+
+template <typename T> __device__ __forceinline__ T warp_sum(T v)
+{
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    return v;   // complete in lane 0
+}
+
+// Sum of v over the block, complete in thread 0. blockDim.x: a multiple of 32, at most 1024.
+// Ends with a barrier so that a second call may reuse the shared scratch at once.
+template <typename T> __device__ T block_sum(T v)
+{
+    __shared__ T per_warp[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) per_warp[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = threadIdx.x < warps ? per_warp[threadIdx.x] : T(0);
+    if (warp == 0) v = warp_sum(v);
+    __syncthreads();
+    return v;
+}

@@ -1,0 +1,135 @@
+"""CPU checks of the GPU backend's code: no GPU needed, so these run in CI.
+
+  * every kernels/*.cu compiles with `nvcc -ptx -arch=sm_90`, every registered instantiation (float and
+    __nv_bfloat16) included, and each expected entry point is in the PTX: kernel syntax and type errors
+    surface here (skipped, with the reason printed, where nvcc is not on PATH);
+  * the same sources compile with NVRTC exactly as CuPy's RawModule compiles them (CuPy's options and
+    include paths, the name expressions of cupynet/backends/kernels.py), where CuPy and NVRTC load;
+  * the registry in kernels.py names every __global__ of the sources and nothing else;
+  * CupyBackend implements every public method of NumpyBackend with the same signature.
+
+    python -m pytest tests/test_kernels_compile.py -q -ra
+"""
+import inspect
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from cupynet.backends import kernels as K
+from cupynet.backends.numpy_backend import NumpyBackend
+
+GLOBAL_KERNEL = re.compile(r"__global__\s+void\s+(\w+)\s*\(")
+EXTERN_C_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
+NVCC_TIMEOUT_S = 120
+
+
+def instantiation_wrapper(file):
+    """A .cu that includes kernels/<file> and takes the address of every registered instantiation,
+    which makes nvcc compile them (nvcc has no name expressions)."""
+    addresses = [f"    (const void*)&{K.expression(name, args)},"
+                 for name, instantiations in K.KERNELS[file].items() for args in instantiations]
+    return "\n".join([
+        f'#include "{K.kernels_dir() / file}"',
+        "const void* cupynet_instantiations[] = {      // external linkage: never 'unused'",
+        *addresses,
+        "    nullptr,",
+        "};",
+        "",
+    ])
+
+
+def entry_count(ptx, name, templated):
+    """How many .entry points of kernel `name` the PTX has (templates: Itanium-mangled _Z<len><name>I...)."""
+    if templated:
+        pattern = rf"^\.visible \.entry _Z\d*{len(name)}{name}I\w*\("
+    else:
+        pattern = rf"^\.visible \.entry {name}\("
+    return len(re.findall(pattern, ptx, flags=re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def nvcc_ptx(tmp_path_factory):
+    """file -> PTX text, all files compiled in parallel with nvcc -ptx -arch=sm_90."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH: cannot compile kernels/*.cu here")
+    out = tmp_path_factory.mktemp("ptx")
+    jobs = {}
+    for file in K.KERNELS:
+        wrapper = out / f"wrap_{file}"
+        wrapper.write_text(instantiation_wrapper(file))
+        ptx = out / f"{file}.ptx"
+        command = [nvcc, "-ptx", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", str(wrapper), "-o", str(ptx)]
+        jobs[file] = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ptx)
+    results = {}
+    for file, (process, ptx) in jobs.items():
+        log, _ = process.communicate(timeout=NVCC_TIMEOUT_S)
+        results[file] = (process.returncode, log, ptx.read_text() if ptx.exists() else "")
+    return results
+
+
+@pytest.mark.parametrize("file", sorted(K.KERNELS))
+def test_nvcc_compiles_every_instantiation(nvcc_ptx, file):
+    returncode, log, ptx = nvcc_ptx[file]
+    assert returncode == 0, f"nvcc failed on kernels/{file}:\n{log}"
+    for name, instantiations in K.KERNELS[file].items():
+        expected = len(instantiations) if instantiations else 1
+        assert entry_count(ptx, name, templated=bool(instantiations)) == expected, (file, name)
+
+
+def _nvrtc_compiler():
+    """CuPy's NVRTC program class and option assembly, or skip with the reason."""
+    try:
+        import cupy._core.core as cupy_core
+        from cupy.cuda import compiler, nvrtc
+        nvrtc.getVersion()                       # loads libnvrtc (fails where it is not installed)
+    except Exception as error:
+        pytest.skip(f"CuPy with NVRTC not available here ({type(error).__name__}: {' '.join(str(error).split())[:120]})")
+    if not hasattr(compiler, "_NVRTCProgram") or not hasattr(cupy_core, "assemble_cupy_compiler_options"):
+        pytest.skip("this CuPy version has no _NVRTCProgram / assemble_cupy_compiler_options to mirror")
+    return compiler, cupy_core
+
+
+@pytest.mark.parametrize("file", sorted(K.KERNELS))
+def test_nvrtc_compiles_like_cupy_raw_module(file):
+    """The source and name expressions kernels.py hands to cupy.RawModule, with the options CuPy adds
+    itself (-ftz=true, its include paths, --device-as-default-execution-space), for sm_90 (H100)."""
+    compiler, cupy_core = _nvrtc_compiler()
+    options = cupy_core.assemble_cupy_compiler_options(
+        K.COMPILE_OPTIONS + ("-ftz=true", "-arch=compute_90", "--device-as-default-execution-space"))
+    program = compiler._NVRTCProgram(K.module_source(file), file, name_expressions=K.expressions(file), method="ptx")
+    _, mapping = program.compile(options)
+    assert sorted(mapping) == sorted(K.expressions(file))
+
+
+def test_registry_matches_the_sources():
+    """Every __global__ of kernels/*.cu is registered (templates with instantiations, extern "C" without)."""
+    directory = K.kernels_dir()
+    assert sorted(p.name for p in directory.glob("*.cu")) == sorted(K.KERNELS)
+    for file, registered in K.KERNELS.items():
+        source = (directory / file).read_text()
+        extern_c = set(EXTERN_C_KERNEL.findall(source))
+        assert set(GLOBAL_KERNEL.findall(source)) == set(registered), file
+        for name, instantiations in registered.items():
+            assert (name in extern_c) == (not instantiations), f"{file}: {name}"
+
+
+def test_module_source_pastes_the_header_once():
+    source = K.module_source("batchnorm.cu")
+    assert not re.search(r'^\s*#\s*include\s+"common.cuh"', source, flags=re.MULTILINE)
+    assert source.count("begin common.cuh") == 1
+    assert "pragma once" not in source
+    assert "template <typename T> __device__ T block_sum" in source
+
+
+def test_cupy_backend_implements_the_whole_contract():
+    """Same public methods, same parameter names, order and defaults as the NumPy reference."""
+    from cupynet.backends.cupy_backend import CupyBackend     # importable without CuPy
+    for name, member in inspect.getmembers(NumpyBackend, predicate=inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        assert hasattr(CupyBackend, name), f"CupyBackend lacks {name}"
+        assert inspect.signature(getattr(CupyBackend, name)) == inspect.signature(member), name
+    assert CupyBackend.name == "cupy"
