@@ -88,7 +88,8 @@ install_frontend() {
         return 1
     fi
     rm -rf "$REPO/.site"
-    "$PY" -m pip install --no-index --no-deps --disable-pip-version-check --target "$REPO/.site" "${wheels[@]}"
+    # every carried wheel: the Frontend, and ml_dtypes (CuPy's bfloat16 dtype) when the machine lacks it
+    "$PY" -m pip install --no-index --no-deps --disable-pip-version-check --target "$REPO/.site" "$REPO"/.whl/*.whl
 }
 
 print_versions() {
