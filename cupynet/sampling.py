@@ -34,12 +34,16 @@ def step_key(seed, step):
     return mix32(seed_part ^ mix32(np.uint32(step & 0xFFFFFFFF)))
 
 
-def crop_flip_draws(seed, step, batch, num_offsets):
+def crop_flip_draws(seed, step, batch, num_offsets, first_row=0):
     """Per row of the batch: (dy, dx) crop offsets in [0, num_offsets) and a flip flag.
 
     One 32-bit hash per row: dy = h % k, dx = (h // k) % k, flip = (h // k^2) & 1 with k = num_offsets.
+    The rows hashed are first_row .. first_row + batch - 1, positions in the step's global batch: a
+    data-parallel worker whose shard starts at global row `first_row` draws exactly what the single
+    worker draws for those rows.
     """
-    rows = np.arange(batch, dtype=np.uint32) * np.uint32(_GOLDEN)
+    positions = np.arange(batch, dtype=np.uint64) + np.uint64(first_row)
+    rows = (positions & np.uint64(0xFFFFFFFF)).astype(np.uint32) * np.uint32(_GOLDEN)
     h = mix32(rows ^ step_key(seed, step))
     k = np.uint32(num_offsets)
     dy = (h % k).astype(np.int64)

@@ -8,7 +8,8 @@
  *
  * The draws are a counter-based hash, all in wrapping uint32 arithmetic:
  *   key  = mix32(mix32(seed ^ GOLDEN) ^ mix32(step))        (sampling.step_key)
- *   h    = mix32((row * GOLDEN) ^ key), row = position in the batch
+ *   h    = mix32((row * GOLDEN) ^ key), row = first_row + position in the batch (the row's position in
+ *          the step's global batch: a data-parallel worker's shard starts at first_row)
  *   dy   = h % k, dx = (h / k) % k, flip = (h / k^2) & 1,  k = 2 * pad + 1
  * Every value v / 128 - 1 with v in 0..255 is exact in float32 and in bfloat16 (at most 8 significant
  * bits), so both dtypes give exactly the reference's numbers.
@@ -39,8 +40,8 @@ __device__ __forceinline__ unsigned int crop_flip_hash(unsigned int seed, unsign
 // x_out: (B, C, H, W) or (B, H, W, C) per channels_last; labels_out: (B,) int32.
 template <typename T>
 __global__ void augment_batch(const unsigned char* images, const int* labels, const long long* indices, int B,
-                              int H, int W, int C, int pad, unsigned int seed, unsigned int step, int distort,
-                              T* x_out, int* labels_out, int channels_last)
+                              int H, int W, int C, int pad, unsigned int seed, unsigned int step,
+                              unsigned int first_row, int distort, T* x_out, int* labels_out, int channels_last)
 {
     const int total = B * C * H * W;
     const unsigned int k = 2u * (unsigned int)pad + 1u;
@@ -50,7 +51,7 @@ __global__ void augment_batch(const unsigned char* images, const int* labels, co
         int src_h = h;
         int src_w = w;
         if (distort) {
-            const unsigned int hash = crop_flip_hash(seed, step, (unsigned int)b);
+            const unsigned int hash = crop_flip_hash(seed, step, first_row + (unsigned int)b);
             const int dy = (int)(hash % k);
             const int dx = (int)((hash / k) % k);
             const bool flip = ((hash / (k * k)) & 1u) != 0u;

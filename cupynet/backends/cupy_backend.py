@@ -551,12 +551,13 @@ class CupyBackend:
     # ----------------------------------------------------------------- data
 
     @_primitive
-    def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out):
+    def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out, first_row=0):
         """Gather a batch from the uint8 dataset on the device, [pad-crop-flip], normalize to x / 128 - 1.
 
         images: uint8 (N, H, W, 3); labels: int32 (N,); indices: int64 (B,) device array;
         x_out: activation (B, 3, H, W | B, H, W, 3); labels_out: int32 (B,). The crop/flip draws are
-        sampling.crop_flip_draws(seed, step, B, 9), computed in the kernel from (seed, step).
+        sampling.crop_flip_draws(seed, step, B, 9, first_row), computed in the kernel from (seed, step) and
+        each row's global batch position first_row + b (a data-parallel worker's shard offset).
         """
         _require_dtype(np.uint8, images=images)
         _require_dtype(np.int32, labels=labels, labels_out=labels_out)
@@ -572,5 +573,5 @@ class CupyBackend:
         self._launch_1d("augment_batch", (ctype(x_out.dtype),), total,
                         (images, labels, indices, _i32(batch), _i32(h), _i32(w), _i32(channels),
                          _i32(AUGMENT_PAD), np.uint32(seed & 0xFFFFFFFF), np.uint32(step & 0xFFFFFFFF),
-                         _i32(bool(distort)), x_out, labels_out, self._channels_last))
+                         np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)), x_out, labels_out, self._channels_last))
         return x_out

@@ -373,13 +373,15 @@ class NumpyBackend:
 
     # ----------------------------------------------------------------- data
 
-    def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out):
+    def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out, first_row=0):
         """Gather a batch from the uint8 dataset, [pad-crop-flip], normalize to x / 128 - 1.
 
         images: uint8 (N, 32, 32, 3); indices: int (B,); x_out: activation (B, 3, 32, 32 | B, 32, 32, 3).
         With `distort`, each image is zero-padded to 40x40, cropped at a random offset and flipped at
         random, as the reference; the draws come from a counter-based hash of (seed, step, row), so
         they are identical on every backend and reproducible from the step alone.
+        `first_row` is the position of this batch's first row in the step's global batch (a data-parallel
+        worker's shard offset), so the draws depend on the global position, not on the shard.
         """
         self.calls["augment_batch"] += 1
         batch = images[indices]                                # (B, 32, 32, 3) uint8
@@ -388,7 +390,7 @@ class NumpyBackend:
             pad = 4
             padded = np.zeros((b, h + 2 * pad, w + 2 * pad, 3), dtype=np.uint8)
             padded[:, pad:pad + h, pad:pad + w, :] = batch
-            dy, dx, flip = crop_flip_draws(seed, step, b, 2 * pad + 1)
+            dy, dx, flip = crop_flip_draws(seed, step, b, 2 * pad + 1, first_row)
             rows = dy[:, None] + np.arange(h)                  # (B, 32)
             cols = dx[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))
             batch = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
