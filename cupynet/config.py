@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     # devices and bookkeeping
     gpus: str = "auto"
+    reduce: str = "nccl"                     # GPU workers' all-reduce; CPU workers always use the host one
     model_dir: Optional[str] = None          # None: runs/<dataset>-resnet<depth>-<block>
     log_interval: int = 100
     checkpoint_interval: int = 2000
@@ -133,7 +134,11 @@ def build_parser():
                      help="epochs at which the next --lr-values entry starts")
     opt.add_argument("--seed", type=int, default=d.seed)
     run = p.add_argument_group("devices and bookkeeping")
-    run.add_argument("--gpus", default=d.gpus, help="'cpu', GPU ids like '0' or '0,1', or 'auto'")
+    run.add_argument("--gpus", default=d.gpus, help="'cpu', GPU ids like '0' or '0,1', or 'auto'; "
+                     "several ('cpu,cpu', '0,1') train data-parallel, one worker per device")
+    run.add_argument("--reduce", choices=("nccl", "host"), default=d.reduce,
+                     help="how several GPU workers average gradients: NCCL, or through host memory "
+                     "(CPU workers always use host)")
     run.add_argument("--model-dir", help="checkpoints and metrics.jsonl (default: runs/<dataset>-resnet<depth>-<block>)")
     run.add_argument("--log-interval", type=int, help="steps between progress lines (default 100; demo 15)")
     run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default 2000; demo 50)")

@@ -8,17 +8,24 @@ parse flags -> load data -> prepare the model dir -> build the model -> resume f
 -> train to --train-steps (progress lines, periodic checkpoints) -> final checkpoint -> evaluate -> report.
 Metrics go to <model-dir>/metrics.jsonl as JSON lines. Rerunning the same command resumes; --train-steps
 is the total target step. Bad input ends with one line `error: ...` and exit status 2.
+
+Several devices (`--gpus cpu,cpu`, `--gpus 0,1`) train data-parallel: one worker thread per device runs
+the same flow as one device, on its shard of every global batch (cupynet/parallel.py, Trainer's
+"Data parallelism"). Rank 0 alone prints, writes metrics and checkpoints; every rank joins the
+collectives (gradient average per step, loss at log steps, BN statistics before checkpoints and the
+evaluation, the sharded evaluation itself).
 """
 import os
 import sys
 import time
 
 from cupynet import __version__
-from cupynet.backends import check_devices, create_backend, resolve_devices
+from cupynet.backends import check_devices, check_dtype, create_backend, resolve_devices
 from cupynet.checkpoint import latest_checkpoint, load_checkpoint, prepare_model_dir, save_checkpoint
 from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args
 from cupynet.data import builtin_sample_dir, load_cifar10, synthetic_dataset
-from cupynet.errors import ConfigError, CupynetError, DeviceError
+from cupynet.errors import ConfigError, CupynetError
+from cupynet.parallel import HostGroup, NcclGroup, run_workers
 from cupynet.report import MetricsLog, format_duration, progress_line
 from cupynet.trainer import Trainer
 
@@ -38,13 +45,25 @@ def check_against_data(config, dataset):
         raise ConfigError("--eval-on validation needs --validation-size > 0")
 
 
-def build_backend(config):
-    devices = resolve_devices(config.devices)
-    check_devices(devices)
-    if len(devices) > 1:
-        raise DeviceError(f"--gpus {config.gpus}: training on {len(devices)} workers needs the data-parallel "
-                          f"engine, which is not part of this version; use one device")
-    return create_backend(devices[0], config.data_format, config.dtype, config.tf32), devices
+def build_backend(config, device):
+    return create_backend(device, config.data_format, config.dtype, config.tf32)
+
+
+def make_group(config, devices):
+    """The communicator group of a data-parallel run: NCCL between GPUs unless --reduce host."""
+    if devices[0] != "cpu" and config.reduce == "nccl":
+        return NcclGroup(devices)
+    return HostGroup(len(devices))
+
+
+class _Silent:
+    """Output and metrics of the ranks other than 0: everything is dropped."""
+
+    def __call__(self, *args, **kwargs):
+        pass
+
+    def write(self, *args, **kwargs):
+        pass
 
 
 def run(config, out=print):
@@ -52,19 +71,49 @@ def run(config, out=print):
     started = time.time()
     dataset = load_dataset(config)
     check_against_data(config, dataset)
-    backend, devices = build_backend(config)
+    devices = resolve_devices(config.devices)
+    check_devices(devices)
+    if len(devices) == 1:
+        backend = build_backend(config, devices[0])
+        model_dir = prepare_model_dir(config.model_dir)
+        return run_worker(config, dataset, backend, devices, model_dir, out, started)
+    return run_data_parallel(config, dataset, devices, out, started)
+
+
+def run_data_parallel(config, dataset, devices, out, started):
+    """One worker thread per device, each running run_worker with its rank of one communicator group.
+
+    The backends are built in the worker threads (a GPU backend binds its device and stream to the
+    thread that builds it), so the flag checks they would make run here first: bad flags must end the
+    run before the model dir is written.
+    """
+    check_dtype(devices[0], config.dtype)          # every worker has the same kind of device
+    group = make_group(config, devices)
     model_dir = prepare_model_dir(config.model_dir)
 
+    def worker(rank, device):
+        backend = build_backend(config, device)
+        comm = group.communicator(rank, backend)
+        return run_worker(config, dataset, backend, devices, model_dir, out if rank == 0 else _Silent(),
+                          started, comm)
+
+    return run_workers(devices, worker, group)[0]
+
+
+def run_worker(config, dataset, backend, devices, model_dir, out, started, comm=None):
+    """The whole run on one backend: alone (comm None) or as one rank of a data-parallel group."""
+    chief = comm is None or comm.rank == 0          # prints, writes metrics and checkpoints
     out(f"cupynet {__version__}: {dataset.description}")
     if config.dataset_kind == "sample":
         demo = ", ".join(f"{flag_of(name)} {value}" for name, value in DEMO_DEFAULTS.items())
         out(f"  the built-in demo sample: flags not given take demo defaults ({demo}); "
             f"pass --data-dir DIR for the full CIFAR-10")
-    trainer = Trainer(config, dataset, backend)
+    trainer = Trainer(config, dataset, backend, comm)
     params = trainer.model.params
     out(f"model: ResNet-{config.num_layers} {config.block}, {params.num_elements:,} parameters | "
         f"backend: {backend.name} on {', '.join(map(str, devices))}, {backend.layout} {backend.dtype} | "
-        f"batch {config.train_batch_size}, {trainer.sampler.steps_per_epoch} steps/epoch")
+        f"batch {config.train_batch_size}{shard_note(trainer, comm)}, "
+        f"{trainer.sampler.steps_per_epoch} steps/epoch")
 
     resumed_from = latest_checkpoint(model_dir)
     if resumed_from:
@@ -75,13 +124,15 @@ def run(config, out=print):
             out(f"  (continuing with the checkpoint's seed {trainer.seed}, not --seed {config.seed})")
     else:
         out(f"model dir: {model_dir} | starting at step 0")
+    trainer.broadcast_state()      # replicas start identical, fresh or resumed (no-op alone)
 
-    metrics = MetricsLog(model_dir)
+    metrics = MetricsLog(model_dir) if chief else _Silent()
     metrics.write("start", step=trainer.step, resumed_from=resumed_from, config=config.to_dict(),
                   dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
-    train_seconds = train_loop(trainer, config, model_dir, metrics, out)
+    train_seconds = train_loop(trainer, config, model_dir, metrics, out, chief)
 
     eval_started = time.time()
+    trainer.average_moving_statistics()
     split = dataset.test if config.eval_on == "test" else dataset.validation
     result = trainer.evaluate(split)
     eval_seconds = time.time() - eval_started
@@ -93,7 +144,14 @@ def run(config, out=print):
     return dict(result, step=trainer.step, wall_seconds=wall)
 
 
-def train_loop(trainer, config, model_dir, metrics, out):
+def shard_note(trainer, comm):
+    """' = 2 workers x 32 (host all-reduce)' for a data-parallel run, '' alone."""
+    if comm is None:
+        return ""
+    return f" = {comm.size} workers x {trainer.shard_size} ({comm.kind} all-reduce)"
+
+
+def train_loop(trainer, config, model_dir, metrics, out, chief=True):
     """Train from trainer.step to config.train_steps; returns the seconds spent."""
     if trainer.step >= config.train_steps:
         out(f"already at step {trainer.step} (--train-steps {config.train_steps}): nothing to train, evaluating")
@@ -115,7 +173,9 @@ def train_loop(trainer, config, model_dir, metrics, out):
                           total_loss=loss + trainer.l2_penalty(), lr=lr, images_per_sec=round(images_per_sec, 2))
             mark_time, mark_step = time.time(), step
         if step % config.checkpoint_interval == 0 or step == config.train_steps:   # always one at the end
-            save(trainer, model_dir, config)
+            trainer.average_moving_statistics()      # the checkpoint holds the replicas' mean statistics
+            if chief:
+                save(trainer, model_dir, config)
     return time.time() - started
 
 

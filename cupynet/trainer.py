@@ -11,6 +11,17 @@ split, and the conversion of its state to and from checkpoint arrays. `cupynet/t
 
 Per step, the host only picks the batch's dataset rows and sets the learning rate; the loss is summed
 on the backend and read at logging intervals (`take_mean_loss`), so a GPU step needs no host sync.
+
+Data parallelism: given a communicator (cupynet/parallel.py), the trainer is one replica of several.
+It trains on its shard of the step's global batch (rows [rank * b, (rank + 1) * b) of
+`sampler.rows(step)`, b = global batch / size), averages the gradient across the replicas before the
+identical update, and evaluates its slice of the split. Each replica's BatchNorm normalizes with its
+own shard's statistics (the reference's towers); `average_moving_statistics` averages the moving
+statistics, which the driver calls before every evaluation and checkpoint. Without a communicator
+(one device) every collective is skipped and the trainer is exactly the single-worker one.
+
+    trainer = Trainer(config, dataset, backend, comm)
+    trainer.broadcast_state()            # after init and after a restore: replicas start identical
 """
 import numpy as np
 
@@ -25,8 +36,12 @@ COMPATIBILITY_KEYS = ("num_layers", "block", "num_classes", "dataset")
 
 
 class Trainer:
-    def __init__(self, config, dataset, backend):
+    def __init__(self, config, dataset, backend, comm=None):
         self.config = config
+        self.comm = comm
+        rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+        self.shard_size = config.train_batch_size // size     # config validation: divisible
+        self.first_row = rank * self.shard_size                # this shard's position in the global batch
         self.be = be = backend
         self.seed = config.seed
         self.model = ResNet(be, config.num_layers, config.block, config.bn_decay, config.bn_epsilon)
@@ -37,7 +52,7 @@ class Trainer:
         self.sampler = StepSampler(config.seed, len(dataset.train), config.train_batch_size, be.from_host)
         self.schedule = PiecewiseConstant.from_epochs(config.lr_boundaries, config.lr_values,
                                                       self.sampler.steps_per_epoch)
-        batch = config.train_batch_size
+        batch = self.shard_size
         self.x = be.empty(be.activation_shape(batch, 3, 32, 32))    # x: the step's normalized images
         self.labels = be.empty((batch,), dtype=np.int32)
         self.loss_sum = be.zeros((), dtype=be.param_dtype)         # summed on the device between logs
@@ -62,19 +77,36 @@ class Trainer:
 
     def train_step(self):
         """Advance one step: batch `self.step` of the sampler, forward/backward, update."""
-        be, c = self.be, self.config
-        images, labels = self.train_split
-        rows = self.sampler.rows(self.step)
-        be.augment_batch(images, labels, rows, self.seed, self.step, c.distortion, self.x, self.labels)
-        loss = self.model.forward_backward(self.x, self.labels)
+        loss = self.compute_gradients()
         self.optimizer.set_learning_rate(self.learning_rate)
         self.optimizer.step()
         self.be.accumulate(self.loss_sum, loss, 1.0)
         self.loss_steps += 1
         self.step += 1
 
+    def compute_gradients(self):
+        """This replica's shard of step `self.step` -> params.grad_flat (averaged over the replicas).
+
+        Returns the shard's 0-d mean loss. Every replica ends with the same gradient: the mean of the
+        shards' gradients, which is the gradient of the global batch's mean loss (equal shards).
+        """
+        be, c = self.be, self.config
+        images, labels = self.train_split
+        rows = self.sampler.rows(self.step)[self.first_row:self.first_row + self.shard_size]   # (b,)
+        be.augment_batch(images, labels, rows, self.seed, self.step, c.distortion, self.x, self.labels,
+                         first_row=self.first_row)
+        loss = self.model.forward_backward(self.x, self.labels)
+        if self.comm is not None:
+            self.comm.all_reduce_mean(self.model.params.grad_flat)
+        return loss
+
     def take_mean_loss(self):
-        """Mean training cross-entropy since the last call (a host read: only at logging intervals)."""
+        """Mean training cross-entropy since the last call (a host read: only at logging intervals).
+
+        With replicas, a collective: the mean over the replicas' shards, i.e. over the global batches.
+        """
+        if self.comm is not None:
+            self.comm.all_reduce_mean(self.loss_sum)
         mean = float(self.be.to_host(self.loss_sum)) / max(self.loss_steps, 1)
         self.be.fill(self.loss_sum, 0)
         self.loss_steps = 0
@@ -84,6 +116,24 @@ class Trainer:
         """0.5 * weight_decay * ||v||^2, the regularization part of the reference's total loss (a host read)."""
         return float(self.be.to_host(self.optimizer.l2_penalty()))
 
+    # ----------------------------------------------------------------- replicas
+
+    def broadcast_state(self, root=0):
+        """Parameters, BN moving statistics and momentum <- rank `root`'s (a collective; no-op alone)."""
+        if self.comm is None:
+            return
+        for flat in self._state_buffers():
+            self.comm.broadcast(flat, root)
+        self.model.params.sync_compute_copy()
+
+    def average_moving_statistics(self):
+        """BN moving statistics <- their mean over the replicas (a collective; no-op alone)."""
+        if self.comm is not None:
+            self.comm.all_reduce_mean(self.model.state.flat)
+
+    def _state_buffers(self):
+        return self.model.params.flat, self.model.state.flat, self.optimizer.accumulator
+
     # ----------------------------------------------------------------- evaluation
 
     def evaluate(self, split):
@@ -91,25 +141,38 @@ class Trainer:
 
         Batches of eval_batch_size; the last one is simply smaller when the size does not divide the
         split (layers keep a buffer per shape, so this costs one more set of buffers, not a copy).
+        With replicas, a collective: each evaluates its contiguous slice of the split and the counts
+        and loss sums are added up across them.
         """
         be, model = self.be, self.model
         if id(split) not in self._eval_splits:          # uploaded once, reused by later evaluations
             self._eval_splits[id(split)] = self._upload(split)
         images, labels = self._eval_splits[id(split)]
         n = len(split)
+        first, end = self._eval_slice(n)
         correct = be.zeros((), dtype=np.int64)
         loss_total = be.zeros((), dtype=be.param_dtype)
-        for start in range(0, n, self.config.eval_batch_size):
-            count = min(self.config.eval_batch_size, n - start)
+        for start in range(first, end, self.config.eval_batch_size):
+            count = min(self.config.eval_batch_size, end - start)
             x, y = self._eval_batch_buffers(count)
             rows = be.from_host(np.arange(start, start + count))
             be.augment_batch(images, labels, rows, self.seed, 0, False, x, y)
             logits = model.forward(x, train=False)
             be.accumulate(loss_total, model.loss_layer.forward(logits, y), count)
             be.count_correct(logits, y, count, correct)
+        if self.comm is not None:
+            self.comm.all_reduce_sum(correct)
+            self.comm.all_reduce_sum(loss_total)
         num_correct = int(be.to_host(correct))
         return {"accuracy": num_correct / n, "correct": num_correct, "images": n,
                 "loss": float(be.to_host(loss_total)) / n}
+
+    def _eval_slice(self, n):
+        """[first, end) of the split's n images for this replica: contiguous, disjoint, covering all."""
+        if self.comm is None:
+            return 0, n
+        rank, size = self.comm.rank, self.comm.size
+        return rank * n // size, (rank + 1) * n // size
 
     def _eval_batch_buffers(self, count):
         if count not in self._eval_buffers:

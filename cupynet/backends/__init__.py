@@ -59,15 +59,20 @@ def check_devices(devices):
         raise DeviceError(f"--gpus: no GPU {missing[0]} on this machine (it has {count}: ids 0-{count - 1})")
 
 
+def check_dtype(device, dtype):
+    """Reject a --dtype the device's backend does not have (before anything is built or written)."""
+    if device == "cpu" and dtype == "bfloat16":
+        raise DeviceError("--dtype bfloat16 needs the GPU backend; on the CPU use float32 (or float64)")
+    if device != "cpu" and dtype == "float64":
+        raise DeviceError("--dtype float64 is CPU-only (the NumPy reference); on a GPU use float32 or bfloat16")
+
+
 def create_backend(device, layout, dtype, tf32=True):
     """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first)."""
+    check_dtype(device, dtype)
     if device == "cpu":
-        if dtype == "bfloat16":
-            raise DeviceError("--dtype bfloat16 needs the GPU backend; on the CPU use float32 (or float64)")
         from cupynet.backends.numpy_backend import NumpyBackend
         return NumpyBackend(layout=layout, dtype=dtype)
-    if dtype == "float64":
-        raise DeviceError("--dtype float64 is CPU-only (the NumPy reference); on a GPU use float32 or bfloat16")
     check_devices([device])
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32)
