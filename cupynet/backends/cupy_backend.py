@@ -50,9 +50,8 @@ except ImportError:                 # pragma: no cover - depends on the machine
 
 from cupynet.backends import kernels as K
 from cupynet.backends.kernels import KernelLibrary, ctype
+from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.errors import DeviceError
-
-LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
 AUGMENT_PAD = 4                     # the reference's pad-4 crop: offsets in [0, 9)
@@ -118,7 +117,7 @@ def _same_dtype(reference, **arrays):
     _require_dtype(reference.dtype, **arrays)
 
 
-class CupyBackend:
+class CupyBackend(LayoutMixin):
     """The backend contract on one CUDA device (see the module docstring)."""
 
     name = "cupy"
@@ -197,26 +196,6 @@ class CupyBackend:
     def synchronize(self):
         """Wait until everything enqueued on the backend's stream has run."""
         self.stream.synchronize()
-
-    def activation_shape(self, n, c, h, w):
-        return (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
-
-    def nchw_dims(self, x):
-        """(N, C, H, W) of an activation array in this backend's layout."""
-        if self.layout == "NCHW":
-            return x.shape
-        n, h, w, c = x.shape
-        return n, c, h, w
-
-    def conv_weight_shape(self, k, c, r, s):
-        return (k, c, r, s) if self.layout == "NCHW" else (k, r, s, c)
-
-    def weight_to_canonical(self, w):
-        """Conv weight in this layout -> (K, C, R, S) (a view; works on NumPy and CuPy arrays)."""
-        return w if self.layout == "NCHW" else w.transpose(0, 3, 1, 2)
-
-    def weight_from_canonical(self, w_kcrs):
-        return w_kcrs if self.layout == "NCHW" else w_kcrs.transpose(0, 2, 3, 1)
 
     @property
     def _channels_last(self):

@@ -18,12 +18,11 @@ from collections import Counter
 
 import numpy as np
 
+from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.sampling import crop_flip_draws
 
-LAYOUTS = ("NCHW", "NHWC")
 
-
-class NumpyBackend:
+class NumpyBackend(LayoutMixin):
     """Reference implementation of the backend contract on NumPy arrays."""
 
     name = "numpy"
@@ -58,26 +57,6 @@ class NumpyBackend:
 
     def synchronize(self):
         """Nothing runs asynchronously on the CPU."""
-
-    def activation_shape(self, n, c, h, w):
-        return (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
-
-    def nchw_dims(self, x):
-        """(N, C, H, W) of an activation array in this backend's layout."""
-        if self.layout == "NCHW":
-            return x.shape
-        n, h, w, c = x.shape
-        return n, c, h, w
-
-    def conv_weight_shape(self, k, c, r, s):
-        return (k, c, r, s) if self.layout == "NCHW" else (k, r, s, c)
-
-    def weight_to_canonical(self, w):
-        """Conv weight in this layout -> (K, C, R, S), as checkpoints store it."""
-        return w if self.layout == "NCHW" else w.transpose(0, 3, 1, 2)
-
-    def weight_from_canonical(self, w_kcrs):
-        return w_kcrs if self.layout == "NCHW" else w_kcrs.transpose(0, 2, 3, 1)
 
     def _as_nhwc(self, x):
         """A view of an activation (or KCRS/KRSC weight) with channels last."""

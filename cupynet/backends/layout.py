@@ -1,0 +1,32 @@
+"""Memory-layout helpers shared by both backends: shapes and weight orders for NCHW and NHWC.
+
+Activations are (N, C, H, W) or (N, H, W, C); conv weights are (K, C, R, S) for NCHW and (K, R, S, C) for
+NHWC (what cuDNN wants for each layout); checkpoints store weights canonically as KCRS. The conversions are
+transposed views, valid on NumPy and CuPy arrays alike. A backend mixes this in and sets `self.layout`.
+"""
+
+LAYOUTS = ("NCHW", "NHWC")
+
+
+class LayoutMixin:
+    layout = "NHWC"
+
+    def activation_shape(self, n, c, h, w):
+        return (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
+
+    def nchw_dims(self, x):
+        """(N, C, H, W) of an activation array in this backend's layout."""
+        if self.layout == "NCHW":
+            return x.shape
+        n, h, w, c = x.shape
+        return n, c, h, w
+
+    def conv_weight_shape(self, k, c, r, s):
+        return (k, c, r, s) if self.layout == "NCHW" else (k, r, s, c)
+
+    def weight_to_canonical(self, w):
+        """Conv weight in this layout -> (K, C, R, S), as checkpoints store it (a view)."""
+        return w if self.layout == "NCHW" else w.transpose(0, 3, 1, 2)
+
+    def weight_from_canonical(self, w_kcrs):
+        return w_kcrs if self.layout == "NCHW" else w_kcrs.transpose(0, 2, 3, 1)
