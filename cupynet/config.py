@@ -43,6 +43,7 @@ class TrainConfig:
     block: str = "v1"
     bn_decay: float = 0.997
     bn_epsilon: float = 1e-5
+    sync_bn: bool = False                    # BN statistics over the global batch (several workers)
     data_format: str = "NHWC"
     dtype: str = "float32"
     tf32: bool = True                        # GPU float32 convolutions on TF32 tensor cores
@@ -117,6 +118,9 @@ def build_parser():
     model.add_argument("--block", choices=BLOCK_KINDS, default=d.block, help="residual block kind")
     model.add_argument("--batch-norm-decay", dest="bn_decay", type=float, help="moving-average decay (default 0.997; demo 0.9)")
     model.add_argument("--batch-norm-epsilon", dest="bn_epsilon", type=float, default=d.bn_epsilon)
+    model.add_argument("--sync-bn", action="store_true",
+                       help="with several workers, BatchNorm statistics over the global batch (all-reduced), "
+                            "exactly as one device; default: each worker's own shard")
     model.add_argument("--data-format", type=_layout, default=d.data_format, help="memory layout: NCHW or NHWC")
     model.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                        help="compute precision: float32, float64 (CPU only), bfloat16 (GPU only, float32 master weights)")

@@ -69,11 +69,17 @@ class BatchNorm(Layer):
 
     Training uses the batch statistics and updates the moving ones (moving = decay * moving +
     (1 - decay) * batch); evaluation uses the moving statistics.
+
+    With a communicator `comm` (sync BN, set by the model when --sync-bn is on with several workers),
+    the batch statistics are those of the global batch: each replica reduces its shard to per-channel
+    sums, the sums are all-reduced, and the rest of the layer runs from the totals (see backward for
+    the gradient's scaling). The shards must be equal (the trainer's are).
     """
 
-    def __init__(self, backend, params, state, name, channels, decay, eps, relu=False):
+    def __init__(self, backend, params, state, name, channels, decay, eps, relu=False, comm=None):
         super().__init__(backend, name)
         self.channels, self.decay, self.eps, self.relu = channels, decay, eps, relu
+        self.comm = comm
         self.gamma = params.add(f"{name}/gamma", (channels,), init=ones_init)
         self.beta = params.add(f"{name}/beta", (channels,), init=zeros_init)
         self.moving_mean = state.add(f"{name}/moving_mean", (channels,), init=zeros_init)
@@ -89,15 +95,50 @@ class BatchNorm(Layer):
         self.saved_mean = self.buffer("mean", (self.channels,), stats_dtype)
         self.saved_invstd = self.buffer("invstd", (self.channels,), stats_dtype)
         self.x, self.y = x, y
-        return be.batchnorm_train_forward(x, self.gamma.value, self.beta.value, self.moving_mean.value,
-                                          self.moving_var.value, self.decay, self.eps, y,
-                                          self.saved_mean, self.saved_invstd, relu=self.relu)
+        if self.comm is None:
+            return be.batchnorm_train_forward(x, self.gamma.value, self.beta.value, self.moving_mean.value,
+                                              self.moving_var.value, self.decay, self.eps, y,
+                                              self.saved_mean, self.saved_invstd, relu=self.relu)
+        # Shift the sums by the moving mean: identical on every replica (sync BN updates it from global
+        # statistics, and replicas start identical), so the shifted sums add up across workers, and close
+        # to the batch mean once warmed up, which keeps the one-pass variance free of cancellation.
+        shift = self.moving_mean.value
+        sums = self.buffer("sums", (2, self.channels), "float64")      # [sum(x - shift), sum((x - shift)^2)]
+        be.batchnorm_stats(x, shift, sums)
+        self.comm.all_reduce_sum(sums)
+        global_count = self._local_count(x) * self.comm.size           # equal shards
+        return be.batchnorm_train_from_sums(x, sums, shift, global_count, self.gamma.value, self.beta.value,
+                                            self.moving_mean.value, self.moving_var.value, self.decay, self.eps,
+                                            y, self.saved_mean, self.saved_invstd, relu=self.relu)
+
+    def _local_count(self, x):
+        """Elements per channel in this replica's activation (N * H * W)."""
+        return x.size // self.channels
 
     def backward(self, dy):
         dx = self.buffer("dx", self.x.shape)
-        return self.be.batchnorm_backward(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
-                                          dx, self.gamma.grad, self.beta.grad,
-                                          y=self.y if self.relu else None)
+        y = self.y if self.relu else None
+        if self.comm is None:
+            return self.be.batchnorm_backward(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
+                                              dx, self.gamma.grad, self.beta.grad, y=y)
+        # Why the MEAN of the sums with the LOCAL count. S workers, shard r of m elements per channel,
+        # M = S * m. The global loss is L = (1/S) sum_r L_r (L_r: the mean over shard r), but replica r
+        # back-propagates dy_r = dL_r/dy = S * dL/dy: every replica works at S times the global gradient,
+        # and the trainer's all_reduce_mean of the parameter gradients divides the S back out. With global
+        # statistics and T = sum over all workers of [sum(dz_r), sum(dz_r * xhat)] (dz_r from dy_r):
+        #   dL/dx     = gamma * invstd * (dz_r - T[0] / M - xhat * T[1] / M) / S   on shard r,
+        #   dL/dgamma = T[1] / S,   dL/dbeta = T[0] / S.
+        # * dx: the replica passes down S * dL/dx, like every other gradient it computes; since
+        #   T / M = (T / S) / m, that is backward_from_sums with mean(T) = T / S and the local count m.
+        # * dgamma, dbeta = mean(T) = T / S are dL/dgamma, dL/dbeta themselves, the same on every replica,
+        #   so the trainer's mean over replicas leaves them as they are (exactly, for S a power of two).
+        # With S = 1 this is the fused path: T / 1 = T, m = M.
+        sums = self.buffer("grad_sums", (2, self.channels), "float64")  # [sum(dz), sum(dz * xhat)]
+        self.be.batchnorm_backward_sums(dy, self.x, y, self.saved_mean, self.saved_invstd, sums)
+        self.comm.all_reduce_mean(sums)
+        return self.be.batchnorm_backward_from_sums(dy, self.x, y, self.gamma.value, self.saved_mean,
+                                                    self.saved_invstd, sums, self._local_count(self.x),
+                                                    dx, self.gamma.grad, self.beta.grad)
 
 
 class ReLU(Layer):

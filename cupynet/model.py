@@ -12,6 +12,7 @@ The head is global average pooling and a 10-way dense layer (the reference's 11t
 
     model = ResNet(backend, num_layers=44, block="v1")
     model.init(np.random.default_rng(0))
+    # ResNet(..., bn_comm=comm): synchronized BatchNorm across data-parallel replicas
     loss = model.forward_backward(x, labels)   # gradients land in model.params.grad_flat
     logits = model.forward(x, train=False)
 """
@@ -133,13 +134,14 @@ class ResNet:
     """The CIFAR ResNet: stem conv, three stages of residual blocks, pooling and a dense classifier."""
 
     def __init__(self, backend, num_layers=44, block="v1", bn_decay=0.997, bn_epsilon=1e-5,
-                 num_classes=NUM_CLASSES):
+                 num_classes=NUM_CLASSES, bn_comm=None):
         n = blocks_per_stage(num_layers, block)
         be = self.be = backend
         self.num_layers, self.block = num_layers, block
         self.params = ParamStore(be, with_grads=True)     # trainable: conv/dense weights, BN gamma/beta
         self.state = ParamStore(be, with_grads=False)     # BN moving statistics
-        bn = dict(decay=bn_decay, eps=bn_epsilon)
+        # bn_comm (sync BN): every BatchNorm all-reduces its statistics through it; None: per-replica statistics.
+        bn = dict(decay=bn_decay, eps=bn_epsilon, comm=bn_comm)
         post_activation = block == "v1"
 
         self.layers = [Conv2d(be, self.params, "stem/conv", 3, STAGE_FILTERS[0], 3, 1, input_grad=False)]

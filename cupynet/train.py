@@ -145,10 +145,11 @@ def run_worker(config, dataset, backend, devices, model_dir, out, started, comm=
 
 
 def shard_note(trainer, comm):
-    """' = 2 workers x 32 (host all-reduce)' for a data-parallel run, '' alone."""
+    """' = 2 workers x 32 (host all-reduce[, sync BN])' for a data-parallel run, '' alone."""
     if comm is None:
         return ""
-    return f" = {comm.size} workers x {trainer.shard_size} ({comm.kind} all-reduce)"
+    sync_bn = ", sync BN" if trainer.config.sync_bn else ""
+    return f" = {comm.size} workers x {trainer.shard_size} ({comm.kind} all-reduce{sync_bn})"
 
 
 def train_loop(trainer, config, model_dir, metrics, out, chief=True):

@@ -17,8 +17,10 @@ It trains on its shard of the step's global batch (rows [rank * b, (rank + 1) * 
 `sampler.rows(step)`, b = global batch / size), averages the gradient across the replicas before the
 identical update, and evaluates its slice of the split. Each replica's BatchNorm normalizes with its
 own shard's statistics (the reference's towers); `average_moving_statistics` averages the moving
-statistics, which the driver calls before every evaluation and checkpoint. Without a communicator
-(one device) every collective is skipped and the trainer is exactly the single-worker one.
+statistics, which the driver calls before every evaluation and checkpoint. With `config.sync_bn`, the
+BatchNorm layers all-reduce their statistics instead (cupynet/layers.py), so training equals one device
+with the global batch and the moving statistics stay identical (averaging them is then a no-op).
+Without a communicator (one device) every collective is skipped and the trainer is exactly the single-worker one.
 
     trainer = Trainer(config, dataset, backend, comm)
     trainer.broadcast_state()            # after init and after a restore: replicas start identical
@@ -44,7 +46,10 @@ class Trainer:
         self.first_row = rank * self.shard_size                # this shard's position in the global batch
         self.be = be = backend
         self.seed = config.seed
-        self.model = ResNet(be, config.num_layers, config.block, config.bn_decay, config.bn_epsilon)
+        # --sync-bn: BatchNorm statistics over the global batch; alone (or one worker) there is nothing to sync.
+        bn_comm = comm if config.sync_bn and comm is not None and comm.size > 1 else None
+        self.model = ResNet(be, config.num_layers, config.block, config.bn_decay, config.bn_epsilon,
+                            bn_comm=bn_comm)
         self.model.init(np.random.default_rng(config.seed))
         self.optimizer = MomentumSGD(be, self.model.params, config.momentum, config.weight_decay)
 

@@ -18,6 +18,10 @@
  *   bn_grad_partials   sum(dz) and sum(dz * xhat) in one pass, same partials layout;
  *   bn_grad_finalize   dbeta = sum(dz), dgamma = sum(dz * xhat);
  *   bn_backward_dx     dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m).
+ * Sync BN (statistics over several workers) splits both passes around a communicator's all-reduce of
+ * (2, C) double sums, reusing the stages: forward = bn_stats_partials_shifted + bn_sums_finalize |
+ * all-reduce | bn_stats_from_sums + bn_apply; backward = bn_grad_partials + bn_sums_finalize |
+ * all-reduce | bn_grad_from_sums + bn_backward_dx (with the count the sums cover).
  * Deterministic: no atomics; the split into P slices depends only on the shapes and the GPU.
  *
  * Partial-sum tiling: the activation is viewed as (outer, C, inner) (NCHW: inner = H*W; NHWC:
@@ -93,14 +97,14 @@ __device__ __forceinline__ float masked_grad(const T* dy, const T* y, int relu_a
 
 // ------------------------------------------------------------------ training forward
 
-// x: activation; partials: (2, P, C) float32. grid (ceil(C / cw), P), block cw * rows.
+// One block's partial sums of (x - shift) and (x - shift)^2 per channel; shared by the fused forward (shift =
+// the channel's first element) and the split sync-BN forward (shift = a per-channel array).
 template <typename T>
-__global__ void bn_stats_partials(const T* x, int C, int inner, int m, int cw, float* partials)
+__device__ void shifted_stats_tile(const T* x, float shift, const ChannelTile& t, int C, int inner, int m,
+                                   float* partials)
 {
-    const ChannelTile t(cw);
     float sum = 0.0f, sum_sq = 0.0f;
     if (t.c < C) {
-        const float shift = to_float(x[channel_element(0, t.c, C, inner)]);
         for (int k = t.first(); k < m; k += t.step()) {
             const float v = to_float(x[channel_element(k, t.c, C, inner)]) - shift;
             sum += v;
@@ -108,6 +112,64 @@ __global__ void bn_stats_partials(const T* x, int C, int inner, int m, int cw, f
         }
     }
     store_tile_sums(sum, sum_sq, t, C, partials);
+}
+
+// x: activation; partials: (2, P, C) float32. grid (ceil(C / cw), P), block cw * rows.
+template <typename T>
+__global__ void bn_stats_partials(const T* x, int C, int inner, int m, int cw, float* partials)
+{
+    const ChannelTile t(cw);
+    const float shift = t.c < C ? to_float(x[channel_element(0, t.c, C, inner)]) : 0.0f;
+    shifted_stats_tile(x, shift, t, C, inner, m, partials);
+}
+
+// Sync-BN: as bn_stats_partials around shift[c] (the same on every worker, so the sums add up across them).
+template <typename T>
+__global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C, int inner, int m, int cw,
+                                          float* partials)
+{
+    const ChannelTile t(cw);
+    shifted_stats_tile(x, t.c < C ? shift[t.c] : 0.0f, t, C, inner, m, partials);
+}
+
+// grid C, block 32: sums (2, C) double <- the P partials of each channel added in double. Used by both
+// split halves (forward statistics and backward gradient sums): the (2, C) totals are what the
+// communicator reduces between the reduction and the rest of the layer.
+extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, int C, double* sums)
+{
+    const int c = blockIdx.x;
+    const double2 s = sum_partials(partials, slices, C, c);
+    if (threadIdx.x == 0) {
+        sums[c] = s.x;
+        sums[C + c] = s.y;
+    }
+}
+
+// Grid-stride over C: statistics from the global shifted sums of `count` elements per channel, as
+// bn_stats_finalize. shift may alias running_mean: each thread reads it before updating it.
+extern "C" __global__ void bn_stats_from_sums(const double* sums, const float* shift, double count, int C,
+                                              double decay, double eps, float* running_mean, float* running_var,
+                                              float* saved_mean, float* saved_invstd)
+{
+    for (int c = first_index(); c < C; c += grid_stride()) {
+        const double shifted_mean = sums[c] / count;
+        const double var = fmax(sums[C + c] / count - shifted_mean * shifted_mean, 0.0);
+        const double mean = (double)shift[c] + shifted_mean;
+        saved_mean[c] = (float)mean;
+        saved_invstd[c] = (float)(1.0 / sqrt(var + eps));
+        const double unbiased = var * count / (count > 1.0 ? count - 1.0 : 1.0);
+        running_mean[c] = (float)(decay * running_mean[c] + (1.0 - decay) * mean);
+        running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
+    }
+}
+
+// Grid-stride over C: dbeta = sums[0], dgamma = sums[1] (float32), for bn_backward_dx to read.
+extern "C" __global__ void bn_grad_from_sums(const double* sums, int C, float* dgamma, float* dbeta)
+{
+    for (int c = first_index(); c < C; c += grid_stride()) {
+        dbeta[c] = (float)sums[c];
+        dgamma[c] = (float)sums[C + c];
+    }
 }
 
 // grid C, block 32. Statistics in double: the per-channel arithmetic is negligible next to the passes.

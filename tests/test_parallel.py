@@ -1,8 +1,10 @@
 """Data parallelism on CPU workers: communicators, sharding, replica identity, failures, the CLI.
 
 Several NumPy-backend workers in threads, joined by HostCommunicators, stand in for several GPUs: the
-multi-worker logic is the same, only the communicator differs. The GPU-marked tests at the end run
-NCCL with one rank and two workers sharing one GPU (the project's GPU machines have one GPU).
+multi-worker logic is the same, only the communicator differs. The sync-BN tests prove the split
+BatchNorm primitives equal the fused ones and that --sync-bn workers train as one worker with the global
+batch. The GPU-marked tests at the end run NCCL with one rank, two workers sharing one GPU (the
+project's GPU machines have one GPU), and the GPU's split BatchNorm primitives against NumPy.
 
     python -m pytest tests/test_parallel.py -q
 """
@@ -364,6 +366,133 @@ def test_reduce_flag():
         parse_args(["--reduce", "mpi"])
 
 
+# --------------------------------------------------------------------------------------------- sync BN
+
+
+def bn_case(layout, dtype, seed=0, n=6, c=5, h=4, w=3, offset=0.0):
+    """Backend, input x, upstream gradient dy and BN parameters of one random BatchNorm call."""
+    be = NumpyBackend(layout, dtype)
+    rng = np.random.default_rng(seed)
+    shape = be.activation_shape(n, c, h, w)
+    x = (offset + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    vec = lambda low, high: rng.uniform(low, high, c).astype(dtype)
+    return be, x, dy, dict(gamma=vec(0.5, 1.5), beta=vec(-0.5, 0.5), mean=vec(-0.2, 0.2), var=vec(0.5, 2.0))
+
+
+def run_fused(be, x, dy, p, relu):
+    """The fused forward and backward; returns every output, moving statistics included."""
+    c = p["gamma"].size
+    out = dict(y=np.empty_like(x), dx=np.empty_like(x), mean=np.empty(c, be.dtype), invstd=np.empty(c, be.dtype),
+               running_mean=p["mean"].copy(), running_var=p["var"].copy(),
+               dgamma=np.empty(c, be.dtype), dbeta=np.empty(c, be.dtype))
+    be.batchnorm_train_forward(x, p["gamma"], p["beta"], out["running_mean"], out["running_var"], 0.9, 1e-5,
+                               out["y"], out["mean"], out["invstd"], relu=relu)
+    be.batchnorm_backward(dy, x, p["gamma"], out["mean"], out["invstd"], out["dx"], out["dgamma"], out["dbeta"],
+                          y=out["y"] if relu else None)
+    return out
+
+
+def run_split(be, x, dy, p, relu, shift=None):
+    """The split primitives as one worker runs them (nothing to reduce): must equal run_fused."""
+    c = p["gamma"].size
+    out = dict(y=np.empty_like(x), dx=np.empty_like(x), mean=np.empty(c, be.dtype), invstd=np.empty(c, be.dtype),
+               running_mean=p["mean"].copy(), running_var=p["var"].copy(),
+               dgamma=np.empty(c, be.dtype), dbeta=np.empty(c, be.dtype))
+    m = x.size // c
+    shift = out["running_mean"] if shift is None else shift         # aliasing the moving mean, as the layer
+    sums = np.empty((2, c), np.float64)
+    be.batchnorm_stats(x, shift, sums)
+    be.batchnorm_train_from_sums(x, sums, shift, m, p["gamma"], p["beta"], out["running_mean"], out["running_var"],
+                                 0.9, 1e-5, out["y"], out["mean"], out["invstd"], relu=relu)
+    y = out["y"] if relu else None
+    be.batchnorm_backward_sums(dy, x, y, out["mean"], out["invstd"], sums)
+    be.batchnorm_backward_from_sums(dy, x, y, p["gamma"], out["mean"], out["invstd"], sums, m,
+                                    out["dx"], out["dgamma"], out["dbeta"])
+    return out
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_split_batchnorm_primitives_equal_the_fused_ones(layout, relu):
+    """One worker's stats -> from_sums and backward_sums -> backward_from_sums are the fused primitives.
+
+    float64: the split forward's one-pass shifted variance and the fused two-pass variance agree to
+    rounding (~1e-16 relative; 1e-12 leaves room for the few-operation chains after it)."""
+    be, x, dy, p = bn_case(layout, "float64")
+    fused, split = run_fused(be, x, dy, p, relu), run_split(be, x, dy, p, relu)
+    for name in fused:
+        np.testing.assert_allclose(split[name], fused[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    for name in ("batchnorm_stats", "batchnorm_train_from_sums", "batchnorm_backward_sums",
+                 "batchnorm_backward_from_sums"):
+        assert be.calls[name] == 1
+
+
+def test_the_shifted_sums_keep_float32_statistics_accurate_far_from_zero():
+    """|mean| = 1000 x std: unshifted float32 one-pass sums would lose the variance; the moving-mean shift keeps it."""
+    be, x, dy, p = bn_case("NHWC", "float32", offset=1000.0)
+    ref_be, x64 = NumpyBackend("NHWC", "float64"), x.astype(np.float64)
+    expected = run_fused(ref_be, x64, dy.astype(np.float64), {k: v.astype(np.float64) for k, v in p.items()}, False)
+    split = run_split(be, x, dy, p, False, shift=np.full(p["gamma"].size, 1000.0, np.float32))
+    np.testing.assert_allclose(split["invstd"], expected["invstd"], rtol=1e-5)
+    np.testing.assert_allclose(split["dx"], expected["dx"], rtol=1e-3, atol=1e-3)
+
+
+def train_three_steps(trainer):
+    for _ in range(3):
+        trainer.train_step()
+    return trainer.checkpoint_arrays()
+
+
+def relative_errors(arrays, expected):
+    """Per array: max |a - e| / max |e| (parameters near zero make elementwise ratios meaningless)."""
+    return {name: float(np.max(np.abs(arrays[name] - expected[name])) / max(np.max(np.abs(expected[name])), 1e-300))
+            for name in expected if name.split("/")[0] in ("params", "momentum", "bn")}
+
+
+@pytest.mark.parametrize("num_workers", [2, 4])
+def test_sync_bn_workers_train_exactly_as_one_worker_with_the_global_batch(dataset, num_workers):
+    """Parameters, momentum and BN moving statistics after K=3 steps, N sync-BN workers vs 1 worker.
+
+    float64 throughout, so the only differences are rounding: the shards' sums are added in another
+    order, and the split path's one-pass shifted variance differs from the fused two-pass one by a few
+    ulps; three steps amplify that far less than to 1e-12 relative. Without --sync-bn each worker
+    normalizes with its own 16/N images, which changes the result at the 1e-3 level or more."""
+    config = small_config(sync_bn=True)
+    expected = train_three_steps(Trainer(config, dataset, NumpyBackend("NHWC", "float64")))
+    synced = run_replicas(num_workers, dataset, train_three_steps, dtype="float64", config=config)
+    errors = relative_errors(synced[0], expected)
+    assert max(errors.values()) < 1e-12, {k: v for k, v in errors.items() if v >= 1e-12}
+    for arrays in synced[1:]:                 # the replicas (moving statistics included) stay bit-identical
+        for name in arrays:
+            np.testing.assert_array_equal(arrays[name], synced[0][name], err_msg=name)
+
+    unsynced = run_replicas(num_workers, dataset, train_three_steps, dtype="float64", config=small_config())
+    errors = relative_errors(unsynced[0], expected)
+    assert max(v for k, v in errors.items() if k.startswith("params/")) > 1e-6
+    assert max(v for k, v in errors.items() if k.startswith("bn/")) > 1e-6
+
+
+def test_sync_bn_is_a_no_op_with_one_worker(dataset):
+    """A group of one: the trainer does not even route BatchNorm through the communicator."""
+    config = small_config(sync_bn=True)
+    expected = train_three_steps(Trainer(small_config(), dataset, NumpyBackend("NHWC", "float32")))
+    arrays = run_replicas(1, dataset, train_three_steps, config=config)[0]
+    for name in expected:
+        np.testing.assert_array_equal(arrays[name], expected[name], err_msg=name)
+
+
+def test_sync_bn_flag():
+    assert parse_args([]).sync_bn is False
+    assert parse_args(["--sync-bn"]).sync_bn is True
+
+
+def test_cli_trains_with_sync_bn(tmp_path):
+    result = run_cli(*CLI_FAST, "--sync-bn", "--model-dir", tmp_path / "run", "--train-steps", 2)
+    assert result.returncode == 0, result.stderr
+    assert "2 workers x 8 (host all-reduce, sync BN)" in result.stdout and "step 2/2" in result.stdout
+
+
 # --------------------------------------------------------------------------------------------- GPU
 
 
@@ -409,3 +538,32 @@ def test_two_workers_sharing_one_gpu_through_the_host_communicator(dataset):
     np.testing.assert_array_equal(np.concatenate([x for x, _ in results]), single.x)   # kernel's first_row
     for name, value in results[0][1].items():
         np.testing.assert_array_equal(results[1][1][name], value, err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_cupy_split_batchnorm_primitives_match_numpy(layout, relu):
+    """The GPU's split sync-BN primitives against the NumPy twin (float32; sums reduced by nobody)."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    be, x, dy, p = bn_case(layout, "float32", n=8, c=24, h=6, w=5, offset=3.0)
+    gpu = CupyBackend(0, layout, "float32")
+    c, m = p["gamma"].size, x.size // p["gamma"].size
+    put = gpu.from_host
+    shift = put(p["mean"])
+    expected = run_split(be, x, dy, p, relu, shift=p["mean"].copy())
+    out = dict(y=gpu.empty(x.shape), dx=gpu.empty(x.shape), mean=gpu.empty((c,), "float32"),
+               invstd=gpu.empty((c,), "float32"), running_mean=put(p["mean"]), running_var=put(p["var"]),
+               dgamma=gpu.empty((c,), "float32"), dbeta=gpu.empty((c,), "float32"))
+    sums = gpu.empty((2, c), "float64")
+    xg, dyg, gamma = put(x), put(dy), put(p["gamma"])
+    gpu.batchnorm_stats(xg, shift, sums)
+    gpu.batchnorm_train_from_sums(xg, sums, shift, m, gamma, put(p["beta"]), out["running_mean"], out["running_var"],
+                                  0.9, 1e-5, out["y"], out["mean"], out["invstd"], relu=relu)
+    y = out["y"] if relu else None
+    gpu.batchnorm_backward_sums(dyg, xg, y, out["mean"], out["invstd"], sums)
+    gpu.batchnorm_backward_from_sums(dyg, xg, y, gamma, out["mean"], out["invstd"], sums, m,
+                                     out["dx"], out["dgamma"], out["dbeta"])
+    for name, value in expected.items():
+        scale = float(np.max(np.abs(value)))
+        np.testing.assert_allclose(gpu.to_host(out[name]), value, rtol=1e-4, atol=1e-4 * scale, err_msg=name)

@@ -117,6 +117,17 @@ def _same_dtype(reference, **arrays):
     _require_dtype(reference.dtype, **arrays)
 
 
+def _present(**arrays):
+    """The named arrays that are not None (optional operands of a dtype check)."""
+    return {name: array for name, array in arrays.items() if array is not None}
+
+
+def _relu_operands(y, dy):
+    """(relu_applied, y_or_unused) kernel arguments for a BatchNorm backward with an optional fused relu:
+    the kernels take a pointer either way and never read it when relu_applied is 0."""
+    return _i32(y is not None), (y if y is not None else dy)
+
+
 class CupyBackend(LayoutMixin):
     """The backend contract on one CUDA device (see the module docstring)."""
 
@@ -307,6 +318,43 @@ class CupyBackend(LayoutMixin):
         self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu)
         return y
 
+    def _bn_sums(self, partials_kernel, args, x, channels, sums):
+        """One split-BN reduction: partials_kernel(*args, cw, partials) then (2, C) float64 sums.
+
+        The reduction stages of the fused path, ending in bn_sums_finalize instead of a fused finalize.
+        """
+        _require_dtype(np.float64, sums=sums)
+        c, inner, m = self._channel_geometry(x, channels)
+        plan, partials = self._bn_partials(c, m)
+        self.kernels.launch(partials_kernel, (ctype(x.dtype),), plan["grid"], plan["block"],
+                            (*args, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials),
+                            shared_mem=plan["shared_mem"])
+        self.kernels.launch("bn_sums_finalize", (), (c,), (FINALIZE_THREADS,),
+                            (partials, _i32(plan["slices"]), _i32(c), sums))
+        return sums
+
+    @_primitive
+    def batchnorm_stats(self, x, shift, sums):
+        """sums (2, C) float64 <- [sum(x - shift), sum((x - shift)^2)] per channel, as NumpyBackend
+        (float32 partials of the shifted values, added in double)."""
+        _require_dtype(np.float32, shift=shift)
+        return self._bn_sums("bn_stats_partials_shifted", (x, shift), x, shift.size, sums)
+
+    @_primitive
+    def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
+                                  y, saved_mean, saved_invstd, relu=False):
+        """Statistics from (global) shifted sums covering `count` elements per channel, then y, as NumpyBackend."""
+        _require_dtype(np.float32, shift=shift, gamma=gamma, beta=beta, running_mean=running_mean,
+                       running_var=running_var, saved_mean=saved_mean, saved_invstd=saved_invstd)
+        _require_dtype(np.float64, sums=sums)
+        _same_dtype(x, y=y)
+        c = gamma.size
+        self._launch_1d("bn_stats_from_sums", (), c,
+                        (sums, shift, np.float64(count), _i32(c), np.float64(decay), np.float64(eps),
+                         running_mean, running_var, saved_mean, saved_invstd))
+        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu)
+        return y
+
     @_primitive
     def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False):
         """BatchNorm with the moving statistics (evaluation)."""
@@ -339,6 +387,33 @@ class CupyBackend(LayoutMixin):
         self._launch_1d("bn_backward_dx", t, n,
                         (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
                          dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
+        return dx
+
+    @_primitive
+    def batchnorm_backward_sums(self, dy, x, y, saved_mean, saved_invstd, sums):
+        """sums (2, C) float64 <- [sum(dz), sum(dz * xhat)] per channel (y: the fused relu's output or None)."""
+        _require_dtype(np.float32, saved_mean=saved_mean, saved_invstd=saved_invstd)
+        _same_dtype(x, **_present(dy=dy, y=y))
+        relu_applied, y_or_unused = _relu_operands(y, dy)
+        return self._bn_sums("bn_grad_partials", (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd),
+                             x, saved_mean.size, sums)
+
+    @_primitive
+    def batchnorm_backward_from_sums(self, dy, x, y, gamma, saved_mean, saved_invstd, sums, count,
+                                     dx, dgamma, dbeta):
+        """dbeta, dgamma <- sums; dx from sums covering `count` elements per channel, as NumpyBackend
+        (bn_backward_dx reads dgamma/dbeta and divides by count, exactly its fused-path use)."""
+        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
+                       dgamma=dgamma, dbeta=dbeta)
+        _require_dtype(np.float64, sums=sums)
+        _same_dtype(x, **_present(dy=dy, dx=dx, y=y))
+        c, inner, _ = self._channel_geometry(x, gamma.size)
+        n = _count(x)
+        self._launch_1d("bn_grad_from_sums", (), c, (sums, _i32(c), dgamma, dbeta))
+        relu_applied, y_or_unused = _relu_operands(y, dy)
+        self._launch_1d("bn_backward_dx", (ctype(x.dtype),), n,
+                        (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
+                         dx, _i32(n), _i32(c), _i32(inner), _i32(count)))
         return dx
 
     # ----------------------------------------------------------------- elementwise

@@ -48,6 +48,10 @@ KERNELS = {
     },
     "batchnorm.cu": {
         "bn_stats_partials": _per_type(*ACTIVATION_TYPES),
+        "bn_stats_partials_shifted": _per_type(*ACTIVATION_TYPES),
+        "bn_sums_finalize": [],
+        "bn_stats_from_sums": [],
+        "bn_grad_from_sums": [],
         "bn_stats_finalize": _per_type(*ACTIVATION_TYPES),
         "bn_apply": _per_type(*ACTIVATION_TYPES),
         "bn_grad_partials": _per_type(*ACTIVATION_TYPES),

@@ -147,6 +147,23 @@ class NumpyBackend(LayoutMixin):
         """Per-channel sum of a * b (C,), without materializing the product."""
         return np.einsum("nchw,nchw->c" if self.layout == "NCHW" else "nhwc,nhwc->c", a, b)
 
+    def _bn_finish_forward(self, centered, mean, var, m, gamma, beta, running_mean, running_var, decay, eps,
+                           y, saved_mean, saved_invstd, relu):
+        """Shared by the fused and the split (sync-BN) forward: batch mean/var (C,) of m elements per
+        channel -> saved statistics, moving statistics (unbiased m/(m-1) variance), and
+        y = [relu](centered * gamma * invstd + beta), centered = x - mean (the caller's activation dtype)."""
+        pc = self._per_channel
+        invstd = 1.0 / np.sqrt(var + eps)
+        saved_mean[...] = mean
+        saved_invstd[...] = invstd
+        running_mean[...] = decay * running_mean + (1.0 - decay) * mean
+        running_var[...] = decay * running_var + (1.0 - decay) * var * (m / max(m - 1, 1))
+        np.multiply(centered, pc((gamma * invstd).astype(centered.dtype)), out=y)
+        y += pc(beta)
+        if relu:
+            np.maximum(y, 0, out=y)
+        return y
+
     def batchnorm_train_forward(self, x, gamma, beta, running_mean, running_var, decay, eps,
                                 y, saved_mean, saved_invstd, relu=False):
         """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta) with batch statistics.
@@ -156,21 +173,51 @@ class NumpyBackend(LayoutMixin):
         (and PyTorch), the moving variance takes the unbiased (m / (m - 1)) batch variance.
         """
         self.calls["batchnorm_train_forward"] += 1
-        pc = self._per_channel
         m = x.size // gamma.size                                    # elements per channel
         mean = self._channel_sum(x) / m
-        centered = x - pc(mean.astype(x.dtype))
+        centered = x - self._per_channel(mean.astype(x.dtype))
         var = self._channel_dot(centered, centered) / m
-        invstd = 1.0 / np.sqrt(var + eps)
-        saved_mean[...] = mean
-        saved_invstd[...] = invstd
-        running_mean[...] = decay * running_mean + (1.0 - decay) * mean
-        running_var[...] = decay * running_var + (1.0 - decay) * var * (m / max(m - 1, 1))
-        np.multiply(centered, pc((gamma * invstd).astype(x.dtype)), out=y)
-        y += pc(beta)
-        if relu:
-            np.maximum(y, 0, out=y)
-        return y
+        return self._bn_finish_forward(centered, mean, var, m, gamma, beta, running_mean, running_var, decay, eps,
+                                       y, saved_mean, saved_invstd, relu)
+
+    def batchnorm_stats(self, x, shift, sums):
+        """Per-channel shifted sums of x for a BatchNorm whose statistics span several workers.
+
+        sums: (2, C) float64 <- [sum(x - shift), sum((x - shift)^2)] over this worker's N, H, W;
+        shift: (C,) float32-or-wider, the same on every worker (the layer passes the moving mean, which
+        sync-BN keeps identical on every replica). Sums add up across workers (a communicator's
+        all_reduce_sum) and batchnorm_train_from_sums turns the totals into mean and variance.
+
+        Numerics: the one-pass var = E[(x - K)^2] - E[x - K]^2 loses about log10((mean - K)^2 / var)
+        of the accumulator's digits to cancellation. With K near the batch mean (the moving mean once
+        training has warmed up) nothing is lost; with K = 0 (the first steps: the moving mean starts at
+        0) the float64 accumulation here still leaves ~16 - log10(mean^2 / var) digits, more than float32
+        activations carry unless |mean| > ~1e4 std. The GPU twin accumulates float32 partials of (x - K),
+        so there the shift is what keeps the variance accurate; it adds the partials in double.
+        """
+        self.calls["batchnorm_stats"] += 1
+        shifted = x - self._per_channel(shift.astype(x.dtype))
+        sums[0] = self._channel_sum(shifted)
+        np.multiply(shifted, shifted, out=shifted)
+        sums[1] = self._channel_sum(shifted)          # float64 accumulation (_channel_dot keeps x's dtype)
+        return sums
+
+    def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
+                                  y, saved_mean, saved_invstd, relu=False):
+        """Second half of a split batchnorm_train_forward: statistics from (global) shifted sums.
+
+        sums: (2, C) float64 from batchnorm_stats (added over the workers), taken around `shift`;
+        count: elements per channel those sums cover (global: local elements x workers). Writes what
+        batchnorm_train_forward writes: saved mean and invstd, the moving statistics (unbiased with
+        `count`), and y for this worker's x. shift may alias running_mean: it is read first.
+        """
+        self.calls["batchnorm_train_from_sums"] += 1
+        shifted_mean = sums[0] / count
+        var = np.maximum(sums[1] / count - shifted_mean * shifted_mean, 0.0)     # biased, as normalization uses
+        mean = shift.astype(np.float64) + shifted_mean
+        centered = x - self._per_channel(mean.astype(x.dtype))
+        return self._bn_finish_forward(centered, mean, var, count, gamma, beta, running_mean, running_var, decay, eps,
+                                       y, saved_mean, saved_invstd, relu)
 
     def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False):
         """BatchNorm with the moving statistics (evaluation): y = x * scale + shift per channel."""
@@ -183,6 +230,22 @@ class NumpyBackend(LayoutMixin):
             np.maximum(y, 0, out=y)
         return y
 
+    def _bn_grad_terms(self, dy, x, y, saved_mean, saved_invstd):
+        """(dz, xhat): dz = dy masked by the fused relu's output y > 0 (y None: no relu); xhat normalized x."""
+        pc = self._per_channel
+        dz = dy if y is None else dy * (y > 0)
+        xhat = (x - pc(saved_mean)) * pc(saved_invstd)
+        return dz, xhat
+
+    def _bn_input_grad(self, dz, xhat, db, dg, m, gamma, saved_invstd, dx):
+        """dx = gamma * invstd * (dz - db / m - xhat * dg / m); overwrites xhat (scratch)."""
+        pc = self._per_channel
+        xhat *= pc((dg / m).astype(dz.dtype))
+        np.subtract(dz, xhat, out=dx)
+        dx -= pc((db / m).astype(dz.dtype))
+        dx *= pc((gamma * saved_invstd).astype(dz.dtype))
+        return dx
+
     def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None):
         """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused.
 
@@ -191,19 +254,41 @@ class NumpyBackend(LayoutMixin):
         where dz = dy masked by y > 0 when the forward applied relu.
         """
         self.calls["batchnorm_backward"] += 1
-        pc = self._per_channel
         m = x.size // gamma.size
-        dz = dy if y is None else dy * (y > 0)
-        xhat = (x - pc(saved_mean)) * pc(saved_invstd)
+        dz, xhat = self._bn_grad_terms(dy, x, y, saved_mean, saved_invstd)
         db = self._channel_sum(dz)
         dg = self._channel_dot(dz, xhat)
         dbeta[...] = db
         dgamma[...] = dg
-        xhat *= pc((dg / m).astype(x.dtype))
-        np.subtract(dz, xhat, out=dx)
-        dx -= pc((db / m).astype(x.dtype))
-        dx *= pc((gamma * saved_invstd).astype(x.dtype))
-        return dx
+        return self._bn_input_grad(dz, xhat, db, dg, m, gamma, saved_invstd, dx)
+
+    def batchnorm_backward_sums(self, dy, x, y, saved_mean, saved_invstd, sums):
+        """First half of a split batchnorm_backward: sums (2, C) float64 <- [sum(dz), sum(dz * xhat)]
+        over this worker's elements (dz, xhat as batchnorm_backward; y None: no fused relu).
+
+        Both are plain sums of terms of either sign (no cancellation-prone formula), so they add up
+        across workers like any gradient; float64 keeps the added totals as exact as the fused path's.
+        """
+        self.calls["batchnorm_backward_sums"] += 1
+        dz, xhat = self._bn_grad_terms(dy, x, y, saved_mean, saved_invstd)
+        sums[0] = self._channel_sum(dz)
+        sums[1] = self._channel_dot(dz, xhat)
+        return sums
+
+    def batchnorm_backward_from_sums(self, dy, x, y, gamma, saved_mean, saved_invstd, sums, count,
+                                     dx, dgamma, dbeta):
+        """Second half of a split batchnorm_backward, from sums covering `count` elements per channel.
+
+        dbeta = sums[0], dgamma = sums[1]; dx = gamma * invstd * (dz - sums[0] / count - xhat * sums[1] / count)
+        for this worker's elements. dx depends on sums and count only through sums / count, so a caller
+        may pass the workers' total with the global count, or their mean with the per-worker count (what
+        the sync-BN layer does, see BatchNorm.backward): the same dx, and dgamma/dbeta follow the sums.
+        """
+        self.calls["batchnorm_backward_from_sums"] += 1
+        dz, xhat = self._bn_grad_terms(dy, x, y, saved_mean, saved_invstd)
+        dbeta[...] = sums[0]
+        dgamma[...] = sums[1]
+        return self._bn_input_grad(dz, xhat, sums[0], sums[1], count, gamma, saved_invstd, dx)
 
     # ----------------------------------------------------------------- elementwise
 
