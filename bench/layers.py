@@ -1,0 +1,251 @@
+"""Where a training step's time goes, per backend primitive, beside a memory-roofline estimate.
+
+    python bench/layers.py                                 # CPU: ResNet-20, batch 128, NHWC, 3 timed steps
+    python bench/layers.py --depth 44 --batch 64 --layout NCHW --steps 5
+    python bench/layers.py --quick                         # ResNet-8, batch 8, 1 warm-up + 1 timed step (CI)
+    python bench/layers.py --device 0 --peak-gbs 3350      # GPU (H100 HBM3): device time from CUDA events
+
+Every public method of the backend instance (conv2d_forward, conv2d_backward_data/_filter, batchnorm_*,
+relu/add, shortcut, pooling, dense, softmax_cross_entropy, sgd_momentum_update, augment_batch, accumulate,
+and the array helpers such as from_host) is replaced by a timing shim, then a Trainer runs warm-up steps
+(excluded) and `--steps` timed steps on synthetic data. Only the outermost call is timed when a primitive
+calls another, so the per-primitive times never count the same work twice.
+  * CPU: perf_counter around the call, which is the primitive's device time (NumPy runs synchronously).
+  * GPU: host time around the call is only the launch cost; CUDA events recorded on `backend.stream`
+    before and after the call give the device time, read once the step has finished.
+
+Per primitive: calls/step, ms/step, share of the step, and the memory roofline. Bytes moved are counted by
+one rule: every array argument is moved once, inputs read + outputs written = the sum of the array
+arguments' nbytes (an in-place argument counts once). It is the compulsory traffic, a lower bound: scratch
+such as NumPy's im2col matrix is not counted. One exception keeps it honest: augment_batch gathers only
+the step's rows of the whole training split it is handed, so `images`/`labels` count len(indices) rows.
+roofline ms = bytes / peak; achieved GB/s = bytes / measured time; fraction of peak = achieved / peak
+(above 100% on the CPU: the arrays were still in cache, small ones often are).
+The peak (`--peak-gbs`) defaults on the CPU to a measured `np.copyto` of 256 MB (read + write, best of 3);
+on a GPU pass the datasheet figure. Prints a table and writes JSON (`--json`, default
+bench/results/layers-<host>.json) with `environment()` of bench/layouts.py.
+"""
+import argparse
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.layouts import CudaEventTimer, WallTimer, device_of, environment   # noqa: E402
+from cupynet.backends import check_devices, create_backend                # noqa: E402
+from cupynet.backends.layout import LayoutMixin                             # noqa: E402
+from cupynet.config import TrainConfig                                      # noqa: E402
+from cupynet.data import synthetic_dataset                                  # noqa: E402
+from cupynet.trainer import Trainer                                         # noqa: E402
+
+PEAK_COPY_BYTES = 256 * 2 ** 20
+# Arguments that index into a larger array: only the gathered rows are moved (see the docstring).
+GATHERED = {"augment_batch": ("images", "labels")}
+# Not shimmed: shape arithmetic (no device work) and synchronize (the step timer's own wait).
+NOT_PRIMITIVES = {name for name in dir(LayoutMixin) if not name.startswith("_")} | {"synchronize"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=20, help="ResNet depth (6n+2)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--layout", default="NHWC", choices=("NCHW", "NHWC"))
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (per-primitive figures are per step)")
+    p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: measured on CPU; "
+                                                  "required on GPU, e.g. 3350 for H100 HBM3)")
+    p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, 1 warm-up, 1 timed step")
+    p.add_argument("--json", help="output file (default bench/results/layers-<host>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.depth, args.batch, args.warmup, args.steps = 8, 8, 1, 1
+    if args.device != "cpu" and args.peak_gbs is None:
+        p.error("--peak-gbs is required on a GPU (the datasheet bandwidth, e.g. 3350 for H100 HBM3)")
+    return args
+
+
+def measure_copy_bandwidth(nbytes=PEAK_COPY_BYTES, repeats=3):
+    """Host memory bandwidth in GB/s: best of `repeats` np.copyto of `nbytes` (read + write = 2 x nbytes)."""
+    src = np.ones(nbytes // 8, dtype=np.float64)      # touched, so the first copy pays no page faults
+    dst = np.zeros_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def bytes_moved(name, signature, args, kwargs):
+    """Bytes a call reads + writes by the rule of the module docstring."""
+    bound = signature.bind(*args, **kwargs).arguments
+    rows = None
+    if name in GATHERED:
+        rows = len(bound["indices"])
+    total = 0
+    for arg_name, value in bound.items():
+        nbytes = getattr(value, "nbytes", None)
+        if nbytes is None or not hasattr(value, "shape"):
+            continue                                   # scalars, flags, strides: no memory traffic
+        if rows is not None and arg_name in GATHERED[name] and value.shape:
+            nbytes = nbytes // value.shape[0] * rows
+        total += int(nbytes)
+    return total
+
+
+class PrimitiveProfiler:
+    """Timing shims on every public method of one backend instance (see the module docstring)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.gpu = backend.name != "numpy"
+        self.depth = 0                                 # > 0 inside a shimmed call: nested calls are not timed
+        self.recording = False
+        self.calls = defaultdict(int)
+        self.host_s = defaultdict(float)
+        self.bytes = defaultdict(int)
+        self.events = defaultdict(list)                # GPU: name -> [(begin, end)] read after the step
+        for name in self.primitive_names(backend):
+            setattr(backend, name, self._shim(name, getattr(backend, name)))
+
+    @staticmethod
+    def primitive_names(backend):
+        return [name for name in dir(backend)
+                if not name.startswith("_") and name not in NOT_PRIMITIVES
+                and inspect.ismethod(getattr(backend, name))]
+
+    def _shim(self, name, method):
+        signature = inspect.signature(method)
+
+        def timed(*args, **kwargs):
+            if not self.recording or self.depth:
+                return method(*args, **kwargs)
+            self.depth += 1
+            try:
+                begin = self._record_event()
+                t0 = time.perf_counter()
+                result = method(*args, **kwargs)
+                self.host_s[name] += time.perf_counter() - t0
+                if self.gpu:
+                    self.events[name].append((begin, self._record_event()))
+            finally:
+                self.depth -= 1
+            self.calls[name] += 1
+            self.bytes[name] += bytes_moved(name, signature, args, kwargs)
+            return result
+        return timed
+
+    def _record_event(self):
+        if not self.gpu:
+            return None
+        import cupy
+        event = cupy.cuda.Event()
+        event.record(self.backend.stream)
+        return event
+
+    def device_s(self):
+        """name -> device seconds: host time on the CPU, CUDA event pairs on a GPU (after a sync)."""
+        if not self.gpu:
+            return dict(self.host_s)
+        import cupy
+        self.backend.synchronize()
+        return {name: sum(cupy.cuda.get_elapsed_time(b, e) for b, e in pairs) / 1000.0
+                for name, pairs in self.events.items()}
+
+
+def profile(args, dataset):
+    """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss)."""
+    config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
+                         dtype=args.dtype, synthetic=True, tf32=args.tf32)
+    backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32)
+    profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods
+    trainer = Trainer(config, dataset, backend)
+    for _ in range(args.warmup):
+        trainer.train_step()
+    timer = WallTimer(backend) if backend.name == "numpy" else CudaEventTimer(backend)
+    profiler.recording = True
+    timer.start()
+    for _ in range(args.steps):
+        trainer.train_step()
+    step_s = timer.stop() / args.steps
+    profiler.recording = False
+    loss = trainer.take_mean_loss()
+    if not np.isfinite(loss):
+        raise RuntimeError(f"loss is {loss}: not profiling a broken step")
+    return profiler, step_s, loss
+
+
+def rows_of(profiler, step_s, steps, peak_gbs):
+    """One dict per primitive, the most expensive first."""
+    device = profiler.device_s()
+    rows = []
+    for name, calls in profiler.calls.items():
+        ms = 1000 * device.get(name, 0.0) / steps
+        nbytes = profiler.bytes[name] / steps
+        achieved = nbytes / (ms / 1000) / 1e9 if ms > 0 else 0.0
+        rows.append({"primitive": name, "calls_per_step": calls / steps, "ms_per_step": round(ms, 4),
+                     "host_ms_per_step": round(1000 * profiler.host_s[name] / steps, 4),
+                     "share": round(ms / (1000 * step_s), 4), "bytes_per_step": int(nbytes),
+                     "roofline_ms": round(1000 * nbytes / (peak_gbs * 1e9), 4),
+                     "achieved_gbs": round(achieved, 3), "fraction_of_peak": round(achieved / peak_gbs, 4)})
+    return sorted(rows, key=lambda row: -row["ms_per_step"])
+
+
+def print_table(rows, step_s):
+    print(f"{'primitive':<30} {'calls':>6} {'ms/step':>9} {'share':>6} {'MB/step':>9} {'roof ms':>8} "
+          f"{'GB/s':>8} {'%peak':>6}")
+    for r in rows:
+        print(f"{r['primitive']:<30} {r['calls_per_step']:>6.0f} {r['ms_per_step']:>9.3f} {r['share']:>6.1%} "
+              f"{r['bytes_per_step'] / 1e6:>9.2f} {r['roofline_ms']:>8.3f} {r['achieved_gbs']:>8.2f} "
+              f"{r['fraction_of_peak']:>6.1%}")
+    total = sum(r["ms_per_step"] for r in rows)
+    print(f"{'sum of primitives':<30} {'':>6} {total:>9.3f} {total / (1000 * step_s):>6.1%}   "
+          f"(step {1000 * step_s:.3f} ms; the rest is Python between the calls)")
+
+
+def default_json(name):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        f"{name}-{platform.node() or 'host'}.json")
+
+
+def write_json(path, report):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    measured = args.peak_gbs is None
+    peak_gbs = measure_copy_bandwidth() if measured else args.peak_gbs
+    if args.device != "cpu":
+        check_devices([device_of(args.device)])     # a clear DeviceError before environment() asks CUDA
+    dataset = synthetic_dataset(num_train=args.batch * 4, num_test=args.batch, seed=0)
+    env = environment(args.device)
+    print(f"{env.get('gpu', 'CPU')} | ResNet-{args.depth} batch {args.batch} {args.layout} {args.dtype} | "
+          f"{args.steps} timed steps after {args.warmup} warm-up | peak {peak_gbs:.1f} GB/s "
+          f"({'measured: np.copyto 256 MB' if measured else '--peak-gbs'})")
+    profiler, step_s, loss = profile(args, dataset)
+    rows = rows_of(profiler, step_s, args.steps, peak_gbs)
+    print_table(rows, step_s)
+    write_json(args.json or default_json("layers"),
+               {"benchmark": "layers", "environment": env, "args": vars(args),
+                "peak_gbs": round(peak_gbs, 3), "peak_source": "measured np.copyto 256 MB" if measured else "flag",
+                "bytes_rule": "sum of array arguments' nbytes (inputs read + outputs written, each once); "
+                              "augment_batch: only the gathered rows of images/labels",
+                "step_ms": round(1000 * step_s, 4), "mean_loss": round(loss, 4), "primitives": rows})
+
+
+if __name__ == "__main__":
+    main()
