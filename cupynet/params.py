@@ -149,9 +149,6 @@ class ParamStore:
             array = np.ascontiguousarray(self.backend.weight_from_canonical(array))
         self._view(flat, param)[...] = self.backend.from_host(array, dtype=flat.dtype)
 
-    def get_canonical(self, name):
-        return self._read(self.flat, self.params[name])
-
     def set_canonical(self, name, array):
         self._write(self.flat, self.params[name], array)
 

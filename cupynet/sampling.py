@@ -72,9 +72,6 @@ class StepSampler:
         self.upload = upload or (lambda array: array)
         self._epoch, self._order = None, None
 
-    def epoch_of(self, step):
-        return step // self.steps_per_epoch
-
     def rows(self, step):
         """Dataset rows of the batch of `step` (B,), int64, as a view of the epoch's uploaded order."""
         epoch, position = divmod(step, self.steps_per_epoch)
