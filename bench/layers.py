@@ -17,8 +17,10 @@ calls another, so the per-primitive times never count the same work twice.
 Per primitive: calls/step, ms/step, share of the step, and the memory roofline. Bytes moved are counted by
 one rule: every array argument is moved once, inputs read + outputs written = the sum of the array
 arguments' nbytes (an in-place argument counts once). It is the compulsory traffic, a lower bound: scratch
-such as NumPy's im2col matrix is not counted. One exception keeps it honest: augment_batch gathers only
-the step's rows of the whole training split it is handed, so `images`/`labels` count len(indices) rows.
+such as NumPy's im2col matrix is not counted. One exception keeps it honest: the augment primitives gather
+only the batch's rows of the whole split (and of the epoch's order) they are handed, so `images`, `labels`
+and `order` count one row per image of the batch. Steps run eagerly (--cuda-graph off): a replayed graph
+has no per-primitive calls to time.
 roofline ms = bytes / peak; achieved GB/s = bytes / measured time; fraction of peak = achieved / peak
 (above 100% on the CPU: the arrays were still in cache, small ones often are).
 The peak (`--peak-gbs`) defaults on the CPU to a measured `np.copyto` of 256 MB (read + write, best of 3);
@@ -47,7 +49,7 @@ from cupynet.trainer import Trainer                                         # no
 
 PEAK_COPY_BYTES = 256 * 2 ** 20
 # Arguments that index into a larger array: only the gathered rows are moved (see the docstring).
-GATHERED = {"augment_batch": ("images", "labels")}
+GATHERED = {"augment_batch": ("images", "labels"), "augment_train_batch": ("images", "labels", "order")}
 # Not shimmed: shape arithmetic (no device work) and synchronize (the step timer's own wait).
 NOT_PRIMITIVES = {name for name in dir(LayoutMixin) if not name.startswith("_")} | {"synchronize"}
 
@@ -91,7 +93,7 @@ def bytes_moved(name, signature, args, kwargs):
     bound = signature.bind(*args, **kwargs).arguments
     rows = None
     if name in GATHERED:
-        rows = len(bound["indices"])
+        rows = len(bound["labels_out"])              # the batch: one gathered row per label
     total = 0
     for arg_name, value in bound.items():
         nbytes = getattr(value, "nbytes", None)
@@ -166,7 +168,7 @@ class PrimitiveProfiler:
 def profile(args, dataset):
     """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
-                         dtype=args.dtype, synthetic=True, tf32=args.tf32)
+                         dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off")
     backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32)
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods
     trainer = Trainer(config, dataset, backend)
@@ -243,7 +245,7 @@ def main(argv=None):
                {"benchmark": "layers", "environment": env, "args": vars(args),
                 "peak_gbs": round(peak_gbs, 3), "peak_source": "measured np.copyto 256 MB" if measured else "flag",
                 "bytes_rule": "sum of array arguments' nbytes (inputs read + outputs written, each once); "
-                              "augment_batch: only the gathered rows of images/labels",
+                              "augment primitives: only the gathered rows of images/labels/order",
                 "step_ms": round(1000 * step_s, 4), "mean_loss": round(loss, 4), "primitives": rows})
 
 

@@ -47,6 +47,7 @@ class TrainConfig:
     data_format: str = "NHWC"
     dtype: str = "float32"
     tf32: bool = True                        # GPU float32 convolutions on TF32 tensor cores
+    cuda_graph: str = "auto"                 # record the GPU step once, replay it: auto (GPU: on), on, off
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
     train_batch_size: int = 128
@@ -126,6 +127,9 @@ def build_parser():
                        help="compute precision: float32, float64 (CPU only), bfloat16 (GPU only, float32 master weights)")
     model.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32,
                        help="GPU float32 convolutions may use TF32 tensor cores (--no-tf32: strict float32)")
+    model.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=d.cuda_graph,
+                       help="record the whole GPU training step once as a CUDA graph and replay it each step "
+                            "(auto: on for GPU workers unless --reduce host; results are identical either way)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--train-steps", type=int, help="total target step; a rerun resumes and stops there "
                      "(default 80000; demo 150)")

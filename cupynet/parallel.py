@@ -48,6 +48,7 @@ class Communicator:
     rank = 0
     size = 1
     kind = "?"          # for the log line: "host" or "NCCL"
+    capturable = False  # whether its collectives can be recorded in a CUDA graph (enqueued, no host wait)
 
     def all_reduce_sum(self, array):
         """array <- sum over ranks of array, in place."""
@@ -204,6 +205,7 @@ class NcclCommunicator(Communicator):
     """NCCL collectives on the worker backend's stream (one communicator per thread, never shared)."""
 
     kind = "NCCL"
+    capturable = True
 
     def __init__(self, group, rank, backend, nccl_comm):
         self.nccl = _nccl()

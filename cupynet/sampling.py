@@ -6,7 +6,7 @@ stateful generator:
     step s uses rows [pos * B, (pos + 1) * B) of epoch s // steps_per_epoch, pos = s % steps_per_epoch
     (the incomplete last batch of an epoch is dropped, as steps_per_epoch = n // B);
   * crop offsets and flips come from a counter-based hash of (seed, step, row): `crop_flip_draws`.
-    The GPU kernel (kernels/augment.cu, a later issue) computes the same 32-bit hash, so both backends
+    The GPU kernel (kernels/augment.cu) computes the same 32-bit hash, so both backends
     see identical batches, a resumed run continues exactly where it stopped, and the GPU needs no host
     data per step.
 """
@@ -58,24 +58,31 @@ def epoch_order(seed, epoch, num_images):
 
 
 class StepSampler:
-    """Maps a global step to the dataset rows of its batch, kept on the backend.
+    """Maps a global step to its epoch's order and to the dataset rows of its batch (host arrays).
 
-    The epoch's permutation is uploaded once per epoch (`upload`, e.g. backend.from_host); a step's rows
-    are then a slice of it, so no per-step host-to-device copy is needed.
+    The trainer uploads `order(epoch)` into one device buffer when an epoch starts; a training step
+    then reads its rows from that buffer on the device (at the step counter's position), so no
+    per-step host-to-device copy is needed and a captured step can replay. `rows` is the same
+    selection on the host, for tests and for the reference.
     """
 
-    def __init__(self, seed, num_images, batch_size, upload=None):
+    def __init__(self, seed, num_images, batch_size):
         self.seed = seed
         self.num_images = num_images
         self.batch_size = batch_size
         self.steps_per_epoch = num_images // batch_size
-        self.upload = upload or (lambda array: array)
         self._epoch, self._order = None, None
 
-    def rows(self, step):
-        """Dataset rows of the batch of `step` (B,), int64, as a view of the epoch's uploaded order."""
-        epoch, position = divmod(step, self.steps_per_epoch)
+    def epoch_of(self, step):
+        return step // self.steps_per_epoch
+
+    def order(self, epoch):
+        """The permutation of the training set used in `epoch` (int64), cached for the current epoch."""
         if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = self.upload(epoch_order(self.seed, epoch, self.num_images))
-        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
+            self._epoch, self._order = epoch, epoch_order(self.seed, epoch, self.num_images)
+        return self._order
+
+    def rows(self, step):
+        """Dataset rows of the batch of `step` (B,), int64."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return self.order(epoch)[position * self.batch_size:(position + 1) * self.batch_size]

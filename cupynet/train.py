@@ -45,6 +45,17 @@ def check_against_data(config, dataset):
         raise ConfigError("--eval-on validation needs --validation-size > 0")
 
 
+def check_cuda_graph(config, devices):
+    """--cuda-graph on needs GPU workers whose all-reduce runs on the device (checked before anything is written)."""
+    if config.cuda_graph != "on":
+        return
+    if devices[0] == "cpu":
+        raise ConfigError("--cuda-graph on needs GPU workers (--gpus 0, ...); the CPU backend has no CUDA graphs")
+    if len(devices) > 1 and config.reduce == "host":
+        raise ConfigError("--cuda-graph on cannot record --reduce host (the host all-reduce waits for the device "
+                          "inside the step); use --reduce nccl or --cuda-graph off")
+
+
 def build_backend(config, device):
     return create_backend(device, config.data_format, config.dtype, config.tf32)
 
@@ -73,6 +84,7 @@ def run(config, out=print):
     check_against_data(config, dataset)
     devices = resolve_devices(config.devices)
     check_devices(devices)
+    check_cuda_graph(config, devices)
     if len(devices) == 1:
         backend = build_backend(config, devices[0])
         model_dir = prepare_model_dir(config.model_dir)

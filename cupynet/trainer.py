@@ -9,8 +9,13 @@ split, and the conversion of its state to and from checkpoint arrays. `cupynet/t
         trainer.train_step()
     result = trainer.evaluate(dataset.test)
 
-Per step, the host only picks the batch's dataset rows and sets the learning rate; the loss is summed
-on the backend and read at logging intervals (`take_mean_loss`), so a GPU step needs no host sync.
+A step is split in two. The host part (`_prepare_step`) uploads the epoch's order of the training set
+when an epoch starts and sets the learning-rate scalar when the schedule changes it: usually nothing.
+The device part (`_device_step`) reads the step number from a device counter, draws its batch from the
+uploaded order, runs forward/backward, [all-reduces the gradient,] updates, adds the loss to a device
+sum and advances the counter: it never waits for the host, so on a GPU it is recorded once as a CUDA
+graph and replayed (cupynet/step_graph.py; `--cuda-graph auto|on|off`). The loss sum is read only at
+logging intervals (`take_mean_loss`).
 
 Data parallelism: given a communicator (cupynet/parallel.py), the trainer is one replica of several.
 It trains on its shard of the step's global batch (rows [rank * b, (rank + 1) * b) of
@@ -28,11 +33,12 @@ Without a communicator (one device) every collective is skipped and the trainer 
 import numpy as np
 
 from cupynet import __version__
-from cupynet.errors import CheckpointError
+from cupynet.errors import CheckpointError, ConfigError
 from cupynet.checkpoint import check_compatible
 from cupynet.model import ResNet
 from cupynet.optim import MomentumSGD, PiecewiseConstant
 from cupynet.sampling import StepSampler
+from cupynet.step_graph import StepRunner
 
 COMPATIBILITY_KEYS = ("num_layers", "block", "num_classes", "dataset")
 
@@ -54,7 +60,7 @@ class Trainer:
         self.optimizer = MomentumSGD(be, self.model.params, config.momentum, config.weight_decay)
 
         self.train_split = self._upload(dataset.train)
-        self.sampler = StepSampler(config.seed, len(dataset.train), config.train_batch_size, be.from_host)
+        self.sampler = StepSampler(config.seed, len(dataset.train), config.train_batch_size)
         self.schedule = PiecewiseConstant.from_epochs(config.lr_boundaries, config.lr_values,
                                                       self.sampler.steps_per_epoch)
         batch = self.shard_size
@@ -62,7 +68,12 @@ class Trainer:
         self.labels = be.empty((batch,), dtype=np.int32)
         self.loss_sum = be.zeros((), dtype=be.param_dtype)         # summed on the device between logs
         self.loss_steps = 0
-        self.step = 0
+        self.step = 0                                              # the host's copy of step_counter
+        self.step_counter = be.zeros((), dtype=np.int64)           # the step the device is at
+        self.order = be.empty((len(dataset.train),), dtype=np.int64)   # the current epoch's permutation
+        self._order_epoch = None        # which epoch's permutation `order` holds
+        self._lr_on_device = None       # the value in the optimizer's learning-rate scalar
+        self.runner = StepRunner(be, capture=use_cuda_graph(config, be, comm))
         self._eval_buffers = {}
         self._eval_splits = {}
 
@@ -82,12 +93,29 @@ class Trainer:
 
     def train_step(self):
         """Advance one step: batch `self.step` of the sampler, forward/backward, update."""
-        loss = self.compute_gradients()
-        self.optimizer.set_learning_rate(self.learning_rate)
-        self.optimizer.step()
-        self.be.accumulate(self.loss_sum, loss, 1.0)
+        self._prepare_step()
+        self.runner(self._device_step)
         self.loss_steps += 1
         self.step += 1
+
+    def _prepare_step(self):
+        """The host's part of a step, between device steps: the epoch's order when an epoch starts,
+        the learning rate when the schedule changes it (both enqueued on the backend, no sync)."""
+        epoch = self.sampler.epoch_of(self.step)
+        if epoch != self._order_epoch:
+            self.be.upload_into(self.order, self.sampler.order(epoch))
+            self._order_epoch = epoch
+        rate = self.learning_rate
+        if rate != self._lr_on_device:
+            self.optimizer.set_learning_rate(rate)
+            self._lr_on_device = rate
+
+    def _device_step(self):
+        """The device's part: recorded once as a CUDA graph when capturing, so no host values may vary."""
+        loss = self._shard_gradients()
+        self.optimizer.step()
+        self.be.accumulate(self.loss_sum, loss, 1.0)
+        self.be.advance_step(self.step_counter)
 
     def compute_gradients(self):
         """This replica's shard of step `self.step` -> params.grad_flat (averaged over the replicas).
@@ -95,11 +123,15 @@ class Trainer:
         Returns the shard's 0-d mean loss. Every replica ends with the same gradient: the mean of the
         shards' gradients, which is the gradient of the global batch's mean loss (equal shards).
         """
+        self._prepare_step()
+        return self._shard_gradients()
+
+    def _shard_gradients(self):
         be, c = self.be, self.config
         images, labels = self.train_split
-        rows = self.sampler.rows(self.step)[self.first_row:self.first_row + self.shard_size]   # (b,)
-        be.augment_batch(images, labels, rows, self.seed, self.step, c.distortion, self.x, self.labels,
-                         first_row=self.first_row)
+        # Rows [first_row, first_row + shard) of the global batch at the device counter's step.
+        be.augment_train_batch(images, labels, self.order, self.step_counter, self.sampler.steps_per_epoch,
+                               c.train_batch_size, self.first_row, self.seed, c.distortion, self.x, self.labels)
         loss = self.model.forward_backward(self.x, self.labels)
         if self.comm is not None:
             self.comm.all_reduce_mean(self.model.params.grad_flat)
@@ -217,4 +249,25 @@ class Trainer:
             self.seed = int(meta["rng"]["seed"])
         except (KeyError, ValueError, TypeError) as error:
             raise CheckpointError(f"{source}: does not hold this model's state ({type(error).__name__}: {error})")
-        self.sampler = StepSampler(self.seed, self.sampler.num_images, self.sampler.batch_size, self.be.from_host)
+        self.sampler = StepSampler(self.seed, self.sampler.num_images, self.sampler.batch_size)
+        self.be.fill(self.step_counter, self.step)
+        self._order_epoch = self._lr_on_device = None
+        # A recording made before would replay the old seed: record again after the warm-up steps.
+        self.runner = StepRunner(self.be, capture=self.runner.capture)
+
+
+def use_cuda_graph(config, backend, comm=None):
+    """Whether the trainer records its device step as a CUDA graph: --cuda-graph on, or auto on a GPU.
+
+    Capture needs the GPU backend and a communicator that enqueues on the device (NCCL), not the
+    host all-reduce, which waits for the device in the middle of the step.
+    """
+    mode = getattr(config, "cuda_graph", "auto")
+    if mode == "off":
+        return False
+    possible = backend.name == "cupy" and (comm is None or comm.capturable)
+    if mode == "on" and not possible:
+        why = "the CPU backend has no CUDA graphs" if backend.name != "cupy" else \
+            f"the {comm.kind} all-reduce waits for the device inside the step (use --reduce nccl)"
+        raise ConfigError(f"--cuda-graph on: cannot capture the training step: {why}")
+    return possible

@@ -11,6 +11,10 @@
  *   h    = mix32((row * GOLDEN) ^ key), row = first_row + position in the batch (the row's position in
  *          the step's global batch: a data-parallel worker's shard starts at first_row)
  *   dy   = h % k, dx = (h / k) % k, flip = (h / k^2) & 1,  k = 2 * pad + 1
+ * Two entry points: `augment_batch` takes the rows and the step from the host (evaluation, tests);
+ * `augment_train_batch` reads the step from the device counter that `advance_step` increments at the
+ * end of every training step, and the rows from the epoch's order on the device, so a training step
+ * captured once in a CUDA graph draws a new batch on every replay.
  * Every value v / 128 - 1 with v in 0..255 is exact in float32 and in bfloat16 (at most 8 significant
  * bits), so both dtypes give exactly the reference's numbers.
  */
@@ -36,12 +40,14 @@ __device__ __forceinline__ unsigned int crop_flip_hash(unsigned int seed, unsign
     return mix32((row * GOLDEN) ^ key);
 }
 
+// The body shared by both entry points, a grid-stride loop over the batch.
 // images: (N, H, W, C) uint8; labels: (N,) int32; indices: (B,) int64 dataset rows;
 // x_out: (B, C, H, W) or (B, H, W, C) per channels_last; labels_out: (B,) int32.
 template <typename T>
-__global__ void augment_batch(const unsigned char* images, const int* labels, const long long* indices, int B,
-                              int H, int W, int C, int pad, unsigned int seed, unsigned int step,
-                              unsigned int first_row, int distort, T* x_out, int* labels_out, int channels_last)
+__device__ __forceinline__ void augment_rows(const unsigned char* images, const int* labels, const long long* indices,
+                                             int B, int H, int W, int C, int pad, unsigned int seed,
+                                             unsigned int step, unsigned int first_row, int distort, T* x_out,
+                                             int* labels_out, int channels_last)
 {
     const int total = B * C * H * W;
     const unsigned int k = 2u * (unsigned int)pad + 1u;
@@ -67,4 +73,35 @@ __global__ void augment_batch(const unsigned char* images, const int* labels, co
         x_out[i] = from_float<T>((float)pixel * (1.0f / 128.0f) - 1.0f);
     }
     for (int b = first_index(); b < B; b += grid_stride()) labels_out[b] = labels[indices[b]];
+}
+
+// A batch of explicitly listed rows at a step given by the host (evaluation, tests).
+template <typename T>
+__global__ void augment_batch(const unsigned char* images, const int* labels, const long long* indices, int B,
+                              int H, int W, int C, int pad, unsigned int seed, unsigned int step,
+                              unsigned int first_row, int distort, T* x_out, int* labels_out, int channels_last)
+{
+    augment_rows<T>(images, labels, indices, B, H, W, C, pad, seed, step, first_row, distort, x_out, labels_out,
+                    channels_last);
+}
+
+// The training batch of the step held in device memory (the trainer's step counter), so a captured step
+// replays with the right batch: rows [start, start + B) of the epoch's order, start = (step mod
+// steps_per_epoch) * global_batch + first_row. order: (num_images,) int64, uploaded once per epoch.
+template <typename T>
+__global__ void augment_train_batch(const unsigned char* images, const int* labels, const long long* order,
+                                    const long long* step, long long steps_per_epoch, long long global_batch,
+                                    int B, int H, int W, int C, int pad, unsigned int seed, unsigned int first_row,
+                                    int distort, T* x_out, int* labels_out, int channels_last)
+{
+    const long long s = step[0];
+    const long long start = (s % steps_per_epoch) * global_batch + (long long)first_row;
+    augment_rows<T>(images, labels, order + start, B, H, W, C, pad, seed, (unsigned int)(s & 0xFFFFFFFFll),
+                    first_row, distort, x_out, labels_out, channels_last);
+}
+
+// step[0] += 1 on the device: the last kernel of a training step (one thread).
+extern "C" __global__ void advance_step(long long* step)
+{
+    if (first_index() == 0) step[0] += 1;
 }

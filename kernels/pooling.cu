@@ -1,8 +1,7 @@
 /*
- * kernels/pooling.cu: the small kernels of the network's head: global average pooling (forward and
- * backward, both layouts) and the dense layer's bias (add after the matmul, column sums for its
- * gradient). The dense layer's matrix products themselves are cuBLAS (cupy.matmul) in float32.
- * NumPy twins: NumpyBackend.global_avgpool_forward / _backward, dense_forward / dense_backward.
+ * kernels/pooling.cu: global average pooling of the network's head, forward and backward, both layouts
+ * (the dense layer after it is kernels/dense.cu).
+ * NumPy twins: NumpyBackend.global_avgpool_forward / _backward.
  * Loaded by cupynet/backends/kernels.py; syntax-checked on CPU by tests/test_kernels_compile.py.
  */
 #include "common.cuh"
@@ -32,23 +31,5 @@ __global__ void global_avgpool_backward(const T* dy, T* dx, int N, int C, int HW
         const int c = channels_last ? i % C : (i / HW) % C;
         const int n = i / (C * HW);
         dx[i] = from_float<T>(to_float(dy[n * C + c]) / (float)HW);
-    }
-}
-
-// y[r, j] = acc[r, j] + bias[j]; acc: (rows, cols) float32 matmul result (may be y itself when T = float).
-template <typename T>
-__global__ void bias_add(const float* acc, const float* bias, T* y, int rows, int cols)
-{
-    for (int i = first_index(); i < rows * cols; i += grid_stride()) y[i] = from_float<T>(acc[i] + bias[i % cols]);
-}
-
-// out[j] = sum_r a[r, j] (the bias gradient); a: (rows, cols), one thread per column.
-template <typename T>
-__global__ void column_sums(const T* a, int rows, int cols, float* out)
-{
-    for (int j = first_index(); j < cols; j += grid_stride()) {
-        float sum = 0.0f;
-        for (int r = 0; r < rows; ++r) sum += to_float(a[r * cols + j]);
-        out[j] = sum;
     }
 }

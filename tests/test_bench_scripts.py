@@ -29,7 +29,8 @@ def test_layers_quick_breaks_the_step_down_per_primitive(tmp_path):
     rows = {row["primitive"]: row for row in report["primitives"]}
     # The step's main primitives were seen; shape helpers and the timer's synchronize were not shimmed.
     for name in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter", "batchnorm_train_forward",
-                 "batchnorm_backward", "softmax_cross_entropy", "sgd_momentum_update", "augment_batch"):
+                 "batchnorm_backward", "softmax_cross_entropy", "sgd_momentum_update", "augment_train_batch",
+                 "advance_step"):
         assert rows[name]["calls_per_step"] >= 1 and rows[name]["ms_per_step"] > 0, name
     assert "synchronize" not in rows and "activation_shape" not in rows
     assert rows["conv2d_forward"]["calls_per_step"] == 7            # ResNet-8: stem + 3 blocks x 2

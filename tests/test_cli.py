@@ -222,6 +222,8 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--train-batch-size", "500"], ["500", "180 training images"]),
     (["--no-such-flag"], ["--no-such-flag"]),
     (["--num-layers", "many"], ["many"]),
+    (["--gpus", "cpu", "--cuda-graph", "on"], ["--cuda-graph on", "GPU"]),
+    (["--cuda-graph", "sometimes"], ["--cuda-graph", "sometimes"]),
 ])
 def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
     model_dir = tmp_path / "run"

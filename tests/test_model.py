@@ -5,7 +5,8 @@ import pytest
 
 from cupynet.backends.numpy_backend import NumpyBackend
 from cupynet.config import TrainConfig
-from cupynet.data import builtin_sample_dir, load_cifar10
+from cupynet.data import builtin_sample_dir, load_cifar10, synthetic_dataset
+from cupynet.errors import ConfigError
 from cupynet.model import ResNet, blocks_per_stage
 from cupynet.optim import PiecewiseConstant
 from cupynet.params import ALIGN_ELEMENTS
@@ -104,3 +105,15 @@ def test_evaluation_counts_every_image_exactly_once():
     assert results[64]["images"] == results[500]["images"] == 500
     assert results[64]["correct"] == results[500]["correct"]
     assert results[64]["loss"] == pytest.approx(results[500]["loss"], rel=1e-5)
+
+
+def test_cuda_graph_mode_on_the_cpu_backend():
+    """auto means eager on the CPU; 'on' is refused with a one-line reason (the CLI checks it before any write)."""
+    dataset = synthetic_dataset(num_train=32, num_test=8, seed=0)
+    be = NumpyBackend("NHWC", "float32")
+    auto = Trainer(TrainConfig(num_layers=8, train_batch_size=8, synthetic=True), dataset, be)
+    assert not auto.runner.capture
+    auto.train_step()
+    assert auto.runner.eager_steps == 1 and not auto.runner.captured
+    with pytest.raises(ConfigError, match="--cuda-graph on.*CPU backend"):
+        Trainer(TrainConfig(num_layers=8, train_batch_size=8, synthetic=True, cuda_graph="on"), dataset, be)

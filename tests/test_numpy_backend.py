@@ -160,3 +160,27 @@ def test_count_correct_counts_only_valid_rows():
     correct = np.zeros((), np.int64)
     be.count_correct(logits, labels, 3, correct)
     assert int(correct) == 2
+
+
+def test_training_augmentation_reads_its_step_and_rows_from_the_counter():
+    """augment_train_batch at counter value s is augment_batch of rows (s % steps) * B + first_row ...
+    of the epoch's order, with the draws of step s; advance_step moves to the next batch."""
+    be = NumpyBackend("NHWC", "float32")
+    images = np.random.default_rng(6).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(20, dtype=np.int32) % 10
+    order = np.random.default_rng(7).permutation(20)
+    counter = np.array(7, dtype=np.int64)               # step 7 of an epoch of 20 // 6 = 3 steps: position 1
+    x, y = be.empty((3, 32, 32, 3)), be.empty((3,), np.int32)
+    be.augment_train_batch(images, labels, order, counter, 3, 6, 3, 11, True, x, y)    # second half of the batch
+    expected, expected_labels = be.empty((3, 32, 32, 3)), be.empty((3,), np.int32)
+    be.augment_batch(images, labels, order[9:12], 11, 7, True, expected, expected_labels, first_row=3)
+    np.testing.assert_array_equal(x, expected)
+    np.testing.assert_array_equal(y, expected_labels)
+
+    be.advance_step(counter)
+    assert counter == 8
+    be.augment_train_batch(images, labels, order, counter, 3, 6, 3, 11, True, x, y)
+    be.augment_batch(images, labels, order[15:18], 11, 8, True, expected, expected_labels, first_row=3)
+    np.testing.assert_array_equal(x, expected)
+    with pytest.raises(ValueError, match="do not fit"):    # 4 steps of 6 rows need 24 images, not 20
+        be.augment_train_batch(images, labels, order, counter, 4, 6, 3, 11, True, x, y)

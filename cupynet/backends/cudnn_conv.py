@@ -35,6 +35,7 @@ Precision
       (10 mantissa bits). On an H100 it does so for NHWC (rel. error ~3e-4) but not for NCHW (~5e-7).
     * float32, strict_fp32=True: the engines whose numerical notes say TENSOR_CORE or DOWN_CONVERT_INPUTS
       are deselected, so only true fp32 engines remain (rel. error ~1e-6; used by the parity tests).
+    * every mode: engines noted NONDETERMINISTIC are deselected, so results are reproducible bit for bit.
     * bfloat16: bf16 tensors in memory, fp32 accumulation, bf16 output (rel. error ~3e-3). The cuDNN data
       type comes from the constructor's io_dtype, never from the array dtype, so a CuPy bfloat16 array
       and uint16 storage of bf16 bits are both accepted (only the item size, 2 bytes, is checked).
@@ -65,8 +66,8 @@ source; identical in 1.26.0, whose wheel was compared):
       candidate engine configs created by `create_execution_plans` whose notes match; `check_support`
       then skips them (include/cudnn_frontend/plans.h, `Execution_plan_list`), hence the call order
       create_execution_plans -> deselect_numeric_notes -> check_support -> build_plans.
-    * enum spellings: `cudnn.numerical_note.TENSOR_CORE`, `.DOWN_CONVERT_INPUTS`; `cudnn.heur_mode.A`,
-      `.FALLBACK`; `cudnn.data_type.FLOAT`, `.BFLOAT16` (python/properties.cpp; strings in the .so).
+    * enum spellings: `cudnn.numerical_note.TENSOR_CORE`, `.DOWN_CONVERT_INPUTS`, `.NONDETERMINISTIC`;
+      `cudnn.heur_mode.A`, `.FALLBACK`; `cudnn.data_type.FLOAT`, `.BFLOAT16` (python/properties.cpp; strings in the .so).
     * an unsupported graph raises `cudnn.cudnnGraphNotSupportedError` (check_support: "No execution plans
       built successfully"); other build failures raise ValueError or RuntimeError (python/pycudnn.cpp,
       `throw_if`). All three become a one-line DeviceError naming the convolution.
@@ -354,11 +355,14 @@ class CudnnConv:
         graph.validate()
         graph.build_operation_graph()
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        # Must come after create_execution_plans (it filters the candidates that call created) and
+        # before check_support (which builds the first candidate that is not filtered out).
+        # Always: no NONDETERMINISTIC engines (atomics that reorder wgrad sums), so a rerun, a resumed
+        # run and a CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32 either.
+        notes = [cudnn.numerical_note.NONDETERMINISTIC]
         if self.strict_fp32:
-            # Must come after create_execution_plans (it filters the candidates that call created) and
-            # before check_support (which builds the first candidate that is not filtered out).
-            graph.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE,
-                                          cudnn.numerical_note.DOWN_CONVERT_INPUTS])
+            notes += [cudnn.numerical_note.TENSOR_CORE, cudnn.numerical_note.DOWN_CONVERT_INPUTS]
+        graph.deselect_numeric_notes(notes)
         graph.check_support()
         graph.build_plans()
 

@@ -48,7 +48,6 @@ try:                                # importable without CuPy, so CPU tests can 
 except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
-from cupynet.backends import kernels as K
 from cupynet.backends.kernels import KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.errors import DeviceError
@@ -198,6 +197,14 @@ class CupyBackend(LayoutMixin):
         device_array = cupy.empty(host.shape, dtype=host.dtype)
         device_array.set(host, stream=self.stream)
         return device_array
+
+    @_on_device
+    def upload_into(self, array, host):
+        """array[...] = host (same shape and dtype), copied on the backend's stream, after earlier work."""
+        host = np.ascontiguousarray(host, dtype=array.dtype)
+        if host.shape != array.shape:
+            raise ValueError(f"upload_into: host array {host.shape} does not match {array.shape}")
+        array.set(host, stream=self.stream)
 
     @_on_device
     def fill(self, array, value):
@@ -493,47 +500,28 @@ class CupyBackend(LayoutMixin):
                         (dy, dx, _i32(n), _i32(c), _i32(h * w), self._channels_last))
         return dx
 
-    def _float32(self, array, role):
-        """The array itself if float32, else a float32 copy in a reused scratch buffer."""
-        if array.dtype == np.float32:
-            return array
-        copy = self._scratch(role, array.shape, np.float32)
-        self._convert(array, copy)
-        return copy
-
-    def _matmul_into(self, a, b, out, role):
-        """out = a @ b in float32 (cuBLAS), converted into out's dtype when it is not float32."""
-        if out.dtype == np.float32:
-            cupy.matmul(a, b, out=out)
-            return out
-        product = self._scratch(role, out.shape, np.float32)
-        cupy.matmul(a, b, out=product)
-        self._convert(product, out)
-        return out
-
     @_primitive
     def dense_forward(self, x, w, b, y):
-        """y = x @ w + b. x: (N, Cin), w: (Cin, Cout), b: (Cout,) float32; computed in float32."""
-        _require_dtype(np.float32, b=b)
-        x32 = self._float32(x, "dense_x")
-        w32 = self._float32(w, "dense_w")
-        product = y if y.dtype == np.float32 else self._scratch("dense_y", y.shape, np.float32)
-        cupy.matmul(x32, w32, out=product)
-        rows, cols = y.shape
-        self._launch_1d("bias_add", (ctype(y.dtype),), rows * cols, (product, b, y, _i32(rows), _i32(cols)))
+        """y = x @ w + b. x: (N, Cin) activation; w: (Cin, Cout), b: (Cout,) float32; float32 sums (dense.cu)."""
+        _require_dtype(np.float32, w=w, b=b)
+        _same_dtype(x, y=y)
+        rows, cin = x.shape
+        cout = w.shape[1]
+        self._launch_1d("dense_forward", (ctype(x.dtype),), rows * cout,
+                        (x, w, b, y, _i32(rows), _i32(cin), _i32(cout)))
         return y
 
     @_primitive
     def dense_backward(self, x, w, dy, dx, dw, db):
-        """dx = dy @ w.T, dw = x.T @ dy, db = column sums of dy (dw, db float32 gradient views)."""
-        _require_dtype(np.float32, db=db)
-        x32 = self._float32(x, "dense_x")
-        w32 = self._float32(w, "dense_w")
-        dy32 = self._float32(dy, "dense_dy")
-        self._matmul_into(dy32, w32.T, dx, "dense_dx")
-        self._matmul_into(x32.T, dy32, dw, "dense_dw")
-        rows, cols = dy.shape
-        self._launch_1d("column_sums", (K.FLOAT,), cols, (dy32, _i32(rows), _i32(cols), db))
+        """dx = dy @ w.T, dw = x.T @ dy, db = column sums of dy (dw, db float32 gradient views, written)."""
+        _require_dtype(np.float32, w=w, dw=dw, db=db)
+        _same_dtype(x, dy=dy, dx=dx)
+        rows, cin = x.shape
+        cout = w.shape[1]
+        t = (ctype(x.dtype),)
+        self._launch_1d("dense_backward_data", t, rows * cin, (dy, w, dx, _i32(rows), _i32(cin), _i32(cout)))
+        self._launch_1d("dense_backward_params", t, cin * cout + cout,
+                        (x, dy, dw, db, _i32(rows), _i32(cin), _i32(cout)))
         return dx
 
     @_primitive
@@ -604,6 +592,17 @@ class CupyBackend(LayoutMixin):
 
     # ----------------------------------------------------------------- data
 
+    def _augment_geometry(self, images, labels, x_out, labels_out, batch):
+        """(H, W, C) of the dataset, after checking dtypes and that the outputs hold `batch` images."""
+        _require_dtype(np.uint8, images=images)
+        _require_dtype(np.int32, labels=labels, labels_out=labels_out)
+        _, h, w, channels = images.shape
+        expected = self.activation_shape(batch, channels, h, w)
+        if tuple(x_out.shape) != expected or labels_out.size != batch:
+            raise ValueError(f"augment: x_out {x_out.shape} / labels_out {labels_out.shape} do not fit "
+                             f"{batch} images of {h}x{w}x{channels} ({self.layout})")
+        return h, w, channels
+
     @_primitive
     def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out, first_row=0):
         """Gather a batch from the uint8 dataset on the device, [pad-crop-flip], normalize to x / 128 - 1.
@@ -613,19 +612,84 @@ class CupyBackend(LayoutMixin):
         sampling.crop_flip_draws(seed, step, B, 9, first_row), computed in the kernel from (seed, step) and
         each row's global batch position first_row + b (a data-parallel worker's shard offset).
         """
-        _require_dtype(np.uint8, images=images)
-        _require_dtype(np.int32, labels=labels, labels_out=labels_out)
         if indices.dtype != np.int64:
             indices = indices.astype(np.int64)
-        _, h, w, channels = images.shape
         batch = int(indices.size)
-        expected = self.activation_shape(batch, channels, h, w)
-        if tuple(x_out.shape) != expected or labels_out.size != batch:
-            raise ValueError(f"augment_batch: x_out {x_out.shape} / labels_out {labels_out.shape} do not fit "
-                             f"{batch} images of {h}x{w}x{channels} ({self.layout})")
-        total = _count(x_out)
-        self._launch_1d("augment_batch", (ctype(x_out.dtype),), total,
+        h, w, channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
+        self._launch_1d("augment_batch", (ctype(x_out.dtype),), _count(x_out),
                         (images, labels, indices, _i32(batch), _i32(h), _i32(w), _i32(channels),
                          _i32(AUGMENT_PAD), np.uint32(seed & 0xFFFFFFFF), np.uint32(step & 0xFFFFFFFF),
-                         np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)), x_out, labels_out, self._channels_last))
+                         np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)), x_out, labels_out,
+                         self._channels_last))
         return x_out
+
+    @_primitive
+    def augment_train_batch(self, images, labels, order, step, steps_per_epoch, global_batch, first_row, seed,
+                            distort, x_out, labels_out):
+        """augment_batch of the training batch of the step held in the 0-d int64 device counter `step`:
+        rows order[start:start + B] with start = (step % steps_per_epoch) * global_batch + first_row,
+        read on the device, so a captured step draws the next batch on every replay."""
+        _require_dtype(np.int64, order=order, step=step)
+        batch = int(labels_out.size)
+        h, w, channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
+        if steps_per_epoch * global_batch > order.size or first_row + batch > global_batch:
+            raise ValueError(f"augment_train_batch: {steps_per_epoch} steps of {global_batch} rows do not fit an "
+                             f"order of {order.size}, or rows {first_row}..{first_row + batch} the global batch")
+        self._launch_1d("augment_train_batch", (ctype(x_out.dtype),), _count(x_out),
+                        (images, labels, order, step, np.int64(steps_per_epoch), np.int64(global_batch),
+                         _i32(batch), _i32(h), _i32(w), _i32(channels), _i32(AUGMENT_PAD),
+                         np.uint32(seed & 0xFFFFFFFF), np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)),
+                         x_out, labels_out, self._channels_last))
+        return x_out
+
+    @_primitive
+    def advance_step(self, step):
+        """step (0-d int64 device counter) += 1, on the device: the last kernel of a training step."""
+        _require_dtype(np.int64, step=step)
+        self.kernels.launch("advance_step", (), (1,), (32,), (step,))
+        return step
+
+    # ----------------------------------------------------------------- CUDA graphs
+
+    def capture(self, run):
+        """Record everything `run()` enqueues on the backend's stream as one CUDA graph (a CapturedGraph).
+
+        Call it only after `run` has run eagerly (kernels compiled, cuDNN plans built, buffers
+        allocated, NCCL connected): during a capture nothing executes, work is only recorded. Memory
+        allocated during the capture comes from a private pool kept alive with the graph, so an address
+        baked into the graph is never handed to anything else. Relaxed capture mode: another worker
+        thread sharing the GPU may go on allocating (cudaMalloc) while this one records.
+        """
+        pool = cupy.cuda.MemoryPool()
+        with self.device, self.stream, cupy.cuda.using_allocator(pool.malloc):
+            self.stream.begin_capture(mode=cupy.cuda.runtime.streamCaptureModeRelaxed)
+            try:
+                run()
+            except BaseException:
+                self._abandon_capture()
+                raise
+            graph = self.stream.end_capture()
+        return CapturedGraph(graph, pool, self)
+
+    def _abandon_capture(self):
+        """End a capture that failed part-way; its error is the one worth reporting, not this one's."""
+        try:
+            self.stream.end_capture()
+        except Exception:       # an invalidated capture raises here too
+            pass
+
+
+class CapturedGraph:
+    """A recorded CUDA graph, the memory pool its captured allocations came from, and its backend."""
+
+    def __init__(self, graph, pool, backend):
+        self.graph = graph
+        self.pool = pool            # kept alive with the graph: its blocks are baked into the graph
+        self.backend = backend
+        self.launches = 0
+
+    def launch(self):
+        """Replay the recorded work on the backend's stream (enqueued; nothing waits)."""
+        with self.backend.device:
+            self.graph.launch(stream=self.backend.stream)
+        self.launches += 1

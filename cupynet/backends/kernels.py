@@ -65,8 +65,11 @@ KERNELS = {
     "pooling.cu": {
         "global_avgpool_forward": _per_type(*ACTIVATION_TYPES),
         "global_avgpool_backward": _per_type(*ACTIVATION_TYPES),
-        "bias_add": _per_type(*ACTIVATION_TYPES),
-        "column_sums": _per_type(*ACTIVATION_TYPES),
+    },
+    "dense.cu": {
+        "dense_forward": _per_type(*ACTIVATION_TYPES),
+        "dense_backward_data": _per_type(*ACTIVATION_TYPES),
+        "dense_backward_params": _per_type(*ACTIVATION_TYPES),
     },
     "loss.cu": {
         "softmax_cross_entropy": _per_type(*ACTIVATION_TYPES),
@@ -80,6 +83,8 @@ KERNELS = {
     },
     "augment.cu": {
         "augment_batch": _per_type(*ACTIVATION_TYPES),
+        "augment_train_batch": _per_type(*ACTIVATION_TYPES),
+        "advance_step": [],
     },
 }
 

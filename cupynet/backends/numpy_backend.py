@@ -51,6 +51,12 @@ class NumpyBackend(LayoutMixin):
     def from_host(self, array, dtype=None):
         return np.array(array, dtype=dtype or array.dtype, copy=True)
 
+    def upload_into(self, array, host):
+        """array[...] = host (same shape): the GPU backend's copy into an existing device buffer."""
+        if np.shape(host) != array.shape:
+            raise ValueError(f"upload_into: host array {np.shape(host)} does not match {array.shape}")
+        array[...] = host
+
     def fill(self, array, value):
         """Set every element (e.g. the learning-rate scalar between steps)."""
         array[...] = value
@@ -448,6 +454,30 @@ class NumpyBackend(LayoutMixin):
         worker's shard offset), so the draws depend on the global position, not on the shard.
         """
         self.calls["augment_batch"] += 1
+        return self._augment(images, labels, indices, seed, step, distort, x_out, labels_out, first_row)
+
+    def augment_train_batch(self, images, labels, order, step, steps_per_epoch, global_batch, first_row, seed,
+                            distort, x_out, labels_out):
+        """augment_batch of the training batch of the step held in the 0-d int64 array `step` (the
+        trainer's step counter, which lives on the device on a GPU so a captured step can replay):
+        rows order[start:start + B], start = (step % steps_per_epoch) * global_batch + first_row."""
+        self.calls["augment_train_batch"] += 1
+        batch = labels_out.size
+        if steps_per_epoch * global_batch > order.size or first_row + batch > global_batch:
+            raise ValueError(f"augment_train_batch: {steps_per_epoch} steps of {global_batch} rows do not fit an "
+                             f"order of {order.size}, or rows {first_row}..{first_row + batch} the global batch")
+        current = int(step)
+        start = (current % steps_per_epoch) * global_batch + first_row
+        return self._augment(images, labels, order[start:start + batch], seed, current, distort, x_out,
+                             labels_out, first_row)
+
+    def advance_step(self, step):
+        """step (0-d int64) += 1: the last primitive of a training step."""
+        self.calls["advance_step"] += 1
+        step[...] += 1
+        return step
+
+    def _augment(self, images, labels, indices, seed, step, distort, x_out, labels_out, first_row):
         batch = images[indices]                                # (B, 32, 32, 3) uint8
         b, h, w, _ = batch.shape
         if distort:

@@ -1,0 +1,134 @@
+"""Whole-step CUDA-graph capture on the GPU: replayed steps equal eager steps bit for bit.
+
+    python -m pytest -m gpu tests/test_step_graph_gpu.py -q       # on a GPU machine (skipped elsewhere)
+
+Each case trains the same model twice from the same seed, once eagerly (--cuda-graph off) and once
+captured (--cuda-graph on: two eager warm-up steps, then one recording replayed), over several epoch
+starts (a new order uploaded between replays) and a learning-rate change (the device scalar set between
+replays), with evaluations in between (they reuse the training buffers of the same shape: a replay must
+not be corrupted by them). Both runs launch the same kernels in the same order on the same data with
+deterministic cuDNN engines, so every parameter, momentum and moving statistic must be equal exactly.
+"""
+import numpy as np
+import pytest
+
+from cupynet.config import TrainConfig
+from cupynet.data import synthetic_dataset
+from cupynet.trainer import Trainer
+
+pytestmark = pytest.mark.gpu
+
+STEPS = 12
+# 64 images at batch 16: 4 steps per epoch, so 12 steps start 3 epochs; the LR drops after 1.5 epochs.
+BASE = dict(num_layers=8, train_batch_size=16, eval_batch_size=16, bn_decay=0.9, seed=4,
+            lr_values=(0.1, 0.02), lr_boundaries=(1.5,))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return synthetic_dataset(num_train=64, num_test=24, seed=1)
+
+
+def make_backend(layout, dtype, tf32=True):
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    from cupynet.backends.cupy_backend import CupyBackend
+    return CupyBackend(0, layout, dtype, tf32=tf32)
+
+
+def train(config, dataset, backend, comm=None, evaluate_every=5):
+    """STEPS steps with an evaluation every `evaluate_every`; (trainer, state arrays, evaluations, losses)."""
+    trainer = Trainer(config, dataset, backend, comm)
+    evaluations, losses = [], []
+    for _ in range(STEPS):
+        trainer.train_step()
+        if trainer.step % evaluate_every == 0:
+            evaluations.append(trainer.evaluate(dataset.test))
+            losses.append(trainer.take_mean_loss())
+    return trainer, trainer.checkpoint_arrays(), evaluations, losses
+
+
+def assert_identical(eager, captured):
+    _, eager_state, eager_evals, eager_losses = eager
+    _, state, evals, losses = captured
+    for name, value in eager_state.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+    assert evals == eager_evals
+    assert losses == eager_losses
+
+
+@pytest.mark.parametrize("layout,dtype", [("NHWC", "float32"), ("NCHW", "float32"), ("NHWC", "bfloat16")])
+def test_captured_steps_equal_eager_steps(dataset, layout, dtype):
+    settings = dict(BASE, data_format=layout, dtype=dtype)
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend(layout, dtype))
+    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, make_backend(layout, dtype))
+    runner = captured[0].runner
+    assert runner.captured and runner.eager_steps == 2 and runner.replays == STEPS - 2
+    assert not eager[0].runner.captured and eager[0].runner.eager_steps == STEPS
+    assert_identical(eager, captured)
+
+
+def test_auto_captures_on_the_gpu_and_the_step_launches_nothing_else(dataset):
+    """--cuda-graph auto records on a GPU; after that a step is one graph launch (no kernel launches)."""
+    backend = make_backend("NHWC", "float32")
+    trainer = Trainer(TrainConfig(**BASE), dataset, backend)
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.runner.captured
+    launches, executions = backend.kernels.launches.copy(), backend.conv.executions.copy()
+    for _ in range(4):   # an order upload and an LR fill happen here: copies and CuPy fills, not our kernels
+        trainer.train_step()
+    assert backend.kernels.launches == launches and backend.conv.executions == executions
+    assert trainer.runner.replays == 5
+
+
+def test_resume_records_again_and_continues_exactly(dataset):
+    """A restore drops the recording (its seed and step are stale); the resumed run equals an unbroken one."""
+    config = TrainConfig(**BASE, cuda_graph="on")
+    unbroken = train(config, dataset, make_backend("NHWC", "float32"))
+    first = Trainer(config, dataset, make_backend("NHWC", "float32"))
+    for _ in range(5):
+        first.train_step()
+    arrays, meta = first.checkpoint_arrays(), dict(first.checkpoint_meta(), step=first.step)
+    resumed = Trainer(config, dataset, make_backend("NHWC", "float32"))
+    for _ in range(3):
+        resumed.train_step()        # recorded at the wrong place on purpose, then replaced by the restore
+    resumed.restore(arrays, meta, "in-memory checkpoint")
+    assert not resumed.runner.captured
+    while resumed.step < STEPS:
+        resumed.train_step()
+    for name, value in unbroken[1].items():
+        np.testing.assert_array_equal(resumed.checkpoint_arrays()[name], value, err_msg=name)
+
+
+def test_nccl_one_rank_is_captured_with_the_all_reduce(dataset):
+    """The gradient all-reduce (NCCL, one rank) inside the recording: same result as the eager NCCL run."""
+    from cupynet.parallel import NcclGroup
+
+    def run(mode):
+        group = NcclGroup([0])
+        backend = make_backend("NHWC", "float32")
+        comm = group.communicator(0, backend)
+        try:
+            trainer, state, evaluations, losses = train(TrainConfig(**BASE, cuda_graph=mode), dataset, backend, comm)
+            replays = trainer.runner.replays
+            trainer.runner.graph = None      # the recording (its NCCL kernels) goes before the communicator
+            backend.synchronize()
+            return replays, state, evaluations, losses
+        finally:
+            comm.abort()
+
+    eager, captured = run("off"), run("on")
+    assert eager[0] == 0 and captured[0] == STEPS - 2
+    assert_identical(eager, captured)
+
+
+def test_host_communicator_is_never_captured(dataset):
+    """Workers sharing one GPU through the host all-reduce run eagerly under auto; 'on' is refused."""
+    from cupynet.errors import ConfigError
+    from cupynet.parallel import HostGroup
+    backend = make_backend("NHWC", "float32")
+    comm = HostGroup(1).communicator(0, backend)
+    assert not Trainer(TrainConfig(**BASE), dataset, backend, comm).runner.capture
+    with pytest.raises(ConfigError, match="host all-reduce"):
+        Trainer(TrainConfig(**BASE, cuda_graph="on"), dataset, backend, comm)
