@@ -2,17 +2,22 @@
 # One-shot GPU verification of cupynet, run from the repository root on the GPU machine:
 #
 #     bash bench/device_check.sh [path/to/cifar10-jpeg.tar.xz]        # or CIFAR_JPEG=... bash bench/device_check.sh
+#     DEVICE_CHECK_BUDGET=560 DEVICE_CHECK_ACCURACY=1 bash bench/device_check.sh ARCHIVE   # + time to accuracy
 #
-# Stages, each under its own `timeout` and all under one overall budget (DEVICE_CHECK_BUDGET seconds,
-# default 290), so a hang in one stage cannot eat the device time of the others:
+# Stages, most important first, each under its own `timeout` and all under one overall budget
+# (DEVICE_CHECK_BUDGET seconds, default 290), so a hang in one stage cannot eat the others' device time:
 #   install     the cuDNN Frontend wheel carried in .whl/ -> .site/ (the GPU machine has no package index)
 #   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
-#   gpu_tests   python -m pytest -m gpu -q -ra                                       -> $OUT/gpu_tests.log
+#   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
+#   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
+#   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios
+#               (skipped if torch with CUDA does not import)                          -> $OUT/vs_torch.json
+#   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive    -> $OUT/layers.json
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
 #   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
-#   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16           -> $OUT/layouts.json
-#   torch       the same model in PyTorch eager, for reference (if torch imports)    -> $OUT/torch_eager.json
-# Then $OUT/summary.txt: versions, stage results, test counts, an images/s table.
+#   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe
+#                                                                                     -> $OUT/accuracy.json
+# Then $OUT/summary.txt: versions, stage results, test counts, the images/s tables, the accuracy run.
 #
 # A failing stage is recorded and the next one runs; the exit status is non-zero if any stage failed.
 # $OUT is the output folder the device tool brings back (default ./device_out when run by hand).
@@ -200,7 +205,20 @@ echo "library folders added: ${LIB_DIRS:-none}"
 run_stage install 40 bash -c install_frontend
 run_stage versions 40 bash -c print_versions
 
-run_stage gpu_tests 150 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+
+run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
+    --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
+
+if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    run_stage vs_torch 150 "$PY" bench/vs_torch.py --device 0 --depth 44 --batch 128 --layouts NHWC,NCHW \
+        --dtypes float32,bfloat16 --json "$OUT/vs_torch.json"
+else
+    skip_stage vs_torch "PyTorch with CUDA is not importable here"
+fi
+
+run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
+    --steps 5 --peak-gbs 3350 --json "$OUT/layers.json"
 
 if ARCHIVE=$(find_cifar_archive "${1:-}"); then
     if CONVERTER=$(find_converter "$ARCHIVE"); then
@@ -216,21 +234,20 @@ else
 fi
 
 if [[ -n "$CIFAR_DIR" ]]; then
-    run_stage train 100 "$PY" -m cupynet.train --gpus 0 --data-dir "$CIFAR_DIR" --train-steps 300 \
+    run_stage train 60 "$PY" -m cupynet.train --gpus 0 --data-dir "$CIFAR_DIR" --train-steps 300 \
         --log-interval 50 --model-dir "$TMP/run"
     cp "$TMP/run/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null || true
 else
     skip_stage train "needs the converted CIFAR-10 data"
 fi
 
-run_stage layouts 150 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
-    --dtypes float32,bfloat16 --json "$OUT/layouts.json"
-
-if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    run_stage torch 90 "$PY" bench/torch_eager_reference.py --depth 44 --batch 128 --layouts NCHW,NHWC \
-        --dtypes float32,bfloat16 --json "$OUT/torch_eager.json"
+if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" ]]; then
+    skip_stage accuracy "not asked for (DEVICE_CHECK_ACCURACY=1 runs the 122-epoch recipe)"
+elif [[ -n "$CIFAR_DIR" ]]; then
+    run_stage accuracy 300 "$PY" bench/time_to_accuracy.py --data-dir "$CIFAR_DIR" --model-dir "$TMP/tta" \
+        --json "$OUT/accuracy.json"
 else
-    skip_stage torch "PyTorch with CUDA is not importable here"
+    skip_stage accuracy "needs the converted CIFAR-10 data"
 fi
 
 # ----------------------------------------------------------------------------- summary
@@ -276,15 +293,35 @@ except (OSError, ET.ParseError, AttributeError):
 
 print("\nimages/s, ResNet-44, batch 128 (median of timed windows)")
 rows = {}
-for name, column in (("layouts.json", "cupynet"), ("torch_eager.json", "torch eager")):
-    for row in (load(name) or {}).get("results", []):
-        rows.setdefault((row["layout"], row["dtype"]), {})[column] = row["images_per_sec"]
-print(f"  {'layout':<7}{'dtype':<10}{'cupynet':>10}{'torch eager':>13}")
-for (layout, dtype), values in sorted(rows.items()):
-    cells = [f"{values[c]:>10.0f}" if c in values else f"{'-':>10}" for c in ("cupynet", "torch eager")]
-    print(f"  {layout:<7}{dtype:<10}{cells[0]}   {cells[1]}")
+for row in (load("layouts.json") or {}).get("results", []):
+    column = "cupynet graph" if row.get("captured") else "cupynet eager"
+    rows.setdefault((row["layout"], row["dtype"]), {})[column] = row["images_per_sec"]
+for row in (load("vs_torch.json") or {}).get("results", []):
+    cells = rows.setdefault((row.get("layout"), row.get("dtype")), {})
+    for key, column in (("torch_eager", "torch eager"), ("torch_graph", "torch graph"), ("cupynet", "vs_torch cupynet")):
+        value = row.get(key)
+        value = value.get("images_per_sec") if isinstance(value, dict) else value
+        if isinstance(value, (int, float)):
+            cells[column] = value
+columns = ("cupynet eager", "cupynet graph", "vs_torch cupynet", "torch eager", "torch graph")
+print(f"  {'layout':<7}{'dtype':<10}" + "".join(f"{c:>18}" for c in columns))
+for (layout, dtype), values in sorted(rows.items(), key=str):
+    print(f"  {str(layout):<7}{str(dtype):<10}" +
+          "".join(f"{values[c]:>18.0f}" if c in values else f"{'-':>18}" for c in columns))
 if not rows:
     print("  no throughput results")
+
+layers = load("layers.json")
+if layers:
+    print(f"\nwhere an eager step goes (layers.json, step {layers.get('step_ms')} ms): top primitives")
+    for row in layers.get("primitives", [])[:8]:
+        print(f"  {row['primitive']:<28}{row['ms_per_step']:>9.3f} ms  {row['share']:>6.1%}  "
+              f"host {row['host_ms_per_step']:>8.3f} ms  {row['fraction_of_peak']:>6.1%} of peak")
+
+accuracy = load("accuracy.json")
+if accuracy:
+    print(f"\ntime to accuracy: test {accuracy['test_accuracy']:.2%} in {accuracy['wall_seconds']} s wall, "
+          f"{accuracy['train_seconds']} s training ({accuracy['images_per_sec']} img/s)")
 
 try:
     lines = open(os.path.join(out, "train.log")).read().strip().splitlines()

@@ -13,6 +13,11 @@ On a GPU (`--device 0`) windows are timed with CUDA events on the backend's stre
 CuPy's pool is recorded; on the CPU with perf_counter.
 
     python bench/layouts.py --device 0 --depths 44 --batches 128 --dtypes float32,bfloat16
+    python bench/layouts.py --device 0 --depths 44 --cuda-graph off,on      # eager vs captured step
+
+`--cuda-graph` is a grid dimension too: `off` times the eager step (every primitive launched from
+Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_graph.py), `auto` what
+training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
 """
 import argparse
 import json
@@ -31,6 +36,8 @@ from cupynet import __version__                                   # noqa: E402
 from cupynet.backends import create_backend                        # noqa: E402
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
+from cupynet.errors import CupynetError                            # noqa: E402
+from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
 
 
@@ -40,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="128", help="comma-separated batch sizes")
     p.add_argument("--layouts", default="NCHW,NHWC")
     p.add_argument("--dtypes", default="float32")
+    p.add_argument("--cuda-graph", default="auto", help="comma-separated: auto, off (eager), on (captured)")
     p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
@@ -132,12 +140,16 @@ def device_of(text):
     return "cpu" if text == "cpu" else int(text)
 
 
-def measure(depth, batch, layout, dtype, args, dataset):
+def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None):
+    """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
+    cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
-                         synthetic=True, tf32=args.tf32)
+                         synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph)
     backend = create_backend(device_of(args.device), layout, dtype, args.tf32)
     trainer = Trainer(config, dataset, backend)
-    for _ in range(args.warmup):
+    # A captured step is recorded after WARMUP_STEPS eager ones: the recording step is never timed.
+    warmup = max(args.warmup, WARMUP_STEPS + 1) if trainer.runner.capture else args.warmup
+    for _ in range(warmup):
         trainer.train_step()
     timer = WallTimer(backend) if backend.name == "numpy" else CudaEventTimer(backend)
     rates = []
@@ -151,9 +163,10 @@ def measure(depth, batch, layout, dtype, args, dataset):
         raise RuntimeError(f"ResNet-{depth} {layout} {dtype}: loss is {loss}, not timing a broken step")
     median = statistics.median(rates)
     return {"backend": backend.name, "device": args.device, "depth": depth, "batch": batch, "layout": layout,
-            "dtype": dtype, "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
+            "dtype": dtype, "cuda_graph": cuda_graph, "captured": trainer.runner.captured,
+            "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
-            "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": args.warmup,
+            "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
             "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend)}
 
 
@@ -173,17 +186,20 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'img/s':>9} {'min':>9} {'max':>9} {'ms/step':>9}")
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'img/s':>9} {'min':>9} {'max':>9} "
+          f"{'ms/step':>9}")
     rows = []
     for depth in ints(args.depths):
         for batch in batches:
             for layout in args.layouts.split(","):
                 for dtype in args.dtypes.split(","):
-                    row = measure(depth, batch, layout, dtype, args, dataset)
-                    rows.append(row)
-                    print(f"{depth:>5} {batch:>5} {layout:>6} {dtype:>8} {row['images_per_sec']:>9.1f} "
-                          f"{row['images_per_sec_min']:>9.1f} {row['images_per_sec_max']:>9.1f} {row['step_ms']:>9.1f}",
-                          flush=True)
+                    for cuda_graph in args.cuda_graph.split(","):
+                        row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph)
+                        rows.append(row)
+                        form = "graph" if row["captured"] else "eager"
+                        print(f"{depth:>5} {batch:>5} {layout:>6} {dtype:>8} {form:>8} {row['images_per_sec']:>9.1f} "
+                              f"{row['images_per_sec_min']:>9.1f} {row['images_per_sec_max']:>9.1f} "
+                              f"{row['step_ms']:>9.1f}", flush=True)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -193,4 +209,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CupynetError as error:       # e.g. --cuda-graph on without a GPU: one line, not a traceback
+        sys.exit(f"error: {error}")

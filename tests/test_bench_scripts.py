@@ -55,3 +55,34 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
         assert row["images_per_sec"] > 0 and row["efficiency"] > 0
         assert row["all_reduce_s"] > 0 and row["gradient_elements"] > 0
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["images_per_sec"] / rows[0]["images_per_sec"], rel=1e-3)
+
+
+def test_time_to_accuracy_quick_trains_the_recipe_and_reports_the_curve(tmp_path):
+    out = tmp_path / "tta.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "time_to_accuracy.py"), "--quick",
+                             "--model-dir", str(tmp_path / "run"), "--json", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "time_to_accuracy"
+    assert "--lr-values 0.1,0.01,0.001 --lr-boundaries 1,1.5" in report["command"]
+    assert report["test_images"] == 500 and 0 <= report["test_accuracy"] <= 1
+    assert 0 < report["train_seconds"] <= report["wall_seconds"] and report["images_per_sec"] > 0
+    curve = report["loss_curve"]
+    assert curve[-1]["step"] == report["steps"] and all(point["loss"] > 0 for point in curve)
+    assert [point["lr"] for point in curve][-1] == 0.001          # the last quarter runs at the last rate
+
+
+def test_time_to_accuracy_refuses_a_used_model_dir(tmp_path):
+    used = tmp_path / "run"
+    used.mkdir()
+    (used / "checkpoint.json").write_text("{}")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "time_to_accuracy.py"), "--quick",
+                             "--model-dir", str(used)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0
+    assert "not empty" in result.stderr
+
+
+def test_layouts_rows_say_whether_the_step_was_captured(tmp_path):
+    report = run_quick("layouts", tmp_path)
+    assert all(row["cuda_graph"] == "auto" and row["captured"] is False for row in report["results"])

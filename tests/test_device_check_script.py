@@ -1,10 +1,11 @@
-"""CPU checks of the one-shot GPU verification script and the PyTorch reference it calls.
+"""CPU checks of the one-shot GPU verification script and of the Python scripts it calls.
 
     python -m pytest tests/test_device_check_script.py -q
 
 The script itself only does its real work on the GPU machine; here we check that it parses, that the
-PyTorch reference compiles (PyTorch need not be installed), that a run with no time budget left still
-records every stage, writes the summary and exits non-zero, and that PyTorch stays out of cupynet.
+PyTorch comparison compiles (PyTorch need not be installed), that a run with no time budget left still
+records every stage, writes the summary and exits non-zero, that the summary renders the JSON the
+benchmark scripts really write, and that PyTorch stays out of cupynet.
 """
 import os
 import pathlib
@@ -12,13 +13,14 @@ import py_compile
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
-TORCH_REFERENCE = REPO / "bench" / "torch_eager_reference.py"
-STAGE_NAMES = ("install", "versions", "gpu_tests", "cifar", "train", "layouts", "torch")
+TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
+STAGE_NAMES = ("install", "versions", "gpu_tests", "layouts", "vs_torch", "layers", "cifar", "train", "accuracy")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -30,8 +32,9 @@ def test_device_check_script_parses():
     assert result.returncode == 0, result.stderr
 
 
-def test_torch_reference_compiles(tmp_path):
-    py_compile.compile(str(TORCH_REFERENCE), cfile=str(tmp_path / "torch_eager_reference.pyc"), doraise=True)
+@pytest.mark.parametrize("name", TORCH_SCRIPTS)
+def test_torch_scripts_compile(tmp_path, name):
+    py_compile.compile(str(REPO / "bench" / name), cfile=str(tmp_path / f"{name}c"), doraise=True)
 
 
 @needs_bash
@@ -52,6 +55,30 @@ def test_cupynet_never_imports_torch():
     offenders = []
     for path in (REPO / "cupynet").rglob("*.py"):
         for line in path.read_text().splitlines():
-            if re.match(r"\s*(import|from)\s+torch\b", line) or "torch_eager_reference" in line:
+            if re.match(r"\s*(import|from)\s+torch\b", line) or "torch_resnet" in line:
                 offenders.append(f"{path.relative_to(REPO)}: {line.strip()}")
     assert not offenders, offenders
+
+
+def summary_program():
+    """The summary's Python, as device_check.sh feeds it to the interpreter (its here-document)."""
+    lines = SCRIPT.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('timeout 30 "$PY" - "$FAILED" <<'))
+    end = lines.index("EOF", start)
+    return "\n".join(lines[start + 1:end])
+
+
+def test_summary_renders_the_benchmarks_json(tmp_path):
+    """Real --quick JSON of layouts.py and layers.py (CPU) -> the summary's throughput and primitive tables."""
+    for script in ("layouts", "layers"):
+        result = subprocess.run([sys.executable, str(REPO / "bench" / f"{script}.py"), "--quick",
+                                 "--json", str(tmp_path / f"{script}.json")], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    (tmp_path / "stages.tsv").write_text("install\tok\t1\t\n")
+    result = subprocess.run([sys.executable, "-c", summary_program(), "0"], env=dict(os.environ, OUT=str(tmp_path)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("images/s, ResNet-44")[1]
+    assert re.search(r"NHWC\s+float32\s+\d+", table) and re.search(r"NCHW\s+float32\s+\d+", table)
+    assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
+    assert "result: all stages ok" in result.stdout

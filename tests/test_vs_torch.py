@@ -1,0 +1,159 @@
+"""bench/vs_torch.py and bench/torch_resnet.py: the PyTorch twin gets cupynet's weights right, and the script runs.
+
+    python -m pytest tests/test_vs_torch.py -q
+
+Where PyTorch is not importable, the tests that need it are skipped (with the reason) and only the
+test that the script itself skips cleanly runs. PyTorch is never a dependency of cupynet.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "bench", "vs_torch.py")
+ENV_KEYS = ("cupynet", "git_commit", "numpy", "python", "cpu_count", "date", "torch", "torch_cuda", "torch_cudnn")
+FORM_KEYS = ("images_per_sec", "images_per_sec_min", "images_per_sec_max", "step_ms", "windows")
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch", reason="PyTorch is not importable: the cupynet-vs-PyTorch checks need it")
+
+
+@pytest.fixture(scope="module")
+def vs_torch(torch):
+    """bench/vs_torch.py as a module, with the quick configuration resolved for the CPU."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import vs_torch
+    return vs_torch
+
+
+@pytest.fixture(scope="module")
+def quick(vs_torch, torch):
+    """(args, torch device, dataset) of --quick: ResNet-8, batch 8, CPU."""
+    args = vs_torch.parse_args(["--quick"])
+    device = vs_torch.resolve_device(args, torch)
+    vs_torch.configure_torch(torch, device, args.tf32)
+    return args, device, vs_torch.synthetic_dataset(num_train=32, num_test=8, seed=0)
+
+
+def one_step_check(vs_torch, torch, quick, layout, perturb=None):
+    """verify()'s comparison of one cupynet step and one torch step from copied weights, at float32 tolerances."""
+    args, device, dataset = quick
+    before, ours, theirs = vs_torch.one_step_each(torch, args, layout, "float32", dataset, device, perturb)
+    return vs_torch.compare(before, ours, theirs, vs_torch.TOLERANCES["fp32"])
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_copied_weights_give_cupynets_loss_gradients_and_update(vs_torch, torch, quick, layout):
+    # Both sides are plain float32 on the CPU: the loss agrees to a few float32 roundings (fp32 tolerance
+    # 1e-5 relative; measured ~1e-7), the gradients up to ReLU-kink flips, the step to the update's rounding
+    # (TOLERANCES in bench/vs_torch.py says where each number comes from).
+    check = one_step_check(vs_torch, torch, quick, layout)
+    assert check["passed"], check
+    assert check["loss_rel_error"] < 1e-6
+    assert check["loss_cupynet"] == pytest.approx(check["loss_torch"], rel=1e-5)
+
+
+def test_a_perturbed_copy_fails_the_loss_check(vs_torch, torch, quick):
+    # Negative control: one wrong weight (of the dense layer, where BatchNorm cannot absorb it) moves the
+    # loss far beyond 1e-5.
+    def perturb(model):
+        with torch.no_grad():
+            model.fc.weight[3, 7] += 0.1
+    check = one_step_check(vs_torch, torch, quick, "NHWC", perturb)
+    assert not check["passed"]
+    assert check["loss_rel_error"] > 100 * check["loss_tolerance"]
+
+
+def test_a_wrong_batchnorm_momentum_fails_the_step_check(vs_torch, torch, quick):
+    # Negative control for the step: torch momentum = decay (the classic mistake; it must be 1 - decay) leaves
+    # the loss alone (training uses batch statistics) but moves the moving statistics wrongly.
+    def perturb(model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = 0.997
+    check = one_step_check(vs_torch, torch, quick, "NCHW", perturb)
+    assert check["loss_rel_error"] <= check["loss_tolerance"]
+    assert not check["passed"] and "moving" in check["step_worst"]
+    assert check["step_rel_error"] > 100 * check["step_tolerance"]
+
+
+def test_copy_weights_refuses_other_blocks_and_depths(vs_torch, torch, quick):
+    from torch_resnet import ResNetV1, copy_weights
+    args, _, dataset = quick
+    trainer = vs_torch.cupynet_trainer(args, "NHWC", "float32", dataset)
+    with pytest.raises(ValueError, match="ResNet-8 vs torch ResNet-14"):
+        copy_weights(trainer, ResNetV1(14))
+    trainer.model.block = "v2"
+    with pytest.raises(ValueError, match="block 'v1' only"):
+        copy_weights(trainer, ResNetV1(8))
+
+
+def test_graph_update_is_torch_sgd(vs_torch, torch):
+    # The CUDA-graph form's foreach SGD (LR in a 0-d tensor) equals torch.optim.SGD with weight decay and
+    # momentum, over two steps (the second uses the momentum buffer). Same float32 ops: 1e-6 relative.
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
+    grads = [[torch.randn(p.shape, generator=generator) for p in params] for _ in range(2)]
+    reference = [torch.nn.Parameter(p.clone()) for p in params]
+    optimizer = torch.optim.SGD(reference, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    buffers = [torch.zeros_like(p) for p in params]
+    for step_grads in grads:
+        vs_torch.sgd_foreach(torch, params, step_grads, buffers, torch.tensor(0.1), 0.9, 1e-4)
+        for p, g in zip(reference, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+    for ours, theirs in zip(params, reference):
+        np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_quick_verifies_then_writes_ratios(torch, tmp_path):
+    out = tmp_path / "vs_torch.json"
+    result = subprocess.run([sys.executable, SCRIPT, "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torch-graph: skipped" in result.stdout           # CPU: no CUDA graph, and it says so
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "vs_torch"
+    for key in ENV_KEYS:
+        assert key in report["environment"], key
+    assert report["args"]["cuda_graph"] == "auto" and report["args"]["repeats"] >= 5
+    assert {(c["layout"], c["dtype"]) for c in report["verification"]} == {("NHWC", "float32"), ("NCHW", "float32")}
+    assert all(check["passed"] for check in report["verification"])
+    rows = report["results"]
+    assert {row["layout"] for row in rows} == {"NCHW", "NHWC"}
+    for row in rows:
+        assert row["torch_graph"] is None and row["ratio_vs_torch_graph"] is None
+        for form in (row["torch_eager"], row["cupynet"]):
+            for key in FORM_KEYS:
+                assert key in form, key
+            assert form["images_per_sec_min"] <= form["images_per_sec"] <= form["images_per_sec_max"]
+            assert form["images_per_sec"] > 0 and form["windows"] >= 5
+        expected = row["cupynet"]["images_per_sec"] / row["torch_eager"]["images_per_sec"]
+        assert row["ratio_vs_torch_eager"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_without_torch_the_script_skips_with_one_line(tmp_path):
+    # Runs whether or not PyTorch is installed: the import is blocked in the child process.
+    out = tmp_path / "vs_torch.json"
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            f"sys.argv = [{SCRIPT!r}, '--quick', '--json', {str(out)!r}]; "
+            f"runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("vs_torch: skipped: PyTorch is not importable (")
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_bad_flags_exit_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--dtypes", "float16"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "--dtypes" in result.stderr and "Traceback" not in result.stderr
