@@ -2,10 +2,12 @@
 # One-shot GPU verification of cupynet, run from the repository root on the GPU machine:
 #
 #     bash bench/device_check.sh [path/to/cifar10-jpeg.tar.xz]        # or CIFAR_JPEG=... bash bench/device_check.sh
-#     DEVICE_CHECK_BUDGET=560 DEVICE_CHECK_ACCURACY=1 bash bench/device_check.sh ARCHIVE   # + time to accuracy
+#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,layouts,vs_torch,layers,scaling \
+#         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
 #
 # Stages, most important first, each under its own `timeout` and all under one overall budget
-# (DEVICE_CHECK_BUDGET seconds, default 290), so a hang in one stage cannot eat the others' device time:
+# (DEVICE_CHECK_BUDGET seconds, default 540: one device call may run 600 s), so a hang in one stage cannot
+# eat the others' device time. DEVICE_CHECK_SKIP=name,name skips stages (recorded as skipped):
 #   install     the cuDNN Frontend wheel carried in .whl/ -> .site/ (the GPU machine has no package index)
 #   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
@@ -13,6 +15,8 @@
 #   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios
 #               (skipped if torch with CUDA does not import)                          -> $OUT/vs_torch.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive    -> $OUT/layers.json
+#   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
+#               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
 #   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
 #   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe
@@ -34,7 +38,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/device_out}
 mkdir -p "$OUT"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
-BUDGET=${DEVICE_CHECK_BUDGET:-290}
+BUDGET=${DEVICE_CHECK_BUDGET:-540}
 RESERVE=15                               # seconds kept for the summary at the end
 STAGES="$OUT/stages.tsv"                 # name <TAB> status <TAB> seconds <TAB> note
 : > "$STAGES"
@@ -55,6 +59,10 @@ record() {   # record NAME STATUS SECONDS NOTE
 run_stage() {   # run_stage NAME CAP_SECONDS COMMAND [ARGS...]: timed, logged to $OUT/NAME.log
     local name=$1 cap=$2
     shift 2
+    if [[ ",${DEVICE_CHECK_SKIP:-}," == *",$name,"* ]]; then
+        skip_stage "$name" "in DEVICE_CHECK_SKIP"
+        return 1
+    fi
     local left=$((BUDGET - SECONDS - RESERVE))
     if ((left < 10)); then
         record "$name" "NOT RUN" 0 "overall budget of ${BUDGET}s spent"
@@ -220,6 +228,11 @@ fi
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs 3350 --json "$OUT/layers.json"
 
+run_stage scaling 90 bash -c '"$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1,2 --comm shared \
+    --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling.json" &&
+    "$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1 --comm nccl \
+    --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling_nccl.json"'
+
 if ARCHIVE=$(find_cifar_archive "${1:-}"); then
     if CONVERTER=$(find_converter "$ARCHIVE"); then
         if run_stage cifar 60 bash -c 'convert_cifar "$0" "$1"' "$ARCHIVE" "$CONVERTER"; then
@@ -317,6 +330,12 @@ if layers:
     for row in layers.get("primitives", [])[:8]:
         print(f"  {row['primitive']:<28}{row['ms_per_step']:>9.3f} ms  {row['share']:>6.1%}  "
               f"host {row['host_ms_per_step']:>8.3f} ms  {row['fraction_of_peak']:>6.1%} of peak")
+
+for name in ("scaling.json", "scaling_nccl.json"):
+    for row in (load(name) or {}).get("results", []):
+        print(f"\n{name}: {row['workers']} worker(s), {row['communicator']}, "
+              f"{'captured' if row.get('captured') else 'eager'}: {row['images_per_sec']:.0f} img/s, "
+              f"efficiency {row.get('efficiency', 1.0):.2f}, all-reduce {1000 * row['all_reduce_s']:.3f} ms")
 
 accuracy = load("accuracy.json")
 if accuracy:

@@ -3,7 +3,8 @@
     python bench/scaling.py                                 # CPU workers: 1 and 2 x 'cpu', ResNet-20, batch 128
     python bench/scaling.py --workers 1,2 --depth 44 --batch 64 --repeats 5
     python bench/scaling.py --quick                         # ResNet-8, batch 8, workers 1,2, 2 windows of 1 step
-    python bench/scaling.py --device 0 --workers 1,2,4      # N workers sharing GPU 0 (host all-reduce)
+    python bench/scaling.py --device 0 --workers 1,2,4      # N workers sharing GPU 0 (shared-GPU collectives)
+    python bench/scaling.py --device 0 --workers 1 --comm nccl        # NCCL with one rank
 
 For each N in `--workers`, N worker threads run through the real machinery of a data-parallel run
 (cupynet/parallel.py `run_workers`, a `HostGroup` communicator, one Trainer replica per worker; see
@@ -14,7 +15,10 @@ gradient all-reduce keeps the ranks in lockstep, so rank 0's wall time is the gr
 images/s = median over windows of steps x global batch / seconds, efficiency = (img/s at N) / (img/s at 1).
 The all-reduce alone: the same group all-reduces (mean) a float32 buffer of `model.params.total` elements,
 the size of the flat gradient, `--repeats` times; the median seconds is reported.
-Several workers on one GPU use the host communicator (NCCL refuses two ranks on one device).
+`--comm` picks the communicator: `host` (HostGroup: through host memory, never captured), `shared`
+(cupynet/shared_gpu.py: kernels on each worker's stream, workers sharing one GPU, captured in a CUDA graph
+under the default --cuda-graph auto), `nccl` (one rank: NCCL refuses two ranks on one GPU); `auto` is host on
+the CPU and shared on a GPU. Each row records the communicator and whether the step was captured.
 Prints a table and writes JSON (`--json`, default bench/results/scaling-<host>.json) with `environment()`.
 """
 import argparse
@@ -31,7 +35,8 @@ from bench.layouts import WallTimer, device_of, environment               # noqa
 from cupynet.backends import check_devices, create_backend                # noqa: E402
 from cupynet.config import TrainConfig                                   # noqa: E402
 from cupynet.data import synthetic_dataset                               # noqa: E402
-from cupynet.parallel import HostGroup, run_workers                      # noqa: E402
+from cupynet.parallel import HostGroup, NcclGroup, run_workers           # noqa: E402
+from cupynet.step_graph import WARMUP_STEPS                              # noqa: E402
 from cupynet.trainer import Trainer                                      # noqa: E402
 
 
@@ -43,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=128, help="global batch, fixed for every worker count")
     p.add_argument("--layout", default="NHWC", choices=("NCHW", "NHWC"))
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--comm", default="auto", choices=("auto", "host", "shared", "nccl"),
+                   help="communicator (auto: host on the CPU, shared on a GPU)")
+    p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"), help="as the training flag")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per worker count")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows (and all-reduces), median reported")
@@ -55,7 +63,22 @@ def parse_args(argv=None):
     bad = [n for n in args.worker_counts if n < 1 or args.batch % n]
     if bad:
         p.error(f"--batch {args.batch} must split evenly over every worker count (not {bad[0]})")
+    if args.comm == "auto":
+        args.comm = "host" if args.device == "cpu" else "shared"
+    if args.comm != "host" and args.device == "cpu":
+        p.error(f"--comm {args.comm} needs a GPU (--device 0)")
+    if args.comm == "nccl" and max(args.worker_counts) > 1:
+        p.error("--comm nccl runs one rank only: NCCL refuses two ranks on one GPU")
     return args
+
+
+def make_group(args, n):
+    if args.comm == "shared":
+        from cupynet.shared_gpu import SharedGpuGroup
+        return SharedGpuGroup(n, device_of(args.device))
+    if args.comm == "nccl":
+        return NcclGroup([device_of(args.device)] * n)
+    return HostGroup(n)
 
 
 def timed_windows(timer, repeats, fn):
@@ -71,14 +94,15 @@ def timed_windows(timer, repeats, fn):
 def worker_run(args, dataset, group):
     """worker_fn for run_workers: train, time the windows, then time the all-reduce alone."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
-                         dtype=args.dtype, synthetic=True)
+                         dtype=args.dtype, synthetic=True, cuda_graph=args.cuda_graph)
 
     def worker(rank, device):
         backend = create_backend(device, args.layout, args.dtype)    # in the worker thread, as train.py does
         comm = group.communicator(rank, backend)
         trainer = Trainer(config, dataset, backend, comm)
         trainer.broadcast_state()
-        for _ in range(args.warmup):
+        # A captured step is recorded after WARMUP_STEPS eager ones: the recording step is never timed.
+        for _ in range(max(args.warmup, WARMUP_STEPS + 1) if trainer.runner.capture else args.warmup):
             trainer.train_step()
         timer = WallTimer(backend)      # wall time: what a run waits for, all-reduce through the host included
 
@@ -90,20 +114,21 @@ def worker_run(args, dataset, group):
         buffer = backend.zeros((trainer.model.params.total,), dtype=np.float32)
         reduce_seconds = timed_windows(timer, args.repeats, lambda: comm.all_reduce_mean(buffer))
         return {"step_windows_s": step_windows, "all_reduce_s": reduce_seconds, "loss": loss,
-                "gradient_elements": trainer.model.params.total}
+                "gradient_elements": trainer.model.params.total, "captured": trainer.runner.captured}
     return worker
 
 
 def measure(n, args, dataset):
     """One row: N workers on `args.device`, rank 0's timings."""
-    group = HostGroup(n)
+    group = make_group(args, n)
     devices = [device_of(args.device)] * n
     result = run_workers(devices, worker_run(args, dataset, group), group)[0]
     if not np.isfinite(result["loss"]):
         raise RuntimeError(f"{n} workers: loss is {result['loss']}, not timing a broken step")
     rates = [args.steps * args.batch / s for s in result["step_windows_s"]]
     median = statistics.median(rates)
-    return {"workers": n, "device": args.device, "global_batch": args.batch, "per_worker_batch": args.batch // n,
+    return {"workers": n, "device": args.device, "communicator": args.comm, "captured": result["captured"],
+            "global_batch": args.batch, "per_worker_batch": args.batch // n,
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * args.batch / median, 3),
             "gradient_elements": result["gradient_elements"],
@@ -135,7 +160,7 @@ def main(argv=None):
               f"{r['images_per_sec_max']:>9.1f} {r['step_ms']:>9.2f} {r['efficiency']:>7.2f} "
               f"{1000 * r['all_reduce_s']:>12.3f}")
     print(f"(all-reduce: mean of {rows[0]['gradient_elements']:,} float32 elements = the flat gradient, "
-          f"host communicator)")
+          f"{args.comm} communicator; steps {'captured' if rows[0]['captured'] else 'eager'})")
     write_json(args.json or default_json("scaling"),
                {"benchmark": "scaling", "environment": env, "args": vars(args), "results": rows})
 

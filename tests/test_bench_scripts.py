@@ -55,6 +55,13 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
         assert row["images_per_sec"] > 0 and row["efficiency"] > 0
         assert row["all_reduce_s"] > 0 and row["gradient_elements"] > 0
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["images_per_sec"] / rows[0]["images_per_sec"], rel=1e-3)
+    assert all(row["communicator"] == "host" and row["captured"] is False for row in rows)   # CPU: host, eager
+
+
+def test_scaling_refuses_gpu_communicators_on_the_cpu():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "scaling.py"), "--quick", "--comm", "shared"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--comm shared needs a GPU" in result.stderr
 
 
 def test_time_to_accuracy_quick_trains_the_recipe_and_reports_the_curve(tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 FLOAT = "float"
 BF16 = "__nv_bfloat16"
 ACTIVATION_TYPES = (FLOAT, BF16)          # the activation dtypes: float32, bfloat16
+REDUCED_TYPES = (FLOAT, "double", "long long")   # what communicators reduce: parameters, sums, counts
 
 COMPILE_OPTIONS = ("-std=c++17",)         # CuPy adds -ftz=true, the arch, and its include paths
 HEADER = "common.cuh"
@@ -81,6 +82,12 @@ KERNELS = {
         "sum_finalize": [],
         "accumulate": [],
     },
+    "collectives.cu": {
+        "publish": [(t,) for t in REDUCED_TYPES],
+        "rank_barrier": [],
+        "reduce_slots": [(t,) for t in REDUCED_TYPES],
+        "copy_slot": [(t,) for t in REDUCED_TYPES],
+    },
     "augment.cu": {
         "augment_batch": _per_type(*ACTIVATION_TYPES),
         "augment_train_batch": _per_type(*ACTIVATION_TYPES),
@@ -99,7 +106,11 @@ def ctype(dtype):
         return FLOAT
     if name == "bfloat16":
         return BF16
-    raise TypeError(f"no kernels for dtype {name} (float32 and bfloat16 only)")
+    if name == "float64":
+        return "double"
+    if name == "int64":
+        return "long long"
+    raise TypeError(f"no kernels for dtype {name} (float32, bfloat16; float64 and int64 for collectives)")
 
 
 def kernels_dir():

@@ -1,0 +1,154 @@
+"""Communicators for worker threads that share one GPU: collectives as kernels, recordable in a CUDA graph.
+
+    group = SharedGpuGroup(size=2, device_id=0)
+    def worker(rank, device):                    # run_workers([0, 0], worker, group)
+        backend = CupyBackend(0, "NHWC", "float32")
+        comm = group.communicator(rank, backend)
+        comm.all_reduce_mean(grad_flat)          # enqueued on backend.stream, nothing waits on the host
+
+Why a third communicator: NCCL refuses two ranks on one GPU, and the host communicator copies to the host and
+meets the other ranks at a threading barrier in the middle of the step, which a CUDA graph cannot record.
+These collectives are kernels on each worker's own stream (kernels/collectives.cu says how they work): each
+rank publishes its array into a shared slot, a one-thread barrier kernel waits on a device-wide arrival
+counter, every rank adds the slots in rank order (the HostCommunicator's order: bit-identical results on
+every rank and equal to it), and a second barrier keeps slots from being overwritten while still read.
+The ranks' streams run concurrently on the GPU, so a rank waiting in a barrier only occupies one thread.
+
+The slots are shared device buffers, one per (dtype, size), created by the first rank that needs them
+(in a warm-up step, never inside a recording). abort() sets a device flag through its own stream, so ranks
+waiting in a barrier leave it, and later collectives raise CommunicatorAborted on the host; a barrier that
+waits longer than BARRIER_TIMEOUT_S sets the flag itself, so a worker that died can never hang the GPU.
+Caveat: a rank waiting in a barrier kernel waits for the other ranks' future work. A host call in another
+rank that waits for the whole device meanwhile (cudaDeviceSynchronize, a cudaFree) would wait for the
+waiting kernel: the barrier's timeout turns that into an aborted group, not a hang. The trainer's
+steps make no such call once warmed up; this group is for tests and benchmarks of several workers on one
+GPU (bench/scaling.py), where NCCL cannot run.
+Verified on: nothing yet (written on a machine without a GPU; tests/test_shared_gpu.py runs on one).
+"""
+import threading
+
+import numpy as np
+
+from cupynet.backends.kernels import KernelLibrary, ctype
+from cupynet.parallel import Communicator, CommunicatorAborted
+
+BARRIER_TIMEOUT_S = 120.0
+REDUCED_DTYPES = ("float32", "float64", "int64")
+
+
+class SharedGpuGroup:
+    """What the communicators of workers on one GPU share: slots, the arrival counter, the abort flag."""
+
+    def __init__(self, size, device_id=0):
+        import cupy
+        if size < 1:
+            raise ValueError(f"a group needs at least one rank, got {size}")
+        self.size = size
+        self.device = cupy.cuda.Device(device_id)
+        self._lock = threading.Lock()
+        self._slots = {}                               # (dtype name, elements) -> (size, n) device array
+        self._communicators = []
+        with self.device:
+            self.arrivals = cupy.zeros((), dtype=np.uint64)
+            self.abort_flag = cupy.zeros((), dtype=np.int32)
+            self._abort_stream = cupy.cuda.Stream(non_blocking=True)
+            cupy.cuda.Device().synchronize()           # zeros in place before any rank's stream reads them
+        self.aborted = False
+
+    def communicator(self, rank, backend):
+        if backend.device.id != self.device.id:
+            raise ValueError(f"rank {rank} is on GPU {backend.device.id}, the group shares GPU {self.device.id}")
+        comm = SharedGpuCommunicator(self, rank, backend)
+        with self._lock:
+            self._communicators.append(comm)
+        return comm
+
+    def slots(self, dtype, elements):
+        """The shared (size, elements) buffer for one array shape, created on first use."""
+        import cupy
+        key = (np.dtype(dtype).name, int(elements))
+        with self._lock:
+            if key not in self._slots:
+                with self.device:     # an allocation only: no kernel another stream could overtake
+                    self._slots[key] = cupy.empty((self.size, int(elements)), dtype=dtype)
+            return self._slots[key]
+
+    def abort(self):
+        """Release every rank waiting in a barrier kernel; later collectives raise on the host."""
+        self.aborted = True
+        with self.device, self._abort_stream:
+            self.abort_flag.fill(1)                    # runs beside the waiting kernels, on its own stream
+
+    def device_aborted(self):
+        """Whether a barrier timed out (or abort ran): a host read, only between steps."""
+        return bool(int(self.abort_flag.get(stream=self._abort_stream)))
+
+
+class SharedGpuCommunicator(Communicator):
+    """One rank of a SharedGpuGroup: collectives enqueued on its backend's stream (capturable)."""
+
+    kind = "shared-GPU"
+    capturable = True
+
+    def __init__(self, group, rank, backend):
+        import cupy
+        if not 0 <= rank < group.size:
+            raise ValueError(f"rank {rank} outside a group of {group.size}")
+        self.group = group
+        self.rank = rank
+        self.size = group.size
+        self.backend = backend
+        self.kernels = backend.kernels
+        with backend.device:
+            self.barriers_passed = cupy.zeros((), dtype=np.uint64)    # this rank's barrier count
+        backend.synchronize()
+
+    def _check(self, array):
+        if self.group.aborted:
+            raise CommunicatorAborted(f"rank {self.rank}: the worker group was aborted")
+        if not array.flags.c_contiguous:
+            raise ValueError("shared-GPU collectives need a contiguous buffer (pass the flat buffers)")
+        if np.dtype(array.dtype).name not in REDUCED_DTYPES:
+            raise TypeError(f"shared-GPU collectives take {', '.join(REDUCED_DTYPES)}, got {array.dtype}")
+        return int(array.size)
+
+    def _launch_1d(self, name, array, n, args):
+        self.kernels.launch(name, (ctype(array.dtype),), self.kernels.grid_1d(n), KernelLibrary.BLOCK, args)
+
+    def _barrier(self):
+        timeout_ns = np.uint64(int(BARRIER_TIMEOUT_S * 1e9))
+        self.kernels.launch("rank_barrier", (), (1,), (32,),
+                            (self.barriers_passed, self.group.arrivals, np.int32(self.size), self.group.abort_flag,
+                             timeout_ns))
+
+    def _collective(self, array, finish):
+        """publish -> barrier -> finish(slots, n) -> barrier, all on the backend's stream."""
+        n = self._check(array)
+        slots = self.group.slots(array.dtype, n)
+        with self.backend.device, self.backend.stream:
+            self._launch_1d("publish", array, n, (array, slots[self.rank], np.int32(n)))
+            self._barrier()
+            finish(slots, n)
+            self._barrier()
+        return array
+
+    def _reduce(self, array, mean):
+        def finish(slots, n):
+            self._launch_1d("reduce_slots", array, n, (slots, array, np.int32(n), np.int32(self.size), np.int32(mean)))
+        return self._collective(array, finish)
+
+    def all_reduce_sum(self, array):
+        return self._reduce(array, mean=False)
+
+    def all_reduce_mean(self, array):
+        if np.dtype(array.dtype).kind != "f":
+            raise TypeError(f"all_reduce_mean needs a floating-point buffer, got {array.dtype}")
+        return self._reduce(array, mean=True)
+
+    def broadcast(self, array, root=0):
+        def finish(slots, n):
+            self._launch_1d("copy_slot", array, n, (slots[root], array, np.int32(n)))
+        return self._collective(array, finish)
+
+    def abort(self):
+        self.group.abort()

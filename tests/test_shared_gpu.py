@@ -1,0 +1,102 @@
+"""Collectives between workers sharing one GPU (cupynet/shared_gpu.py), against the host communicator.
+
+    python -m pytest -m gpu tests/test_shared_gpu.py -q       # on a GPU machine (skipped elsewhere)
+
+The host communicator is the reference: the same rank-order sums, so results must be equal bit for bit.
+Then whole training: two workers sharing the GPU, steps recorded in CUDA graphs with the all-reduce inside,
+against the eager host-communicator run; and an aborted group releases a rank waiting in a barrier kernel.
+"""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cupynet.config import TrainConfig
+from cupynet.data import synthetic_dataset
+from cupynet.parallel import CommunicatorAborted, HostGroup, run_workers
+from cupynet.trainer import Trainer
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_backend():
+    from cupynet.backends.cupy_backend import CupyBackend
+    return CupyBackend(0, "NHWC", "float32", tf32=False)
+
+
+def shared_group(size):
+    from cupynet.shared_gpu import SharedGpuGroup
+    return SharedGpuGroup(size, 0)
+
+
+def run_collective(group, size, inputs, collective):
+    """collective(comm, device array) on `size` GPU workers; returns each rank's result on the host."""
+    def worker(rank, device):
+        backend = gpu_backend()
+        array = backend.from_host(inputs[rank])
+        collective(group.communicator(rank, backend), array)
+        return backend.to_host(array)
+    return run_workers([0] * size, worker, group)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64"])
+def test_sum_mean_and_broadcast_equal_the_host_communicator(dtype):
+    rng = np.random.default_rng(3)
+    # magnitudes 1 .. 1e6: the float sums depend on the order of the additions
+    inputs = [(rng.standard_normal(1000) * 10.0 ** (2 * rank) * 100).astype(dtype) for rank in range(3)]
+    operations = [lambda comm, a: comm.all_reduce_sum(a), lambda comm, a: comm.broadcast(a, root=2)]
+    if dtype != "int64":
+        operations.append(lambda comm, a: comm.all_reduce_mean(a))
+    for operation in operations:
+        shared = run_collective(shared_group(3), 3, inputs, operation)
+        host = run_collective(HostGroup(3), 3, inputs, operation)
+        for rank in range(3):
+            np.testing.assert_array_equal(shared[rank], host[rank])
+            np.testing.assert_array_equal(shared[rank], shared[0])
+
+
+def two_workers(dataset, group, cuda_graph):
+    config = TrainConfig(num_layers=8, train_batch_size=16, eval_batch_size=8, bn_decay=0.9, seed=5,
+                         cuda_graph=cuda_graph, tf32=False)
+
+    def worker(rank, device):
+        backend = gpu_backend()
+        trainer = Trainer(config, dataset, backend, group.communicator(rank, backend))
+        trainer.broadcast_state()
+        for _ in range(8):
+            trainer.train_step()
+        trainer.average_moving_statistics()
+        result = trainer.evaluate(dataset.test)
+        return trainer.runner.replays, trainer.checkpoint_arrays(), result, trainer.take_mean_loss()
+
+    return run_workers([0, 0], worker, group)
+
+
+def test_two_workers_captured_with_the_shared_all_reduce_equal_the_eager_host_run():
+    dataset = synthetic_dataset(num_train=64, num_test=16, seed=2)
+    captured = two_workers(dataset, shared_group(2), "on")
+    eager = two_workers(dataset, HostGroup(2), "off")
+    assert [replays for replays, *_ in captured] == [6, 6] and [replays for replays, *_ in eager] == [0, 0]
+    for rank in range(2):
+        _, state, result, loss = captured[rank]
+        _, eager_state, eager_result, eager_loss = eager[0]
+        for name, value in eager_state.items():
+            np.testing.assert_array_equal(state[name], value, err_msg=f"rank {rank}: {name}")
+        assert result == eager_result and loss == eager_loss
+
+
+def test_abort_releases_a_rank_waiting_for_a_missing_peer():
+    """Rank 1 never arrives: rank 0's barrier kernel waits until abort() sets the device flag."""
+    group = shared_group(2)
+    backend = gpu_backend()
+    comm = group.communicator(0, backend)
+    array = backend.from_host(np.ones(10, np.float32))
+    comm.all_reduce_sum(array)                       # enqueued; its first barrier waits for rank 1
+    threading.Timer(1.0, group.abort).start()
+    started = time.monotonic()
+    backend.synchronize()                            # returns once the abort releases the barrier
+    assert 0.5 < time.monotonic() - started < 30
+    assert group.device_aborted()
+    with pytest.raises(CommunicatorAborted):
+        comm.all_reduce_sum(array)
