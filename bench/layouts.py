@@ -164,6 +164,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None):
     median = statistics.median(rates)
     return {"backend": backend.name, "device": args.device, "depth": depth, "batch": batch, "layout": layout,
             "dtype": dtype, "cuda_graph": cuda_graph, "captured": trainer.runner.captured,
+            "conv_autotune": getattr(backend, "autotune", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,

@@ -48,6 +48,7 @@ class TrainConfig:
     dtype: str = "float32"
     tf32: bool = True                        # GPU float32 convolutions on TF32 tensor cores
     cuda_graph: str = "auto"                 # record the GPU step once, replay it: auto (GPU: on), on, off
+    conv_autotune: bool = True               # GPU: time cuDNN's candidate engines per convolution, keep the fastest
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
     train_batch_size: int = 128
@@ -130,6 +131,9 @@ def build_parser():
     model.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=d.cuda_graph,
                        help="record the whole GPU training step once as a CUDA graph and replay it each step "
                             "(auto: on for GPU workers unless --reduce host; results are identical either way)")
+    model.add_argument("--conv-autotune", action=argparse.BooleanOptionalAction, default=d.conv_autotune,
+                       help="GPU: time every cuDNN engine for each convolution on first use and keep the fastest "
+                            "(--no-conv-autotune: cuDNN's heuristic choice, identical across processes)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--train-steps", type=int, help="total target step; a rerun resumes and stops there "
                      "(default 80000; demo 150)")

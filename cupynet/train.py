@@ -57,7 +57,7 @@ def check_cuda_graph(config, devices):
 
 
 def build_backend(config, device):
-    return create_backend(device, config.data_format, config.dtype, config.tf32)
+    return create_backend(device, config.data_format, config.dtype, config.tf32, config.conv_autotune)
 
 
 def make_group(config, devices):

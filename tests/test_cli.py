@@ -123,6 +123,9 @@ def test_demo_defaults_without_data_dir_and_explicit_flags_win():
     full = parse_args(["--data-dir", "/somewhere"])
     assert (full.num_layers, full.train_steps, full.train_batch_size, full.bn_decay) == (44, 80000, 128, 0.997)
     assert full.weight_decay == 1e-4 and full.momentum == 0.9 and full.bn_epsilon == 1e-5
+    assert (full.cuda_graph, full.conv_autotune) == ("auto", True)       # the fast GPU defaults
+    exact = parse_args(["--cuda-graph", "off", "--no-conv-autotune"])
+    assert (exact.cuda_graph, exact.conv_autotune) == ("off", False)
 
 
 # --------------------------------------------------------------------------------------------- bad input

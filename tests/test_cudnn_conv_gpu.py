@@ -276,3 +276,38 @@ def test_bf16_accepts_uint16_storage_and_cupy_bfloat16_alike(handle):
     conv.forward(x.view(ml_dtypes.bfloat16), wt.view(ml_dtypes.bfloat16), 1, 1, y_typed)
     assert conv.builds["fprop"] == 1
     np.testing.assert_array_equal(cupy.asnumpy(y_typed.view(cupy.uint16)), cupy.asnumpy(y_bits))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_autotuned_engines_agree_with_the_heuristic_choice_and_are_shared(handle, layout):
+    """Autotuning times several built candidates, executes the fastest, and a second engine in the process
+    reuses the same choice (so replicas stay bit-identical). Strict fp32: every engine is within RTOL."""
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    prec = Precision("strict")
+    plain = CudnnConv(handle, layout, prec.io_dtype, strict_fp32=True)
+    tuned = CudnnConv(handle, layout, prec.io_dtype, strict_fp32=True, autotune=True)
+    again = CudnnConv(handle, layout, prec.io_dtype, strict_fp32=True, autotune=True)
+    x, wt, dy, (y, dx, dw) = _block_arrays(layout, prec)
+    _, _, _, (y_tuned, dx_tuned, dw_tuned) = _block_arrays(layout, prec)
+    _, _, _, (y_again, _, _) = _block_arrays(layout, prec)
+    plain.forward(x, wt, 1, 1, y)
+    plain.backward_data(dy, wt, 1, 1, dx)
+    plain.backward_filter(x, dy, 1, 1, dw)
+    tuned.forward(x, wt, 1, 1, y_tuned)
+    tuned.backward_data(dy, wt, 1, 1, dx_tuned)
+    tuned.backward_filter(x, dy, 1, 1, dw_tuned)
+    again.forward(x, wt, 1, 1, y_again)
+    entries = list(tuned._graphs.values())
+    assert all(entry.candidates and entry.plan_index is not None for entry in entries)
+    assert max(len(entry.candidates) for entry in entries) > 1          # there was something to choose from
+    assert [e.plan_index for e in again._graphs.values()] == [entries[0].plan_index]
+    cupy.cuda.get_current_stream().synchronize()
+    np.testing.assert_array_equal(prec.to_host(y_again), prec.to_host(y_tuned))
+    # Two strict fp32 engines differ only in summation order: each is within RTOL of sum|a||b| of the exact
+    # result; for these 72-term (fprop/dgrad) and 256-term (wgrad) sums of unit normals, sum|a||b| stays
+    # below ~10x the largest |output|, hence 10 * RTOL of the largest output for their difference.
+    for got, ref in ((y_tuned, y), (dx_tuned, dx), (dw_tuned, dw)):
+        ref_host = prec.to_host(ref)
+        scale = np.max(np.abs(ref_host))
+        np.testing.assert_allclose(prec.to_host(got), ref_host, rtol=0, atol=RTOL["strict"] * 10 * scale)

@@ -67,12 +67,13 @@ def check_dtype(device, dtype):
         raise DeviceError("--dtype float64 is CPU-only (the NumPy reference); on a GPU use float32 or bfloat16")
 
 
-def create_backend(device, layout, dtype, tf32=True):
-    """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first)."""
+def create_backend(device, layout, dtype, tf32=True, autotune=True):
+    """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first).
+    tf32 and autotune (time cuDNN's candidate engines, keep the fastest) concern the GPU only."""
     check_dtype(device, dtype)
     if device == "cpu":
         from cupynet.backends.numpy_backend import NumpyBackend
         return NumpyBackend(layout=layout, dtype=dtype)
     check_devices([device])
     from cupynet.backends.cupy_backend import CupyBackend
-    return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32)
+    return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32, autotune=autotune)

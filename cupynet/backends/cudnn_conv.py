@@ -40,6 +40,11 @@ Precision
       type comes from the constructor's io_dtype, never from the array dtype, so a CuPy bfloat16 array
       and uint16 storage of bf16 bits are both accepted (only the item size, 2 bytes, is checked).
 
+Autotuning (autotune=True, the GPU backend's default, `--no-conv-autotune` turns it off)
+    Every candidate engine is built and, on the convolution's first execution, timed with the real arrays;
+    the fastest is executed from then on (conv_autotune.py, which also says why choices are shared by
+    every engine of the process).
+
 Why integer pointers
     `execute` is given `{tensor: arr.data.ptr}` and the workspace address as plain Python ints. Passing
     CuPy arrays would make the Frontend fall back to `__dlpack__`, which (in CuPy) may synchronize
@@ -77,6 +82,7 @@ source; identical in 1.26.0, whose wheel was compared):
 """
 from collections import Counter
 
+from cupynet.backends.conv_autotune import build_candidates, choose_plan
 from cupynet.errors import DeviceError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -146,15 +152,21 @@ class _BuiltGraph:
     tensors: the graph's three tensors in the order of the public method's array arguments,
              e.g. (X, W, Y) for forward(x, w, stride, pad, y);
     shapes:  the CuPy shapes those three arrays must have.
+
+    candidates: with autotuning, the built plans [(index, workspace bytes)]; plan_index, once chosen,
+             is the one executed (None: the heuristics' first plan, `execute`).
     """
 
-    __slots__ = ("graph", "tensors", "shapes", "workspace_bytes")
+    __slots__ = ("graph", "tensors", "shapes", "workspace_bytes", "candidates", "plan_index", "key")
 
-    def __init__(self, graph, tensors, shapes, workspace_bytes):
+    def __init__(self, graph, tensors, shapes, workspace_bytes, candidates=None):
         self.graph = graph
         self.tensors = tensors
         self.shapes = shapes
         self.workspace_bytes = workspace_bytes
+        self.candidates = candidates
+        self.plan_index = None
+        self.key = None             # the cache key, set by CudnnConv (autotuning choices are kept per key)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -168,11 +180,13 @@ class CudnnConv:
     layout:      "NCHW" (weights KCRS) or "NHWC" (weights KRSC).
     io_dtype:    "float32" or "bfloat16": the dtype of every array passed in.
     strict_fp32: float32 only; keep TF32 tensor-core engines out (see the module docstring).
+    autotune:    time every candidate engine on first use and keep the fastest (conv_autotune.py);
+                 otherwise the heuristics' first choice.
 
     Not thread-safe: one engine per worker thread, like the handle it uses.
     """
 
-    def __init__(self, handle, layout, io_dtype, strict_fp32=False):
+    def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if io_dtype not in IO_DTYPES:
@@ -187,6 +201,7 @@ class CudnnConv:
         self.layout = layout
         self.io_dtype = io_dtype
         self.strict_fp32 = bool(strict_fp32)
+        self.autotune = bool(autotune)
         type_name, self.itemsize = IO_DTYPES[io_dtype]
         self._data_type = getattr(self._cudnn.data_type, type_name)
         self._float = self._cudnn.data_type.FLOAT
@@ -249,6 +264,7 @@ class CudnnConv:
                 raise RuntimeError(f"cuDNN graph for conv {describe(op, key_dims, stride, pad)} was not built "
                                    f"during warm-up (CudnnConv is frozen)")
             entry = self._build(op, key_dims, stride, pad)
+            entry.key = key
             self._graphs[key] = entry
             self.builds[op] += 1
             self._grow_workspace(entry.workspace_bytes)
@@ -275,7 +291,14 @@ class CudnnConv:
         self._check(op, entry, 2, out)
         t_a, t_b, t_out = entry.tensors
         variant_pack = {t_a: a.data.ptr, t_b: b.data.ptr, t_out: out.data.ptr}
-        entry.graph.execute(variant_pack, self._workspace_ptr, handle=self.handle)
+        if entry.candidates is not None and entry.plan_index is None:     # first use: time the candidates
+            entry.plan_index = choose_plan(entry.key, entry.graph, entry.candidates, variant_pack, self.handle,
+                                           self._cupy)
+            self._grow_workspace(int(entry.graph.get_workspace_size_plan_at_index(entry.plan_index)))
+        if entry.plan_index is None:
+            entry.graph.execute(variant_pack, self._workspace_ptr, handle=self.handle)
+        else:
+            entry.graph.execute_plan_at_index(variant_pack, self._workspace_ptr, entry.plan_index, handle=self.handle)
         self.executions[op] += 1
 
     def _check(self, op, entry, index, array):
@@ -330,13 +353,14 @@ class CudnnConv:
                 self._output(dw, weight_dims)           # set_dim: dw's shape cannot be inferred
                 tensors = (x, dy, dw)
                 dims = (image_dims, result_dims, weight_dims)
-            self._plan(graph)
-            workspace_bytes = graph.get_workspace_size()
+            candidates = self._plan(graph)
+            # autotuned: the workspace grows to the chosen plan's size once it is chosen (first use)
+            workspace_bytes = 0 if candidates else graph.get_workspace_size()
         except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
             raise DeviceError(self._unsupported_message(op, key_dims, stride, pad, error)) from error
 
         shapes = tuple(array_shape(self.layout, *d) for d in dims)
-        return _BuiltGraph(graph, tensors, shapes, workspace_bytes)
+        return _BuiltGraph(graph, tensors, shapes, workspace_bytes, candidates)
 
     def _input(self, graph, name, dims):
         return graph.tensor(name=name, dim=list(dims), stride=packed_strides(self.layout, *dims),
@@ -350,7 +374,10 @@ class CudnnConv:
         tensor.set_data_type(self._data_type)
 
     def _plan(self, graph):
-        """validate -> operation graph -> heuristics [A, FALLBACK] -> (strict: drop TF32) -> check -> build."""
+        """validate -> operation graph -> heuristics [A, FALLBACK] -> deselect -> check -> build.
+
+        Returns the autotuning candidates [(plan index, workspace bytes)], or None when the heuristics'
+        first plan was built (`execute` runs it)."""
         cudnn = self._cudnn
         graph.validate()
         graph.build_operation_graph()
@@ -364,7 +391,13 @@ class CudnnConv:
             notes += [cudnn.numerical_note.TENSOR_CORE, cudnn.numerical_note.DOWN_CONVERT_INPUTS]
         graph.deselect_numeric_notes(notes)
         graph.check_support()
-        graph.build_plans()
+        if self.autotune:
+            errors = (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError)
+            candidates = build_candidates(graph, errors)
+            if candidates:
+                return candidates
+        graph.build_plans()       # no autotuning (or no candidate built): the heuristics' first plan
+        return None
 
     def _unsupported_message(self, op, key_dims, stride, pad, error):
         precision = self.io_dtype + (" strict fp32" if self.strict_fp32 else "")

@@ -133,7 +133,7 @@ class CupyBackend(LayoutMixin):
     name = "cupy"
     xp = cupy
 
-    def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True):
+    def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -145,6 +145,7 @@ class CupyBackend(LayoutMixin):
         self.dtype = bfloat16_dtype() if dtype_name == "bfloat16" else np.dtype(np.float32)   # activations
         self.param_dtype = np.dtype(np.float32)     # master parameters, gradients, optimizer, statistics
         self.tf32 = bool(tf32)
+        self.autotune = bool(autotune)          # time cuDNN's candidate engines on first use, keep the fastest
         self.calls = Counter()
         self._scratch_buffers = {}
         self._bn_plans = {}
@@ -164,7 +165,7 @@ class CupyBackend(LayoutMixin):
         self.cudnn_handle = cudnn.create_handle()
         cudnn.set_stream(handle=self.cudnn_handle, stream=self.stream.ptr)
         strict = (not self.tf32) and dtype_name == "float32"   # bf16 convolutions always use tensor cores
-        self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict)
+        self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune)
 
     # ----------------------------------------------------------------- arrays and layout helpers
 

@@ -1,0 +1,83 @@
+"""Autotuning of cuDNN convolution plans: build every candidate engine, time each, keep the fastest.
+
+What PyTorch's `cudnn.benchmark = True` does, for our Frontend graphs (cupynet/backends/cudnn_conv.py):
+the heuristics propose an ordered list of engine configurations; the default builds only the first.
+With autotuning, every candidate that is not deselected (non-deterministic engines always are; strict
+fp32 also drops TF32 ones) and needs at most MAX_WORKSPACE_BYTES of workspace is built, and on the
+convolution's first execution (the warm-up step: it synchronizes with the host) each is run once untimed
+and TIMED_RUNS times between two CUDA events on the backend's stream, with the real arrays; the fastest
+is used from then on (`execute_plan_at_index`).
+
+The choice is kept per process, per GPU and per graph key, so every backend in the process (several
+workers, a second run in a test) uses the same engine for the same convolution: replicas and reruns stay
+bit-identical. A new process may time differently and choose another engine (like cudnn.benchmark): a
+resumed run then matches an unbroken one within rounding, not bit for bit (turn tuning off with
+--no-conv-autotune for that).
+
+Frontend calls used (nvidia-cudnn-frontend 1.22-1.26, names read in the 1.22.1 wheel):
+`get_execution_plan_count()`, `build_plan_at_index(i)` (raises for a deselected or unsupported index),
+`get_workspace_size_plan_at_index(i)`, `execute_plan_at_index(variant_pack, workspace, i, handle=)`.
+"""
+import threading
+
+MAX_WORKSPACE_BYTES = 256 * 2 ** 20     # an engine needing more is not worth the memory at these sizes
+TIMED_RUNS = 3
+
+_CHOICES = {}                            # (device id, graph key) -> plan index
+_LOCK = threading.Lock()
+
+
+def build_candidates(graph, build_errors):
+    """Build every candidate plan the graph can run; [(plan index, workspace bytes)] (maybe empty)."""
+    built = []
+    for index in range(graph.get_execution_plan_count()):
+        try:
+            graph.build_plan_at_index(index)
+        except build_errors:              # deselected, unsupported on this GPU, or failed to compile
+            continue
+        workspace = int(graph.get_workspace_size_plan_at_index(index))
+        if workspace <= MAX_WORKSPACE_BYTES:
+            built.append((index, workspace))
+    return built
+
+
+def choose_plan(key, graph, candidates, variant_pack, handle, cupy):
+    """The plan index for graph `key`: the process-wide choice, or the fastest candidate, timed now.
+
+    variant_pack maps the graph's tensors to the real arrays' pointers; the timed runs write the
+    output array, which the caller's execution then overwrites.
+    """
+    key = (cupy.cuda.Device().id, key)
+    with _LOCK:
+        if key in _CHOICES:
+            return _CHOICES[key]
+    index = _fastest(graph, candidates, variant_pack, handle, cupy)
+    with _LOCK:
+        return _CHOICES.setdefault(key, index)
+
+
+def _fastest(graph, candidates, variant_pack, handle, cupy):
+    stream = cupy.cuda.get_current_stream()        # the backend's stream: its handle is bound to it
+    scratch = cupy.empty((max([workspace for _, workspace in candidates] + [1]),), dtype=cupy.uint8)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    timings = []
+    for index, _ in candidates:
+        try:
+            graph.execute_plan_at_index(variant_pack, scratch.data.ptr, index, handle=handle)   # untimed
+            start.record(stream)
+            for _ in range(TIMED_RUNS):
+                graph.execute_plan_at_index(variant_pack, scratch.data.ptr, index, handle=handle)
+            end.record(stream)
+            end.synchronize()
+        except (RuntimeError, ValueError):        # an engine that builds but cannot run these arrays
+            continue
+        timings.append((cupy.cuda.get_elapsed_time(start, end), index))
+    if not timings:
+        raise RuntimeError(f"none of the {len(candidates)} built cuDNN plans could execute")
+    return min(timings)[1]
+
+
+def forget_choices():
+    """Drop every choice (tests)."""
+    with _LOCK:
+        _CHOICES.clear()
