@@ -4,34 +4,73 @@
  * NumPy twins: NumpyBackend.relu_forward / relu_backward / add / add_relu. Loaded by
  * cupynet/backends/kernels.py; syntax-checked on CPU by tests/test_kernels_compile.py.
  *
- * Every kernel is a grid-stride loop over n elements, computes in float32 and rounds once on store.
- * Outputs may alias inputs (the model writes dx = dx + ds in place), so no __restrict__ here.
+ * Every kernel is a grid-stride loop over n elements, computes in float32 and rounds once on store;
+ * with vec = 1 the first n / PACK packs move 16 bytes at a time (common.cuh, "16-byte packs").
+ * Outputs may alias inputs (the model writes dx = dx + ds in place; a thread reads each pack before it
+ * writes it), so no __restrict__ here.
  */
 #include "common.cuh"
 
 // y = max(x, 0)
 template <typename T>
-__global__ void relu_forward(const T* x, T* y, int n)
+__global__ void relu_forward(const T* x, T* y, int n, int vec)
 {
-    for (int i = first_index(); i < n; i += grid_stride()) y[i] = from_float<T>(relu(to_float(x[i])));
+    constexpr int P = Pack<T>::size;
+    const int packs = pack_count<T>(n, vec);
+    for (int j = first_index(); j < packs; j += grid_stride()) {
+        float v[P];
+        load_pack(x, j, v);
+#pragma unroll
+        for (int k = 0; k < P; ++k) v[k] = relu(v[k]);
+        store_pack(y, j, v);
+    }
+    for (int i = packs * P + first_index(); i < n; i += grid_stride()) y[i] = from_float<T>(relu(to_float(x[i])));
 }
+
+// The gradient through a relu whose output was `out` (exact: g is only passed on or zeroed).
+__device__ __forceinline__ float relu_grad(float g, float out) { return out > 0.0f ? g : 0.0f; }
 
 // dx = dy where the relu output y is positive, else 0
 template <typename T>
-__global__ void relu_backward(const T* dy, const T* y, T* dx, int n)
+__global__ void relu_backward(const T* dy, const T* y, T* dx, int n, int vec)
 {
-    for (int i = first_index(); i < n; i += grid_stride()) {
-        dx[i] = to_float(y[i]) > 0.0f ? dy[i] : from_float<T>(0.0f);
+    constexpr int P = Pack<T>::size;
+    const int packs = pack_count<T>(n, vec);
+    for (int j = first_index(); j < packs; j += grid_stride()) {
+        float g[P], out[P];
+        load_pack(dy, j, g);
+        load_pack(y, j, out);
+#pragma unroll
+        for (int k = 0; k < P; ++k) g[k] = relu_grad(g[k], out[k]);
+        store_pack(dx, j, g);
     }
+    for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
+        dx[i] = from_float<T>(relu_grad(to_float(dy[i]), to_float(y[i])));
+    }
+}
+
+__device__ __forceinline__ float residual_sum(float a, float b, int relu_out)
+{
+    const float v = a + b;
+    return relu_out ? relu(v) : v;
 }
 
 // y = a + b, or relu(a + b) with relu_out = 1 (the post-activation residual sum)
 template <typename T>
-__global__ void residual_add(const T* a, const T* b, T* y, int n, int relu_out)
+__global__ void residual_add(const T* a, const T* b, T* y, int n, int relu_out, int vec)
 {
-    for (int i = first_index(); i < n; i += grid_stride()) {
-        const float v = to_float(a[i]) + to_float(b[i]);
-        y[i] = from_float<T>(relu_out ? relu(v) : v);
+    constexpr int P = Pack<T>::size;
+    const int packs = pack_count<T>(n, vec);
+    for (int j = first_index(); j < packs; j += grid_stride()) {
+        float u[P], v[P];
+        load_pack(a, j, u);
+        load_pack(b, j, v);
+#pragma unroll
+        for (int k = 0; k < P; ++k) u[k] = residual_sum(u[k], v[k], relu_out);
+        store_pack(y, j, u);
+    }
+    for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
+        y[i] = from_float<T>(residual_sum(to_float(a[i]), to_float(b[i]), relu_out));
     }
 }
 

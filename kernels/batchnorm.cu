@@ -192,18 +192,38 @@ __global__ void bn_stats_finalize(const T* x, const float* partials, int slices,
     running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
 }
 
+// One element of bn_apply: x of channel c normalized, scaled, shifted [and relu'd].
+__device__ __forceinline__ float bn_normalize(float x, int c, const float* mean, const float* stat,
+                                              const float* gamma, const float* beta, float eps,
+                                              int stat_is_variance, int relu_out)
+{
+    const float invstd = stat_is_variance ? 1.0f / sqrtf(stat[c] + eps) : stat[c];
+    const float v = (x - mean[c]) * (gamma[c] * invstd) + beta[c];
+    return relu_out ? relu(v) : v;
+}
+
 // y = [relu]((x - mean) * gamma * invstd + beta). Training passes the saved invstd as `stat`;
-// inference passes the moving variance with stat_is_variance = 1. y may alias x.
+// inference passes the moving variance with stat_is_variance = 1. y may alias x. vec: 16-byte packs.
 template <typename T>
 __global__ void bn_apply(const T* x, T* y, const float* mean, const float* stat, const float* gamma,
-                         const float* beta, float eps, int stat_is_variance, int n, int C, int inner, int relu_out)
+                         const float* beta, float eps, int stat_is_variance, int n, int C, int inner, int relu_out,
+                         int vec)
 {
-    for (int i = first_index(); i < n; i += grid_stride()) {
+    constexpr int P = Pack<T>::size;
+    const int packs = pack_count<T>(n, vec);
+    for (int j = first_index(); j < packs; j += grid_stride()) {
+        float v[P];
+        load_pack(x, j, v);
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+            const int c = channel_of(j * P + k, C, inner);
+            v[k] = bn_normalize(v[k], c, mean, stat, gamma, beta, eps, stat_is_variance, relu_out);
+        }
+        store_pack(y, j, v);
+    }
+    for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
         const int c = channel_of(i, C, inner);
-        const float invstd = stat_is_variance ? 1.0f / sqrtf(stat[c] + eps) : stat[c];
-        float v = (to_float(x[i]) - mean[c]) * (gamma[c] * invstd) + beta[c];
-        if (relu_out) v = relu(v);
-        y[i] = from_float<T>(v);
+        y[i] = from_float<T>(bn_normalize(to_float(x[i]), c, mean, stat, gamma, beta, eps, stat_is_variance, relu_out));
     }
 }
 
@@ -240,18 +260,39 @@ extern "C" __global__ void bn_grad_finalize(const float* partials, int slices, i
     }
 }
 
-// dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m). dx may alias dy.
+// One element of bn_backward_dx: dz (the masked gradient) and x of channel c -> dx.
+__device__ __forceinline__ float bn_input_grad(float dz, float x, int c, const float* mean, const float* invstd,
+                                               const float* gamma, const float* dgamma, const float* dbeta,
+                                               float count)
+{
+    const float xhat = (x - mean[c]) * invstd[c];
+    return (dz - dbeta[c] / count - xhat * (dgamma[c] / count)) * (gamma[c] * invstd[c]);
+}
+
+// dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m). dx may alias dy. vec: 16-byte packs.
 template <typename T>
 __global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
                                const float* invstd, const float* gamma, const float* dgamma, const float* dbeta,
-                               T* dx, int n, int C, int inner, int m)
+                               T* dx, int n, int C, int inner, int m, int vec)
 {
+    constexpr int P = Pack<T>::size;
     const float count = (float)m;
-    for (int i = first_index(); i < n; i += grid_stride()) {
-        const int c = channel_of(i, C, inner);
-        const float xhat = (to_float(x[i]) - mean[c]) * invstd[c];
+    const int packs = pack_count<T>(n, vec);
+    for (int j = first_index(); j < packs; j += grid_stride()) {
+        float g[P], v[P], out[P];
+        load_pack(dy, j, g);
+        load_pack(x, j, v);
+        if (relu_applied) load_pack(y, j, out);
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+            const float dz = (relu_applied && !(out[k] > 0.0f)) ? 0.0f : g[k];    // as masked_grad
+            g[k] = bn_input_grad(dz, v[k], channel_of(j * P + k, C, inner), mean, invstd, gamma, dgamma, dbeta, count);
+        }
+        store_pack(dx, j, g);
+    }
+    for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
         const float dz = masked_grad(dy, y, relu_applied, i);
-        const float v = (dz - dbeta[c] / count - xhat * (dgamma[c] / count)) * (gamma[c] * invstd[c]);
-        dx[i] = from_float<T>(v);
+        dx[i] = from_float<T>(bn_input_grad(dz, to_float(x[i]), channel_of(i, C, inner), mean, invstd, gamma,
+                                            dgamma, dbeta, count));
     }
 }

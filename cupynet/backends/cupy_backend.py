@@ -237,6 +237,15 @@ class CupyBackend(LayoutMixin):
         """A grid-stride kernel over n items."""
         self.kernels.launch(name, template_args, self.kernels.grid_1d(n), KernelLibrary.BLOCK, args)
 
+    def _launch_packed(self, name, dtype, n, packed, args):
+        """An elementwise kernel with a trailing `vec` argument (common.cuh, "16-byte packs"): vec = 1 when
+        every array in `packed` (those the kernel indexes per element) starts on a 16-byte boundary."""
+        pack = 16 // np.dtype(dtype).itemsize
+        vec = all(array.data.ptr % 16 == 0 for array in packed)
+        work = n // pack + n % pack if vec else n            # threads needed: packs, then the tail
+        self.kernels.launch(name, (ctype(dtype),), self.kernels.grid_1d(max(work, 1)), KernelLibrary.BLOCK,
+                            tuple(args) + (_i32(vec),))
+
     def _convert(self, source, target):
         """target = source converted to target's dtype (same number of elements)."""
         n = _count(source)
@@ -299,9 +308,9 @@ class CupyBackend(LayoutMixin):
     def _bn_apply(self, x, y, mean, stat, gamma, beta, eps, stat_is_variance, relu):
         c, inner, _ = self._channel_geometry(x, gamma.size)
         n = _count(x)
-        self._launch_1d("bn_apply", (ctype(x.dtype),), n,
-                        (x, y, mean, stat, gamma, beta, np.float32(eps), _i32(stat_is_variance),
-                         _i32(n), _i32(c), _i32(inner), _i32(relu)))
+        self._launch_packed("bn_apply", x.dtype, n, (x, y),
+                            (x, y, mean, stat, gamma, beta, np.float32(eps), _i32(stat_is_variance),
+                             _i32(n), _i32(c), _i32(inner), _i32(relu)))
 
     @_primitive
     def batchnorm_train_forward(self, x, gamma, beta, running_mean, running_var, decay, eps,
@@ -392,9 +401,9 @@ class CupyBackend(LayoutMixin):
                             shared_mem=plan["shared_mem"])
         self.kernels.launch("bn_grad_finalize", (), (c,), (FINALIZE_THREADS,),
                             (partials, _i32(plan["slices"]), _i32(c), dgamma, dbeta))
-        self._launch_1d("bn_backward_dx", t, n,
-                        (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
-                         dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
+        self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
+                            (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
+                             dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
         return dx
 
     @_primitive
@@ -419,9 +428,9 @@ class CupyBackend(LayoutMixin):
         n = _count(x)
         self._launch_1d("bn_grad_from_sums", (), c, (sums, _i32(c), dgamma, dbeta))
         relu_applied, y_or_unused = _relu_operands(y, dy)
-        self._launch_1d("bn_backward_dx", (ctype(x.dtype),), n,
-                        (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
-                         dx, _i32(n), _i32(c), _i32(inner), _i32(count)))
+        self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
+                            (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
+                             dx, _i32(n), _i32(c), _i32(inner), _i32(count)))
         return dx
 
     # ----------------------------------------------------------------- elementwise
@@ -430,7 +439,7 @@ class CupyBackend(LayoutMixin):
     def relu_forward(self, x, y):
         _same_dtype(x, y=y)
         n = _count(x)
-        self._launch_1d("relu_forward", (ctype(x.dtype),), n, (x, y, _i32(n)))
+        self._launch_packed("relu_forward", x.dtype, n, (x, y), (x, y, _i32(n)))
         return y
 
     @_primitive
@@ -438,13 +447,13 @@ class CupyBackend(LayoutMixin):
         """dx = dy where the relu output y is positive."""
         _same_dtype(dy, y=y, dx=dx)
         n = _count(dy)
-        self._launch_1d("relu_backward", (ctype(dy.dtype),), n, (dy, y, dx, _i32(n)))
+        self._launch_packed("relu_backward", dy.dtype, n, (dy, y, dx), (dy, y, dx, _i32(n)))
         return dx
 
     def _residual_add(self, a, b, y, relu):
         _same_dtype(a, b=b, y=y)
         n = _count(a)
-        self._launch_1d("residual_add", (ctype(a.dtype),), n, (a, b, y, _i32(n), _i32(relu)))
+        self._launch_packed("residual_add", a.dtype, n, (a, b, y), (a, b, y, _i32(n), _i32(relu)))
         return y
 
     @_primitive
