@@ -235,6 +235,9 @@ class Trainer:
                     # restoring the seed and the step restores the RNG state exactly.
                     rng={"kind": "counter-based (seed, step)", "seed": self.seed},
                     layout=self.be.layout, dtype=str(self.be.dtype))
+        engines = self.be.conv_engine_choices()          # GPU: the autotuned cuDNN engines (CPU: None)
+        if engines is not None:
+            meta["conv_engines"] = engines
         return meta
 
     def restore(self, arrays, meta, source):
@@ -252,6 +255,7 @@ class Trainer:
         self.sampler = StepSampler(self.seed, self.sampler.num_images, self.sampler.batch_size)
         self.be.fill(self.step_counter, self.step)
         self._order_epoch = self._lr_on_device = None
+        self.be.adopt_conv_engine_choices(meta.get("conv_engines"))   # same engines: continues exactly
         # A recording made before would replay the old seed: record again after the warm-up steps.
         self.runner = StepRunner(self.be, capture=self.runner.capture)
 

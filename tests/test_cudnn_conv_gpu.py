@@ -14,6 +14,7 @@ Tolerances come from the dtype (see `RTOL`). They bound |gpu - ref| by rtol * co
 absolute products that the classic dot-product error bound |fl(sum) - sum| <= gamma_n * sum|a_i b_i|
 scales with; dividing by |ref| instead would be meaningless where the sum cancels to ~0.
 """
+import json
 import zlib
 
 import numpy as np
@@ -311,3 +312,23 @@ def test_autotuned_engines_agree_with_the_heuristic_choice_and_are_shared(handle
         ref_host = prec.to_host(ref)
         scale = np.max(np.abs(ref_host))
         np.testing.assert_allclose(prec.to_host(got), ref_host, rtol=0, atol=RTOL["strict"] * 10 * scale)
+
+
+def test_engine_choices_travel_with_a_checkpoint(handle):
+    """export -> (new process: forgotten) -> import gives the same engines; another environment adopts none."""
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    prec = Precision("strict")
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True, autotune=True)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    conv.forward(x, wt, 1, 1, y)
+    device = cupy.cuda.Device().id
+    saved = json.loads(json.dumps(conv_autotune.export_choices(device)))     # as a checkpoint stores it
+    assert len(saved["choices"]) == 1
+    conv_autotune.forget_choices()
+    assert conv_autotune.import_choices(saved, device) == 1
+    assert json.loads(json.dumps(conv_autotune.export_choices(device))) == saved
+    assert (device, tuple(saved["choices"][0][0])) in conv_autotune._CHOICES      # the key types survived JSON
+    other = dict(saved, environment=dict(saved["environment"], cudnn=1))
+    conv_autotune.forget_choices()
+    assert conv_autotune.import_choices(other, device) == 0 and conv_autotune.export_choices(device)["choices"] == []

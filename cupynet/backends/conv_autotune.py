@@ -10,9 +10,10 @@ is used from then on (`execute_plan_at_index`).
 
 The choice is kept per process, per GPU and per graph key, so every backend in the process (several
 workers, a second run in a test) uses the same engine for the same convolution: replicas and reruns stay
-bit-identical. A new process may time differently and choose another engine (like cudnn.benchmark): a
-resumed run then matches an unbroken one within rounding, not bit for bit (turn tuning off with
---no-conv-autotune for that).
+bit-identical. Checkpoints carry the choices (`export_choices`, in the checkpoint's metadata) and a
+resumed run adopts them (`import_choices`) when it runs on the same GPU model with the same cuDNN, so it
+continues with the same engines, bit for bit; elsewhere it times afresh (like cudnn.benchmark, a new
+process could choose other engines).
 
 Frontend calls used (nvidia-cudnn-frontend 1.22-1.26, names read in the 1.22.1 wheel):
 `get_execution_plan_count()`, `build_plan_at_index(i)` (raises for a deselected or unsupported index),
@@ -48,12 +49,16 @@ def choose_plan(key, graph, candidates, variant_pack, handle, cupy):
     output array, which the caller's execution then overwrites.
     """
     key = (cupy.cuda.Device().id, key)
+    built = {index for index, _ in candidates}
     with _LOCK:
-        if key in _CHOICES:
-            return _CHOICES[key]
+        known = _CHOICES.get(key)
+    if known in built:
+        return known
     index = _fastest(graph, candidates, variant_pack, handle, cupy)
     with _LOCK:
-        return _CHOICES.setdefault(key, index)
+        if _CHOICES.get(key) == known:     # nobody chose meanwhile (or an adopted choice was not built here)
+            _CHOICES[key] = index
+        return _CHOICES[key]
 
 
 def _fastest(graph, candidates, variant_pack, handle, cupy):
@@ -75,6 +80,32 @@ def _fastest(graph, candidates, variant_pack, handle, cupy):
     if not timings:
         raise RuntimeError(f"none of the {len(candidates)} built cuDNN plans could execute")
     return min(timings)[1]
+
+
+def export_choices(device_id):
+    """The choices made on GPU `device_id`, JSON-ready, with the GPU model and cuDNN they were timed on."""
+    with _LOCK:
+        choices = [[list(key), index] for (device, key), index in sorted(_CHOICES.items(), key=str)
+                   if device == device_id]
+    return {"environment": _environment(device_id), "choices": choices}
+
+
+def import_choices(saved, device_id):
+    """Adopt choices from `export_choices` (a checkpoint's) if they were timed on this GPU model and cuDNN
+    version; returns how many were adopted (0 for another environment or nothing saved)."""
+    if not saved or saved.get("environment") != _environment(device_id):
+        return 0
+    with _LOCK:
+        for key, index in saved["choices"]:
+            _CHOICES[(device_id, tuple(key))] = int(index)
+    return len(saved["choices"])
+
+
+def _environment(device_id):
+    import cudnn
+    import cupy
+    name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
+    return {"gpu": name.decode() if isinstance(name, bytes) else str(name), "cudnn": int(cudnn.backend_version())}
 
 
 def forget_choices():

@@ -659,6 +659,18 @@ class CupyBackend(LayoutMixin):
         self.kernels.launch("advance_step", (), (1,), (32,), (step,))
         return step
 
+    # ----------------------------------------------------------------- cuDNN engine choices
+
+    def conv_engine_choices(self):
+        """The autotuned cuDNN engines of this GPU, for a checkpoint's metadata (None without autotuning)."""
+        from cupynet.backends.conv_autotune import export_choices
+        return export_choices(self.device.id) if self.autotune else None
+
+    def adopt_conv_engine_choices(self, saved):
+        """Use a checkpoint's engine choices when they were timed on the same GPU model and cuDNN."""
+        from cupynet.backends.conv_autotune import import_choices
+        return import_choices(saved, self.device.id) if self.autotune else 0
+
     # ----------------------------------------------------------------- CUDA graphs
 
     def capture(self, run):

@@ -61,6 +61,14 @@ class NumpyBackend(LayoutMixin):
         """Set every element (e.g. the learning-rate scalar between steps)."""
         array[...] = value
 
+    def conv_engine_choices(self):
+        """The GPU backend's autotuned cuDNN engines, for checkpoints; the CPU has none."""
+        return None
+
+    def adopt_conv_engine_choices(self, saved):
+        """A GPU checkpoint's engine choices mean nothing here: none adopted."""
+        return 0
+
     def synchronize(self):
         """Nothing runs asynchronously on the CPU."""
 
