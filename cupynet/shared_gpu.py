@@ -18,11 +18,14 @@ The slots are shared device buffers, one per (dtype, size), created by the first
 (in a warm-up step, never inside a recording). abort() sets a device flag through its own stream, so ranks
 waiting in a barrier leave it, and later collectives raise CommunicatorAborted on the host; a barrier that
 waits longer than BARRIER_TIMEOUT_S sets the flag itself, so a worker that died can never hang the GPU.
-Caveat: a rank waiting in a barrier kernel waits for the other ranks' future work. A host call in another
-rank that waits for the whole device meanwhile (cudaDeviceSynchronize, a cudaFree) would wait for the
-waiting kernel: the barrier's timeout turns that into an aborted group, not a hang. The trainer's
-steps make no such call once warmed up; this group is for tests and benchmarks of several workers on one
-GPU (bench/scaling.py), where NCCL cannot run.
+Why the ranks also line up on the host before enqueueing a collective: a rank waiting in a barrier kernel
+waits for the other ranks' future work, and a host call in another rank that waits for the whole device
+meanwhile (a cuDNN plan build, a cudaFree: some do) would wait for that kernel: a deadlock. Lined up on
+the host first, every rank has finished the host calls that come before the collective, so a barrier
+kernel only ever waits for work already enqueued. A replayed CUDA graph runs no Python, so its
+collectives do not line up on the host; by then the steps make no such calls. (The barrier's timeout
+still turns an unforeseen wait into an aborted group rather than a hung GPU.) This group is for tests
+and benchmarks of several workers on one GPU (bench/scaling.py), where NCCL cannot run.
 Verified on: nothing yet (written on a machine without a GPU; tests/test_shared_gpu.py runs on one).
 """
 import threading
@@ -46,6 +49,7 @@ class SharedGpuGroup:
         self.size = size
         self.device = cupy.cuda.Device(device_id)
         self._lock = threading.Lock()
+        self.host_barrier = threading.Barrier(size)    # the ranks line up before each enqueue (see above)
         self._slots = {}                               # (dtype name, elements) -> (size, n) device array
         self._communicators = []
         with self.device:
@@ -76,6 +80,7 @@ class SharedGpuGroup:
     def abort(self):
         """Release every rank waiting in a barrier kernel; later collectives raise on the host."""
         self.aborted = True
+        self.host_barrier.abort()
         with self.device, self._abort_stream:
             self.abort_flag.fill(1)                    # runs beside the waiting kernels, on its own stream
 
@@ -121,9 +126,16 @@ class SharedGpuCommunicator(Communicator):
                             (self.barriers_passed, self.group.arrivals, np.int32(self.size), self.group.abort_flag,
                              timeout_ns))
 
+    def _line_up(self):
+        try:
+            self.group.host_barrier.wait()
+        except threading.BrokenBarrierError:
+            raise CommunicatorAborted(f"rank {self.rank}: the worker group was aborted") from None
+
     def _collective(self, array, finish):
-        """publish -> barrier -> finish(slots, n) -> barrier, all on the backend's stream."""
+        """[line up on the host] publish -> barrier -> finish(slots, n) -> barrier, on the backend's stream."""
         n = self._check(array)
+        self._line_up()
         slots = self.group.slots(array.dtype, n)
         with self.backend.device, self.backend.stream:
             self._launch_1d("publish", array, n, (array, slots[self.rank], np.int32(n)))
