@@ -20,7 +20,8 @@ arguments' nbytes (an in-place argument counts once). It is the compulsory traff
 such as NumPy's im2col matrix is not counted. One exception keeps it honest: the augment primitives gather
 only the batch's rows of the whole split (and of the epoch's order) they are handed, so `images`, `labels`
 and `order` count one row per image of the batch. Steps run eagerly (--cuda-graph off): a replayed graph
-has no per-primitive calls to time.
+has no per-primitive calls to time; on a GPU the weight gradients run in order on the main stream's
+timeline (overlap_wgrad off), so each primitive's time is its own.
 roofline ms = bytes / peak; achieved GB/s = bytes / measured time; fraction of peak = achieved / peak
 (above 100% on the CPU: the arrays were still in cache, small ones often are).
 The peak (`--peak-gbs`) defaults on the CPU to a measured `np.copyto` of 256 MB (read + write, best of 3);
@@ -170,6 +171,8 @@ def profile(args, dataset):
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off")
     backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32)
+    if hasattr(backend, "overlap_wgrad"):
+        backend.overlap_wgrad = False                  # GPU: weight gradients in order, so each is timed alone
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods
     trainer = Trainer(config, dataset, backend)
     for _ in range(args.warmup):

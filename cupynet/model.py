@@ -185,4 +185,5 @@ class ResNet:
         grad = self.loss_layer.backward()
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
+        self.be.wait_for_gradients()        # GPU: weight gradients ran beside the main stream
         return loss

@@ -132,3 +132,14 @@ def test_host_communicator_is_never_captured(dataset):
     assert not Trainer(TrainConfig(**BASE), dataset, backend, comm).runner.capture
     with pytest.raises(ConfigError, match="host all-reduce"):
         Trainer(TrainConfig(**BASE, cuda_graph="on"), dataset, backend, comm)
+
+
+def test_weight_gradients_beside_the_main_stream_equal_the_serial_order(dataset):
+    """Weight gradients on the side stream (overlapping the data gradients), captured, against the plain
+    serial eager order: the same kernels on the same data, so the same bits."""
+    serial_backend = make_backend("NHWC", "bfloat16")
+    serial_backend.overlap_wgrad = False
+    serial = train(TrainConfig(**BASE, dtype="bfloat16", cuda_graph="off"), dataset, serial_backend)
+    overlapped = train(TrainConfig(**BASE, dtype="bfloat16", cuda_graph="on"), dataset, make_backend("NHWC", "bfloat16"))
+    assert overlapped[0].be.overlap_wgrad and overlapped[0].runner.captured
+    assert_identical(serial, overlapped)

@@ -172,6 +172,33 @@ class _BuiltGraph:
 # --------------------------------------------------------------------------- the engine
 
 
+class _Lane:
+    """A cuDNN handle (bound to one stream) and the workspace of the graphs executed with it.
+
+    The graphs of one lane run one after another on its stream, so they share one workspace; two lanes
+    (the main stream, and the side stream that weight gradients may run on) each need their own.
+    """
+
+    def __init__(self, handle, cupy):
+        self.handle = handle
+        self._cupy = cupy
+        self.buffer = None
+        self.ptr = 0                # a null workspace is valid while every graph needs 0 bytes
+        self.bytes = 0
+
+    def grow(self, nbytes):
+        """Reallocate the workspace when a newly built (or newly tuned) graph needs more than it has.
+
+        Only called during warm-up. The old buffer goes back to CuPy's pool, which reuses it in stream
+        order, so kernels already enqueued on this lane's stream still read valid memory.
+        """
+        if nbytes <= self.bytes:
+            return
+        self.buffer = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
+        self.ptr = self.buffer.data.ptr
+        self.bytes = nbytes
+
+
 class CudnnConv:
     """fprop / dgrad / wgrad through cached cuDNN Frontend graphs, for one handle, layout and dtype.
 
@@ -183,10 +210,14 @@ class CudnnConv:
     autotune:    time every candidate engine on first use and keep the fastest (conv_autotune.py);
                  otherwise the heuristics' first choice.
 
+    wgrad_handle: optional second handle, bound to a side stream: weight-gradient graphs are then built
+                 for it and run with it and their own workspace, so the caller can overlap them with the
+                 main stream's work (the GPU backend does; see cupy_backend.conv2d_backward_filter).
+
     Not thread-safe: one engine per worker thread, like the handle it uses.
     """
 
-    def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False):
+    def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False, wgrad_handle=None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if io_dtype not in IO_DTYPES:
@@ -198,6 +229,8 @@ class CudnnConv:
         self._cupy = cupy
 
         self.handle = handle
+        self._main = _Lane(handle, cupy)
+        self._wgrad = _Lane(wgrad_handle, cupy) if wgrad_handle is not None else self._main
         self.layout = layout
         self.io_dtype = io_dtype
         self.strict_fp32 = bool(strict_fp32)
@@ -210,11 +243,6 @@ class CudnnConv:
         self.builds = Counter()         # op -> number of graphs built (one per cache key)
         self._graphs = {}               # cache key -> _BuiltGraph
         self._frozen = False
-
-        # One workspace shared by every graph of this engine (they run one after another on one stream).
-        self._workspace = None
-        self._workspace_ptr = 0         # a null workspace is valid while every graph needs 0 bytes
-        self.workspace_bytes = 0
 
     # ------------------------------------------------------------------ public contract
 
@@ -252,7 +280,15 @@ class CudnnConv:
 
     @property
     def workspace_ptr(self):
-        return self._workspace_ptr
+        """The main lane's workspace address (stable once warm-up is over)."""
+        return self._main.ptr
+
+    @property
+    def workspace_bytes(self):
+        return self._main.bytes
+
+    def _lane(self, op):
+        return self._wgrad if op == "wgrad" else self._main
 
     # ------------------------------------------------------------------ cache
 
@@ -267,20 +303,8 @@ class CudnnConv:
             entry.key = key
             self._graphs[key] = entry
             self.builds[op] += 1
-            self._grow_workspace(entry.workspace_bytes)
+            self._lane(op).grow(entry.workspace_bytes)
         return entry
-
-    def _grow_workspace(self, nbytes):
-        """Reallocate the shared workspace when a newly built graph needs more than it has.
-
-        Only called right after a build. The old buffer goes back to CuPy's pool, which reuses it in
-        stream order, so kernels already enqueued on this stream still read valid memory.
-        """
-        if nbytes <= self.workspace_bytes:
-            return
-        self._workspace = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
-        self._workspace_ptr = self._workspace.data.ptr
-        self.workspace_bytes = nbytes
 
     # ------------------------------------------------------------------ execute
 
@@ -291,14 +315,15 @@ class CudnnConv:
         self._check(op, entry, 2, out)
         t_a, t_b, t_out = entry.tensors
         variant_pack = {t_a: a.data.ptr, t_b: b.data.ptr, t_out: out.data.ptr}
+        lane = self._lane(op)
         if entry.candidates is not None and entry.plan_index is None:     # first use: time the candidates
-            entry.plan_index = choose_plan(entry.key, entry.graph, entry.candidates, variant_pack, self.handle,
+            entry.plan_index = choose_plan(entry.key, entry.graph, entry.candidates, variant_pack, lane.handle,
                                            self._cupy)
-            self._grow_workspace(int(entry.graph.get_workspace_size_plan_at_index(entry.plan_index)))
+            lane.grow(int(entry.graph.get_workspace_size_plan_at_index(entry.plan_index)))
         if entry.plan_index is None:
-            entry.graph.execute(variant_pack, self._workspace_ptr, handle=self.handle)
+            entry.graph.execute(variant_pack, lane.ptr, handle=lane.handle)
         else:
-            entry.graph.execute_plan_at_index(variant_pack, self._workspace_ptr, entry.plan_index, handle=self.handle)
+            entry.graph.execute_plan_at_index(variant_pack, lane.ptr, entry.plan_index, handle=lane.handle)
         self.executions[op] += 1
 
     def _check(self, op, entry, index, array):
@@ -329,7 +354,7 @@ class CudnnConv:
 
         try:
             graph = cudnn.pygraph(io_data_type=self._data_type, intermediate_data_type=self._float,
-                                  compute_data_type=self._float, handle=self.handle)
+                                  compute_data_type=self._float, handle=self._lane(op).handle)
             conv_args = dict(pre_padding=[pad, pad], post_padding=[pad, pad], stride=[stride, stride],
                              dilation=[1, 1], compute_data_type=self._float, name=op)
             if op == "fprop":

@@ -17,6 +17,9 @@ Streams and synchronisation
     device value on the host: scalars that change per step (the learning rate) are 0-d device arrays,
     results that the host wants (loss, accuracy) stay on the device until `to_host`, and scratch memory
     is allocated once per shape and reused, so a warmed-up step allocates nothing and can be captured.
+    One exception: weight gradients (cuDNN wgrad) run on a second stream with its own cuDNN handle, forked
+    from the main stream and overlapping the data gradients that follow (independent work, and small
+    convolutions leave most of the GPU idle); `wait_for_gradients`, `to_host` and `synchronize` join it.
     The constructor also makes the device and the stream current for the calling thread, so CuPy array
     operations done outside the primitives (ParamStore's `view[...] = ...`, `.astype`) are ordered on
     the same stream. One backend per thread (the data-parallel design: one worker thread per GPU).
@@ -133,7 +136,7 @@ class CupyBackend(LayoutMixin):
     name = "cupy"
     xp = cupy
 
-    def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True):
+    def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -146,6 +149,8 @@ class CupyBackend(LayoutMixin):
         self.param_dtype = np.dtype(np.float32)     # master parameters, gradients, optimizer, statistics
         self.tf32 = bool(tf32)
         self.autotune = bool(autotune)          # time cuDNN's candidate engines on first use, keep the fastest
+        self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
+        self._side_pending = False              # side-stream work the main stream has not waited for yet
         self.calls = Counter()
         self._scratch_buffers = {}
         self._bn_plans = {}
@@ -154,6 +159,9 @@ class CupyBackend(LayoutMixin):
         self.device.use()
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
+            self.side_stream = cupy.cuda.Stream(non_blocking=True)      # weight gradients (see below)
+            self._fork = cupy.cuda.Event(block=False, disable_timing=True)
+            self._join = cupy.cuda.Event(block=False, disable_timing=True)
             self.stream.use()                       # ParamStore's own array operations land here too
             self.kernels = KernelLibrary(self.device)
             self._create_conv(dtype_name)
@@ -164,8 +172,11 @@ class CupyBackend(LayoutMixin):
         cudnn = import_frontend()
         self.cudnn_handle = cudnn.create_handle()
         cudnn.set_stream(handle=self.cudnn_handle, stream=self.stream.ptr)
+        self.side_cudnn_handle = cudnn.create_handle()
+        cudnn.set_stream(handle=self.side_cudnn_handle, stream=self.side_stream.ptr)
         strict = (not self.tf32) and dtype_name == "float32"   # bf16 convolutions always use tensor cores
-        self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune)
+        self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune,
+                              wgrad_handle=self.side_cudnn_handle)
 
     # ----------------------------------------------------------------- arrays and layout helpers
 
@@ -186,7 +197,9 @@ class CupyBackend(LayoutMixin):
 
     @_on_device
     def to_host(self, array):
-        """A NumPy copy of a device array (waits for the stream: only between steps)."""
+        """A NumPy copy of a device array (waits for the stream, and the side stream's weight gradients:
+        only between steps)."""
+        self._join_side_stream()
         return cupy.ascontiguousarray(array).get(stream=self.stream)
 
     @_on_device
@@ -213,8 +226,17 @@ class CupyBackend(LayoutMixin):
         array.fill(value)
 
     def synchronize(self):
-        """Wait until everything enqueued on the backend's stream has run."""
+        """Wait until everything enqueued on the backend's streams has run."""
+        with self.device:
+            self._join_side_stream()
         self.stream.synchronize()
+
+    def _join_side_stream(self):
+        """Make the main stream wait for the side stream's work so far (enqueued; no host wait)."""
+        if self._side_pending:
+            self._join.record(self.side_stream)
+            self.stream.wait_event(self._join)
+            self._side_pending = False
 
     @property
     def _channels_last(self):
@@ -264,13 +286,37 @@ class CupyBackend(LayoutMixin):
 
     @_primitive
     def conv2d_backward_filter(self, x, dy, stride, pad, dw):
-        """dw = d(loss)/dw, written. dw is a float32 gradient view; in bf16 cuDNN writes a bf16 scratch."""
+        """dw = d(loss)/dw, written. dw is a float32 gradient view; in bf16 cuDNN writes a bf16 scratch.
+
+        It runs on the side stream (its cuDNN handle is bound there), after everything enqueued so far on
+        the main stream. With overlap_wgrad (the default) it also runs beside what comes next (the data
+        gradient, the layers below; x and dy are not written again in this step), and dw is final once the
+        main stream has waited for the side stream: `wait_for_gradients()` (the model calls it at the end
+        of backward), `to_host` and `synchronize`. Without, the main stream waits for it at once (serial
+        order; bench/layers.py times each primitive that way).
+        """
+        self._fork.record(self.stream)
+        self.side_stream.wait_event(self._fork)
+        with self.side_stream:
+            self._weight_gradient(x, dy, stride, pad, dw)
+        self._side_pending = True
+        if not self.overlap_wgrad:
+            self._join_side_stream()
+        return dw
+
+    def _weight_gradient(self, x, dy, stride, pad, dw):
+        """cuDNN wgrad [into a bf16 scratch, then converted] on the current stream."""
         if dw.dtype == self.dtype:
             return self.conv.backward_filter(x, dy, stride, pad, dw)
-        dw_io = self._scratch("wgrad", dw.shape, self.dtype)
+        dw_io = self._scratch("wgrad", dw.shape, self.dtype)     # only ever used on one stream at a time
         self.conv.backward_filter(x, dy, stride, pad, dw_io)
         self._convert(dw_io, dw)
         return dw
+
+    @_primitive
+    def wait_for_gradients(self):
+        """Order the weight gradients computed beside the main stream before what comes next on it."""
+        self._join_side_stream()
 
     # ----------------------------------------------------------------- batch normalization
 

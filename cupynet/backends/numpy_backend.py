@@ -61,6 +61,10 @@ class NumpyBackend(LayoutMixin):
         """Set every element (e.g. the learning-rate scalar between steps)."""
         array[...] = value
 
+    def wait_for_gradients(self):
+        """The GPU backend computes weight gradients beside its main stream; here they are done already."""
+        self.calls["wait_for_gradients"] += 1
+
     def conv_engine_choices(self):
         """The GPU backend's autotuned cuDNN engines, for checkpoints; the CPU has none."""
         return None
