@@ -2,11 +2,12 @@
 
 What PyTorch's `cudnn.benchmark = True` does, for our Frontend graphs (cupynet/backends/cudnn_conv.py):
 the heuristics propose an ordered list of engine configurations; the default builds only the first.
-With autotuning, every candidate that is not deselected (non-deterministic engines always are; strict
-fp32 also drops TF32 ones) and needs at most MAX_WORKSPACE_BYTES of workspace is built, and on the
-convolution's first execution (the warm-up step: it synchronizes with the host) each is run once untimed
-and TIMED_RUNS times between two CUDA events on the backend's stream, with the real arrays; the fastest
-is used from then on (`execute_plan_at_index`).
+With autotuning, the first MAX_CANDIDATES that are not deselected (non-deterministic engines always are;
+strict fp32 also drops TF32 ones), need at most MAX_WORKSPACE_BYTES of workspace and are not compiled at
+run time (except the heuristics' own first choice, always kept) are built, and on the convolution's first
+execution (the warm-up step: it synchronizes with the host) each is run once untimed and TIMED_RUNS
+times between two CUDA events on the backend's stream, with the real arrays; the fastest is used from
+then on (`execute_plan_at_index`). A convolution whose choice is already known builds only that plan.
 
 The choice is kept per process, per GPU and per graph key, so every backend in the process (several
 workers, a second run in a test) uses the same engine for the same convolution: replicas and reruns stay
@@ -17,21 +18,35 @@ process could choose other engines).
 
 Frontend calls used (nvidia-cudnn-frontend 1.22-1.26, names read in the 1.22.1 wheel):
 `get_execution_plan_count()`, `build_plan_at_index(i)` (raises for a deselected or unsupported index),
-`get_workspace_size_plan_at_index(i)`, `execute_plan_at_index(variant_pack, workspace, i, handle=)`.
+`get_workspace_size_plan_at_index(i)`, `execute_plan_at_index(variant_pack, workspace, i, handle=)`,
+`get_behavior_notes_for_plan_at_index(i)` and `cudnn.behavior_note.RUNTIME_COMPILATION`.
 """
 import threading
 
 MAX_WORKSPACE_BYTES = 256 * 2 ** 20     # an engine needing more is not worth the memory at these sizes
+MAX_CANDIDATES = 8                       # the heuristics' best few: builds cost warm-up time
 TIMED_RUNS = 3
 
 _CHOICES = {}                            # (device id, graph key) -> plan index
 _LOCK = threading.Lock()
 
 
-def build_candidates(graph, build_errors):
-    """Build every candidate plan the graph can run; [(plan index, workspace bytes)] (maybe empty)."""
+def build_candidates(graph, build_errors, key, runtime_compiled_note):
+    """Build the candidate plans worth timing; [(plan index, workspace bytes)] (maybe empty).
+
+    When this process (or an adopted checkpoint) already chose a plan for `key` on this GPU, only that
+    one is built: a second worker or backend pays no second round of builds. Otherwise the heuristics'
+    first MAX_CANDIDATES plans, skipping those that are compiled at run time (seconds each), except the
+    first: the heuristics' own choice is always a candidate, so tuning never does worse than not tuning.
+    """
+    known = _known_choice(key)
+    indices = [known] if known is not None else range(graph.get_execution_plan_count())
     built = []
-    for index in range(graph.get_execution_plan_count()):
+    for index in indices:
+        if len(built) == MAX_CANDIDATES:
+            break
+        if built and _runtime_compiled(graph, index, runtime_compiled_note):
+            continue
         try:
             graph.build_plan_at_index(index)
         except build_errors:              # deselected, unsupported on this GPU, or failed to compile
@@ -40,6 +55,20 @@ def build_candidates(graph, build_errors):
         if workspace <= MAX_WORKSPACE_BYTES:
             built.append((index, workspace))
     return built
+
+
+def _known_choice(key):
+    import cupy
+    with _LOCK:
+        return _CHOICES.get((cupy.cuda.Device().id, key))
+
+
+def _runtime_compiled(graph, index, note):
+    """Whether plan `index` is JIT-compiled when built (its behavior notes say RUNTIME_COMPILATION)."""
+    try:
+        return note in list(graph.get_behavior_notes_for_plan_at_index(index))
+    except (RuntimeError, ValueError, TypeError):     # notes not available: build it and see
+        return False
 
 
 def choose_plan(key, graph, candidates, variant_pack, handle, cupy):

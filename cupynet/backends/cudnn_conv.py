@@ -299,7 +299,7 @@ class CudnnConv:
             if self._frozen:
                 raise RuntimeError(f"cuDNN graph for conv {describe(op, key_dims, stride, pad)} was not built "
                                    f"during warm-up (CudnnConv is frozen)")
-            entry = self._build(op, key_dims, stride, pad)
+            entry = self._build(op, key_dims, stride, pad, key)
             entry.key = key
             self._graphs[key] = entry
             self.builds[op] += 1
@@ -340,7 +340,7 @@ class CudnnConv:
 
     # ------------------------------------------------------------------ build
 
-    def _build(self, op, key_dims, stride, pad):
+    def _build(self, op, key_dims, stride, pad, key):
         """Describe one convolution as a cuDNN graph, pick and build its plan; DeviceError if unsupported."""
         cudnn = self._cudnn
         n, c, h, w, k, r, s = key_dims
@@ -378,7 +378,7 @@ class CudnnConv:
                 self._output(dw, weight_dims)           # set_dim: dw's shape cannot be inferred
                 tensors = (x, dy, dw)
                 dims = (image_dims, result_dims, weight_dims)
-            candidates = self._plan(graph)
+            candidates = self._plan(graph, key)
             # autotuned: the workspace grows to the chosen plan's size once it is chosen (first use)
             workspace_bytes = 0 if candidates else graph.get_workspace_size()
         except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
@@ -398,7 +398,7 @@ class CudnnConv:
         tensor.set_stride(packed_strides(self.layout, *dims))
         tensor.set_data_type(self._data_type)
 
-    def _plan(self, graph):
+    def _plan(self, graph, key):
         """validate -> operation graph -> heuristics [A, FALLBACK] -> deselect -> check -> build.
 
         Returns the autotuning candidates [(plan index, workspace bytes)], or None when the heuristics'
@@ -418,7 +418,7 @@ class CudnnConv:
         graph.check_support()
         if self.autotune:
             errors = (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError)
-            candidates = build_candidates(graph, errors)
+            candidates = build_candidates(graph, errors, key, cudnn.behavior_note.RUNTIME_COMPILATION)
             if candidates:
                 return candidates
         graph.build_plans()       # no autotuning (or no candidate built): the heuristics' first plan
