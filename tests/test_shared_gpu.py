@@ -20,6 +20,13 @@ from cupynet.trainer import Trainer
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def short_barrier_timeout(monkeypatch):
+    """A hung barrier gives up after 15 s here (120 s in real runs), so a bug costs little device time."""
+    import cupynet.shared_gpu
+    monkeypatch.setattr(cupynet.shared_gpu, "BARRIER_TIMEOUT_S", 15.0)
+
+
 def gpu_backend():
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(0, "NHWC", "float32", tf32=False)
