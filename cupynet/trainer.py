@@ -183,8 +183,9 @@ class Trainer:
         """
         be, model = self.be, self.model
         if id(split) not in self._eval_splits:          # uploaded once, reused by later evaluations
-            self._eval_splits[id(split)] = self._upload(split)
-        images, labels = self._eval_splits[id(split)]
+            every_row = be.from_host(np.arange(len(split), dtype=np.int64))
+            self._eval_splits[id(split)] = self._upload(split) + (every_row,)
+        images, labels, every_row = self._eval_splits[id(split)]
         n = len(split)
         first, end = self._eval_slice(n)
         correct = be.zeros((), dtype=np.int64)
@@ -192,8 +193,7 @@ class Trainer:
         for start in range(first, end, self.config.eval_batch_size):
             count = min(self.config.eval_batch_size, end - start)
             x, y = self._eval_batch_buffers(count)
-            rows = be.from_host(np.arange(start, start + count))
-            be.augment_batch(images, labels, rows, self.seed, 0, False, x, y)
+            be.augment_batch(images, labels, every_row[start:start + count], self.seed, 0, False, x, y)
             logits = model.forward(x, train=False)
             be.accumulate(loss_total, model.loss_layer.forward(logits, y), count)
             be.count_correct(logits, y, count, correct)
