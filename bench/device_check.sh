@@ -14,7 +14,8 @@
 #   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
 #   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios
 #               (skipped if torch with CUDA does not import)                          -> $OUT/vs_torch.json
-#   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive    -> $OUT/layers.json
+#   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
+#                                                                                     -> $OUT/layers.json
 #   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
@@ -225,8 +226,13 @@ else
     skip_stage vs_torch "PyTorch with CUDA is not importable here"
 fi
 
+# The HBM peak of the card's datasheet: H200 4.8 TB/s, H100 SXM 3.35 TB/s (the default).
+PEAK_GBS=3350
+if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200"; then
+    PEAK_GBS=4800
+fi
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
-    --steps 5 --peak-gbs 3350 --json "$OUT/layers.json"
+    --steps 5 --peak-gbs "$PEAK_GBS" --json "$OUT/layers.json"
 
 run_stage scaling 90 bash -c '"$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1,2 --comm shared \
     --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling.json" &&
