@@ -74,8 +74,7 @@ __global__ void residual_add(const T* a, const T* b, T* y, int n, int relu_out, 
     }
 }
 
-// y = x converted to Tout (bfloat16 results of cuDNN's wgrad into float32 gradients; float32 <-> bf16
-// copies around the dense layer's float32 matmuls)
+// y = x converted to Tout (bfloat16 results of cuDNN's wgrad into float32 gradients)
 template <typename Tin, typename Tout>
 __global__ void convert(const Tin* x, Tout* y, int n)
 {

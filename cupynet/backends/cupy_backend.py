@@ -1,8 +1,8 @@
 """The GPU backend: the NumPy backend's contract on one CUDA device, with CuPy arrays.
 
 Convolutions run through cuDNN Frontend graphs (cupynet/backends/cudnn_conv.py); everything else runs
-our kernels from kernels/*.cu (loaded by cupynet/backends/kernels.py); the dense layer's two matrix
-products are cuBLAS via cupy.matmul. Every method has the name, arguments and semantics of
+our kernels from kernels/*.cu (loaded by cupynet/backends/kernels.py), the dense layer included
+(kernels/dense.cu). Every method has the name, arguments and semantics of
 NumpyBackend (cupynet/backends/numpy_backend.py), which is the oracle that tests/test_gpu_parity.py
 compares it with, primitive by primitive, on a machine with a GPU:
 
@@ -13,7 +13,7 @@ compares it with, primitive by primitive, on a machine with a GPU:
 Streams and synchronisation
     The backend owns a non-blocking stream (`self.stream`). Every primitive enters `self.device` and
     `self.stream`, so its kernels, cuDNN executions (the cuDNN handle is bound to the same stream),
-    cuBLAS calls and copies are enqueued there, in order. No primitive waits for the device or reads a
+    and copies are enqueued there, in order. No primitive waits for the device or reads a
     device value on the host: scalars that change per step (the learning rate) are 0-d device arrays,
     results that the host wants (loss, accuracy) stay on the device until `to_host`, and scratch memory
     is allocated once per shape and reused, so a warmed-up step allocates nothing and can be captured.
@@ -36,7 +36,7 @@ Mixed precision (dtype="bfloat16"): activations, their gradients and the convolu
     (ParamStore.compute_flat) are bf16; master parameters, gradients, momentum, BatchNorm statistics,
     the loss and all accumulations are float32 (`param_dtype`). cuDNN writes wgrad in its io dtype, so
     `conv2d_backward_filter` runs it into a bf16 scratch buffer and converts into the float32 gradient.
-    The dense layer computes in float32 (bf16 inputs are converted into float32 scratch first).
+    The dense layer computes in float32 (its kernels read bf16 inputs and float32 weights directly).
 
 float32: `tf32=True` lets cuDNN use TF32 tensor cores (~1e-3 relative error per convolution);
     `tf32=False` keeps convolutions strict fp32 (the parity tests use it).

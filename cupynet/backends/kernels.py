@@ -45,7 +45,7 @@ KERNELS = {
         "relu_forward": _per_type(*ACTIVATION_TYPES),
         "relu_backward": _per_type(*ACTIVATION_TYPES),
         "residual_add": _per_type(*ACTIVATION_TYPES),
-        "convert": [(FLOAT, BF16), (BF16, FLOAT)],
+        "convert": [(BF16, FLOAT)],                  # bf16 wgrad results into float32 gradients
     },
     "batchnorm.cu": {
         "bn_stats_partials": _per_type(*ACTIVATION_TYPES),
