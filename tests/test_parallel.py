@@ -473,6 +473,17 @@ def test_sync_bn_workers_train_exactly_as_one_worker_with_the_global_batch(datas
     assert max(v for k, v in errors.items() if k.startswith("bn/")) > 1e-6
 
 
+def test_sync_bn_workers_match_one_worker_at_float32_rounding(dataset):
+    """The same equivalence in float32, the precision the GPU trains in: 2 sync-BN workers vs 1 worker,
+    3 steps. Rounding only (shard sums added in another order): measured 1.6e-6 of each array's largest
+    value; 2e-5 leaves a 12x margin, and an unsynchronized BatchNorm misses it by far (above 1e-3)."""
+    config = small_config(sync_bn=True)
+    expected = train_three_steps(Trainer(config, dataset, NumpyBackend("NHWC", "float32")))
+    synced = run_replicas(2, dataset, train_three_steps, dtype="float32", config=config)
+    errors = relative_errors(synced[0], expected)
+    assert max(errors.values()) < 2e-5, {k: v for k, v in errors.items() if v >= 2e-5}
+
+
 def test_sync_bn_is_a_no_op_with_one_worker(dataset):
     """A group of one: the trainer does not even route BatchNorm through the communicator."""
     config = small_config(sync_bn=True)

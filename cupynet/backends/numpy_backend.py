@@ -162,8 +162,15 @@ class NumpyBackend(LayoutMixin):
         return a.sum(axis=self._channel_axes(), dtype=np.float64)
 
     def _channel_dot(self, a, b):
-        """Per-channel sum of a * b (C,), without materializing the product."""
-        return np.einsum("nchw,nchw->c" if self.layout == "NCHW" else "nhwc,nhwc->c", a, b)
+        """Per-channel sum of a * b (C,), without materializing the product.
+
+        Summed per image in the arrays' dtype (at most H*W terms), then over the batch in float64: one
+        float32 accumulation over all N*H*W terms (einsum adds sequentially) loses up to ~1e-5 of the
+        variance and ~1e-3 of the first layers' gradients at ResNet sizes (measured against float64);
+        this stays at float32 rounding for the same cost.
+        """
+        per_image = np.einsum("nchw,nchw->nc" if self.layout == "NCHW" else "nhwc,nhwc->nc", a, b)
+        return per_image.sum(axis=0, dtype=np.float64)
 
     def _bn_finish_forward(self, centered, mean, var, m, gamma, beta, running_mean, running_var, decay, eps,
                            y, saved_mean, saved_invstd, relu):
@@ -217,7 +224,7 @@ class NumpyBackend(LayoutMixin):
         shifted = x - self._per_channel(shift.astype(x.dtype))
         sums[0] = self._channel_sum(shifted)
         np.multiply(shifted, shifted, out=shifted)
-        sums[1] = self._channel_sum(shifted)          # float64 accumulation (_channel_dot keeps x's dtype)
+        sums[1] = self._channel_sum(shifted)          # float64 accumulation throughout
         return sums
 
     def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
