@@ -20,6 +20,7 @@
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
 #   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
+#   batch512    ResNet-44 batch 512 bf16 NHWC captured, and vs PyTorch               -> $OUT/*_512.json
 #   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe
 #                                                                                     -> $OUT/accuracy.json
 # Then $OUT/summary.txt: versions, stage results, test counts, the images/s tables, the accuracy run.
@@ -260,6 +261,14 @@ else
     skip_stage train "needs the converted CIFAR-10 data"
 fi
 
+# Issue 6's large-batch target (ResNet-44, batch 512, bf16 NHWC, captured) and its PyTorch peers.
+run_stage batch512 120 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC \
+    --dtypes bfloat16 --cuda-graph on --warmup 5 --steps 10 --repeats 5 --json "$OUT/layouts_512.json" &&
+    if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+        "$PY" bench/vs_torch.py --device 0 --depth 44 --batch 512 --layouts NHWC --dtypes bfloat16 \
+            --json "$OUT/vs_torch_512.json"
+    fi'
+
 if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" ]]; then
     skip_stage accuracy "not asked for (DEVICE_CHECK_ACCURACY=1 runs the 122-epoch recipe)"
 elif [[ -n "$CIFAR_DIR" ]]; then
@@ -310,22 +319,23 @@ except (OSError, ET.ParseError, AttributeError):
     except OSError:
         print("  no results")
 
-print("\nimages/s, ResNet-44, batch 128 (median of timed windows)")
+print("\nimages/s, ResNet-44 (median of timed windows)")
 rows = {}
-for row in (load("layouts.json") or {}).get("results", []):
-    column = "cupynet graph" if row.get("captured") else "cupynet eager"
-    rows.setdefault((row["layout"], row["dtype"]), {})[column] = row["images_per_sec"]
-for row in (load("vs_torch.json") or {}).get("results", []):
-    cells = rows.setdefault((row.get("layout"), row.get("dtype")), {})
+for name in ("layouts.json", "layouts_512.json"):
+    for row in (load(name) or {}).get("results", []):
+        column = "cupynet graph" if row.get("captured") else "cupynet eager"
+        rows.setdefault((row["batch"], row["layout"], row["dtype"]), {})[column] = row["images_per_sec"]
+for row in (load("vs_torch.json") or {}).get("results", []) + (load("vs_torch_512.json") or {}).get("results", []):
+    cells = rows.setdefault((row.get("batch"), row.get("layout"), row.get("dtype")), {})
     for key, column in (("torch_eager", "torch eager"), ("torch_graph", "torch graph"), ("cupynet", "vs_torch cupynet")):
         value = row.get(key)
         value = value.get("images_per_sec") if isinstance(value, dict) else value
         if isinstance(value, (int, float)):
             cells[column] = value
 columns = ("cupynet eager", "cupynet graph", "vs_torch cupynet", "torch eager", "torch graph")
-print(f"  {'layout':<7}{'dtype':<10}" + "".join(f"{c:>18}" for c in columns))
-for (layout, dtype), values in sorted(rows.items(), key=str):
-    print(f"  {str(layout):<7}{str(dtype):<10}" +
+print(f"  {'batch':<6}{'layout':<7}{'dtype':<10}" + "".join(f"{c:>18}" for c in columns))
+for (batch, layout, dtype), values in sorted(rows.items(), key=str):
+    print(f"  {str(batch):<6}{str(layout):<7}{str(dtype):<10}" +
           "".join(f"{values[c]:>18.0f}" if c in values else f"{'-':>18}" for c in columns))
 if not rows:
     print("  no throughput results")

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupynet import __version__                                   # noqa: E402
-from cupynet.backends import create_backend                        # noqa: E402
+from cupynet.backends import check_devices, create_backend          # noqa: E402
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
@@ -181,6 +181,8 @@ def peak_memory(backend):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device != "cpu":
+        check_devices([device_of(args.device)])     # a clear DeviceError before environment() asks CUDA
     ints = lambda text: [int(v) for v in text.split(",")]
     batches = ints(args.batches)
     dataset = synthetic_dataset(num_train=max(batches) * 4, num_test=max(batches), seed=0)

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -105,10 +106,15 @@ def main(argv=None):
     model_dir = fresh_model_dir(args.model_dir)
     flags = recipe_flags(args, model_dir)
     print("python -m cupynet.train " + " ".join(flags), flush=True)
-    config = parse_train_args(flags)
-    started = time.perf_counter()
-    result = run(config)                           # prints its progress lines as it goes
-    wall = time.perf_counter() - started
+    try:
+        config = parse_train_args(flags)
+        started = time.perf_counter()
+        result = run(config)                       # prints its progress lines as it goes
+        wall = time.perf_counter() - started
+    except BaseException:
+        if args.model_dir is None:                 # our temporary dir: leave nothing behind
+            shutil.rmtree(model_dir, ignore_errors=True)
+        raise
     metrics = read_metrics(model_dir)
     curve = [{"step": m["step"], "epoch": m["epoch"], "loss": round(m["loss"], 4), "lr": m["lr"]}
              for m in metrics if m["event"] == "train"]

@@ -93,3 +93,14 @@ def test_time_to_accuracy_refuses_a_used_model_dir(tmp_path):
 def test_layouts_rows_say_whether_the_step_was_captured(tmp_path):
     report = run_quick("layouts", tmp_path)
     assert all(row["cuda_graph"] == "auto" and row["captured"] is False for row in report["results"])
+
+
+def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "time_to_accuracy.py"),
+                             "--data-dir", str(tmp_path / "missing"), "--gpus", "cpu"],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, TMPDIR=str(scratch)))
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr
+    assert list(scratch.iterdir()) == []                    # its temporary model dir is gone

@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
 STAGE_NAMES = ("install", "versions", "gpu_tests", "layouts", "vs_torch", "layers", "scaling", "cifar", "train",
-               "accuracy")
+               "batch512", "accuracy")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -80,6 +80,6 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     table = result.stdout.split("images/s, ResNet-44")[1]
-    assert re.search(r"NHWC\s+float32\s+\d+", table) and re.search(r"NCHW\s+float32\s+\d+", table)
+    assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
     assert "result: all stages ok" in result.stdout
