@@ -50,6 +50,14 @@ class Communicator:
     kind = "?"          # for the log line: "host" or "NCCL"
     capturable = False  # whether its collectives can be recorded in a CUDA graph (enqueued, no host wait)
 
+    def __init__(self, group, rank, backend):
+        if not 0 <= rank < group.size:
+            raise ValueError(f"rank {rank} outside a group of {group.size}")
+        self.group = group
+        self.rank = rank
+        self.size = group.size
+        self.backend = backend
+
     def all_reduce_sum(self, array):
         """array <- sum over ranks of array, in place."""
         raise NotImplementedError
@@ -92,14 +100,6 @@ class HostCommunicator(Communicator):
     """Collectives through host memory (see the module docstring). Costs two host copies per call."""
 
     kind = "host"
-
-    def __init__(self, group, rank, backend):
-        if not 0 <= rank < group.size:
-            raise ValueError(f"rank {rank} outside a group of {group.size}")
-        self.group = group
-        self.rank = rank
-        self.size = group.size
-        self.backend = backend
 
     def _wait(self):
         try:
@@ -208,11 +208,8 @@ class NcclCommunicator(Communicator):
     capturable = True
 
     def __init__(self, group, rank, backend, nccl_comm):
+        super().__init__(group, rank, backend)
         self.nccl = _nccl()
-        self.group = group
-        self.rank = rank
-        self.size = group.size
-        self.backend = backend
         self.comm = nccl_comm            # cupy.cuda.nccl.NcclCommunicator of this rank's GPU
         self._aborted = False
 

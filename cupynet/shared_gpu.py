@@ -97,12 +97,7 @@ class SharedGpuCommunicator(Communicator):
 
     def __init__(self, group, rank, backend):
         import cupy
-        if not 0 <= rank < group.size:
-            raise ValueError(f"rank {rank} outside a group of {group.size}")
-        self.group = group
-        self.rank = rank
-        self.size = group.size
-        self.backend = backend
+        super().__init__(group, rank, backend)
         self.kernels = backend.kernels
         with backend.device:
             self.barriers_passed = cupy.zeros((), dtype=np.uint64)    # this rank's barrier count

@@ -266,7 +266,7 @@ def use_cuda_graph(config, backend, comm=None):
     Capture needs the GPU backend and a communicator that enqueues on the device (NCCL), not the
     host all-reduce, which waits for the device in the middle of the step.
     """
-    mode = getattr(config, "cuda_graph", "auto")
+    mode = config.cuda_graph
     if mode == "off":
         return False
     possible = backend.name == "cupy" and (comm is None or comm.capturable)

@@ -228,7 +228,6 @@ class CudnnConv:
         import cupy                     # imported here so that the module itself imports without a GPU stack
         self._cupy = cupy
 
-        self.handle = handle
         self._main = _Lane(handle, cupy)
         self._wgrad = _Lane(wgrad_handle, cupy) if wgrad_handle is not None else self._main
         self.layout = layout

@@ -439,8 +439,7 @@ class CupyBackend(LayoutMixin):
         n = _count(x)
         plan, partials = self._bn_partials(c, m)
         t = (ctype(x.dtype),)
-        relu_applied = _i32(y is not None)
-        y_or_unused = y if y is not None else dy    # never read when relu_applied is 0
+        relu_applied, y_or_unused = _relu_operands(y, dy)
         self.kernels.launch("bn_grad_partials", t, plan["grid"], plan["block"],
                             (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd,
                              _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials),
