@@ -200,7 +200,8 @@ class CupyBackend(LayoutMixin):
         """A NumPy copy of a device array (waits for the stream, and the side stream's weight gradients:
         only between steps)."""
         self._join_side_stream()
-        return cupy.ascontiguousarray(array).get(stream=self.stream)
+        # CuPy's ascontiguousarray turns a 0-d array into shape (1,): give back the caller's shape
+        return cupy.ascontiguousarray(array).get(stream=self.stream).reshape(array.shape)
 
     @_on_device
     def from_host(self, array, dtype=None):
