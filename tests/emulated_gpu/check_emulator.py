@@ -1,0 +1,188 @@
+"""The emulated GPU's own rules, checked: a test run on it means something only if it refuses what CUDA,
+CuPy, cuDNN and NCCL refuse, and runs kernels as a device would.
+
+Runs only inside the emulation (tests/test_emulated_gpu.py passes this file to a pytest subprocess with
+tests/emulated_gpu first on PYTHONPATH); its name keeps the normal test run from collecting it.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import cupy
+import cudnn
+from cupy._array import EmulationError
+from kernel_runner import KernelError
+
+pytestmark = pytest.mark.gpu
+
+ADD_ONE = r"""
+extern "C" __global__ void add_one(float* x, int n)
+{
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] += 1.0f;
+}
+
+// Sum of x over one block through shared memory, warp shuffles and __syncthreads, into out[0].
+extern "C" __global__ void block_total(const float* x, int n, float* out)
+{
+    __shared__ float per_warp[32];
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[i];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if ((threadIdx.x & 31) == 0) per_warp[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += per_warp[w];
+        out[0] = total;
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total"])
+
+
+def test_kernels_run_with_shared_memory_shuffles_and_barriers(module):
+    x = cupy.asarray(np.arange(1000, dtype=np.float32))
+    out = cupy.zeros((1,), dtype=np.float32)
+    module.get_function("block_total")((1,), (256,), (x, np.int32(1000), out))
+    assert float(out.get()[0]) == float(np.arange(1000).sum())
+    module.get_function("add_one")((3,), (128,), (x, np.int32(1000)))
+    np.testing.assert_array_equal(x.get(), np.arange(1000, dtype=np.float32) + 1)
+
+
+@pytest.mark.parametrize("bad, why", [(1000, "Python int"), (np.int64(1000), "64-bit for an int"),
+                                      (np.float32(3), "float for an int")])
+def test_scalar_arguments_must_have_the_parameter_type(module, bad, why):
+    x = cupy.zeros((4,), dtype=np.float32)
+    with pytest.raises(KernelError):
+        module.get_function("add_one")((1,), (32,), (x, bad))
+
+
+def test_a_pointer_parameter_needs_an_array_and_geometry_is_checked(module):
+    with pytest.raises(KernelError, match="must be an array"):
+        module.get_function("add_one")((1,), (32,), (np.int32(0), np.int32(4)))
+    x = cupy.zeros((4,), dtype=np.float32)
+    with pytest.raises(KernelError, match="invalid block"):
+        module.get_function("add_one")((1,), (2048,), (x, np.int32(4)))
+
+
+def test_empty_memory_is_poisoned_and_host_device_mixing_is_refused():
+    assert np.isnan(cupy.empty((3,), dtype=np.float32).get()).all()
+    with pytest.raises(TypeError):
+        cupy.zeros((3,), dtype=np.float32) + np.ones(3, dtype=np.float32)
+
+
+def test_captured_work_runs_on_each_replay_not_during_the_capture(module):
+    x = cupy.zeros((64,), dtype=np.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        module.get_function("add_one")((1,), (64,), (x, np.int32(64)))
+        graph = stream.end_capture()
+    assert not x.get().any()
+    graph.launch(stream)
+    graph.launch(stream)
+    assert (x.get() == 2).all()
+
+
+def test_capture_refuses_host_work_and_unjoined_streams(module):
+    stream, side = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    x = cupy.zeros((8,), dtype=np.float32)
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(EmulationError, match="capturing"):
+            x.get()
+        with pytest.raises(EmulationError, match="capturing"):
+            x += 1
+        fork = cupy.cuda.Event()
+        fork.record(stream)
+        side.wait_event(fork)                     # the side stream joins the capture
+        module.get_function("add_one")((1,), (32,), (x, np.int32(8)), stream=side)
+        with pytest.raises(EmulationError, match="Unjoined"):
+            stream.end_capture()                  # its work was never joined back
+    with stream:
+        stream.begin_capture()
+        fork.record(stream)
+        side.wait_event(fork)
+        module.get_function("add_one")((1,), (32,), (x, np.int32(8)), stream=side)
+        join = cupy.cuda.Event()
+        join.record(side)
+        stream.wait_event(join)
+        stream.end_capture().launch(stream)
+    assert (x.get() == 1).all()
+
+
+def _conv_graph(output_stride):
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=cupy.cuda.get_current_stream().ptr)
+    graph = cudnn.pygraph(io_data_type=cudnn.data_type.FLOAT, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    x = graph.tensor(name="x", dim=[1, 2, 3, 3], stride=[18, 9, 3, 1], data_type=cudnn.data_type.FLOAT)
+    w = graph.tensor(name="w", dim=[4, 2, 1, 1], stride=[2, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
+    y = graph.conv_fprop(image=x, weight=w, pre_padding=[0, 0], post_padding=[0, 0], stride=[1, 1],
+                         dilation=[1, 1], compute_data_type=cudnn.data_type.FLOAT)
+    y.set_output(True)
+    if output_stride:
+        y.set_stride([36, 9, 3, 1])
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A])
+    graph.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE, cudnn.numerical_note.NONDETERMINISTIC])
+    graph.check_support()
+    graph.build_plans()
+    return graph, handle, (x, w, y)
+
+
+def test_cudnn_reads_and_writes_through_strides_and_defaults_outputs_to_nhwc():
+    rng = np.random.default_rng(0)
+    x_host = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    w_host = rng.standard_normal((4, 2, 1, 1)).astype(np.float32)
+    expected = np.einsum("nchw,kc->nkhw", x_host, w_host[:, :, 0, 0])
+    for output_stride, layout_of_y in ((True, "NCHW"), (False, "NHWC")):
+        graph, handle, (x, w, y) = _conv_graph(output_stride)
+        xd, wd, yd = cupy.asarray(x_host), cupy.asarray(w_host), cupy.zeros((36,), dtype=np.float32)
+        graph.execute({x: xd.data.ptr, w: wd.data.ptr, y: yd.data.ptr}, 0, handle=handle)
+        got = yd.get().reshape(1, 4, 3, 3) if layout_of_y == "NCHW" else \
+            yd.get().reshape(1, 3, 3, 4).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_cudnn_deselecting_before_plans_exist_does_nothing():
+    graph = cudnn.pygraph(io_data_type=cudnn.data_type.FLOAT, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT)
+    x = graph.tensor(name="x", dim=[1, 2, 3, 3], stride=[18, 9, 3, 1])
+    w = graph.tensor(name="w", dim=[4, 2, 1, 1], stride=[2, 1, 1, 1])
+    graph.conv_fprop(image=x, weight=w, pre_padding=[0, 0], post_padding=[0, 0], stride=[1, 1], dilation=[1, 1])
+    graph.validate()
+    graph.build_operation_graph()
+    graph.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE])      # too early
+    graph.create_execution_plans([cudnn.heur_mode.A])
+    graph.check_support()
+    graph.build_plans()
+    assert cudnn.numerical_note.TENSOR_CORE in cudnn.ENGINES[graph._default_engine()].numerical
+
+
+def test_nccl_refuses_two_ranks_on_one_device_and_sums_across_threads():
+    with pytest.raises(cupy.cuda.nccl.NcclError, match="duplicate"):
+        cupy.cuda.nccl.NcclCommunicator.initAll([0, 0])
+    comms = cupy.cuda.nccl.NcclCommunicator.initAll([0])
+    x = cupy.asarray(np.arange(5, dtype=np.float32))
+    comms[0].allReduce(x.data.ptr, x.data.ptr, 5, cupy.cuda.nccl.NCCL_FLOAT32, cupy.cuda.nccl.NCCL_SUM,
+                       cupy.cuda.get_current_stream().ptr)
+    np.testing.assert_array_equal(x.get(), np.arange(5, dtype=np.float32))
+
+
+def test_nccl_abort_releases_a_rank_waiting_for_its_peer():
+    import os
+    if int(os.environ.get("CUPYNET_EMULATED_GPUS", "1")) < 2:
+        pytest.skip("needs CUPYNET_EMULATED_GPUS >= 2")
+    comms = cupy.cuda.nccl.NcclCommunicator.initAll([0, 1])
+    x = cupy.zeros((3,), dtype=np.float32)
+    threading.Timer(0.5, comms[1].abort).start()
+    with pytest.raises(cupy.cuda.nccl.NcclError, match="abort"):
+        comms[0].allReduce(x.data.ptr, x.data.ptr, 3, cupy.cuda.nccl.NCCL_FLOAT32, cupy.cuda.nccl.NCCL_SUM,
+                           cupy.cuda.get_current_stream().ptr)

@@ -1,0 +1,412 @@
+/*
+ * tests/emulated_gpu/cuda_cpu.h: just enough of CUDA's device side, in plain C++17, to run kernels/*.cu on
+ * a CPU, so that the GPU backend's kernels and the Python code that launches them are exercised in CI,
+ * where there is no GPU. Used by tests/emulated_gpu/kernel_runner.py, which pastes a kernel file after
+ * this header, compiles it with g++ into a shared library and calls `launch` through ctypes.
+ *
+ * The execution model, faithful where our kernels depend on it:
+ *   - a launch runs its blocks one after another on the calling OS thread (so kernels launched from
+ *     different worker threads run concurrently, as kernels on different streams do);
+ *   - the threads of a block are fibers on that OS thread, switched by a few lines of assembly: a
+ *     thread runs until it reaches __syncthreads() or a warp shuffle, then the next one runs. A barrier
+ *     opens when every live thread of the block (or of the warp, for a shuffle) has arrived; threads
+ *     that returned count as arrived, as on current GPUs. A barrier that can never open is reported;
+ *   - __shared__ variables are per OS thread (blocks of one launch run in turn, so they share them);
+ *     dynamic shared memory (`extern __shared__ T name[];`, rewritten by the runner) is a per-launch
+ *     buffer of the requested size;
+ *   - atomics are real atomics (std::atomic_ref), globaltimer is the steady clock.
+ * What it does not model: memory coalescing, timing, warp divergence costs, denormal flushing (-ftz),
+ * and the fused multiply-adds nvcc contracts on its own (only explicit fmaf is fused here).
+ */
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <math.h>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ------------------------------------------------------------------ qualifiers
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static thread_local
+
+// ------------------------------------------------------------------ vector types and thread indices
+
+struct uint3 { unsigned int x = 0, y = 0, z = 0; };
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct double2 { double x, y; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
+
+namespace cpuemu {
+struct ThreadState;
+}
+
+// Set by the scheduler before it resumes a thread (fibers of one OS thread share these variables).
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+// ------------------------------------------------------------------ bfloat16 (bits as cuda_bf16.h)
+
+struct __nv_bfloat16 {
+    unsigned short bits;
+};
+
+inline float __bfloat162float(__nv_bfloat16 v)
+{
+    const unsigned int u = (unsigned int)v.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f)
+{
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    __nv_bfloat16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {          // NaN stays a (quiet) NaN
+        r.bits = (unsigned short)((u >> 16) | 0x0040u);
+        return r;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);                // round to nearest, ties to even
+    r.bits = (unsigned short)(u >> 16);
+    return r;
+}
+
+// ------------------------------------------------------------------ arithmetic intrinsics
+
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float v) { int i; std::memcpy(&i, &v, 4); return i; }
+// Explicitly rounded operations: volatile keeps the compiler from contracting them into an fma.
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+// fmaf, fmaxf, expf, logf, sqrtf, sqrt, fmax: the C library's, from <cmath>
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+using std::max;
+using std::min;
+
+// ------------------------------------------------------------------ fibers
+
+namespace cpuemu {
+
+#if defined(__x86_64__)
+// switch_stack(from, to): save the callee-saved registers and the FP control words on the current stack,
+// store its pointer in *from, continue on `to` (a stack saved the same way, or a fresh one).
+extern "C" void cpuemu_switch_stack(void** from, void* to);
+asm(R"(
+    .text
+    .p2align 4
+    .type cpuemu_switch_stack,@function
+cpuemu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cpuemu_switch_stack,.-cpuemu_switch_stack
+)");
+#else
+#error "tests/emulated_gpu/cuda_cpu.h switches fibers with x86-64 assembly only"
+#endif
+
+constexpr size_t STACK_BYTES = 64 * 1024;
+constexpr int WARP = 32;
+
+enum class Wait { none, block, warp };
+
+struct Fiber {
+    void* sp = nullptr;
+    char* stack = nullptr;
+    uint3 idx;
+    bool done = false;
+    Wait wait = Wait::none;
+    unsigned long long wait_generation = 0;
+};
+
+struct Barrier {
+    int live = 0;                       // threads that have not returned
+    int arrived = 0;
+    unsigned long long generation = 0;
+};
+
+struct Scheduler {
+    std::vector<Fiber> fibers;
+    std::vector<char*> stacks;          // reused by every launch of this OS thread
+    Barrier block;
+    std::vector<Barrier> warps;
+    std::vector<unsigned long long> exchange;   // one 8-byte slot per thread, for shuffles
+    std::vector<char> dynamic_shared;
+    void* scheduler_sp = nullptr;
+    int current = -1;
+    void (*body)(void*) = nullptr;
+    void* body_arg = nullptr;
+};
+
+inline Scheduler& scheduler()
+{
+    thread_local Scheduler s;
+    return s;
+}
+
+inline void* dynamic_shared() { return scheduler().dynamic_shared.data(); }
+
+[[noreturn]] inline void fiber_entry()
+{
+    Scheduler& s = scheduler();
+    s.body(s.body_arg);
+    Fiber& f = s.fibers[s.current];
+    f.done = true;
+    void* unused;
+    cpuemu_switch_stack(&unused, s.scheduler_sp);
+    std::abort();                       // never resumed
+}
+
+// A fresh stack whose first switch "returns" into fiber_entry with the ABI's alignment.
+inline void* fresh_stack(char* stack)
+{
+    uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + STACK_BYTES) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                                    // fiber_entry's (never used) return address
+    *--sp = reinterpret_cast<void*>(&fiber_entry);      // where `ret` goes
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;        // rbp rbx r12 r13 r14 r15
+    --sp;                                               // mxcsr and the x87 control word
+    const unsigned int mxcsr = 0x1f80u;
+    const unsigned short fpucw = 0x037fu;
+    std::memcpy(sp, &mxcsr, 4);
+    std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpucw, 2);
+    return sp;
+}
+
+inline int linear_thread()
+{
+    return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+}
+
+// Arrive at a barrier; return when it opens (the last arrival opens it without yielding).
+inline void arrive(Barrier& barrier, Wait kind)
+{
+    Scheduler& s = scheduler();
+    if (++barrier.arrived >= barrier.live) {
+        barrier.arrived = 0;
+        ++barrier.generation;
+        return;
+    }
+    Fiber& f = s.fibers[s.current];
+    f.wait = kind;
+    f.wait_generation = barrier.generation;
+    cpuemu_switch_stack(&f.sp, s.scheduler_sp);
+    // resumed by the scheduler only once the barrier's generation moved on
+}
+
+inline bool can_resume(const Scheduler& s, const Fiber& f, int index)
+{
+    if (f.wait == Wait::block) return s.block.generation != f.wait_generation;
+    if (f.wait == Wait::warp) return s.warps[index / WARP].generation != f.wait_generation;
+    return true;
+}
+
+// A thread returned: barriers it would have joined now wait for one thread fewer.
+inline void retire(Scheduler& s, int index)
+{
+    for (Barrier* barrier : {&s.block, &s.warps[index / WARP]}) {
+        --barrier->live;
+        if (barrier->arrived > 0 && barrier->arrived >= barrier->live) {
+            barrier->arrived = 0;
+            ++barrier->generation;
+        }
+    }
+}
+
+// Run body(arg) once per thread of one block; returns an error message or "".
+inline std::string run_block(void (*body)(void*), void* arg, int threads)
+{
+    Scheduler& s = scheduler();
+    s.body = body;
+    s.body_arg = arg;
+    while ((int)s.stacks.size() < threads) s.stacks.push_back(static_cast<char*>(std::malloc(STACK_BYTES)));
+    s.fibers.assign(threads, Fiber{});
+    s.block = Barrier{threads, 0, 0};
+    s.warps.assign((threads + WARP - 1) / WARP, Barrier{});
+    for (int t = 0; t < threads; ++t) ++s.warps[t / WARP].live;
+    s.exchange.assign(threads, 0ull);
+    for (int t = 0; t < threads; ++t) {
+        Fiber& f = s.fibers[t];
+        f.stack = s.stacks[t];
+        f.sp = fresh_stack(f.stack);
+        f.idx.x = t % blockDim.x;
+        f.idx.y = (t / blockDim.x) % blockDim.y;
+        f.idx.z = t / (blockDim.x * blockDim.y);
+    }
+    int remaining = threads;
+    while (remaining > 0) {
+        bool progressed = false;
+        for (int t = 0; t < threads; ++t) {
+            Fiber& f = s.fibers[t];
+            if (f.done || !can_resume(s, f, t)) continue;
+            f.wait = Wait::none;
+            s.current = t;
+            threadIdx = f.idx;
+            cpuemu_switch_stack(&s.scheduler_sp, f.sp);
+            progressed = true;
+            if (f.done) {
+                --remaining;
+                retire(s, t);
+            }
+        }
+        if (!progressed) {
+            int at_block = 0, at_warp = 0;
+            for (const Fiber& f : s.fibers) {
+                at_block += !f.done && f.wait == Wait::block;
+                at_warp += !f.done && f.wait == Wait::warp;
+            }
+            return "deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
+                   std::to_string(at_warp) + " at a warp shuffle that can never complete";
+        }
+    }
+    return "";
+}
+
+// ------------------------------------------------------------------ launching a kernel with void** arguments
+
+template <typename... A, size_t... I>
+void call_kernel(void (*kernel)(A...), void** args, std::index_sequence<I...>)
+{
+    kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+
+template <typename... A>
+struct Launch {
+    void (*kernel)(A...);
+    void** args;
+    static void body(void* self)
+    {
+        auto* launch = static_cast<Launch*>(self);
+        call_kernel(launch->kernel, launch->args, std::index_sequence_for<A...>{});
+    }
+};
+
+// grid and block: 3 unsigned each. Returns 0, or 1 with a message in `error`.
+template <typename... A>
+int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, size_t shared_bytes, void** args,
+           char* error, int error_bytes)
+{
+    const long long threads = (long long)block[0] * block[1] * block[2];
+    std::string problem;
+    if (threads < 1 || threads > 1024 || block[2] > 64) {
+        problem = "invalid block (" + std::to_string(block[0]) + ", " + std::to_string(block[1]) + ", " +
+                  std::to_string(block[2]) + ")";
+    } else if (grid[0] < 1 || grid[1] < 1 || grid[2] < 1 || grid[1] > 65535 || grid[2] > 65535) {
+        problem = "invalid grid (" + std::to_string(grid[0]) + ", " + std::to_string(grid[1]) + ", " +
+                  std::to_string(grid[2]) + ")";
+    } else if (shared_bytes > 227 * 1024) {
+        problem = "dynamic shared memory of " + std::to_string(shared_bytes) + " bytes";
+    }
+    Scheduler& s = scheduler();
+    s.dynamic_shared.assign(shared_bytes + 16, 0);
+    gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
+    blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
+    Launch<A...> launch_state{kernel, args};
+    for (unsigned z = 0; problem.empty() && z < grid[2]; ++z)
+        for (unsigned y = 0; problem.empty() && y < grid[1]; ++y)
+            for (unsigned x = 0; problem.empty() && x < grid[0]; ++x) {
+                blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
+                problem = run_block(&Launch<A...>::body, &launch_state, (int)threads);
+            }
+    if (problem.empty()) return 0;
+    std::snprintf(error, error_bytes, "%s", problem.c_str());
+    return 1;
+}
+
+// The parameter types of a kernel as codes the runner checks its arguments against:
+// p = pointer, i4/i8 = signed, u4/u8 = unsigned, f4/f8 = floating (by size), space-separated.
+template <typename T> std::string type_code()
+{
+    if (std::is_pointer_v<T>) return "p";
+    if (std::is_floating_point_v<T>) return "f" + std::to_string(sizeof(T));
+    if (std::is_integral_v<T>) return (std::is_signed_v<T> ? "i" : "u") + std::to_string(sizeof(T));
+    return "?" + std::to_string(sizeof(T));
+}
+
+template <typename... A> std::string signature(void (*)(A...))
+{
+    std::string codes;
+    ((codes += (codes.empty() ? "" : " ") + type_code<std::remove_cv_t<A>>()), ...);
+    return codes;
+}
+
+// ------------------------------------------------------------------ warp shuffles
+
+// v from lane (lane + delta) of the same warp; own v when that lane is past the warp (CUDA's rule).
+template <typename T> T shuffle_down(T v, int delta)
+{
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    Scheduler& s = scheduler();
+    const int t = s.current;
+    const int lane = t % WARP;
+    Barrier& warp = s.warps[t / WARP];
+    std::memcpy(&s.exchange[t], &v, sizeof(T));
+    arrive(warp, Wait::warp);
+    T result = v;
+    const int source = t + delta;
+    if (lane + delta < WARP && source < (int)s.fibers.size()) std::memcpy(&result, &s.exchange[source], sizeof(T));
+    arrive(warp, Wait::warp);           // nobody overwrites a slot before every lane has read
+    return result;
+}
+
+inline unsigned long long global_time_ns()
+{
+    return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace cpuemu
+
+inline void __syncthreads() { cpuemu::arrive(cpuemu::scheduler().block, cpuemu::Wait::block); }
+
+template <typename T> T __shfl_down_sync(unsigned int /*mask*/, T v, unsigned int delta)
+{
+    return cpuemu::shuffle_down(v, (int)delta);
+}
+
+// ------------------------------------------------------------------ atomics and fences
+
+template <typename T> T atomicAdd(T* address, T value)
+{
+    return std::atomic_ref<T>(*address).fetch_add(value);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned int ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }

@@ -1,0 +1,453 @@
+"""An emulated cuDNN Frontend for CI: the graph API cupynet/backends/cudnn_conv.py uses, with NumPy convolutions.
+
+It stands where `nvidia-cudnn-frontend` and libcudnn would be (tests/emulated_gpu/cupy says why), and
+checks what cuDNN would check, the way cuDNN would do it, so that mistakes in our use show up on a CPU:
+
+  * memory is read and written only through each tensor's dims, strides (in elements) and data type, at
+    the integer addresses of the variant pack: a wrong stride or dim scrambles the result, as on a GPU;
+    an output whose strides were never set gets NHWC-packed strides, as in the real Frontend;
+  * the build sequence validate -> build_operation_graph -> create_execution_plans -> [deselect] ->
+    check_support -> build_plans (or build_plan_at_index) is enforced; deselecting before plans exist
+    does nothing, as in the real one;
+  * the heuristics offer five engines, listed best first: a TF32 tensor-core engine (numerical note
+    TENSOR_CORE: rounds float32 inputs to TF32, so strict-fp32 parity fails if it is not deselected), a
+    NONDETERMINISTIC engine (its float32 sums are reordered at random on every run, so reproducibility
+    tests fail if it is not deselected), a plain fp32 engine and a RUNTIME_COMPILATION one;
+  * execution is enqueued on the stream the handle is bound to (cudnn.set_stream), so it is recorded by
+    a CUDA-graph capture exactly when that stream is capturing.
+
+Convolutions accumulate in float64 and round once to the output type (bfloat16: to nearest even).
+"""
+import ctypes
+import enum
+import itertools
+
+import numpy as np
+
+__version__ = "1.22.1+emulated"
+
+
+class data_type(enum.Enum):
+    FLOAT = "float32"
+    BFLOAT16 = "bfloat16"
+    HALF = "float16"
+
+
+class heur_mode(enum.Enum):
+    A = 0
+    B = 1
+    FALLBACK = 2
+
+
+class numerical_note(enum.Enum):
+    TENSOR_CORE = 0
+    DOWN_CONVERT_INPUTS = 1
+    NONDETERMINISTIC = 2
+
+
+class behavior_note(enum.Enum):
+    RUNTIME_COMPILATION = 0
+
+
+class cudnnGraphNotSupportedError(Exception):
+    pass
+
+
+def backend_version():
+    return 91900
+
+
+# ------------------------------------------------------------------ handles
+
+_handles = {}
+_handle_ids = itertools.count(0x5000)
+
+
+def create_handle():
+    handle = next(_handle_ids)
+    _handles[handle] = 0            # the null stream until set_stream
+    return handle
+
+
+def destroy_handle(handle):
+    _handles.pop(handle)
+
+
+def set_stream(handle, stream):
+    if handle not in _handles:
+        raise RuntimeError(f"set_stream: {handle} is not a live cuDNN handle")
+    _handles[handle] = int(stream)
+
+
+def _stream_of(handle):
+    from cupy.cuda.stream import stream_from_pointer
+    if handle not in _handles:
+        raise RuntimeError(f"execute: {handle} is not a live cuDNN handle")
+    return stream_from_pointer(_handles[handle])
+
+
+# ------------------------------------------------------------------ engines
+
+class _Engine:
+    def __init__(self, name, numerical=(), behavior=(), workspace=0):
+        self.name = name
+        self.numerical = tuple(numerical)
+        self.behavior = tuple(behavior)
+        self.workspace = workspace
+
+
+ENGINES = (                                  # heuristics order, best first
+    _Engine("tf32 tensor cores", numerical=[numerical_note.TENSOR_CORE, numerical_note.DOWN_CONVERT_INPUTS],
+            workspace=1 << 12),
+    _Engine("split-k atomics", numerical=[numerical_note.NONDETERMINISTIC], workspace=1 << 14),
+    _Engine("implicit gemm fp32"),
+    _Engine("winograd fp32", workspace=1 << 16),
+    _Engine("runtime-compiled", behavior=[behavior_note.RUNTIME_COMPILATION], workspace=1 << 10),
+)
+
+
+# ------------------------------------------------------------------ tensors and the graph
+
+class _Tensor:
+    _uids = itertools.count(1)
+
+    def __init__(self, name, dim=None, stride=None, data_type=None):
+        self.name = name
+        self.dim = list(dim) if dim is not None else None
+        self.stride = list(stride) if stride is not None else None
+        self.data_type = data_type
+        self.is_output = False
+        self.uid = next(self._uids)
+
+    def set_output(self, value):
+        self.is_output = bool(value)
+        return self
+
+    def set_dim(self, dim):
+        self.dim = [int(d) for d in dim]
+        return self
+
+    def set_stride(self, stride):
+        self.stride = [int(s) for s in stride]
+        return self
+
+    def set_data_type(self, value):
+        self.data_type = value
+        return self
+
+    def get_uid(self):
+        return self.uid
+
+    def get_dim(self):
+        return list(self.dim)
+
+    def get_stride(self):
+        return list(self.stride)
+
+
+_STAGES = ("created", "validated", "operation graph", "plans created", "supported")
+
+
+class pygraph:
+    def __init__(self, io_data_type=None, intermediate_data_type=None, compute_data_type=None, handle=None,
+                 name="graph"):
+        self.io_data_type = io_data_type
+        self.compute_data_type = compute_data_type
+        self.handle = handle
+        self.tensors = []
+        self.conv = None
+        self.stage = "created"
+        self.plans = []                  # engine indices, heuristics order
+        self.deselected = set()
+        self.built = set()
+
+    # ------------------------------------------------------------- description
+
+    def tensor(self, name, dim, stride, data_type=None):
+        t = _Tensor(name, dim, stride, data_type if data_type is not None else self.io_data_type)
+        self.tensors.append(t)
+        return t
+
+    def _convolution(self, op, a, b, pre_padding, post_padding, stride, dilation, compute_data_type, name):
+        if self.conv is not None:
+            raise RuntimeError("the emulated Frontend holds one convolution per graph")
+        output = _Tensor(f"{name}::output", data_type=self.compute_data_type)
+        self.tensors.append(output)
+        self.conv = dict(op=op, a=a, b=b, out=output, pre=list(pre_padding), post=list(post_padding),
+                         stride=list(stride), dilation=list(dilation), compute=compute_data_type)
+        return output
+
+    def conv_fprop(self, image, weight, pre_padding, post_padding, stride, dilation, compute_data_type=None,
+                   name="fprop"):
+        return self._convolution("fprop", image, weight, pre_padding, post_padding, stride, dilation,
+                                 compute_data_type, name)
+
+    def conv_dgrad(self, loss, filter, pre_padding, post_padding, stride, dilation, compute_data_type=None,
+                   name="dgrad"):
+        return self._convolution("dgrad", loss, filter, pre_padding, post_padding, stride, dilation,
+                                 compute_data_type, name)
+
+    def conv_wgrad(self, image, loss, pre_padding, post_padding, stride, dilation, compute_data_type=None,
+                   name="wgrad"):
+        return self._convolution("wgrad", image, loss, pre_padding, post_padding, stride, dilation,
+                                 compute_data_type, name)
+
+    # ------------------------------------------------------------- build sequence
+
+    def _require(self, stage, call):
+        if _STAGES.index(self.stage) < _STAGES.index(stage):
+            raise RuntimeError(f"{call} before {stage} (the graph is {self.stage})")
+
+    def validate(self):
+        c = self.conv
+        if c is None:
+            raise ValueError("validate: the graph has no operation")
+        for key in ("pre", "post", "stride", "dilation"):
+            if len(c[key]) != 2:
+                raise ValueError(f"validate: {key} must have 2 entries, got {c[key]}")
+        if c["dilation"] != [1, 1] or c["pre"] != c["post"] or c["pre"][0] != c["pre"][1]:
+            raise cudnnGraphNotSupportedError("the emulated Frontend runs symmetric padding, no dilation")
+        out = c["out"]
+        if out.dim is None:
+            if c["op"] != "fprop":
+                raise ValueError(f"validate: the {c['op']} output needs set_dim (its shape cannot be inferred)")
+            out.dim = self._fprop_output_dims()
+        if out.stride is None:               # the real Frontend's default for an unset output stride
+            n, ch, h, w = out.dim
+            out.stride = [h * w * ch, 1, w * ch, ch]
+        for t in self.tensors:
+            if t.dim is None or len(t.dim) != 4 or t.stride is None or len(t.stride) != 4:
+                raise ValueError(f"validate: tensor {t.name} needs 4 dims and 4 strides, got {t.dim} {t.stride}")
+        self._check_shapes()
+        self.stage = "validated"
+
+    def _fprop_output_dims(self):
+        c = self.conv
+        n, _, h, w = c["a"].dim
+        k, _, r, s = c["b"].dim
+        pad, stride = c["pre"][0], c["stride"][0]
+        return [n, k, (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1]
+
+    def _check_shapes(self):
+        """The dims of image, filter and result must be those of one convolution."""
+        c = self.conv
+        op = c["op"]
+        image, weight, result = {"fprop": (c["a"], c["b"], c["out"]), "dgrad": (c["out"], c["b"], c["a"]),
+                                 "wgrad": (c["a"], c["out"], c["b"])}[op]
+        n, ch, h, w = image.dim
+        k, wc, r, s = weight.dim
+        pad, stride = c["pre"][0], c["stride"][0]
+        expected = [n, k, (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1]
+        if wc != ch or result.dim != expected:
+            raise ValueError(f"validate: {op} image {image.dim}, filter {weight.dim}, result {result.dim} "
+                             f"(expected {expected}) are not one convolution")
+
+    def build_operation_graph(self):
+        self._require("validated", "build_operation_graph")
+        self.stage = "operation graph"
+
+    def create_execution_plans(self, modes):
+        self._require("operation graph", "create_execution_plans")
+        if not modes:
+            raise ValueError("create_execution_plans: no heuristics mode")
+        float_io = self.io_data_type == data_type.FLOAT
+        self.deselected = set()
+        self.plans = [i for i, engine in enumerate(ENGINES) if float_io or not engine.name.endswith(" fp32")]
+        self.stage = "plans created"
+
+    def deselect_numeric_notes(self, notes):
+        """Marks the candidates create_execution_plans made; before that there is nothing to mark."""
+        if _STAGES.index(self.stage) < _STAGES.index("plans created"):
+            return
+        notes = set(notes)
+        for position, engine in enumerate(ENGINES):
+            if notes & set(engine.numerical):
+                self.deselected.add(position)
+
+    def _candidates(self):
+        return [i for i in self.plans if i not in self.deselected]
+
+    def check_support(self):
+        self._require("plans created", "check_support")
+        if not self._candidates():
+            raise cudnnGraphNotSupportedError("No execution plans built successfully")
+        self.stage = "supported"
+
+    def build_plans(self, policy=None):
+        self._require("supported", "build_plans")
+        self.built.add(self._candidates()[0])
+
+    def get_execution_plan_count(self):
+        return len(self.plans)
+
+    def _engine_at(self, index):
+        if not 0 <= index < len(self.plans):
+            raise ValueError(f"plan index {index} out of range ({len(self.plans)} plans)")
+        return self.plans[index]
+
+    def build_plan_at_index(self, index):
+        self._require("supported", "build_plan_at_index")
+        engine = self._engine_at(index)
+        if engine in self.deselected:
+            raise RuntimeError(f"plan {index} ({ENGINES[engine].name}) was deselected")
+        self.built.add(engine)
+
+    def get_behavior_notes_for_plan_at_index(self, index):
+        return list(ENGINES[self._engine_at(index)].behavior)
+
+    def get_workspace_size_plan_at_index(self, index):
+        return ENGINES[self._engine_at(index)].workspace
+
+    def _default_engine(self):
+        engines = [e for e in self._candidates() if e in self.built]
+        if not engines:
+            raise RuntimeError("execute: no plan was built (build_plans)")
+        return engines[0]
+
+    def get_workspace_size(self):
+        return ENGINES[self._default_engine()].workspace
+
+    # ------------------------------------------------------------- execution
+
+    def execute(self, variant_pack, workspace, handle=None):
+        self._enqueue(self._default_engine(), variant_pack, workspace, handle)
+
+    def execute_plan_at_index(self, variant_pack, workspace, index, handle=None):
+        engine = self._engine_at(index)
+        if engine not in self.built:
+            raise RuntimeError(f"execute_plan_at_index: plan {index} was not built")
+        self._enqueue(engine, variant_pack, workspace, handle)
+
+    def _enqueue(self, engine, variant_pack, workspace, handle):
+        handle = self.handle if handle is None else handle
+        pointers = {}
+        for key, value in variant_pack.items():
+            tensor = key if isinstance(key, _Tensor) else next((t for t in self.tensors if t.uid == key), None)
+            if tensor is None or tensor not in self.tensors:
+                raise ValueError(f"variant pack: {key!r} is not a tensor of this graph")
+            if type(value) is not int:
+                raise TypeError(f"variant pack: the emulation takes integer device pointers, got {type(value)}")
+            pointers[tensor.uid] = value
+        c = self.conv
+        for tensor in (c["a"], c["b"], c["out"]):
+            if not pointers.get(tensor.uid):
+                raise ValueError(f"variant pack: no pointer for tensor {tensor.name}")
+        if ENGINES[engine].workspace and not workspace:
+            raise ValueError(f"{ENGINES[engine].name} needs {ENGINES[engine].workspace} bytes of workspace, "
+                             f"got a null pointer")
+        _stream_of(handle).enqueue(lambda: self._run(engine, pointers), f"cuDNN {c['op']}")
+
+    def _run(self, engine, pointers):
+        c = self.conv
+        a = _read(c["a"], pointers[c["a"].uid])
+        b = _read(c["b"], pointers[c["b"].uid])
+        if ENGINES[engine].name == "tf32 tensor cores":
+            a, b = _tf32(a), _tf32(b)
+        pad, stride = c["pre"][0], c["stride"][0]
+        out = c["out"]
+        if c["op"] == "fprop":
+            result = _fprop(a, b, pad, stride)
+        elif c["op"] == "dgrad":
+            result = _dgrad(a, b, pad, stride, out.dim)
+        else:
+            result = _wgrad(a, b, pad, stride, out.dim)
+        if ENGINES[engine].numerical == (numerical_note.NONDETERMINISTIC,):
+            result = _reordered_float32_sum(result)
+        _write(out, pointers[out.uid], result)
+
+
+# ------------------------------------------------------------------ memory through dims and strides
+
+def _storage(tensor):
+    dt = tensor.data_type
+    if dt == data_type.FLOAT:
+        return np.float32
+    if dt == data_type.BFLOAT16:
+        return np.uint16
+    raise cudnnGraphNotSupportedError(f"the emulated Frontend has no {dt}")
+
+
+def _view(tensor, pointer):
+    storage = np.dtype(_storage(tensor))
+    extent = 1 + sum((d - 1) * s for d, s in zip(tensor.dim, tensor.stride))
+    element = ctypes.c_uint16 if storage == np.uint16 else ctypes.c_float
+    flat = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(element)), shape=(extent,))
+    return np.lib.stride_tricks.as_strided(flat, shape=tensor.dim,
+                                           strides=[s * storage.itemsize for s in tensor.stride])
+
+
+def _read(tensor, pointer):
+    raw = np.array(_view(tensor, pointer))
+    if raw.dtype == np.uint16:                       # bfloat16 bits
+        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return raw.astype(np.float64)
+
+
+def _write(tensor, pointer, values):
+    view = _view(tensor, pointer)
+    values32 = values.astype(np.float32)
+    if view.dtype == np.uint16:
+        bits = values32.view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nan = np.isnan(values32)
+        view[...] = np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+    else:
+        view[...] = values32
+
+
+def _tf32(values):
+    """float32 inputs rounded to TF32 (10 mantissa bits, nearest even), as tensor cores read them."""
+    bits = values.astype(np.float32).view(np.uint32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _reordered_float32_sum(values):
+    """What atomics do to float32 sums: the last bits depend on the order, which changes on every run."""
+    values32 = values.astype(np.float32)
+    noise = np.random.default_rng().integers(-1, 2, size=values.shape)
+    up, down = np.nextafter(values32, np.float32(np.inf)), np.nextafter(values32, np.float32(-np.inf))
+    return np.where(noise > 0, up, np.where(noise < 0, down, values32)).astype(np.float64)
+
+
+# ------------------------------------------------------------------ the convolutions (logical NCHW / KCRS)
+
+def _windows(size_out, stride, offset):
+    return slice(offset, offset + stride * (size_out - 1) + 1, stride)
+
+
+def _fprop(x, w, pad, stride):
+    n, _, h, wd = x.shape
+    k, _, r, s = w.shape
+    ho, wo = (h + 2 * pad - r) // stride + 1, (wd + 2 * pad - s) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    y = np.zeros((n, ho, wo, k))
+    for i in range(r):
+        for j in range(s):
+            window = xp[:, :, _windows(ho, stride, i), _windows(wo, stride, j)]
+            y += np.tensordot(window, w[:, :, i, j], axes=([1], [1]))
+    return y.transpose(0, 3, 1, 2)
+
+
+def _dgrad(dy, w, pad, stride, dx_dims):
+    n, c, h, wd = dx_dims
+    _, _, r, s = w.shape
+    _, _, ho, wo = dy.shape
+    dxp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c))
+    for i in range(r):
+        for j in range(s):
+            dxp[:, _windows(ho, stride, i), _windows(wo, stride, j), :] += np.tensordot(dy, w[:, :, i, j],
+                                                                                       axes=([1], [0]))
+    return dxp[:, pad:pad + h, pad:pad + wd, :].transpose(0, 3, 1, 2)
+
+
+def _wgrad(x, dy, pad, stride, dw_dims):
+    k, c, r, s = dw_dims
+    _, _, ho, wo = dy.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    dw = np.zeros((k, c, r, s))
+    for i in range(r):
+        for j in range(s):
+            window = xp[:, :, _windows(ho, stride, i), _windows(wo, stride, j)]
+            dw[:, :, i, j] = np.tensordot(dy, window, axes=([0, 2, 3], [0, 2, 3]))
+    return dw

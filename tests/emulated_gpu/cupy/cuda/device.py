@@ -1,0 +1,52 @@
+"""cupy.cuda.Device of the emulated CuPy: the current device per thread, attributes, synchronize."""
+import threading
+
+from cupy.cuda import runtime
+
+_local = threading.local()
+
+
+def current_id():
+    return getattr(_local, "device", 0)
+
+
+class Device:
+    def __init__(self, device=None):
+        self.id = current_id() if device is None else int(device)
+        runtime.check_device(self.id)
+        self._previous = []
+
+    def use(self):
+        _local.device = self.id
+
+    def __enter__(self):
+        self._previous.append(current_id())
+        self.use()
+        return self
+
+    def __exit__(self, *exc):
+        _local.device = self._previous.pop()
+
+    def synchronize(self):
+        runtime.deviceSynchronize()
+
+    @property
+    def attributes(self):
+        return {"MultiProcessorCount": runtime.multiprocessor_count()}
+
+    @property
+    def compute_capability(self):
+        return "90"
+
+    @property
+    def mem_info(self):
+        return runtime.memGetInfo()
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"<CUDA Device {self.id} (emulated)>"

@@ -1,0 +1,36 @@
+"""cupy.RawModule of the emulated CuPy: kernels compiled for the CPU, launched on the current stream."""
+import kernel_runner
+
+from cupy.cuda.stream import get_current_stream
+
+
+class RawModule:
+    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
+                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+        if code is None:
+            with open(path) as source:
+                code = source.read()
+        self.name_expressions = list(name_expressions or [])
+        self._module = kernel_runner.CompiledModule(code, self.name_expressions)
+
+    def get_function(self, name):
+        if name not in self._module.signatures:
+            raise KeyError(f"{name} is not among the name expressions {self.name_expressions}")
+        return RawKernel(self._module, name)
+
+
+class RawKernel:
+    """kernel(grid, block, args, shared_mem=0): runs now, or is recorded when the stream is capturing."""
+
+    def __init__(self, module, expression):
+        self._module = module
+        self.name = expression
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        stream = stream if stream is not None else get_current_stream()
+        packed = self._module.pack(self.name, tuple(args))     # checked now, as CuPy does at launch
+        keep = tuple(args)                                      # recorded launches keep their arrays alive
+
+        def run():
+            return self._module.launch(self.name, grid, block, shared_mem, keep, packed=packed)
+        stream.enqueue(run, f"kernel {self.name}")

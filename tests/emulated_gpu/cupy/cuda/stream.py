@@ -1,0 +1,206 @@
+"""Streams, events and CUDA graphs of the emulated CuPy, with the stream-capture rules CUDA enforces.
+
+Work enqueued on a stream runs at once (see cupy/__init__.py), unless the stream is capturing: then it
+is recorded into the capture, in enqueue order (a valid order for the graph's dependencies, since
+every recorded piece of work was enqueued after what it depends on), and runs on each Graph.launch.
+
+The capture rules reproduced (each breach raises EmulationError naming CUDA's error):
+  * a stream joins a capture by waiting on an event recorded in it (cudaStreamWaitEvent), and its work
+    is then captured too; waiting on an event recorded outside the capture is cudaErrorStreamCaptureIsolation;
+  * end_capture on the stream that began it, once every stream that joined has been joined back (the
+    origin, or a stream joined back, waited on an event recorded after its last captured work):
+    otherwise cudaErrorStreamCaptureUnjoined;
+  * no synchronisation, host copy or host read of a capturing stream (cudaErrorStreamCaptureUnsupported),
+    and no array work outside kernels while capturing (the emulation would run it once, now).
+"""
+import itertools
+import threading
+import time
+import weakref
+
+from cupy._array import EmulationError
+
+_local = threading.local()
+_pointers = itertools.count(0x7000)
+_BY_POINTER = weakref.WeakValueDictionary()
+
+
+class _Capture:
+    def __init__(self, origin):
+        self.origin = origin
+        self.streams = {origin}
+        self.operations = []            # (run, what)
+        self.ended = False
+
+
+class Stream:
+    """A stream: work runs when enqueued, or is recorded while the stream takes part in a capture."""
+
+    null = None                         # set below
+
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        self.ptr = 0 if null else next(_pointers)
+        self.non_blocking = non_blocking
+        self._capture = None
+        self._sequence = 0              # work enqueued while capturing, to tell which event follows it
+        self._unjoined = False
+        self._previous = []
+        _BY_POINTER[self.ptr] = self
+
+    # ------------------------------------------------------------- current stream
+
+    def use(self):
+        _local.stream = self
+        return self
+
+    def __enter__(self):
+        self._previous.append(get_current_stream())
+        return self.use()
+
+    def __exit__(self, *exc):
+        _local.stream = self._previous.pop()
+
+    # ------------------------------------------------------------- work
+
+    def enqueue(self, run, what):
+        """Run `run()` now, or record it when this stream is capturing."""
+        capture = self._capture
+        if capture is None:
+            run()
+            return
+        capture.operations.append((run, what))
+        self._sequence += 1
+        if self is not capture.origin:
+            self._unjoined = True
+
+    def synchronize(self):
+        if self._capture is not None:
+            raise EmulationError("cudaErrorStreamCaptureUnsupported: synchronize() on a capturing stream")
+
+    def record(self, event=None):
+        event = event if event is not None else Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        captured = event._captured
+        if captured is None:
+            if self._capture is not None:
+                raise EmulationError("cudaErrorStreamCaptureIsolation: a capturing stream waits on an event "
+                                     "recorded outside the capture")
+            return
+        capture, source, sequence = captured
+        if capture.ended:
+            raise EmulationError("waiting on an event recorded in a capture that has ended")
+        if self._capture is None:
+            self._capture = capture
+            self._sequence = 0
+            capture.streams.add(self)
+        elif self._capture is not capture:
+            raise EmulationError("cudaErrorStreamCaptureIsolation: waiting on an event of another capture")
+        if source is not self and source._sequence == sequence:
+            source._unjoined = False            # everything it captured is now ordered before this stream
+        if self is not capture.origin and source is not self:
+            self._unjoined = True               # it carries that work until it is joined back itself
+
+    @property
+    def done(self):
+        return True
+
+    # ------------------------------------------------------------- capture
+
+    def begin_capture(self, mode=None):
+        if self._capture is not None:
+            raise EmulationError("cudaErrorIllegalState: begin_capture on a stream that is already capturing")
+        if self.ptr == 0:
+            raise EmulationError("cudaErrorStreamCaptureUnsupported: capture on the legacy null stream")
+        self._capture = _Capture(self)
+        self._sequence = 0
+
+    def is_capturing(self):
+        return self._capture is not None
+
+    def end_capture(self):
+        capture = self._capture
+        if capture is None or capture.origin is not self:
+            raise EmulationError("cudaErrorIllegalState: end_capture on a stream that did not begin a capture")
+        unjoined = [s for s in capture.streams if s is not self and s._unjoined]
+        for stream in capture.streams:
+            stream._capture = None
+            stream._unjoined = False
+        capture.ended = True
+        if unjoined:
+            raise EmulationError(f"cudaErrorStreamCaptureUnjoined: {len(unjoined)} stream(s) forked into the "
+                                 f"capture were not joined back before end_capture")
+        return Graph(capture.operations)
+
+    def __repr__(self):
+        return f"<emulated Stream {self.ptr:#x}>"
+
+
+Stream.null = Stream(null=True)
+
+
+def get_current_stream():
+    return getattr(_local, "stream", Stream.null)
+
+
+def stream_from_pointer(ptr):
+    """The Stream whose `.ptr` is ptr (cuDNN handles are bound to streams by pointer)."""
+    return _BY_POINTER[int(ptr)]
+
+
+def _refuse_while_capturing(what):
+    stream = get_current_stream()
+    if stream._capture is not None:
+        raise EmulationError(f"{what} while {stream!r} is capturing: CUDA would refuse it or record it for "
+                             f"every replay, the emulation would run it once, now")
+
+
+class Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.disable_timing = disable_timing
+        self._time = None
+        self._captured = None           # (capture, stream, stream's work count) when recorded in a capture
+
+    def record(self, stream=None):
+        stream = stream if stream is not None else get_current_stream()
+        if stream._capture is not None:
+            self._captured = (stream._capture, stream, stream._sequence)
+        else:
+            self._captured = None
+            self._time = time.perf_counter()
+
+    def synchronize(self):
+        if self._captured is not None:
+            raise EmulationError("cudaErrorStreamCaptureUnsupported: synchronize on an event of a capture")
+
+    @property
+    def done(self):
+        return True
+
+
+def get_elapsed_time(start, end):
+    """Milliseconds between two recorded events (host time: the work ran when it was enqueued)."""
+    if start.disable_timing or end.disable_timing:
+        raise EmulationError("cudaErrorInvalidResourceHandle: an event created with disable_timing")
+    if start._time is None or end._time is None:
+        raise EmulationError("cudaErrorInvalidResourceHandle: an event that was not recorded")
+    return (end._time - start._time) * 1000.0
+
+
+class Graph:
+    """A recorded capture: launch() runs its work again, in order, with the arguments it was recorded with."""
+
+    def __init__(self, operations):
+        self.operations = list(operations)
+
+    def launch(self, stream=None):
+        stream = stream if stream is not None else get_current_stream()
+        if stream._capture is not None:
+            raise EmulationError("launching a graph inside a capture is not emulated")
+        for run, _ in self.operations:
+            run()
+
+    def upload(self, stream=None):
+        pass

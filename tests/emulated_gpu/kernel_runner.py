@@ -1,0 +1,169 @@
+"""Compile CUDA kernel sources for the CPU (with cuda_cpu.h and g++) and launch them through ctypes.
+
+The emulated CuPy (tests/emulated_gpu/cupy) builds its RawModule on this, so the GPU backend's kernels
+run in CI from the very source CuPy compiles on a GPU (cupynet/backends/kernels.module_source):
+
+    module = CompiledModule(code, name_expressions=["relu_forward<float>", "bn_grad_finalize"])
+    module.launch("relu_forward<float>", (grid, 1, 1), (256, 1, 1), 0, (x, y, numpy.int32(n), numpy.int32(1)))
+
+Arguments are checked against the kernel's C++ parameter types before anything runs, the way a GPU
+would silently misread them: arrays (anything with `.ctypes.data`) for pointer parameters, NumPy scalars
+whose kind and size match the parameter exactly (numpy.int32 for int, numpy.float64 for double, ...).
+A Python int or float is refused, because CuPy would pass it as a 64-bit value.
+
+Two constructs of our sources have no C++ meaning and are rewritten before compiling, and only these:
+`#include <cuda_bf16.h>` (cuda_cpu.h defines __nv_bfloat16) and `extern __shared__ T name[];` (dynamic
+shared memory becomes the launch's buffer); the globaltimer read of kernels/collectives.cu (inline PTX)
+becomes the steady clock. Libraries are cached by the hash of what was compiled
+($CUPYNET_EMULATOR_CACHE, default ~/.cache/cupynet-emulated-gpu).
+"""
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+HEADER = Path(__file__).resolve().parent / "cuda_cpu.h"
+COMPILER = os.environ.get("CXX", "g++")
+FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-w", "-fno-strict-aliasing")
+ERROR_BYTES = 512
+
+_BF16_INCLUDE = re.compile(r"^\s*#\s*include\s*<cuda_bf16\.h>\s*$", re.MULTILINE)
+_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+_GLOBALTIMER = re.compile(r'asm\s+volatile\s*\(\s*"mov\.u64 %0, %%globaltimer;"\s*:\s*"=l"\s*\(\s*(\w+)\s*\)\s*\)\s*;')
+
+_BUILD_LOCK = threading.Lock()
+
+
+class KernelError(RuntimeError):
+    """A launch the GPU would have refused or run wrongly (bad argument, bad geometry, deadlock)."""
+
+
+def compiler_problem():
+    """None when a C++20 compiler is available, else why not (one line)."""
+    if shutil.which(COMPILER) is None:
+        return f"no C++ compiler ({COMPILER}) on PATH"
+    return None
+
+
+def cpu_source(code):
+    """CUDA source -> C++ source for cuda_cpu.h (the three rewrites of the module docstring)."""
+    code = _BF16_INCLUDE.sub("/* <cuda_bf16.h>: cuda_cpu.h */", code)
+    code = _DYNAMIC_SHARED.sub(r"\1* \2 = static_cast<\1*>(cpuemu::dynamic_shared());", code)
+    return _GLOBALTIMER.sub(r"\1 = cpuemu::global_time_ns();", code)
+
+
+def _wrappers(name_expressions):
+    lines = []
+    for index, expression in enumerate(name_expressions):
+        lines += [
+            f'extern "C" int cpuemu_launch_{index}(const unsigned* g, const unsigned* b, size_t smem, void** args, '
+            f"char* error, int error_bytes)",
+            f"{{ return cpuemu::launch(&{expression}, g, b, smem, args, error, error_bytes); }}",
+            f'extern "C" const char* cpuemu_signature_{index}()',
+            f"{{ static const std::string s = cpuemu::signature(&{expression}); return s.c_str(); }}",
+        ]
+    return "\n".join(lines)
+
+
+def _cache_dir():
+    return Path(os.environ.get("CUPYNET_EMULATOR_CACHE", Path.home() / ".cache" / "cupynet-emulated-gpu"))
+
+
+def build_library(code, name_expressions):
+    """The path of the compiled shared library for `code` and its kernels (compiled once, then cached)."""
+    source = "\n".join([f'#include "{HEADER}"', cpu_source(code), _wrappers(name_expressions), ""])
+    key = hashlib.sha256((source + HEADER.read_text() + " ".join(FLAGS)).encode()).hexdigest()[:24]
+    cache = _cache_dir()
+    library = cache / f"kernels-{key}.so"
+    with _BUILD_LOCK:
+        if library.is_file():
+            return library
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            source_file = Path(work) / "module.cpp"
+            source_file.write_text(source)
+            output = Path(work) / "module.so"
+            result = subprocess.run([COMPILER, *FLAGS, str(source_file), "-o", str(output)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise KernelError(f"g++ could not compile the kernels for the CPU:\n{result.stderr[-4000:]}")
+            os.replace(output, library)
+    return library
+
+
+# numpy scalar type -> the parameter code it matches (cuda_cpu.h, cpuemu::type_code)
+def _scalar_code(value):
+    dtype = np.asarray(value).dtype
+    kind = {"i": "i", "u": "u", "f": "f"}.get(dtype.kind)
+    if kind is None:
+        return None
+    return f"{kind}{dtype.itemsize}"
+
+
+_CTYPES = {"i4": ctypes.c_int32, "i8": ctypes.c_int64, "u4": ctypes.c_uint32, "u8": ctypes.c_uint64,
+           "f4": ctypes.c_float, "f8": ctypes.c_double}
+
+
+class CompiledModule:
+    """The kernels of one source, compiled for the CPU, launchable by name expression."""
+
+    def __init__(self, code, name_expressions):
+        self.name_expressions = list(name_expressions)
+        self._library = ctypes.CDLL(str(build_library(code, self.name_expressions)))
+        self.signatures = {}
+        self._entry = {}
+        for index, expression in enumerate(self.name_expressions):
+            signature = getattr(self._library, f"cpuemu_signature_{index}")
+            signature.restype = ctypes.c_char_p
+            self.signatures[expression] = signature().decode().split()
+            entry = getattr(self._library, f"cpuemu_launch_{index}")
+            entry.restype = ctypes.c_int
+            entry.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t,
+                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
+            self._entry[expression] = entry
+
+    def pack(self, expression, args):
+        """The argument buffers of one launch (checked); keep the result alive until the launch has run."""
+        codes = self.signatures[expression]
+        if len(args) != len(codes):
+            raise KernelError(f"{expression}: {len(args)} arguments for {len(codes)} parameters")
+        holders = []
+        for position, (code, arg) in enumerate(zip(codes, args)):
+            if code == "p":
+                if isinstance(arg, np.generic) or not hasattr(arg, "ctypes"):
+                    raise KernelError(f"{expression}: argument {position} must be an array (pointer parameter), "
+                                      f"got {type(arg).__name__}")
+                holders.append(ctypes.c_void_p(arg.ctypes.data))
+                continue
+            if not isinstance(arg, np.generic):
+                raise KernelError(f"{expression}: argument {position} is a {type(arg).__name__}; pass a NumPy "
+                                  f"scalar of the parameter's type ({code})")
+            if _scalar_code(arg) != code:
+                raise KernelError(f"{expression}: argument {position} is {np.asarray(arg).dtype}, the parameter "
+                                  f"is {code} (kind and bytes)")
+            holders.append(_CTYPES[code](arg.item()))
+        pointers = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.addressof(h) for h in holders])
+        return holders, pointers
+
+    def launch(self, expression, grid, block, shared_mem, args, packed=None):
+        """Run one launch to completion on this thread (packed: a `pack` result to reuse)."""
+        holders, pointers = packed if packed is not None else self.pack(expression, args)
+        grid3 = (ctypes.c_uint * 3)(*_three(grid))
+        block3 = (ctypes.c_uint * 3)(*_three(block))
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        if self._entry[expression](grid3, block3, int(shared_mem), pointers, error, ERROR_BYTES):
+            raise KernelError(f"{expression}: {error.value.decode()}")
+
+
+def _three(dims):
+    dims = tuple(int(d) for d in (dims if isinstance(dims, tuple) else (dims,)))
+    if not 1 <= len(dims) <= 3:
+        raise KernelError(f"launch dimensions {dims}")
+    return dims + (1,) * (3 - len(dims))

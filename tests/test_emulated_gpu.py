@@ -1,0 +1,131 @@
+"""The GPU tests and the GPU training CLI, run in CI on the emulated GPU of tests/emulated_gpu.
+
+Without a GPU, every test marked `gpu` skips, and the GPU backend's code would go unexercised. Here each
+GPU test file runs in a pytest subprocess whose `import cupy` / `import cudnn` find the emulation first
+on PYTHONPATH: our kernels (kernels/*.cu, compiled for the CPU from the very source CuPy compiles),
+CuPy's stream, event and CUDA-graph capture rules, cuDNN Frontend graphs executed through their strides
+(NumPy convolutions) and NCCL between threads. So the backend's launch code, kernel logic, capture
+sequencing and multi-GPU paths are tested on every commit; speed, real asynchrony and the true cuDNN,
+CuPy and NCCL libraries still need the GPU machine (bench/device_check.sh).
+
+    python -m pytest tests/test_emulated_gpu.py -q         # about two minutes on 2 cores
+    PYTHONPATH=tests/emulated_gpu python -m pytest -m gpu tests/test_gpu_parity.py   # one file, by hand
+"""
+import os
+import platform
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EMULATOR = REPO / "tests" / "emulated_gpu"
+GPU_TEST_FILES = ("tests/test_gpu_parity.py", "tests/test_cudnn_conv_gpu.py", "tests/test_step_graph_gpu.py",
+                  "tests/test_shared_gpu.py", "tests/test_parallel.py", "tests/emulated_gpu/check_emulator.py")
+FILE_TIMEOUT_S = 900
+PARALLEL_FILES = 2                      # CI has 2 cores
+
+
+def _problem():
+    """Why the emulation cannot run here, or None."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"the emulated GPU switches fibers with x86-64 assembly (this is {platform.machine()})"
+    sys.path.insert(0, str(EMULATOR))
+    try:
+        import kernel_runner
+    finally:
+        sys.path.remove(str(EMULATOR))
+    problem = kernel_runner.compiler_problem()
+    if problem:
+        return problem
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return "ml_dtypes is missing (pip install -e '.[test]')"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_problem() is not None, reason=f"emulated GPU unavailable: {_problem()}")
+
+
+def emulated_env(devices=1):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(EMULATOR), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["CUPYNET_EMULATED_GPUS"] = str(devices)
+    env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"     # the files run side by side
+    return env
+
+
+def run_emulated(args, devices=1, timeout=FILE_TIMEOUT_S):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=emulated_env(devices), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _compile_kernels():
+    """Compile every kernel file for the CPU once, two at a time, before the files run side by side."""
+    code = ("import sys; from concurrent.futures import ThreadPoolExecutor; import kernel_runner as R; "
+            "from cupynet.backends import kernels as K; "
+            "list(ThreadPoolExecutor(2).map(lambda f: R.build_library(K.module_source(f), K.expressions(f)), "
+            "K.KERNELS))")
+    result = run_emulated(["-c", code])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def file_results():
+    """pytest -m gpu on each GPU test file, on the emulated GPU (two emulated devices), two files at a time."""
+    _compile_kernels()
+
+    def run(file):
+        return file, run_emulated(["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", file], devices=2)
+
+    with ThreadPoolExecutor(PARALLEL_FILES) as pool:
+        return dict(pool.map(run, GPU_TEST_FILES))
+
+
+def test_every_gpu_test_file_is_run_on_the_emulated_gpu():
+    marked = {str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")
+              if path.name != Path(__file__).name and "pytest.mark.gpu" in path.read_text()}
+    assert marked <= set(GPU_TEST_FILES), f"add to GPU_TEST_FILES: {sorted(marked - set(GPU_TEST_FILES))}"
+
+
+@pytest.mark.parametrize("file", GPU_TEST_FILES)
+def test_gpu_test_file_passes_on_the_emulated_gpu(file_results, file):
+    result = file_results[file]
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    report = f"{file}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, report
+    assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, report
+    skipped = re.findall(r"^SKIPPED .*$", result.stdout, flags=re.MULTILINE)
+    assert all("not on the emulated GPU" in line or "EMULATED_GPUS" in line for line in skipped), report
+
+
+def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_the_cpu(tmp_path):
+    """`--gpus 0,1`: NCCL all-reduce, captured steps (auto), a checkpoint, a resume on the GPUs, then the
+    same model dir resumed by the CPU backend (checkpoints are interchangeable)."""
+    model_dir = tmp_path / "model"
+    common = ["-m", "cupynet.train", "--model-dir", str(model_dir), "--log-interval", "3", "--checkpoint-interval", "3"]
+    first = run_emulated(common + ["--gpus", "0,1", "--train-steps", "6"], devices=2)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "cupy on 0, 1" in first.stdout and "NCCL all-reduce" in first.stdout
+    assert re.search(r"final: test accuracy [\d.]+% \(\d+/500\)", first.stdout), first.stdout
+    second = run_emulated(common + ["--gpus", "0,1", "--train-steps", "9"], devices=2)
+    assert second.returncode == 0 and "resuming from ckpt-00000006.npz (step 6)" in second.stdout, \
+        second.stdout + second.stderr
+    on_cpu = subprocess.run([sys.executable, *common, "--gpus", "cpu", "--train-steps", "10"], cwd=REPO,
+                            capture_output=True, text=True, timeout=FILE_TIMEOUT_S)
+    assert on_cpu.returncode == 0 and "resuming from ckpt-00000009.npz (step 9)" in on_cpu.stdout, \
+        on_cpu.stdout + on_cpu.stderr
+
+
+@pytest.mark.parametrize("gpus, message", [("2", "no GPU 2"), ("0,0", "0")])
+def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus, message):
+    result = run_emulated(["-m", "cupynet.train", "--gpus", gpus, "--model-dir", str(tmp_path / "m")], devices=2,
+                          timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines[-1].startswith("error: --gpus") and message in lines[-1], lines
+    assert not (tmp_path / "m").exists()
