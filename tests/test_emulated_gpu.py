@@ -11,9 +11,11 @@ CuPy and NCCL libraries still need the GPU machine (bench/device_check.sh).
     python -m pytest tests/test_emulated_gpu.py -q         # about two minutes on 2 cores
     PYTHONPATH=tests/emulated_gpu python -m pytest -m gpu tests/test_gpu_parity.py   # one file, by hand
 """
+import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -51,16 +53,31 @@ def _problem():
 pytestmark = pytest.mark.skipif(_problem() is not None, reason=f"emulated GPU unavailable: {_problem()}")
 
 
-def emulated_env(devices=1):
+def libasan():
+    """The AddressSanitizer runtime to preload for sanitized kernels, or None."""
+    if shutil.which(kernel_compiler()) is None:
+        return None
+    result = subprocess.run([kernel_compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = result.stdout.strip()
+    return path if result.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+
+
+def kernel_compiler():
+    return os.environ.get("CXX", "g++")
+
+
+def emulated_env(devices=1, sanitize=False):
     env = dict(os.environ)
+    if sanitize:
+        env.update(CUPYNET_EMULATOR_SANITIZE="1", LD_PRELOAD=libasan(), ASAN_OPTIONS="detect_leaks=0")
     env["PYTHONPATH"] = os.pathsep.join([str(EMULATOR), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["CUPYNET_EMULATED_GPUS"] = str(devices)
     env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"     # the files run side by side
     return env
 
 
-def run_emulated(args, devices=1, timeout=FILE_TIMEOUT_S):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=emulated_env(devices), capture_output=True,
+def run_emulated(args, devices=1, timeout=FILE_TIMEOUT_S, sanitize=False):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=emulated_env(devices, sanitize), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -129,3 +146,55 @@ def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus,
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert lines[-1].startswith("error: --gpus") and message in lines[-1], lines
     assert not (tmp_path / "m").exists()
+
+
+def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
+    """The GPU paths of bench/layouts.py (eager and captured), layers.py and scaling.py (shared-GPU workers and
+    NCCL) write their JSON; the figures are the emulation's, and the header says so."""
+    small = ["--depth", "8", "--batch", "8"]
+    runs = {
+        "layouts": ["bench/layouts.py", "--device", "0", "--depths", "8", "--batches", "8", "--layouts", "NHWC",
+                    "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--warmup", "3", "--steps", "1", "--repeats", "2"],
+        "layers": ["bench/layers.py", "--device", "0", *small, "--layout", "NCHW", "--dtype", "float32", "--steps", "1",
+                   "--peak-gbs", "3350"],
+        "scaling": ["bench/scaling.py", "--device", "0", *small, "--workers", "1,2", "--comm", "shared",
+                    "--warmup", "2", "--steps", "1", "--repeats", "2"],
+        "scaling_nccl": ["bench/scaling.py", "--device", "0", *small, "--workers", "1", "--comm", "nccl",
+                         "--warmup", "2", "--steps", "1", "--repeats", "2"],
+    }
+    for name, args in runs.items():
+        result = run_emulated(args + ["--json", str(tmp_path / f"{name}.json")], timeout=300)
+        assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr[-3000:]}"
+        assert "Emulated CUDA device" in result.stdout, result.stdout
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        rows = report.get("results") or report.get("primitives")
+        assert rows, report
+    layouts = json.loads((tmp_path / "layouts.json").read_text())["results"]
+    assert sorted(row["captured"] for row in layouts) == [False, True]
+    assert [row["workers"] for row in json.loads((tmp_path / "scaling.json").read_text())["results"]] == [1, 2]
+
+
+@pytest.mark.skipif(libasan() is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
+def test_sanitized_kernels_stop_at_an_out_of_bounds_access():
+    """CUPYNET_EMULATOR_SANITIZE=1 builds kernels with AddressSanitizer: one element past the end is reported
+    (the memcheck that the parity run below relies on)."""
+    code = ("import numpy as np, cupy\n"
+            "m = cupy.RawModule(code='extern \"C\" __global__ void inc(float* x, int n) "
+            "{ for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] += 1.0f; }', name_expressions=['inc'])\n"
+            "x = cupy.zeros((100,), dtype=np.float32)\n"
+            "m.get_function('inc')((1,), (32,), (x, np.int32(100)))\n"
+            "print('in bounds ok', flush=True)\n"
+            "m.get_function('inc')((1,), (32,), (x, np.int32(101)))\n")
+    result = run_emulated(["-c", code], timeout=300, sanitize=True)
+    assert "in bounds ok" in result.stdout and result.returncode != 0, result.stdout + result.stderr[-2000:]
+    assert "heap-buffer-overflow" in result.stderr and "in inc" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(libasan() is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
+def test_every_kernel_stays_in_bounds_in_the_primitive_parity_tests():
+    """The per-primitive parity tests (both layouts, both dtypes, odd shapes) with sanitized kernels: no kernel
+    reads or writes outside its arrays (parity alone would miss a read of a neighbour that happens to fit)."""
+    result = run_emulated(["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu_parity.py",
+                           "-k", "not resnet20 and not trainer_steps"], sanitize=True)
+    assert result.returncode == 0 and re.search(r"\d+ passed", result.stdout), \
+        result.stdout[-4000:] + result.stderr[-4000:]

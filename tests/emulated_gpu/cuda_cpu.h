@@ -195,9 +195,17 @@ inline void* dynamic_shared() { return scheduler().dynamic_shared.data(); }
     std::abort();                       // never resumed
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" void __asan_unpoison_memory_region(void const volatile* address, size_t size);
+#endif
+
 // A fresh stack whose first switch "returns" into fiber_entry with the ABI's alignment.
 inline void* fresh_stack(char* stack)
 {
+#if defined(__SANITIZE_ADDRESS__)
+    // AddressSanitizer (CUPYNET_EMULATOR_SANITIZE) left redzones of the previous fiber's frames here
+    __asan_unpoison_memory_region(stack, STACK_BYTES);
+#endif
     uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + STACK_BYTES) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top);
     *--sp = nullptr;                                    // fiber_entry's (never used) return address

@@ -32,6 +32,10 @@ import numpy as np
 HEADER = Path(__file__).resolve().parent / "cuda_cpu.h"
 COMPILER = os.environ.get("CXX", "g++")
 FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-w", "-fno-strict-aliasing")
+# $CUPYNET_EMULATOR_SANITIZE=1: kernels built with AddressSanitizer, so a read or write past the end of an
+# array stops the run with a report, like compute-sanitizer's memcheck (the process needs libasan
+# preloaded: tests/test_emulated_gpu.py shows how)
+SANITIZE_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer")
 ERROR_BYTES = 512
 
 _BF16_INCLUDE = re.compile(r"^\s*#\s*include\s*<cuda_bf16\.h>\s*$", re.MULTILINE)
@@ -76,10 +80,15 @@ def _cache_dir():
     return Path(os.environ.get("CUPYNET_EMULATOR_CACHE", Path.home() / ".cache" / "cupynet-emulated-gpu"))
 
 
+def _flags():
+    return FLAGS + (SANITIZE_FLAGS if os.environ.get("CUPYNET_EMULATOR_SANITIZE") == "1" else ())
+
+
 def build_library(code, name_expressions):
     """The path of the compiled shared library for `code` and its kernels (compiled once, then cached)."""
+    flags = _flags()
     source = "\n".join([f'#include "{HEADER}"', cpu_source(code), _wrappers(name_expressions), ""])
-    key = hashlib.sha256((source + HEADER.read_text() + " ".join(FLAGS)).encode()).hexdigest()[:24]
+    key = hashlib.sha256((source + HEADER.read_text() + " ".join(flags)).encode()).hexdigest()[:24]
     cache = _cache_dir()
     library = cache / f"kernels-{key}.so"
     with _BUILD_LOCK:
@@ -90,7 +99,7 @@ def build_library(code, name_expressions):
             source_file = Path(work) / "module.cpp"
             source_file.write_text(source)
             output = Path(work) / "module.so"
-            result = subprocess.run([COMPILER, *FLAGS, str(source_file), "-o", str(output)],
+            result = subprocess.run([COMPILER, *flags, str(source_file), "-o", str(output)],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 raise KernelError(f"g++ could not compile the kernels for the CPU:\n{result.stderr[-4000:]}")
