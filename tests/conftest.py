@@ -5,10 +5,6 @@ printed by `-ra` (pyproject's addopts), wherever the GPU stack cannot run:
 
     python -m pytest -q            # CPU machine: every gpu test shows as SKIPPED with its reason
     python -m pytest -m gpu -q     # GPU machine: only the GPU tests
-
-On the emulated GPU (tests/emulated_gpu, driven by tests/test_emulated_gpu.py) the gpu tests run too,
-except those also marked `real_gpu`: they depend on what only a device has (work running
-asynchronously after it is enqueued, real timings) and are skipped there with that reason.
 """
 import functools
 
@@ -39,27 +35,12 @@ def gpu_stack_problem():
     return None
 
 
-def emulated_gpu():
-    """Whether `cupy` is the emulated CuPy of tests/emulated_gpu (kernels run on the CPU)."""
-    try:
-        import cupy
-    except ImportError:
-        return False
-    return str(getattr(cupy, "__version__", "")).endswith("+emulated")
-
-
 def pytest_collection_modifyitems(config, items):
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
     problem = gpu_stack_problem()
     if problem is None:
-        if emulated_gpu():
-            for item in items:
-                marker = item.get_closest_marker("real_gpu")
-                if marker:
-                    why = marker.args[0] if marker.args else "needs a real device"
-                    item.add_marker(pytest.mark.skip(reason=f"not on the emulated GPU: {why}"))
         return
     skip = pytest.mark.skip(reason=f"GPU test skipped: {problem}")
     for item in gpu_items:

@@ -116,8 +116,7 @@ def test_gpu_test_file_passes_on_the_emulated_gpu(file_results, file):
     report = f"{file}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     assert result.returncode == 0, report
     assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, report
-    skipped = re.findall(r"^SKIPPED .*$", result.stdout, flags=re.MULTILINE)
-    assert all("not on the emulated GPU" in line or "EMULATED_GPUS" in line for line in skipped), report
+    assert "skipped" not in summary, report            # two emulated GPUs: every gpu test can run
 
 
 def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_the_cpu(tmp_path):
@@ -184,11 +183,15 @@ def test_sanitized_kernels_stop_at_an_out_of_bounds_access():
             "{ for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] += 1.0f; }', name_expressions=['inc'])\n"
             "x = cupy.zeros((100,), dtype=np.float32)\n"
             "m.get_function('inc')((1,), (32,), (x, np.int32(100)))\n"
+            "cupy.cuda.Device().synchronize()\n"
             "print('in bounds ok', flush=True)\n"
-            "m.get_function('inc')((1,), (32,), (x, np.int32(101)))\n")
+            "m.get_function('inc')((1,), (32,), (x, np.int32(101)))\n"
+            "cupy.cuda.Device().synchronize()\n")
     result = run_emulated(["-c", code], timeout=300, sanitize=True)
     assert "in bounds ok" in result.stdout and result.returncode != 0, result.stdout + result.stderr[-2000:]
-    assert "heap-buffer-overflow" in result.stderr and "in inc" in result.stderr, result.stderr[-3000:]
+    # the 256-byte alignment slack around an array is poisoned by hand: ASan calls it use-after-poison
+    assert re.search(r"AddressSanitizer: (use-after-poison|heap-buffer-overflow)", result.stderr) and \
+        "in inc" in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.skipif(libasan() is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")

@@ -83,10 +83,11 @@ def test_captured_work_runs_on_each_replay_not_during_the_capture(module):
         stream.begin_capture()
         module.get_function("add_one")((1,), (64,), (x, np.int32(64)))
         graph = stream.end_capture()
-    assert not x.get().any()
+    assert not x.get(stream=stream).any()
     graph.launch(stream)
     graph.launch(stream)
-    assert (x.get() == 2).all()
+    assert not x.get().any()                      # the null stream does not wait for `stream`: a race on a GPU
+    assert (x.get(stream=stream) == 2).all()
 
 
 def test_capture_refuses_host_work_and_unjoined_streams(module):
@@ -113,7 +114,7 @@ def test_capture_refuses_host_work_and_unjoined_streams(module):
         join.record(side)
         stream.wait_event(join)
         stream.end_capture().launch(stream)
-    assert (x.get() == 1).all()
+    assert (x.get(stream=stream) == 1).all()
 
 
 def _conv_graph(output_stride):
@@ -137,6 +138,19 @@ def _conv_graph(output_stride):
     return graph, handle, (x, w, y)
 
 
+def test_work_runs_in_stream_order_and_only_when_something_waits_for_it(module):
+    """A side stream's kernel runs when the main stream's queued wait for its event runs, not before, and a
+    read that waits for nothing sees the memory as it is (stale): a missing event fails here, not by chance."""
+    main, side = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    x = cupy.zeros((8,), dtype=np.float32)
+    module.get_function("add_one")((1,), (32,), (x, np.int32(8)), stream=side)
+    done = cupy.cuda.Event()
+    done.record(side)
+    assert not x.get(stream=main).any()           # main never waited for side
+    main.wait_event(done)
+    assert (x.get(stream=main) == 1).all()        # now it has
+
+
 def test_cudnn_reads_and_writes_through_strides_and_defaults_outputs_to_nhwc():
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
@@ -146,6 +160,7 @@ def test_cudnn_reads_and_writes_through_strides_and_defaults_outputs_to_nhwc():
         graph, handle, (x, w, y) = _conv_graph(output_stride)
         xd, wd, yd = cupy.asarray(x_host), cupy.asarray(w_host), cupy.zeros((36,), dtype=np.float32)
         graph.execute({x: xd.data.ptr, w: wd.data.ptr, y: yd.data.ptr}, 0, handle=handle)
+        cupy.cuda.get_current_stream().synchronize()
         got = yd.get().reshape(1, 4, 3, 3) if layout_of_y == "NCHW" else \
             yd.get().reshape(1, 3, 3, 4).transpose(0, 3, 1, 2)
         np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -173,6 +188,7 @@ def test_nccl_refuses_two_ranks_on_one_device_and_sums_across_threads():
     x = cupy.asarray(np.arange(5, dtype=np.float32))
     comms[0].allReduce(x.data.ptr, x.data.ptr, 5, cupy.cuda.nccl.NCCL_FLOAT32, cupy.cuda.nccl.NCCL_SUM,
                        cupy.cuda.get_current_stream().ptr)
+    cupy.cuda.get_current_stream().synchronize()
     np.testing.assert_array_equal(x.get(), np.arange(5, dtype=np.float32))
 
 
@@ -183,6 +199,7 @@ def test_nccl_abort_releases_a_rank_waiting_for_its_peer():
     comms = cupy.cuda.nccl.NcclCommunicator.initAll([0, 1])
     x = cupy.zeros((3,), dtype=np.float32)
     threading.Timer(0.5, comms[1].abort).start()
+    comms[0].allReduce(x.data.ptr, x.data.ptr, 3, cupy.cuda.nccl.NCCL_FLOAT32, cupy.cuda.nccl.NCCL_SUM,
+                       cupy.cuda.get_current_stream().ptr)             # enqueued
     with pytest.raises(cupy.cuda.nccl.NcclError, match="abort"):
-        comms[0].allReduce(x.data.ptr, x.data.ptr, 3, cupy.cuda.nccl.NCCL_FLOAT32, cupy.cuda.nccl.NCCL_SUM,
-                           cupy.cuda.get_current_stream().ptr)
+        cupy.cuda.get_current_stream().synchronize()                   # runs it: waits for rank 1, then the abort

@@ -173,6 +173,18 @@ class CompiledModule:
             raise KernelError(f"{expression}: {error.value.decode()}")
 
 
+def check_geometry(grid, block, shared_mem):
+    """What cudaLaunchKernel refuses at once (cudaErrorInvalidConfiguration), checked at enqueue time."""
+    grid, block = _three(grid), _three(block)
+    threads = block[0] * block[1] * block[2]
+    if not 1 <= threads <= 1024 or min(block) < 1 or block[2] > 64:
+        raise KernelError(f"invalid block {block}")
+    if min(grid) < 1 or grid[0] > 2 ** 31 - 1 or grid[1] > 65535 or grid[2] > 65535:
+        raise KernelError(f"invalid grid {grid}")
+    if not 0 <= int(shared_mem) <= 227 * 1024:
+        raise KernelError(f"dynamic shared memory of {shared_mem} bytes")
+
+
 def _three(dims):
     dims = tuple(int(d) for d in (dims if isinstance(dims, tuple) else (dims,)))
     if not 1 <= len(dims) <= 3:

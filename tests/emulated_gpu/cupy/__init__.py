@@ -11,8 +11,10 @@ kernel_runner.py, which also checks each argument against the kernel's C++ param
 launch geometry, the stream and event calls, and CUDA-graph capture, whose rules are enforced (work
 captured on a stream is recorded, not run; a stream joins a capture by waiting on an event recorded in
 it; every joined stream must be joined back before end_capture; no synchronisation or host copy while
-capturing). What is not: timing, memory pools and their reuse, and asynchrony: every launch runs to
-completion when it is enqueued, so stream order is always respected.
+capturing); stream order: each stream's work runs in order, as late as the API allows (when a synchronize,
+a host copy or another stream's event wait needs it: cupy/cuda/stream.py), so a missing event between
+streams shows as stale data. What is not: timing, true concurrency between streams (except across worker
+threads), and memory pools and their reuse.
 
 Arrays are `ndarray`, a NumPy subclass whose `.data.ptr` is the NumPy buffer's address. As in CuPy,
 mixing one with a NumPy array in arithmetic raises TypeError; array work done while a stream is
@@ -21,7 +23,7 @@ capturing raises EmulationError, because it would run now instead of on every re
 import numpy as _np
 
 from cupy import cuda                                   # noqa: F401  (cupy.cuda.* as in CuPy)
-from cupy._array import EmulationError, ndarray, _wrap, _unwrap  # noqa: F401
+from cupy._array import EmulationError, device_empty, ndarray, _wrap, _unwrap  # noqa: F401
 from cupy.cuda.module import RawModule                  # noqa: F401
 
 __version__ = "14.2.0+emulated"
@@ -43,7 +45,7 @@ def asarray(array, dtype=None, order=None):
 
 
 def array_(obj, dtype=None, copy=True, order="K", ndmin=0):
-    cuda.stream._refuse_while_capturing("a host-to-device copy (cupy.array)")
+    cuda.stream._array_work("a host-to-device copy (cupy.array)")
     return _wrap(_np.array(_unwrap(obj), dtype=dtype, copy=True, order=order, ndmin=ndmin))
 
 
@@ -51,20 +53,20 @@ def ascontiguousarray(array, dtype=None):
     """As CuPy's: the array itself when already C-contiguous with that dtype, else a copy; a 0-d array
     becomes shape (1,) (CuPy ravels it))."""
     if dtype is not None and _np.dtype(dtype) != array.dtype:
-        cuda.stream._refuse_while_capturing("cupy.ascontiguousarray (a converting copy)")
+        cuda.stream._array_work("cupy.ascontiguousarray (a converting copy)")
         return _wrap(_np.ascontiguousarray(_unwrap(array), dtype=dtype))
     if array.ndim == 0:
         return array.reshape(1)
     if array.flags.c_contiguous:
         return array
-    cuda.stream._refuse_while_capturing("cupy.ascontiguousarray (a copy)")
+    cuda.stream._array_work("cupy.ascontiguousarray (a copy)")
     return _wrap(_np.ascontiguousarray(_unwrap(array)))
 
 
 def empty(shape, dtype=float, order="C"):
     """Uninitialized memory, as on a GPU, but poisoned: NaN for floating types (bfloat16 included), a
     0x5A byte pattern otherwise, so a kernel that reads what nobody wrote produces visible garbage."""
-    array = _np.empty(shape, dtype=dtype, order=order).view(ndarray)
+    array = device_empty(shape, dtype)
     raw = array.view(_np.ndarray)
     if raw.dtype.kind == "f" or raw.dtype.name == "bfloat16":
         raw.fill(_np.nan)
@@ -93,7 +95,7 @@ def __getattr__(name):
     if callable(value) and not isinstance(value, type):
         def on_device(*args, **kwargs):
             if name not in ALLOCATE_ONLY:
-                cuda.stream._refuse_while_capturing(f"cupy.{name}")
+                cuda.stream._array_work(f"cupy.{name}")
             return _wrap(value(*[_unwrap(a) for a in args], **{k: _unwrap(v) for k, v in kwargs.items()}))
         on_device.__name__ = name
         return on_device

@@ -1,4 +1,7 @@
 """The emulated device array: NumPy memory behind CuPy's ndarray interface (see cupy/__init__.py)."""
+import ctypes
+import os
+
 import numpy as np
 
 
@@ -15,8 +18,8 @@ class MemoryPointer:
         self.ptr = ptr
 
 
-def _refuse_while_capturing(what):
-    from cupy.cuda.stream import _refuse_while_capturing as refuse
+def _array_work(what):
+    from cupy.cuda.stream import _array_work as refuse
     refuse(what)
 
 
@@ -34,7 +37,9 @@ class ndarray(np.ndarray):
 
     def get(self, stream=None, order="C", out=None):
         """Device-to-host copy: a plain NumPy array (waits for the device, so never while capturing)."""
-        _refuse_while_capturing("a device-to-host copy (get)")
+        _array_work("a device-to-host copy (get)")
+        if stream is not None:
+            stream.synchronize()
         host = np.array(self.view(np.ndarray), order=order, copy=True)
         if out is not None:
             out[...] = host
@@ -43,34 +48,36 @@ class ndarray(np.ndarray):
 
     def set(self, array, stream=None):
         """Host-to-device copy into this array (same shape and dtype, as CuPy requires)."""
-        _refuse_while_capturing("a host-to-device copy (set)")
+        _array_work("a host-to-device copy (set)")
+        if stream is not None:
+            stream.synchronize()            # the copy comes after the stream's work so far
         array = np.asarray(array)
         if array.shape != self.shape or array.dtype != self.dtype:
             raise ValueError(f"set: host array {array.shape} {array.dtype} does not match {self.shape} {self.dtype}")
         np.copyto(self.view(np.ndarray), array)
 
     def fill(self, value):
-        _refuse_while_capturing("ndarray.fill")
+        _array_work("ndarray.fill")
         self.view(np.ndarray).fill(value)
 
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
-        _refuse_while_capturing("ndarray.astype")
+        _array_work("ndarray.astype")
         if not copy and np.dtype(dtype) == self.dtype:
             return self
         return _wrap(self.view(np.ndarray).astype(dtype, order=order, copy=True))
 
     def copy(self, order="C"):
-        _refuse_while_capturing("ndarray.copy")
+        _array_work("ndarray.copy")
         return _wrap(self.view(np.ndarray).copy(order=order))
 
     def __setitem__(self, key, value):
-        _refuse_while_capturing("an array assignment")
+        _array_work("an array assignment")
         if isinstance(value, np.ndarray) and not isinstance(value, ndarray) and value.ndim > 0:
             raise TypeError("Unsupported type <class 'numpy.ndarray'> (assign a device array, or use .set())")
         self.view(np.ndarray)[key] = _unwrap(value)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        _refuse_while_capturing(f"the ufunc {ufunc.__name__}")
+        _array_work(f"the ufunc {ufunc.__name__}")
         for value in inputs + tuple(kwargs.get("out", ())):
             if isinstance(value, np.ndarray) and not isinstance(value, ndarray) and value.ndim > 0:
                 raise TypeError(f"Unsupported type {type(value)} in {ufunc.__name__}: CuPy does not mix host "
@@ -87,19 +94,19 @@ class ndarray(np.ndarray):
         return "emulated " + repr(self.view(np.ndarray))
 
     def __bool__(self):
-        _refuse_while_capturing("reading a device value (bool)")
+        _array_work("reading a device value (bool)")
         return bool(self.view(np.ndarray))
 
     def __float__(self):
-        _refuse_while_capturing("reading a device value (float)")
+        _array_work("reading a device value (float)")
         return float(self.view(np.ndarray))
 
     def __int__(self):
-        _refuse_while_capturing("reading a device value (int)")
+        _array_work("reading a device value (int)")
         return int(self.view(np.ndarray))
 
     def item(self, *args):
-        _refuse_while_capturing("reading a device value (item)")
+        _array_work("reading a device value (item)")
         return self.view(np.ndarray).item(*args)
 
 
@@ -108,12 +115,64 @@ def _unwrap(value):
     return value.view(np.ndarray) if isinstance(value, ndarray) else value
 
 
+ALIGNMENT = 256                         # CuPy's allocations start on 256-byte boundaries
+
+
+class _Allocation(np.ndarray):
+    """The bytes behind device arrays (their `.base`). Like CuPy's pool, which hands freed memory out again
+    only in stream order, it is released only once the work queued before it lost its last array has run:
+    queued kernels, cuDNN and NCCL calls hold raw addresses, which must stay valid until they run."""
+
+    def __del__(self):
+        if _release_hook is not None:       # None before cupy.cuda.stream is imported and at shutdown
+            _release_hook(self)             # keeps it alive until then
+
+
+_release_hook = None                        # cupy.cuda.stream.release_after_queued_work, set by that module
+
+
+def device_empty(shape, dtype):
+    """An uninitialized device array of its own allocation (256-byte aligned)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    allocation = np.ndarray.__new__(_Allocation, (nbytes + ALIGNMENT,), np.uint8)
+    base = allocation.__array_interface__["data"][0]
+    offset = -base % ALIGNMENT
+    if _ASAN is not None:                   # the alignment slack on both sides is out of bounds
+        _ASAN.__asan_poison_memory_region(ctypes.c_void_p(base), ctypes.c_size_t(offset))
+        end = offset + nbytes
+        _ASAN.__asan_poison_memory_region(ctypes.c_void_p(base + end), ctypes.c_size_t(nbytes + ALIGNMENT - end))
+    return np.ndarray.__new__(ndarray, shape, dtype, buffer=allocation, offset=offset)
+
+
+def unpoison(allocation):
+    """Before an allocation goes back to NumPy (which may cache and reuse small blocks)."""
+    if _ASAN is not None:
+        _ASAN.__asan_unpoison_memory_region(ctypes.c_void_p(allocation.__array_interface__["data"][0]),
+                                            ctypes.c_size_t(allocation.nbytes))
+
+
+def _asan():
+    """AddressSanitizer's runtime when kernels are sanitized (CUPYNET_EMULATOR_SANITIZE=1, libasan preloaded)."""
+    if os.environ.get("CUPYNET_EMULATOR_SANITIZE") != "1":
+        return None
+    runtime = ctypes.CDLL(None)
+    if not hasattr(runtime, "__asan_poison_memory_region"):
+        raise EmulationError("CUPYNET_EMULATOR_SANITIZE=1 needs libasan preloaded (LD_PRELOAD)")
+    return runtime
+
+
+_ASAN = _asan()
+
+
 def _wrap(value):
-    """Device arrays for NumPy results (tuples and lists element-wise; 0-d results stay 0-d arrays)."""
-    if isinstance(value, np.ndarray):
-        return value.view(ndarray)
-    if isinstance(value, np.generic):
-        return np.asarray(value).view(ndarray)
+    """Device arrays (copies in device allocations) of NumPy results; tuples and lists element-wise."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = np.asarray(value)
+        array = device_empty(value.shape, value.dtype)
+        np.copyto(array.view(np.ndarray), value)
+        return array
     if isinstance(value, (tuple, list)):
         return type(value)(_wrap(v) for v in value)
     return value

@@ -28,6 +28,7 @@ class RawKernel:
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         stream = stream if stream is not None else get_current_stream()
+        kernel_runner.check_geometry(grid, block, shared_mem)  # refused at launch, as CUDA does
         packed = self._module.pack(self.name, tuple(args))     # checked now, as CuPy does at launch
         keep = tuple(args)                                      # recorded launches keep their arrays alive
 

@@ -1,8 +1,15 @@
 """Streams, events and CUDA graphs of the emulated CuPy, with the stream-capture rules CUDA enforces.
 
-Work enqueued on a stream runs at once (see cupy/__init__.py), unless the stream is capturing: then it
-is recorded into the capture, in enqueue order (a valid order for the graph's dependencies, since
-every recorded piece of work was enqueued after what it depends on), and runs on each Graph.launch.
+Work enqueued on a stream runs as late as CUDA's ordering rules allow, not when it is enqueued: each
+stream keeps a queue, run in order only when something must see its results: a synchronize (of the
+stream, an event recorded on it, or the device), array work or a host copy while it is the current
+stream, or another stream's queued wait for an event recorded on it, which runs the first stream up to
+that event first. So work that another stream reads without waiting for an event shows up stale, as
+it may on a GPU: a missing event between streams fails the tests here instead of racing there.
+
+While a stream is capturing, its work is recorded into the capture instead, in enqueue order (a valid
+order for the graph's dependencies, since every recorded piece of work was enqueued after what it
+depends on), and runs on each Graph.launch.
 
 The capture rules reproduced (each breach raises EmulationError naming CUDA's error):
   * a stream joins a capture by waiting on an event recorded in it (cudaStreamWaitEvent), and its work
@@ -18,11 +25,13 @@ import threading
 import time
 import weakref
 
+from cupy import _array
 from cupy._array import EmulationError
 
 _local = threading.local()
 _pointers = itertools.count(0x7000)
 _BY_POINTER = weakref.WeakValueDictionary()
+_ALL = weakref.WeakSet()
 
 
 class _Capture:
@@ -45,7 +54,12 @@ class Stream:
         self._sequence = 0              # work enqueued while capturing, to tell which event follows it
         self._unjoined = False
         self._previous = []
+        self._queue = []                # work enqueued and not run yet
+        self._enqueued = 0              # work ever enqueued, and of that, run
+        self._ran = 0
+        self._lock = threading.RLock()
         _BY_POINTER[self.ptr] = self
+        _ALL.add(self)
 
     # ------------------------------------------------------------- current stream
 
@@ -63,19 +77,38 @@ class Stream:
     # ------------------------------------------------------------- work
 
     def enqueue(self, run, what):
-        """Run `run()` now, or record it when this stream is capturing."""
+        """Queue `run()` (it runs when something needs its results: see the module docstring), or record
+        it when this stream is capturing."""
         capture = self._capture
         if capture is None:
-            run()
+            with self._lock:
+                self._queue.append((run, what))
+                self._enqueued += 1
             return
         capture.operations.append((run, what))
         self._sequence += 1
         if self is not capture.origin:
             self._unjoined = True
 
+    def run_until(self, count):
+        """Run queued work, in order, until `count` pieces of work ever enqueued have run."""
+        with self._lock:
+            while self._ran < count and self._queue:
+                run, _ = self._queue.pop(0)
+                try:
+                    run()
+                finally:
+                    self._ran += 1
+
+        _release_finished()
+
+    def run_all(self):
+        self.run_until(self._enqueued)
+
     def synchronize(self):
         if self._capture is not None:
             raise EmulationError("cudaErrorStreamCaptureUnsupported: synchronize() on a capturing stream")
+        self.run_all()
 
     def record(self, event=None):
         event = event if event is not None else Event()
@@ -88,6 +121,10 @@ class Stream:
             if self._capture is not None:
                 raise EmulationError("cudaErrorStreamCaptureIsolation: a capturing stream waits on an event "
                                      "recorded outside the capture")
+            if event._source is not None:
+                source, count = event._source
+                if source is not self:          # this stream's later work runs after source's work so far
+                    self.enqueue(lambda: source.run_until(count), "wait for an event")
             return
         capture, source, sequence = captured
         if capture.ended:
@@ -105,7 +142,7 @@ class Stream:
 
     @property
     def done(self):
-        return True
+        return self._ran >= self._enqueued
 
     # ------------------------------------------------------------- capture
 
@@ -150,42 +187,93 @@ def stream_from_pointer(ptr):
     return _BY_POINTER[int(ptr)]
 
 
-def _refuse_while_capturing(what):
+def _array_work(what):
+    """Array work, a host copy or a host read on the current stream: refused while it captures (CUDA would
+    refuse it, or record it for every replay, where the emulation would run it once, now); otherwise the
+    stream's queued work runs first, as it would come first on the device."""
     stream = get_current_stream()
     if stream._capture is not None:
         raise EmulationError(f"{what} while {stream!r} is capturing: CUDA would refuse it or record it for "
                              f"every replay, the emulation would run it once, now")
+    stream.run_all()
+
+
+_RELEASED = []                          # (allocation, [(stream, work count)]) waiting for that work to run
+_RELEASE_LOCK = threading.RLock()       # reentrant: a garbage collection may run inside the lock
+
+
+def release_after_queued_work(allocation):
+    """Keep `allocation` alive until every stream has run the work it had queued when its arrays died."""
+    marks = [(stream, stream._enqueued) for stream in list(_ALL) if stream._ran < stream._enqueued]
+    if marks:
+        with _RELEASE_LOCK:
+            _RELEASED.append((allocation, marks))
+    else:
+        _array.unpoison(allocation)
+
+
+_array._release_hook = release_after_queued_work
+
+
+def _release_finished():
+    with _RELEASE_LOCK:
+        keep = []
+        for allocation, marks in _RELEASED:
+            if any(stream._ran < count for stream, count in marks):
+                keep.append((allocation, marks))
+            else:
+                _array.unpoison(allocation)
+        _RELEASED[:] = keep
+
+
+def synchronize_all():
+    """cudaDeviceSynchronize: every stream's queued work (the emulation keeps one queue per stream)."""
+    for stream in list(_ALL):
+        if stream._capture is not None:
+            raise EmulationError("cudaErrorStreamCaptureUnsupported: device synchronize while capturing")
+    for stream in list(_ALL):
+        stream.run_all()
 
 
 class Event:
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.disable_timing = disable_timing
         self._time = None
+        self._source = None             # (stream, its work count) when recorded
         self._captured = None           # (capture, stream, stream's work count) when recorded in a capture
 
     def record(self, stream=None):
         stream = stream if stream is not None else get_current_stream()
         if stream._capture is not None:
             self._captured = (stream._capture, stream, stream._sequence)
-        else:
-            self._captured = None
+            self._source = None
+            return
+        self._captured = None
+        self._time = None
+
+        def stamp():                    # the time at which the stream gets there
             self._time = time.perf_counter()
+        stream.enqueue(stamp, "event record")
+        self._source = (stream, stream._enqueued)
 
     def synchronize(self):
         if self._captured is not None:
             raise EmulationError("cudaErrorStreamCaptureUnsupported: synchronize on an event of a capture")
+        if self._source is not None:
+            source, count = self._source
+            source.run_until(count)
 
     @property
     def done(self):
-        return True
+        return self._source is None or self._source[0]._ran >= self._source[1]
 
 
 def get_elapsed_time(start, end):
-    """Milliseconds between two recorded events (host time: the work ran when it was enqueued)."""
+    """Milliseconds between two recorded events (the host time at which their streams reached them)."""
     if start.disable_timing or end.disable_timing:
         raise EmulationError("cudaErrorInvalidResourceHandle: an event created with disable_timing")
     if start._time is None or end._time is None:
-        raise EmulationError("cudaErrorInvalidResourceHandle: an event that was not recorded")
+        raise EmulationError("cudaErrorNotReady: an event that was not recorded, or not reached yet")
     return (end._time - start._time) * 1000.0
 
 
@@ -199,8 +287,12 @@ class Graph:
         stream = stream if stream is not None else get_current_stream()
         if stream._capture is not None:
             raise EmulationError("launching a graph inside a capture is not emulated")
-        for run, _ in self.operations:
-            run()
+        operations = list(self.operations)
+
+        def replay():
+            for run, _ in operations:
+                run()
+        stream.enqueue(replay, "graph launch")
 
     def upload(self, stream=None):
         pass
