@@ -1,7 +1,8 @@
-"""Memory pools of the emulated CuPy: NumPy owns the memory, so a pool only answers CuPy's questions.
+"""Memory pools of the emulated CuPy: device arrays allocate their own memory (cupy/_array.py, which
+also releases it in stream order, as CuPy's pool does), so a pool here only answers CuPy's questions.
 
-(CuPy's real pools reuse freed blocks in stream order; the emulation cannot show what that reuse would
-do to a captured graph, which is why the GPU tests of memory-pool isolation still need a GPU.)
+(CuPy's real pools hand freed blocks out again; the emulation never reuses an address, so it cannot
+show what such reuse would do to a captured graph: memory-pool isolation still needs a GPU to test.)
 """
 import contextlib
 
