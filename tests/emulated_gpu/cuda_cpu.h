@@ -6,7 +6,9 @@
  *
  * The execution model, faithful where our kernels depend on it:
  *   - a launch runs its blocks one after another on the calling OS thread (so kernels launched from
- *     different worker threads run concurrently, as kernels on different streams do);
+ *     different worker threads run concurrently, as kernels on different streams do), first to last on
+ *     one launch and last to first on the next, and the threads of a block likewise (a GPU promises no
+ *     order, so a kernel that needs one fails either way);
  *   - the threads of a block are fibers on that OS thread, switched by a few lines of assembly: a
  *     thread runs until it reaches __syncthreads() or a warp shuffle, then the next one runs. A barrier
  *     opens when every live thread of the block (or of the warp, for a shuffle) has arrived; threads
@@ -172,6 +174,7 @@ struct Scheduler {
     std::vector<char> dynamic_shared;
     void* scheduler_sp = nullptr;
     int current = -1;
+    bool reverse = false;               // this launch runs threads and blocks last to first
     void (*body)(void*) = nullptr;
     void* body_arg = nullptr;
 };
@@ -282,7 +285,8 @@ inline std::string run_block(void (*body)(void*), void* arg, int threads)
     int remaining = threads;
     while (remaining > 0) {
         bool progressed = false;
-        for (int t = 0; t < threads; ++t) {
+        for (int k = 0; k < threads; ++k) {
+            const int t = s.reverse ? threads - 1 - k : k;
             Fiber& f = s.fibers[t];
             if (f.done || !can_resume(s, f, t)) continue;
             f.wait = Wait::none;
@@ -348,12 +352,17 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, si
     gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
     blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
     Launch<A...> launch_state{kernel, args};
-    for (unsigned z = 0; problem.empty() && z < grid[2]; ++z)
-        for (unsigned y = 0; problem.empty() && y < grid[1]; ++y)
-            for (unsigned x = 0; problem.empty() && x < grid[0]; ++x) {
-                blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
-                problem = run_block(&Launch<A...>::body, &launch_state, (int)threads);
-            }
+    // A GPU promises no order between blocks, nor between threads until a barrier: alternate launches run
+    // them first to last and last to first, so a kernel that relies on either order fails one way or the other.
+    s.reverse = !s.reverse;
+    const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    for (unsigned long long k = 0; problem.empty() && k < blocks; ++k) {
+        const unsigned long long b = s.reverse ? blocks - 1 - k : k;
+        blockIdx.x = (unsigned)(b % grid[0]);
+        blockIdx.y = (unsigned)((b / grid[0]) % grid[1]);
+        blockIdx.z = (unsigned)(b / ((unsigned long long)grid[0] * grid[1]));
+        problem = run_block(&Launch<A...>::body, &launch_state, (int)threads);
+    }
     if (problem.empty()) return 0;
     std::snprintf(error, error_bytes, "%s", problem.c_str());
     return 1;
