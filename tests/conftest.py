@@ -45,3 +45,14 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"GPU test skipped: {problem}")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def two_gpus():
+    """Device ids [0, 1]; skips unless CuPy sees 2 GPUs (this project's GPU machines have one, the emulated
+    GPU of tests/test_emulated_gpu.py has two)."""
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip(f"needs 2 GPUs, CuPy sees {count}")
+    return [0, 1]

@@ -31,16 +31,23 @@ FILE_TIMEOUT_S = 900
 PARALLEL_FILES = 2                      # CI has 2 cores
 
 
-def _problem():
-    """Why the emulation cannot run here, or None."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"the emulated GPU switches fibers with x86-64 assembly (this is {platform.machine()})"
+def _kernel_runner():
     sys.path.insert(0, str(EMULATOR))
     try:
         import kernel_runner
     finally:
         sys.path.remove(str(EMULATOR))
-    problem = kernel_runner.compiler_problem()
+    return kernel_runner
+
+
+COMPILER = _kernel_runner().COMPILER
+
+
+def _problem():
+    """Why the emulation cannot run here, or None."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"the emulated GPU switches fibers with x86-64 assembly (this is {platform.machine()})"
+    problem = _kernel_runner().compiler_problem()
     if problem:
         return problem
     try:
@@ -50,26 +57,26 @@ def _problem():
     return None
 
 
-pytestmark = pytest.mark.skipif(_problem() is not None, reason=f"emulated GPU unavailable: {_problem()}")
+PROBLEM = _problem()
+pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=f"emulated GPU unavailable: {PROBLEM}")
 
 
 def libasan():
     """The AddressSanitizer runtime to preload for sanitized kernels, or None."""
-    if shutil.which(kernel_compiler()) is None:
+    if shutil.which(COMPILER) is None:
         return None
-    result = subprocess.run([kernel_compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True)
+    result = subprocess.run([COMPILER, "-print-file-name=libasan.so"], capture_output=True, text=True)
     path = result.stdout.strip()
     return path if result.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
 
 
-def kernel_compiler():
-    return os.environ.get("CXX", "g++")
+LIBASAN = libasan()
 
 
 def emulated_env(devices=1, sanitize=False):
     env = dict(os.environ)
     if sanitize:
-        env.update(CUPYNET_EMULATOR_SANITIZE="1", LD_PRELOAD=libasan(), ASAN_OPTIONS="detect_leaks=0")
+        env.update(CUPYNET_EMULATOR_SANITIZE="1", LD_PRELOAD=LIBASAN, ASAN_OPTIONS="detect_leaks=0")
     env["PYTHONPATH"] = os.pathsep.join([str(EMULATOR), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["CUPYNET_EMULATED_GPUS"] = str(devices)
     env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"     # the files run side by side
@@ -174,7 +181,7 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     assert [row["workers"] for row in json.loads((tmp_path / "scaling.json").read_text())["results"]] == [1, 2]
 
 
-@pytest.mark.skipif(libasan() is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
+@pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
 def test_sanitized_kernels_stop_at_an_out_of_bounds_access():
     """CUPYNET_EMULATOR_SANITIZE=1 builds kernels with AddressSanitizer: one element past the end is reported
     (the memcheck that the parity run below relies on)."""
@@ -194,7 +201,7 @@ def test_sanitized_kernels_stop_at_an_out_of_bounds_access():
         "in inc" in result.stderr, result.stderr[-3000:]
 
 
-@pytest.mark.skipif(libasan() is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
+@pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
 def test_every_kernel_stays_in_bounds_in_the_primitive_parity_tests():
     """The per-primitive parity tests (both layouts, both dtypes, odd shapes) with sanitized kernels: no kernel
     reads or writes outside its arrays (parity alone would miss a read of a neighbour that happens to fit)."""

@@ -54,10 +54,6 @@ struct double2 { double x, y; };
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
 inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
-namespace cpuemu {
-struct ThreadState;
-}
-
 // Set by the scheduler before it resumes a thread (fibers of one OS thread share these variables).
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
@@ -222,11 +218,6 @@ inline void* fresh_stack(char* stack)
     return sp;
 }
 
-inline int linear_thread()
-{
-    return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
-}
-
 // Arrive at a barrier; return when it opens (the last arrival opens it without yielding).
 inline void arrive(Barrier& barrier, Wait kind)
 {
@@ -331,22 +322,14 @@ struct Launch {
     }
 };
 
-// grid and block: 3 unsigned each. Returns 0, or 1 with a message in `error`.
+// grid and block: 3 unsigned each, already checked (kernel_runner.check_geometry). Returns 0, or 1 with
+// a message in `error`.
 template <typename... A>
 int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, size_t shared_bytes, void** args,
            char* error, int error_bytes)
 {
-    const long long threads = (long long)block[0] * block[1] * block[2];
+    const int threads = (int)(block[0] * block[1] * block[2]);
     std::string problem;
-    if (threads < 1 || threads > 1024 || block[2] > 64) {
-        problem = "invalid block (" + std::to_string(block[0]) + ", " + std::to_string(block[1]) + ", " +
-                  std::to_string(block[2]) + ")";
-    } else if (grid[0] < 1 || grid[1] < 1 || grid[2] < 1 || grid[1] > 65535 || grid[2] > 65535) {
-        problem = "invalid grid (" + std::to_string(grid[0]) + ", " + std::to_string(grid[1]) + ", " +
-                  std::to_string(grid[2]) + ")";
-    } else if (shared_bytes > 227 * 1024) {
-        problem = "dynamic shared memory of " + std::to_string(shared_bytes) + " bytes";
-    }
     Scheduler& s = scheduler();
     s.dynamic_shared.assign(shared_bytes + 16, 0);
     gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
@@ -361,7 +344,7 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, si
         blockIdx.x = (unsigned)(b % grid[0]);
         blockIdx.y = (unsigned)((b / grid[0]) % grid[1]);
         blockIdx.z = (unsigned)(b / ((unsigned long long)grid[0] * grid[1]));
-        problem = run_block(&Launch<A...>::body, &launch_state, (int)threads);
+        problem = run_block(&Launch<A...>::body, &launch_state, threads);
     }
     if (problem.empty()) return 0;
     std::snprintf(error, error_bytes, "%s", problem.c_str());

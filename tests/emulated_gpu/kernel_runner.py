@@ -140,8 +140,9 @@ class CompiledModule:
                               ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
             self._entry[expression] = entry
 
-    def pack(self, expression, args):
-        """The argument buffers of one launch (checked); keep the result alive until the launch has run."""
+    def pack(self, expression, grid, block, shared_mem, args):
+        """The checked geometry and argument buffers of one launch; keep the result alive until it has run."""
+        check_geometry(grid, block, shared_mem)
         codes = self.signatures[expression]
         if len(args) != len(codes):
             raise KernelError(f"{expression}: {len(args)} arguments for {len(codes)} parameters")
@@ -161,15 +162,14 @@ class CompiledModule:
                                   f"is {code} (kind and bytes)")
             holders.append(_CTYPES[code](arg.item()))
         pointers = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.addressof(h) for h in holders])
-        return holders, pointers
+        return (ctypes.c_uint * 3)(*_three(grid)), (ctypes.c_uint * 3)(*_three(block)), int(shared_mem), holders, \
+            pointers
 
     def launch(self, expression, grid, block, shared_mem, args, packed=None):
         """Run one launch to completion on this thread (packed: a `pack` result to reuse)."""
-        holders, pointers = packed if packed is not None else self.pack(expression, args)
-        grid3 = (ctypes.c_uint * 3)(*_three(grid))
-        block3 = (ctypes.c_uint * 3)(*_three(block))
+        grid3, block3, shared_mem, _, pointers = packed or self.pack(expression, grid, block, shared_mem, args)
         error = ctypes.create_string_buffer(ERROR_BYTES)
-        if self._entry[expression](grid3, block3, int(shared_mem), pointers, error, ERROR_BYTES):
+        if self._entry[expression](grid3, block3, shared_mem, pointers, error, ERROR_BYTES):
             raise KernelError(f"{expression}: {error.value.decode()}")
 
 

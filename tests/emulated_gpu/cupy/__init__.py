@@ -27,7 +27,6 @@ from cupy._array import EmulationError, device_empty, ndarray, _wrap, _unwrap  #
 from cupy.cuda.module import RawModule                  # noqa: F401
 
 __version__ = "14.2.0+emulated"
-ALLOCATE_ONLY = ("empty", "empty_like", "ndarray")     # no device work: allowed while capturing
 
 
 def asnumpy(array, stream=None):
@@ -94,8 +93,7 @@ def __getattr__(name):
     value = getattr(_np, name)
     if callable(value) and not isinstance(value, type):
         def on_device(*args, **kwargs):
-            if name not in ALLOCATE_ONLY:
-                cuda.stream._array_work(f"cupy.{name}")
+            cuda.stream._array_work(f"cupy.{name}")
             return _wrap(value(*[_unwrap(a) for a in args], **{k: _unwrap(v) for k, v in kwargs.items()}))
         on_device.__name__ = name
         return on_device

@@ -28,8 +28,8 @@ class RawKernel:
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         stream = stream if stream is not None else get_current_stream()
-        kernel_runner.check_geometry(grid, block, shared_mem)  # refused at launch, as CUDA does
-        packed = self._module.pack(self.name, tuple(args))     # checked now, as CuPy does at launch
+        # geometry and arguments checked now, as CUDA and CuPy do at launch
+        packed = self._module.pack(self.name, grid, block, shared_mem, tuple(args))
         keep = tuple(args)                                      # recorded launches keep their arrays alive
 
         def run():
