@@ -110,7 +110,7 @@ class ParamStore:
     def sync_compute_copy(self):
         """Refresh the compute-dtype copy from the master parameters (after init or a restore)."""
         if self.compute_flat is not None:
-            self.compute_flat[...] = self.flat.astype(self.compute_flat.dtype)
+            self.backend.copy_into(self.compute_flat, self.flat)
 
     def _view(self, flat, param):
         """The slice of `flat` for `param`, shaped in the backend's layout."""
@@ -147,7 +147,7 @@ class ParamStore:
             raise ValueError(f"{param.name}: shape {array.shape} != {param.shape}")
         if param.conv:
             array = np.ascontiguousarray(self.backend.weight_from_canonical(array))
-        self._view(flat, param)[...] = self.backend.from_host(array, dtype=flat.dtype)
+        self.backend.upload_into(self._view(flat, param), array)
 
     def set_canonical(self, name, array):
         self._write(self.flat, self.params[name], array)

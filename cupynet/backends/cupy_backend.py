@@ -20,16 +20,19 @@ Streams and synchronisation
     One exception: weight gradients (cuDNN wgrad) run on a second stream with its own cuDNN handle, forked
     from the main stream and overlapping the data gradients that follow (independent work, and small
     convolutions leave most of the GPU idle); `wait_for_gradients`, `to_host` and `synchronize` join it.
-    The constructor also makes the device and the stream current for the calling thread, so CuPy array
-    operations done outside the primitives (ParamStore's `view[...] = ...`, `.astype`) are ordered on
-    the same stream. One backend per thread (the data-parallel design: one worker thread per GPU).
+    Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
+    `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
+    not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
+    current stream is the legacy null stream again, which does not wait for a non-blocking stream (a
+    GPU run showed parameters written there arriving late or out of order). One backend per thread
+    (the data-parallel design: one worker thread per GPU).
 
 bfloat16: CuPy 14 has a real bfloat16 dtype when `ml_dtypes` is installed (CuPy >= 14.0 maps
     `ml_dtypes.bfloat16` to its C type; CuPy's own kernels then include <cuda_bf16.h>). We use it:
     bf16 activations are `cupy.ndarray`s of dtype `ml_dtypes.bfloat16`, `astype` converts with
     round-to-nearest-even, `to_host` returns a NumPy array of that dtype (`.astype(numpy.float32)` to
     compute with it), and our kernels see `__nv_bfloat16*`. Without ml_dtypes, dtype="bfloat16" is
-    refused with a one-line DeviceError (no uint16 stand-in: ParamStore's `astype` would silently
+    refused with a one-line DeviceError (no uint16 stand-in: ParamStore's `copy_into` would silently
     convert numbers instead of reinterpreting bits).
 
 Mixed precision (dtype="bfloat16"): activations, their gradients and the convolutions' weight copy
@@ -162,7 +165,6 @@ class CupyBackend(LayoutMixin):
             self.side_stream = cupy.cuda.Stream(non_blocking=True)      # weight gradients (see below)
             self._fork = cupy.cuda.Event(block=False, disable_timing=True)
             self._join = cupy.cuda.Event(block=False, disable_timing=True)
-            self.stream.use()                       # ParamStore's own array operations land here too
             self.kernels = KernelLibrary(self.device)
             self._create_conv(dtype_name)
 
@@ -216,10 +218,15 @@ class CupyBackend(LayoutMixin):
     @_on_device
     def upload_into(self, array, host):
         """array[...] = host (same shape and dtype), copied on the backend's stream, after earlier work."""
-        host = np.ascontiguousarray(host, dtype=array.dtype)
+        host = np.asarray(host, dtype=array.dtype, order="C")      # (ascontiguousarray makes 0-d arrays 1-d)
         if host.shape != array.shape:
             raise ValueError(f"upload_into: host array {host.shape} does not match {array.shape}")
         array.set(host, stream=self.stream)
+
+    @_on_device
+    def copy_into(self, target, source):
+        """target[...] = source, converted to target's dtype, on the backend's stream (device to device)."""
+        target[...] = source
 
     @_on_device
     def fill(self, array, value):

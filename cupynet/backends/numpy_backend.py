@@ -57,6 +57,10 @@ class NumpyBackend(LayoutMixin):
             raise ValueError(f"upload_into: host array {np.shape(host)} does not match {array.shape}")
         array[...] = host
 
+    def copy_into(self, target, source):
+        """target[...] = source, converted to target's dtype (the GPU backend's device-to-device copy)."""
+        target[...] = source
+
     def fill(self, array, value):
         """Set every element (e.g. the learning-rate scalar between steps)."""
         array[...] = value

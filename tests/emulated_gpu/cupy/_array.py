@@ -47,14 +47,24 @@ class ndarray(np.ndarray):
         return host
 
     def set(self, array, stream=None):
-        """Host-to-device copy into this array (same shape and dtype, as CuPy requires)."""
-        _array_work("a host-to-device copy (set)")
-        if stream is not None:
-            stream.synchronize()            # the copy comes after the stream's work so far
+        """Host-to-device copy into this array (same shape and dtype, as CuPy requires).
+
+        With a stream, CuPy's copy is asynchronous (cudaMemcpyAsync): the host data is staged at once, and
+        the copy runs in that stream's order, so work on another stream sees it only after an event, as on
+        a GPU. Without one, the copy is synchronous, after the current stream's work."""
         array = np.asarray(array)
         if array.shape != self.shape or array.dtype != self.dtype:
             raise ValueError(f"set: host array {array.shape} {array.dtype} does not match {self.shape} {self.dtype}")
-        np.copyto(self.view(np.ndarray), array)
+        target = self.view(np.ndarray)
+        if stream is None:
+            _array_work("a host-to-device copy (set)")
+            np.copyto(target, array)
+            return
+        if stream.is_capturing():
+            raise EmulationError("cudaErrorStreamCaptureUnsupported: a copy from pageable host memory while "
+                                 f"{stream!r} is capturing")
+        staged = array.copy()
+        stream.enqueue(lambda: np.copyto(target, staged), "host-to-device copy")
 
     def fill(self, value):
         _array_work("ndarray.fill")
