@@ -215,7 +215,13 @@ echo "library folders added: ${LIB_DIRS:-none}"
 run_stage install 40 bash -c install_frontend
 run_stage versions 40 bash -c print_versions
 
-run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+# Where the machine has them, pytest-xdist spreads the tests over 4 processes (the GPU has room for all) and
+# pytest-timeout stops one hung test instead of the whole stage, so the JUnit file still gets written.
+PYTEST_EXTRA=()
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_EXTRA+=(-n 4); fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_EXTRA+=(--timeout 90); fi
+run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
+    --junitxml="$OUT/gpu_tests.xml"
 
 run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
     --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"

@@ -74,6 +74,10 @@ class Communicator:
         """Make ranks blocked in (or entering) a collective raise CommunicatorAborted."""
         raise NotImplementedError
 
+    def wait_for_peers(self):
+        """Line up with the other ranks on the host around a launch of recorded collectives. Only the
+        shared-GPU communicator needs it (its barrier kernels share one GPU: cupynet/shared_gpu.py)."""
+
 
 # --------------------------------------------------------------------------------------------- host
 
@@ -116,7 +120,7 @@ class HostCommunicator(Communicator):
     def _scatter_back(self, array, host):
         """Write `host` into the backend array, once every rank has read the slots."""
         self._wait()                                 # nobody overwrites a slot another rank still reads
-        array[...] = self.backend.from_host(host, dtype=array.dtype)
+        self.backend.upload_into(array, host)
 
     def _rank_order_sum(self, staged):
         # The same additions in the same order on every rank: bit-identical results everywhere.

@@ -18,15 +18,17 @@ The slots are shared device buffers, one per (dtype, size), created by the first
 (in a warm-up step, never inside a recording). abort() sets a device flag through its own stream, so ranks
 waiting in a barrier leave it, and later collectives raise CommunicatorAborted on the host; a barrier that
 waits longer than BARRIER_TIMEOUT_S sets the flag itself, so a worker that died can never hang the GPU.
-Why the ranks also line up on the host before enqueueing a collective: a rank waiting in a barrier kernel
-waits for the other ranks' future work, and a host call in another rank that waits for the whole device
-meanwhile (a cuDNN plan build, a cudaFree: some do) would wait for that kernel: a deadlock. Lined up on
-the host first, every rank has finished the host calls that come before the collective, so a barrier
-kernel only ever waits for work already enqueued. A replayed CUDA graph runs no Python, so its
-collectives do not line up on the host; by then the steps make no such calls. (The barrier's timeout
-still turns an unforeseen wait into an aborted group rather than a hung GPU.) This group is for tests
-and benchmarks of several workers on one GPU (bench/scaling.py), where NCCL cannot run.
-Verified on: nothing yet (written on a machine without a GPU; tests/test_shared_gpu.py runs on one).
+Why the ranks line up on the host before and after enqueueing a collective: a barrier kernel waits for
+the other ranks' work, and a host call that waits for the whole device (loading a kernel the first time
+under CUDA's lazy loading, a cuDNN plan build, a cudaFree) waits for that barrier kernel. If the rank
+making the call has not enqueued its own arrival yet, that is a deadlock (seen on an H100: the first
+collective's kernels loaded by one rank while another's barrier spun). So the collective's kernels are
+loaded first, then every rank lines up, enqueues, and lines up again: no rank makes another host call
+until every rank's arrivals are enqueued, and a barrier kernel only ever waits for enqueued work.
+A replayed CUDA graph holds barrier kernels too, so the trainer lines the ranks up before and after
+each graph launch (`wait_for_peers`, cupynet/step_graph.py). (The barrier's timeout still turns an
+unforeseen wait into an aborted group rather than a hung GPU.) This group is for tests and benchmarks of
+several workers on one GPU (bench/scaling.py), where NCCL cannot run.
 """
 import threading
 
@@ -96,11 +98,9 @@ class SharedGpuCommunicator(Communicator):
     capturable = True
 
     def __init__(self, group, rank, backend):
-        import cupy
         super().__init__(group, rank, backend)
         self.kernels = backend.kernels
-        with backend.device:
-            self.barriers_passed = cupy.zeros((), dtype=np.uint64)    # this rank's barrier count
+        self.barriers_passed = backend.zeros((), dtype=np.uint64)     # this rank's barrier count
         backend.synchronize()
 
     def _check(self, array):
@@ -115,34 +115,45 @@ class SharedGpuCommunicator(Communicator):
     def _launch_1d(self, name, array, n, args):
         self.kernels.launch(name, (ctype(array.dtype),), self.kernels.grid_1d(n), KernelLibrary.BLOCK, args)
 
+    def _load_kernels(self, array, finish_kernel):
+        """Load the collective's kernels before lining up (a first load may wait for the whole device)."""
+        for name in ("publish", finish_kernel):
+            self.kernels.function(name, (ctype(array.dtype),))
+        self.kernels.function("rank_barrier")
+
     def _barrier(self):
         timeout_ns = np.uint64(int(BARRIER_TIMEOUT_S * 1e9))
         self.kernels.launch("rank_barrier", (), (1,), (32,),
                             (self.barriers_passed, self.group.arrivals, np.int32(self.size), self.group.abort_flag,
                              timeout_ns))
 
-    def _line_up(self):
+    def wait_for_peers(self):
+        """Line up with every rank on the host (see the module docstring)."""
+        if self.group.aborted:
+            raise CommunicatorAborted(f"rank {self.rank}: the worker group was aborted")
         try:
             self.group.host_barrier.wait()
         except threading.BrokenBarrierError:
             raise CommunicatorAborted(f"rank {self.rank}: the worker group was aborted") from None
 
-    def _collective(self, array, finish):
-        """[line up on the host] publish -> barrier -> finish(slots, n) -> barrier, on the backend's stream."""
+    def _collective(self, array, finish_kernel, finish):
+        """[load, line up] publish -> barrier -> finish(slots, n) -> barrier [line up], on the backend's stream."""
         n = self._check(array)
-        self._line_up()
+        self._load_kernels(array, finish_kernel)
         slots = self.group.slots(array.dtype, n)
+        self.wait_for_peers()
         with self.backend.device, self.backend.stream:
             self._launch_1d("publish", array, n, (array, slots[self.rank], np.int32(n)))
             self._barrier()
             finish(slots, n)
             self._barrier()
+        self.wait_for_peers()
         return array
 
     def _reduce(self, array, mean):
         def finish(slots, n):
             self._launch_1d("reduce_slots", array, n, (slots, array, np.int32(n), np.int32(self.size), np.int32(mean)))
-        return self._collective(array, finish)
+        return self._collective(array, "reduce_slots", finish)
 
     def all_reduce_sum(self, array):
         return self._reduce(array, mean=False)
@@ -155,7 +166,7 @@ class SharedGpuCommunicator(Communicator):
     def broadcast(self, array, root=0):
         def finish(slots, n):
             self._launch_1d("copy_slot", array, n, (slots[root], array, np.int32(n)))
-        return self._collective(array, finish)
+        return self._collective(array, "copy_slot", finish)
 
     def abort(self):
         self.group.abort()

@@ -23,12 +23,13 @@ WARMUP_STEPS = 2      # two, not one: a second eager step proves nothing allocat
 class StepRunner:
     """Runs a device step eagerly, or (capture=True, GPU backend) as a replayed CUDA graph."""
 
-    def __init__(self, backend, capture, warmup_steps=WARMUP_STEPS):
+    def __init__(self, backend, capture, warmup_steps=WARMUP_STEPS, wait_for_peers=None):
         if capture and not hasattr(backend, "capture"):
             raise ValueError(f"CUDA-graph capture needs the GPU backend, not {backend.name}")
         self.backend = backend
         self.capture = capture
         self.warmup_steps = warmup_steps
+        self.wait_for_peers = wait_for_peers or (lambda: None)   # a communicator's line-up (data parallel)
         self.eager_steps = 0
         self.graph = None            # the CapturedGraph, once recorded
 
@@ -42,10 +43,17 @@ class StepRunner:
 
     def __call__(self, device_step):
         if self.graph is not None:
-            self.graph.launch()
+            self._launch()
         elif not self.capture or self.eager_steps < self.warmup_steps:
             device_step()
             self.eager_steps += 1
         else:
             self.graph = self.backend.capture(device_step)
-            self.graph.launch()      # the recording only recorded: this launch runs the step
+            self._launch()           # the recording only recorded: this launch runs the step
+
+    def _launch(self):
+        # Replicas sharing a GPU: every rank launches (its barrier kernels) before any rank goes on to host
+        # calls that may wait for the whole device (cupynet/shared_gpu.py says why); a no-op otherwise.
+        self.wait_for_peers()
+        self.graph.launch()
+        self.wait_for_peers()

@@ -73,9 +73,12 @@ class Trainer:
         self.order = be.empty((len(dataset.train),), dtype=np.int64)   # the current epoch's permutation
         self._order_epoch = None        # which epoch's permutation `order` holds
         self._lr_on_device = None       # the value in the optimizer's learning-rate scalar
-        self.runner = StepRunner(be, capture=use_cuda_graph(config, be, comm))
+        self.runner = StepRunner(be, capture=use_cuda_graph(config, be, comm), wait_for_peers=self._peers())
         self._eval_buffers = {}
         self._eval_splits = {}
+
+    def _peers(self):
+        return self.comm.wait_for_peers if self.comm is not None else None
 
     def _upload(self, split):
         """The split's uint8 images and labels as backend arrays (once; never per step)."""
@@ -257,7 +260,7 @@ class Trainer:
         self._order_epoch = self._lr_on_device = None
         self.be.adopt_conv_engine_choices(meta.get("conv_engines"))   # same engines: continues exactly
         # A recording made before would replay the old seed: record again after the warm-up steps.
-        self.runner = StepRunner(self.be, capture=self.runner.capture)
+        self.runner = StepRunner(self.be, capture=self.runner.capture, wait_for_peers=self._peers())
 
 
 def use_cuda_graph(config, backend, comm=None):

@@ -94,17 +94,19 @@ def test_two_workers_captured_with_the_shared_all_reduce_equal_the_eager_host_ru
 
 
 def test_abort_releases_a_rank_waiting_for_a_missing_peer():
-    """Rank 1 lines up on the host, then dies before enqueueing: rank 0's barrier kernel waits on the device
-    until abort() sets the device flag."""
+    """Rank 1 lines up on the host, then dies: rank 0 enqueues its collective and waits for rank 1 at the
+    second line-up, its barrier kernel waiting on the device, until abort() (what run_workers does when a
+    worker dies) breaks the host barrier and sets the device flag."""
     group = shared_group(2)
     backend = gpu_backend()
     comm = group.communicator(0, backend)
     array = backend.from_host(np.ones(10, np.float32))
     threading.Thread(target=group.host_barrier.wait, daemon=True).start()      # the peer that dies
-    comm.all_reduce_sum(array)                       # enqueued; its first barrier waits for rank 1
     threading.Timer(1.0, group.abort).start()
     started = time.monotonic()
-    backend.synchronize()                            # returns once the abort releases the barrier
+    with pytest.raises(CommunicatorAborted):
+        comm.all_reduce_sum(array)                   # enqueued; its first barrier waits for rank 1
+    backend.synchronize()                            # returns: the abort released the barrier kernel too
     assert 0.5 < time.monotonic() - started < 30
     assert group.device_aborted()
     with pytest.raises(CommunicatorAborted):

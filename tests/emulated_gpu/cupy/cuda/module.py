@@ -1,7 +1,8 @@
 """cupy.RawModule of the emulated CuPy: kernels compiled for the CPU, launched on the current stream."""
 import kernel_runner
 
-from cupy.cuda.stream import get_current_stream
+from cupy.cuda.device import current_id
+from cupy.cuda.stream import SPINNING_KERNELS, get_current_stream, run_in_background, wait_for_device_idle
 
 
 class RawModule:
@@ -12,10 +13,17 @@ class RawModule:
                 code = source.read()
         self.name_expressions = list(name_expressions or [])
         self._module = kernel_runner.CompiledModule(code, self.name_expressions)
+        self._loaded = set()
 
     def get_function(self, name):
         if name not in self._module.signatures:
             raise KeyError(f"{name} is not among the name expressions {self.name_expressions}")
+        if name not in self._loaded:
+            # CUDA's lazy loading (the default since 12.2) loads a kernel at its first cuModuleGetFunction,
+            # which may wait for the device: a kernel spinning until another thread's work arrives
+            # then never finishes (the deadlock CUDA's lazy-loading guide warns about).
+            wait_for_device_idle(current_id())
+            self._loaded.add(name)
         return RawKernel(self._module, name)
 
 
@@ -34,4 +42,7 @@ class RawKernel:
 
         def run():
             return self._module.launch(self.name, grid, block, shared_mem, keep, packed=packed)
-        stream.enqueue(run, f"kernel {self.name}")
+        what = f"kernel {self.name}"
+        stream.enqueue(run, what)
+        if what in SPINNING_KERNELS and not stream.is_capturing():
+            run_in_background(stream)

@@ -3,8 +3,10 @@
 Work enqueued on a stream runs as late as CUDA's ordering rules allow, not when it is enqueued: each
 stream keeps a queue, run in order only when something must see its results: a synchronize (of the
 stream, an event recorded on it, or the device), array work or a host copy while it is the current
-stream, or another stream's queued wait for an event recorded on it, which runs the first stream up to
-that event first. So work that another stream reads without waiting for an event shows up stale, as
+stream, another stream's queued wait for an event recorded on it, which runs the first stream up to
+that event first, or the first use of a kernel (lazy loading may wait for the whole device). Array
+work on the legacy null stream runs the blocking streams' work first, never the non-blocking ones'.
+Host-to-device copies given a stream are queued on it (CuPy's set(stream=...) is asynchronous). So work that another stream reads without waiting for an event shows up stale, as
 it may on a GPU: a missing event between streams fails the tests here instead of racing there.
 
 While a stream is capturing, its work is recorded into the capture instead, in enqueue order (a valid
@@ -49,11 +51,11 @@ class Stream:
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
         self.ptr = 0 if null else next(_pointers)
+        self.device_id = -1 if null else _current_device()      # as CuPy: the device it was created on
         self.non_blocking = non_blocking
         self._capture = None
         self._sequence = 0              # work enqueued while capturing, to tell which event follows it
         self._unjoined = False
-        self._previous = []
         self._queue = []                # work enqueued and not run yet
         self._enqueued = 0              # work ever enqueued, and of that, run
         self._ran = 0
@@ -63,16 +65,20 @@ class Stream:
 
     # ------------------------------------------------------------- current stream
 
+    # CuPy keeps, per thread, a stack of the streams entered with `with`; use() only replaces the current
+    # stream, so leaving a `with` block makes the stack's top current again, not what use() chose.
     def use(self):
         _local.stream = self
         return self
 
     def __enter__(self):
-        self._previous.append(get_current_stream())
+        _stack().append(self)
         return self.use()
 
     def __exit__(self, *exc):
-        _local.stream = self._previous.pop()
+        stack = _stack()
+        stack.pop()
+        _local.stream = stack[-1]
 
     # ------------------------------------------------------------- work
 
@@ -182,6 +188,13 @@ def get_current_stream():
     return getattr(_local, "stream", Stream.null)
 
 
+def _stack():
+    """This thread's streams entered with `with`, the null stream at the bottom."""
+    if not hasattr(_local, "stack"):
+        _local.stack = [Stream.null]
+    return _local.stack
+
+
 def stream_from_pointer(ptr):
     """The Stream whose `.ptr` is ptr (cuDNN handles are bound to streams by pointer)."""
     return _BY_POINTER[int(ptr)]
@@ -195,6 +208,11 @@ def _array_work(what):
     if stream._capture is not None:
         raise EmulationError(f"{what} while {stream!r} is capturing: CUDA would refuse it or record it for "
                              f"every replay, the emulation would run it once, now")
+    if stream.ptr == 0:
+        # The legacy null stream waits for the blocking streams' work, never for non-blocking streams'.
+        for other in list(_ALL):
+            if not other.non_blocking and other._capture is None:
+                other.run_all()
     stream.run_all()
 
 
@@ -224,6 +242,29 @@ def _release_finished():
             else:
                 _array.unpoison(allocation)
         _RELEASED[:] = keep
+
+
+# Kernels that spin until work on other streams arrives (cupynet's shared-GPU barrier). On a GPU the other
+# streams go on meanwhile; here queued work runs only when someone waits for it, so a stream holding one
+# of these starts running in a thread of its own when it is launched, as the GPU would run it.
+SPINNING_KERNELS = ("kernel rank_barrier",)
+
+
+def run_in_background(stream):
+    threading.Thread(target=stream.run_all, name=f"emulated {stream!r}", daemon=True).start()
+
+
+def _current_device():
+    from cupy.cuda.device import current_id
+    return current_id()
+
+
+def wait_for_device_idle(device_id):
+    """What loading a kernel on a device may do under CUDA's lazy loading (the default): wait for the queued
+    work of every stream of that device, the other threads' too (a capture runs nothing: left out)."""
+    for stream in list(_ALL):
+        if stream._capture is None and stream.device_id in (device_id, -1):
+            stream.run_all()
 
 
 def synchronize_all():
@@ -293,6 +334,8 @@ class Graph:
             for run, _ in operations:
                 run()
         stream.enqueue(replay, "graph launch")
+        if any(what in SPINNING_KERNELS for _, what in operations):
+            run_in_background(stream)
 
     def upload(self, stream=None):
         pass
