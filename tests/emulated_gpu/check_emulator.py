@@ -151,6 +151,49 @@ def test_work_runs_in_stream_order_and_only_when_something_waits_for_it(module):
     assert (x.get(stream=main) == 1).all()        # now it has
 
 
+def test_leaving_a_with_block_rewinds_to_the_stack_not_to_use():
+    """CuPy keeps a per-thread stack of `with` streams: use() lasts only until the next `with` block ends,
+    after which array work lands on the null stream (what the H100 run showed)."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    seen = []
+
+    def thread():
+        stream.use()
+        seen.append(cupy.cuda.get_current_stream() is stream)
+        with stream:
+            pass
+        seen.append(cupy.cuda.get_current_stream() is cupy.cuda.Stream.null)
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    assert seen == [True, True]
+
+
+def test_host_copies_given_a_stream_are_asynchronous_and_the_null_stream_waits_for_no_non_blocking_stream():
+    """set(stream=s) runs in s's order: null-stream array work that reads the copy without an event sees
+    the memory as it was (the bug the H100 run found in ParamStore), and reads it after a sync of s."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    source, target = cupy.empty((4,), dtype=np.float32), cupy.zeros((4,), dtype=np.float32)
+    source.set(np.arange(4, dtype=np.float32), stream=stream)
+    target[...] = source                          # the null stream: source not copied yet (NaN poison)
+    assert np.isnan(target.get()).all()
+    stream.synchronize()
+    target[...] = source
+    assert (target.get() == np.arange(4)).all()
+
+
+def test_a_kernels_first_load_waits_for_the_devices_queued_work(module):
+    """CUDA's lazy loading: the first get_function of a kernel may wait for the whole device, so work queued
+    on any stream of the device has run after it (a barrier kernel spinning there would hang the load)."""
+    fresh = cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total"])
+    stream = cupy.cuda.Stream(non_blocking=True)
+    x = cupy.zeros((8,), dtype=np.float32)
+    module.get_function("add_one")((1,), (32,), (x, np.int32(8)), stream=stream)
+    assert not stream.done
+    fresh.get_function("block_total")
+    assert stream.done
+
+
 def test_cudnn_reads_and_writes_through_strides_and_defaults_outputs_to_nhwc():
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
