@@ -61,13 +61,25 @@ def parse_args(argv=None):
     return args
 
 
+def _git_commit():
+    """The short commit, with "+changes" when tracked files differ from it (a copied working tree, such
+    as the GPU machine's, can carry an older .git than the code it runs)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD") or None
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+changes"
+        return commit
+    except OSError:
+        return None
+
+
 def environment(device="cpu"):
     """Hardware and versions, recorded with every result."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = _git_commit()
     blas = None
     try:
         blas = [lib.get("version") or lib.get("name") for lib in np.show_config(mode="dicts")["Build Dependencies"].values()]
