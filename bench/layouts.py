@@ -9,8 +9,9 @@ warm-up steps first (excluded), then `--repeats` timed windows of `--steps` full
 (augment -> forward -> backward -> momentum update); images/s is reported as the median of the windows
 with min and max. Prints a table and writes JSON (`--json`, default bench/results/layouts-<host>.json)
 with the hardware, library versions, git commit and the full config of each row.
-On a GPU (`--device 0`) windows are timed with CUDA events on the backend's stream and the peak memory of
-CuPy's pool is recorded; on the CPU with perf_counter.
+On a GPU (`--device 0`) windows are timed with CUDA events on the backend's stream and the device memory
+of the row is recorded (CuPy's pool, emptied before each row, plus the captured step's own pool); on the
+CPU with perf_counter.
 
     python bench/layouts.py --device 0 --depths 44 --batches 128 --dtypes float32,bfloat16
     python bench/layouts.py --device 0 --depths 44 --cuda-graph off,on      # eager vs captured step
@@ -20,6 +21,7 @@ Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
 """
 import argparse
+import gc
 import json
 import os
 import platform
@@ -157,6 +159,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None):
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
                          synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph)
+    release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
     backend = create_backend(device_of(args.device), layout, dtype, args.tf32)
     trainer = Trainer(config, dataset, backend)
     # A captured step is recorded after WARMUP_STEPS eager ones: the recording step is never timed.
@@ -180,15 +183,26 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None):
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
-            "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend)}
+            "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend, trainer)}
 
 
-def peak_memory(backend):
-    """Bytes held by CuPy's memory pool (GPU), None on the CPU."""
+def release_cached_memory(device):
+    """Give the earlier rows' cached blocks back to the device, so the pool holds only this row's."""
+    if device == "cpu":
+        return
+    import cupy
+    gc.collect()                                  # earlier rows' trainers, in reference cycles
+    cupy.get_default_memory_pool().free_all_blocks()
+
+
+def peak_memory(backend, trainer):
+    """Bytes the row holds on the device: CuPy's pool (emptied before the row; a pool only grows, so this is
+    the row's peak) plus the captured step's private pool. None on the CPU."""
     if backend.name == "numpy":
         return None
     import cupy
-    return cupy.get_default_memory_pool().total_bytes()
+    graph = trainer.runner.graph
+    return cupy.get_default_memory_pool().total_bytes() + (graph.pool.total_bytes() if graph is not None else 0)
 
 
 def main(argv=None):
