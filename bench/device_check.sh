@@ -348,10 +348,13 @@ if not rows:
 
 layers = load("layers.json")
 if layers:
-    print(f"\nwhere an eager step goes (layers.json, step {layers.get('step_ms')} ms): top primitives")
+    print(f"\nwhere an eager step goes (layers.json, step {layers.get('step_ms')} ms; kernels alone "
+          f"{layers.get('kernel_ms_sum')} ms): top primitives")
     for row in layers.get("primitives", [])[:8]:
+        kernel = row.get("device_ms_per_step")
         print(f"  {row['primitive']:<28}{row['ms_per_step']:>9.3f} ms  {row['share']:>6.1%}  "
-              f"host {row['host_ms_per_step']:>8.3f} ms  {row['fraction_of_peak']:>6.1%} of peak")
+              f"host {row['host_ms_per_step']:>8.3f} ms  kernel {kernel if kernel is not None else '-':>8} ms  "
+              f"{row['fraction_of_peak']:>6.1%} of peak")
 
 for name in ("scaling.json", "scaling_nccl.json"):
     for row in (load(name) or {}).get("results", []):

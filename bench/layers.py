@@ -12,7 +12,14 @@ and the array helpers such as from_host) is replaced by a timing shim, then a Tr
 calls another, so the per-primitive times never count the same work twice.
   * CPU: perf_counter around the call, which is the primitive's device time (NumPy runs synchronously).
   * GPU: host time around the call is only the launch cost; CUDA events recorded on `backend.stream`
-    before and after the call give the device time, read once the step has finished.
+    before and after the call give its interval on the device, read once the step has finished. An eager
+    step is launch-bound, so that interval is mostly the GPU waiting for the host. The kernels' own time
+    comes from a second measurement: every call of the first timed step is replayed alone, recorded
+    `--isolate-repeats` times in a CUDA graph (launched once to warm up, then timed with events over
+    `--isolate-launches` launches), which is what it costs inside a captured step. The roofline columns use
+    that time on a GPU. Host copies (to_host, from_host, upload_into) cannot be recorded and keep only the
+    interval. The replays repeat updates (moving statistics, the optimizer, the step counter) many times:
+    the state is garbage afterwards, which is why they come last.
 
 Per primitive: calls/step, ms/step, share of the step, and the memory roofline. Bytes moved are counted by
 one rule: every array argument is moved once, inputs read + outputs written = the sum of the array
@@ -53,6 +60,8 @@ PEAK_COPY_BYTES = 256 * 2 ** 20
 GATHERED = {"augment_batch": ("images", "labels"), "augment_train_batch": ("images", "labels", "order")}
 # Not shimmed: shape arithmetic (no device work) and synchronize (the step timer's own wait).
 NOT_PRIMITIVES = {name for name in dir(LayoutMixin) if not name.startswith("_")} | {"synchronize"}
+# Host copies: a CUDA graph cannot record them, so they get no isolated device time.
+HOST_COPIES = {"to_host", "from_host", "upload_into"}
 
 
 def parse_args(argv=None):
@@ -67,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps (per-primitive figures are per step)")
     p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: measured on CPU; "
                                                   "required on GPU, e.g. 3350 for H100 HBM3)")
+    p.add_argument("--isolate-repeats", type=int, default=10, help="GPU: copies of a call in its timing graph")
+    p.add_argument("--isolate-launches", type=int, default=5, help="GPU: timed launches of each call's graph")
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, 1 warm-up, 1 timed step")
     p.add_argument("--json", help="output file (default bench/results/layers-<host>.json)")
     args = p.parse_args(argv)
@@ -118,6 +129,7 @@ class PrimitiveProfiler:
         self.host_s = defaultdict(float)
         self.bytes = defaultdict(int)
         self.events = defaultdict(list)                # GPU: name -> [(begin, end)] read after the step
+        self.first_step = None                         # GPU: [(name, method, args, kwargs)] to replay alone
         for name in self.primitive_names(backend):
             setattr(backend, name, self._shim(name, getattr(backend, name)))
 
@@ -145,6 +157,8 @@ class PrimitiveProfiler:
                 self.depth -= 1
             self.calls[name] += 1
             self.bytes[name] += bytes_moved(name, signature, args, kwargs)
+            if self.first_step is not None:
+                self.first_step.append((name, method, args, kwargs))
             return result
         return timed
 
@@ -166,6 +180,27 @@ class PrimitiveProfiler:
                 for name, pairs in self.events.items()}
 
 
+def isolated_device_s(profiler, repeats, launches):
+    """name -> device seconds per step of the first timed step's calls, each replayed alone in a CUDA graph
+    (see the module docstring). Runs after the timed steps: the replays leave the state garbage."""
+    import cupy
+    backend = profiler.backend
+    totals = defaultdict(float)
+    begin, end = cupy.cuda.Event(), cupy.cuda.Event()
+    for name, method, args, kwargs in profiler.first_step:
+        if name in HOST_COPIES:
+            continue
+        graph = backend.capture(lambda: [method(*args, **kwargs) for _ in range(repeats)])
+        graph.launch()                                 # the first launch uploads the graph
+        begin.record(backend.stream)
+        for _ in range(launches):
+            graph.launch()
+        end.record(backend.stream)
+        end.synchronize()
+        totals[name] += cupy.cuda.get_elapsed_time(begin, end) / 1000.0 / (repeats * launches)
+    return dict(totals)
+
+
 def profile(args, dataset):
     """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
@@ -179,43 +214,61 @@ def profile(args, dataset):
         trainer.train_step()
     timer = WallTimer(backend) if backend.name == "numpy" else CudaEventTimer(backend)
     profiler.recording = True
+    profiler.first_step = [] if profiler.gpu else None
     timer.start()
-    for _ in range(args.steps):
+    for step in range(args.steps):
         trainer.train_step()
+        if step == 0 and profiler.gpu:
+            profiler.first_step, first_step = None, profiler.first_step
     step_s = timer.stop() / args.steps
     profiler.recording = False
     loss = trainer.take_mean_loss()
     if not np.isfinite(loss):
         raise RuntimeError(f"loss is {loss}: not profiling a broken step")
-    return profiler, step_s, loss
+    isolated = None
+    if profiler.gpu:
+        profiler.first_step = first_step
+        isolated = isolated_device_s(profiler, args.isolate_repeats, args.isolate_launches)
+    return profiler, step_s, loss, isolated
 
 
-def rows_of(profiler, step_s, steps, peak_gbs):
-    """One dict per primitive, the most expensive first."""
+def rows_of(profiler, step_s, steps, peak_gbs, isolated=None):
+    """One dict per primitive, the most expensive first. `isolated` (GPU): name -> kernel seconds per step,
+    which the roofline columns then use; on the CPU they use the measured time itself."""
     device = profiler.device_s()
     rows = []
     for name, calls in profiler.calls.items():
         ms = 1000 * device.get(name, 0.0) / steps
+        kernel_ms = None if isolated is None or name in HOST_COPIES else 1000 * isolated.get(name, 0.0)
+        basis = ms if isolated is None else kernel_ms
         nbytes = profiler.bytes[name] / steps
-        achieved = nbytes / (ms / 1000) / 1e9 if ms > 0 else 0.0
+        achieved = nbytes / (basis / 1000) / 1e9 if basis else 0.0
         rows.append({"primitive": name, "calls_per_step": calls / steps, "ms_per_step": round(ms, 4),
                      "host_ms_per_step": round(1000 * profiler.host_s[name] / steps, 4),
+                     "device_ms_per_step": None if kernel_ms is None else round(kernel_ms, 4),
                      "share": round(ms / (1000 * step_s), 4), "bytes_per_step": int(nbytes),
                      "roofline_ms": round(1000 * nbytes / (peak_gbs * 1e9), 4),
                      "achieved_gbs": round(achieved, 3), "fraction_of_peak": round(achieved / peak_gbs, 4)})
-    return sorted(rows, key=lambda row: -row["ms_per_step"])
+    return sorted(rows, key=lambda row: -(row["device_ms_per_step"] or row["ms_per_step"]))
 
 
 def print_table(rows, step_s):
-    print(f"{'primitive':<30} {'calls':>6} {'ms/step':>9} {'share':>6} {'MB/step':>9} {'roof ms':>8} "
-          f"{'GB/s':>8} {'%peak':>6}")
+    gpu = any(r["device_ms_per_step"] is not None for r in rows)
+    kernel = lambda r: f"{r['device_ms_per_step']:>9.3f}" if r["device_ms_per_step"] is not None else f"{'-':>9}"
+    print(f"{'primitive':<30} {'calls':>6} {'ms/step':>9} {'share':>6}" + (f" {'kernel ms':>9}" if gpu else "") +
+          f" {'MB/step':>9} {'roof ms':>8} {'GB/s':>8} {'%peak':>6}")
     for r in rows:
-        print(f"{r['primitive']:<30} {r['calls_per_step']:>6.0f} {r['ms_per_step']:>9.3f} {r['share']:>6.1%} "
-              f"{r['bytes_per_step'] / 1e6:>9.2f} {r['roofline_ms']:>8.3f} {r['achieved_gbs']:>8.2f} "
+        print(f"{r['primitive']:<30} {r['calls_per_step']:>6.0f} {r['ms_per_step']:>9.3f} {r['share']:>6.1%}" +
+              (f" {kernel(r)}" if gpu else "") +
+              f" {r['bytes_per_step'] / 1e6:>9.2f} {r['roofline_ms']:>8.3f} {r['achieved_gbs']:>8.2f} "
               f"{r['fraction_of_peak']:>6.1%}")
     total = sum(r["ms_per_step"] for r in rows)
     print(f"{'sum of primitives':<30} {'':>6} {total:>9.3f} {total / (1000 * step_s):>6.1%}   "
           f"(step {1000 * step_s:.3f} ms; the rest is Python between the calls)")
+    if gpu:
+        kernels = sum(r["device_ms_per_step"] or 0.0 for r in rows)
+        print(f"kernel ms: each call replayed alone in a CUDA graph; their sum, {kernels:.3f} ms, is what a captured "
+              f"step would take with nothing overlapping (GB/s and %peak use it)")
 
 
 def default_json(name):
@@ -241,15 +294,17 @@ def main(argv=None):
     print(f"{env.get('gpu', 'CPU')} | ResNet-{args.depth} batch {args.batch} {args.layout} {args.dtype} | "
           f"{args.steps} timed steps after {args.warmup} warm-up | peak {peak_gbs:.1f} GB/s "
           f"({'measured: np.copyto 256 MB' if measured else '--peak-gbs'})")
-    profiler, step_s, loss = profile(args, dataset)
-    rows = rows_of(profiler, step_s, args.steps, peak_gbs)
+    profiler, step_s, loss, isolated = profile(args, dataset)
+    rows = rows_of(profiler, step_s, args.steps, peak_gbs, isolated)
     print_table(rows, step_s)
     write_json(args.json or default_json("layers"),
                {"benchmark": "layers", "environment": env, "args": vars(args),
                 "peak_gbs": round(peak_gbs, 3), "peak_source": "measured np.copyto 256 MB" if measured else "flag",
                 "bytes_rule": "sum of array arguments' nbytes (inputs read + outputs written, each once); "
                               "augment primitives: only the gathered rows of images/labels/order",
-                "step_ms": round(1000 * step_s, 4), "mean_loss": round(loss, 4), "primitives": rows})
+                "step_ms": round(1000 * step_s, 4), "mean_loss": round(loss, 4),
+                "kernel_ms_sum": None if isolated is None else round(sum(1000 * v for v in isolated.values()), 4),
+                "primitives": rows})
 
 
 if __name__ == "__main__":

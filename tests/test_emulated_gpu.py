@@ -156,8 +156,9 @@ def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus,
 
 
 def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
-    """The GPU paths of bench/layouts.py (eager and captured), layers.py and scaling.py (shared-GPU workers and
-    NCCL) write their JSON; the figures are the emulation's, and the header says so."""
+    """The GPU paths of bench/layouts.py (eager and captured), layers.py (each call also timed alone in a
+    graph) and scaling.py (shared-GPU workers and NCCL) write their JSON; the figures are the emulation's,
+    and the header says so."""
     small = ["--depth", "8", "--batch", "8"]
     runs = {
         "layouts": ["bench/layouts.py", "--device", "0", "--depths", "8", "--batches", "8", "--layouts", "NHWC",
@@ -179,6 +180,9 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     layouts = json.loads((tmp_path / "layouts.json").read_text())["results"]
     assert sorted(row["captured"] for row in layouts) == [False, True]
     assert [row["workers"] for row in json.loads((tmp_path / "scaling.json").read_text())["results"]] == [1, 2]
+    layers = json.loads((tmp_path / "layers.json").read_text())     # every call replayed alone in a graph
+    timed_alone = [row for row in layers["primitives"] if row["primitive"] not in ("to_host", "from_host", "upload_into")]
+    assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone), layers
 
 
 @pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
