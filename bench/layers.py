@@ -129,7 +129,7 @@ class PrimitiveProfiler:
         self.host_s = defaultdict(float)
         self.bytes = defaultdict(int)
         self.events = defaultdict(list)                # GPU: name -> [(begin, end)] read after the step
-        self.first_step = None                         # GPU: [(name, method, args, kwargs)] to replay alone
+        self.replay_log = None                         # a list while the calls to replay alone are logged
         for name in self.primitive_names(backend):
             setattr(backend, name, self._shim(name, getattr(backend, name)))
 
@@ -157,8 +157,8 @@ class PrimitiveProfiler:
                 self.depth -= 1
             self.calls[name] += 1
             self.bytes[name] += bytes_moved(name, signature, args, kwargs)
-            if self.first_step is not None:
-                self.first_step.append((name, method, args, kwargs))
+            if self.replay_log is not None:
+                self.replay_log.append((name, method, args, kwargs))
             return result
         return timed
 
@@ -180,14 +180,13 @@ class PrimitiveProfiler:
                 for name, pairs in self.events.items()}
 
 
-def isolated_device_s(profiler, repeats, launches):
-    """name -> device seconds per step of the first timed step's calls, each replayed alone in a CUDA graph
-    (see the module docstring). Runs after the timed steps: the replays leave the state garbage."""
+def isolated_device_s(backend, calls, repeats, launches):
+    """name -> device seconds per step of one step's `calls` [(name, method, args, kwargs)], each replayed
+    alone in a CUDA graph (see the module docstring). Runs last: the replays leave the state garbage."""
     import cupy
-    backend = profiler.backend
     totals = defaultdict(float)
     begin, end = cupy.cuda.Event(), cupy.cuda.Event()
-    for name, method, args, kwargs in profiler.first_step:
+    for name, method, args, kwargs in calls:
         if name in HOST_COPIES:
             continue
         graph = backend.capture(lambda: [method(*args, **kwargs) for _ in range(repeats)])
@@ -202,7 +201,8 @@ def isolated_device_s(profiler, repeats, launches):
 
 
 def profile(args, dataset):
-    """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss)."""
+    """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss, GPU kernel
+    seconds per primitive or None)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off")
     backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32)
@@ -214,21 +214,20 @@ def profile(args, dataset):
         trainer.train_step()
     timer = WallTimer(backend) if backend.name == "numpy" else CudaEventTimer(backend)
     profiler.recording = True
-    profiler.first_step = [] if profiler.gpu else None
+    first_step = [] if profiler.gpu else None          # GPU: the first timed step's calls, replayed alone below
     timer.start()
     for step in range(args.steps):
+        profiler.replay_log = first_step if step == 0 else None
         trainer.train_step()
-        if step == 0 and profiler.gpu:
-            profiler.first_step, first_step = None, profiler.first_step
     step_s = timer.stop() / args.steps
     profiler.recording = False
+    profiler.replay_log = None
     loss = trainer.take_mean_loss()
     if not np.isfinite(loss):
         raise RuntimeError(f"loss is {loss}: not profiling a broken step")
     isolated = None
     if profiler.gpu:
-        profiler.first_step = first_step
-        isolated = isolated_device_s(profiler, args.isolate_repeats, args.isolate_launches)
+        isolated = isolated_device_s(backend, first_step, args.isolate_repeats, args.isolate_launches)
     return profiler, step_s, loss, isolated
 
 
