@@ -67,6 +67,10 @@ class Conv2d(Layer):
 class BatchNorm(Layer):
     """Batch normalization over N, H, W per channel, optionally with a fused ReLU.
 
+    forward(x, train, residual=s) adds s before the ReLU: relu(bn(x) + s), a post-activation residual
+    block's whole tail in one pass. The ReLU's mask then also covers the residual path, so backward's
+    dz = dy * (y > 0) is the gradient of s as well (the block adds it to its input gradient).
+
     Training uses the batch statistics and updates the moving ones (moving = decay * moving +
     (1 - decay) * batch); evaluation uses the moving statistics.
 
@@ -85,12 +89,12 @@ class BatchNorm(Layer):
         self.moving_mean = state.add(f"{name}/moving_mean", (channels,), init=zeros_init)
         self.moving_var = state.add(f"{name}/moving_variance", (channels,), init=ones_init)
 
-    def forward(self, x, train):
+    def forward(self, x, train, residual=None):
         be = self.be
         y = self.buffer("y", x.shape)
         if not train:
             return be.batchnorm_infer_forward(x, self.gamma.value, self.beta.value, self.moving_mean.value,
-                                              self.moving_var.value, self.eps, y, relu=self.relu)
+                                              self.moving_var.value, self.eps, y, relu=self.relu, residual=residual)
         stats_dtype = be.param_dtype
         self.saved_mean = self.buffer("mean", (self.channels,), stats_dtype)
         self.saved_invstd = self.buffer("invstd", (self.channels,), stats_dtype)
@@ -98,7 +102,8 @@ class BatchNorm(Layer):
         if self.comm is None:
             return be.batchnorm_train_forward(x, self.gamma.value, self.beta.value, self.moving_mean.value,
                                               self.moving_var.value, self.decay, self.eps, y,
-                                              self.saved_mean, self.saved_invstd, relu=self.relu)
+                                              self.saved_mean, self.saved_invstd, relu=self.relu,
+                                              residual=residual)
         # Shift the sums by the moving mean: identical on every replica (sync BN updates it from global
         # statistics, and replicas start identical), so the shifted sums add up across workers, and close
         # to the batch mean once warmed up, which keeps the one-pass variance free of cancellation.
@@ -109,7 +114,8 @@ class BatchNorm(Layer):
         global_count = self._local_count(x) * self.comm.size           # equal shards
         return be.batchnorm_train_from_sums(x, sums, shift, global_count, self.gamma.value, self.beta.value,
                                             self.moving_mean.value, self.moving_var.value, self.decay, self.eps,
-                                            y, self.saved_mean, self.saved_invstd, relu=self.relu)
+                                            y, self.saved_mean, self.saved_invstd, relu=self.relu,
+                                            residual=residual)
 
     def _local_count(self, x):
         """Elements per channel in this replica's activation (N * H * W)."""

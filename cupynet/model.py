@@ -45,30 +45,35 @@ def blocks_per_stage(num_layers, block):
 
 
 class BasicBlockV1(Layer):
-    """conv-BN-ReLU-conv-BN, add the shortcut, ReLU (post-activation)."""
+    """conv-BN-ReLU-conv-BN, add the shortcut, ReLU (post-activation).
+
+    bn2 adds the shortcut and applies the block's final ReLU in its own pass (BatchNorm's `residual`),
+    so bn2's output is never written and read back by a separate add. Backward, bn2 masks dy by that
+    ReLU, and the input's gradient is the main path's plus dy masked by the same ReLU (the shortcut
+    path's), added in one pass.
+    """
 
     def __init__(self, be, params, state, name, cin, cout, stride, bn):
         super().__init__(be, name)
         self.conv1 = Conv2d(be, params, f"{name}/conv1", cin, cout, 3, stride)
         self.bn1 = BatchNorm(be, params, state, f"{name}/bn1", cout, relu=True, **bn)
         self.conv2 = Conv2d(be, params, f"{name}/conv2", cout, cout, 3, 1)
-        self.bn2 = BatchNorm(be, params, state, f"{name}/bn2", cout, relu=False, **bn)
+        self.bn2 = BatchNorm(be, params, state, f"{name}/bn2", cout, relu=True, **bn)   # relu after the sum
         self.shortcut = ShortcutA(be, f"{name}/shortcut", cin, cout, stride) if (cin, stride) != (cout, 1) else None
 
     def forward(self, x, train):
         h = self.bn1.forward(self.conv1.forward(x, train), train)
-        h = self.bn2.forward(self.conv2.forward(h, train), train)
         s = self.shortcut.forward(x, train) if self.shortcut else x
-        self.y = self.buffer("y", h.shape)
-        return self.be.add_relu(h, s, self.y)
+        return self.bn2.forward(self.conv2.forward(h, train), train, residual=s)    # relu(bn2(conv2 h) + s)
 
     def backward(self, dy):
-        dz = self.buffer("dz", dy.shape)
-        self.be.relu_backward(dy, self.y, dz)                  # through the final ReLU
-        dh = self.conv2.backward(self.bn2.backward(dz))
+        y = self.bn2.y                                          # the block's output
+        dh = self.conv2.backward(self.bn2.backward(dy))         # bn2 masks dy by the final relu
         dx = self.conv1.backward(self.bn1.backward(dh))
-        ds = self.shortcut.backward(dz) if self.shortcut else dz
-        return self.be.add(dx, ds, dx)                          # both paths meet at x
+        if self.shortcut is None:
+            return self.be.relu_backward_add(dy, y, dx, dx)     # dx + dy * (y > 0)
+        dz = self.be.relu_backward(dy, y, self.buffer("dz", dy.shape))
+        return self.be.add(dx, self.shortcut.backward(dz), dx)  # both paths meet at x
 
 
 class BasicBlockV2(Layer):

@@ -1,7 +1,8 @@
 /*
  * kernels/activation.cu: elementwise kernels of the GPU backend: relu forward/backward, the residual
- * sum (with or without a fused relu), and dtype conversion (bfloat16 <-> float32).
- * NumPy twins: NumpyBackend.relu_forward / relu_backward / add / add_relu. Loaded by
+ * sum (and its relu-masked form for a post-activation block's input gradient), and dtype conversion
+ * (bfloat16 <-> float32). (The post-activation forward sum is fused into BatchNorm: bn_apply.)
+ * NumPy twins: NumpyBackend.relu_forward / relu_backward / add / relu_backward_add. Loaded by
  * cupynet/backends/kernels.py; syntax-checked on CPU by tests/test_kernels_compile.py.
  *
  * Every kernel is a grid-stride loop over n elements, computes in float32 and rounds once on store;
@@ -49,28 +50,27 @@ __global__ void relu_backward(const T* dy, const T* y, T* dx, int n, int vec)
     }
 }
 
-__device__ __forceinline__ float residual_sum(float a, float b, int relu_out)
-{
-    const float v = a + b;
-    return relu_out ? relu(v) : v;
-}
-
-// y = a + b, or relu(a + b) with relu_out = 1 (the post-activation residual sum)
+// y = a + b, or a + (b where mask > 0, else 0) with masked = 1: the residual sum of a pre-activation
+// block, and a post-activation block's input gradient (the main path's dx plus the shortcut path's
+// gradient, dy through the block's final relu, without writing that masked gradient out first). mask
+// is read only when masked is 1 (the backend passes b otherwise, never a null pointer).
 template <typename T>
-__global__ void residual_add(const T* a, const T* b, T* y, int n, int relu_out, int vec)
+__global__ void residual_add(const T* a, const T* b, const T* mask, int masked, T* y, int n, int vec)
 {
     constexpr int P = Pack<T>::size;
     const int packs = pack_count<T>(n, vec);
     for (int j = first_index(); j < packs; j += grid_stride()) {
-        float u[P], v[P];
+        float u[P], v[P], out[P];
         load_pack(a, j, u);
         load_pack(b, j, v);
+        if (masked) load_pack(mask, j, out);
 #pragma unroll
-        for (int k = 0; k < P; ++k) u[k] = residual_sum(u[k], v[k], relu_out);
+        for (int k = 0; k < P; ++k) u[k] += masked ? relu_grad(v[k], out[k]) : v[k];
         store_pack(y, j, u);
     }
     for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
-        y[i] = from_float<T>(residual_sum(to_float(a[i]), to_float(b[i]), relu_out));
+        const float v = to_float(b[i]);
+        y[i] = from_float<T>(to_float(a[i]) + (masked ? relu_grad(v, to_float(mask[i])) : v));
     }
 }
 

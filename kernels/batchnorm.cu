@@ -4,25 +4,32 @@
  * in tests/test_gpu_parity.py. Loaded by cupynet/backends/kernels.py; syntax-checked on CPU by
  * tests/test_kernels_compile.py (`nvcc -ptx -arch=sm_90`).
  *
- * Training forward = 3 launches:
- *   bn_stats_partials  per block, per channel: sum(x - K) and sum((x - K)^2) over a slice of the rows,
+ * Training forward = 2 launches:
+ *   bn_stats           per block, per channel: sum(x - K) and sum((x - K)^2) over a slice of the rows,
  *                      float32 accumulation, written to partials[2][P][C]; K = the channel's first
  *                      element (a shift that keeps the one-pass variance free of cancellation when
- *                      |mean| >> std);
- *   bn_stats_finalize  one warp per channel adds the P partials in double, writes the saved mean and
- *                      1/sqrt(var + eps), and updates the moving statistics on the device (the moving
- *                      variance takes the unbiased m/(m-1) variance, as TensorFlow's fused batch norm);
- *   bn_apply           y = [relu]((x - mean) * gamma * invstd + beta), also used for inference with the
- *                      moving statistics (stat_is_variance = 1).
- * Backward (relu backward fused: dz = dy * (y > 0) when the forward applied relu) = 3 launches:
- *   bn_grad_partials   sum(dz) and sum(dz * xhat) in one pass, same partials layout;
- *   bn_grad_finalize   dbeta = sum(dz), dgamma = sum(dz * xhat);
+ *                      |mean| >> std). The last block to finish (see last_block_to_arrive) then adds
+ *                      each channel's P partials in double, one warp per channel, writes the saved mean
+ *                      and 1/sqrt(var + eps), and updates the moving statistics on the device (the
+ *                      moving variance takes the unbiased m/(m-1) variance, as TensorFlow's fused batch
+ *                      norm);
+ *   bn_apply           y = [relu]((x - mean) * gamma * invstd + beta [+ residual]), also used for
+ *                      inference with the moving statistics (stat_is_variance = 1). With a residual it
+ *                      is a post-activation block's whole tail: BatchNorm, shortcut sum and relu in one
+ *                      pass.
+ * Backward (relu backward fused: dz = dy * (y > 0) when the forward applied relu) = 2 launches:
+ *   bn_grad            sum(dz) and sum(dz * xhat) in one pass, same partials layout; its last block
+ *                      writes dbeta = sum(dz), dgamma = sum(dz * xhat);
  *   bn_backward_dx     dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m).
+ * Finalizing in the reduction's last block instead of in a launch of its own saves two launches per
+ * BatchNorm and step (86 in ResNet-44): a captured step is a chain of small dependent kernels, each
+ * paying a launch gap and a ramp-up and drain of the GPU.
  * Sync BN (statistics over several workers) splits both passes around a communicator's all-reduce of
  * (2, C) double sums, reusing the stages: forward = bn_stats_partials_shifted + bn_sums_finalize |
  * all-reduce | bn_stats_from_sums + bn_apply; backward = bn_grad_partials + bn_sums_finalize |
  * all-reduce | bn_grad_from_sums + bn_backward_dx (with the count the sums cover).
- * Deterministic: no atomics; the split into P slices depends only on the shapes and the GPU.
+ * Deterministic: the partials are added in a fixed order whichever block finalizes (the one atomic only
+ * counts arrivals); the split into P slices depends only on the shapes and the GPU.
  *
  * Partial-sum tiling: the activation is viewed as (outer, C, inner) (NCHW: inner = H*W; NHWC:
  * inner = 1), m = outer * inner elements per channel. A block of cw * rows threads covers cw adjacent
@@ -76,15 +83,34 @@ __device__ void store_tile_sums(float a, float b, const ChannelTile& t, int C, f
     }
 }
 
-// Channel c's totals over the P slices, added in double by one warp; complete in lane 0.
-__device__ double2 sum_partials(const float* partials, int slices, int C, int c)
+// Channel c's totals over the P slices, added in double by one warp (lane: 0..31); complete in lane 0.
+// __ldcg reads through L2: in the finalizing block, partials were written by other blocks.
+__device__ double2 sum_partials(const float* partials, int slices, int C, int c, int lane)
 {
     double a = 0.0, b = 0.0;
-    for (int p = threadIdx.x; p < slices; p += 32) {
-        a += partials[p * C + c];
-        b += partials[(slices + p) * C + c];
+    for (int p = lane; p < slices; p += 32) {
+        a += __ldcg(partials + p * C + c);
+        b += __ldcg(partials + (slices + p) * C + c);
     }
     return make_double2(warp_sum(a), warp_sum(b));
+}
+
+// True in every thread of the launch's last block to finish its partial sums (exactly one block).
+// Each block's partials are fenced before it counts itself in `arrivals`; the last one resets the
+// counter, so it is 0 again for the next launch (kernels on one stream never overlap; each backend
+// has its own counter). The classic threadfence-reduction pattern of the CUDA programming guide.
+__device__ bool last_block_to_arrive(unsigned int* arrivals)
+{
+    __shared__ bool is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned int blocks = gridDim.x * gridDim.y;
+        is_last = atomicAdd(arrivals, 1u) == blocks - 1;
+        if (is_last) *arrivals = 0u;
+    }
+    __syncthreads();
+    return is_last;
 }
 
 // dz: the gradient reaching BatchNorm's output before the fused relu, masked by the relu output y.
@@ -114,16 +140,46 @@ __device__ void shifted_stats_tile(const T* x, float shift, const ChannelTile& t
     store_tile_sums(sum, sum_sq, t, C, partials);
 }
 
-// x: activation; partials: (2, P, C) float32. grid (ceil(C / cw), P), block cw * rows.
+// Channel c's statistics from its shifted sums [sum(x - shift), sum((x - shift)^2)] over `count`
+// elements: the saved mean and 1/sqrt(var + eps), and the moving statistics (unbiased variance). In
+// double: the per-channel arithmetic is negligible next to the passes. shift may alias running_mean.
+__device__ void store_statistics(double2 sums, double shift, double count, int c, double decay, double eps,
+                                 float* running_mean, float* running_var, float* saved_mean, float* saved_invstd)
+{
+    const double shifted_mean = sums.x / count;
+    const double var = fmax(sums.y / count - shifted_mean * shifted_mean, 0.0);   // biased, as normalization uses
+    const double mean = shift + shifted_mean;
+    saved_mean[c] = (float)mean;
+    saved_invstd[c] = (float)(1.0 / sqrt(var + eps));
+    const double unbiased = var * count / (count > 1.0 ? count - 1.0 : 1.0);
+    running_mean[c] = (float)(decay * running_mean[c] + (1.0 - decay) * mean);
+    running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
+}
+
+// The training forward's statistics in one launch. x: activation; partials: (2, P, C) float32 scratch;
+// arrivals: the backend's counter (0 between launches). grid (ceil(C / cw), P), block cw * rows (at least
+// 32 threads): the last block adds each channel's partials with one full warp per channel.
 template <typename T>
-__global__ void bn_stats_partials(const T* x, int C, int inner, int m, int cw, float* partials)
+__global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* partials, unsigned int* arrivals,
+                         double decay, double eps, float* running_mean, float* running_var, float* saved_mean,
+                         float* saved_invstd)
 {
     const ChannelTile t(cw);
     const float shift = t.c < C ? to_float(x[channel_element(0, t.c, C, inner)]) : 0.0f;
     shifted_stats_tile(x, shift, t, C, inner, m, partials);
+    if (!last_block_to_arrive(arrivals)) return;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp >= warps) return;       // a block of e.g. 240 threads ends in a partial warp: not a finalizer
+    for (int c = warp; c < C; c += warps) {
+        const double2 sums = sum_partials(partials, gridDim.y, C, c, lane);
+        if (lane == 0) {
+            const double first = to_float(x[channel_element(0, c, C, inner)]);    // the shift of the partials
+            store_statistics(sums, first, m, c, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
+        }
+    }
 }
 
-// Sync-BN: as bn_stats_partials around shift[c] (the same on every worker, so the sums add up across them).
+// Sync-BN: partial sums around shift[c] (the same on every worker, so the sums add up across them).
 template <typename T>
 __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C, int inner, int m, int cw,
                                           float* partials)
@@ -138,7 +194,7 @@ __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C,
 extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, int C, double* sums)
 {
     const int c = blockIdx.x;
-    const double2 s = sum_partials(partials, slices, C, c);
+    const double2 s = sum_partials(partials, slices, C, c, threadIdx.x);
     if (threadIdx.x == 0) {
         sums[c] = s.x;
         sums[C + c] = s.y;
@@ -146,20 +202,14 @@ extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, i
 }
 
 // Grid-stride over C: statistics from the global shifted sums of `count` elements per channel, as
-// bn_stats_finalize. shift may alias running_mean: each thread reads it before updating it.
+// bn_stats. shift may alias running_mean: each thread reads it before updating it.
 extern "C" __global__ void bn_stats_from_sums(const double* sums, const float* shift, double count, int C,
                                               double decay, double eps, float* running_mean, float* running_var,
                                               float* saved_mean, float* saved_invstd)
 {
     for (int c = first_index(); c < C; c += grid_stride()) {
-        const double shifted_mean = sums[c] / count;
-        const double var = fmax(sums[C + c] / count - shifted_mean * shifted_mean, 0.0);
-        const double mean = (double)shift[c] + shifted_mean;
-        saved_mean[c] = (float)mean;
-        saved_invstd[c] = (float)(1.0 / sqrt(var + eps));
-        const double unbiased = var * count / (count > 1.0 ? count - 1.0 : 1.0);
-        running_mean[c] = (float)(decay * running_mean[c] + (1.0 - decay) * mean);
-        running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
+        store_statistics(make_double2(sums[c], sums[C + c]), shift[c], count, c, decay, eps, running_mean,
+                         running_var, saved_mean, saved_invstd);
     }
 }
 
@@ -172,69 +222,61 @@ extern "C" __global__ void bn_grad_from_sums(const double* sums, int C, float* d
     }
 }
 
-// grid C, block 32. Statistics in double: the per-channel arithmetic is negligible next to the passes.
-template <typename T>
-__global__ void bn_stats_finalize(const T* x, const float* partials, int slices, int C, int inner, int m,
-                                  double decay, double eps, float* running_mean, float* running_var,
-                                  float* saved_mean, float* saved_invstd)
-{
-    const int c = blockIdx.x;
-    const double2 sums = sum_partials(partials, slices, C, c);
-    if (threadIdx.x != 0) return;
-    const double shift = to_float(x[channel_element(0, c, C, inner)]);
-    const double shifted_mean = sums.x / m;
-    const double var = fmax(sums.y / m - shifted_mean * shifted_mean, 0.0);   // biased, as normalization uses
-    const double mean = shift + shifted_mean;
-    saved_mean[c] = (float)mean;
-    saved_invstd[c] = (float)(1.0 / sqrt(var + eps));
-    const double unbiased = var * m / (m > 1 ? m - 1 : 1);
-    running_mean[c] = (float)(decay * running_mean[c] + (1.0 - decay) * mean);
-    running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
-}
-
-// One element of bn_apply: x of channel c normalized, scaled, shifted [and relu'd].
+// One element of bn_apply before its optional residual and relu: x of channel c normalized, scaled, shifted.
 __device__ __forceinline__ float bn_normalize(float x, int c, const float* mean, const float* stat,
                                               const float* gamma, const float* beta, float eps,
-                                              int stat_is_variance, int relu_out)
+                                              int stat_is_variance)
 {
     const float invstd = stat_is_variance ? 1.0f / sqrtf(stat[c] + eps) : stat[c];
-    const float v = (x - mean[c]) * (gamma[c] * invstd) + beta[c];
+    return (x - mean[c]) * (gamma[c] * invstd) + beta[c];
+}
+
+// The tail of bn_apply: [+ residual], [relu].
+__device__ __forceinline__ float bn_output(float v, float r, int add_residual, int relu_out)
+{
+    if (add_residual) v += r;
     return relu_out ? relu(v) : v;
 }
 
-// y = [relu]((x - mean) * gamma * invstd + beta). Training passes the saved invstd as `stat`;
-// inference passes the moving variance with stat_is_variance = 1. y may alias x. vec: 16-byte packs.
+// y = [relu]((x - mean) * gamma * invstd + beta [+ residual]). Training passes the saved invstd as
+// `stat`; inference passes the moving variance with stat_is_variance = 1. residual is read only when
+// add_residual is 1 (the backend passes x otherwise, never a null pointer). y may alias x or residual.
+// vec: 16-byte packs.
 template <typename T>
-__global__ void bn_apply(const T* x, T* y, const float* mean, const float* stat, const float* gamma,
-                         const float* beta, float eps, int stat_is_variance, int n, int C, int inner, int relu_out,
-                         int vec)
+__global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean, const float* stat,
+                         const float* gamma, const float* beta, float eps, int stat_is_variance, int n, int C,
+                         int inner, int add_residual, int relu_out, int vec)
 {
     constexpr int P = Pack<T>::size;
     const int packs = pack_count<T>(n, vec);
     for (int j = first_index(); j < packs; j += grid_stride()) {
-        float v[P];
+        float v[P], r[P];
         load_pack(x, j, v);
+        if (add_residual) load_pack(residual, j, r);
 #pragma unroll
         for (int k = 0; k < P; ++k) {
             const int c = channel_of(j * P + k, C, inner);
-            v[k] = bn_normalize(v[k], c, mean, stat, gamma, beta, eps, stat_is_variance, relu_out);
+            const float normalized = bn_normalize(v[k], c, mean, stat, gamma, beta, eps, stat_is_variance);
+            v[k] = bn_output(normalized, add_residual ? r[k] : 0.0f, add_residual, relu_out);
         }
         store_pack(y, j, v);
     }
     for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
         const int c = channel_of(i, C, inner);
-        y[i] = from_float<T>(bn_normalize(to_float(x[i]), c, mean, stat, gamma, beta, eps, stat_is_variance, relu_out));
+        const float normalized = bn_normalize(to_float(x[i]), c, mean, stat, gamma, beta, eps, stat_is_variance);
+        y[i] = from_float<T>(bn_output(normalized, add_residual ? to_float(residual[i]) : 0.0f, add_residual,
+                                       relu_out));
     }
 }
 
 // ------------------------------------------------------------------ backward
 
-// Both reductions of the backward pass in one read of dy, x (and y): partials (2, P, C).
+// One block's partial sums of dz and dz * xhat per channel (both reductions of the backward pass in
+// one read of dy, x and, with a fused relu, y).
 template <typename T>
-__global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                                 const float* invstd, int C, int inner, int m, int cw, float* partials)
+__device__ void grad_tile(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                          const float* invstd, const ChannelTile& t, int C, int inner, int m, float* partials)
 {
-    const ChannelTile t(cw);
     float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
     if (t.c < C) {
         const float mu = mean[t.c];
@@ -249,14 +291,33 @@ __global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_a
     store_tile_sums(sum_dz, sum_dz_xhat, t, C, partials);
 }
 
-// grid C, block 32: dbeta = sum(dz), dgamma = sum(dz * xhat), written (not accumulated).
-extern "C" __global__ void bn_grad_finalize(const float* partials, int slices, int C, float* dgamma, float* dbeta)
+// Sync-BN: the partials (2, P, C) only; bn_sums_finalize adds them.
+template <typename T>
+__global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                                 const float* invstd, int C, int inner, int m, int cw, float* partials)
 {
-    const int c = blockIdx.x;
-    const double2 sums = sum_partials(partials, slices, C, c);
-    if (threadIdx.x == 0) {
-        dbeta[c] = (float)sums.x;
-        dgamma[c] = (float)sums.y;
+    const ChannelTile t(cw);
+    grad_tile(dy, x, y, relu_applied, mean, invstd, t, C, inner, m, partials);
+}
+
+// The backward reductions in one launch: the last block writes dbeta = sum(dz), dgamma = sum(dz * xhat)
+// (written, not accumulated). Geometry and arrivals as bn_stats.
+template <typename T>
+__global__ void bn_grad(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                        const float* invstd, int C, int inner, int m, int cw, float* partials,
+                        unsigned int* arrivals, float* dgamma, float* dbeta)
+{
+    const ChannelTile t(cw);
+    grad_tile(dy, x, y, relu_applied, mean, invstd, t, C, inner, m, partials);
+    if (!last_block_to_arrive(arrivals)) return;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp >= warps) return;       // a block of e.g. 240 threads ends in a partial warp: not a finalizer
+    for (int c = warp; c < C; c += warps) {
+        const double2 sums = sum_partials(partials, gridDim.y, C, c, lane);
+        if (lane == 0) {
+            dbeta[c] = (float)sums.x;
+            dgamma[c] = (float)sums.y;
+        }
     }
 }
 

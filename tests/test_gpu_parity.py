@@ -211,26 +211,33 @@ def channel_axes(layout):
     return (0, 2, 3) if layout == "NCHW" else (0, 1, 2)
 
 
+# How a BatchNorm forward ends: (relu, with a residual added before it)
+TAILS = {"plain": (False, False), "relu": (True, False), "residual_relu": (True, True)}
+
+
 @params()
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=lambda s: "N{}C{}H{}W{}".format(*s))
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_batchnorm_train_forward(layout, dtype, shape, relu):
+@pytest.mark.parametrize("tail", list(TAILS))
+def test_batchnorm_train_forward(layout, dtype, shape, tail):
+    relu, with_residual = TAILS[tail]
     be = backend(layout, dtype)
     a = Arrays(be, seed=3)
     c = shape[1]
     x, x_ref = a.activation(*shape, scale=2.0, offset=3.0)    # |mean| > std: tests the shifted sums
+    residual, residual_ref = a.activation(*shape) if with_residual else (None, None)
     gamma, gamma_ref = a.vector(c)
     beta, beta_ref = a.vector(c, -0.5, 0.5)
     moving_mean, mean_ref = a.vector(c, -1, 1)
     moving_var, var_ref = a.vector(c, 0.5, 2)
     y = a.nan(x.shape)
     saved_mean, saved_invstd = a.nan((c,), np.float32), a.nan((c,), np.float32)
-    with fast_path(be, kernels=("bn_stats_partials", "bn_stats_finalize", "bn_apply")):
+    with fast_path(be, kernels=("bn_stats", "bn_apply")):
         be.batchnorm_train_forward(x, gamma, beta, moving_mean, moving_var, 0.9, 1e-5, y, saved_mean,
-                                   saved_invstd, relu=relu)
+                                   saved_invstd, relu=relu, residual=residual)
     expected_mean, expected_invstd = np.empty(c), np.empty(c)
     expected_y = a.ref.batchnorm_train_forward(x_ref, gamma_ref, beta_ref, mean_ref, var_ref, 0.9, 1e-5,
-                                               np.empty(x_ref.shape), expected_mean, expected_invstd, relu=relu)
+                                               np.empty(x_ref.shape), expected_mean, expected_invstd, relu=relu,
+                                               residual=residual_ref)
     f32 = REDUCTION["float32"]      # statistics are float32 computed from exact inputs in both precisions
     assert_close(a.get(saved_mean), expected_mean, f32, scale=rms(x_ref), what="saved mean")
     assert_close(a.get(saved_invstd), expected_invstd, f32, what="saved invstd")
@@ -240,18 +247,21 @@ def test_batchnorm_train_forward(layout, dtype, shape, relu):
 
 
 @params()
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_batchnorm_infer_forward(layout, dtype, relu):
+@pytest.mark.parametrize("tail", list(TAILS))
+def test_batchnorm_infer_forward(layout, dtype, tail):
+    relu, with_residual = TAILS[tail]
     be = backend(layout, dtype)
     a = Arrays(be, seed=4)
     shape = (5, 3, 7, 7)
     x, x_ref = a.activation(*shape, offset=0.5)
+    residual, residual_ref = a.activation(*shape) if with_residual else (None, None)
     params_ = [a.vector(3), a.vector(3, -0.5, 0.5), a.vector(3, -1, 1), a.vector(3, 0.5, 2)]
     (gamma, g), (beta, b), (mean, m), (var, v) = params_
     y = a.nan(x.shape)
     with fast_path(be, kernels=("bn_apply",)):
-        be.batchnorm_infer_forward(x, gamma, beta, mean, var, 1e-3, y, relu=relu)
-    expected = a.ref.batchnorm_infer_forward(x_ref, g, b, m, v, 1e-3, np.empty(x_ref.shape), relu=relu)
+        be.batchnorm_infer_forward(x, gamma, beta, mean, var, 1e-3, y, relu=relu, residual=residual)
+    expected = a.ref.batchnorm_infer_forward(x_ref, g, b, m, v, 1e-3, np.empty(x_ref.shape), relu=relu,
+                                             residual=residual_ref)
     assert_close(a.get(y), expected, REDUCTION[dtype], scale=rms(expected), what="y")
 
 
@@ -273,7 +283,7 @@ def test_batchnorm_backward(layout, dtype, shape, relu):
     dy, dy_ref = a.activation(*shape)
     dx = a.nan(x.shape)
     dgamma, dbeta = a.nan((c,), np.float32), a.nan((c,), np.float32)
-    with fast_path(be, kernels=("bn_grad_partials", "bn_grad_finalize", "bn_backward_dx")):
+    with fast_path(be, kernels=("bn_grad", "bn_backward_dx")):
         be.batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=y if relu else None)
     expected_dgamma, expected_dbeta = np.empty(c), np.empty(c)
     expected_dx = a.ref.batchnorm_backward(dy_ref, x_ref, gamma_ref, mean_ref, invstd_ref, np.empty(x_ref.shape),
@@ -289,26 +299,61 @@ def test_batchnorm_backward(layout, dtype, shape, relu):
     assert_close(a.get(dx), expected_dx, REDUCTION[dtype], scale=rms(expected_dx), what="dx")
 
 
+@params()
+def test_one_launch_reductions_finalize_on_every_launch(layout, dtype):
+    """bn_stats and bn_grad finalize in whichever block arrives last, counted in one per-backend counter
+    that each launch must leave at zero. Launches of different grids one after another (several slices,
+    two channel tiles, a 240-thread block that ends in a partial warp) must each write their results
+    (outputs start as NaN), and a shape run again must repeat its first results bit for bit."""
+    be = backend(layout, dtype)
+    a = Arrays(be, seed=11)
+    shapes = [(8, 16, 32, 32), (5, 3, 7, 7), (2, 260, 3, 3), (2, 48, 4, 4)]
+    inputs = {shape: (a.activation(*shape, scale=1.5, offset=1.0)[0], a.activation(*shape)[0],
+                      a.rng.uniform(0.5, 1.5, (4, shape[1]))) for shape in shapes}
+
+    def statistics_and_gradients(shape):
+        x, dy, vectors = inputs[shape]
+        c = shape[1]
+        gamma, beta, moving_mean, moving_var = (a.put(v, dtype=np.float32)[0] for v in vectors)  # fresh copies
+        saved_mean, saved_invstd, dgamma, dbeta = (a.nan((c,), np.float32) for _ in range(4))
+        y, dx = a.nan(x.shape), a.nan(x.shape)
+        be.batchnorm_train_forward(x, gamma, beta, moving_mean, moving_var, 0.9, 1e-5, y, saved_mean, saved_invstd,
+                                   relu=True)
+        be.batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=y)
+        return [a.get(v) for v in (saved_mean, saved_invstd, moving_mean, moving_var, dgamma, dbeta)]
+
+    first = {shape: statistics_and_gradients(shape) for shape in shapes}
+    for shape in shapes[::-1]:
+        for got, want in zip(statistics_and_gradients(shape), first[shape]):
+            assert np.all(np.isfinite(want)), f"{shape}: a launch left its results unwritten"
+            np.testing.assert_array_equal(got, want)
+
+
 # --------------------------------------------------------------------------- elementwise
 
 
 @params()
-def test_relu_add_and_add_relu(layout, dtype):
+def test_relu_add_and_relu_backward_add(layout, dtype):
     be = backend(layout, dtype)
     ar = Arrays(be, seed=6)
     shape = (5, 3, 7, 7)
     a, a_ref = ar.activation(*shape)
     b, b_ref = ar.activation(*shape)
+    c, c_ref = ar.activation(*shape)
     tol = ELEMENTWISE[dtype]
     cases = [("relu_forward", lambda out: be.relu_forward(a, out), np.maximum(a_ref, 0)),
              ("relu_backward", lambda out: be.relu_backward(a, b, out), a_ref * (b_ref > 0)),
              ("residual_add", lambda out: be.add(a, b, out), a_ref + b_ref),
-             ("residual_add", lambda out: be.add_relu(a, b, out), np.maximum(a_ref + b_ref, 0))]
+             ("residual_add", lambda out: be.relu_backward_add(a, b, c, out), c_ref + a_ref * (b_ref > 0))]
     for kernel, run, expected in cases:
         out = ar.nan(a.shape)
         with fast_path(be, kernels=(kernel,)):
             run(out)
         assert_close(ar.get(out), expected, tol, what=kernel)
+    with fast_path(be, kernels=("residual_add",)):          # in place, as the model's dx = dx + ds
+        be.relu_backward_add(b, c, a, a)                     # as the model's dx = dx + dy * (y > 0)
+    assert_close(ar.get(a), a_ref + b_ref * (c_ref > 0), tol, what="relu_backward_add in place")
+    a_ref = ar.get(a)                                       # what a holds now (rounded to the dtype)
     with fast_path(be, kernels=("residual_add",)):          # in place, as the model's dx = dx + ds
         be.add(a, b, a)
     assert_close(ar.get(a), a_ref + b_ref, tol, what="add in place")
@@ -512,9 +557,11 @@ def test_packed_and_element_by_element_paths_are_bit_identical(layout, dtype):
     for name, run in {
         "relu_forward": lambda X, DY, B, Y: be.relu_forward(X, Y),
         "relu_backward": lambda X, DY, B, Y: be.relu_backward(DY, X, Y),
-        "add_relu": lambda X, DY, B, Y: be.add_relu(X, B, Y),
+        "relu_backward_add": lambda X, DY, B, Y: be.relu_backward_add(DY, X, B, Y),
         "add": lambda X, DY, B, Y: be.add(X, B, Y),
         "bn_infer_relu": lambda X, DY, B, Y: be.batchnorm_infer_forward(X, gamma, beta, mean, var, 1e-5, Y, relu=True),
+        "bn_infer_residual_relu": lambda X, DY, B, Y: be.batchnorm_infer_forward(X, gamma, beta, mean, var, 1e-5, Y,
+                                                                                 relu=True, residual=B),
         "bn_backward_relu": lambda X, DY, B, Y: be.batchnorm_backward(
             DY, X, gamma, mean, var, Y, be.empty((c,), "float32"), be.empty((c,), "float32"), y=B),
     }.items():
@@ -615,7 +662,7 @@ def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout):
     labels = rng.integers(0, 10, 8).astype(np.int32)
     launches = be.kernels.launches.copy()
     loss, ref_loss, grads, ref_grads, state, ref_state = _model_pair(be, 20, x, labels)
-    assert be.conv.executions["fprop"] > 0 and be.kernels.launches["bn_grad_partials"] > launches["bn_grad_partials"]
+    assert be.conv.executions["fprop"] > 0 and be.kernels.launches["bn_grad"] > launches["bn_grad"]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for name, expected in ref_grads.items():
         error = np.linalg.norm(grads[name] - expected)

@@ -96,6 +96,32 @@ def test_batchnorm_statistics_and_moving_averages(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_batchnorm_with_a_residual_is_a_post_activation_blocks_tail(layout):
+    """relu(bn(x) + s) in one primitive equals BatchNorm, then the sum, then relu; and the input gradient
+    of such a block, relu_backward_add, is the addend plus dy masked by the block's output."""
+    be, rng = NumpyBackend(layout, "float64"), np.random.default_rng(4)
+    x, s = (to_layout(be, rng.standard_normal((4, 3, 5, 5))) for _ in range(2))
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.uniform(-0.5, 0.5, 3)
+    stats = lambda: (np.zeros(3), np.ones(3), np.empty(3), np.empty(3))
+    fused, plain = np.empty_like(x), np.empty_like(x)
+    mm, mv, mean, invstd = stats()
+    be.batchnorm_train_forward(x, gamma, beta, mm, mv, 0.9, 1e-5, fused, mean, invstd, relu=True, residual=s)
+    mm2, mv2, mean2, invstd2 = stats()
+    be.batchnorm_train_forward(x, gamma, beta, mm2, mv2, 0.9, 1e-5, plain, mean2, invstd2)
+    np.testing.assert_array_equal(fused, np.maximum(plain + s, 0))
+    np.testing.assert_array_equal(mean, mean2)
+    be.batchnorm_infer_forward(x, gamma, beta, mm, mv, 1e-5, fused, relu=True, residual=s)
+    be.batchnorm_infer_forward(x, gamma, beta, mm, mv, 1e-5, plain)
+    np.testing.assert_array_equal(fused, np.maximum(plain + s, 0))
+    with pytest.raises(ValueError, match="residual of shape"):
+        be.batchnorm_infer_forward(x, gamma, beta, mm, mv, 1e-5, fused, relu=True, residual=s[:2])
+
+    dy, addend, dx = rng.standard_normal(x.shape), rng.standard_normal(x.shape), np.empty_like(x)
+    be.relu_backward_add(dy, fused, addend, dx)
+    np.testing.assert_array_equal(dx, addend + np.where(fused > 0, dy, 0.0))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_option_a_shortcut_pools_and_pads_channels_symmetrically(layout):
     be = NumpyBackend(layout, "float64")
     x_nchw = np.arange(1 * 2 * 4 * 4, dtype=np.float64).reshape(1, 2, 4, 4)

@@ -359,20 +359,38 @@ class CupyBackend(LayoutMixin):
         partials = self._scratch("bn_partials", (2, plan["slices"], channels), np.float32)
         return plan, partials
 
-    def _bn_apply(self, x, y, mean, stat, gamma, beta, eps, stat_is_variance, relu):
+    def _bn_arrivals(self):
+        """The counter with which a one-launch reduction (bn_stats, bn_grad) finds its last block.
+
+        Zeroed once; every launch leaves it at 0 again. One per backend is enough: the reductions run
+        one after another on the main stream, and workers sharing a GPU have a backend each.
+        """
+        arrivals = self._scratch_buffers.get("bn_arrivals")
+        if arrivals is None:
+            arrivals = self._scratch_buffers["bn_arrivals"] = cupy.zeros((1,), dtype=np.uint32)
+        return arrivals
+
+    def _bn_apply(self, x, y, mean, stat, gamma, beta, eps, stat_is_variance, relu, residual):
         c, inner, _ = self._channel_geometry(x, gamma.size)
         n = _count(x)
-        self._launch_packed("bn_apply", x.dtype, n, (x, y),
-                            (x, y, mean, stat, gamma, beta, np.float32(eps), _i32(stat_is_variance),
-                             _i32(n), _i32(c), _i32(inner), _i32(relu)))
+        if residual is not None:
+            _same_dtype(x, residual=residual)
+            if residual.shape != x.shape:
+                raise ValueError(f"residual of shape {residual.shape} for an activation of shape {x.shape}")
+        operands = (x, y) if residual is None else (x, residual, y)
+        self._launch_packed("bn_apply", x.dtype, n, operands,
+                            (x, x if residual is None else residual, y, mean, stat, gamma, beta, np.float32(eps),
+                             _i32(stat_is_variance), _i32(n), _i32(c), _i32(inner), _i32(residual is not None),
+                             _i32(relu)))
 
     @_primitive
     def batchnorm_train_forward(self, x, gamma, beta, running_mean, running_var, decay, eps,
-                                y, saved_mean, saved_invstd, relu=False):
-        """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta) with batch statistics.
+                                y, saved_mean, saved_invstd, relu=False, residual=None):
+        """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta [+ residual]) with batch statistics.
 
         Saves the batch mean and 1/sqrt(var + eps), and updates the moving statistics on the device
-        (moving variance with the unbiased m/(m-1) batch variance), as NumpyBackend.
+        (moving variance with the unbiased m/(m-1) batch variance), as NumpyBackend. Two launches:
+        bn_stats (statistics, finalized by its last block) and bn_apply.
         """
         _require_dtype(np.float32, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
                        saved_mean=saved_mean, saved_invstd=saved_invstd)
@@ -380,13 +398,11 @@ class CupyBackend(LayoutMixin):
         c, inner, m = self._channel_geometry(x, gamma.size)
         plan, partials = self._bn_partials(c, m)
         t = (ctype(x.dtype),)
-        self.kernels.launch("bn_stats_partials", t, plan["grid"], plan["block"],
-                            (x, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials),
+        self.kernels.launch("bn_stats", t, plan["grid"], plan["block"],
+                            (x, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
+                             np.float64(decay), np.float64(eps), running_mean, running_var, saved_mean, saved_invstd),
                             shared_mem=plan["shared_mem"])
-        self.kernels.launch("bn_stats_finalize", t, (c,), (FINALIZE_THREADS,),
-                            (x, partials, _i32(plan["slices"]), _i32(c), _i32(inner), _i32(m),
-                             np.float64(decay), np.float64(eps), running_mean, running_var, saved_mean, saved_invstd))
-        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu)
+        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
         return y
 
     def _bn_sums(self, partials_kernel, args, x, channels, sums):
@@ -413,7 +429,7 @@ class CupyBackend(LayoutMixin):
 
     @_primitive
     def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
-                                  y, saved_mean, saved_invstd, relu=False):
+                                  y, saved_mean, saved_invstd, relu=False, residual=None):
         """Statistics from (global) shifted sums covering `count` elements per channel, then y, as NumpyBackend."""
         _require_dtype(np.float32, shift=shift, gamma=gamma, beta=beta, running_mean=running_mean,
                        running_var=running_var, saved_mean=saved_mean, saved_invstd=saved_invstd)
@@ -423,20 +439,23 @@ class CupyBackend(LayoutMixin):
         self._launch_1d("bn_stats_from_sums", (), c,
                         (sums, shift, np.float64(count), _i32(c), np.float64(decay), np.float64(eps),
                          running_mean, running_var, saved_mean, saved_invstd))
-        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu)
+        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
         return y
 
     @_primitive
-    def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False):
+    def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False, residual=None):
         """BatchNorm with the moving statistics (evaluation)."""
         _require_dtype(np.float32, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
         _same_dtype(x, y=y)
-        self._bn_apply(x, y, running_mean, running_var, gamma, beta, eps, True, relu)
+        self._bn_apply(x, y, running_mean, running_var, gamma, beta, eps, True, relu, residual)
         return y
 
     @_primitive
     def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None):
-        """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused."""
+        """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused.
+
+        Two launches: bn_grad (dgamma, dbeta, finalized by its last block) and bn_backward_dx.
+        """
         _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
                        dgamma=dgamma, dbeta=dbeta)
         activations = dict(dy=dy, dx=dx)
@@ -448,12 +467,11 @@ class CupyBackend(LayoutMixin):
         plan, partials = self._bn_partials(c, m)
         t = (ctype(x.dtype),)
         relu_applied, y_or_unused = _relu_operands(y, dy)
-        self.kernels.launch("bn_grad_partials", t, plan["grid"], plan["block"],
+        self.kernels.launch("bn_grad", t, plan["grid"], plan["block"],
                             (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd,
-                             _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials),
+                             _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
+                             dgamma, dbeta),
                             shared_mem=plan["shared_mem"])
-        self.kernels.launch("bn_grad_finalize", (), (c,), (FINALIZE_THREADS,),
-                            (partials, _i32(plan["slices"]), _i32(c), dgamma, dbeta))
         self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
                             (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
                              dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
@@ -503,21 +521,22 @@ class CupyBackend(LayoutMixin):
         self._launch_packed("relu_backward", dy.dtype, n, (dy, y, dx), (dy, y, dx, _i32(n)))
         return dx
 
-    def _residual_add(self, a, b, y, relu):
-        _same_dtype(a, b=b, y=y)
-        n = _count(a)
-        self._launch_packed("residual_add", a.dtype, n, (a, b, y), (a, b, y, _i32(n), _i32(relu)))
-        return y
-
     @_primitive
     def add(self, a, b, y):
         """y = a + b (the pre-activation residual sum); y may be a."""
-        return self._residual_add(a, b, y, relu=False)
+        _same_dtype(a, b=b, y=y)
+        n = _count(a)
+        self._launch_packed("residual_add", a.dtype, n, (a, b, y), (a, b, b, _i32(0), y, _i32(n)))
+        return y
 
     @_primitive
-    def add_relu(self, a, b, y):
-        """y = relu(a + b) (the post-activation residual sum)."""
-        return self._residual_add(a, b, y, relu=True)
+    def relu_backward_add(self, dy, y, addend, dx):
+        """dx = addend + (dy where the relu output y is positive, else 0); dx may be addend."""
+        _same_dtype(dy, y=y, addend=addend, dx=dx)
+        n = _count(dy)
+        self._launch_packed("residual_add", dy.dtype, n, (addend, dy, y, dx),
+                            (addend, dy, y, _i32(1), dx, _i32(n)))
+        return dx
 
     # ----------------------------------------------------------------- option-A shortcut
 

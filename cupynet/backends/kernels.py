@@ -48,15 +48,14 @@ KERNELS = {
         "convert": [(BF16, FLOAT)],                  # bf16 wgrad results into float32 gradients
     },
     "batchnorm.cu": {
-        "bn_stats_partials": _per_type(*ACTIVATION_TYPES),
+        "bn_stats": _per_type(*ACTIVATION_TYPES),
         "bn_stats_partials_shifted": _per_type(*ACTIVATION_TYPES),
         "bn_sums_finalize": [],
         "bn_stats_from_sums": [],
         "bn_grad_from_sums": [],
-        "bn_stats_finalize": _per_type(*ACTIVATION_TYPES),
         "bn_apply": _per_type(*ACTIVATION_TYPES),
+        "bn_grad": _per_type(*ACTIVATION_TYPES),
         "bn_grad_partials": _per_type(*ACTIVATION_TYPES),
-        "bn_grad_finalize": [],
         "bn_backward_dx": _per_type(*ACTIVATION_TYPES),
     },
     "shortcut.cu": {
@@ -124,7 +123,7 @@ def kernels_dir():
 
 
 def expression(name, template_args=()):
-    """The name expression NVRTC is given for one instantiation: 'bn_apply<float>' or 'bn_grad_finalize'."""
+    """The name expression NVRTC is given for one instantiation: 'bn_apply<float>' or 'bn_sums_finalize'."""
     return f"{name}<{', '.join(template_args)}>" if template_args else name
 
 

@@ -177,10 +177,11 @@ class NumpyBackend(LayoutMixin):
         return per_image.sum(axis=0, dtype=np.float64)
 
     def _bn_finish_forward(self, centered, mean, var, m, gamma, beta, running_mean, running_var, decay, eps,
-                           y, saved_mean, saved_invstd, relu):
+                           y, saved_mean, saved_invstd, relu, residual):
         """Shared by the fused and the split (sync-BN) forward: batch mean/var (C,) of m elements per
         channel -> saved statistics, moving statistics (unbiased m/(m-1) variance), and
-        y = [relu](centered * gamma * invstd + beta), centered = x - mean (the caller's activation dtype)."""
+        y = [relu](centered * gamma * invstd + beta [+ residual]), centered = x - mean (the caller's
+        activation dtype)."""
         pc = self._per_channel
         invstd = 1.0 / np.sqrt(var + eps)
         saved_mean[...] = mean
@@ -189,13 +190,26 @@ class NumpyBackend(LayoutMixin):
         running_var[...] = decay * running_var + (1.0 - decay) * var * (m / max(m - 1, 1))
         np.multiply(centered, pc((gamma * invstd).astype(centered.dtype)), out=y)
         y += pc(beta)
+        return self._bn_output(y, relu, residual)
+
+    @staticmethod
+    def _bn_output(y, relu, residual):
+        """The tail of every BatchNorm forward: y [+= residual], [relu], in place.
+
+        With a residual, BatchNorm is a post-activation block's whole tail, relu(bn(x) + shortcut),
+        as the GPU backend computes it in one pass.
+        """
+        if residual is not None:
+            if residual.shape != y.shape:
+                raise ValueError(f"residual of shape {residual.shape} for an activation of shape {y.shape}")
+            y += residual
         if relu:
             np.maximum(y, 0, out=y)
         return y
 
     def batchnorm_train_forward(self, x, gamma, beta, running_mean, running_var, decay, eps,
-                                y, saved_mean, saved_invstd, relu=False):
-        """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta) with batch statistics.
+                                y, saved_mean, saved_invstd, relu=False, residual=None):
+        """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta [+ residual]) with batch statistics.
 
         Saves the batch mean and 1/sqrt(var + eps) for backward, and updates the moving statistics
         in place: moving = decay * moving + (1 - decay) * batch. Like TensorFlow's fused batch norm
@@ -207,7 +221,7 @@ class NumpyBackend(LayoutMixin):
         centered = x - self._per_channel(mean.astype(x.dtype))
         var = self._channel_dot(centered, centered) / m
         return self._bn_finish_forward(centered, mean, var, m, gamma, beta, running_mean, running_var, decay, eps,
-                                       y, saved_mean, saved_invstd, relu)
+                                       y, saved_mean, saved_invstd, relu, residual)
 
     def batchnorm_stats(self, x, shift, sums):
         """Per-channel shifted sums of x for a BatchNorm whose statistics span several workers.
@@ -232,7 +246,7 @@ class NumpyBackend(LayoutMixin):
         return sums
 
     def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
-                                  y, saved_mean, saved_invstd, relu=False):
+                                  y, saved_mean, saved_invstd, relu=False, residual=None):
         """Second half of a split batchnorm_train_forward: statistics from (global) shifted sums.
 
         sums: (2, C) float64 from batchnorm_stats (added over the workers), taken around `shift`;
@@ -246,18 +260,16 @@ class NumpyBackend(LayoutMixin):
         mean = shift.astype(np.float64) + shifted_mean
         centered = x - self._per_channel(mean.astype(x.dtype))
         return self._bn_finish_forward(centered, mean, var, count, gamma, beta, running_mean, running_var, decay, eps,
-                                       y, saved_mean, saved_invstd, relu)
+                                       y, saved_mean, saved_invstd, relu, residual)
 
-    def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False):
-        """BatchNorm with the moving statistics (evaluation): y = x * scale + shift per channel."""
+    def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False, residual=None):
+        """BatchNorm with the moving statistics (evaluation): y = [relu](x * scale + shift [+ residual])."""
         self.calls["batchnorm_infer_forward"] += 1
         pc = self._per_channel
         scale = gamma / np.sqrt(running_var + eps)
         np.multiply(x, pc(scale), out=y)
         y += pc(beta - running_mean * scale)
-        if relu:
-            np.maximum(y, 0, out=y)
-        return y
+        return self._bn_output(y, relu, residual)
 
     def _bn_grad_terms(self, dy, x, y, saved_mean, saved_invstd):
         """(dz, xhat): dz = dy masked by the fused relu's output y > 0 (y None: no relu); xhat normalized x."""
@@ -338,12 +350,12 @@ class NumpyBackend(LayoutMixin):
         np.add(a, b, out=y)
         return y
 
-    def add_relu(self, a, b, y):
-        """y = relu(a + b) (the post-activation residual sum)."""
-        self.calls["add_relu"] += 1
-        np.add(a, b, out=y)
-        np.maximum(y, 0, out=y)
-        return y
+    def relu_backward_add(self, dy, y, addend, dx):
+        """dx = addend + (dy where the relu output y is positive, else 0): a post-activation block's input
+        gradient, the main path's plus the shortcut path's (dy through the block's final relu)."""
+        self.calls["relu_backward_add"] += 1
+        np.add(addend, dy * (y > 0), out=dx)
+        return dx
 
     # ----------------------------------------------------------------- option-A shortcut
 

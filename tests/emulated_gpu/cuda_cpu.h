@@ -409,4 +409,6 @@ template <typename T> T atomicAdd(T* address, T value)
     return std::atomic_ref<T>(*address).fetch_add(value);
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// A load that bypasses L1 on a GPU (reads another block's fenced writes); one memory here.
+template <typename T> T __ldcg(const T* address) { return *address; }
 inline void __nanosleep(unsigned int ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }
