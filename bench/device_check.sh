@@ -22,7 +22,7 @@
 #   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
 #   batch512    ResNet-44 batch 512 bf16 NHWC captured, and vs PyTorch               -> $OUT/*_512.json
 #   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe
-#                                                                                     -> $OUT/accuracy.json
+#               (DEVICE_CHECK_ACCURACY_ARGS="--seed 1" etc. adds flags)              -> $OUT/accuracy.json
 # Then $OUT/summary.txt: versions, stage results, test counts, the images/s tables, the accuracy run.
 #
 # A failing stage is recorded and the next one runs; the exit status is non-zero if any stage failed.
@@ -278,8 +278,10 @@ run_stage batch512 120 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --
 if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" ]]; then
     skip_stage accuracy "not asked for (DEVICE_CHECK_ACCURACY=1 runs the 122-epoch recipe)"
 elif [[ -n "$CIFAR_DIR" ]]; then
+    # DEVICE_CHECK_ACCURACY_ARGS: more flags for it, e.g. "--seed 1" or "--dtype float32" (word-split on purpose)
+    # shellcheck disable=SC2086
     run_stage accuracy 300 "$PY" bench/time_to_accuracy.py --data-dir "$CIFAR_DIR" --model-dir "$TMP/tta" \
-        --json "$OUT/accuracy.json"
+        --json "$OUT/accuracy.json" ${DEVICE_CHECK_ACCURACY_ARGS:-}
 else
     skip_stage accuracy "needs the converted CIFAR-10 data"
 fi
@@ -364,7 +366,9 @@ for name in ("scaling.json", "scaling_nccl.json"):
 
 accuracy = load("accuracy.json")
 if accuracy:
-    print(f"\ntime to accuracy: test {accuracy['test_accuracy']:.2%} in {accuracy['wall_seconds']} s wall, "
+    print(f"\ntime to accuracy ({accuracy['args']['dtype']}, seed {accuracy['args']['seed']}): "
+          f"test {accuracy['test_accuracy']:.2%} in {accuracy['wall_seconds']} s wall "
+          f"(setup {accuracy.get('setup_seconds')} s), "
           f"{accuracy['train_seconds']} s training ({accuracy['images_per_sec']} img/s)")
 
 try:

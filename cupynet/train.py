@@ -138,6 +138,7 @@ def run_worker(config, dataset, backend, devices, model_dir, out, started, comm=
         out(f"model dir: {model_dir} | starting at step 0")
     trainer.broadcast_state()      # replicas start identical, fresh or resumed (no-op alone)
 
+    setup_seconds = time.time() - started   # data loaded, backend and model built, data on the device
     metrics = MetricsLog(model_dir) if chief else _Silent()
     metrics.write("start", step=trainer.step, resumed_from=resumed_from, config=config.to_dict(),
                   dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
@@ -149,11 +150,13 @@ def run_worker(config, dataset, backend, devices, model_dir, out, started, comm=
     result = trainer.evaluate(split)
     eval_seconds = time.time() - eval_started
     wall = time.time() - started
-    metrics.write("eval", step=trainer.step, split=config.eval_on, wall_seconds=round(wall, 3), **result)
+    metrics.write("eval", step=trainer.step, split=config.eval_on, wall_seconds=round(wall, 3),
+                  setup_seconds=round(setup_seconds, 3), **result)
     out(f"final: {config.eval_on} accuracy {result['accuracy']:.2%} ({result['correct']}/{result['images']}), "
         f"loss {result['loss']:.4f}, global step {trainer.step}, wall time {format_duration(wall)} "
-        f"(train {format_duration(train_seconds)}, eval {format_duration(eval_seconds)})")
-    return dict(result, step=trainer.step, wall_seconds=wall)
+        f"(setup {format_duration(setup_seconds)}, train {format_duration(train_seconds)}, "
+        f"eval {format_duration(eval_seconds)})")
+    return dict(result, step=trainer.step, wall_seconds=wall, setup_seconds=setup_seconds)
 
 
 def shard_note(trainer, comm):
