@@ -12,6 +12,7 @@
 #   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
 #   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
+#   wgrad_streams  the captured NHWC step with 1-4 side streams for the weight gradients -> wgrad_streams*.json
 #   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios
 #               (skipped if torch with CUDA does not import)                          -> $OUT/vs_torch.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
@@ -226,6 +227,13 @@ run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprov
 run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
     --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
 
+# Side streams for the weight gradients: captured steps with 1-4, batch 128 (both precisions) and 512.
+run_stage wgrad_streams 150 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC \
+    --dtypes float32,bfloat16 --cuda-graph on --wgrad-streams 1,2,3,4 --warmup 5 --steps 20 --repeats 5 \
+    --json "$OUT/wgrad_streams.json" &&
+    "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+    --wgrad-streams 1,2,3,4 --warmup 5 --steps 10 --repeats 5 --json "$OUT/wgrad_streams_512.json"'
+
 if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     run_stage vs_torch 150 "$PY" bench/vs_torch.py --device 0 --depth 44 --batch 128 --layouts NHWC,NCHW \
         --dtypes float32,bfloat16 --json "$OUT/vs_torch.json"
@@ -326,6 +334,12 @@ except (OSError, ET.ParseError, AttributeError):
         print("  " + (tail[0] if tail else "no output"))
     except OSError:
         print("  no results")
+
+print("\nweight-gradient side streams, ResNet-44 NHWC captured (images/s, median)")
+for name in ("wgrad_streams.json", "wgrad_streams_512.json"):
+    for row in (load(name) or {}).get("results", []):
+        print(f"  batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams']} stream(s): "
+              f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
 
 print("\nimages/s, ResNet-44 (median of timed windows)")
 rows = {}

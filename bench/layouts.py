@@ -19,6 +19,9 @@ CPU with perf_counter.
 `--cuda-graph` is a grid dimension too: `off` times the eager step (every primitive launched from
 Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_graph.py), `auto` what
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
+So is `--wgrad-streams` (GPU): how many side streams the weight gradients take in turn.
+
+    python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on --wgrad-streams 1,2,3
 """
 import argparse
 import gc
@@ -35,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupynet import __version__                                   # noqa: E402
-from cupynet.backends import check_devices, create_backend          # noqa: E402
+from cupynet.backends import WGRAD_STREAMS, check_devices, create_backend   # noqa: E402
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
@@ -52,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", default="auto", help="comma-separated: auto, off (eager), on (captured)")
     p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
+    p.add_argument("--wgrad-streams", default=str(WGRAD_STREAMS),
+                   help="GPU, comma-separated: side streams the weight gradients take in turn")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per configuration (median reported)")
@@ -154,13 +159,13 @@ def device_of(text):
     return "cpu" if text == "cpu" else int(text)
 
 
-def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None):
+def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS):
     """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
-                         synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph)
+                         synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
-    backend = create_backend(device_of(args.device), layout, dtype, args.tf32)
+    backend = create_backend(device_of(args.device), layout, dtype, args.tf32, wgrad_streams=wgrad_streams)
     trainer = Trainer(config, dataset, backend)
     # A captured step is recorded after WARMUP_STEPS eager ones: the recording step is never timed.
     warmup = max(args.warmup, WARMUP_STEPS + 1) if trainer.runner.capture else args.warmup
@@ -180,6 +185,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None):
     return {"backend": backend.name, "device": args.device, "depth": depth, "batch": batch, "layout": layout,
             "dtype": dtype, "cuda_graph": cuda_graph, "captured": trainer.runner.captured,
             "conv_autotune": getattr(backend, "autotune", None),
+            "wgrad_streams": len(backend.side_streams) if hasattr(backend, "side_streams") else None,
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
@@ -215,20 +221,22 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'img/s':>9} {'min':>9} {'max':>9} "
-          f"{'ms/step':>9}")
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'img/s':>9} {'min':>9} "
+          f"{'max':>9} {'ms/step':>9}")
     rows = []
     for depth in ints(args.depths):
         for batch in batches:
             for layout in args.layouts.split(","):
                 for dtype in args.dtypes.split(","):
                     for cuda_graph in args.cuda_graph.split(","):
-                        row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph)
-                        rows.append(row)
-                        form = "graph" if row["captured"] else "eager"
-                        print(f"{depth:>5} {batch:>5} {layout:>6} {dtype:>8} {form:>8} {row['images_per_sec']:>9.1f} "
-                              f"{row['images_per_sec_min']:>9.1f} {row['images_per_sec_max']:>9.1f} "
-                              f"{row['step_ms']:>9.1f}", flush=True)
+                        for wgrad_streams in ints(args.wgrad_streams):
+                            row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph, wgrad_streams)
+                            rows.append(row)
+                            form = "graph" if row["captured"] else "eager"
+                            print(f"{depth:>5} {batch:>5} {layout:>6} {dtype:>8} {form:>8} "
+                                  f"{row['wgrad_streams'] or '-':>5} {row['images_per_sec']:>9.1f} "
+                                  f"{row['images_per_sec_min']:>9.1f} {row['images_per_sec_max']:>9.1f} "
+                                  f"{row['step_ms']:>9.1f}", flush=True)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -13,6 +13,7 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from cupynet.backends import MAX_WGRAD_STREAMS, WGRAD_STREAMS
 from cupynet.errors import ConfigError
 from cupynet.model import BLOCK_KINDS, blocks_per_stage
 
@@ -49,6 +50,7 @@ class TrainConfig:
     tf32: bool = True                        # GPU float32 convolutions on TF32 tensor cores
     cuda_graph: str = "auto"                 # record the GPU step once, replay it: auto (GPU: on), on, off
     conv_autotune: bool = True               # GPU: time cuDNN's candidate engines per convolution, keep the fastest
+    wgrad_streams: int = WGRAD_STREAMS       # GPU: side streams the weight gradients take in turn
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
     train_batch_size: int = 128
@@ -134,6 +136,10 @@ def build_parser():
     model.add_argument("--conv-autotune", action=argparse.BooleanOptionalAction, default=d.conv_autotune,
                        help="GPU: time every cuDNN engine for each convolution on first use and keep the fastest "
                             "(--no-conv-autotune: cuDNN's heuristic choice, identical across processes)")
+    model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
+                       help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
+                            f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "
+                            f"{d.wgrad_streams}; results are identical for any value)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--train-steps", type=int, help="total target step; a rerun resumes and stops there "
                      "(default 80000; demo 150)")
@@ -228,6 +234,8 @@ def validate(config):
         raise ConfigError(f"--batch-norm-decay must be in [0, 1), got {c.bn_decay}")
     if c.bn_epsilon <= 0:
         raise ConfigError(f"--batch-norm-epsilon must be > 0, got {c.bn_epsilon}")
+    if not 1 <= c.wgrad_streams <= MAX_WGRAD_STREAMS:
+        raise ConfigError(f"--wgrad-streams must be from 1 to {MAX_WGRAD_STREAMS}, got {c.wgrad_streams}")
     _validate_schedule(c)
     if c.validation_size is not None and c.validation_size < 0:
         raise ConfigError(f"--validation-size must be >= 0, got {c.validation_size}")

@@ -57,7 +57,8 @@ def check_cuda_graph(config, devices):
 
 
 def build_backend(config, device):
-    return create_backend(device, config.data_format, config.dtype, config.tf32, config.conv_autotune)
+    return create_backend(device, config.data_format, config.dtype, config.tf32, config.conv_autotune,
+                          config.wgrad_streams)
 
 
 def make_group(config, devices):

@@ -127,8 +127,9 @@ def test_gpu_test_file_passes_on_the_emulated_gpu(file_results, file):
 
 
 def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_the_cpu(tmp_path):
-    """`--gpus 0,1`: NCCL all-reduce, captured steps (auto), a checkpoint, a resume on the GPUs, then the
-    same model dir resumed by the CPU backend (checkpoints are interchangeable)."""
+    """`--gpus 0,1`: NCCL all-reduce, captured steps (auto), a checkpoint, a resume on the GPUs (with two
+    side streams for the weight gradients), then the same model dir resumed by the CPU backend
+    (checkpoints are interchangeable)."""
     model_dir = tmp_path / "model"
     common = ["-m", "cupynet.train", "--model-dir", str(model_dir), "--log-interval", "3", "--checkpoint-interval", "3",
               "--eval-on", "validation"]                  # 100 images: evaluation is sharded all the same
@@ -136,7 +137,7 @@ def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_th
     assert first.returncode == 0, first.stdout + first.stderr
     assert "cupy on 0, 1" in first.stdout and "NCCL all-reduce" in first.stdout
     assert re.search(r"final: \w+ accuracy [\d.]+% \(\d+/100\)", first.stdout), first.stdout
-    second = run_emulated(common + ["--gpus", "0,1", "--train-steps", "9"], devices=2)
+    second = run_emulated(common + ["--gpus", "0,1", "--train-steps", "9", "--wgrad-streams", "2"], devices=2)
     assert second.returncode == 0 and "resuming from ckpt-00000006.npz (step 6)" in second.stdout, \
         second.stdout + second.stderr
     on_cpu = subprocess.run([sys.executable, *common, "--gpus", "cpu", "--train-steps", "10"], cwd=REPO,
@@ -162,7 +163,8 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     small = ["--depth", "8", "--batch", "8"]
     runs = {
         "layouts": ["bench/layouts.py", "--device", "0", "--depths", "8", "--batches", "8", "--layouts", "NHWC",
-                    "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--warmup", "3", "--steps", "1", "--repeats", "2"],
+                    "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--wgrad-streams", "2", "--warmup", "3", "--steps", "1",
+                    "--repeats", "2"],
         "layers": ["bench/layers.py", "--device", "0", *small, "--layout", "NCHW", "--dtype", "float32", "--steps", "1",
                    "--peak-gbs", "3350"],
         "scaling": ["bench/scaling.py", "--device", "0", *small, "--workers", "1,2", "--comm", "shared",
@@ -179,6 +181,7 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         assert rows, report
     layouts = json.loads((tmp_path / "layouts.json").read_text())["results"]
     assert sorted(row["captured"] for row in layouts) == [False, True]
+    assert all(row["wgrad_streams"] == 2 for row in layouts)
     assert [row["workers"] for row in json.loads((tmp_path / "scaling.json").read_text())["results"]] == [1, 2]
     layers = json.loads((tmp_path / "layers.json").read_text())     # every call replayed alone in a graph
     timed_alone = [row for row in layers["primitives"] if row["primitive"] not in ("to_host", "from_host", "upload_into")]

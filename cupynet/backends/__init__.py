@@ -10,6 +10,11 @@ not installed, no device, an id that is not there) into a one-line DeviceError.
 """
 from cupynet.errors import DeviceError
 
+# Side streams the GPU backend's weight gradients take in turn (--wgrad-streams). 1 until a GPU run
+# shows more to be faster: bench/layouts.py --wgrad-streams 1,2,3 measures it.
+WGRAD_STREAMS = 1
+MAX_WGRAD_STREAMS = 8
+
 GPU_INSTALL_HINT = ("pip install 'cupynet[gpu]' (CuPy >= 14, cuDNN 9, the cuDNN Frontend, NCCL) "
                     "on a machine with an NVIDIA GPU")
 
@@ -67,13 +72,15 @@ def check_dtype(device, dtype):
         raise DeviceError("--dtype float64 is CPU-only (the NumPy reference); on a GPU use float32 or bfloat16")
 
 
-def create_backend(device, layout, dtype, tf32=True, autotune=True):
+def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_streams=WGRAD_STREAMS):
     """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first).
-    tf32 and autotune (time cuDNN's candidate engines, keep the fastest) concern the GPU only."""
+    tf32, autotune (time cuDNN's candidate engines, keep the fastest) and wgrad_streams (side streams
+    the weight gradients take in turn) concern the GPU only."""
     check_dtype(device, dtype)
     if device == "cpu":
         from cupynet.backends.numpy_backend import NumpyBackend
         return NumpyBackend(layout=layout, dtype=dtype)
     check_devices([device])
     from cupynet.backends.cupy_backend import CupyBackend
-    return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32, autotune=autotune)
+    return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32, autotune=autotune,
+                       wgrad_streams=wgrad_streams)

@@ -173,14 +173,18 @@ class _BuiltGraph:
 
 
 class _Lane:
-    """A cuDNN handle (bound to one stream) and the workspace of the graphs executed with it.
+    """A cuDNN handle, the stream it runs on, and the workspace of the graphs executed on that stream.
 
-    The graphs of one lane run one after another on its stream, so they share one workspace; two lanes
-    (the main stream, and the side stream that weight gradients may run on) each need their own.
+    The graphs of one lane run one after another on its stream, so they share one workspace; lanes that
+    run beside each other (the main stream, and the side streams that weight gradients may run on)
+    each need their own. stream_ptr None: the caller bound the handle to the lane's stream for good;
+    otherwise the handle is bound to stream_ptr before each execution (the weight-gradient lanes share
+    one handle, bound per call as PyTorch binds its handle to the current stream before every call).
     """
 
-    def __init__(self, handle, cupy):
+    def __init__(self, handle, cupy, stream_ptr=None):
         self.handle = handle
+        self.stream_ptr = stream_ptr
         self._cupy = cupy
         self.buffer = None
         self.ptr = 0                # a null workspace is valid while every graph needs 0 bytes
@@ -213,11 +217,15 @@ class CudnnConv:
     wgrad_handle: optional second handle, bound to a side stream: weight-gradient graphs are then built
                  for it and run with it and their own workspace, so the caller can overlap them with the
                  main stream's work (the GPU backend does; see cupy_backend.conv2d_backward_filter).
+    wgrad_streams: with wgrad_handle, optional stream pointers, one weight-gradient lane each (its own
+                 workspace; the handle is bound to the lane's stream before each execution), so that
+                 several weight gradients can also run beside each other: backward_filter(..., lane=i).
 
     Not thread-safe: one engine per worker thread, like the handle it uses.
     """
 
-    def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False, wgrad_handle=None):
+    def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False, wgrad_handle=None,
+                 wgrad_streams=()):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if io_dtype not in IO_DTYPES:
@@ -229,7 +237,10 @@ class CudnnConv:
         self._cupy = cupy
 
         self._main = _Lane(handle, cupy)
-        self._wgrad = _Lane(wgrad_handle, cupy) if wgrad_handle is not None else self._main
+        if wgrad_handle is None:
+            self._wgrad_lanes = [self._main]
+        else:
+            self._wgrad_lanes = [_Lane(wgrad_handle, cupy, ptr) for ptr in wgrad_streams] or [_Lane(wgrad_handle, cupy)]
         self.layout = layout
         self.io_dtype = io_dtype
         self.strict_fp32 = bool(strict_fp32)
@@ -261,12 +272,12 @@ class CudnnConv:
         self._execute("dgrad", entry, dy, w, dx)
         return dx
 
-    def backward_filter(self, x, dy, stride, pad, dw):
-        """dw = d(loss)/dw, written (not accumulated) into dw (KCRS | KRSC)."""
+    def backward_filter(self, x, dy, stride, pad, dw, lane=0):
+        """dw = d(loss)/dw, written (not accumulated) into dw (KCRS | KRSC), on weight-gradient lane `lane`."""
         n, c, h, wd = logical_dims(self.layout, x.shape)
         k, _, r, s = logical_dims(self.layout, dw.shape)
         entry = self._graph_for("wgrad", (n, c, h, wd, k, r, s), stride, pad)
-        self._execute("wgrad", entry, x, dy, dw)
+        self._execute("wgrad", entry, x, dy, dw, lane)
         return dw
 
     def freeze(self):
@@ -286,8 +297,13 @@ class CudnnConv:
     def workspace_bytes(self):
         return self._main.bytes
 
-    def _lane(self, op):
-        return self._wgrad if op == "wgrad" else self._main
+    @property
+    def wgrad_lanes(self):
+        return len(self._wgrad_lanes)
+
+    def _lanes(self, op):
+        """Every lane that may execute op's graphs."""
+        return self._wgrad_lanes if op == "wgrad" else [self._main]
 
     # ------------------------------------------------------------------ cache
 
@@ -302,23 +318,30 @@ class CudnnConv:
             entry.key = key
             self._graphs[key] = entry
             self.builds[op] += 1
-            self._lane(op).grow(entry.workspace_bytes)
+            for lane in self._lanes(op):
+                lane.grow(entry.workspace_bytes)
         return entry
 
     # ------------------------------------------------------------------ execute
 
-    def _execute(self, op, entry, a, b, out):
-        """Check the three arrays against the graph, then enqueue it with raw pointers."""
+    def _execute(self, op, entry, a, b, out, lane_index=0):
+        """Check the three arrays against the graph, then enqueue it with raw pointers on the lane's stream."""
         self._check(op, entry, 0, a)
         self._check(op, entry, 1, b)
         self._check(op, entry, 2, out)
         t_a, t_b, t_out = entry.tensors
         variant_pack = {t_a: a.data.ptr, t_b: b.data.ptr, t_out: out.data.ptr}
-        lane = self._lane(op)
+        lanes = self._lanes(op)
+        if not 0 <= lane_index < len(lanes):
+            raise ValueError(f"conv {op}: lane {lane_index} of {len(lanes)}")
+        lane = lanes[lane_index]
+        if lane.stream_ptr is not None:
+            self._cudnn.set_stream(handle=lane.handle, stream=lane.stream_ptr)
         if entry.candidates is not None and entry.plan_index is None:     # first use: time the candidates
             entry.plan_index = choose_plan(entry.key, entry.graph, entry.candidates, variant_pack, lane.handle,
                                            self._cupy)
-            lane.grow(int(entry.graph.get_workspace_size_plan_at_index(entry.plan_index)))
+            for other in lanes:
+                other.grow(int(entry.graph.get_workspace_size_plan_at_index(entry.plan_index)))
         if entry.plan_index is None:
             entry.graph.execute(variant_pack, lane.ptr, handle=lane.handle)
         else:
@@ -353,7 +376,7 @@ class CudnnConv:
 
         try:
             graph = cudnn.pygraph(io_data_type=self._data_type, intermediate_data_type=self._float,
-                                  compute_data_type=self._float, handle=self._lane(op).handle)
+                                  compute_data_type=self._float, handle=self._lanes(op)[0].handle)
             conv_args = dict(pre_padding=[pad, pad], post_padding=[pad, pad], stride=[stride, stride],
                              dilation=[1, 1], compute_data_type=self._float, name=op)
             if op == "fprop":

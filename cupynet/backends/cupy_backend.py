@@ -17,9 +17,11 @@ Streams and synchronisation
     device value on the host: scalars that change per step (the learning rate) are 0-d device arrays,
     results that the host wants (loss, accuracy) stay on the device until `to_host`, and scratch memory
     is allocated once per shape and reused, so a warmed-up step allocates nothing and can be captured.
-    One exception: weight gradients (cuDNN wgrad) run on a second stream with its own cuDNN handle, forked
+    One exception: weight gradients (cuDNN wgrad) run on side streams with their own cuDNN handle, forked
     from the main stream and overlapping the data gradients that follow (independent work, and small
-    convolutions leave most of the GPU idle); `wait_for_gradients`, `to_host` and `synchronize` join it.
+    convolutions leave most of the GPU idle); `wait_for_gradients`, `to_host` and `synchronize` join
+    them. With wgrad_streams=N > 1 the step's weight gradients take the N side streams in turn, so they
+    also overlap each other (each stream has its own cuDNN workspace and bf16 scratch).
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -55,6 +57,7 @@ except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
 from cupynet.backends.kernels import KernelLibrary, ctype
+from cupynet.backends import MAX_WGRAD_STREAMS
 from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
@@ -139,7 +142,8 @@ class CupyBackend(LayoutMixin):
     name = "cupy"
     xp = cupy
 
-    def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True):
+    def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
+                 wgrad_streams=1):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -147,13 +151,16 @@ class CupyBackend(LayoutMixin):
         dtype_name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} on the GPU, got {dtype!r}")
+        if not (isinstance(wgrad_streams, int) and 1 <= wgrad_streams <= MAX_WGRAD_STREAMS):
+            raise ValueError(f"wgrad_streams must be an integer from 1 to {MAX_WGRAD_STREAMS}, got {wgrad_streams!r}")
         self.layout = layout
         self.dtype = bfloat16_dtype() if dtype_name == "bfloat16" else np.dtype(np.float32)   # activations
         self.param_dtype = np.dtype(np.float32)     # master parameters, gradients, optimizer, statistics
         self.tf32 = bool(tf32)
         self.autotune = bool(autotune)          # time cuDNN's candidate engines on first use, keep the fastest
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
-        self._side_pending = False              # side-stream work the main stream has not waited for yet
+        self._side_pending = set()              # side streams with work the main stream has not waited for
+        self._wgrad_turn = 0                    # the next weight gradient's side stream (in turn, per step)
         self.calls = Counter()
         self._scratch_buffers = {}
         self._bn_plans = {}
@@ -162,7 +169,8 @@ class CupyBackend(LayoutMixin):
         self.device.use()
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
-            self.side_stream = cupy.cuda.Stream(non_blocking=True)      # weight gradients (see below)
+            self.side_streams = [cupy.cuda.Stream(non_blocking=True)    # weight gradients (see below)
+                                 for _ in range(wgrad_streams)]
             self._fork = cupy.cuda.Event(block=False, disable_timing=True)
             self._join = cupy.cuda.Event(block=False, disable_timing=True)
             self.kernels = KernelLibrary(self.device)
@@ -174,11 +182,11 @@ class CupyBackend(LayoutMixin):
         cudnn = import_frontend()
         self.cudnn_handle = cudnn.create_handle()
         cudnn.set_stream(handle=self.cudnn_handle, stream=self.stream.ptr)
-        self.side_cudnn_handle = cudnn.create_handle()
-        cudnn.set_stream(handle=self.side_cudnn_handle, stream=self.side_stream.ptr)
+        self.side_cudnn_handle = cudnn.create_handle()          # bound to a side stream per call
         strict = (not self.tf32) and dtype_name == "float32"   # bf16 convolutions always use tensor cores
         self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune,
-                              wgrad_handle=self.side_cudnn_handle)
+                              wgrad_handle=self.side_cudnn_handle,
+                              wgrad_streams=[side.ptr for side in self.side_streams])
 
     # ----------------------------------------------------------------- arrays and layout helpers
 
@@ -240,11 +248,11 @@ class CupyBackend(LayoutMixin):
         self.stream.synchronize()
 
     def _join_side_stream(self):
-        """Make the main stream wait for the side stream's work so far (enqueued; no host wait)."""
-        if self._side_pending:
-            self._join.record(self.side_stream)
+        """Make the main stream wait for the side streams' work so far (enqueued; no host wait)."""
+        for lane in sorted(self._side_pending):
+            self._join.record(self.side_streams[lane])     # a wait takes the event as recorded at the call
             self.stream.wait_event(self._join)
-            self._side_pending = False
+        self._side_pending.clear()
 
     @property
     def _channels_last(self):
@@ -296,35 +304,44 @@ class CupyBackend(LayoutMixin):
     def conv2d_backward_filter(self, x, dy, stride, pad, dw):
         """dw = d(loss)/dw, written. dw is a float32 gradient view; in bf16 cuDNN writes a bf16 scratch.
 
-        It runs on the side stream (its cuDNN handle is bound there), after everything enqueued so far on
-        the main stream. With overlap_wgrad (the default) it also runs beside what comes next (the data
-        gradient, the layers below; x and dy are not written again in this step), and dw is final once the
-        main stream has waited for the side stream: `wait_for_gradients()` (the model calls it at the end
-        of backward), `to_host` and `synchronize`. Without, the main stream waits for it at once (serial
-        order; bench/layers.py times each primitive that way).
+        It runs on a side stream (the step's k-th weight gradient on side stream k mod wgrad_streams),
+        after everything enqueued so far on the main stream. With overlap_wgrad (the default) it also runs
+        beside what comes next (the data gradient, the layers below, other weight gradients; x and dy are
+        not written again in this step), and dw is final once the main stream has waited for the side
+        streams: `wait_for_gradients()` (the model calls it at the end of backward), `to_host` and
+        `synchronize`. Without, the main stream waits for it at once (serial order; bench/layers.py times
+        each primitive that way).
         """
+        lane = self._wgrad_turn % len(self.side_streams)
+        self._wgrad_turn += 1
+        side = self.side_streams[lane]
         self._fork.record(self.stream)
-        self.side_stream.wait_event(self._fork)
-        with self.side_stream:
-            self._weight_gradient(x, dy, stride, pad, dw)
-        self._side_pending = True
+        side.wait_event(self._fork)
+        with side:
+            self._weight_gradient(x, dy, stride, pad, dw, lane)
+        self._side_pending.add(lane)
         if not self.overlap_wgrad:
             self._join_side_stream()
         return dw
 
-    def _weight_gradient(self, x, dy, stride, pad, dw):
-        """cuDNN wgrad [into a bf16 scratch, then converted] on the current stream."""
+    def _weight_gradient(self, x, dy, stride, pad, dw, lane):
+        """cuDNN wgrad [into the lane's bf16 scratch, then converted] on the current stream (side stream `lane`)."""
         if dw.dtype == self.dtype:
-            return self.conv.backward_filter(x, dy, stride, pad, dw)
-        dw_io = self._scratch("wgrad", dw.shape, self.dtype)     # only ever used on one stream at a time
-        self.conv.backward_filter(x, dy, stride, pad, dw_io)
+            return self.conv.backward_filter(x, dy, stride, pad, dw, lane)
+        dw_io = self._scratch(f"wgrad{lane}", dw.shape, self.dtype)    # one per side stream: they run side by side
+        self.conv.backward_filter(x, dy, stride, pad, dw_io, lane)
         self._convert(dw_io, dw)
         return dw
 
     @_primitive
     def wait_for_gradients(self):
-        """Order the weight gradients computed beside the main stream before what comes next on it."""
+        """Order the weight gradients computed beside the main stream before what comes next on it.
+
+        Also the end of a step's backward: the next step's weight gradients take the side streams in the
+        same turn again (the k-th always on stream k mod wgrad_streams).
+        """
         self._join_side_stream()
+        self._wgrad_turn = 0
 
     # ----------------------------------------------------------------- batch normalization
 
