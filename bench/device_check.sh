@@ -17,6 +17,8 @@
 #               (skipped if torch with CUDA does not import)                          -> $OUT/vs_torch.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
 #                                                                                     -> $OUT/layers.json
+#   conv_engines  every cuDNN engine of the bf16 NHWC step's convolutions, timed, against cupynet's choice
+#                                                                                     -> $OUT/conv_engines.json
 #   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
@@ -249,6 +251,10 @@ fi
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" --json "$OUT/layers.json"
 
+# Every cuDNN engine of the step's convolutions against the ones cupynet runs (weight gradients first).
+run_stage conv_engines 200 "$PY" bench/conv_engines.py --device 0 --depth 44 --batch 128 --layout NHWC \
+    --dtype bfloat16 --max-seconds 150 --json "$OUT/conv_engines.json"
+
 run_stage scaling 90 bash -c '"$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1,2 --comm shared \
     --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling.json" &&
     "$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1 --comm nccl \
@@ -340,6 +346,15 @@ for name in ("wgrad_streams.json", "wgrad_streams_512.json"):
     for row in (load(name) or {}).get("results", []):
         print(f"  batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams']} stream(s): "
               f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
+
+engines = load("conv_engines.json")
+if engines:
+    print("\ncuDNN engines per step (calls x us): cupynet's / fastest deterministic / fastest of all")
+    for op, totals in engines["per_step_us"].items():
+        print(f"  {op}: {totals.get('cupynet', 0):.0f} / {totals.get('deterministic', 0):.0f} / "
+              f"{totals.get('any', 0):.0f}")
+    if engines.get("not_surveyed"):
+        print(f"  not surveyed: {len(engines['not_surveyed'])} convolutions")
 
 print("\nimages/s, ResNet-44 (median of timed windows)")
 rows = {}

@@ -167,6 +167,8 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
                     "--repeats", "2"],
         "layers": ["bench/layers.py", "--device", "0", *small, "--layout", "NCHW", "--dtype", "float32", "--steps", "1",
                    "--peak-gbs", "3350"],
+        "conv_engines": ["bench/conv_engines.py", "--device", "0", "--depth", "8", "--batch", "4", "--runs", "2",
+                         "--repeats", "2"],
         "scaling": ["bench/scaling.py", "--device", "0", *small, "--workers", "1,2", "--comm", "shared",
                     "--warmup", "2", "--steps", "1", "--repeats", "2"],
         "scaling_nccl": ["bench/scaling.py", "--device", "0", *small, "--workers", "1", "--comm", "nccl",
@@ -177,12 +179,19 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr[-3000:]}"
         assert "Emulated CUDA device" in result.stdout, result.stdout
         report = json.loads((tmp_path / f"{name}.json").read_text())
-        rows = report.get("results") or report.get("primitives")
+        rows = report.get("results") or report.get("primitives") or report.get("convolutions")
         assert rows, report
     layouts = json.loads((tmp_path / "layouts.json").read_text())["results"]
     assert sorted(row["captured"] for row in layouts) == [False, True]
     assert all(row["wgrad_streams"] == 2 for row in layouts)
     assert [row["workers"] for row in json.loads((tmp_path / "scaling.json").read_text())["results"]] == [1, 2]
+    engines = json.loads((tmp_path / "conv_engines.json").read_text())["convolutions"]
+    assert {row["op"] for row in engines} == {"fprop", "dgrad", "wgrad"}
+    for row in engines:       # cupynet's engine is one of those surveyed; the emulation has a nondeterministic one
+        assert row["cupynet_us"] and any(e.get("name") == row["cupynet_engine"] and e["deterministic"]
+                                         for e in row["engines"]), row
+        assert any("us" in e and not e["deterministic"] for e in row["engines"]), row
+    assert all(row["float32_output_engines"] is not None for row in engines if row["op"] == "wgrad")
     layers = json.loads((tmp_path / "layers.json").read_text())     # every call replayed alone in a graph
     timed_alone = [row for row in layers["primitives"] if row["primitive"] not in ("to_host", "from_host", "upload_into")]
     assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone), layers

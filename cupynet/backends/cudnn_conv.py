@@ -251,6 +251,7 @@ class CudnnConv:
 
         self.executions = Counter()     # op -> number of cuDNN executes
         self.builds = Counter()         # op -> number of graphs built (one per cache key)
+        self.graph_calls = Counter()    # cache key -> calls (what a step runs how often: bench/conv_engines.py)
         self._graphs = {}               # cache key -> _BuiltGraph
         self._frozen = False
 
@@ -297,6 +298,17 @@ class CudnnConv:
     def workspace_bytes(self):
         return self._main.bytes
 
+    def engine_choices(self):
+        """Every graph built so far: its cache key, calls and the engine it executes (plan index and cuDNN's
+        name for it; None for the heuristics' first plan, without autotuning)."""
+        choices = []
+        for key, entry in self._graphs.items():
+            index = entry.plan_index
+            name = entry.graph.get_plan_name_at_index(index) if index is not None else None
+            choices.append({"key": key, "op": key[0], "dims": key[1:8], "stride": key[8], "pad": key[9],
+                            "calls": self.graph_calls[key], "plan_index": index, "plan_name": name})
+        return choices
+
     @property
     def wgrad_lanes(self):
         return len(self._wgrad_lanes)
@@ -309,6 +321,7 @@ class CudnnConv:
 
     def _graph_for(self, op, key_dims, stride, pad):
         key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32)
+        self.graph_calls[key] += 1
         entry = self._graphs.get(key)
         if entry is None:
             if self._frozen:
@@ -365,6 +378,22 @@ class CudnnConv:
     def _build(self, op, key_dims, stride, pad, key):
         """Describe one convolution as a cuDNN graph, pick and build its plan; DeviceError if unsupported."""
         cudnn = self._cudnn
+        try:
+            graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
+            candidates = self._plan(graph, key)
+            # autotuned: the workspace grows to the chosen plan's size once it is chosen (first use)
+            workspace_bytes = 0 if candidates else graph.get_workspace_size()
+        except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
+            raise DeviceError(self._unsupported_message(op, key_dims, stride, pad, error)) from error
+        return _BuiltGraph(graph, tensors, shapes, workspace_bytes, candidates)
+
+    def describe_graph(self, op, key_dims, stride, pad, output_data_type=None):
+        """One convolution as a cuDNN graph, not yet planned: (graph, (a, b, out) tensors, their array shapes).
+
+        output_data_type: a cudnn.data_type for the output instead of the io dtype (bench/conv_engines.py
+        asks whether a bf16 wgrad can write float32 directly). ValueError for an empty output.
+        """
+        cudnn = self._cudnn
         n, c, h, w, k, r, s = key_dims
         ho = conv_output_size(h, r, stride, pad)
         wo = conv_output_size(w, s, stride, pad)
@@ -373,52 +402,45 @@ class CudnnConv:
         result_dims = (n, k, ho, wo)
         if ho < 1 or wo < 1:
             raise ValueError(f"conv {describe(op, key_dims, stride, pad)}: empty output ({ho}x{wo})")
+        output_type = output_data_type or self._data_type
 
-        try:
-            graph = cudnn.pygraph(io_data_type=self._data_type, intermediate_data_type=self._float,
-                                  compute_data_type=self._float, handle=self._lanes(op)[0].handle)
-            conv_args = dict(pre_padding=[pad, pad], post_padding=[pad, pad], stride=[stride, stride],
-                             dilation=[1, 1], compute_data_type=self._float, name=op)
-            if op == "fprop":
-                x = self._input(graph, "x", image_dims)
-                wt = self._input(graph, "w", weight_dims)
-                y = graph.conv_fprop(image=x, weight=wt, **conv_args)
-                self._output(y, result_dims)
-                tensors = (x, wt, y)
-                dims = (image_dims, weight_dims, result_dims)
-            elif op == "dgrad":
-                dy = self._input(graph, "dy", result_dims)
-                wt = self._input(graph, "w", weight_dims)
-                dx = graph.conv_dgrad(loss=dy, filter=wt, **conv_args)
-                self._output(dx, image_dims)            # set_dim: dx's shape cannot be inferred
-                tensors = (dy, wt, dx)
-                dims = (result_dims, weight_dims, image_dims)
-            else:
-                x = self._input(graph, "x", image_dims)
-                dy = self._input(graph, "dy", result_dims)
-                dw = graph.conv_wgrad(image=x, loss=dy, **conv_args)
-                self._output(dw, weight_dims)           # set_dim: dw's shape cannot be inferred
-                tensors = (x, dy, dw)
-                dims = (image_dims, result_dims, weight_dims)
-            candidates = self._plan(graph, key)
-            # autotuned: the workspace grows to the chosen plan's size once it is chosen (first use)
-            workspace_bytes = 0 if candidates else graph.get_workspace_size()
-        except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
-            raise DeviceError(self._unsupported_message(op, key_dims, stride, pad, error)) from error
-
-        shapes = tuple(array_shape(self.layout, *d) for d in dims)
-        return _BuiltGraph(graph, tensors, shapes, workspace_bytes, candidates)
+        graph = cudnn.pygraph(io_data_type=self._data_type, intermediate_data_type=self._float,
+                              compute_data_type=self._float, handle=self._lanes(op)[0].handle)
+        conv_args = dict(pre_padding=[pad, pad], post_padding=[pad, pad], stride=[stride, stride],
+                         dilation=[1, 1], compute_data_type=self._float, name=op)
+        if op == "fprop":
+            x = self._input(graph, "x", image_dims)
+            wt = self._input(graph, "w", weight_dims)
+            y = graph.conv_fprop(image=x, weight=wt, **conv_args)
+            self._output(y, result_dims, output_type)
+            tensors = (x, wt, y)
+            dims = (image_dims, weight_dims, result_dims)
+        elif op == "dgrad":
+            dy = self._input(graph, "dy", result_dims)
+            wt = self._input(graph, "w", weight_dims)
+            dx = graph.conv_dgrad(loss=dy, filter=wt, **conv_args)
+            self._output(dx, image_dims, output_type)            # set_dim: dx's shape cannot be inferred
+            tensors = (dy, wt, dx)
+            dims = (result_dims, weight_dims, image_dims)
+        else:
+            x = self._input(graph, "x", image_dims)
+            dy = self._input(graph, "dy", result_dims)
+            dw = graph.conv_wgrad(image=x, loss=dy, **conv_args)
+            self._output(dw, weight_dims, output_type)           # set_dim: dw's shape cannot be inferred
+            tensors = (x, dy, dw)
+            dims = (image_dims, result_dims, weight_dims)
+        return graph, tensors, tuple(array_shape(self.layout, *d) for d in dims)
 
     def _input(self, graph, name, dims):
         return graph.tensor(name=name, dim=list(dims), stride=packed_strides(self.layout, *dims),
                             data_type=self._data_type)
 
-    def _output(self, tensor, dims):
-        """Mark a conv result as a graph output with explicit dims, layout strides and io dtype."""
+    def _output(self, tensor, dims, data_type):
+        """Mark a conv result as a graph output with explicit dims, layout strides and data type."""
         tensor.set_output(True)
         tensor.set_dim(list(dims))
         tensor.set_stride(packed_strides(self.layout, *dims))
-        tensor.set_data_type(self._data_type)
+        tensor.set_data_type(data_type)
 
     def _plan(self, graph, key):
         """validate -> operation graph -> heuristics [A, FALLBACK] -> deselect -> check -> build.

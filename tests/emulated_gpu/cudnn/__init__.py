@@ -292,6 +292,9 @@ class pygraph:
             raise RuntimeError(f"plan {index} ({ENGINES[engine].name}) was deselected")
         self.built.add(engine)
 
+    def get_plan_name_at_index(self, index):
+        return ENGINES[self._engine_at(index)].name
+
     def get_behavior_notes_for_plan_at_index(self, index):
         return list(ENGINES[self._engine_at(index)].behavior)
 

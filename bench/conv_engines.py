@@ -1,0 +1,279 @@
+"""Every cuDNN engine for each convolution of a ResNet training step, timed beside the one cupynet runs.
+
+    python bench/conv_engines.py --device 0                                  # ResNet-44, batch 128, NHWC bf16
+    python bench/conv_engines.py --device 0 --dtype float32 --batch 512 --layout NCHW
+
+First a training step's forward and backward run twice with autotuning, as training runs them: that tells
+which convolutions a step makes, how often, and which engine cupynet executes for each (its autotuner
+times the heuristics' best few deterministic engines that are not compiled at run time). Then each
+convolution is planned again with every heuristics mode (A, B, FALLBACK) and nothing deselected, every
+engine is built (those compiled at run time too, within --build-seconds per convolution) and timed on the
+device: CUDA events on the backend's stream, the median of --repeats windows of --runs executions, the
+same arrays for every engine. Engines noted NONDETERMINISTIC (cupynet never runs them: a replayed step
+must repeat the eager one bit for bit) are told apart by planning a second time with them deselected.
+For bfloat16 weight gradients it also asks which engines can write float32 directly (cupynet writes
+bf16 and converts: one more kernel per weight gradient).
+
+Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
+deterministic engine and the fastest of all: how much a better engine choice could still give. Writes
+JSON (`--json`, default bench/results/conv_engines-<host>.json) with bench/layouts.py's environment().
+GPU only.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.layouts import device_of, environment                   # noqa: E402
+from cupynet.backends import check_devices, create_backend          # noqa: E402
+from cupynet.backends.cudnn_conv import describe                    # noqa: E402
+from cupynet.errors import CupynetError, DeviceError                 # noqa: E402
+from cupynet.model import ResNet                                    # noqa: E402
+
+OPS = ("wgrad", "fprop", "dgrad")       # surveyed in this order: weight gradients cost the most (GPU notes)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="0", help="GPU id")
+    p.add_argument("--depth", type=int, default=44)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--layout", default="NHWC")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="float32: strict fp32 convolutions")
+    p.add_argument("--runs", type=int, default=20, help="executions per timed window")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows per engine (median reported)")
+    p.add_argument("--build-seconds", type=float, default=5.0,
+                   help="per convolution: once building has taken this long, engines compiled at run time are skipped")
+    p.add_argument("--max-seconds", type=float, default=240.0,
+                   help="no further convolution is surveyed after this long (the report says which were not)")
+    p.add_argument("--json", help="output file (default bench/results/conv_engines-<host>.json)")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        p.error("the engines are cuDNN's: --device must be a GPU id")
+    return args
+
+
+def one_line(error):
+    return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+
+
+# --------------------------------------------------------------------------- what a step runs
+
+
+def step_convolutions(args):
+    """(backend, the step's convolutions): one dict per cuDNN graph with its calls per step and the engine
+    cupynet executes (CudnnConv.engine_choices), after a warm-up step that built and tuned them."""
+    backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32, autotune=True)
+    model = ResNet(backend, args.depth, "v1")
+    model.init(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    x = backend.from_host(rng.standard_normal(backend.activation_shape(args.batch, 3, 32, 32)), dtype=backend.dtype)
+    labels = backend.from_host(rng.integers(0, 10, args.batch).astype(np.int32))
+    model.forward_backward(x, labels)                  # builds and times every convolution's candidates
+    before = Counter(backend.conv.graph_calls)
+    model.forward_backward(x, labels)
+    backend.synchronize()
+    convolutions = backend.conv.engine_choices()
+    for conv in convolutions:
+        conv["calls"] = backend.conv.graph_calls[conv["key"]] - before[conv["key"]]
+    return backend, [conv for conv in convolutions if conv["calls"]]
+
+
+# --------------------------------------------------------------------------- planning every engine
+
+
+class Survey:
+    """Plans, builds and times every engine of one convolution with the backend's handle and stream."""
+
+    def __init__(self, backend, args):
+        import cudnn
+        import cupy
+        self.cudnn, self.cupy, self.backend, self.args = cudnn, cupy, backend, args
+        self.modes = [getattr(cudnn.heur_mode, name) for name in ("A", "B", "FALLBACK")
+                      if hasattr(cudnn.heur_mode, name)]
+        self.errors = (cudnn.cudnnGraphNotSupportedError, RuntimeError, ValueError)
+        self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def planned(self, conv, output_data_type=None, deselect=()):
+        """The convolution's graph with every heuristics mode's plans, or None when cuDNN has no engine."""
+        graph, tensors, shapes = self.backend.conv.describe_graph(conv["op"], conv["dims"], conv["stride"],
+                                                                  conv["pad"], output_data_type)
+        try:
+            graph.validate()
+            graph.build_operation_graph()
+            graph.create_execution_plans(self.modes)
+            if deselect:
+                graph.deselect_numeric_notes(list(deselect))
+            graph.check_support()
+        except self.errors:
+            return None
+        return graph, tensors, shapes
+
+    def build_every_engine(self, graph):
+        """[{index, name, runtime_compiled, workspace, build_s} or {index, skipped}]: one per distinct engine."""
+        compiled_note = self.cudnn.behavior_note.RUNTIME_COMPILATION
+        engines, names, spent = [], set(), 0.0
+        for index in range(graph.get_execution_plan_count()):
+            try:
+                runtime_compiled = compiled_note in list(graph.get_behavior_notes_for_plan_at_index(index))
+            except self.errors:
+                runtime_compiled = None
+            if runtime_compiled and spent > self.args.build_seconds:
+                engines.append({"index": index, "skipped": "compiled at run time, past --build-seconds"})
+                continue
+            started = time.perf_counter()
+            try:
+                graph.build_plan_at_index(index)
+                name = graph.get_plan_name_at_index(index)
+            except self.errors as error:
+                engines.append({"index": index, "skipped": one_line(error)})
+                continue
+            finally:
+                spent += time.perf_counter() - started
+            if name in names:                  # the same engine proposed by two heuristics modes
+                continue
+            names.add(name)
+            engines.append({"index": index, "name": name, "runtime_compiled": runtime_compiled,
+                            "workspace": int(graph.get_workspace_size_plan_at_index(index)),
+                            "build_s": round(time.perf_counter() - started, 3)})
+        return engines
+
+    def deterministic_names(self, conv, output_data_type=None):
+        """Names of the engines that still build with NONDETERMINISTIC ones deselected."""
+        planned = self.planned(conv, output_data_type, deselect=[self.cudnn.numerical_note.NONDETERMINISTIC])
+        if planned is None:
+            return set()
+        graph = planned[0]
+        names = set()
+        for index in range(graph.get_execution_plan_count()):
+            try:
+                graph.build_plan_at_index(index)
+                names.add(graph.get_plan_name_at_index(index))
+            except self.errors:
+                continue
+        return names
+
+    def time_engines(self, graph, tensors, shapes, engines, output_dtype):
+        """Adds "us" (median microseconds per execution) to every built engine, on the same arrays."""
+        cupy, backend = self.cupy, self.backend
+        rng = np.random.default_rng(2)
+        with backend.device, backend.stream:
+            arrays = [backend.from_host(rng.standard_normal(shape), dtype=backend.dtype) for shape in shapes[:2]]
+            out = cupy.empty(shapes[2], dtype=output_dtype)
+            pack = {tensor: array.data.ptr for tensor, array in zip(tensors, arrays + [out])}
+            workspace = cupy.empty((max([e.get("workspace", 0) for e in engines] + [1]),), dtype=cupy.uint8)
+            for engine in engines:
+                if "name" not in engine:
+                    continue
+                try:
+                    engine["us"] = self._time(graph, engine["index"], pack, workspace.data.ptr)
+                except self.errors as error:
+                    engine["skipped"] = f"built but did not run: {one_line(error)}"
+
+    def _time(self, graph, index, pack, workspace):
+        handle, stream = self.backend.cudnn_handle, self.backend.stream
+        graph.execute_plan_at_index(pack, workspace, index, handle=handle)       # untimed: first-run costs
+        windows = []
+        for _ in range(self.args.repeats):
+            self.start.record(stream)
+            for _ in range(self.args.runs):
+                graph.execute_plan_at_index(pack, workspace, index, handle=handle)
+            self.end.record(stream)
+            self.end.synchronize()
+            windows.append(1000.0 * self.cupy.cuda.get_elapsed_time(self.start, self.end) / self.args.runs)
+        return round(statistics.median(windows), 2)
+
+    def survey(self, conv, output_data_type=None, output_dtype=None):
+        """Every engine of the convolution, timed: a list of engine dicts, or None when none is supported."""
+        planned = self.planned(conv, output_data_type)
+        if planned is None:
+            return None
+        graph, tensors, shapes = planned
+        engines = self.build_every_engine(graph)
+        deterministic = self.deterministic_names(conv, output_data_type)
+        for engine in engines:
+            if "name" in engine:
+                engine["deterministic"] = engine["name"] in deterministic
+        self.time_engines(graph, tensors, shapes, engines, output_dtype or self.backend.dtype)
+        return engines
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fastest(engines, deterministic_only=False):
+    timed = [e for e in engines or [] if "us" in e and (e["deterministic"] or not deterministic_only)]
+    return min(timed, key=lambda e: e["us"]) if timed else None
+
+
+def label(engine):
+    if engine is None:
+        return "-"
+    notes = [note for note, on in (("nondeterministic", not engine["deterministic"]),
+                                   ("run-time compiled", engine["runtime_compiled"])) if on]
+    return f"{engine['us']:.1f} [{engine['name']}{'; ' + ', '.join(notes) if notes else ''}]"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_devices([device_of(args.device)])
+    env = environment(args.device)
+    backend, convolutions = step_convolutions(args)
+    survey = Survey(backend, args)
+    print(f"{env.get('gpu')} | cuDNN {env.get('cudnn_backend')} | ResNet-{args.depth}, batch {args.batch}, "
+          f"{args.layout} {args.dtype} | median of {args.repeats} x {args.runs} executions per engine", flush=True)
+    rows, not_surveyed = [], []
+    totals = {op: Counter() for op in OPS}
+    started = time.perf_counter()
+    for conv in sorted(convolutions, key=lambda c: (OPS.index(c["op"]), c["dims"])):
+        label_ = describe(conv["op"], conv["dims"], conv["stride"], conv["pad"])
+        if time.perf_counter() - started > args.max_seconds:
+            not_surveyed.append(label_)
+            continue
+        engines = survey.survey(conv)
+        ours = next((e for e in engines or [] if e.get("name") == conv["plan_name"] and "us" in e), None)
+        row = {"op": conv["op"], "conv": label_, "calls": conv["calls"], "cupynet_engine": conv["plan_name"], "cupynet_us": ours and ours["us"],
+               "engines": engines}
+        best, best_deterministic = fastest(engines), fastest(engines, deterministic_only=True)
+        for name, engine in (("cupynet", ours), ("deterministic", best_deterministic), ("any", best)):
+            if engine is not None:
+                totals[conv["op"]][name] += conv["calls"] * engine["us"]
+        if conv["op"] == "wgrad" and args.dtype == "bfloat16":      # could it write the float32 gradient?
+            row["float32_output_engines"] = survey.survey(conv, survey.cudnn.data_type.FLOAT, np.float32)
+        rows.append(row)
+        print(f"{row['conv']:<44} x{conv['calls']:<3} cupynet {label(ours)}\n"
+              f"{'':<49} best deterministic {label(best_deterministic)}\n"
+              f"{'':<49} best {label(best)}", flush=True)
+        if "float32_output_engines" in row:
+            print(f"{'':<49} writing float32: {label(fastest(row['float32_output_engines'], True))}", flush=True)
+    if not_surveyed:
+        print(f"not surveyed (past --max-seconds {args.max_seconds:g}): {'; '.join(not_surveyed)}")
+    print("per step (calls x microseconds): cupynet's engines / fastest deterministic / fastest of all")
+    for op in OPS:
+        t = totals[op]
+        print(f"  {op}: {t['cupynet']:.0f} / {t['deterministic']:.0f} / {t['any']:.0f} us")
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"conv_engines-{platform.node() or 'host'}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"benchmark": "conv_engines", "environment": env, "args": vars(args),
+                   "per_step_us": {op: dict(totals[op]) for op in OPS}, "convolutions": rows,
+                   "not_surveyed": not_surveyed}, f, indent=2,
+                  default=str)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CupynetError, DeviceError) as error:
+        sys.exit(f"error: {error}")
