@@ -172,6 +172,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
     for _ in range(warmup):
         trainer.train_step()
     timer = WallTimer(backend) if backend.name == "numpy" else CudaEventTimer(backend)
+    launches_before = launch_count(backend)
     rates = []
     for _ in range(args.repeats):
         timer.start()
@@ -182,6 +183,9 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
     if not np.isfinite(loss):
         raise RuntimeError(f"ResNet-{depth} {layout} {dtype}: loss is {loss}, not timing a broken step")
     median = statistics.median(rates)
+    launches = launch_count(backend) - launches_before if launches_before is not None else None
+    kernels_per_step = launches / (args.repeats * args.steps) if launches is not None and not trainer.runner.captured \
+        else None        # a replayed step launches its graph once: its kernels are counted while recording only
     return {"backend": backend.name, "device": args.device, "depth": depth, "batch": batch, "layout": layout,
             "dtype": dtype, "cuda_graph": cuda_graph, "captured": trainer.runner.captured,
             "conv_autotune": getattr(backend, "autotune", None),
@@ -189,7 +193,15 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
-            "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend, trainer)}
+            "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend, trainer),
+            "kernels_per_step": kernels_per_step}
+
+
+def launch_count(backend):
+    """Kernels our library launched plus cuDNN executions so far (GPU), None on the CPU."""
+    if backend.name == "numpy":
+        return None
+    return sum(backend.kernels.launches.values()) + sum(backend.conv.executions.values())
 
 
 def release_cached_memory(device):
