@@ -56,8 +56,8 @@ try:                                # importable without CuPy, so CPU tests can 
 except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
-from cupynet.backends.kernels import KernelLibrary, ctype
 from cupynet.backends import MAX_WGRAD_STREAMS
+from cupynet.backends.kernels import KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
