@@ -12,7 +12,8 @@
 #   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
 #   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
-#   wgrad_streams  the captured NHWC step with 1-4 side streams for the weight gradients -> wgrad_streams*.json
+#   step_options  the captured NHWC step with 1-3 side streams for the weight gradients, deterministic
+#               cuDNN engines or not                                                  -> step_options*.json
 #   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios
 #               (skipped if torch with CUDA does not import)                          -> $OUT/vs_torch.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
@@ -229,12 +230,14 @@ run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprov
 run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
     --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
 
-# Side streams for the weight gradients: captured steps with 1-4, batch 128 (both precisions) and 512.
-run_stage wgrad_streams 150 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC \
-    --dtypes float32,bfloat16 --cuda-graph on --wgrad-streams 1,2,3,4 --warmup 5 --steps 20 --repeats 5 \
-    --json "$OUT/wgrad_streams.json" &&
+# The step's options: 1-3 side streams for the weight gradients, deterministic cuDNN engines or not;
+# captured NHWC steps at batch 128 (both precisions) and 512.
+run_stage step_options 180 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC \
+    --dtypes float32,bfloat16 --cuda-graph on --wgrad-streams 1,2,3 --conv-deterministic on,off --warmup 5 \
+    --steps 20 --repeats 5 --json "$OUT/step_options.json" &&
     "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-    --wgrad-streams 1,2,3,4 --warmup 5 --steps 10 --repeats 5 --json "$OUT/wgrad_streams_512.json"'
+    --wgrad-streams 1,2,3 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
+    --json "$OUT/step_options_512.json"'
 
 if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     run_stage vs_torch 150 "$PY" bench/vs_torch.py --device 0 --depth 44 --batch 128 --layouts NHWC,NCHW \
@@ -341,10 +344,11 @@ except (OSError, ET.ParseError, AttributeError):
     except OSError:
         print("  no results")
 
-print("\nweight-gradient side streams, ResNet-44 NHWC captured (images/s, median)")
-for name in ("wgrad_streams.json", "wgrad_streams_512.json"):
+print("\nstep options, ResNet-44 NHWC captured (images/s, median)")
+for name in ("step_options.json", "step_options_512.json"):
     for row in (load(name) or {}).get("results", []):
-        print(f"  batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams']} stream(s): "
+        determinism = "deterministic" if row["conv_deterministic"] else "any engine"
+        print(f"  batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams']} wgrad stream(s), {determinism:<13}: "
               f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
 
 engines = load("conv_engines.json")

@@ -19,7 +19,8 @@ CPU with perf_counter.
 `--cuda-graph` is a grid dimension too: `off` times the eager step (every primitive launched from
 Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_graph.py), `auto` what
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
-So is `--wgrad-streams` (GPU): how many side streams the weight gradients take in turn.
+So are `--wgrad-streams` (GPU): how many side streams the weight gradients take in turn, and
+`--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen.
 
     python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on --wgrad-streams 1,2,3
 """
@@ -57,12 +58,16 @@ def parse_args(argv=None):
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
     p.add_argument("--wgrad-streams", default=str(WGRAD_STREAMS),
                    help="GPU, comma-separated: side streams the weight gradients take in turn")
+    p.add_argument("--conv-deterministic", default="on",
+                   help="GPU, comma-separated on/off: only cuDNN engines that repeat their bits (on, the default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per configuration (median reported)")
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, NHWC and NCHW, 2 windows of 1 step")
     p.add_argument("--json", help="output file (default bench/results/layouts-<host>.json)")
     args = p.parse_args(argv)
+    if any(value not in ("on", "off") for value in args.conv_deterministic.split(",")):
+        p.error(f"--conv-deterministic: a comma-separated list of on/off, got {args.conv_deterministic!r}")
     if args.quick:
         args.depths, args.batches, args.warmup, args.steps, args.repeats = "8", "8", 1, 1, 2
     return args
@@ -159,13 +164,16 @@ def device_of(text):
     return "cpu" if text == "cpu" else int(text)
 
 
-def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS):
+def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS,
+            deterministic=True):
     """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
-                         synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams)
+                         synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
+                         conv_deterministic=deterministic)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
-    backend = create_backend(device_of(args.device), layout, dtype, args.tf32, wgrad_streams=wgrad_streams)
+    backend = create_backend(device_of(args.device), layout, dtype, args.tf32, wgrad_streams=wgrad_streams,
+                             deterministic=deterministic)
     trainer = Trainer(config, dataset, backend)
     # A captured step is recorded after WARMUP_STEPS eager ones: the recording step is never timed.
     warmup = max(args.warmup, WARMUP_STEPS + 1) if trainer.runner.capture else args.warmup
@@ -190,6 +198,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
             "dtype": dtype, "cuda_graph": cuda_graph, "captured": trainer.runner.captured,
             "conv_autotune": getattr(backend, "autotune", None),
             "wgrad_streams": len(backend.side_streams) if hasattr(backend, "side_streams") else None,
+            "conv_deterministic": getattr(backend, "deterministic", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
@@ -202,6 +211,19 @@ def launch_count(backend):
     if backend.name == "numpy":
         return None
     return sum(backend.kernels.launches.values()) + sum(backend.conv.executions.values())
+
+
+def on_off(text):
+    """'on,off' -> [True, False] (checked by parse_args)."""
+    return [value == "on" for value in text.split(",")]
+
+
+def print_row(row):
+    form = "graph" if row["captured"] else "eager"
+    det = {True: "on", False: "off", None: "-"}[row["conv_deterministic"]]
+    print(f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
+          f"{row['wgrad_streams'] or '-':>5} {det:>4} {row['images_per_sec']:>9.1f} {row['images_per_sec_min']:>9.1f} "
+          f"{row['images_per_sec_max']:>9.1f} {row['step_ms']:>9.1f}", flush=True)
 
 
 def release_cached_memory(device):
@@ -233,8 +255,8 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'img/s':>9} {'min':>9} "
-          f"{'max':>9} {'ms/step':>9}")
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'det':>4} {'img/s':>9} "
+          f"{'min':>9} {'max':>9} {'ms/step':>9}")
     rows = []
     for depth in ints(args.depths):
         for batch in batches:
@@ -242,13 +264,11 @@ def main(argv=None):
                 for dtype in args.dtypes.split(","):
                     for cuda_graph in args.cuda_graph.split(","):
                         for wgrad_streams in ints(args.wgrad_streams):
-                            row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph, wgrad_streams)
-                            rows.append(row)
-                            form = "graph" if row["captured"] else "eager"
-                            print(f"{depth:>5} {batch:>5} {layout:>6} {dtype:>8} {form:>8} "
-                                  f"{row['wgrad_streams'] or '-':>5} {row['images_per_sec']:>9.1f} "
-                                  f"{row['images_per_sec_min']:>9.1f} {row['images_per_sec_max']:>9.1f} "
-                                  f"{row['step_ms']:>9.1f}", flush=True)
+                            for deterministic in on_off(args.conv_deterministic):
+                                row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph, wgrad_streams,
+                                              deterministic)
+                                rows.append(row)
+                                print_row(row)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -130,6 +130,9 @@ def parse_args(argv=None):
                    "can both use it, else the CPU)")
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="GPU float32: strict float32 convolutions on both sides (default: TF32 on both)")
+    p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
+                   help="cupynet may also pick cuDNN engines that add in a varying order (PyTorch, with "
+                        "cudnn.benchmark and without cudnn.deterministic, always may)")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                    help="cupynet's whole-step CUDA graph (read by bench/layouts.py's measure)")
     p.add_argument("--warmup", type=int, help="untimed steps per form (default: 10 on a GPU, 1 on the CPU)")
@@ -192,12 +195,13 @@ def precision(device, dtype, tf32):
 
 def cupynet_config(args, layout, dtype):
     return TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=layout, dtype=dtype,
-                       synthetic=True, tf32=args.tf32)
+                       synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic)
 
 
 def cupynet_trainer(args, layout, dtype, dataset):
     config = cupynet_config(args, layout, dtype)
-    backend = create_backend(layouts.device_of(args.device), layout, dtype, args.tf32)
+    backend = create_backend(layouts.device_of(args.device), layout, dtype, args.tf32,
+                             deterministic=args.conv_deterministic)
     return Trainer(config, dataset, backend)
 
 

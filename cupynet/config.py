@@ -51,6 +51,7 @@ class TrainConfig:
     cuda_graph: str = "auto"                 # record the GPU step once, replay it: auto (GPU: on), on, off
     conv_autotune: bool = True               # GPU: time cuDNN's candidate engines per convolution, keep the fastest
     wgrad_streams: int = WGRAD_STREAMS       # GPU: side streams the weight gradients take in turn
+    conv_deterministic: bool = True          # GPU: only cuDNN engines that repeat their bits on every run
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
     train_batch_size: int = 128
@@ -132,10 +133,15 @@ def build_parser():
                        help="GPU float32 convolutions may use TF32 tensor cores (--no-tf32: strict float32)")
     model.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=d.cuda_graph,
                        help="record the whole GPU training step once as a CUDA graph and replay it each step "
-                            "(auto: on for GPU workers unless --reduce host; results are identical either way)")
+                            "(auto: on for GPU workers unless --reduce host; results are identical either way with "
+                            "--conv-deterministic, the default)")
     model.add_argument("--conv-autotune", action=argparse.BooleanOptionalAction, default=d.conv_autotune,
                        help="GPU: time every cuDNN engine for each convolution on first use and keep the fastest "
                             "(--no-conv-autotune: cuDNN's heuristic choice, identical across processes)")
+    model.add_argument("--conv-deterministic", action=argparse.BooleanOptionalAction, default=d.conv_deterministic,
+                       help="GPU: only cuDNN engines that give the same bits on every run, so reruns, resumes and "
+                            "the captured step repeat exactly (--no-conv-deterministic: engines that add in a "
+                            "varying order too, as PyTorch's default)")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "

@@ -124,8 +124,11 @@ def test_demo_defaults_without_data_dir_and_explicit_flags_win():
     assert (full.num_layers, full.train_steps, full.train_batch_size, full.bn_decay) == (44, 80000, 128, 0.997)
     assert full.weight_decay == 1e-4 and full.momentum == 0.9 and full.bn_epsilon == 1e-5
     assert (full.cuda_graph, full.conv_autotune) == ("auto", True)       # the fast GPU defaults
+    assert (full.conv_deterministic, full.wgrad_streams) == (True, 1)    # reproducible bits by default
     exact = parse_args(["--cuda-graph", "off", "--no-conv-autotune"])
     assert (exact.cuda_graph, exact.conv_autotune) == ("off", False)
+    loose = parse_args(["--no-conv-deterministic", "--wgrad-streams", "3"])
+    assert (loose.conv_deterministic, loose.wgrad_streams) == (False, 3)
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -227,6 +230,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--num-layers", "many"], ["many"]),
     (["--gpus", "cpu", "--cuda-graph", "on"], ["--cuda-graph on", "GPU"]),
     (["--cuda-graph", "sometimes"], ["--cuda-graph", "sometimes"]),
+    (["--wgrad-streams", "0"], ["--wgrad-streams", "0"]),
 ])
 def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
     model_dir = tmp_path / "run"

@@ -332,3 +332,54 @@ def test_engine_choices_travel_with_a_checkpoint(handle):
     other = dict(saved, environment=dict(saved["environment"], cudnn=1))
     conv_autotune.forget_choices()
     assert conv_autotune.import_choices(other, device) == 0 and conv_autotune.export_choices(device)["choices"] == []
+
+
+def _buildable_engines(conv, op, deselect_nondeterministic):
+    """Names of the engines of a block conv's `op` graph that build, planned from CudnnConv.describe_graph with
+    or without the NONDETERMINISTIC ones deselected; run-time compiled ones (seconds to build) only as the
+    heuristics' first plan, as the autotuner takes them."""
+    import cudnn
+    graph, _, _ = conv.describe_graph(op, (4, 8, 8, 8, 8, 3, 3), 1, 1)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    if deselect_nondeterministic:
+        graph.deselect_numeric_notes([cudnn.numerical_note.NONDETERMINISTIC])
+    graph.check_support()
+    names = set()
+    for index in range(graph.get_execution_plan_count()):
+        if index and cudnn.behavior_note.RUNTIME_COMPILATION in list(graph.get_behavior_notes_for_plan_at_index(index)):
+            continue
+        try:
+            graph.build_plan_at_index(index)
+        except (RuntimeError, ValueError, cudnn.cudnnGraphNotSupportedError):
+            continue
+        names.add(graph.get_plan_name_at_index(index))
+    return names
+
+
+def test_nondeterministic_engines_are_candidates_only_when_allowed(handle, monkeypatch):
+    """deterministic=False lets the autotuner time the engines cuDNN notes NONDETERMINISTIC as well (exactly
+    those, where cuDNN offers any for the shape), keeps its choices apart from the deterministic ones (the
+    cache key says which), and the weight gradient stays within the precision's tolerance."""
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    monkeypatch.setattr(conv_autotune, "MAX_CANDIDATES", 1000)     # every candidate: the sets are comparable
+    prec = Precision("tf32")
+    strict = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True)
+    free = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, deterministic=False)
+    x, wt, dy, (_, _, dw) = _block_arrays("NHWC", prec)
+    _, _, _, (_, _, dw_free) = _block_arrays("NHWC", prec)
+    strict.backward_filter(x, dy, 1, 1, dw)
+    free.backward_filter(x, dy, 1, 1, dw_free)
+    (entry,), (free_entry,) = strict._graphs.values(), free._graphs.values()
+    assert entry.key[-1] is True and free_entry.key[-1] is False and entry.key[:-1] == free_entry.key[:-1]
+    timed = {entry.graph.get_plan_name_at_index(i) for i, _ in entry.candidates}
+    free_timed = {free_entry.graph.get_plan_name_at_index(i) for i, _ in free_entry.candidates}
+    nondeterministic = _buildable_engines(free, "wgrad", False) - _buildable_engines(free, "wgrad", True)
+    assert not timed & nondeterministic and free_timed - timed <= nondeterministic
+    if nondeterministic:          # cuDNN offers some for this shape: the autotuner times them
+        assert free_timed & nondeterministic
+    cupy.cuda.get_current_stream().synchronize()
+    ref = prec.to_host(dw)
+    np.testing.assert_allclose(prec.to_host(dw_free), ref, rtol=0, atol=RTOL["tf32"] * 10 * np.max(np.abs(ref)))

@@ -72,10 +72,12 @@ def check_dtype(device, dtype):
         raise DeviceError("--dtype float64 is CPU-only (the NumPy reference); on a GPU use float32 or bfloat16")
 
 
-def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_streams=WGRAD_STREAMS):
+def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_streams=WGRAD_STREAMS,
+                   deterministic=True):
     """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first).
-    tf32, autotune (time cuDNN's candidate engines, keep the fastest) and wgrad_streams (side streams
-    the weight gradients take in turn) concern the GPU only."""
+    tf32, autotune (time cuDNN's candidate engines, keep the fastest), wgrad_streams (side streams the
+    weight gradients take in turn) and deterministic (only cuDNN engines that repeat their bits) concern
+    the GPU only."""
     check_dtype(device, dtype)
     if device == "cpu":
         from cupynet.backends.numpy_backend import NumpyBackend
@@ -83,4 +85,4 @@ def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_stream
     check_devices([device])
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32, autotune=autotune,
-                       wgrad_streams=wgrad_streams)
+                       wgrad_streams=wgrad_streams, deterministic=deterministic)

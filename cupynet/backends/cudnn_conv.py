@@ -24,7 +24,7 @@ Layout lives only in the strides
     need `set_dim`, because their shape cannot be inferred (a stride-2 dgrad loses H's parity).
 
 The cache key
-    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32), with N, C, H, W taken from the
+    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic), with N, C, H, W taken from the
     op's image-side tensor (x, or dx for dgrad). A built graph is reusable with new pointers for the same
     shapes, strides and dtypes, so each key is built exactly once (`builds` counts it) and every later call
     is a dict lookup, three shape checks and one `execute`.
@@ -35,7 +35,9 @@ Precision
       (10 mantissa bits). On an H100 it does so for NHWC (rel. error ~3e-4) but not for NCHW (~5e-7).
     * float32, strict_fp32=True: the engines whose numerical notes say TENSOR_CORE or DOWN_CONVERT_INPUTS
       are deselected, so only true fp32 engines remain (rel. error ~1e-6; used by the parity tests).
-    * every mode: engines noted NONDETERMINISTIC are deselected, so results are reproducible bit for bit.
+    * deterministic=True (the default): engines noted NONDETERMINISTIC (their sums are added in a varying
+      order, through atomics) are deselected, so results are reproducible bit for bit; False lets the
+      autotuner pick them too, as PyTorch's default does.
     * bfloat16: bf16 tensors in memory, fp32 accumulation, bf16 output (rel. error ~3e-3). The cuDNN data
       type comes from the constructor's io_dtype, never from the array dtype, so a CuPy bfloat16 array
       and uint16 storage of bf16 bits are both accepted (only the item size, 2 bytes, is checked).
@@ -213,6 +215,7 @@ class CudnnConv:
     strict_fp32: float32 only; keep TF32 tensor-core engines out (see the module docstring).
     autotune:    time every candidate engine on first use and keep the fastest (conv_autotune.py);
                  otherwise the heuristics' first choice.
+    deterministic: only engines that give the same bits on every run (see the module docstring).
 
     wgrad_handle: optional second handle, bound to a side stream: weight-gradient graphs are then built
                  for it and run with it and their own workspace, so the caller can overlap them with the
@@ -225,7 +228,7 @@ class CudnnConv:
     """
 
     def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False, wgrad_handle=None,
-                 wgrad_streams=()):
+                 wgrad_streams=(), deterministic=True):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if io_dtype not in IO_DTYPES:
@@ -245,6 +248,7 @@ class CudnnConv:
         self.io_dtype = io_dtype
         self.strict_fp32 = bool(strict_fp32)
         self.autotune = bool(autotune)
+        self.deterministic = bool(deterministic)
         type_name, self.itemsize = IO_DTYPES[io_dtype]
         self._data_type = getattr(self._cudnn.data_type, type_name)
         self._float = self._cudnn.data_type.FLOAT
@@ -320,7 +324,7 @@ class CudnnConv:
     # ------------------------------------------------------------------ cache
 
     def _graph_for(self, op, key_dims, stride, pad):
-        key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32)
+        key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32, self.deterministic)
         self.graph_calls[key] += 1
         entry = self._graphs.get(key)
         if entry is None:
@@ -453,9 +457,9 @@ class CudnnConv:
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         # Must come after create_execution_plans (it filters the candidates that call created) and
         # before check_support (which builds the first candidate that is not filtered out).
-        # Always: no NONDETERMINISTIC engines (atomics that reorder wgrad sums), so a rerun, a resumed
-        # run and a CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32 either.
-        notes = [cudnn.numerical_note.NONDETERMINISTIC]
+        # Deterministic (the default): no NONDETERMINISTIC engines (atomics that reorder wgrad sums), so a
+        # rerun, a resumed run and a CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32.
+        notes = [cudnn.numerical_note.NONDETERMINISTIC] if self.deterministic else []
         if self.strict_fp32:
             notes += [cudnn.numerical_note.TENSOR_CORE, cudnn.numerical_note.DOWN_CONVERT_INPUTS]
         graph.deselect_numeric_notes(notes)

@@ -143,7 +143,7 @@ class CupyBackend(LayoutMixin):
     xp = cupy
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
-                 wgrad_streams=1):
+                 wgrad_streams=1, deterministic=True):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -158,6 +158,7 @@ class CupyBackend(LayoutMixin):
         self.param_dtype = np.dtype(np.float32)     # master parameters, gradients, optimizer, statistics
         self.tf32 = bool(tf32)
         self.autotune = bool(autotune)          # time cuDNN's candidate engines on first use, keep the fastest
+        self.deterministic = bool(deterministic)  # only cuDNN engines that repeat their bits (cudnn_conv.py)
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
         self._side_pending = set()              # side streams with work the main stream has not waited for
         self._wgrad_turn = 0                    # the next weight gradient's side stream (in turn, per step)
@@ -186,7 +187,8 @@ class CupyBackend(LayoutMixin):
         strict = (not self.tf32) and dtype_name == "float32"   # bf16 convolutions always use tensor cores
         self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune,
                               wgrad_handle=self.side_cudnn_handle,
-                              wgrad_streams=[side.ptr for side in self.side_streams])
+                              wgrad_streams=[side.ptr for side in self.side_streams],
+                              deterministic=self.deterministic)
 
     # ----------------------------------------------------------------- arrays and layout helpers
 
