@@ -11,7 +11,6 @@
 #   install     the cuDNN Frontend wheel carried in .whl/ -> .site/ (the GPU machine has no package index)
 #   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
-#   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
 #   step_options  the captured NHWC step with 1-3 side streams for the weight gradients, deterministic
 #               cuDNN engines or not                                                  -> step_options*.json
 #   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios
@@ -20,6 +19,7 @@
 #                                                                                     -> $OUT/layers.json
 #   conv_engines  every cuDNN engine of the bf16 NHWC step's convolutions, timed, against cupynet's choice
 #                                                                                     -> $OUT/conv_engines.json
+#   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
 #   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
@@ -227,9 +227,6 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_EXTRA+=(--timeout 9
 run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
     --junitxml="$OUT/gpu_tests.xml"
 
-run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
-    --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
-
 # The step's options: 1-3 side streams for the weight gradients, deterministic cuDNN engines or not;
 # captured NHWC steps at batch 128 (both precisions) and 512.
 run_stage step_options 180 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC \
@@ -257,6 +254,9 @@ run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --la
 # Every cuDNN engine of the step's convolutions against the ones cupynet runs (weight gradients first).
 run_stage conv_engines 200 "$PY" bench/conv_engines.py --device 0 --depth 44 --batch 128 --layout NHWC \
     --dtype bfloat16 --max-seconds 150 --json "$OUT/conv_engines.json"
+
+run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
+    --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
 
 run_stage scaling 90 bash -c '"$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1,2 --comm shared \
     --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling.json" &&

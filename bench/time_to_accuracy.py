@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--data-format", default="NHWC")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wgrad-streams", type=int, help="passed on to cupynet.train (default: its default)")
+    p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
+                   help="passed on to cupynet.train: cuDNN engines that add in a varying order may be chosen")
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="CPU, built-in sample, ResNet-8, 2 epochs, float32")
@@ -72,6 +75,10 @@ def recipe_flags(args, model_dir):
              "--lr-boundaries", f"{args.epochs * 0.5:g},{args.epochs * 0.75:g}", "--train-steps", steps,
              "--seed", args.seed, "--log-interval", args.log_interval, "--checkpoint-interval", steps,
              "--eval-on", "test", "--model-dir", model_dir]
+    if args.wgrad_streams is not None:
+        flags += ["--wgrad-streams", args.wgrad_streams]
+    if not args.conv_deterministic:
+        flags += ["--no-conv-deterministic"]
     if not args.quick:
         flags += ["--data-dir", args.data_dir, "--batch-norm-decay", 0.997]
     else:

@@ -78,6 +78,18 @@ def test_time_to_accuracy_quick_trains_the_recipe_and_reports_the_curve(tmp_path
     curve = report["loss_curve"]
     assert curve[-1]["step"] == report["steps"] and all(point["loss"] > 0 for point in curve)
     assert [point["lr"] for point in curve][-1] == 0.001          # the last quarter runs at the last rate
+    assert 0 <= report["setup_seconds"] <= report["wall_seconds"]
+
+
+def test_time_to_accuracy_passes_the_step_options_on_to_training():
+    sys.path.insert(0, REPO)
+    from bench.time_to_accuracy import parse_args, recipe_flags
+    from cupynet.config import parse_args as train_args
+    default = train_args(recipe_flags(parse_args(["--data-dir", "D"]), "M"))
+    assert (default.wgrad_streams, default.conv_deterministic, default.num_layers) == (1, True, 44)
+    chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2",
+                                                 "--no-conv-deterministic"]), "M"))
+    assert (chosen.wgrad_streams, chosen.conv_deterministic, chosen.train_steps) == (2, False, 122 * 351)
 
 
 def test_time_to_accuracy_refuses_a_used_model_dir(tmp_path):

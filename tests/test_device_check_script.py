@@ -20,7 +20,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
-STAGE_NAMES = ("install", "versions", "gpu_tests", "layouts", "step_options", "vs_torch", "layers", "conv_engines",
+STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "vs_torch", "layers", "conv_engines", "layouts",
                "scaling", "cifar", "train", "batch512", "accuracy")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
