@@ -252,8 +252,8 @@ run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --la
     --steps 5 --peak-gbs "$PEAK_GBS" --json "$OUT/layers.json"
 
 # Every cuDNN engine of the step's convolutions against the ones cupynet runs (weight gradients first).
-run_stage conv_engines 200 "$PY" bench/conv_engines.py --device 0 --depth 44 --batch 128 --layout NHWC \
-    --dtype bfloat16 --max-seconds 150 --json "$OUT/conv_engines.json"
+run_stage conv_engines 150 "$PY" bench/conv_engines.py --device 0 --depth 44 --batch 128 --layout NHWC \
+    --dtype bfloat16 --max-seconds 100 --json "$OUT/conv_engines.json"
 
 run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
     --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
