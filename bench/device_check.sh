@@ -344,11 +344,12 @@ except (OSError, ET.ParseError, AttributeError):
     except OSError:
         print("  no results")
 
-print("\nstep options, ResNet-44 NHWC captured (images/s, median)")
+print("\nstep options, NHWC captured (images/s, median)")
 for name in ("step_options.json", "step_options_512.json"):
     for row in (load(name) or {}).get("results", []):
         determinism = "deterministic" if row["conv_deterministic"] else "any engine"
-        print(f"  batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams']} wgrad stream(s), {determinism:<13}: "
+        print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams']} wgrad stream(s), "
+              f"{determinism:<13}: "
               f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
 
 engines = load("conv_engines.json")
