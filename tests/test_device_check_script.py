@@ -7,6 +7,7 @@ PyTorch comparison compiles (PyTorch need not be installed), that a run with no 
 records every stage, writes the summary and exits non-zero, that the summary renders the JSON the
 benchmark scripts really write, and that PyTorch stays out of cupynet.
 """
+import json
 import os
 import pathlib
 import py_compile
@@ -83,3 +84,19 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
     assert "result: all stages ok" in result.stdout
+
+
+@needs_bash
+def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
+    """DEVICE_CHECK_ACCURACY_ARGS="A;B": the accuracy stage's function runs bench/time_to_accuracy.py once
+    with A and once with B, writing accuracy.json and accuracy_2.json (CPU quick runs here)."""
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    scratch.mkdir()
+    env = dict(os.environ, OUT=str(out), TMP=str(scratch), PY=sys.executable,
+               DEVICE_CHECK_ACCURACY_ARGS="--quick --seed 0;--quick --seed 3")
+    function = 'source <(sed -n "/^accuracy_runs()/,/^}/p" bench/device_check.sh); accuracy_runs unused-dir'
+    result = subprocess.run(["bash", "-c", function], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    seeds = [json.loads((out / name).read_text())["args"]["seed"] for name in ("accuracy.json", "accuracy_2.json")]
+    assert seeds == [0, 3]
