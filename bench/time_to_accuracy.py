@@ -131,7 +131,7 @@ def main(argv=None):
               "args": vars(args), "command": "python -m cupynet.train " + " ".join(flags),
               "test_accuracy": result["accuracy"], "correct": result["correct"], "test_images": result["images"],
               "wall_seconds": round(wall, 2), "train_seconds": round(train_seconds, 2),
-              "setup_seconds": round(result["setup_seconds"], 2),
+              "setup_seconds": round(result["setup_seconds"], 2), "setup_phases": result["setup_phases"],
               "images_per_sec": round(images / max(train_seconds, 1e-9), 1), "steps": config.train_steps,
               "target": {"test_accuracy": TARGET_ACCURACY, "seconds_h100": TARGET_SECONDS_H100},
               "loss_curve": curve}

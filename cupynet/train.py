@@ -78,22 +78,46 @@ class _Silent:
         pass
 
 
+class SetupClock:
+    """Seconds from the start of a run to its first training step, by phase (the chief's, in its thread)."""
+
+    def __init__(self):
+        self.started = self._last = time.time()
+        self.phases = {}
+
+    def mark(self, phase):
+        """The time since the previous mark was spent on `phase`."""
+        now = time.time()
+        self.phases[phase] = round(now - self._last, 3)
+        self._last = now
+
+    @property
+    def seconds(self):
+        return self._last - self.started
+
+    def describe(self):
+        """'6.9s: data 1.2s, backend 2.3s, model 3.4s'."""
+        return f"{self.seconds:.1f}s: " + ", ".join(f"{phase} {s:.1f}s" for phase, s in self.phases.items())
+
+
 def run(config, out=print):
     """Train and evaluate as `config` says; returns the final evaluation dict."""
-    started = time.time()
+    clock = SetupClock()
     dataset = load_dataset(config)
+    clock.mark("data")
     check_against_data(config, dataset)
     devices = resolve_devices(config.devices)
     check_devices(devices)
     check_cuda_graph(config, devices)
     if len(devices) == 1:
         backend = build_backend(config, devices[0])
+        clock.mark("backend")
         model_dir = prepare_model_dir(config.model_dir)
-        return run_worker(config, dataset, backend, devices, model_dir, out, started)
-    return run_data_parallel(config, dataset, devices, out, started)
+        return run_worker(config, dataset, backend, devices, model_dir, out, clock)
+    return run_data_parallel(config, dataset, devices, out, clock)
 
 
-def run_data_parallel(config, dataset, devices, out, started):
+def run_data_parallel(config, dataset, devices, out, clock):
     """One worker thread per device, each running run_worker with its rank of one communicator group.
 
     The backends are built in the worker threads (a GPU backend binds its device and stream to the
@@ -106,15 +130,18 @@ def run_data_parallel(config, dataset, devices, out, started):
 
     def worker(rank, device):
         backend = build_backend(config, device)
+        if rank == 0:
+            clock.mark("backend")
         comm = group.communicator(rank, backend)
         return run_worker(config, dataset, backend, devices, model_dir, out if rank == 0 else _Silent(),
-                          started, comm)
+                          clock, comm)
 
     return run_workers(devices, worker, group)[0]
 
 
-def run_worker(config, dataset, backend, devices, model_dir, out, started, comm=None):
-    """The whole run on one backend: alone (comm None) or as one rank of a data-parallel group."""
+def run_worker(config, dataset, backend, devices, model_dir, out, clock, comm=None):
+    """The whole run on one backend: alone (comm None) or as one rank of a data-parallel group.
+    clock: the run's SetupClock (only the chief marks it)."""
     chief = comm is None or comm.rank == 0          # prints, writes metrics and checkpoints
     out(f"cupynet {__version__}: {dataset.description}")
     if config.dataset_kind == "sample":
@@ -139,7 +166,9 @@ def run_worker(config, dataset, backend, devices, model_dir, out, started, comm=
         out(f"model dir: {model_dir} | starting at step 0")
     trainer.broadcast_state()      # replicas start identical, fresh or resumed (no-op alone)
 
-    setup_seconds = time.time() - started   # data loaded, backend and model built, data on the device
+    if chief:
+        clock.mark("model")        # built, initialized or restored, the data on the device
+        out(f"setup {clock.describe()}")
     metrics = MetricsLog(model_dir) if chief else _Silent()
     metrics.write("start", step=trainer.step, resumed_from=resumed_from, config=config.to_dict(),
                   dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
@@ -150,14 +179,15 @@ def run_worker(config, dataset, backend, devices, model_dir, out, started, comm=
     split = dataset.test if config.eval_on == "test" else dataset.validation
     result = trainer.evaluate(split)
     eval_seconds = time.time() - eval_started
-    wall = time.time() - started
+    wall = time.time() - clock.started
     metrics.write("eval", step=trainer.step, split=config.eval_on, wall_seconds=round(wall, 3),
-                  setup_seconds=round(setup_seconds, 3), **result)
+                  setup_seconds=round(clock.seconds, 3), setup_phases=clock.phases, **result)
     out(f"final: {config.eval_on} accuracy {result['accuracy']:.2%} ({result['correct']}/{result['images']}), "
         f"loss {result['loss']:.4f}, global step {trainer.step}, wall time {format_duration(wall)} "
-        f"(setup {format_duration(setup_seconds)}, train {format_duration(train_seconds)}, "
+        f"(setup {format_duration(clock.seconds)}, train {format_duration(train_seconds)}, "
         f"eval {format_duration(eval_seconds)})")
-    return dict(result, step=trainer.step, wall_seconds=wall, setup_seconds=setup_seconds)
+    return dict(result, step=trainer.step, wall_seconds=wall, setup_seconds=clock.seconds,
+                setup_phases=dict(clock.phases))
 
 
 def shard_note(trainer, comm):

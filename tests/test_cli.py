@@ -6,6 +6,7 @@ Runs the real command in a subprocess on a tiny real CIFAR-10 folder cut from th
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,9 @@ def test_short_training_run_reports_checkpoints_and_logs(tiny_cifar, tmp_path):
     events = read_metrics(model_dir)
     assert [e["event"] for e in events] == ["start", "train", "train", "eval"]
     assert events[-1]["images"] == 50 and events[-1]["step"] == 4 and 0 <= events[-1]["accuracy"] <= 1
+    assert re.search(r"^setup [\d.]+s: data [\d.]+s, backend [\d.]+s, model [\d.]+s$", out, re.MULTILINE), out
+    assert set(events[-1]["setup_phases"]) == {"data", "backend", "model"}
+    assert 0 <= sum(events[-1]["setup_phases"].values()) <= events[-1]["setup_seconds"] + 0.01
     assert events[1]["lr"] == 0.1 and events[1]["loss"] > 0 and events[1]["total_loss"] > events[1]["loss"]
     _, meta = load_checkpoint(latest_checkpoint(model_dir))
     assert meta["step"] == 4 and meta["num_layers"] == 8 and meta["config"]["train_batch_size"] == 16
