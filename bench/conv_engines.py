@@ -9,10 +9,16 @@ times the heuristics' best few deterministic engines that are not compiled at ru
 convolution is planned again with every heuristics mode (A, B, FALLBACK) and nothing deselected, every
 engine is built (those compiled at run time too, within --build-seconds per convolution) and timed on the
 device: CUDA events on the backend's stream, the median of --repeats windows of --runs executions, the
-same arrays for every engine. Engines noted NONDETERMINISTIC (cupynet never runs them: a replayed step
-must repeat the eager one bit for bit) are told apart by planning a second time with them deselected.
-For bfloat16 weight gradients it also asks which engines can write float32 directly (cupynet writes
-bf16 and converts: one more kernel per weight gradient).
+same arrays for every engine. Engines noted NONDETERMINISTIC (cupynet runs them only with
+--no-conv-deterministic: a replayed step must repeat the eager one bit for bit) are told apart by planning
+a second time with them deselected.
+
+It also times variants cupynet does not run (yet), to tell whether they are worth building:
+  * bfloat16 weight gradients writing float32 directly (cupynet writes bf16 and converts: one more kernel
+    per weight gradient);
+  * the cuDNN Frontend's fused BatchNorm patterns: `genstats` (an fprop's output summed per channel as it
+    is written: the next BatchNorm's statistics without a pass of their own), a scale-bias-relu prologue
+    on the image input (the previous BatchNorm's apply, never written out) for fprop and for wgrad.
 
 Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
 deterministic engine and the fastest of all: how much a better engine choice could still give. Writes
@@ -26,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -34,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.layouts import device_of, environment                   # noqa: E402
 from cupynet.backends import check_devices, create_backend          # noqa: E402
-from cupynet.backends.cudnn_conv import describe                    # noqa: E402
+from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
+                                         packed_strides)
 from cupynet.errors import CupynetError, DeviceError                 # noqa: E402
 from cupynet.model import ResNet                                    # noqa: E402
 
@@ -92,7 +99,12 @@ def step_convolutions(args):
 
 
 class Survey:
-    """Plans, builds and times every engine of one convolution with the backend's handle and stream."""
+    """Plans, builds and times every engine of one convolution graph with the backend's handle and stream.
+
+    A graph comes from a `describe()` callable returning (unplanned graph, operands): operands are
+    (tensor, array shape, NumPy dtype) for every tensor of the variant pack, in any order. Each survey
+    describes its graph twice: once with every engine, once with NONDETERMINISTIC ones deselected.
+    """
 
     def __init__(self, backend, args):
         import cudnn
@@ -103,20 +115,77 @@ class Survey:
         self.errors = (cudnn.cudnnGraphNotSupportedError, RuntimeError, ValueError)
         self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
 
-    def planned(self, conv, output_data_type=None, deselect=()):
-        """The convolution's graph with every heuristics mode's plans, or None when cuDNN has no engine."""
-        graph, tensors, shapes = self.backend.conv.describe_graph(conv["op"], conv["dims"], conv["stride"],
-                                                                  conv["pad"], output_data_type)
+    # ------------------------------------------------------------- the graphs
+
+    def plain(self, conv, output_data_type=None, output_dtype=None):
+        """describe() of the convolution as cupynet runs it (optionally writing another output dtype)."""
+        def describe():
+            graph, tensors, shapes = self.backend.conv.describe_graph(conv["op"], conv["dims"], conv["stride"],
+                                                                      conv["pad"], output_data_type)
+            dtypes = (self.backend.dtype, self.backend.dtype, output_dtype or self.backend.dtype)
+            return graph, list(zip(tensors, shapes, dtypes))
+        return describe
+
+    def fused(self, conv, prologue, genstats):
+        """describe() of the convolution with BatchNorm fused into it, the cuDNN Frontend's patterns: a
+        per-channel scale, bias and relu applied to the image input as it is read (the previous BatchNorm's
+        apply, never written out), and/or `genstats`, the per-channel sum and sum of squares of an fprop's
+        output (the next BatchNorm's statistics) computed as it is written."""
+        cudnn, layout = self.cudnn, self.args.layout
+        io_type = cudnn.data_type.BFLOAT16 if self.args.dtype == "bfloat16" else cudnn.data_type.FLOAT
+        n, c, h, w, k, r, s = conv["dims"]
+        stride, pad = conv["stride"], conv["pad"]
+        result = (n, k, conv_output_size(h, r, stride, pad), conv_output_size(w, s, stride, pad))
+
+        def describe():
+            graph = cudnn.pygraph(io_data_type=io_type, intermediate_data_type=cudnn.data_type.FLOAT,
+                                  compute_data_type=cudnn.data_type.FLOAT, handle=self.backend.cudnn_handle)
+            operands = []
+
+            def tensor(name, dims, data_type=io_type, dtype=self.backend.dtype):
+                t = graph.tensor(name=name, dim=list(dims), stride=packed_strides(layout, *dims), data_type=data_type)
+                operands.append((t, array_shape(layout, *dims), dtype))
+                return t
+
+            def output(t, dims, data_type=io_type, dtype=self.backend.dtype):
+                t.set_output(True).set_dim(list(dims)).set_stride(packed_strides(layout, *dims)).set_data_type(data_type)
+                operands.append((t, array_shape(layout, *dims), dtype))
+
+            image = x = tensor("x", (n, c, h, w))
+            if prologue:
+                per_channel = dict(data_type=cudnn.data_type.FLOAT, dtype=np.float32)
+                scaled = graph.scale(name="scale", input=x, scale=tensor("scale", (1, c, 1, 1), **per_channel))
+                shifted = graph.bias(name="bias", input=scaled, bias=tensor("bias", (1, c, 1, 1), **per_channel))
+                image = graph.relu(name="relu", input=shifted)
+            args = dict(pre_padding=[pad, pad], post_padding=[pad, pad], stride=[stride, stride], dilation=[1, 1],
+                        compute_data_type=cudnn.data_type.FLOAT)
+            if conv["op"] == "fprop":
+                y = graph.conv_fprop(image=image, weight=tensor("w", (k, c, r, s)), **args)
+                output(y, result)
+                if genstats:
+                    for t in graph.genstats(name="genstats", input=y):
+                        output(t, (1, k, 1, 1), cudnn.data_type.FLOAT, np.float32)
+            else:
+                dw = graph.conv_wgrad(image=image, loss=tensor("dy", result), **args)
+                output(dw, (k, c, r, s))
+            return graph, operands
+        return describe
+
+    # ------------------------------------------------------------- planning, building, timing
+
+    def planned(self, describe, deselect=()):
+        """(graph, operands) with every heuristics mode's plans, or None when cuDNN has no engine for it."""
         try:
+            graph, operands = describe()
             graph.validate()
             graph.build_operation_graph()
             graph.create_execution_plans(self.modes)
             if deselect:
                 graph.deselect_numeric_notes(list(deselect))
             graph.check_support()
-        except self.errors:
+        except (*self.errors, AttributeError, TypeError):     # AttributeError: an op this Frontend lacks
             return None
-        return graph, tensors, shapes
+        return graph, operands
 
     def build_every_engine(self, graph):
         """[{index, name, runtime_compiled, workspace, build_s} or {index, skipped}]: one per distinct engine."""
@@ -147,9 +216,9 @@ class Survey:
                             "build_s": round(time.perf_counter() - started, 3)})
         return engines
 
-    def deterministic_names(self, conv, output_data_type=None):
+    def deterministic_names(self, describe):
         """Names of the engines that still build with NONDETERMINISTIC ones deselected."""
-        planned = self.planned(conv, output_data_type, deselect=[self.cudnn.numerical_note.NONDETERMINISTIC])
+        planned = self.planned(describe, deselect=[self.cudnn.numerical_note.NONDETERMINISTIC])
         if planned is None:
             return set()
         graph = planned[0]
@@ -162,14 +231,13 @@ class Survey:
                 continue
         return names
 
-    def time_engines(self, graph, tensors, shapes, engines, output_dtype):
+    def time_engines(self, graph, operands, engines):
         """Adds "us" (median microseconds per execution) to every built engine, on the same arrays."""
         cupy, backend = self.cupy, self.backend
         rng = np.random.default_rng(2)
         with backend.device, backend.stream:
-            arrays = [backend.from_host(rng.standard_normal(shape), dtype=backend.dtype) for shape in shapes[:2]]
-            out = cupy.empty(shapes[2], dtype=output_dtype)
-            pack = {tensor: array.data.ptr for tensor, array in zip(tensors, arrays + [out])}
+            arrays = [backend.from_host(rng.standard_normal(shape), dtype=dtype) for _, shape, dtype in operands]
+            pack = {tensor: array.data.ptr for (tensor, _, _), array in zip(operands, arrays)}
             workspace = cupy.empty((max([e.get("workspace", 0) for e in engines] + [1]),), dtype=cupy.uint8)
             for engine in engines:
                 if "name" not in engine:
@@ -192,18 +260,18 @@ class Survey:
             windows.append(1000.0 * self.cupy.cuda.get_elapsed_time(self.start, self.end) / self.args.runs)
         return round(statistics.median(windows), 2)
 
-    def survey(self, conv, output_data_type=None, output_dtype=None):
-        """Every engine of the convolution, timed: a list of engine dicts, or None when none is supported."""
-        planned = self.planned(conv, output_data_type)
+    def survey(self, describe):
+        """Every engine of the described graph, timed: a list of engine dicts, or None when none is supported."""
+        planned = self.planned(describe)
         if planned is None:
             return None
-        graph, tensors, shapes = planned
+        graph, operands = planned
         engines = self.build_every_engine(graph)
-        deterministic = self.deterministic_names(conv, output_data_type)
+        deterministic = self.deterministic_names(describe)
         for engine in engines:
             if "name" in engine:
                 engine["deterministic"] = engine["name"] in deterministic
-        self.time_engines(graph, tensors, shapes, engines, output_dtype or self.backend.dtype)
+        self.time_engines(graph, operands, engines)
         return engines
 
 
@@ -223,6 +291,44 @@ def label(engine):
     return f"{engine['us']:.1f} [{engine['name']}{'; ' + ', '.join(notes) if notes else ''}]"
 
 
+# What else to time per operation: name -> (description, how to describe the graph). bf16 weight gradients
+# writing float32 would spare cupynet's conversion kernel; the fused patterns would spare BatchNorm passes.
+def variants(survey, conv, args):
+    if conv["op"] == "wgrad":
+        found = {"scale_bias_relu": survey.fused(conv, prologue=True, genstats=False)}
+        if args.dtype == "bfloat16":
+            found["float32_output"] = survey.plain(conv, survey.cudnn.data_type.FLOAT, np.float32)
+        return found
+    if conv["op"] == "fprop":
+        return {"genstats": survey.fused(conv, prologue=False, genstats=True),
+                "scale_bias_relu_genstats": survey.fused(conv, prologue=True, genstats=True)}
+    return {}
+
+
+def survey_convolution(survey, conv, args, totals):
+    """One convolution's row: every engine, cupynet's, the fastest, and the variants' fastest."""
+    label_ = describe(conv["op"], conv["dims"], conv["stride"], conv["pad"])
+    engines = survey.survey(survey.plain(conv))
+    ours = next((e for e in engines or [] if e.get("name") == conv["plan_name"] and "us" in e), None)
+    best, best_deterministic = fastest(engines), fastest(engines, deterministic_only=True)
+    for name, engine in (("cupynet", ours), ("deterministic", best_deterministic), ("any", best)):
+        if engine is not None:
+            totals[conv["op"]][name] += conv["calls"] * engine["us"]
+    row = {"op": conv["op"], "conv": label_, "calls": conv["calls"], "cupynet_engine": conv["plan_name"],
+           "cupynet_us": ours and ours["us"], "engines": engines, "variants": {}}
+    print(f"{label_:<44} x{conv['calls']:<3} cupynet {label(ours)}\n"
+          f"{'':<49} best deterministic {label(best_deterministic)}\n"
+          f"{'':<49} best {label(best)}", flush=True)
+    for name, describe_variant in variants(survey, conv, args).items():
+        found = survey.survey(describe_variant)
+        row["variants"][name] = found
+        quickest = fastest(found, deterministic_only=True)
+        print(f"{'':<49} {name}: {label(quickest) if found else 'not supported'}", flush=True)
+        if quickest is not None:
+            totals[f"{conv['op']} {name}"]["deterministic"] += conv["calls"] * quickest["us"]
+    return row
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_devices([device_of(args.device)])
@@ -232,43 +338,28 @@ def main(argv=None):
     print(f"{env.get('gpu')} | cuDNN {env.get('cudnn_backend')} | ResNet-{args.depth}, batch {args.batch}, "
           f"{args.layout} {args.dtype} | median of {args.repeats} x {args.runs} executions per engine", flush=True)
     rows, not_surveyed = [], []
-    totals = {op: Counter() for op in OPS}
+    totals = defaultdict(Counter)
     started = time.perf_counter()
     for conv in sorted(convolutions, key=lambda c: (OPS.index(c["op"]), c["dims"])):
-        label_ = describe(conv["op"], conv["dims"], conv["stride"], conv["pad"])
         if time.perf_counter() - started > args.max_seconds:
-            not_surveyed.append(label_)
+            not_surveyed.append(describe(conv["op"], conv["dims"], conv["stride"], conv["pad"]))
             continue
-        engines = survey.survey(conv)
-        ours = next((e for e in engines or [] if e.get("name") == conv["plan_name"] and "us" in e), None)
-        row = {"op": conv["op"], "conv": label_, "calls": conv["calls"], "cupynet_engine": conv["plan_name"], "cupynet_us": ours and ours["us"],
-               "engines": engines}
-        best, best_deterministic = fastest(engines), fastest(engines, deterministic_only=True)
-        for name, engine in (("cupynet", ours), ("deterministic", best_deterministic), ("any", best)):
-            if engine is not None:
-                totals[conv["op"]][name] += conv["calls"] * engine["us"]
-        if conv["op"] == "wgrad" and args.dtype == "bfloat16":      # could it write the float32 gradient?
-            row["float32_output_engines"] = survey.survey(conv, survey.cudnn.data_type.FLOAT, np.float32)
-        rows.append(row)
-        print(f"{row['conv']:<44} x{conv['calls']:<3} cupynet {label(ours)}\n"
-              f"{'':<49} best deterministic {label(best_deterministic)}\n"
-              f"{'':<49} best {label(best)}", flush=True)
-        if "float32_output_engines" in row:
-            print(f"{'':<49} writing float32: {label(fastest(row['float32_output_engines'], True))}", flush=True)
+        rows.append(survey_convolution(survey, conv, args, totals))
     if not_surveyed:
         print(f"not surveyed (past --max-seconds {args.max_seconds:g}): {'; '.join(not_surveyed)}")
     print("per step (calls x microseconds): cupynet's engines / fastest deterministic / fastest of all")
-    for op in OPS:
-        t = totals[op]
-        print(f"  {op}: {t['cupynet']:.0f} / {t['deterministic']:.0f} / {t['any']:.0f} us")
+    for op, t in totals.items():
+        if op in OPS:
+            print(f"  {op}: {t['cupynet']:.0f} / {t['deterministic']:.0f} / {t['any']:.0f} us")
+        else:           # a variant: its fastest deterministic engine, over the convolutions it was timed for
+            print(f"  {op}: {t['deterministic']:.0f} us (fastest deterministic)")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"conv_engines-{platform.node() or 'host'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"benchmark": "conv_engines", "environment": env, "args": vars(args),
-                   "per_step_us": {op: dict(totals[op]) for op in OPS}, "convolutions": rows,
-                   "not_surveyed": not_surveyed}, f, indent=2,
-                  default=str)
+                   "per_step_us": {op: dict(t) for op, t in totals.items()}, "convolutions": rows,
+                   "not_surveyed": not_surveyed}, f, indent=2, default=str)
     print(f"wrote {path}")
 
 

@@ -191,7 +191,9 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         assert row["cupynet_us"] and any(e.get("name") == row["cupynet_engine"] and e["deterministic"]
                                          for e in row["engines"]), row
         assert any("us" in e and not e["deterministic"] for e in row["engines"]), row
-    assert all(row["float32_output_engines"] is not None for row in engines if row["op"] == "wgrad")
+    variants = {row["op"]: sorted(name for name, found in row["variants"].items() if found) for row in engines}
+    assert variants == {"wgrad": ["float32_output", "scale_bias_relu"], "dgrad": [],
+                        "fprop": ["genstats", "scale_bias_relu_genstats"]}
     layers = json.loads((tmp_path / "layers.json").read_text())     # every call replayed alone in a graph
     timed_alone = [row for row in layers["primitives"] if row["primitive"] not in ("to_host", "from_host", "upload_into")]
     assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone), layers

@@ -14,7 +14,10 @@ checks what cuDNN would check, the way cuDNN would do it, so that mistakes in ou
     NONDETERMINISTIC engine (its float32 sums are reordered at random on every run, so reproducibility
     tests fail if it is not deselected), a plain fp32 engine and a RUNTIME_COMPILATION one;
   * execution is enqueued on the stream the handle is bound to (cudnn.set_stream), so it is recorded by
-    a CUDA-graph capture exactly when that stream is capturing.
+    a CUDA-graph capture exactly when that stream is capturing;
+  * the fused patterns bench/conv_engines.py surveys: a per-channel scale / bias / relu chain in front of
+    the convolution's image input (virtual tensors, never in the variant pack) and `genstats` (per-channel
+    sum and sum of squares of an fprop's output) behind it.
 
 Convolutions accumulate in float64 and round once to the output type (bfloat16: to nearest even).
 """
@@ -117,6 +120,7 @@ class _Tensor:
         self.stride = list(stride) if stride is not None else None
         self.data_type = data_type
         self.is_output = False
+        self.is_virtual = False          # an intermediate of a fused graph: no memory, no pointer
         self.uid = next(self._uids)
 
     def set_output(self, value):
@@ -156,6 +160,8 @@ class pygraph:
         self.handle = handle
         self.tensors = []
         self.conv = None
+        self.pointwise = []              # (op, input, operand or None, output) in graph order
+        self.stats = None                # genstats: (input, sum, sum of squares)
         self.stage = "created"
         self.plans = []                  # engine indices, heuristics order
         self.deselected = set()
@@ -192,6 +198,43 @@ class pygraph:
         return self._convolution("wgrad", image, loss, pre_padding, post_padding, stride, dilation,
                                  compute_data_type, name)
 
+    def _pointwise(self, op, x, operand, name):
+        out = _Tensor(f"{name}::output", dim=x.dim, stride=x.stride, data_type=self.compute_data_type)
+        out.is_virtual = True
+        self.tensors.append(out)
+        self.pointwise.append((op, x, operand, out))
+        return out
+
+    def scale(self, input, scale, name="scale", compute_data_type=None):
+        return self._pointwise("scale", input, scale, name)
+
+    def bias(self, input, bias, name="bias", compute_data_type=None):
+        return self._pointwise("bias", input, bias, name)
+
+    def relu(self, input, name="relu", compute_data_type=None):
+        return self._pointwise("relu", input, None, name)
+
+    def genstats(self, input, name="genstats"):
+        if self.conv is None or input is not self.conv["out"] or self.conv["op"] != "fprop":
+            raise cudnnGraphNotSupportedError("the emulated Frontend computes genstats of an fprop output only")
+        k = input.dim[1] if input.dim else self._fprop_output_dims()[1]
+        sums = [_Tensor(f"{name}::{part}", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=data_type.FLOAT)
+                for part in ("sum", "sq_sum")]
+        self.tensors.extend(sums)
+        self.stats = (input, *sums)
+        return tuple(sums)
+
+    def _image(self, tensor, pointers):
+        """A conv input as float64: read from memory, or computed through the pointwise chain that made it."""
+        if not tensor.is_virtual:
+            return _read(tensor, pointers[tensor.uid])
+        op, x, operand, _ = next(node for node in self.pointwise if node[3] is tensor)
+        value = self._image(x, pointers)
+        if op == "relu":
+            return np.maximum(value, 0.0)
+        per_channel = _read(operand, pointers[operand.uid])
+        return value * per_channel if op == "scale" else value + per_channel
+
     # ------------------------------------------------------------- build sequence
 
     def _require(self, stage, call):
@@ -215,6 +258,9 @@ class pygraph:
         if out.stride is None:               # the real Frontend's default for an unset output stride
             n, ch, h, w = out.dim
             out.stride = [h * w * ch, 1, w * ch, ch]
+        if self.conv["b"].is_virtual or any(node[3] is not self.conv["a"] and not any(
+                later[1] is node[3] for later in self.pointwise) for node in self.pointwise):
+            raise cudnnGraphNotSupportedError("the emulated Frontend fuses a pointwise chain into the image input only")
         for t in self.tensors:
             if t.dim is None or len(t.dim) != 4 or t.stride is None or len(t.stride) != 4:
                 raise ValueError(f"validate: tensor {t.name} needs 4 dims and 4 strides, got {t.dim} {t.stride}")
@@ -332,8 +378,8 @@ class pygraph:
                 raise TypeError(f"variant pack: the emulation takes integer device pointers, got {type(value)}")
             pointers[tensor.uid] = value
         c = self.conv
-        for tensor in (c["a"], c["b"], c["out"]):
-            if not pointers.get(tensor.uid):
+        for tensor in self.tensors:
+            if not tensor.is_virtual and not pointers.get(tensor.uid):
                 raise ValueError(f"variant pack: no pointer for tensor {tensor.name}")
         if ENGINES[engine].workspace and not workspace:
             raise ValueError(f"{ENGINES[engine].name} needs {ENGINES[engine].workspace} bytes of workspace, "
@@ -342,7 +388,7 @@ class pygraph:
 
     def _run(self, engine, pointers):
         c = self.conv
-        a = _read(c["a"], pointers[c["a"].uid])
+        a = self._image(c["a"], pointers)
         b = _read(c["b"], pointers[c["b"].uid])
         if ENGINES[engine].name == "tf32 tensor cores":
             a, b = _tf32(a), _tf32(b)
@@ -357,6 +403,11 @@ class pygraph:
         if ENGINES[engine].numerical == (numerical_note.NONDETERMINISTIC,):
             result = _reordered_float32_sum(result)
         _write(out, pointers[out.uid], result)
+        if self.stats is not None:
+            stored = _read(out, pointers[out.uid])         # the statistics of the output as written
+            _, total, squares = self.stats
+            _write(total, pointers[total.uid], stored.sum(axis=(0, 2, 3)).reshape(total.dim))
+            _write(squares, pointers[squares.uid], (stored * stored).sum(axis=(0, 2, 3)).reshape(squares.dim))
 
 
 # ------------------------------------------------------------------ memory through dims and strides
