@@ -216,20 +216,17 @@ class Survey:
                             "build_s": round(time.perf_counter() - started, 3)})
         return engines
 
-    def deterministic_names(self, describe):
-        """Names of the engines that still build with NONDETERMINISTIC ones deselected."""
+    def mark_deterministic(self, describe, engines):
+        """engine["deterministic"]: whether it still builds with NONDETERMINISTIC engines deselected (True or
+        False), or None where that planning skipped it too (run-time compiled, past --build-seconds)."""
         planned = self.planned(describe, deselect=[self.cudnn.numerical_note.NONDETERMINISTIC])
-        if planned is None:
-            return set()
-        graph = planned[0]
-        names = set()
-        for index in range(graph.get_execution_plan_count()):
-            try:
-                graph.build_plan_at_index(index)
-                names.add(graph.get_plan_name_at_index(index))
-            except self.errors:
-                continue
-        return names
+        kept = self.build_every_engine(planned[0]) if planned is not None else []
+        names = {engine["name"] for engine in kept if "name" in engine}
+        unknown = {engine["index"] for engine in kept if engine.get("skipped", "").startswith("compiled at run time")}
+        for engine in engines:
+            if "name" in engine:
+                engine["deterministic"] = True if engine["name"] in names else \
+                    (None if engine["index"] in unknown else False)
 
     def time_engines(self, graph, operands, engines):
         """Adds "us" (median microseconds per execution) to every built engine, on the same arrays."""
@@ -267,10 +264,7 @@ class Survey:
             return None
         graph, operands = planned
         engines = self.build_every_engine(graph)
-        deterministic = self.deterministic_names(describe)
-        for engine in engines:
-            if "name" in engine:
-                engine["deterministic"] = engine["name"] in deterministic
+        self.mark_deterministic(describe, engines)
         self.time_engines(graph, operands, engines)
         return engines
 
@@ -279,14 +273,15 @@ class Survey:
 
 
 def fastest(engines, deterministic_only=False):
-    timed = [e for e in engines or [] if "us" in e and (e["deterministic"] or not deterministic_only)]
+    timed = [e for e in engines or [] if "us" in e and (e["deterministic"] is True or not deterministic_only)]
     return min(timed, key=lambda e: e["us"]) if timed else None
 
 
 def label(engine):
     if engine is None:
         return "-"
-    notes = [note for note, on in (("nondeterministic", not engine["deterministic"]),
+    notes = [note for note, on in (("nondeterministic", engine["deterministic"] is False),
+                                   ("determinism unknown", engine["deterministic"] is None),
                                    ("run-time compiled", engine["runtime_compiled"])) if on]
     return f"{engine['us']:.1f} [{engine['name']}{'; ' + ', '.join(notes) if notes else ''}]"
 
