@@ -46,7 +46,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)          # bench/layouts.py (which puts the repository on sys.path) and torch_resnet.py
 
 import layouts                                                     # noqa: E402
-from cupynet.backends import check_dtype, create_backend, gpu_problem   # noqa: E402
+from cupynet.backends import WGRAD_STREAMS, check_dtype, create_backend, gpu_problem   # noqa: E402
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
@@ -130,6 +130,8 @@ def parse_args(argv=None):
                    "can both use it, else the CPU)")
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="GPU float32: strict float32 convolutions on both sides (default: TF32 on both)")
+    p.add_argument("--wgrad-streams", type=int, default=WGRAD_STREAMS,
+                   help="cupynet: side streams its weight gradients take in turn")
     p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
                    help="cupynet may also pick cuDNN engines that add in a varying order (PyTorch, with "
                         "cudnn.benchmark and without cudnn.deterministic, always may)")
@@ -195,13 +197,14 @@ def precision(device, dtype, tf32):
 
 def cupynet_config(args, layout, dtype):
     return TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=layout, dtype=dtype,
-                       synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic)
+                       synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic,
+                       wgrad_streams=args.wgrad_streams)
 
 
 def cupynet_trainer(args, layout, dtype, dataset):
     config = cupynet_config(args, layout, dtype)
     backend = create_backend(layouts.device_of(args.device), layout, dtype, args.tf32,
-                             deterministic=args.conv_deterministic)
+                             wgrad_streams=args.wgrad_streams, deterministic=args.conv_deterministic)
     return Trainer(config, dataset, backend)
 
 
