@@ -57,7 +57,9 @@ class Conv2d(Layer):
         return self.be.conv2d_forward(x, self.w.compute, self.stride, self.pad, y)
 
     def backward(self, dy):
-        self.be.conv2d_backward_filter(self.x, dy, self.stride, self.pad, self.w.grad)
+        # into the compute-dtype gradient (mixed precision: converted with every other one at the end of
+        # backward, ParamStore.gather_compute_gradients), or straight into the float32 one
+        self.be.conv2d_backward_filter(self.x, dy, self.stride, self.pad, self.w.grad_compute)
         if not self.input_grad:
             return None
         dx = self.buffer("dx", self.x.shape)

@@ -191,4 +191,5 @@ class ResNet:
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         self.be.wait_for_gradients()        # GPU: weight gradients ran beside the main stream
+        self.params.gather_compute_gradients()   # bf16 convolution weight gradients -> float32, in one pass
         return loss

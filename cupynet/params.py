@@ -13,7 +13,11 @@ Mixed precision: when the backend computes in a narrower dtype than it keeps par
 activations, float32 master weights), the store also holds `compute_flat`, a copy of the parameters in
 the compute dtype; `Param.compute` views it and is what convolutions read. The optimizer refreshes it in
 the same kernel as the update; `sync_compute_copy` refreshes it after any other write (init, restore).
-With one dtype (the NumPy backend, float32 GPU runs) `compute` is simply `value`.
+Convolution weight gradients arrive in the compute dtype too (cuDNN writes its io dtype): they land in
+`grad_compute_flat` (`Param.grad_compute`), and `gather_compute_gradients` turns them into the float32
+gradients in one conversion over one span, because the store puts every convolution weight first.
+With one dtype (the NumPy backend, float32 GPU runs) `compute` is simply `value` and `grad_compute` is
+`grad`.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -63,6 +67,7 @@ class Param:
     value: Optional[object] = field(default=None, repr=False)
     grad: Optional[object] = field(default=None, repr=False)
     compute: Optional[object] = field(default=None, repr=False)   # the copy convolutions read (see below)
+    grad_compute: Optional[object] = field(default=None, repr=False)   # where a convolution writes its gradient
 
     @property
     def size(self):
@@ -79,33 +84,57 @@ class ParamStore:
         self.flat = None          # (total,) parameter buffer
         self.grad_flat = None     # (total,) gradient buffer
         self.compute_flat = None  # (total,) parameters in the compute dtype, when it differs
-        self.total = 0
+        self.grad_compute_flat = None  # (conv_span,) convolution weight gradients in the compute dtype, when it differs
+        self.total = 0            # elements of the flat buffers, set by allocate()
+        self.conv_span = 0        # the convolution weights' elements, first in the flat buffers
 
     def add(self, name, shape, init=zeros_init, conv=False):
         if self.flat is not None:
             raise RuntimeError("ParamStore.add after allocate()")
         if name in self.params:
             raise ValueError(f"duplicate parameter name {name!r}")
-        param = Param(name, tuple(shape), init, conv, offset=self.total)
+        param = Param(name, tuple(shape), init, conv)
         self.params[name] = param
-        self.total += -(-param.size // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
         return param
+
+    def _assign_offsets(self):
+        """Aligned offsets: convolution weights first (one span for their gradients' conversion), then the
+        rest, each group in creation order."""
+        offset = 0
+        for conv_first in (True, False):
+            for param in self.params.values():
+                if param.conv == conv_first:
+                    param.offset = offset
+                    offset += -(-param.size // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+            if conv_first:
+                self.conv_span = offset
+        self.total = offset
 
     def allocate(self, rng):
         """Create the flat buffers, point every Param at its view and initialize it from `rng`."""
         be = self.backend
+        self._assign_offsets()
         self.flat = be.zeros((self.total,), dtype=be.param_dtype)
         if self.with_grads:
             self.grad_flat = be.zeros((self.total,), dtype=be.param_dtype)
             if be.dtype != be.param_dtype:
                 self.compute_flat = be.zeros((self.total,), dtype=be.dtype)
-        for param in self.params.values():
+                self.grad_compute_flat = be.zeros((self.conv_span,), dtype=be.dtype)
+        for param in self.params.values():      # creation order: the same random draws in any layout
             param.value = self._view(self.flat, param)
             if self.with_grads:
                 param.grad = self._view(self.grad_flat, param)
+                param.grad_compute = (self._view(self.grad_compute_flat, param)
+                                      if param.conv and self.grad_compute_flat is not None else param.grad)
             param.compute = param.value if self.compute_flat is None else self._view(self.compute_flat, param)
             self.set_canonical(param.name, param.init(param.shape, rng))
         self.sync_compute_copy()
+
+    def gather_compute_gradients(self):
+        """float32 convolution weight gradients from the compute-dtype ones they were written as (mixed
+        precision; nothing otherwise): one conversion over the span they share."""
+        if self.grad_compute_flat is not None:
+            self.backend.copy_into(self.grad_flat[:self.conv_span], self.grad_compute_flat)
 
     def sync_compute_copy(self):
         """Refresh the compute-dtype copy from the master parameters (after init or a restore)."""

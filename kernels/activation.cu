@@ -74,7 +74,8 @@ __global__ void residual_add(const T* a, const T* b, const T* mask, int masked, 
     }
 }
 
-// y = x converted to Tout (bfloat16 results of cuDNN's wgrad into float32 gradients)
+// y = x converted to Tout: bfloat16 weight gradients into float32 ones, float32 weights into their bfloat16
+// compute copy (CupyBackend.copy_into)
 template <typename Tin, typename Tout>
 __global__ void convert(const Tin* x, Tout* y, int n)
 {

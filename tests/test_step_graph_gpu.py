@@ -137,7 +137,7 @@ def test_host_communicator_is_never_captured(dataset):
 @pytest.mark.parametrize("wgrad_streams", [1, 3])
 def test_weight_gradients_beside_the_main_stream_equal_the_serial_order(dataset, wgrad_streams):
     """Weight gradients on side streams (overlapping the data gradients; with 3 streams taken in turn,
-    also each other, every stream with its own cuDNN workspace and bf16 scratch), captured, against the
+    also each other, every stream with its own cuDNN workspace), captured, against the
     plain serial eager order on one stream: the same kernels on the same data, so the same bits.
     ResNet-8 has 9 weight gradients per step: each of 3 streams serves several."""
     serial_backend = make_backend("NHWC", "bfloat16")

@@ -21,7 +21,7 @@ Streams and synchronisation
     from the main stream and overlapping the data gradients that follow (independent work, and small
     convolutions leave most of the GPU idle); `wait_for_gradients`, `to_host` and `synchronize` join
     them. With wgrad_streams=N > 1 the step's weight gradients take the N side streams in turn, so they
-    also overlap each other (each stream has its own cuDNN workspace and bf16 scratch).
+    also overlap each other (each stream has its own cuDNN workspace).
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -40,7 +40,9 @@ bfloat16: CuPy 14 has a real bfloat16 dtype when `ml_dtypes` is installed (CuPy 
 Mixed precision (dtype="bfloat16"): activations, their gradients and the convolutions' weight copy
     (ParamStore.compute_flat) are bf16; master parameters, gradients, momentum, BatchNorm statistics,
     the loss and all accumulations are float32 (`param_dtype`). cuDNN writes wgrad in its io dtype, so
-    `conv2d_backward_filter` runs it into a bf16 scratch buffer and converts into the float32 gradient.
+    the model hands `conv2d_backward_filter` a bf16 gradient view (ParamStore.grad_compute_flat, converted
+    to float32 in one pass at the end of backward); given a float32 view, it writes a bf16 scratch and
+    converts.
     The dense layer computes in float32 (its kernels read bf16 inputs and float32 weights directly).
 
 float32: `tf32=True` lets cuDNN use TF32 tensor cores (~1e-3 relative error per convolution);
@@ -235,8 +237,14 @@ class CupyBackend(LayoutMixin):
 
     @_on_device
     def copy_into(self, target, source):
-        """target[...] = source, converted to target's dtype, on the backend's stream (device to device)."""
-        target[...] = source
+        """target[...] = source, converted to target's dtype, on the backend's stream (device to device):
+        bfloat16 <-> float32 by our `convert` kernel (round to nearest even), a plain copy otherwise."""
+        if target.shape != source.shape:
+            raise ValueError(f"copy_into: source {source.shape} does not match target {target.shape}")
+        if target.dtype == source.dtype:
+            target[...] = source
+        else:
+            self._convert(source, target)
 
     @_on_device
     def fill(self, array, value):
@@ -304,7 +312,8 @@ class CupyBackend(LayoutMixin):
 
     @_primitive
     def conv2d_backward_filter(self, x, dy, stride, pad, dw):
-        """dw = d(loss)/dw, written. dw is a float32 gradient view; in bf16 cuDNN writes a bf16 scratch.
+        """dw = d(loss)/dw, written, in dw's dtype: the activation dtype directly, else (float32 dw in bf16)
+        through a bf16 scratch and a conversion.
 
         It runs on a side stream (the step's k-th weight gradient on side stream k mod wgrad_streams),
         after everything enqueued so far on the main stream. With overlap_wgrad (the default) it also runs

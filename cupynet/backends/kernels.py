@@ -45,7 +45,7 @@ KERNELS = {
         "relu_forward": _per_type(*ACTIVATION_TYPES),
         "relu_backward": _per_type(*ACTIVATION_TYPES),
         "residual_add": _per_type(*ACTIVATION_TYPES),
-        "convert": [(BF16, FLOAT)],                  # bf16 wgrad results into float32 gradients
+        "convert": [(BF16, FLOAT), (FLOAT, BF16)],   # gradients to float32, the weights' bf16 compute copy
     },
     "batchnorm.cu": {
         "bn_stats": _per_type(*ACTIVATION_TYPES),

@@ -59,6 +59,8 @@ class NumpyBackend(LayoutMixin):
 
     def copy_into(self, target, source):
         """target[...] = source, converted to target's dtype (the GPU backend's device-to-device copy)."""
+        if target.shape != source.shape:
+            raise ValueError(f"copy_into: source {source.shape} does not match target {target.shape}")
         target[...] = source
 
     def fill(self, array, value):
