@@ -3,7 +3,7 @@
 The emulated CuPy (tests/emulated_gpu/cupy) builds its RawModule on this, so the GPU backend's kernels
 run in CI from the very source CuPy compiles on a GPU (cupynet/backends/kernels.module_source):
 
-    module = CompiledModule(code, name_expressions=["relu_forward<float>", "bn_grad_finalize"])
+    module = CompiledModule(code, name_expressions=["relu_forward<float>", "bn_sums_finalize"])
     module.launch("relu_forward<float>", (grid, 1, 1), (256, 1, 1), 0, (x, y, numpy.int32(n), numpy.int32(1)))
 
 Arguments are checked against the kernel's C++ parameter types before anything runs, the way a GPU
