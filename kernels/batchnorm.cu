@@ -121,6 +121,19 @@ __device__ __forceinline__ float masked_grad(const T* dy, const T* y, int relu_a
     return (relu_applied && !(to_float(y[i]) > 0.0f)) ? 0.0f : g;
 }
 
+// In the last block of a one-launch reduction: finish(c, totals) for every channel c, its P partials added
+// by one full warp (lane 0 calls finish). A block of e.g. 240 threads ends in a partial warp: it sits out.
+template <typename Finish>
+__device__ void finish_channels(const float* partials, int C, Finish finish)
+{
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp >= warps) return;
+    for (int c = warp; c < C; c += warps) {
+        const double2 sums = sum_partials(partials, gridDim.y, C, c, lane);
+        if (lane == 0) finish(c, sums);
+    }
+}
+
 // ------------------------------------------------------------------ training forward
 
 // One block's partial sums of (x - shift) and (x - shift)^2 per channel; shared by the fused forward (shift =
@@ -168,15 +181,10 @@ __global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* par
     const float shift = t.c < C ? to_float(x[channel_element(0, t.c, C, inner)]) : 0.0f;
     shifted_stats_tile(x, shift, t, C, inner, m, partials);
     if (!last_block_to_arrive(arrivals)) return;
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (warp >= warps) return;       // a block of e.g. 240 threads ends in a partial warp: not a finalizer
-    for (int c = warp; c < C; c += warps) {
-        const double2 sums = sum_partials(partials, gridDim.y, C, c, lane);
-        if (lane == 0) {
-            const double first = to_float(x[channel_element(0, c, C, inner)]);    // the shift of the partials
-            store_statistics(sums, first, m, c, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
-        }
-    }
+    finish_channels(partials, C, [&](int c, double2 sums) {
+        const double first = to_float(x[channel_element(0, c, C, inner)]);    // the shift of the partials
+        store_statistics(sums, first, m, c, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
+    });
 }
 
 // Sync-BN: partial sums around shift[c] (the same on every worker, so the sums add up across them).
@@ -310,15 +318,10 @@ __global__ void bn_grad(const T* dy, const T* x, const T* y, int relu_applied, c
     const ChannelTile t(cw);
     grad_tile(dy, x, y, relu_applied, mean, invstd, t, C, inner, m, partials);
     if (!last_block_to_arrive(arrivals)) return;
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (warp >= warps) return;       // a block of e.g. 240 threads ends in a partial warp: not a finalizer
-    for (int c = warp; c < C; c += warps) {
-        const double2 sums = sum_partials(partials, gridDim.y, C, c, lane);
-        if (lane == 0) {
-            dbeta[c] = (float)sums.x;
-            dgamma[c] = (float)sums.y;
-        }
-    }
+    finish_channels(partials, C, [&](int c, double2 sums) {
+        dbeta[c] = (float)sums.x;
+        dgamma[c] = (float)sums.y;
+    });
 }
 
 // One element of bn_backward_dx: dz (the masked gradient) and x of channel c -> dx.
