@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, NHWC and NCHW, 2 windows of 1 step")
     p.add_argument("--json", help="output file (default bench/results/layouts-<host>.json)")
     args = p.parse_args(argv)
+    for flag in ("depths", "batches", "wgrad_streams"):
+        if not all(value.isdigit() and int(value) > 0 for value in getattr(args, flag).split(",")):
+            p.error(f"--{flag.replace('_', '-')}: a comma-separated list of positive integers, got {getattr(args, flag)!r}")
     if any(value not in ("on", "off") for value in args.conv_deterministic.split(",")):
         p.error(f"--conv-deterministic: a comma-separated list of on/off, got {args.conv_deterministic!r}")
     if args.quick:
