@@ -64,8 +64,10 @@ def parse_args(argv=None):
                    help="no further convolution is surveyed after this long (the report says which were not)")
     p.add_argument("--json", help="output file (default bench/results/conv_engines-<host>.json)")
     args = p.parse_args(argv)
-    if args.device == "cpu":
-        p.error("the engines are cuDNN's: --device must be a GPU id")
+    if not args.device.isdigit():
+        p.error(f"the engines are cuDNN's: --device must be a GPU id, got {args.device!r}")
+    if args.runs < 1 or args.repeats < 1:
+        p.error(f"--runs and --repeats must be >= 1, got {args.runs} and {args.repeats}")
     return args
 
 

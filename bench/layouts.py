@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, NHWC and NCHW, 2 windows of 1 step")
     p.add_argument("--json", help="output file (default bench/results/layouts-<host>.json)")
     args = p.parse_args(argv)
+    if args.device != "cpu" and not args.device.isdigit():
+        p.error(f"--device: 'cpu' or a GPU id, got {args.device!r}")
     for flag in ("depths", "batches", "wgrad_streams"):
         if not all(value.isdigit() and int(value) > 0 for value in getattr(args, flag).split(",")):
             p.error(f"--{flag.replace('_', '-')}: a comma-separated list of positive integers, got {getattr(args, flag)!r}")

@@ -58,11 +58,19 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
     assert all(row["communicator"] == "host" and row["captured"] is False for row in rows)   # CPU: host, eager
 
 
-@pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe")])
+@pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe"),
+                                        ("--device", "x")])
 def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", flag, value],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and f"{flag}:" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--device", "cpu"], ["--device", "x"], ["--runs", "0"]])
+def test_conv_engines_refuses_bad_flags_in_one_line(args):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "conv_engines.py"), *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "conv_engines.py: error:" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_scaling_refuses_gpu_communicators_on_the_cpu():
