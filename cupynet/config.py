@@ -13,7 +13,7 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from cupynet.backends import MAX_WGRAD_STREAMS, WGRAD_STREAMS
+from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS
 from cupynet.errors import ConfigError
 from cupynet.model import BLOCK_KINDS, blocks_per_stage
 
@@ -52,6 +52,7 @@ class TrainConfig:
     conv_autotune: bool = True               # GPU: time cuDNN's candidate engines per convolution, keep the fastest
     wgrad_streams: int = WGRAD_STREAMS       # GPU: side streams the weight gradients take in turn
     conv_deterministic: bool = True          # GPU: only cuDNN engines that repeat their bits on every run
+    wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
     train_batch_size: int = 128
@@ -146,6 +147,11 @@ def build_parser():
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "
                             f"{d.wgrad_streams}; results are identical for any value)")
+    model.add_argument("--wgrad-chunks", type=int, default=d.wgrad_chunks,
+                       help=f"each weight gradient is computed over this many slices of the worker's batch, side "
+                            f"by side on consecutive side streams (use as many --wgrad-streams), then summed in a "
+                            f"fixed order: more of the GPU busy at 16-64 channels, still deterministic "
+                            f"(1-{MAX_WGRAD_CHUNKS}; default {d.wgrad_chunks}; other values add in another order)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--train-steps", type=int, help="total target step; a rerun resumes and stops there "
                      "(default 80000; demo 150)")
@@ -242,6 +248,11 @@ def validate(config):
         raise ConfigError(f"--batch-norm-epsilon must be > 0, got {c.bn_epsilon}")
     if not 1 <= c.wgrad_streams <= MAX_WGRAD_STREAMS:
         raise ConfigError(f"--wgrad-streams must be from 1 to {MAX_WGRAD_STREAMS}, got {c.wgrad_streams}")
+    if not 1 <= c.wgrad_chunks <= MAX_WGRAD_CHUNKS:
+        raise ConfigError(f"--wgrad-chunks must be from 1 to {MAX_WGRAD_CHUNKS}, got {c.wgrad_chunks}")
+    if c.wgrad_chunks > c.train_batch_size // workers:
+        raise ConfigError(f"--wgrad-chunks {c.wgrad_chunks} is more than the {c.train_batch_size // workers} "
+                          f"images of each worker's batch")
     _validate_schedule(c)
     if c.validation_size is not None and c.validation_size < 0:
         raise ConfigError(f"--validation-size must be >= 0, got {c.validation_size}")

@@ -18,6 +18,11 @@ Convolution weight gradients arrive in the compute dtype too (cuDNN writes its i
 gradients in one conversion over one span, because the store puts every convolution weight first.
 With one dtype (the NumPy backend, float32 GPU runs) `compute` is simply `value` and `grad_compute` is
 `grad`.
+
+Chunked weight gradients (`backend.wgrad_chunks` = K > 1, --wgrad-chunks): `grad_compute_flat` has K rows,
+`Param.grad_compute` is a (K, *weight) view, each convolution writes the gradient of each slice of the
+batch into its own row, and `gather_compute_gradients` adds the rows (one `sum_chunks` for every
+convolution, always in the same order), whatever the dtypes.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -84,7 +89,7 @@ class ParamStore:
         self.flat = None          # (total,) parameter buffer
         self.grad_flat = None     # (total,) gradient buffer
         self.compute_flat = None  # (total,) parameters in the compute dtype, when it differs
-        self.grad_compute_flat = None  # (conv_span,) convolution weight gradients in the compute dtype, when it differs
+        self.grad_compute_flat = None  # (chunks, conv_span) convolution weight gradients as written (see above)
         self.total = 0            # elements of the flat buffers, set by allocate()
         self.conv_span = 0        # the convolution weights' elements, first in the flat buffers
 
@@ -117,24 +122,26 @@ class ParamStore:
         self.flat = be.zeros((self.total,), dtype=be.param_dtype)
         if self.with_grads:
             self.grad_flat = be.zeros((self.total,), dtype=be.param_dtype)
+            chunks = getattr(be, "wgrad_chunks", 1)
             if be.dtype != be.param_dtype:
                 self.compute_flat = be.zeros((self.total,), dtype=be.dtype)
-                self.grad_compute_flat = be.zeros((self.conv_span,), dtype=be.dtype)
+            if be.dtype != be.param_dtype or chunks > 1:
+                self.grad_compute_flat = be.zeros((chunks, self.conv_span), dtype=be.dtype)
         for param in self.params.values():      # creation order: the same random draws in any layout
             param.value = self._view(self.flat, param)
             if self.with_grads:
                 param.grad = self._view(self.grad_flat, param)
-                param.grad_compute = (self._view(self.grad_compute_flat, param)
+                param.grad_compute = (self._chunk_views(param)
                                       if param.conv and self.grad_compute_flat is not None else param.grad)
             param.compute = param.value if self.compute_flat is None else self._view(self.compute_flat, param)
             self.set_canonical(param.name, param.init(param.shape, rng))
         self.sync_compute_copy()
 
     def gather_compute_gradients(self):
-        """float32 convolution weight gradients from the compute-dtype ones they were written as (mixed
-        precision; nothing otherwise): one conversion over the span they share."""
+        """float32 convolution weight gradients from the rows they were written in (mixed precision, or
+        per batch chunk; nothing otherwise): one pass over the span they share."""
         if self.grad_compute_flat is not None:
-            self.backend.copy_into(self.grad_flat[:self.conv_span], self.grad_compute_flat)
+            self.backend.sum_chunks(self.grad_flat[:self.conv_span], self.grad_compute_flat)
 
     def sync_compute_copy(self):
         """Refresh the compute-dtype copy from the master parameters (after init or a restore)."""
@@ -145,6 +152,13 @@ class ParamStore:
         """The slice of `flat` for `param`, shaped in the backend's layout."""
         shape = self.backend.conv_weight_shape(*param.shape) if param.conv else param.shape
         return flat[param.offset:param.offset + param.size].reshape(shape)
+
+    def _chunk_views(self, param):
+        """`param`'s columns of grad_compute_flat: shaped like its weight with one row, else (rows, *weight)."""
+        rows = self.grad_compute_flat.shape[0]
+        shape = self.backend.conv_weight_shape(*param.shape)
+        block = self.grad_compute_flat[:, param.offset:param.offset + param.size]
+        return block[0].reshape(shape) if rows == 1 else block.reshape((rows,) + shape)
 
     def __getitem__(self, name):
         return self.params[name]

@@ -74,10 +74,16 @@ __global__ void residual_add(const T* a, const T* b, const T* mask, int masked, 
     }
 }
 
-// y = x converted to Tout: bfloat16 weight gradients into float32 ones, float32 weights into their bfloat16
-// compute copy (CupyBackend.copy_into)
+// y[i] = the sum of x's `rows` rows of n elements at i, added in row order in float32, converted to Tout.
+// rows = 1 is a conversion: float32 weights into their bfloat16 compute copy (CupyBackend.copy_into).
+// rows > 1: weight gradients computed per slice of the batch (--wgrad-chunks), summed in one pass over
+// the span every convolution weight shares (ParamStore.gather_compute_gradients), always in the same order.
 template <typename Tin, typename Tout>
-__global__ void convert(const Tin* x, Tout* y, int n)
+__global__ void sum_rows(const Tin* x, Tout* y, int n, int rows)
 {
-    for (int i = first_index(); i < n; i += grid_stride()) y[i] = from_float<Tout>(to_float(x[i]));
+    for (int i = first_index(); i < n; i += grid_stride()) {
+        float sum = to_float(x[i]);
+        for (int r = 1; r < rows; ++r) sum += to_float(x[(long long)r * n + i]);
+        y[i] = from_float<Tout>(sum);
+    }
 }

@@ -128,11 +128,11 @@ def test_demo_defaults_without_data_dir_and_explicit_flags_win():
     assert (full.num_layers, full.train_steps, full.train_batch_size, full.bn_decay) == (44, 80000, 128, 0.997)
     assert full.weight_decay == 1e-4 and full.momentum == 0.9 and full.bn_epsilon == 1e-5
     assert (full.cuda_graph, full.conv_autotune) == ("auto", True)       # the fast GPU defaults
-    assert (full.conv_deterministic, full.wgrad_streams) == (True, 1)    # reproducible bits by default
+    assert (full.conv_deterministic, full.wgrad_streams, full.wgrad_chunks) == (True, 1, 1)   # reproducible bits
     exact = parse_args(["--cuda-graph", "off", "--no-conv-autotune"])
     assert (exact.cuda_graph, exact.conv_autotune) == ("off", False)
-    loose = parse_args(["--no-conv-deterministic", "--wgrad-streams", "3"])
-    assert (loose.conv_deterministic, loose.wgrad_streams) == (False, 3)
+    loose = parse_args(["--no-conv-deterministic", "--wgrad-streams", "3", "--wgrad-chunks", "2"])
+    assert (loose.conv_deterministic, loose.wgrad_streams, loose.wgrad_chunks) == (False, 3, 2)
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -235,6 +235,8 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--gpus", "cpu", "--cuda-graph", "on"], ["--cuda-graph on", "GPU"]),
     (["--cuda-graph", "sometimes"], ["--cuda-graph", "sometimes"]),
     (["--wgrad-streams", "0"], ["--wgrad-streams", "0"]),
+    (["--wgrad-chunks", "9"], ["--wgrad-chunks", "9"]),
+    (["--train-batch-size", "4", "--wgrad-chunks", "8"], ["--wgrad-chunks 8", "4 images"]),
 ])
 def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
     model_dir = tmp_path / "run"

@@ -196,12 +196,47 @@ def test_convolutions(layout, dtype, case):
     assert_bounded(a.get(dx), expected, CONV[dtype] * magnitude, what="dgrad")
 
     dw = a.nan(wt.shape, dtype=np.float32)          # a float32 gradient view, whatever the activations
-    kernels = ("convert",) if dtype == "bfloat16" else ()   # bf16: cuDNN writes bf16, a kernel widens it
+    kernels = ("sum_rows",) if dtype == "bfloat16" else ()   # bf16: cuDNN writes bf16, a kernel widens it
     with fast_path(be, kernels=kernels, conv_ops=("wgrad",)):
         be.conv2d_backward_filter(x, dy, stride, pad, dw)
     expected = ref.conv2d_backward_filter(x_ref, dy_ref, stride, pad, np.empty(wt.shape))
     magnitude = ref.conv2d_backward_filter(np.abs(x_ref), np.abs(dy_ref), stride, pad, np.empty(wt.shape))
     assert_bounded(a.get(dw), expected, CONV[dtype] * magnitude, what="wgrad")
+
+
+@params()
+@pytest.mark.parametrize("n", [7, 2], ids=lambda n: f"N{n}")
+def test_weight_gradient_chunks(layout, dtype, n):
+    """--wgrad-chunks: dw of shape (3, *weight) gets one slice of the batch per row (7 = 2 + 2 + 3 images;
+    with 2 images one row is empty and must be zeros), the rows run on two side streams, and sum_chunks
+    adds them into the float32 gradient of the whole batch."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    be = CupyBackend(device_id=0, layout=layout, dtype=dtype, tf32=False, wgrad_streams=2, wgrad_chunks=3)
+    a = Arrays(be, seed=4)
+    c, k, size = 8, 16, 8
+    x, x_ref = a.activation(n, c, size, size)
+    dy, dy_ref = a.activation(n, k, size, size)
+    weight_shape = be.conv_weight_shape(k, c, 3, 3)
+    rows = a.nan((3,) + weight_shape)
+    with fast_path(be, conv_ops=("wgrad",)):
+        be.conv2d_backward_filter(x, dy, 1, 1, rows)
+    be.wait_for_gradients()
+    bounds = [n * j // 3 for j in range(4)]
+    ref = a.ref
+    for j, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        expected = ref.conv2d_backward_filter(x_ref[start:stop], dy_ref[start:stop], 1, 1, np.empty(weight_shape))
+        magnitude = ref.conv2d_backward_filter(np.abs(x_ref[start:stop]), np.abs(dy_ref[start:stop]), 1, 1,
+                                               np.empty(weight_shape))
+        assert_bounded(a.get(rows)[j], expected, CONV[dtype] * magnitude, what=f"chunk {j} ({stop - start} images)")
+    dw = a.nan(weight_shape, dtype=np.float32)
+    with fast_path(be, kernels=("sum_rows",)):
+        be.sum_chunks(dw, rows)
+    expected = ref.conv2d_backward_filter(x_ref, dy_ref, 1, 1, np.empty(weight_shape))
+    magnitude = ref.conv2d_backward_filter(np.abs(x_ref), np.abs(dy_ref), 1, 1, np.empty(weight_shape))
+    assert_bounded(a.get(dw), expected, CONV[dtype] * magnitude, what="sum of the chunks")
+    assert be.calls["sum_chunks"] == 1
 
 
 # --------------------------------------------------------------------------- batch normalization

@@ -17,8 +17,8 @@ from cupynet.params import ParamStore
 LAYOUTS = ["NCHW", "NHWC"]
 
 
-def make_backend(layout):
-    return NumpyBackend(layout=layout, dtype="float64")
+def make_backend(layout, wgrad_chunks=1):
+    return NumpyBackend(layout=layout, dtype="float64", wgrad_chunks=wgrad_chunks)
 
 
 def away_from_zero(a, margin=0.05):
@@ -131,10 +131,13 @@ def test_softmax_cross_entropy():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("block,depth", [("v1", 8), ("v2", 8), ("bottleneck", 11)])
-def test_whole_resnet_through_the_loss(layout, block, depth):
-    """End to end: stem, every block kind with its shortcuts (stride 2 stages), pool, dense, softmax-CE."""
-    be, rng = make_backend(layout), np.random.default_rng(8)
+@pytest.mark.parametrize("block,depth,wgrad_chunks", [("v1", 8, 1), ("v2", 8, 1), ("bottleneck", 11, 1),
+                                                      ("v1", 8, 2), ("v1", 8, 4)])
+def test_whole_resnet_through_the_loss(layout, block, depth, wgrad_chunks):
+    """End to end: stem, every block kind with its shortcuts (stride 2 stages), pool, dense, softmax-CE.
+    With wgrad_chunks > 1 every convolution's weight gradient is the sum of per-slice gradients of the
+    3-image batch (1 + 2 images; with 4 chunks one slice is empty), added by ParamStore."""
+    be, rng = make_backend(layout, wgrad_chunks), np.random.default_rng(8)
     model = ResNet(be, depth, block, bn_decay=0.9)
     model.init(rng)
     x = rng.standard_normal(be.activation_shape(3, 3, 8, 8))
@@ -149,6 +152,7 @@ def test_whole_resnet_through_the_loss(layout, block, depth):
 
     result = check_directional_gradients(loss_fn, grad_fn, [model.params.flat], rng, num_directions=4)
     assert result.ok, result.report()
+    assert be.calls["sum_chunks"] == (0 if wgrad_chunks == 1 else be.calls["wait_for_gradients"])
 
 
 def test_weight_decay_is_the_gradient_of_half_wd_squared_norm():

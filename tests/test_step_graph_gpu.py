@@ -29,11 +29,11 @@ def dataset():
     return synthetic_dataset(num_train=64, num_test=24, seed=1)
 
 
-def make_backend(layout, dtype, tf32=True, wgrad_streams=1):
+def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
-    return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams)
+    return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):
@@ -134,18 +134,24 @@ def test_host_communicator_is_never_captured(dataset):
         Trainer(TrainConfig(**BASE, cuda_graph="on"), dataset, backend, comm)
 
 
-@pytest.mark.parametrize("wgrad_streams", [1, 3])
-def test_weight_gradients_beside_the_main_stream_equal_the_serial_order(dataset, wgrad_streams):
+@pytest.mark.parametrize("wgrad_streams,wgrad_chunks", [(1, 1), (3, 1), (2, 2)])
+def test_weight_gradients_beside_the_main_stream_equal_the_serial_order(dataset, wgrad_streams, wgrad_chunks):
     """Weight gradients on side streams (overlapping the data gradients; with 3 streams taken in turn,
     also each other, every stream with its own cuDNN workspace), captured, against the
     plain serial eager order on one stream: the same kernels on the same data, so the same bits.
-    ResNet-8 has 9 weight gradients per step: each of 3 streams serves several."""
-    serial_backend = make_backend("NHWC", "bfloat16")
+    ResNet-8 has 9 weight gradients per step: each of 3 streams serves several. With 2 chunks each
+    weight gradient is two cuDNN calls over half the batch, side by side on the 2 streams, summed at the
+    end of backward in a fixed order: the serial run computes the same chunks one after another."""
+    serial_backend = make_backend("NHWC", "bfloat16", wgrad_chunks=wgrad_chunks)
     serial_backend.overlap_wgrad = False
     serial = train(TrainConfig(**BASE, dtype="bfloat16", cuda_graph="off"), dataset, serial_backend)
-    backend = make_backend("NHWC", "bfloat16", wgrad_streams=wgrad_streams)
-    overlapped = train(TrainConfig(**BASE, dtype="bfloat16", cuda_graph="on", wgrad_streams=wgrad_streams), dataset,
-                       backend)
+    backend = make_backend("NHWC", "bfloat16", wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks)
+    overlapped = train(TrainConfig(**BASE, dtype="bfloat16", cuda_graph="on", wgrad_streams=wgrad_streams,
+                                   wgrad_chunks=wgrad_chunks), dataset, backend)
     assert backend.overlap_wgrad and overlapped[0].runner.captured
     assert len(backend.side_streams) == backend.conv.wgrad_lanes == wgrad_streams
+    # the weight-gradient graphs were built for slices of the batch of 16: 8 images each with 2 chunks
+    assert {choice["dims"][0] for choice in backend.conv.engine_choices() if choice["op"] == "wgrad"} \
+        == {16 // wgrad_chunks}
+    assert serial_backend.calls["sum_chunks"] == STEPS      # one sum per step, for every convolution
     assert_identical(serial, overlapped)

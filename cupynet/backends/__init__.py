@@ -14,6 +14,11 @@ from cupynet.errors import DeviceError
 # shows more to be faster: bench/layouts.py --wgrad-streams 1,2,3 measures it.
 WGRAD_STREAMS = 1
 MAX_WGRAD_STREAMS = 8
+# Slices of the batch each weight gradient is computed over, side by side, then summed (--wgrad-chunks):
+# deterministic parallelism for small convolutions. 1 until a GPU run shows more to be faster
+# (bench/layouts.py --wgrad-chunks 1,2,4).
+WGRAD_CHUNKS = 1
+MAX_WGRAD_CHUNKS = 8
 
 GPU_INSTALL_HINT = ("pip install 'cupynet[gpu]' (CuPy >= 14, cuDNN 9, the cuDNN Frontend, NCCL) "
                     "on a machine with an NVIDIA GPU")
@@ -73,16 +78,16 @@ def check_dtype(device, dtype):
 
 
 def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_streams=WGRAD_STREAMS,
-                   deterministic=True):
+                   deterministic=True, wgrad_chunks=WGRAD_CHUNKS):
     """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first).
     tf32, autotune (time cuDNN's candidate engines, keep the fastest), wgrad_streams (side streams the
     weight gradients take in turn) and deterministic (only cuDNN engines that repeat their bits) concern
-    the GPU only."""
+    the GPU only; wgrad_chunks (weight gradients per slice of the batch, then summed) both."""
     check_dtype(device, dtype)
     if device == "cpu":
         from cupynet.backends.numpy_backend import NumpyBackend
-        return NumpyBackend(layout=layout, dtype=dtype)
+        return NumpyBackend(layout=layout, dtype=dtype, wgrad_chunks=wgrad_chunks)
     check_devices([device])
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32, autotune=autotune,
-                       wgrad_streams=wgrad_streams, deterministic=deterministic)
+                       wgrad_streams=wgrad_streams, deterministic=deterministic, wgrad_chunks=wgrad_chunks)

@@ -21,7 +21,9 @@ Streams and synchronisation
     from the main stream and overlapping the data gradients that follow (independent work, and small
     convolutions leave most of the GPU idle); `wait_for_gradients`, `to_host` and `synchronize` join
     them. With wgrad_streams=N > 1 the step's weight gradients take the N side streams in turn, so they
-    also overlap each other (each stream has its own cuDNN workspace).
+    also overlap each other (each stream has its own cuDNN workspace). With wgrad_chunks=K > 1 each
+    weight gradient is K cuDNN calls over K slices of the batch, on consecutive side streams, summed once
+    per step for every convolution (`sum_chunks`, in a fixed order: deterministic).
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -40,9 +42,9 @@ bfloat16: CuPy 14 has a real bfloat16 dtype when `ml_dtypes` is installed (CuPy 
 Mixed precision (dtype="bfloat16"): activations, their gradients and the convolutions' weight copy
     (ParamStore.compute_flat) are bf16; master parameters, gradients, momentum, BatchNorm statistics,
     the loss and all accumulations are float32 (`param_dtype`). cuDNN writes wgrad in its io dtype, so
-    the model hands `conv2d_backward_filter` a bf16 gradient view (ParamStore.grad_compute_flat, converted
-    to float32 in one pass at the end of backward); given a float32 view, it writes a bf16 scratch and
-    converts.
+    the model hands `conv2d_backward_filter` a bf16 gradient view (ParamStore.grad_compute_flat, summed
+    into float32 in one pass at the end of backward, `sum_chunks`); given a float32 view, it writes a bf16
+    scratch and converts.
     The dense layer computes in float32 (its kernels read bf16 inputs and float32 weights directly).
 
 float32: `tf32=True` lets cuDNN use TF32 tensor cores (~1e-3 relative error per convolution);
@@ -58,7 +60,7 @@ try:                                # importable without CuPy, so CPU tests can 
 except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
-from cupynet.backends import MAX_WGRAD_STREAMS
+from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS
 from cupynet.backends.kernels import KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.errors import DeviceError
@@ -145,7 +147,7 @@ class CupyBackend(LayoutMixin):
     xp = cupy
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
-                 wgrad_streams=1, deterministic=True):
+                 wgrad_streams=1, deterministic=True, wgrad_chunks=1):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -155,6 +157,8 @@ class CupyBackend(LayoutMixin):
             raise ValueError(f"dtype must be one of {DTYPES} on the GPU, got {dtype!r}")
         if not (isinstance(wgrad_streams, int) and 1 <= wgrad_streams <= MAX_WGRAD_STREAMS):
             raise ValueError(f"wgrad_streams must be an integer from 1 to {MAX_WGRAD_STREAMS}, got {wgrad_streams!r}")
+        if not (isinstance(wgrad_chunks, int) and 1 <= wgrad_chunks <= MAX_WGRAD_CHUNKS):
+            raise ValueError(f"wgrad_chunks must be an integer from 1 to {MAX_WGRAD_CHUNKS}, got {wgrad_chunks!r}")
         self.layout = layout
         self.dtype = bfloat16_dtype() if dtype_name == "bfloat16" else np.dtype(np.float32)   # activations
         self.param_dtype = np.dtype(np.float32)     # master parameters, gradients, optimizer, statistics
@@ -162,6 +166,7 @@ class CupyBackend(LayoutMixin):
         self.autotune = bool(autotune)          # time cuDNN's candidate engines on first use, keep the fastest
         self.deterministic = bool(deterministic)  # only cuDNN engines that repeat their bits (cudnn_conv.py)
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
+        self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for
         self._wgrad_turn = 0                    # the next weight gradient's side stream (in turn, per step)
         self.calls = Counter()
@@ -295,9 +300,21 @@ class CupyBackend(LayoutMixin):
                             tuple(args) + (_i32(vec),))
 
     def _convert(self, source, target):
-        """target = source converted to target's dtype (same number of elements)."""
+        """target = source converted to target's dtype (same number of elements): a sum of one row."""
         n = _count(source)
-        self._launch_1d("convert", (ctype(source.dtype), ctype(target.dtype)), n, (source, target, _i32(n)))
+        self._launch_1d("sum_rows", (ctype(source.dtype), ctype(target.dtype)), n,
+                        (source, target, _i32(n), _i32(1)))
+
+    @_primitive
+    def sum_chunks(self, target, chunks):
+        """target[...] = the sum of chunks' rows (chunks: (rows, *target.shape)), added in row order in float32,
+        converted to target's dtype: weight gradients computed per slice of the batch (or in bf16) into the
+        float32 ones, for every convolution in one pass."""
+        if chunks.shape[1:] != target.shape:
+            raise ValueError(f"sum_chunks: rows of {chunks.shape[1:]} do not match {target.shape}")
+        n = _count(target)
+        self._launch_1d("sum_rows", (ctype(chunks.dtype), ctype(target.dtype)), n,
+                        (chunks, target, _i32(n), _i32(chunks.shape[0])))
 
     # ----------------------------------------------------------------- convolution (cuDNN Frontend)
 
@@ -313,24 +330,32 @@ class CupyBackend(LayoutMixin):
     @_primitive
     def conv2d_backward_filter(self, x, dy, stride, pad, dw):
         """dw = d(loss)/dw, written, in dw's dtype: the activation dtype directly, else (float32 dw in bf16)
-        through a bf16 scratch and a conversion.
+        through a bf16 scratch and a conversion. dw of shape (chunks, *weight): dw[j] is the gradient of
+        the j-th slice of the batch (LayoutMixin.weight_gradient_parts; --wgrad-chunks), each its own cuDNN
+        call, the chunks side by side on consecutive side streams: more of the GPU busy than one call over
+        the whole batch gets at 16-64 channels, and the sum of the chunks (`sum_chunks`, once per step for
+        every convolution) is added in a fixed order, so the result still repeats its bits.
 
-        It runs on a side stream (the step's k-th weight gradient on side stream k mod wgrad_streams),
-        after everything enqueued so far on the main stream. With overlap_wgrad (the default) it also runs
-        beside what comes next (the data gradient, the layers below, other weight gradients; x and dy are
-        not written again in this step), and dw is final once the main stream has waited for the side
-        streams: `wait_for_gradients()` (the model calls it at the end of backward), `to_host` and
+        It runs on side streams (the step's k-th cuDNN weight-gradient call on side stream k mod
+        wgrad_streams), after everything enqueued so far on the main stream. With overlap_wgrad (the default)
+        it also runs beside what comes next (the data gradient, the layers below, other weight gradients; x
+        and dy are not written again in this step), and dw is final once the main stream has waited for the
+        side streams: `wait_for_gradients()` (the model calls it at the end of backward), `to_host` and
         `synchronize`. Without, the main stream waits for it at once (serial order; bench/layers.py times
         each primitive that way).
         """
-        lane = self._wgrad_turn % len(self.side_streams)
-        self._wgrad_turn += 1
-        side = self.side_streams[lane]
         self._fork.record(self.stream)
-        side.wait_event(self._fork)
-        with side:
-            self._weight_gradient(x, dy, stride, pad, dw, lane)
-        self._side_pending.add(lane)
+        for x_part, dy_part, dw_part in self.weight_gradient_parts(x, dy, dw):
+            lane = self._wgrad_turn % len(self.side_streams)
+            self._wgrad_turn += 1
+            side = self.side_streams[lane]
+            side.wait_event(self._fork)
+            with side:
+                if x_part.shape[0]:
+                    self._weight_gradient(x_part, dy_part, stride, pad, dw_part, lane)
+                else:                                   # a batch smaller than the chunks: nothing to add
+                    dw_part.fill(0)
+            self._side_pending.add(lane)
         if not self.overlap_wgrad:
             self._join_side_stream()
         return dw

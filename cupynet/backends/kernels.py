@@ -45,7 +45,8 @@ KERNELS = {
         "relu_forward": _per_type(*ACTIVATION_TYPES),
         "relu_backward": _per_type(*ACTIVATION_TYPES),
         "residual_add": _per_type(*ACTIVATION_TYPES),
-        "convert": [(BF16, FLOAT), (FLOAT, BF16)],   # gradients to float32, the weights' bf16 compute copy
+        # weight gradients (per batch chunk, or bf16) into float32 ones; the weights' bf16 compute copy
+        "sum_rows": [(BF16, FLOAT), (FLOAT, FLOAT), (FLOAT, BF16)],
     },
     "batchnorm.cu": {
         "bn_stats": _per_type(*ACTIVATION_TYPES),

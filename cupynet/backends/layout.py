@@ -3,6 +3,9 @@
 Activations are (N, C, H, W) or (N, H, W, C); conv weights are (K, C, R, S) for NCHW and (K, R, S, C) for
 NHWC (what cuDNN wants for each layout); checkpoints store weights canonically as KCRS. The conversions are
 transposed views, valid on NumPy and CuPy arrays alike. A backend mixes this in and sets `self.layout`.
+
+Also here, because both backends split a weight gradient the same way: `weight_gradient_parts` (a batch
+cut into chunks, --wgrad-chunks).
 """
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -30,3 +33,19 @@ class LayoutMixin:
 
     def weight_from_canonical(self, w_kcrs):
         return w_kcrs if self.layout == "NCHW" else w_kcrs.transpose(0, 2, 3, 1)
+
+    @staticmethod
+    def weight_gradient_parts(x, dy, dw):
+        """The (x, dy, dw) parts of one conv2d_backward_filter call.
+
+        dw shaped like the weight: one part, the whole batch. dw of shape (chunks, *weight shape): one part
+        per chunk, dw[j] the weight gradient of the j-th of `chunks` near-equal slices of the batch (views
+        of x and dy, contiguous since the batch is the outermost axis in both layouts; a slice is empty
+        when the batch is smaller than `chunks`). Their sum is the whole batch's gradient: the caller adds
+        them (ParamStore.gather_compute_gradients, one `sum_chunks` over every convolution at once).
+        """
+        if dw.ndim == x.ndim:
+            return [(x, dy, dw)]
+        n, chunks = x.shape[0], dw.shape[0]
+        bounds = [n * j // chunks for j in range(chunks + 1)]
+        return [(x[a:b], dy[a:b], dw[j]) for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]

@@ -28,10 +28,15 @@ class NumpyBackend(LayoutMixin):
     name = "numpy"
     xp = np
 
-    def __init__(self, layout="NHWC", dtype="float32"):
+    def __init__(self, layout="NHWC", dtype="float32", wgrad_chunks=1):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if not (isinstance(wgrad_chunks, int) and wgrad_chunks >= 1):
+            raise ValueError(f"wgrad_chunks must be a positive integer, got {wgrad_chunks!r}")
         self.layout = layout
+        # weight gradients per slice of the batch, summed later (the GPU's --wgrad-chunks; here only to
+        # check that path against the plain one: it is no faster on the CPU)
+        self.wgrad_chunks = wgrad_chunks
         self.dtype = np.dtype(dtype)        # activations and weights
         self.param_dtype = np.dtype(dtype)  # master parameters, gradients, optimizer state
         self.calls = Counter()
@@ -62,6 +67,19 @@ class NumpyBackend(LayoutMixin):
         if target.shape != source.shape:
             raise ValueError(f"copy_into: source {source.shape} does not match target {target.shape}")
         target[...] = source
+
+    def sum_chunks(self, target, chunks):
+        """target[...] = the sum of chunks' rows (chunks: (rows, *target.shape)), added in row order in float32
+        (float64 for a float64 target), converted to target's dtype: weight gradients computed per slice of
+        the batch, into the float32 ones."""
+        if chunks.shape[1:] != target.shape:
+            raise ValueError(f"sum_chunks: rows of {chunks.shape[1:]} do not match {target.shape}")
+        self.calls["sum_chunks"] += 1
+        accumulate = np.float64 if target.dtype == np.float64 else np.float32
+        total = chunks[0].astype(accumulate)
+        for row in chunks[1:]:
+            total += row
+        target[...] = total
 
     def fill(self, array, value):
         """Set every element (e.g. the learning-rate scalar between steps)."""
@@ -152,13 +170,15 @@ class NumpyBackend(LayoutMixin):
         return dx
 
     def conv2d_backward_filter(self, x, dy, stride, pad, dw):
-        """dw = d(loss)/dw, written (not accumulated) into dw."""
+        """dw = d(loss)/dw, written (not accumulated) into dw; dw of shape (chunks, *weight): per batch
+        chunk (LayoutMixin.weight_gradient_parts)."""
         self.calls["conv2d_backward_filter"] += 1
-        dw_krsc = self._as_nhwc(dw)
-        k, r, s, _ = dw_krsc.shape
-        cols, _ = self._im2col(self._as_nhwc(x), r, s, stride, (pad, pad, pad, pad))
-        dy_rows = self._as_nhwc(dy).reshape(-1, k)                       # (N*Ho*Wo, K)
-        dw_krsc[...] = (dy_rows.T @ cols).reshape(k, r, s, -1)
+        for x_part, dy_part, dw_part in self.weight_gradient_parts(x, dy, dw):
+            dw_krsc = self._as_nhwc(dw_part)
+            k, r, s, _ = dw_krsc.shape
+            cols, _ = self._im2col(self._as_nhwc(x_part), r, s, stride, (pad, pad, pad, pad))
+            dy_rows = self._as_nhwc(dy_part).reshape(-1, k)                  # (N*Ho*Wo, K)
+            dw_krsc[...] = (dy_rows.T @ cols).reshape(k, r, s, -1)
         return dw
 
     # ----------------------------------------------------------------- batch normalization
