@@ -2,7 +2,8 @@
 # One-shot GPU verification of cupynet, run from the repository root on the GPU machine:
 #
 #     bash bench/device_check.sh [path/to/cifar10-jpeg.tar.xz]        # or CIFAR_JPEG=... bash bench/device_check.sh
-#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,layouts,vs_torch,layers,scaling \
+#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_BUDGET=575 bash bench/device_check.sh ARCHIVE    # everything, one call
+#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,conv_engines,layouts,scaling,train \
 #         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
 #
 # Stages, most important first, each under its own `timeout` and all under one overall budget
@@ -11,10 +12,18 @@
 #   install     the cuDNN Frontend wheel carried in .whl/ -> .site/ (the GPU machine has no package index)
 #   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
-#   step_options  the captured NHWC step with 1-3 side streams for the weight gradients, deterministic
-#               cuDNN engines or not                                                  -> step_options*.json
-#   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios
-#               (skipped if torch with CUDA does not import)                          -> $OUT/vs_torch.json
+#   step_options  the captured NHWC step over the step's options: side streams for the weight gradients,
+#               batch chunks per weight gradient, deterministic cuDNN engines or not; bf16 and fp32 at
+#               batch 128, bf16 at 512. bench/best_step_options.py then picks the fastest of each (the
+#               defaults unless 2% faster), and the stages below run with them    -> step_options*.json,
+#                                                                                    best_options.txt
+#   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
+#   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe with
+#               the fastest bf16 options (DEVICE_CHECK_ACCURACY_ARGS="--seed 1" adds flags; "--seed 0;--seed 1"
+#               runs twice)                                     -> $OUT/accuracy.json, accuracy_2.json, ...
+#   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios, NHWC and
+#               NCHW, bf16 and fp32 (skipped if torch with CUDA does not import)   -> vs_torch*.json
+#   batch512    ResNet-44 batch 512 bf16 NHWC against PyTorch                        -> $OUT/vs_torch_512.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
 #                                                                                     -> $OUT/layers.json
 #   conv_engines  every cuDNN engine of the bf16 NHWC step's convolutions, timed, against cupynet's choice
@@ -22,12 +31,7 @@
 #   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
 #   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
-#   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
 #   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
-#   batch512    ResNet-44 batch 512 bf16 NHWC captured, and vs PyTorch               -> $OUT/*_512.json
-#   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe
-#               (DEVICE_CHECK_ACCURACY_ARGS="--seed 1" adds flags; "--seed 0;--seed 1" runs twice)
-#                                                                       -> $OUT/accuracy.json, accuracy_2.json, ...
 # Then $OUT/summary.txt: versions, stage results, test counts, the images/s tables, the accuracy run.
 #
 # A failing stage is recorded and the next one runs; the exit status is non-zero if any stage failed.
@@ -162,7 +166,8 @@ convert_cifar() {   # convert_cifar ARCHIVE CONVERTER: writes $TMP/cifar/cifar-1
     "$PY" "$TMP/jpeg/cifar10_from_jpeg.py" "$TMP/cifar"
 }
 
-accuracy_runs() {   # accuracy_runs CIFAR_DIR: one time_to_accuracy run per ';'-separated DEVICE_CHECK_ACCURACY_ARGS entry
+accuracy_runs() {   # accuracy_runs CIFAR_DIR: one time_to_accuracy run per ';'-separated DEVICE_CHECK_ACCURACY_ARGS
+                    # entry, each with the fastest bf16 step options ($BEST_BF16) first, so the entry's flags win
     local runs=() i=0 args
     IFS=';' read -r -a runs <<< "${DEVICE_CHECK_ACCURACY_ARGS:-}"
     ((${#runs[@]})) || runs=("")
@@ -170,8 +175,9 @@ accuracy_runs() {   # accuracy_runs CIFAR_DIR: one time_to_accuracy run per ';'-
         i=$((i + 1))
         local json="$OUT/accuracy.json"
         ((i == 1)) || json="$OUT/accuracy_$i.json"
-        # shellcheck disable=SC2086  # the run's flags are word-split on purpose
-        "$PY" bench/time_to_accuracy.py --data-dir "$1" --model-dir "$TMP/tta_$i" --json "$json" $args || return
+        # shellcheck disable=SC2086  # the flags are word-split on purpose
+        "$PY" bench/time_to_accuracy.py --data-dir "$1" --model-dir "$TMP/tta_$i" --json "$json" ${BEST_BF16:-} $args \
+            || return
     done
 }
 
@@ -241,41 +247,33 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_EXTRA+=(--timeout 9
 run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
     --junitxml="$OUT/gpu_tests.xml"
 
-# The step's options: 1-3 side streams for the weight gradients, deterministic cuDNN engines or not;
-# captured NHWC steps at batch 128 (both precisions) and 512.
-run_stage step_options 180 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC \
-    --dtypes float32,bfloat16 --cuda-graph on --wgrad-streams 1,2,3 --conv-deterministic on,off --warmup 5 \
-    --steps 20 --repeats 5 --json "$OUT/step_options.json" &&
+# The step's options, captured NHWC steps: side streams for the weight gradients x batch chunks per weight
+# gradient x deterministic cuDNN engines or not; bf16 and fp32 at batch 128, bf16 at batch 512.
+run_stage step_options 150 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC \
+    --dtypes bfloat16 --cuda-graph on --wgrad-streams 1,2,3 --wgrad-chunks 1,2 --conv-deterministic on,off \
+    --warmup 5 --steps 20 --repeats 5 --json "$OUT/step_options.json" &&
+    "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
+    --wgrad-streams 1,2 --wgrad-chunks 1,2 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
+    --json "$OUT/step_options_fp32.json" &&
     "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-    --wgrad-streams 1,2,3 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
+    --wgrad-streams 1,2,4 --wgrad-chunks 1,4 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
     --json "$OUT/step_options_512.json"'
 
-if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    run_stage vs_torch 150 "$PY" bench/vs_torch.py --device 0 --depth 44 --batch 128 --layouts NHWC,NCHW \
-        --dtypes float32,bfloat16 --json "$OUT/vs_torch.json"
-else
-    skip_stage vs_torch "PyTorch with CUDA is not importable here"
-fi
-
-# The HBM peak of the card's datasheet: H200 4.8 TB/s, H100 SXM 3.35 TB/s (the default).
-PEAK_GBS=3350
-if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200"; then
-    PEAK_GBS=4800
-fi
-run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
-    --steps 5 --peak-gbs "$PEAK_GBS" --json "$OUT/layers.json"
-
-# Every cuDNN engine of the step's convolutions against the ones cupynet runs (weight gradients first).
-run_stage conv_engines 150 "$PY" bench/conv_engines.py --device 0 --depth 44 --batch 128 --layout NHWC \
-    --dtype bfloat16 --max-seconds 100 --json "$OUT/conv_engines.json"
-
-run_stage layouts 120 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
-    --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
-
-run_stage scaling 90 bash -c '"$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1,2 --comm shared \
-    --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling.json" &&
-    "$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1 --comm nccl \
-    --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling_nccl.json"'
+best_options() {   # best_options NAME FILE DTYPE BATCH: the fastest options' flags (none: the defaults), noted
+    local flags
+    if flags=$("$PY" bench/best_step_options.py "$OUT/$2" --dtype "$3" --batch "$4" 2>>"$OUT/best_options.txt"); then
+        echo "$1: ${flags:-(the defaults)}" >> "$OUT/best_options.txt"
+        echo "$flags"
+    else
+        echo "$1: (the defaults: nothing measured)" >> "$OUT/best_options.txt"
+    fi
+}
+: > "$OUT/best_options.txt"
+BEST_BF16=$(best_options bf16_128 step_options.json bfloat16 128)
+BEST_FP32=$(best_options fp32_128 step_options_fp32.json float32 128)
+BEST_512=$(best_options bf16_512 step_options_512.json bfloat16 512)
+export BEST_BF16 BEST_FP32 BEST_512
+cat "$OUT/best_options.txt"
 
 if ARCHIVE=$(find_cifar_archive "${1:-}"); then
     if CONVERTER=$(find_converter "$ARCHIVE"); then
@@ -290,30 +288,55 @@ else
     skip_stage cifar "no CIFAR-10 JPEG archive (give its path as argument 1 or CIFAR_JPEG)"
 fi
 
+if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" ]]; then
+    skip_stage accuracy "not asked for (DEVICE_CHECK_ACCURACY=1 runs the 122-epoch recipe)"
+elif [[ -n "$CIFAR_DIR" ]]; then
+    # with the fastest bf16 options; DEVICE_CHECK_ACCURACY_ARGS: flags for it, e.g. "--seed 1" (they win over
+    # the chosen options); several runs separated by ';' (one after another, each ~150 s on an H100)
+    run_stage accuracy 400 bash -c 'accuracy_runs "$0"' "$CIFAR_DIR"
+else
+    skip_stage accuracy "needs the converted CIFAR-10 data"
+fi
+
+# Issue 6's ratios: each precision with its fastest options (the JSON records them).
+if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    run_stage vs_torch 150 bash -c '"$PY" bench/vs_torch.py --device 0 --depth 44 --batch 128 --layouts NHWC,NCHW \
+        --dtypes bfloat16 $BEST_BF16 --json "$OUT/vs_torch.json" &&
+        "$PY" bench/vs_torch.py --device 0 --depth 44 --batch 128 --layouts NHWC,NCHW --dtypes float32 $BEST_FP32 \
+        --json "$OUT/vs_torch_fp32.json"'
+    run_stage batch512 90 bash -c '"$PY" bench/vs_torch.py --device 0 --depth 44 --batch 512 --layouts NHWC \
+        --dtypes bfloat16 $BEST_512 --json "$OUT/vs_torch_512.json"'
+else
+    skip_stage vs_torch "PyTorch with CUDA is not importable here"
+    skip_stage batch512 "PyTorch with CUDA is not importable here (step_options_512.json has cupynet's figures)"
+fi
+
+# The HBM peak of the card's datasheet: H200 4.8 TB/s, H100 SXM 3.35 TB/s (the default).
+PEAK_GBS=3350
+if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200"; then
+    PEAK_GBS=4800
+fi
+run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
+    --steps 5 --peak-gbs "$PEAK_GBS" --json "$OUT/layers.json"
+
+# Every cuDNN engine of the step's convolutions against the ones cupynet runs (weight gradients first).
+run_stage conv_engines 100 "$PY" bench/conv_engines.py --device 0 --depth 44 --batch 128 --layout NHWC \
+    --dtype bfloat16 --max-seconds 75 --json "$OUT/conv_engines.json"
+
+run_stage layouts 60 "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NCHW,NHWC \
+    --dtypes float32,bfloat16 --cuda-graph off,on --warmup 5 --steps 20 --repeats 5 --json "$OUT/layouts.json"
+
+run_stage scaling 60 bash -c '"$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1,2 --comm shared \
+    --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling.json" &&
+    "$PY" bench/scaling.py --device 0 --depth 44 --batch 128 --workers 1 --comm nccl \
+    --warmup 3 --steps 10 --repeats 5 --json "$OUT/scaling_nccl.json"'
+
 if [[ -n "$CIFAR_DIR" ]]; then
     run_stage train 60 "$PY" -m cupynet.train --gpus 0 --data-dir "$CIFAR_DIR" --train-steps 300 \
         --log-interval 50 --model-dir "$TMP/run"
     cp "$TMP/run/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null || true
 else
     skip_stage train "needs the converted CIFAR-10 data"
-fi
-
-# Issue 6's large-batch target (ResNet-44, batch 512, bf16 NHWC, captured) and its PyTorch peers.
-run_stage batch512 120 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC \
-    --dtypes bfloat16 --cuda-graph on --warmup 5 --steps 10 --repeats 5 --json "$OUT/layouts_512.json" &&
-    if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-        "$PY" bench/vs_torch.py --device 0 --depth 44 --batch 512 --layouts NHWC --dtypes bfloat16 \
-            --json "$OUT/vs_torch_512.json"
-    fi'
-
-if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" ]]; then
-    skip_stage accuracy "not asked for (DEVICE_CHECK_ACCURACY=1 runs the 122-epoch recipe)"
-elif [[ -n "$CIFAR_DIR" ]]; then
-    # DEVICE_CHECK_ACCURACY_ARGS: flags for it, e.g. "--seed 1"; several runs separated by ';' (one after
-    # another, each up to ~160 s on an H100: "--seed 0;--seed 1;--seed 2" fits one device call)
-    run_stage accuracy 560 bash -c 'accuracy_runs "$0"' "$CIFAR_DIR"
-else
-    skip_stage accuracy "needs the converted CIFAR-10 data"
 fi
 
 # ----------------------------------------------------------------------------- summary
@@ -358,12 +381,19 @@ except (OSError, ET.ParseError, AttributeError):
         print("  no results")
 
 print("\nstep options, NHWC captured (images/s, median)")
-for name in ("step_options.json", "step_options_512.json"):
+for name in ("step_options.json", "step_options_fp32.json", "step_options_512.json"):
     for row in (load(name) or {}).get("results", []):
-        determinism = "deterministic" if row["conv_deterministic"] else "any engine"
-        print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams']} wgrad stream(s), "
-              f"{determinism:<13}: "
+        determinism = {True: "deterministic", False: "any engine"}.get(row["conv_deterministic"], "-")
+        print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams'] or '-'} wgrad "
+              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}: "
               f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
+try:
+    chosen = open(os.path.join(out, "best_options.txt")).read().strip().splitlines()
+    print("chosen (bench/best_step_options.py):")
+    for line in chosen:
+        print("  " + line)
+except OSError:
+    pass
 
 engines = load("conv_engines.json")
 if engines:
@@ -383,7 +413,8 @@ for name in ("layouts.json", "layouts_512.json"):
     for row in (load(name) or {}).get("results", []):
         column = "cupynet graph" if row.get("captured") else "cupynet eager"
         rows.setdefault((row["batch"], row["layout"], row["dtype"]), {})[column] = row["images_per_sec"]
-for row in (load("vs_torch.json") or {}).get("results", []) + (load("vs_torch_512.json") or {}).get("results", []):
+VS_TORCH = ("vs_torch.json", "vs_torch_fp32.json", "vs_torch_512.json")
+for row in [row for name in VS_TORCH for row in (load(name) or {}).get("results", [])]:
     cells = rows.setdefault((row.get("batch"), row.get("layout"), row.get("dtype")), {})
     for key, column in (("torch_eager", "torch eager"), ("torch_graph", "torch graph"), ("cupynet", "vs_torch cupynet")):
         value = row.get(key)
@@ -397,6 +428,16 @@ for (batch, layout, dtype), values in sorted(rows.items(), key=str):
           "".join(f"{values[c]:>18.0f}" if c in values else f"{'-':>18}" for c in columns))
 if not rows:
     print("  no throughput results")
+
+print("\ncupynet / PyTorch (vs_torch.py, one process; issue 6: >= 1.5x graphed, >= 4x eager at batch 128 bf16)")
+for name in VS_TORCH:
+    report = load(name) or {}
+    args = report.get("args", {})
+    options = (f"{args.get('wgrad_streams', 1)} wgrad stream(s), {args.get('wgrad_chunks', 1)} chunk(s), "
+               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}")
+    for row in report.get("results", []):
+        print(f"  batch {row.get('batch')} {row.get('layout')} {row.get('dtype'):<9} vs graphed "
+              f"{row.get('ratio_vs_torch_graph')}x, vs eager {row.get('ratio_vs_torch_eager')}x  ({options})")
 
 layers = load("layers.json")
 if layers:
@@ -421,6 +462,8 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
     options = [f"{accuracy['args']['dtype']}", f"seed {accuracy['args']['seed']}"]
     if accuracy["args"].get("wgrad_streams"):
         options.append(f"{accuracy['args']['wgrad_streams']} wgrad streams")
+    if accuracy["args"].get("wgrad_chunks"):
+        options.append(f"{accuracy['args']['wgrad_chunks']} wgrad chunks")
     if accuracy["args"].get("conv_deterministic") is False:
         options.append("any cuDNN engine")
     print(f"\ntime to accuracy ({', '.join(options)}): "

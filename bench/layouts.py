@@ -19,13 +19,16 @@ CPU with perf_counter.
 `--cuda-graph` is a grid dimension too: `off` times the eager step (every primitive launched from
 Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_graph.py), `auto` what
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
-So are `--wgrad-streams` (GPU): how many side streams the weight gradients take in turn, and
-`--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen.
+So are the step's options: `--wgrad-streams` (GPU): how many side streams the weight gradients take in
+turn, `--wgrad-chunks`: over how many slices of the batch each weight gradient is computed side by side,
+and `--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen.
 
-    python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on --wgrad-streams 1,2,3
+    python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+        --wgrad-streams 1,2,3 --wgrad-chunks 1,2 --conv-deterministic on,off
 """
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -39,7 +42,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupynet import __version__                                   # noqa: E402
-from cupynet.backends import WGRAD_STREAMS, check_devices, create_backend   # noqa: E402
+from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS,  # noqa: E402
+                              check_devices, create_backend)
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
@@ -58,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
     p.add_argument("--wgrad-streams", default=str(WGRAD_STREAMS),
                    help="GPU, comma-separated: side streams the weight gradients take in turn")
+    p.add_argument("--wgrad-chunks", default=str(WGRAD_CHUNKS),
+                   help="comma-separated: slices of the batch each weight gradient is computed over, then summed")
     p.add_argument("--conv-deterministic", default="on",
                    help="GPU, comma-separated on/off: only cuDNN engines that repeat their bits (on, the default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
@@ -68,9 +74,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device != "cpu" and not args.device.isdigit():
         p.error(f"--device: 'cpu' or a GPU id, got {args.device!r}")
-    for flag in ("depths", "batches", "wgrad_streams"):
+    for flag in ("depths", "batches", "wgrad_streams", "wgrad_chunks"):
         if not all(value.isdigit() and int(value) > 0 for value in getattr(args, flag).split(",")):
             p.error(f"--{flag.replace('_', '-')}: a comma-separated list of positive integers, got {getattr(args, flag)!r}")
+    for flag, most in (("wgrad_streams", MAX_WGRAD_STREAMS), ("wgrad_chunks", MAX_WGRAD_CHUNKS)):
+        if any(int(value) > most for value in getattr(args, flag).split(",")):
+            p.error(f"--{flag.replace('_', '-')}: at most {most}, got {getattr(args, flag)!r}")
     if any(value not in ("on", "off") for value in args.conv_deterministic.split(",")):
         p.error(f"--conv-deterministic: a comma-separated list of on/off, got {args.conv_deterministic!r}")
     if args.quick:
@@ -170,15 +179,15 @@ def device_of(text):
 
 
 def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS,
-            deterministic=True):
+            deterministic=True, wgrad_chunks=WGRAD_CHUNKS):
     """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
                          synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
-                         conv_deterministic=deterministic)
+                         conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
     backend = create_backend(device_of(args.device), layout, dtype, args.tf32, wgrad_streams=wgrad_streams,
-                             deterministic=deterministic)
+                             deterministic=deterministic, wgrad_chunks=wgrad_chunks)
     trainer = Trainer(config, dataset, backend)
     # A captured step is recorded after WARMUP_STEPS eager ones: the recording step is never timed.
     warmup = max(args.warmup, WARMUP_STEPS + 1) if trainer.runner.capture else args.warmup
@@ -204,6 +213,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
             "conv_autotune": getattr(backend, "autotune", None),
             "wgrad_streams": len(backend.side_streams) if hasattr(backend, "side_streams") else None,
             "conv_deterministic": getattr(backend, "deterministic", None),
+            "wgrad_chunks": backend.wgrad_chunks,
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
@@ -227,7 +237,7 @@ def print_row(row):
     form = "graph" if row["captured"] else "eager"
     det = {True: "on", False: "off", None: "-"}[row["conv_deterministic"]]
     print(f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
-          f"{row['wgrad_streams'] or '-':>5} {det:>4} {row['images_per_sec']:>9.1f} {row['images_per_sec_min']:>9.1f} "
+          f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {row['images_per_sec']:>9.1f} {row['images_per_sec_min']:>9.1f} "
           f"{row['images_per_sec_max']:>9.1f} {row['step_ms']:>9.1f}", flush=True)
 
 
@@ -260,20 +270,17 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'det':>4} {'img/s':>9} "
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'img/s':>9} "
           f"{'min':>9} {'max':>9} {'ms/step':>9}")
     rows = []
-    for depth in ints(args.depths):
-        for batch in batches:
-            for layout in args.layouts.split(","):
-                for dtype in args.dtypes.split(","):
-                    for cuda_graph in args.cuda_graph.split(","):
-                        for wgrad_streams in ints(args.wgrad_streams):
-                            for deterministic in on_off(args.conv_deterministic):
-                                row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph, wgrad_streams,
-                                              deterministic)
-                                rows.append(row)
-                                print_row(row)
+    grid = itertools.product(ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
+                             args.cuda_graph.split(","), ints(args.wgrad_streams), ints(args.wgrad_chunks),
+                             on_off(args.conv_deterministic))
+    for depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic in grid:
+        row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph, wgrad_streams, deterministic,
+                      wgrad_chunks)
+        rows.append(row)
+        print_row(row)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

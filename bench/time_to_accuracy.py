@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--data-format", default="NHWC")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wgrad-streams", type=int, help="passed on to cupynet.train (default: its default)")
+    p.add_argument("--wgrad-chunks", type=int, help="passed on to cupynet.train (default: its default)")
     p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
                    help="passed on to cupynet.train: cuDNN engines that add in a varying order may be chosen")
     p.add_argument("--log-interval", type=int, default=500)
@@ -77,6 +78,8 @@ def recipe_flags(args, model_dir):
              "--eval-on", "test", "--model-dir", model_dir]
     if args.wgrad_streams is not None:
         flags += ["--wgrad-streams", args.wgrad_streams]
+    if args.wgrad_chunks is not None:
+        flags += ["--wgrad-chunks", args.wgrad_chunks]
     if not args.conv_deterministic:
         flags += ["--no-conv-deterministic"]
     if not args.quick:

@@ -46,7 +46,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)          # bench/layouts.py (which puts the repository on sys.path) and torch_resnet.py
 
 import layouts                                                     # noqa: E402
-from cupynet.backends import WGRAD_STREAMS, check_dtype, create_backend, gpu_problem   # noqa: E402
+from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS,  # noqa: E402
+                              check_dtype, create_backend, gpu_problem)
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
@@ -132,6 +133,8 @@ def parse_args(argv=None):
                    help="GPU float32: strict float32 convolutions on both sides (default: TF32 on both)")
     p.add_argument("--wgrad-streams", type=int, default=WGRAD_STREAMS,
                    help="cupynet: side streams its weight gradients take in turn")
+    p.add_argument("--wgrad-chunks", type=int, default=WGRAD_CHUNKS,
+                   help="cupynet: slices of the batch each weight gradient is computed over, then summed")
     p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
                    help="cupynet may also pick cuDNN engines that add in a varying order (PyTorch, with "
                         "cudnn.benchmark and without cudnn.deterministic, always may)")
@@ -161,6 +164,11 @@ def argument_problem(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name} must be >= 1, got {value}"
+    for name, most in (("wgrad_streams", MAX_WGRAD_STREAMS), ("wgrad_chunks", MAX_WGRAD_CHUNKS)):
+        if not 1 <= getattr(args, name) <= most:
+            return f"--{name.replace('_', '-')} must be from 1 to {most}, got {getattr(args, name)}"
+    if args.wgrad_chunks > args.batch:
+        return f"--wgrad-chunks {args.wgrad_chunks} is more than the {args.batch} images of the batch"
     if args.warmup is not None and args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
     if args.device not in ("auto", "cpu") and not args.device.isdigit():
@@ -198,13 +206,14 @@ def precision(device, dtype, tf32):
 def cupynet_config(args, layout, dtype):
     return TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=layout, dtype=dtype,
                        synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic,
-                       wgrad_streams=args.wgrad_streams)
+                       wgrad_streams=args.wgrad_streams, wgrad_chunks=args.wgrad_chunks)
 
 
 def cupynet_trainer(args, layout, dtype, dataset):
     config = cupynet_config(args, layout, dtype)
     backend = create_backend(layouts.device_of(args.device), layout, dtype, args.tf32,
-                             wgrad_streams=args.wgrad_streams, deterministic=args.conv_deterministic)
+                             wgrad_streams=args.wgrad_streams, deterministic=args.conv_deterministic,
+                             wgrad_chunks=args.wgrad_chunks)
     return Trainer(config, dataset, backend)
 
 
@@ -504,7 +513,9 @@ def ratio(ours, theirs):
 def benchmark_row(torch, args, layout, dtype, dataset, device):
     eager = torch_form(torch, "eager", args, layout, dtype, device)
     graph = torch_form(torch, "graph", args, layout, dtype, device) if device.type == "cuda" else None
-    ours = layouts.measure(args.depth, args.batch, layout, dtype, args, dataset)
+    # timed with the step options that were verified against PyTorch (cupynet_trainer)
+    ours = layouts.measure(args.depth, args.batch, layout, dtype, args, dataset, wgrad_streams=args.wgrad_streams,
+                           deterministic=args.conv_deterministic, wgrad_chunks=args.wgrad_chunks)
     return {"depth": args.depth, "batch": args.batch, "layout": layout, "dtype": dtype,
             "precision": precision(device, dtype, args.tf32), "torch_eager": eager, "torch_graph": graph,
             "cupynet": ours, "ratio_vs_torch_eager": ratio(ours, eager), "ratio_vs_torch_graph": ratio(ours, graph)}

@@ -59,7 +59,7 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe"),
-                                        ("--device", "x")])
+                                        ("--device", "x"), ("--wgrad-chunks", "9")])
 def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", flag, value],
                             capture_output=True, text=True, timeout=60)
@@ -101,10 +101,12 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
     from bench.time_to_accuracy import parse_args, recipe_flags
     from cupynet.config import parse_args as train_args
     default = train_args(recipe_flags(parse_args(["--data-dir", "D"]), "M"))
-    assert (default.wgrad_streams, default.conv_deterministic, default.num_layers) == (1, True, 44)
-    chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2",
+    assert (default.wgrad_streams, default.wgrad_chunks, default.conv_deterministic, default.num_layers) == \
+        (1, 1, True, 44)
+    chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2", "--wgrad-chunks", "2",
                                                  "--no-conv-deterministic"]), "M"))
-    assert (chosen.wgrad_streams, chosen.conv_deterministic, chosen.train_steps) == (2, False, 122 * 351)
+    assert (chosen.wgrad_streams, chosen.wgrad_chunks, chosen.conv_deterministic, chosen.train_steps) == \
+        (2, 2, False, 122 * 351)
 
 
 def test_time_to_accuracy_refuses_a_used_model_dir(tmp_path):
@@ -131,3 +133,48 @@ def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr
     assert list(scratch.iterdir()) == []                    # its temporary model dir is gone
+
+
+def layouts_row(streams, chunks, deterministic, images_per_sec, dtype="bfloat16", batch=128, captured=True):
+    """A row as bench/layouts.py writes it (the fields best_step_options.py reads)."""
+    return {"depth": 44, "batch": batch, "layout": "NHWC", "dtype": dtype, "captured": captured,
+            "wgrad_streams": streams, "wgrad_chunks": chunks, "conv_deterministic": deterministic,
+            "images_per_sec": images_per_sec}
+
+
+def pick(tmp_path, rows, *args):
+    path = tmp_path / "step_options.json"
+    path.write_text(json.dumps({"benchmark": "layouts", "results": rows}))
+    return subprocess.run([sys.executable, os.path.join(REPO, "bench", "best_step_options.py"), str(path), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_best_step_options_picks_the_fastest_captured_row_of_the_dtype_and_batch(tmp_path):
+    rows = [layouts_row(1, 1, True, 40000), layouts_row(2, 2, True, 43000), layouts_row(3, 1, False, 42000),
+            layouts_row(4, 4, False, 99000, captured=False),            # eager: never chosen
+            layouts_row(4, 4, False, 99000, dtype="float32"),           # another dtype
+            layouts_row(1, 1, True, 60000, batch=512), layouts_row(2, 4, False, 70000, batch=512)]
+    result = pick(tmp_path, rows, "--dtype", "bfloat16", "--batch", "128")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["--wgrad-streams", "2", "--wgrad-chunks", "2"]
+    assert "43000" in result.stderr and "40000" in result.stderr
+    large = pick(tmp_path, rows, "--batch", "512")
+    assert large.stdout.split() == ["--wgrad-streams", "2", "--wgrad-chunks", "4", "--no-conv-deterministic"]
+
+
+def test_best_step_options_keeps_the_defaults_within_the_minimum_gain(tmp_path):
+    rows = [layouts_row(1, 1, True, 40000), layouts_row(2, 1, False, 40500)]       # 1.25% faster
+    assert pick(tmp_path, rows).stdout.strip() == ""
+    assert pick(tmp_path, rows, "--min-gain", "0.01").stdout.split() == ["--wgrad-streams", "2",
+                                                                         "--no-conv-deterministic"]
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"results": [layouts_row(1, 1, True, 1, captured=False)]}),
+                                     json.dumps({"rows": []})])
+def test_best_step_options_refuses_unusable_results_in_one_line(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "best_step_options.py"), str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -21,8 +21,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
-STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "vs_torch", "layers", "conv_engines", "layouts",
-               "scaling", "cifar", "train", "batch512", "accuracy")
+STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "cifar", "accuracy", "vs_torch", "batch512", "layers",
+               "conv_engines", "layouts", "scaling", "train")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -77,9 +77,13 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
                                  "--json", str(tmp_path / f"{script}.json")], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
     (tmp_path / "stages.tsv").write_text("install\tok\t1\t\n")
+    shutil.copy(tmp_path / "layouts.json", tmp_path / "step_options.json")      # the step_options stage's format
+    (tmp_path / "best_options.txt").write_text("bf16_128: --wgrad-chunks 2\n")
     result = subprocess.run([sys.executable, "-c", summary_program(), "0"], env=dict(os.environ, OUT=str(tmp_path)),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    assert re.search(r"batch 8\s+float32\s+- wgrad stream\(s\), 1 chunk\(s\), -", result.stdout)
+    assert "bf16_128: --wgrad-chunks 2" in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
@@ -89,14 +93,16 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
 @needs_bash
 def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
     """DEVICE_CHECK_ACCURACY_ARGS="A;B": the accuracy stage's function runs bench/time_to_accuracy.py once
-    with A and once with B, writing accuracy.json and accuracy_2.json (CPU quick runs here)."""
+    with A and once with B, each after the chosen step options ($BEST_BF16), writing accuracy.json and
+    accuracy_2.json (CPU quick runs here)."""
     out, scratch = tmp_path / "out", tmp_path / "tmp"
     out.mkdir()
     scratch.mkdir()
-    env = dict(os.environ, OUT=str(out), TMP=str(scratch), PY=sys.executable,
-               DEVICE_CHECK_ACCURACY_ARGS="--quick --seed 0;--quick --seed 3")
+    env = dict(os.environ, OUT=str(out), TMP=str(scratch), PY=sys.executable, BEST_BF16="--wgrad-chunks 2",
+               DEVICE_CHECK_ACCURACY_ARGS="--quick --seed 0;--quick --seed 3 --wgrad-chunks 3")
     function = 'source <(sed -n "/^accuracy_runs()/,/^}/p" bench/device_check.sh); accuracy_runs unused-dir'
     result = subprocess.run(["bash", "-c", function], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    seeds = [json.loads((out / name).read_text())["args"]["seed"] for name in ("accuracy.json", "accuracy_2.json")]
-    assert seeds == [0, 3]
+    runs = [json.loads((out / name).read_text())["args"] for name in ("accuracy.json", "accuracy_2.json")]
+    # the chosen options come first; a run's own flags win over them
+    assert [(run["seed"], run["wgrad_chunks"]) for run in runs] == [(0, 2), (3, 3)]

@@ -152,8 +152,10 @@ def test_without_torch_the_script_skips_with_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_bad_flags_exit_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--dtypes", "float16"], capture_output=True, text=True,
-                            timeout=60)
+@pytest.mark.parametrize("args,flag", [(["--dtypes", "float16"], "--dtypes"), (["--wgrad-chunks", "9"], "--wgrad-chunks"),
+                                       (["--batch", "4", "--wgrad-chunks", "8"], "--wgrad-chunks 8"),
+                                       (["--wgrad-streams", "0"], "--wgrad-streams")])
+def test_bad_flags_exit_with_one_line(tmp_path, args, flag):
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "--dtypes" in result.stderr and "Traceback" not in result.stderr
+    assert flag in result.stderr and "Traceback" not in result.stderr

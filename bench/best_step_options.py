@@ -1,0 +1,95 @@
+"""The fastest step options measured by bench/layouts.py, as flags for the scripts that train or compare.
+
+    python bench/best_step_options.py step_options.json --dtype bfloat16 --batch 128
+    --wgrad-streams 2 --wgrad-chunks 2              (stdout: flags for cupynet.train, vs_torch.py, time_to_accuracy.py)
+
+Reads the rows of a `bench/layouts.py --json` file (a grid over --wgrad-streams, --wgrad-chunks and
+--conv-deterministic), keeps the captured ones of the given dtype, batch and layout, and prints the flags of
+the fastest. The defaults (1 stream, 1 chunk, deterministic engines) win unless the fastest row beats them
+by more than --min-gain (default 2%): a difference inside the windows' spread is not worth leaving the
+defaults for. Prints nothing for the defaults. Why it chose, with both figures, goes to stderr.
+bench/device_check.sh uses it to run the accuracy and the PyTorch comparison with the options its own
+step_options stage found fastest, in the same device call.
+
+A missing or unreadable file, or no matching row, is a one-line error and exit status 2.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cupynet.backends import WGRAD_CHUNKS, WGRAD_STREAMS   # noqa: E402
+
+DEFAULT_OPTIONS = (WGRAD_STREAMS, WGRAD_CHUNKS, True)      # (wgrad_streams, wgrad_chunks, conv_deterministic)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="a bench/layouts.py JSON file")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--layout", default="NHWC")
+    p.add_argument("--min-gain", type=float, default=0.02,
+                   help="how much faster than the defaults the best row must be to be chosen (0.02: 2%%)")
+    args = p.parse_args(argv)
+    if args.min_gain < 0:
+        p.error(f"--min-gain must be >= 0, got {args.min_gain}")
+    return args
+
+
+def options_of(row):
+    """(wgrad_streams, wgrad_chunks, conv_deterministic) of a layouts.py row (older rows: no chunks)."""
+    return row.get("wgrad_streams") or 1, row.get("wgrad_chunks") or 1, row.get("conv_deterministic", True)
+
+
+def choose(rows, dtype, batch, layout, min_gain):
+    """(options, best row, default row or None): the fastest captured row's options, or the defaults'
+    unless it beats them by more than min_gain. ValueError when no row matches."""
+    matching = [row for row in rows if row.get("captured") and row.get("dtype") == dtype
+                and row.get("batch") == batch and row.get("layout") == layout]
+    if not matching:
+        raise ValueError(f"no captured {layout} {dtype} batch-{batch} row")
+    best = max(matching, key=lambda row: row["images_per_sec"])
+    default = next((row for row in matching if options_of(row) == DEFAULT_OPTIONS), None)
+    if default is not None and best["images_per_sec"] <= default["images_per_sec"] * (1 + min_gain):
+        return DEFAULT_OPTIONS, best, default
+    return options_of(best), best, default
+
+
+def flags(options):
+    """The command-line flags that select `options` (nothing for a default)."""
+    streams, chunks, deterministic = options
+    out = []
+    if streams != WGRAD_STREAMS:
+        out += ["--wgrad-streams", str(streams)]
+    if chunks != WGRAD_CHUNKS:
+        out += ["--wgrad-chunks", str(chunks)]
+    if not deterministic:
+        out += ["--no-conv-deterministic"]
+    return out
+
+
+def describe(options):
+    streams, chunks, deterministic = options
+    return f"{streams} stream(s), {chunks} chunk(s), {'deterministic' if deterministic else 'any'} engines"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with open(args.results) as f:
+            rows = json.load(f)["results"]
+        options, best, default = choose(rows, args.dtype, args.batch, args.layout, args.min_gain)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"best_step_options: {args.results}: {error}", file=sys.stderr)
+        sys.exit(2)
+    against = f"; defaults {default['images_per_sec']:.0f}" if default else "; defaults not measured"
+    print(f"best_step_options: {describe(options)} ({args.layout} {args.dtype} batch {args.batch}: fastest "
+          f"{describe(options_of(best))} {best['images_per_sec']:.0f} img/s{against})", file=sys.stderr)
+    print(" ".join(flags(options)))
+
+
+if __name__ == "__main__":
+    main()
