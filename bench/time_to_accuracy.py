@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.layouts import environment                     # noqa: E402
 from cupynet.config import parse_args as parse_train_args  # noqa: E402
 from cupynet.errors import CupynetError                    # noqa: E402
+from cupynet.params import CONV_INITS                      # noqa: E402
 from cupynet.train import run                              # noqa: E402
 
 TRAIN_IMAGES = 45_000          # 50,000 minus the 5,000-image validation split
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wgrad-streams", type=int, help="passed on to cupynet.train (default: its default)")
     p.add_argument("--wgrad-chunks", type=int, help="passed on to cupynet.train (default: its default)")
+    p.add_argument("--conv-init", choices=tuple(CONV_INITS),
+                   help="passed on to cupynet.train: how convolution weights start (default: its default)")
     p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
                    help="passed on to cupynet.train: cuDNN engines that add in a varying order may be chosen")
     p.add_argument("--log-interval", type=int, default=500)
@@ -80,6 +83,8 @@ def recipe_flags(args, model_dir):
         flags += ["--wgrad-streams", args.wgrad_streams]
     if args.wgrad_chunks is not None:
         flags += ["--wgrad-chunks", args.wgrad_chunks]
+    if args.conv_init is not None:
+        flags += ["--conv-init", args.conv_init]
     if not args.conv_deterministic:
         flags += ["--no-conv-deterministic"]
     if not args.quick:

@@ -16,6 +16,7 @@ from typing import Optional
 from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS
 from cupynet.errors import ConfigError
 from cupynet.model import BLOCK_KINDS, blocks_per_stage
+from cupynet.params import CONV_INITS, DEFAULT_CONV_INIT
 
 LAYOUT_ALIASES = {"NCHW": "NCHW", "NHWC": "NHWC", "channels_first": "NCHW", "channels_last": "NHWC"}
 DTYPES = ("float32", "float64", "bfloat16")
@@ -44,6 +45,7 @@ class TrainConfig:
     block: str = "v1"
     bn_decay: float = 0.997
     bn_epsilon: float = 1e-5
+    conv_init: str = DEFAULT_CONV_INIT       # how convolution weights start (cupynet/params.py CONV_INITS)
     sync_bn: bool = False                    # BN statistics over the global batch (several workers)
     data_format: str = "NHWC"
     dtype: str = "float32"
@@ -124,6 +126,10 @@ def build_parser():
     model.add_argument("--block", choices=BLOCK_KINDS, default=d.block, help="residual block kind")
     model.add_argument("--batch-norm-decay", dest="bn_decay", type=float, help="moving-average decay (default 0.997; demo 0.9)")
     model.add_argument("--batch-norm-epsilon", dest="bn_epsilon", type=float, default=d.bn_epsilon)
+    model.add_argument("--conv-init", choices=tuple(CONV_INITS), default=d.conv_init,
+                       help="how convolution weights start: he_normal (N(0, 2/fan_in), the default), "
+                            "glorot_uniform (the reference tutorial's: TensorFlow 1's default), pytorch_default "
+                            "(U(+-1/sqrt(fan_in))); the scale sets the effective learning rate of a conv before BN")
     model.add_argument("--sync-bn", action="store_true",
                        help="with several workers, BatchNorm statistics over the global batch (all-reduced), "
                             "exactly as one device; default: each worker's own shard")

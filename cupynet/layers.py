@@ -11,7 +11,7 @@ backend, so one model definition runs on NumPy and on the GPU.
 
 Gradients are written, not accumulated: each parameter is used exactly once per step.
 """
-from cupynet.params import glorot_uniform, he_normal, ones_init, zeros_init
+from cupynet.params import glorot_uniform, ones_init, zeros_init
 
 
 class Layer:
@@ -43,8 +43,8 @@ class Conv2d(Layer):
         self.cin, self.cout, self.ksize, self.stride = cin, cout, ksize, stride
         self.pad = ksize // 2                      # "same" padding for odd kernels, as the reference
         self.input_grad = input_grad               # the stem conv needs no gradient for the image
-        self.w = params.add(f"{name}/w", (cout, cin, ksize, ksize),
-                            init=he_normal(cin * ksize * ksize), conv=True)
+        # started by the store's conv_init (--conv-init)
+        self.w = params.add(f"{name}/w", (cout, cin, ksize, ksize), conv=True)
 
     def output_hw(self, h, w):
         size = lambda n: (n + 2 * self.pad - self.ksize) // self.stride + 1

@@ -18,7 +18,7 @@ The head is global average pooling and a 10-way dense layer (the reference's 11t
 """
 from cupynet.layers import (BatchNorm, Conv2d, Dense, GlobalAvgPool, Layer, ShortcutA,
                             SoftmaxCrossEntropy)
-from cupynet.params import ParamStore
+from cupynet.params import DEFAULT_CONV_INIT, ParamStore
 
 BLOCK_KINDS = ("v1", "v2", "bottleneck")
 STAGE_FILTERS = (16, 32, 64)
@@ -139,11 +139,12 @@ class ResNet:
     """The CIFAR ResNet: stem conv, three stages of residual blocks, pooling and a dense classifier."""
 
     def __init__(self, backend, num_layers=44, block="v1", bn_decay=0.997, bn_epsilon=1e-5,
-                 num_classes=NUM_CLASSES, bn_comm=None):
+                 num_classes=NUM_CLASSES, bn_comm=None, conv_init=DEFAULT_CONV_INIT):
         n = blocks_per_stage(num_layers, block)
         be = self.be = backend
         self.num_layers, self.block = num_layers, block
-        self.params = ParamStore(be, with_grads=True)     # trainable: conv/dense weights, BN gamma/beta
+        # trainable: conv/dense weights, BN gamma/beta; conv weights start as conv_init says (params.CONV_INITS)
+        self.params = ParamStore(be, with_grads=True, conv_init=conv_init)
         self.state = ParamStore(be, with_grads=False)     # BN moving statistics
         # bn_comm (sync BN): every BatchNorm all-reduces its statistics through it; None: per-replica statistics.
         bn = dict(decay=bn_decay, eps=bn_epsilon, comm=bn_comm)

@@ -55,7 +55,7 @@ class Trainer:
         # --sync-bn: BatchNorm statistics over the global batch; alone (or one worker) there is nothing to sync.
         bn_comm = comm if config.sync_bn and comm is not None and comm.size > 1 else None
         self.model = ResNet(be, config.num_layers, config.block, config.bn_decay, config.bn_epsilon,
-                            bn_comm=bn_comm)
+                            bn_comm=bn_comm, conv_init=config.conv_init)
         self.model.init(np.random.default_rng(config.seed))
         self.optimizer = MomentumSGD(be, self.model.params, config.momentum, config.weight_decay)
 

@@ -104,9 +104,10 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
     assert (default.wgrad_streams, default.wgrad_chunks, default.conv_deterministic, default.num_layers) == \
         (1, 1, True, 44)
     chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2", "--wgrad-chunks", "2",
-                                                 "--no-conv-deterministic"]), "M"))
+                                                 "--no-conv-deterministic", "--conv-init", "glorot_uniform"]), "M"))
     assert (chosen.wgrad_streams, chosen.wgrad_chunks, chosen.conv_deterministic, chosen.train_steps) == \
         (2, 2, False, 122 * 351)
+    assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
 
 
 def test_time_to_accuracy_refuses_a_used_model_dir(tmp_path):

@@ -129,6 +129,7 @@ def test_demo_defaults_without_data_dir_and_explicit_flags_win():
     assert full.weight_decay == 1e-4 and full.momentum == 0.9 and full.bn_epsilon == 1e-5
     assert (full.cuda_graph, full.conv_autotune) == ("auto", True)       # the fast GPU defaults
     assert (full.conv_deterministic, full.wgrad_streams, full.wgrad_chunks) == (True, 1, 1)   # reproducible bits
+    assert full.conv_init == "he_normal" and parse_args(["--conv-init", "glorot_uniform"]).conv_init == "glorot_uniform"
     exact = parse_args(["--cuda-graph", "off", "--no-conv-autotune"])
     assert (exact.cuda_graph, exact.conv_autotune) == ("off", False)
     loose = parse_args(["--no-conv-deterministic", "--wgrad-streams", "3", "--wgrad-chunks", "2"])
@@ -236,6 +237,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--cuda-graph", "sometimes"], ["--cuda-graph", "sometimes"]),
     (["--wgrad-streams", "0"], ["--wgrad-streams", "0"]),
     (["--wgrad-chunks", "9"], ["--wgrad-chunks", "9"]),
+    (["--conv-init", "orthogonal"], ["--conv-init", "orthogonal"]),
     (["--train-batch-size", "4", "--wgrad-chunks", "8"], ["--wgrad-chunks 8", "4 images"]),
 ])
 def test_bad_flags(tiny_cifar, tmp_path, args, fragments):

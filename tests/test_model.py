@@ -57,6 +57,30 @@ def test_param_views_are_aligned_and_disjoint():
         assert np.shares_memory(p.value, flat) and np.shares_memory(p.grad, model.params.grad_flat)
 
 
+# (init, std * sqrt(fan_in) of a 3x3 conv from C to C channels, of the 3-channel stem)
+CONV_INIT_SCALES = [("he_normal", np.sqrt(2), np.sqrt(2)), ("glorot_uniform", 1.0, np.sqrt(2 * 27 / (27 + 144))),
+                    ("pytorch_default", np.sqrt(1 / 3), np.sqrt(1 / 3))]
+
+
+@pytest.mark.parametrize("conv_init,square,stem", CONV_INIT_SCALES)
+def test_conv_init_sets_the_weights_scale(conv_init, square, stem):
+    """--conv-init: every convolution weight has its documented standard deviation (the 36,864 weights of a
+    64-channel conv to 2%, the stem's 432 to 10%); the dense layer and BatchNorm start the same whatever it is."""
+    model = ResNet(NumpyBackend("NCHW", "float32"), 20, "v1", conv_init=conv_init)
+    model.init(np.random.default_rng(0))
+    assert model.params["stage3/block2/conv2/w"].value.std() * np.sqrt(9 * 64) == pytest.approx(square, rel=0.02)
+    assert model.params["stem/conv/w"].value.std() * np.sqrt(27) == pytest.approx(stem, rel=0.1)
+    reference = ResNet(NumpyBackend("NCHW", "float32"), 20, "v1")
+    reference.init(np.random.default_rng(0))
+    for name in ("logits/b", "stage1/block0/bn1/gamma", "stage1/block0/bn1/beta"):
+        np.testing.assert_array_equal(model.params[name].value, reference.params[name].value)
+
+
+def test_an_unknown_conv_init_is_refused():
+    with pytest.raises(ValueError, match="conv_init must be one of he_normal"):
+        ResNet(NumpyBackend("NCHW", "float32"), 8, "v1", conv_init="orthogonal")
+
+
 @pytest.mark.parametrize("block,depth", [("v1", 20), ("v2", 8), ("bottleneck", 11)])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_logits_shape_and_initial_loss(block, depth, layout):
