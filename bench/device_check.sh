@@ -20,7 +20,8 @@
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
 #   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe with
 #               the fastest bf16 options (DEVICE_CHECK_ACCURACY_ARGS="--seed 1" adds flags; "--seed 0;--seed 1"
-#               runs twice)                                     -> $OUT/accuracy.json, accuracy_2.json, ...
+#               runs twice; "--seed 0;--seed 0 --conv-init glorot_uniform" compares the reference's init)
+#                                                               -> $OUT/accuracy.json, accuracy_2.json, ...
 #   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios, NHWC and
 #               NCHW, bf16 and fp32 (skipped if torch with CUDA does not import)   -> vs_torch*.json
 #   batch512    ResNet-44 batch 512 bf16 NHWC against PyTorch                        -> $OUT/vs_torch_512.json
@@ -464,6 +465,8 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append(f"{accuracy['args']['wgrad_streams']} wgrad streams")
     if accuracy["args"].get("wgrad_chunks"):
         options.append(f"{accuracy['args']['wgrad_chunks']} wgrad chunks")
+    if accuracy["args"].get("conv_init"):
+        options.append(f"conv init {accuracy['args']['conv_init']}")
     if accuracy["args"].get("conv_deterministic") is False:
         options.append("any cuDNN engine")
     print(f"\ntime to accuracy ({', '.join(options)}): "
