@@ -301,9 +301,12 @@ class CupyBackend(LayoutMixin):
 
     def _convert(self, source, target):
         """target = source converted to target's dtype (same number of elements): a sum of one row."""
-        n = _count(source)
-        self._launch_1d("sum_rows", (ctype(source.dtype), ctype(target.dtype)), n,
-                        (source, target, _i32(n), _i32(1)))
+        self._sum_rows(source, target, 1)
+
+    def _sum_rows(self, rows, target, count):
+        """target = the sum of the `count` rows of target's size that `rows` holds, in float32 (kernels/activation.cu)."""
+        n = _count(target)
+        self._launch_1d("sum_rows", (ctype(rows.dtype), ctype(target.dtype)), n, (rows, target, _i32(n), _i32(count)))
 
     @_primitive
     def sum_chunks(self, target, chunks):
@@ -312,9 +315,7 @@ class CupyBackend(LayoutMixin):
         float32 ones, for every convolution in one pass."""
         if chunks.shape[1:] != target.shape:
             raise ValueError(f"sum_chunks: rows of {chunks.shape[1:]} do not match {target.shape}")
-        n = _count(target)
-        self._launch_1d("sum_rows", (ctype(chunks.dtype), ctype(target.dtype)), n,
-                        (chunks, target, _i32(n), _i32(chunks.shape[0])))
+        self._sum_rows(chunks, target, chunks.shape[0])
 
     # ----------------------------------------------------------------- convolution (cuDNN Frontend)
 
