@@ -29,9 +29,22 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 @needs_bash
-def test_device_check_script_parses():
-    result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+@pytest.mark.parametrize("script", [SCRIPT, REPO / "bench" / "prepare_device_run.sh"], ids=lambda p: p.name)
+def test_device_scripts_parse(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@needs_bash
+def test_prepare_device_run_refuses_a_folder_without_the_archive(tmp_path):
+    """Without the archive it stops with one line naming the file, before downloading anything."""
+    shutil.copytree(REPO / "bench", tmp_path / "bench")
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "nvidia_cudnn_frontend-1.22.1-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    result = subprocess.run(["bash", str(tmp_path / "bench" / "prepare_device_run.sh"), str(tmp_path / "nothing")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "cifar10-jpeg.tar.xz" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / ".data").exists()
 
 
 @pytest.mark.parametrize("name", TORCH_SCRIPTS)
