@@ -119,3 +119,25 @@ def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
     runs = [json.loads((out / name).read_text())["args"] for name in ("accuracy.json", "accuracy_2.json")]
     # the chosen options come first; a run's own flags win over them
     assert [(run["seed"], run["wgrad_chunks"]) for run in runs] == [(0, 2), (3, 3)]
+
+
+@needs_bash
+def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path):
+    """The function device_check.sh runs after its step_options stage: the fastest measured options as flags
+    (exported to the accuracy and PyTorch stages), and a line per choice in best_options.txt; a missing
+    measurement gives no flags (the defaults) and says so."""
+    rows = [{"depth": 44, "batch": 128, "layout": "NHWC", "dtype": "bfloat16", "captured": True, "wgrad_streams": s,
+             "wgrad_chunks": c, "conv_deterministic": True, "images_per_sec": rate}
+            for s, c, rate in ((1, 1, 40000.0), (2, 2, 44000.0))]
+    (tmp_path / "step_options.json").write_text(json.dumps({"benchmark": "layouts", "results": rows}))
+    (tmp_path / "best_options.txt").write_text("")
+    function = ('source <(sed -n "/^best_options()/,/^}/p" bench/device_check.sh); '
+                'echo "[$(best_options bf16_128 step_options.json bfloat16 128)]"; '
+                'echo "[$(best_options fp32_128 step_options_fp32.json float32 128)]"')
+    env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable)
+    result = subprocess.run(["bash", "-c", function], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[--wgrad-streams 2 --wgrad-chunks 2]", "[]"]
+    noted = (tmp_path / "best_options.txt").read_text()
+    assert "bf16_128: --wgrad-streams 2 --wgrad-chunks 2" in noted and "44000 img/s" in noted
+    assert "fp32_128: (the defaults: nothing measured)" in noted

@@ -128,8 +128,8 @@ def test_gpu_test_file_passes_on_the_emulated_gpu(file_results, file):
 
 def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_the_cpu(tmp_path):
     """`--gpus 0,1`: NCCL all-reduce, captured steps (auto), a checkpoint, a resume on the GPUs (with two
-    side streams for the weight gradients), then the same model dir resumed by the CPU backend
-    (checkpoints are interchangeable)."""
+    side streams for the weight gradients, each computed in two chunks of the worker's batch), then the
+    same model dir resumed by the CPU backend (checkpoints are interchangeable)."""
     model_dir = tmp_path / "model"
     common = ["-m", "cupynet.train", "--model-dir", str(model_dir), "--log-interval", "3", "--checkpoint-interval", "3",
               "--eval-on", "validation"]                  # 100 images: evaluation is sharded all the same
@@ -137,7 +137,8 @@ def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_th
     assert first.returncode == 0, first.stdout + first.stderr
     assert "cupy on 0, 1" in first.stdout and "NCCL all-reduce" in first.stdout
     assert re.search(r"final: \w+ accuracy [\d.]+% \(\d+/100\)", first.stdout), first.stdout
-    second = run_emulated(common + ["--gpus", "0,1", "--train-steps", "9", "--wgrad-streams", "2"], devices=2)
+    second = run_emulated(common + ["--gpus", "0,1", "--train-steps", "9", "--wgrad-streams", "2", "--wgrad-chunks", "2"],
+                          devices=2)
     assert second.returncode == 0 and "resuming from ckpt-00000006.npz (step 6)" in second.stdout, \
         second.stdout + second.stderr
     on_cpu = subprocess.run([sys.executable, *common, "--gpus", "cpu", "--train-steps", "10"], cwd=REPO,
