@@ -293,8 +293,11 @@ if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" ]]; then
     skip_stage accuracy "not asked for (DEVICE_CHECK_ACCURACY=1 runs the 122-epoch recipe)"
 elif [[ -n "$CIFAR_DIR" ]]; then
     # with the fastest bf16 options; DEVICE_CHECK_ACCURACY_ARGS: flags for it, e.g. "--seed 1" (they win over
-    # the chosen options); several runs separated by ';' (one after another, each ~150 s on an H100)
-    run_stage accuracy 400 bash -c 'accuracy_runs "$0"' "$CIFAR_DIR"
+    # the chosen options); several runs separated by ';' (one after another, each ~150 s on an H100, so each
+    # gets 200 s: a hung run cannot take the PyTorch comparisons' time)
+    IFS=';' read -r -a ACCURACY_RUNS <<< "${DEVICE_CHECK_ACCURACY_ARGS:-}"
+    run_stage accuracy $((200 * (${#ACCURACY_RUNS[@]} > 1 ? ${#ACCURACY_RUNS[@]} : 1))) \
+        bash -c 'accuracy_runs "$0"' "$CIFAR_DIR"
 else
     skip_stage accuracy "needs the converted CIFAR-10 data"
 fi
