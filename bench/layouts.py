@@ -43,11 +43,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupynet import __version__                                   # noqa: E402
 from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS,  # noqa: E402
-                              check_devices, create_backend)
+                              check_devices)
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
 from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
+from cupynet.train import build_backend                            # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
 
 
@@ -186,8 +187,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
                          synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
                          conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
-    backend = create_backend(device_of(args.device), layout, dtype, args.tf32, wgrad_streams=wgrad_streams,
-                             deterministic=deterministic, wgrad_chunks=wgrad_chunks)
+    backend = build_backend(config, device_of(args.device))     # every option as training builds it
     trainer = Trainer(config, dataset, backend)
     # A captured step is recorded after WARMUP_STEPS eager ones: the recording step is never timed.
     warmup = max(args.warmup, WARMUP_STEPS + 1) if trainer.runner.capture else args.warmup

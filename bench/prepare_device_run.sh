@@ -13,6 +13,14 @@ cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data}
 FRONTEND=nvidia-cudnn-frontend==1.22.1     # 1.22-1.26 work; 1.27+ pulls in cutlass-dsl and tvm-ffi
 
+# the archive first: a wrong folder stops the script before anything is downloaded or written
+for name in cifar10-jpeg.tar.xz cifar10_from_jpeg.py; do
+    if [[ ! -f "$DATA/$name" ]]; then
+        echo "error: no $DATA/$name (give the folder holding the CIFAR-10 JPEG archive as argument 1)" >&2
+        exit 2
+    fi
+done
+
 shopt -s nullglob
 wheels=(.whl/nvidia_cudnn_frontend-*.whl)
 if ((${#wheels[@]} == 0)); then
@@ -20,12 +28,6 @@ if ((${#wheels[@]} == 0)); then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl "$FRONTEND"
 fi
 
-for name in cifar10-jpeg.tar.xz cifar10_from_jpeg.py; do
-    if [[ ! -f "$DATA/$name" ]]; then
-        echo "error: no $DATA/$name (give the folder holding the CIFAR-10 JPEG archive as argument 1)" >&2
-        exit 2
-    fi
-done
 mkdir -p .data
 install -m 0644 "$DATA/cifar10-jpeg.tar.xz" .data/     # writable copies (the shared folder is read-only):
 install -m 0755 "$DATA/cifar10_from_jpeg.py" .data/    # a second run replaces them

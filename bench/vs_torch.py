@@ -47,10 +47,11 @@ sys.path.insert(0, BENCH)          # bench/layouts.py (which puts the repository
 
 import layouts                                                     # noqa: E402
 from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS,  # noqa: E402
-                              check_dtype, create_backend, gpu_problem)
+                              check_dtype, gpu_problem)
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
+from cupynet.train import build_backend                            # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -211,10 +212,7 @@ def cupynet_config(args, layout, dtype):
 
 def cupynet_trainer(args, layout, dtype, dataset):
     config = cupynet_config(args, layout, dtype)
-    backend = create_backend(layouts.device_of(args.device), layout, dtype, args.tf32,
-                             wgrad_streams=args.wgrad_streams, deterministic=args.conv_deterministic,
-                             wgrad_chunks=args.wgrad_chunks)
-    return Trainer(config, dataset, backend)
+    return Trainer(config, dataset, build_backend(config, layouts.device_of(args.device)))
 
 
 def memory_format(torch, layout):

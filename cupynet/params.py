@@ -159,7 +159,7 @@ class ParamStore:
         self.flat = be.zeros((self.total,), dtype=be.param_dtype)
         if self.with_grads:
             self.grad_flat = be.zeros((self.total,), dtype=be.param_dtype)
-            chunks = getattr(be, "wgrad_chunks", 1)
+            chunks = be.wgrad_chunks
             if be.dtype != be.param_dtype:
                 self.compute_flat = be.zeros((self.total,), dtype=be.dtype)
             if be.dtype != be.param_dtype or chunks > 1:
