@@ -32,54 +32,116 @@
  * counts arrivals); the split into P slices depends only on the shapes and the GPU.
  *
  * Partial-sum tiling: the activation is viewed as (outer, C, inner) (NCHW: inner = H*W; NHWC:
- * inner = 1), m = outer * inner elements per channel. A block of cw * rows threads covers cw adjacent
- * channels (blockIdx.x) and walks `rows` elements of each at a time, starting at slice blockIdx.y and
- * stepping by gridDim.y = P. NHWC uses cw = min(C, 256): a block reads whole contiguous rows of C
- * channels. NCHW uses cw = 1: a block reads a contiguous run of one channel plane.
+ * inner = 1), m = outer * inner elements per channel, and read in groups of V consecutive elements:
+ * V = 1, or with vec = 1 a 16-byte pack (4 floats, 8 bfloat16: one load instruction instead of V, which
+ * is what lets a reduction keep enough bytes in flight to approach the memory's bandwidth). The
+ * backend passes vec = 1 when every array read starts on a 16-byte boundary and no group straddles two
+ * channels (NHWC: C % V == 0, a group is V adjacent channels of one position; NCHW: inner % V == 0, a
+ * group is V adjacent positions of one channel). A block of cw * rows threads covers cw adjacent
+ * groups of a row (blockIdx.x) and walks `rows` rows at a time, starting at slice blockIdx.y and
+ * stepping by gridDim.y = P. NHWC uses cw = min(C / V, 256): a block reads whole contiguous rows of C
+ * channels. NCHW uses cw = 1: a block reads a contiguous run of one channel plane, and a thread adds
+ * its group's V values into one sum before the block's tree.
  */
 #include "common.cuh"
 
 // One thread's place in a partial-sum tile (see the file comment).
 struct ChannelTile {
-    int cw;     // channels per block
-    int rows;   // elements of each channel read per step
-    int lane;   // which of the cw channels
+    int cw;     // groups per block row
+    int rows;   // rows read per step
     int row;    // which of the rows
-    int c;      // the channel itself (may be >= C in the last tile)
+    int c;      // the group's first channel (NHWC) or its channel (NCHW); may be >= C in the last tile
 
-    __device__ explicit ChannelTile(int channels_per_block)
-        : cw(channels_per_block), rows(blockDim.x / channels_per_block),
-          lane(threadIdx.x % channels_per_block), row(threadIdx.x / channels_per_block),
-          c(blockIdx.x * channels_per_block + threadIdx.x % channels_per_block) {}
+    __device__ ChannelTile(int groups_per_block, int group_channels)
+        : cw(groups_per_block), rows(blockDim.x / groups_per_block),
+          row(threadIdx.x / groups_per_block),
+          c((blockIdx.x * groups_per_block + threadIdx.x % groups_per_block) * group_channels) {}
 
     __device__ int first() const { return blockIdx.y * rows + row; }
     __device__ int step() const { return gridDim.y * rows; }
 };
 
-// Adds a and b over the tile's rows for each channel lane (a tree in shared memory that works for any
-// number of rows) and stores the block's partial sums: partials[blockIdx.y][c] and
-// partials[P + blockIdx.y][c], P = gridDim.y. Needs 2 * blockDim.x floats of dynamic shared memory.
-__device__ void store_tile_sums(float a, float b, const ChannelTile& t, int C, float* partials)
+// Channels one thread's group covers: V in NHWC, 1 in NCHW (a group of one channel's positions).
+template <int V> __device__ __forceinline__ int group_channels(int inner) { return inner == 1 ? V : 1; }
+
+// v[k] = the k-th element of the group starting at `offset` (a multiple of V), as float.
+template <int V, typename T>
+__device__ __forceinline__ void load_group(const T* x, int offset, float (&v)[V])
+{
+    if constexpr (V == 1) {
+        v[0] = to_float(x[offset]);
+    } else {
+        load_pack(x, offset / V, v);
+    }
+}
+
+// Calls visit(offset) for each group of the tile's channel(s) the thread reads: rows first(), first() +
+// step(), ... Unrolled so that several loads are in flight per thread.
+template <int V, typename Visit>
+__device__ __forceinline__ void for_each_group(const ChannelTile& t, int C, int inner, int m, Visit visit)
+{
+    if (t.c >= C) return;
+    const int groups = inner == 1 ? m : m / V;     // per channel (NCHW: inner % V == 0)
+#pragma unroll 4
+    for (int k = t.first(); k < groups; k += t.step()) {
+        visit(inner == 1 ? k * C + t.c : channel_element(k * V, t.c, C, inner));
+    }
+}
+
+// Per-channel value of the k-th element of the thread's group: values[c + k] in NHWC, values[c] in NCHW.
+template <int V>
+__device__ __forceinline__ void group_values(const float* values, const ChannelTile& t, int C, int inner,
+                                             float (&out)[V])
+{
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = t.c < C ? values[inner == 1 ? t.c + k : t.c] : 0.0f;
+}
+
+// Adds a and b over the tile's rows for each channel of the thread's group (a tree in shared memory that
+// works for any number of rows) and stores the block's partial sums: partials[blockIdx.y][c] and
+// partials[P + blockIdx.y][c], P = gridDim.y. In NCHW the group's V values are one channel's and are
+// added first. Needs 2 * group_channels<V>(inner) * blockDim.x floats of dynamic shared memory.
+template <int V>
+__device__ void store_tile_sums(float (&a)[V], float (&b)[V], const ChannelTile& t, int C, int inner,
+                                float* partials)
 {
     extern __shared__ float tile_shared[];
-    float* sum_a = tile_shared;
-    float* sum_b = tile_shared + blockDim.x;
-    sum_a[threadIdx.x] = a;
-    sum_b[threadIdx.x] = b;
+    const int width = group_channels<V>(inner);
+    if (width == 1) {
+#pragma unroll
+        for (int k = 1; k < V; ++k) {
+            a[0] += a[k];
+            b[0] += b[k];
+        }
+    }
+    const int threads = blockDim.x;
+    float* sum_a = tile_shared;                     // [channel of the group][thread]
+    float* sum_b = tile_shared + width * threads;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        if (k < width) {
+            sum_a[k * threads + threadIdx.x] = a[k];
+            sum_b[k * threads + threadIdx.x] = b[k];
+        }
+    }
     int span = 1;
     while (span < t.rows) span <<= 1;
     // After the step with stride s, rows [0, s) hold everything; the first step folds rows >= s.
     for (int s = span >> 1; s > 0; s >>= 1) {
         __syncthreads();
         if (t.row < s && t.row + s < t.rows) {
-            sum_a[threadIdx.x] += sum_a[threadIdx.x + s * t.cw];
-            sum_b[threadIdx.x] += sum_b[threadIdx.x + s * t.cw];
+            for (int k = 0; k < width; ++k) {
+                sum_a[k * threads + threadIdx.x] += sum_a[k * threads + threadIdx.x + s * t.cw];
+                sum_b[k * threads + threadIdx.x] += sum_b[k * threads + threadIdx.x + s * t.cw];
+            }
         }
     }
     if (t.row == 0 && t.c < C) {   // row 0 only ever read slots that were final, and wrote its own
         const int slices = gridDim.y;
-        partials[blockIdx.y * C + t.c] = sum_a[threadIdx.x];
-        partials[(slices + blockIdx.y) * C + t.c] = sum_b[threadIdx.x];
+        for (int k = 0; k < width; ++k) {
+            partials[blockIdx.y * C + t.c + k] = sum_a[k * threads + threadIdx.x];
+            partials[(slices + blockIdx.y) * C + t.c + k] = sum_b[k * threads + threadIdx.x];
+        }
     }
 }
 
@@ -138,19 +200,22 @@ __device__ void finish_channels(const float* partials, int C, Finish finish)
 
 // One block's partial sums of (x - shift) and (x - shift)^2 per channel; shared by the fused forward (shift =
 // the channel's first element) and the split sync-BN forward (shift = a per-channel array).
-template <typename T>
-__device__ void shifted_stats_tile(const T* x, float shift, const ChannelTile& t, int C, int inner, int m,
-                                   float* partials)
+template <int V, typename T>
+__device__ void shifted_stats_tile(const T* x, const float (&shift)[V], const ChannelTile& t, int C, int inner,
+                                   int m, float* partials)
 {
-    float sum = 0.0f, sum_sq = 0.0f;
-    if (t.c < C) {
-        for (int k = t.first(); k < m; k += t.step()) {
-            const float v = to_float(x[channel_element(k, t.c, C, inner)]) - shift;
-            sum += v;
-            sum_sq = fmaf(v, v, sum_sq);
+    float sum[V] = {}, sum_sq[V] = {};
+    for_each_group<V>(t, C, inner, m, [&](int offset) {
+        float v[V];
+        load_group<V>(x, offset, v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float d = v[k] - shift[k];
+            sum[k] += d;
+            sum_sq[k] = fmaf(d, d, sum_sq[k]);
         }
-    }
-    store_tile_sums(sum, sum_sq, t, C, partials);
+    });
+    store_tile_sums<V>(sum, sum_sq, t, C, inner, partials);
 }
 
 // Channel c's statistics from its shifted sums [sum(x - shift), sum((x - shift)^2)] over `count`
@@ -169,17 +234,22 @@ __device__ void store_statistics(double2 sums, double shift, double count, int c
     running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
 }
 
-// The training forward's statistics in one launch. x: activation; partials: (2, P, C) float32 scratch;
-// arrivals: the backend's counter (0 between launches). grid (ceil(C / cw), P), block cw * rows (at least
-// 32 threads): the last block adds each channel's partials with one full warp per channel.
-template <typename T>
-__global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* partials, unsigned int* arrivals,
-                         double decay, double eps, float* running_mean, float* running_var, float* saved_mean,
-                         float* saved_invstd)
+// The body of bn_stats for groups of V elements.
+template <int V, typename T>
+__device__ void bn_stats_groups(const T* x, int C, int inner, int m, int cw, float* partials, unsigned int* arrivals,
+                                double decay, double eps, float* running_mean, float* running_var,
+                                float* saved_mean, float* saved_invstd)
 {
-    const ChannelTile t(cw);
-    const float shift = t.c < C ? to_float(x[channel_element(0, t.c, C, inner)]) : 0.0f;
-    shifted_stats_tile(x, shift, t, C, inner, m, partials);
+    const ChannelTile t(cw, group_channels<V>(inner));
+    float shift[V];    // each channel's first element (NHWC: the first group holds V channels' first elements)
+    if (t.c < C) {
+        load_group<V>(x, channel_element(0, t.c, C, inner), shift);
+        if (inner != 1) {
+#pragma unroll
+            for (int k = 1; k < V; ++k) shift[k] = shift[0];
+        }
+    }
+    shifted_stats_tile<V>(x, shift, t, C, inner, m, partials);
     if (!last_block_to_arrive(arrivals)) return;
     finish_channels(partials, C, [&](int c, double2 sums) {
         const double first = to_float(x[channel_element(0, c, C, inner)]);    // the shift of the partials
@@ -187,13 +257,43 @@ __global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* par
     });
 }
 
+// The training forward's statistics in one launch. x: activation; partials: (2, P, C) float32 scratch;
+// arrivals: the backend's counter (0 between launches). grid (ceil(C / V / cw) or C, P), block cw * rows
+// (at least 32 threads): the last block adds each channel's partials with one full warp per channel.
+template <typename T>
+__global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* partials, unsigned int* arrivals,
+                         double decay, double eps, float* running_mean, float* running_var, float* saved_mean,
+                         float* saved_invstd, int vec)
+{
+    if (vec) {
+        bn_stats_groups<Pack<T>::size>(x, C, inner, m, cw, partials, arrivals, decay, eps, running_mean,
+                                       running_var, saved_mean, saved_invstd);
+    } else {
+        bn_stats_groups<1>(x, C, inner, m, cw, partials, arrivals, decay, eps, running_mean, running_var,
+                           saved_mean, saved_invstd);
+    }
+}
+
 // Sync-BN: partial sums around shift[c] (the same on every worker, so the sums add up across them).
+template <int V, typename T>
+__device__ void stats_partials_groups(const T* x, const float* shift, int C, int inner, int m, int cw,
+                                      float* partials)
+{
+    const ChannelTile t(cw, group_channels<V>(inner));
+    float group_shift[V];
+    group_values<V>(shift, t, C, inner, group_shift);
+    shifted_stats_tile<V>(x, group_shift, t, C, inner, m, partials);
+}
+
 template <typename T>
 __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C, int inner, int m, int cw,
-                                          float* partials)
+                                          float* partials, int vec)
 {
-    const ChannelTile t(cw);
-    shifted_stats_tile(x, t.c < C ? shift[t.c] : 0.0f, t, C, inner, m, partials);
+    if (vec) {
+        stats_partials_groups<Pack<T>::size>(x, shift, C, inner, m, cw, partials);
+    } else {
+        stats_partials_groups<1>(x, shift, C, inner, m, cw, partials);
+    }
 }
 
 // grid C, block 32: sums (2, C) double <- the P partials of each channel added in double. Used by both
@@ -259,12 +359,13 @@ __global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean,
     const int packs = pack_count<T>(n, vec);
     for (int j = first_index(); j < packs; j += grid_stride()) {
         float v[P], r[P];
+        int c[P];
         load_pack(x, j, v);
         if (add_residual) load_pack(residual, j, r);
+        channels_of<P>(j * P, C, inner, c);
 #pragma unroll
         for (int k = 0; k < P; ++k) {
-            const int c = channel_of(j * P + k, C, inner);
-            const float normalized = bn_normalize(v[k], c, mean, stat, gamma, beta, eps, stat_is_variance);
+            const float normalized = bn_normalize(v[k], c[k], mean, stat, gamma, beta, eps, stat_is_variance);
             v[k] = bn_output(normalized, add_residual ? r[k] : 0.0f, add_residual, relu_out);
         }
         store_pack(y, j, v);
@@ -281,31 +382,48 @@ __global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean,
 
 // One block's partial sums of dz and dz * xhat per channel (both reductions of the backward pass in
 // one read of dy, x and, with a fused relu, y).
-template <typename T>
+template <int V, typename T>
 __device__ void grad_tile(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
                           const float* invstd, const ChannelTile& t, int C, int inner, int m, float* partials)
 {
-    float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
-    if (t.c < C) {
-        const float mu = mean[t.c];
-        const float is = invstd[t.c];
-        for (int k = t.first(); k < m; k += t.step()) {
-            const int i = channel_element(k, t.c, C, inner);
-            const float dz = masked_grad(dy, y, relu_applied, i);
-            sum_dz += dz;
-            sum_dz_xhat = fmaf(dz, (to_float(x[i]) - mu) * is, sum_dz_xhat);
+    float mu[V], is[V], sum_dz[V] = {}, sum_dz_xhat[V] = {};
+    group_values<V>(mean, t, C, inner, mu);
+    group_values<V>(invstd, t, C, inner, is);
+    for_each_group<V>(t, C, inner, m, [&](int offset) {
+        float g[V], v[V], out[V];
+        load_group<V>(dy, offset, g);
+        load_group<V>(x, offset, v);
+        if (relu_applied) load_group<V>(y, offset, out);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float dz = (relu_applied && !(out[k] > 0.0f)) ? 0.0f : g[k];    // as masked_grad
+            sum_dz[k] += dz;
+            sum_dz_xhat[k] = fmaf(dz, (v[k] - mu[k]) * is[k], sum_dz_xhat[k]);
         }
+    });
+    store_tile_sums<V>(sum_dz, sum_dz_xhat, t, C, inner, partials);
+}
+
+// grad_tile with groups of a 16-byte pack (vec = 1) or of one element.
+template <typename T>
+__device__ void grad_partials(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                              const float* invstd, int C, int inner, int m, int cw, float* partials, int vec)
+{
+    if (vec) {
+        constexpr int V = Pack<T>::size;
+        grad_tile<V>(dy, x, y, relu_applied, mean, invstd, ChannelTile(cw, group_channels<V>(inner)), C, inner, m,
+                     partials);
+    } else {
+        grad_tile<1>(dy, x, y, relu_applied, mean, invstd, ChannelTile(cw, 1), C, inner, m, partials);
     }
-    store_tile_sums(sum_dz, sum_dz_xhat, t, C, partials);
 }
 
 // Sync-BN: the partials (2, P, C) only; bn_sums_finalize adds them.
 template <typename T>
 __global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                                 const float* invstd, int C, int inner, int m, int cw, float* partials)
+                                 const float* invstd, int C, int inner, int m, int cw, float* partials, int vec)
 {
-    const ChannelTile t(cw);
-    grad_tile(dy, x, y, relu_applied, mean, invstd, t, C, inner, m, partials);
+    grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec);
 }
 
 // The backward reductions in one launch: the last block writes dbeta = sum(dz), dgamma = sum(dz * xhat)
@@ -313,10 +431,9 @@ __global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_a
 template <typename T>
 __global__ void bn_grad(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
                         const float* invstd, int C, int inner, int m, int cw, float* partials,
-                        unsigned int* arrivals, float* dgamma, float* dbeta)
+                        unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
 {
-    const ChannelTile t(cw);
-    grad_tile(dy, x, y, relu_applied, mean, invstd, t, C, inner, m, partials);
+    grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec);
     if (!last_block_to_arrive(arrivals)) return;
     finish_channels(partials, C, [&](int c, double2 sums) {
         dbeta[c] = (float)sums.x;
@@ -344,13 +461,15 @@ __global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu_app
     const int packs = pack_count<T>(n, vec);
     for (int j = first_index(); j < packs; j += grid_stride()) {
         float g[P], v[P], out[P];
+        int c[P];
         load_pack(dy, j, g);
         load_pack(x, j, v);
         if (relu_applied) load_pack(y, j, out);
+        channels_of<P>(j * P, C, inner, c);
 #pragma unroll
         for (int k = 0; k < P; ++k) {
             const float dz = (relu_applied && !(out[k] > 0.0f)) ? 0.0f : g[k];    // as masked_grad
-            g[k] = bn_input_grad(dz, v[k], channel_of(j * P + k, C, inner), mean, invstd, gamma, dgamma, dbeta, count);
+            g[k] = bn_input_grad(dz, v[k], c[k], mean, invstd, gamma, dgamma, dbeta, count);
         }
         store_pack(dx, j, g);
     }

@@ -71,6 +71,22 @@ __device__ __forceinline__ int channel_of(int i, int C, int inner)
     return inner == 1 ? i % C : (i / inner) % C;
 }
 
+// Channels of the `size` elements starting at linear offset `first`: one division for them all when they
+// cannot straddle a channel boundary (NHWC with C % size == 0: adjacent channels; NCHW with
+// inner % size == 0: one channel), which holds for the model's activations; one per element otherwise.
+template <int size>
+__device__ __forceinline__ void channels_of(int first, int C, int inner, int (&c)[size])
+{
+    if (inner == 1 ? C % size == 0 : inner % size == 0) {
+        const int c0 = channel_of(first, C, inner);
+#pragma unroll
+        for (int k = 0; k < size; ++k) c[k] = inner == 1 ? c0 + k : c0;
+    } else {
+#pragma unroll
+        for (int k = 0; k < size; ++k) c[k] = channel_of(first + k, C, inner);
+    }
+}
+
 // Offset of the k-th element (k in [0, outer*inner)) of channel c.
 __device__ __forceinline__ int channel_element(int k, int c, int C, int inner)
 {

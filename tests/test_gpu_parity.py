@@ -44,9 +44,12 @@ REDUCTION = {"float32": 1e-5, "bfloat16": 2.0 ** -8}
 CONV = {"float32": 2e-5, "bfloat16": 1e-2}
 
 # (N, C, H, W): odd everything, a ResNet stage-1-like block, many channels, C > 256 (two channel tiles
-# in NHWC BatchNorm, the second one partly idle), and one large enough that BatchNorm splits every
-# channel into several slices of partial sums in both layouts.
-ACTIVATIONS = [(5, 3, 7, 7), (4, 16, 8, 8), (2, 64, 4, 4), (2, 260, 3, 3), (8, 16, 32, 32)]
+# in NHWC BatchNorm, the second one partly idle), 48 channels (NHWC BatchNorm reads 16-byte packs of
+# channels: 6 or 12 per row, not a power of two), 2064 channels (2 or 3 tiles of packs), and one large
+# enough that BatchNorm splits every channel into several slices of partial sums in both layouts and
+# dtypes (NCHW bfloat16 reads 16,384 / 8 packs per channel: 2 slices).
+ACTIVATIONS = [(5, 3, 7, 7), (4, 16, 8, 8), (2, 64, 4, 4), (2, 260, 3, 3), (2, 48, 4, 4), (1, 2064, 2, 2),
+               (16, 16, 32, 32)]
 
 
 # --------------------------------------------------------------------------- backends and arrays
@@ -332,6 +335,48 @@ def test_batchnorm_backward(layout, dtype, shape, relu):
     assert_close(a.get(dgamma), expected_dgamma, f32, scale=np.abs(dz * xhat).sum(axis=channel_axes(layout)),
                  what="dgamma")
     assert_close(a.get(dx), expected_dx, REDUCTION[dtype], scale=rms(expected_dx), what="dx")
+
+
+@params()
+def test_batchnorm_reads_packs_when_aligned(layout, dtype):
+    """The partial-sum kernels read 16-byte packs (vec = 1) when the activations are aligned and no pack
+    straddles two channels, and one element at a time otherwise (an activation that starts one element
+    past a 16-byte boundary, or 3 channels of 7 x 7): both give the reference's statistics and gradients."""
+    be = backend(layout, dtype)
+    a = Arrays(be, seed=12)
+    cases = {"aligned": ((4, 16, 8, 8), 0, 1), "unaligned": ((4, 16, 8, 8), 1, 0), "3 channels": ((5, 3, 7, 7), 0, 0)}
+    for what, (shape, skip, vec) in cases.items():
+        c = shape[1]
+        host = to_layout(layout, a.rng.standard_normal(shape) * 1.5 + 1.0)
+        flat, _ = a.put(np.concatenate([np.zeros(skip), host.ravel()]))
+        x = flat[skip:].reshape(host.shape)
+        x_ref = a.get(x)
+        gamma, gamma_ref = a.vector(c)
+        beta, beta_ref = a.vector(c, -0.5, 0.5)
+        moving_mean, mean_ref = a.vector(c, -1, 1)
+        moving_var, var_ref = a.vector(c, 0.5, 2)
+        y, saved_mean, saved_invstd = a.nan(x.shape), a.nan((c,), np.float32), a.nan((c,), np.float32)
+        be._bn_plans.clear()
+        be.batchnorm_train_forward(x, gamma, beta, moving_mean, moving_var, 0.9, 1e-5, y, saved_mean, saved_invstd,
+                                   relu=True)
+        assert [plan["vec"] for plan in be._bn_plans.values()] == [vec], what
+        expected_mean, expected_invstd = np.empty(c), np.empty(c)
+        expected_y = a.ref.batchnorm_train_forward(x_ref, gamma_ref, beta_ref, mean_ref, var_ref, 0.9, 1e-5,
+                                                   np.empty(x_ref.shape), expected_mean, expected_invstd, relu=True)
+        f32 = REDUCTION["float32"]
+        assert_close(a.get(saved_mean), expected_mean, f32, scale=rms(x_ref), what=f"{what}: saved mean")
+        assert_close(a.get(saved_invstd), expected_invstd, f32, what=f"{what}: saved invstd")
+        assert_close(a.get(y), expected_y, REDUCTION[dtype], scale=rms(expected_y), what=f"{what}: y")
+        dy, dy_ref = a.activation(*shape)
+        dx, dgamma, dbeta = a.nan(x.shape), a.nan((c,), np.float32), a.nan((c,), np.float32)
+        be.batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=y)
+        mean_got, invstd_got, y_got = a.get(saved_mean), a.get(saved_invstd), a.get(y)
+        expected_dgamma, expected_dbeta = np.empty(c), np.empty(c)
+        a.ref.batchnorm_backward(dy_ref, x_ref, gamma_ref, mean_got, invstd_got, np.empty(x_ref.shape),
+                                 expected_dgamma, expected_dbeta, y=y_got)
+        dz = dy_ref * (y_got > 0)
+        assert_close(a.get(dbeta), expected_dbeta, f32, scale=np.abs(dz).sum(axis=channel_axes(layout)),
+                     what=f"{what}: dbeta")
 
 
 @params()

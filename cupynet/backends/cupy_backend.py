@@ -71,7 +71,7 @@ BN_THREADS = 256                    # threads per block of the BatchNorm partial
 FINALIZE_THREADS = 32               # one warp per channel adds the partial sums
 HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
 MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
-MIN_STEPS_PER_THREAD = 8            # a partial-sum thread reads at least this many elements
+MIN_STEPS_PER_THREAD = 4            # a partial-sum thread reads at least this many elements or packs
 
 
 def bfloat16_dtype():
@@ -390,26 +390,40 @@ class CupyBackend(LayoutMixin):
         inner = h * w if self.layout == "NCHW" else 1
         return c, inner, _count(x) // c
 
-    def _bn_plan(self, channels, m):
-        """Launch geometry of the partial-sum kernels for C channels of m elements (see batchnorm.cu)."""
-        key = (channels, m)
+    @staticmethod
+    def _bn_group(x, channels, inner, arrays):
+        """Elements per group of the partial-sum kernels (batchnorm.cu, "Partial-sum tiling"): a 16-byte
+        pack when every array read is aligned and no pack straddles two channels, else 1."""
+        pack = 16 // x.dtype.itemsize
+        run = channels if inner == 1 else inner         # adjacent elements that share a row (NHWC) or a channel
+        if run % pack or any(array.data.ptr % 16 for array in arrays):
+            return 1
+        return pack
+
+    def _bn_plan(self, channels, m, group):
+        """Launch geometry of the partial-sum kernels for C channels of m elements read in groups of
+        `group` (see batchnorm.cu)."""
+        key = (channels, m, group)
         plan = self._bn_plans.get(key)
         if plan is None:
-            cw = min(channels, BN_THREADS) if self.layout == "NHWC" else 1
+            nhwc = self.layout == "NHWC"
+            groups_per_row = channels // group if nhwc else 1
+            cw = min(groups_per_row, BN_THREADS)
             rows = BN_THREADS // cw
-            tiles = -(-channels // cw)
-            row_steps = -(-m // rows)
+            tiles = -(-groups_per_row // cw) if nhwc else channels
+            row_steps = -(-(m if nhwc else m // group) // rows)
             wanted = -(-row_steps // MIN_STEPS_PER_THREAD)
             fill_gpu = max(1, 4 * self.kernels.sm_count // tiles)
             slices = max(1, min(wanted, fill_gpu, MAX_SLICES))
-            plan = dict(cw=cw, grid=(tiles, slices), block=(cw * rows,), slices=slices,
-                        shared_mem=2 * cw * rows * 4)
+            sums_per_thread = group if nhwc else 1          # NCHW adds a group's values before the tree
+            plan = dict(cw=cw, grid=(tiles, slices), block=(cw * rows,), slices=slices, vec=int(group > 1),
+                        shared_mem=2 * sums_per_thread * cw * rows * 4)
             self._bn_plans[key] = plan
         return plan
 
-    def _bn_partials(self, channels, m):
-        """The (2, P, C) float32 scratch of the partial sums, and the plan that fills it."""
-        plan = self._bn_plan(channels, m)
+    def _bn_partials(self, x, channels, m, inner, arrays):
+        """The (2, P, C) float32 scratch of the partial sums, and the plan that fills it reading `arrays`."""
+        plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, arrays))
         partials = self._scratch("bn_partials", (2, plan["slices"], channels), np.float32)
         return plan, partials
 
@@ -450,25 +464,27 @@ class CupyBackend(LayoutMixin):
                        saved_mean=saved_mean, saved_invstd=saved_invstd)
         _same_dtype(x, y=y)
         c, inner, m = self._channel_geometry(x, gamma.size)
-        plan, partials = self._bn_partials(c, m)
+        plan, partials = self._bn_partials(x, c, m, inner, (x,))
         t = (ctype(x.dtype),)
         self.kernels.launch("bn_stats", t, plan["grid"], plan["block"],
                             (x, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
-                             np.float64(decay), np.float64(eps), running_mean, running_var, saved_mean, saved_invstd),
+                             np.float64(decay), np.float64(eps), running_mean, running_var, saved_mean, saved_invstd,
+                             _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
         self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
         return y
 
-    def _bn_sums(self, partials_kernel, args, x, channels, sums):
-        """One split-BN reduction: partials_kernel(*args, cw, partials) then (2, C) float64 sums.
+    def _bn_sums(self, partials_kernel, args, x, channels, sums, read):
+        """One split-BN reduction: partials_kernel(*args, cw, partials, vec) then (2, C) float64 sums.
 
         The reduction stages of the fused path, ending in bn_sums_finalize instead of a fused finalize.
+        `read`: the activations the kernel reads per element.
         """
         _require_dtype(np.float64, sums=sums)
         c, inner, m = self._channel_geometry(x, channels)
-        plan, partials = self._bn_partials(c, m)
+        plan, partials = self._bn_partials(x, c, m, inner, read)
         self.kernels.launch(partials_kernel, (ctype(x.dtype),), plan["grid"], plan["block"],
-                            (*args, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials),
+                            (*args, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
         self.kernels.launch("bn_sums_finalize", (), (c,), (FINALIZE_THREADS,),
                             (partials, _i32(plan["slices"]), _i32(c), sums))
@@ -479,7 +495,7 @@ class CupyBackend(LayoutMixin):
         """sums (2, C) float64 <- [sum(x - shift), sum((x - shift)^2)] per channel, as NumpyBackend
         (float32 partials of the shifted values, added in double)."""
         _require_dtype(np.float32, shift=shift)
-        return self._bn_sums("bn_stats_partials_shifted", (x, shift), x, shift.size, sums)
+        return self._bn_sums("bn_stats_partials_shifted", (x, shift), x, shift.size, sums, (x,))
 
     @_primitive
     def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
@@ -518,13 +534,13 @@ class CupyBackend(LayoutMixin):
         _same_dtype(x, **activations)
         c, inner, m = self._channel_geometry(x, gamma.size)
         n = _count(x)
-        plan, partials = self._bn_partials(c, m)
-        t = (ctype(x.dtype),)
         relu_applied, y_or_unused = _relu_operands(y, dy)
+        plan, partials = self._bn_partials(x, c, m, inner, (dy, x, y_or_unused))
+        t = (ctype(x.dtype),)
         self.kernels.launch("bn_grad", t, plan["grid"], plan["block"],
                             (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd,
                              _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
-                             dgamma, dbeta),
+                             dgamma, dbeta, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
         self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
                             (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
@@ -538,7 +554,7 @@ class CupyBackend(LayoutMixin):
         _same_dtype(x, **_present(dy=dy, y=y))
         relu_applied, y_or_unused = _relu_operands(y, dy)
         return self._bn_sums("bn_grad_partials", (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd),
-                             x, saved_mean.size, sums)
+                             x, saved_mean.size, sums, (dy, x, y_or_unused))
 
     @_primitive
     def batchnorm_backward_from_sums(self, dy, x, y, gamma, saved_mean, saved_invstd, sums, count,
