@@ -141,3 +141,43 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
     noted = (tmp_path / "best_options.txt").read_text()
     assert "bf16_128: --wgrad-streams 2 --wgrad-chunks 2" in noted and "44000 img/s" in noted
     assert "fp32_128: (the defaults: nothing measured)" in noted
+
+
+# What the script's variables hold when its commands run: step options as best_step_options.py prints
+# them (all three flags, so that each must exist wherever it is passed), and one accuracy entry's flags.
+SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic",
+                 "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic",
+                 "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic",
+                 "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
+                 "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
+                 "i": "2", "json": "/out/accuracy_2.json"}
+
+
+def script_python_commands():
+    """(module, argv) of every `"$PY" bench/NAME.py ...` and `"$PY" -m cupynet.train ...` in device_check.sh,
+    with the script's variables replaced by what they hold at run time."""
+    import shlex
+    text = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())              # join continued lines
+    commands = []
+    for target, rest in re.findall(r'"\$PY" (bench/\w+\.py|-m cupynet\.train)([^\n&|;\'<]*)', text):
+        rest = re.sub(r"\s\d*>>?\s*\S+", "", rest)                     # redirections
+        rest = re.sub(r"\$\{(\w+):-\}|\$\{?(\w+)\}?", lambda m: SCRIPT_VALUES[m.group(1) or m.group(2)], rest)
+        module = "cupynet.config" if target.startswith("-m") else "bench." + pathlib.Path(target).stem
+        commands.append((module, shlex.split(rest)))
+    return commands
+
+
+def test_every_python_command_of_the_device_check_parses():
+    """Each benchmark and training command the script runs, with the step options it passes on, is accepted
+    by that script's own argument parser: a renamed or missing flag would otherwise first show on the GPU
+    machine, as a stage failing in seconds and the stages that need its output running without it."""
+    import importlib
+    commands = script_python_commands()
+    modules = {module for module, _ in commands}
+    assert modules == {"bench.layouts", "bench.best_step_options", "bench.time_to_accuracy", "bench.vs_torch",
+                       "bench.layers", "bench.conv_engines", "bench.scaling", "cupynet.config"}, modules
+    for module, argv in commands:
+        try:
+            importlib.import_module(module).parse_args(argv)
+        except SystemExit as exit_:
+            pytest.fail(f"{module} refuses {' '.join(argv)} (exit {exit_.code})")
