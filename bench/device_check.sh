@@ -3,6 +3,8 @@
 #
 #     bash bench/device_check.sh [path/to/cifar10-jpeg.tar.xz]        # or CIFAR_JPEG=... bash bench/device_check.sh
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_BUDGET=575 bash bench/device_check.sh ARCHIVE    # everything, one call
+#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1" DEVICE_CHECK_BUDGET=575 \
+#         bash bench/device_check.sh ARCHIVE                  # and a second seed if it fits before the diagnostics
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,conv_engines,layouts,scaling,train \
 #         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
 #
@@ -19,14 +21,15 @@
 #                                                                                    best_options.txt
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
 #   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe with
-#               the fastest bf16 options (DEVICE_CHECK_ACCURACY_ARGS="--seed 1" adds flags; "--seed 0;--seed 1"
-#               runs twice; "--seed 0;--seed 0 --conv-init glorot_uniform" compares the reference's init)
-#                                                               -> $OUT/accuracy.json, accuracy_2.json, ...
+#               the fastest bf16 options (DEVICE_CHECK_ACCURACY_ARGS="--seed 1" adds flags)  -> $OUT/accuracy.json
 #   vs_torch    the same steps in PyTorch eager and whole-step graphed, verified first, with ratios, NHWC and
 #               NCHW, bf16 and fp32 (skipped if torch with CUDA does not import)   -> vs_torch*.json
 #   batch512    ResNet-44 batch 512 bf16 NHWC against PyTorch                        -> $OUT/vs_torch_512.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
 #                                                                                     -> $OUT/layers.json
+#   accuracy_more  the further ';'-separated DEVICE_CHECK_ACCURACY_ARGS entries ("--seed 0;--seed 1": a second
+#               seed; "--seed 0;--seed 0 --conv-init glorot_uniform": the reference's init), as many as fit
+#               the budget whole                                        -> $OUT/accuracy_2.json, ...
 #   conv_engines  every cuDNN engine of the bf16 NHWC step's convolutions, timed, against cupynet's choice
 #                                                                                     -> $OUT/conv_engines.json
 #   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
@@ -167,13 +170,26 @@ convert_cifar() {   # convert_cifar ARCHIVE CONVERTER: writes $TMP/cifar/cifar-1
     "$PY" "$TMP/jpeg/cifar10_from_jpeg.py" "$TMP/cifar"
 }
 
-accuracy_runs() {   # accuracy_runs CIFAR_DIR: one time_to_accuracy run per ';'-separated DEVICE_CHECK_ACCURACY_ARGS
-                    # entry, each with the fastest bf16 step options ($BEST_BF16) first, so the entry's flags win
-    local runs=() i=0 args
+accuracy_entries() {   # how many ';'-separated entries DEVICE_CHECK_ACCURACY_ARGS has (an empty one counts: 1)
+    local runs=()
+    IFS=';' read -r -a runs <<< "${DEVICE_CHECK_ACCURACY_ARGS:-}"
+    echo $((${#runs[@]} > 1 ? ${#runs[@]} : 1))
+}
+
+last_fitting_run() {   # last_fitting_run LEFT_S RUN_S ENTRIES: the last entry (from 2) whose whole run fits in
+                       # LEFT_S after the ones before it; 1 when not even entry 2 fits
+    local fitting=$(($1 / $2))
+    echo $(($3 < fitting + 1 ? $3 : fitting + 1))
+}
+
+accuracy_runs() {   # accuracy_runs CIFAR_DIR FIRST LAST: one time_to_accuracy run per ';'-separated
+                    # DEVICE_CHECK_ACCURACY_ARGS entry from FIRST to LAST (1-based), each with the fastest bf16
+                    # step options ($BEST_BF16) first, so the entry's flags win
+    local runs=() i args
     IFS=';' read -r -a runs <<< "${DEVICE_CHECK_ACCURACY_ARGS:-}"
     ((${#runs[@]})) || runs=("")
-    for args in "${runs[@]}"; do
-        i=$((i + 1))
+    for ((i = $2; i <= $3 && i <= ${#runs[@]}; i++)); do
+        args=${runs[i - 1]}
         local json="$OUT/accuracy.json"
         ((i == 1)) || json="$OUT/accuracy_$i.json"
         # shellcheck disable=SC2086  # the flags are word-split on purpose
@@ -182,7 +198,7 @@ accuracy_runs() {   # accuracy_runs CIFAR_DIR: one time_to_accuracy run per ';'-
     done
 }
 
-export -f install_frontend print_versions convert_cifar accuracy_runs
+export -f install_frontend print_versions convert_cifar accuracy_entries accuracy_runs
 
 # ----------------------------------------------------------------------------- locating things
 
@@ -289,15 +305,16 @@ else
     skip_stage cifar "no CIFAR-10 JPEG archive (give its path as argument 1 or CIFAR_JPEG)"
 fi
 
+# The first accuracy run, with the fastest bf16 options; DEVICE_CHECK_ACCURACY_ARGS: flags for it, e.g.
+# "--seed 1" (they win over the chosen options). Further ';'-separated entries run in accuracy_more, after the
+# PyTorch comparisons and the layers table. Each run takes ~150 s on an H100 and gets ACCURACY_RUN_S: a hung
+# run cannot take the other stages' time.
+ACCURACY_RUN_S=200
+ACCURACY_ENTRIES=$(accuracy_entries)
 if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" ]]; then
     skip_stage accuracy "not asked for (DEVICE_CHECK_ACCURACY=1 runs the 122-epoch recipe)"
 elif [[ -n "$CIFAR_DIR" ]]; then
-    # with the fastest bf16 options; DEVICE_CHECK_ACCURACY_ARGS: flags for it, e.g. "--seed 1" (they win over
-    # the chosen options); several runs separated by ';' (one after another, each ~150 s on an H100, so each
-    # gets 200 s: a hung run cannot take the PyTorch comparisons' time)
-    IFS=';' read -r -a ACCURACY_RUNS <<< "${DEVICE_CHECK_ACCURACY_ARGS:-}"
-    run_stage accuracy $((200 * (${#ACCURACY_RUNS[@]} > 1 ? ${#ACCURACY_RUNS[@]} : 1))) \
-        bash -c 'accuracy_runs "$0"' "$CIFAR_DIR"
+    run_stage accuracy "$ACCURACY_RUN_S" bash -c 'accuracy_runs "$0" 1 1' "$CIFAR_DIR"
 else
     skip_stage accuracy "needs the converted CIFAR-10 data"
 fi
@@ -322,6 +339,20 @@ if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200
 fi
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" --json "$OUT/layers.json"
+
+# The further accuracy runs (DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1": another seed), each only if a
+# whole run still fits the budget: a run cut short says nothing.
+if [[ "${DEVICE_CHECK_ACCURACY:-0}" != "1" || -z "$CIFAR_DIR" ]] || ((ACCURACY_ENTRIES < 2)); then
+    skip_stage accuracy_more "no second DEVICE_CHECK_ACCURACY_ARGS entry (or no accuracy runs)"
+else
+    LAST=$(last_fitting_run $((BUDGET - SECONDS - RESERVE)) "$ACCURACY_RUN_S" "$ACCURACY_ENTRIES")
+    if ((LAST < 2)); then
+        skip_stage accuracy_more "$((BUDGET - SECONDS - RESERVE))s left: a run needs ${ACCURACY_RUN_S}s"
+    else
+        ((LAST == ACCURACY_ENTRIES)) || echo "accuracy_more: runs 2-$LAST of $ACCURACY_ENTRIES fit the budget"
+        run_stage accuracy_more $((ACCURACY_RUN_S * (LAST - 1))) bash -c 'accuracy_runs "$0" 2 "$1"' "$CIFAR_DIR" "$LAST"
+    fi
+fi
 
 # Every cuDNN engine of the step's convolutions against the ones cupynet runs (weight gradients first).
 run_stage conv_engines 100 "$PY" bench/conv_engines.py --device 0 --depth 44 --batch 128 --layout NHWC \

@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
 STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "cifar", "accuracy", "vs_torch", "batch512", "layers",
-               "conv_engines", "layouts", "scaling", "train")
+               "accuracy_more", "conv_engines", "layouts", "scaling", "train")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -104,21 +104,39 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
 
 
 @needs_bash
+def script_functions(*names):
+    """Bash that defines the named functions of device_check.sh."""
+    return "; ".join(f'source <(sed -n "/^{name}()/,/^}}/p" bench/device_check.sh)' for name in names)
+
+
+@needs_bash
 def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
-    """DEVICE_CHECK_ACCURACY_ARGS="A;B": the accuracy stage's function runs bench/time_to_accuracy.py once
-    with A and once with B, each after the chosen step options ($BEST_BF16), writing accuracy.json and
-    accuracy_2.json (CPU quick runs here)."""
+    """DEVICE_CHECK_ACCURACY_ARGS="A;B;C": the accuracy stage runs entry 1 and accuracy_more entries 2 to 3,
+    each bench/time_to_accuracy.py after the chosen step options ($BEST_BF16), writing accuracy.json,
+    accuracy_2.json and accuracy_3.json (CPU quick runs here)."""
     out, scratch = tmp_path / "out", tmp_path / "tmp"
     out.mkdir()
     scratch.mkdir()
     env = dict(os.environ, OUT=str(out), TMP=str(scratch), PY=sys.executable, BEST_BF16="--wgrad-chunks 2",
-               DEVICE_CHECK_ACCURACY_ARGS="--quick --seed 0;--quick --seed 3 --wgrad-chunks 3")
-    function = 'source <(sed -n "/^accuracy_runs()/,/^}/p" bench/device_check.sh); accuracy_runs unused-dir'
-    result = subprocess.run(["bash", "-c", function], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+               DEVICE_CHECK_ACCURACY_ARGS="--quick --seed 0;--quick --seed 3 --wgrad-chunks 3;--quick --seed 4")
+    program = (script_functions("accuracy_entries", "accuracy_runs") +
+               "; accuracy_entries; accuracy_runs unused-dir 1 1 && accuracy_runs unused-dir 2 3")
+    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    runs = [json.loads((out / name).read_text())["args"] for name in ("accuracy.json", "accuracy_2.json")]
+    assert result.stdout.splitlines()[0] == "3"
+    runs = [json.loads((out / name).read_text())["args"] for name in ("accuracy.json", "accuracy_2.json",
+                                                                       "accuracy_3.json")]
     # the chosen options come first; a run's own flags win over them
-    assert [(run["seed"], run["wgrad_chunks"]) for run in runs] == [(0, 2), (3, 3)]
+    assert [(run["seed"], run["wgrad_chunks"]) for run in runs] == [(0, 2), (3, 3), (4, 2)]
+
+
+@needs_bash
+@pytest.mark.parametrize("left,entries,last", [(450, 3, 3), (399, 3, 2), (199, 3, 1), (1000, 2, 2), (600, 1, 1)])
+def test_accuracy_more_runs_only_what_fits_whole(left, entries, last):
+    """accuracy_more starts entries 2.. only while a whole 200-s run fits in what is left of the budget."""
+    program = script_functions("last_fitting_run") + f"; last_fitting_run {left} 200 {entries}"
+    result = subprocess.run(["bash", "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == str(last), result.stdout + result.stderr
 
 
 @needs_bash
@@ -131,7 +149,7 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
             for s, c, rate in ((1, 1, 40000.0), (2, 2, 44000.0))]
     (tmp_path / "step_options.json").write_text(json.dumps({"benchmark": "layouts", "results": rows}))
     (tmp_path / "best_options.txt").write_text("")
-    function = ('source <(sed -n "/^best_options()/,/^}/p" bench/device_check.sh); '
+    function = (script_functions("best_options") + '; '
                 'echo "[$(best_options bf16_128 step_options.json bfloat16 128)]"; '
                 'echo "[$(best_options fp32_128 step_options_fp32.json float32 128)]"')
     env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable)
