@@ -174,6 +174,11 @@ class ShortcutA(Layer):
     def backward(self, dy):
         return self.be.shortcut_backward(dy, self.stride, self.buffer("dx", self.x_shape))
 
+    def backward_into(self, dy, dx, relu_output=None):
+        """dx += this shortcut's input gradient, dy first masked by relu_output > 0 when given: where the
+        shortcut path meets the main path's gradient dx, in one pass (nothing written in between)."""
+        return self.be.shortcut_backward(dy, self.stride, dx, relu_output=relu_output, accumulate=True)
+
 
 class GlobalAvgPool(Layer):
     """(N, C, H, W) or (N, H, W, C) -> (N, C)."""

@@ -50,7 +50,7 @@ class BasicBlockV1(Layer):
     bn2 adds the shortcut and applies the block's final ReLU in its own pass (BatchNorm's `residual`),
     so bn2's output is never written and read back by a separate add. Backward, bn2 masks dy by that
     ReLU, and the input's gradient is the main path's plus dy masked by the same ReLU (the shortcut
-    path's), added in one pass.
+    path's), added in one pass: through the identity, or through the option-A shortcut's adjoint.
     """
 
     def __init__(self, be, params, state, name, cin, cout, stride, bn):
@@ -72,8 +72,7 @@ class BasicBlockV1(Layer):
         dx = self.conv1.backward(self.bn1.backward(dh))
         if self.shortcut is None:
             return self.be.relu_backward_add(dy, y, dx, dx)     # dx + dy * (y > 0)
-        dz = self.be.relu_backward(dy, y, self.buffer("dz", dy.shape))
-        return self.be.add(dx, self.shortcut.backward(dz), dx)  # both paths meet at x
+        return self.shortcut.backward_into(dy, dx, relu_output=y)   # dx + shortcut'(dy * (y > 0))
 
 
 class BasicBlockV2(Layer):
@@ -97,8 +96,9 @@ class BasicBlockV2(Layer):
     def backward(self, dy):
         dh = self.bn2.backward(self.conv2.backward(dy))
         dx = self.bn1.backward(self.conv1.backward(dh))
-        ds = self.shortcut.backward(dy) if self.shortcut else dy
-        return self.be.add(dx, ds, dx)
+        if self.shortcut is None:
+            return self.be.add(dx, dy, dx)
+        return self.shortcut.backward_into(dy, dx)             # dx + shortcut'(dy), one pass
 
 
 class BottleneckBlock(Layer):

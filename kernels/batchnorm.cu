@@ -29,7 +29,8 @@
  * all-reduce | bn_stats_from_sums + bn_apply; backward = bn_grad_partials + bn_sums_finalize |
  * all-reduce | bn_grad_from_sums + bn_backward_dx (with the count the sums cover).
  * Deterministic: the partials are added in a fixed order whichever block finalizes (the one atomic only
- * counts arrivals); the split into P slices depends only on the shapes and the GPU.
+ * counts arrivals); the split into P slices depends only on the shapes, the GPU and whether the arrays
+ * are 16-byte aligned (the backend's own buffers always are; an offset view may not be).
  *
  * Partial-sum tiling: the activation is viewed as (outer, C, inner) (NCHW: inner = H*W; NHWC:
  * inner = 1), m = outer * inner elements per channel, and read in groups of V consecutive elements:
@@ -37,7 +38,8 @@
  * is what lets a reduction keep enough bytes in flight to approach the memory's bandwidth). The
  * backend passes vec = 1 when every array read starts on a 16-byte boundary and no group straddles two
  * channels (NHWC: C % V == 0, a group is V adjacent channels of one position; NCHW: inner % V == 0, a
- * group is V adjacent positions of one channel). A block of cw * rows threads covers cw adjacent
+ * group is V adjacent positions of one channel). The kernels tell the two apart by inner == 1, so NCHW
+ * with 1 x 1 images, which is laid out as NHWC, is read as NHWC (and the backend plans it so). A block of cw * rows threads covers cw adjacent
  * groups of a row (blockIdx.x) and walks `rows` rows at a time, starting at slice blockIdx.y and
  * stepping by gridDim.y = P. NHWC uses cw = min(C / V, 256): a block reads whole contiguous rows of C
  * channels. NCHW uses cw = 1: a block reads a contiguous run of one channel plane, and a thread adds

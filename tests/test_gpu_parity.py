@@ -45,11 +45,12 @@ CONV = {"float32": 2e-5, "bfloat16": 1e-2}
 
 # (N, C, H, W): odd everything, a ResNet stage-1-like block, many channels, C > 256 (two channel tiles
 # in NHWC BatchNorm, the second one partly idle), 48 channels (NHWC BatchNorm reads 16-byte packs of
-# channels: 6 or 12 per row, not a power of two), 2064 channels (2 or 3 tiles of packs), and one large
-# enough that BatchNorm splits every channel into several slices of partial sums in both layouts and
-# dtypes (NCHW bfloat16 reads 16,384 / 8 packs per channel: 2 slices).
+# channels: 6 or 12 per row, not a power of two), 2064 channels (2 or 3 tiles of packs), 1 x 1 images
+# (NCHW is then laid out as NHWC, and read as such), and one large enough that BatchNorm splits every
+# channel into several slices of partial sums in both layouts and dtypes (NCHW bfloat16 reads
+# 16,384 / 8 packs per channel: 2 slices).
 ACTIVATIONS = [(5, 3, 7, 7), (4, 16, 8, 8), (2, 64, 4, 4), (2, 260, 3, 3), (2, 48, 4, 4), (1, 2064, 2, 2),
-               (16, 16, 32, 32)]
+               (32, 16, 1, 1), (16, 16, 32, 32)]
 
 
 # --------------------------------------------------------------------------- backends and arrays
@@ -466,6 +467,17 @@ def test_shortcut_forward_and_backward(layout, dtype, case):
         be.shortcut_backward(dy, stride, dx)
     expected = a.ref.shortcut_backward(dy_ref, stride, np.empty(x_ref.shape))
     assert_close(a.get(dx), expected, ELEMENTWISE[dtype], what="backward")
+
+    # a post-activation downsampling block's input gradient: dx_main + shortcut'(dy * (y > 0)), one pass
+    relu_out, relu_ref = a.put(np.maximum(a.rng.standard_normal(out_shape), 0))
+    dx_main, dx_main_ref = a.activation(n, cin, h, w)
+    launches = be.kernels.launches["shortcut_backward"]
+    be.shortcut_backward(dy, stride, dx_main, relu_output=relu_out, accumulate=True)
+    assert be.kernels.launches["shortcut_backward"] == launches + 1
+    expected = a.ref.shortcut_backward(dy_ref, stride, dx_main_ref.copy(), relu_output=relu_ref, accumulate=True)
+    masked = a.ref.shortcut_backward(dy_ref * (relu_ref > 0), stride, np.empty(x_ref.shape))
+    np.testing.assert_allclose(expected, dx_main_ref + masked, rtol=1e-12, atol=0)      # the reference's meaning
+    assert_close(a.get(dx_main), expected, ELEMENTWISE[dtype], scale=rms(expected), what="masked, accumulated")
 
 
 # --------------------------------------------------------------------------- head

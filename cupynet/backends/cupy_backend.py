@@ -400,13 +400,14 @@ class CupyBackend(LayoutMixin):
             return 1
         return pack
 
-    def _bn_plan(self, channels, m, group):
+    def _bn_plan(self, channels, m, group, inner):
         """Launch geometry of the partial-sum kernels for C channels of m elements read in groups of
-        `group` (see batchnorm.cu)."""
-        key = (channels, m, group)
+        `group` (see batchnorm.cu). The kernels tell the layouts apart by inner == 1, not by the backend's
+        layout: an NCHW activation of 1 x 1 images is laid out as NHWC, and is read as such."""
+        nhwc = inner == 1
+        key = (channels, m, group, nhwc)
         plan = self._bn_plans.get(key)
         if plan is None:
-            nhwc = self.layout == "NHWC"
             groups_per_row = channels // group if nhwc else 1
             cw = min(groups_per_row, BN_THREADS)
             rows = BN_THREADS // cw
@@ -423,7 +424,7 @@ class CupyBackend(LayoutMixin):
 
     def _bn_partials(self, x, channels, m, inner, arrays):
         """The (2, P, C) float32 scratch of the partial sums, and the plan that fills it reading `arrays`."""
-        plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, arrays))
+        plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, arrays), inner)
         partials = self._scratch("bn_partials", (2, plan["slices"], channels), np.float32)
         return plan, partials
 
@@ -627,10 +628,15 @@ class CupyBackend(LayoutMixin):
         return y
 
     @_primitive
-    def shortcut_backward(self, dy, stride, dx):
-        _same_dtype(dy, dx=dx)
+    def shortcut_backward(self, dy, stride, dx, relu_output=None, accumulate=False):
+        """dx = [dx +] the adjoint of shortcut_forward applied to dy [masked by relu_output > 0], one pass."""
+        _same_dtype(dy, dx=dx, **_present(relu_output=relu_output))
+        if relu_output is not None and relu_output.shape != dy.shape:
+            raise ValueError(f"shortcut_backward: relu_output {relu_output.shape} for a gradient of {dy.shape}")
         n = _count(dx)
-        self._launch_1d("shortcut_backward", (ctype(dy.dtype),), n, (dy, dx) + self._shortcut_args(dx, dy, stride))
+        masked, mask = _relu_operands(relu_output, dy)
+        self._launch_1d("shortcut_backward", (ctype(dy.dtype),), n,
+                        (dy, mask, masked, dx, _i32(accumulate)) + self._shortcut_args(dx, dy, stride))
         return dx
 
     # ----------------------------------------------------------------- head: pooling, dense, loss

@@ -398,16 +398,25 @@ class NumpyBackend(LayoutMixin):
         y_nhwc[:, :, :, lo:lo + cin] = pooled.mean(axis=(2, 4))
         return y
 
-    def shortcut_backward(self, dy, stride, dx):
-        """Adjoint: slice the input's channels, spread each pooled gradient evenly over its window."""
+    def shortcut_backward(self, dy, stride, dx, relu_output=None, accumulate=False):
+        """Adjoint: slice the input's channels, spread each pooled gradient evenly over its window.
+
+        With relu_output, dy first goes through that relu (dy where relu_output > 0, else 0); with
+        accumulate, the result is added to dx instead of overwriting it: a post-activation downsampling
+        block's input gradient, dx_main + shortcut'(dy * (y > 0)), in one call.
+        """
         self.calls["shortcut_backward"] += 1
+        if relu_output is not None:
+            dy = np.where(relu_output > 0, dy, 0)
         dy_nhwc, dx_nhwc = self._as_nhwc(dy), self._as_nhwc(dx)
         n, h, w, cin = dx_nhwc.shape
         lo = (dy_nhwc.shape[3] - cin) // 2
         ho, wo = h // stride, w // stride
         g = dy_nhwc[:, :, :, lo:lo + cin] / (stride * stride)
-        dx_nhwc[...] = 0
-        dx_nhwc[:, :ho * stride, :wo * stride, :] = np.repeat(np.repeat(g, stride, axis=1), stride, axis=2)
+        spread = np.repeat(np.repeat(g, stride, axis=1), stride, axis=2)
+        if not accumulate:
+            dx_nhwc[...] = 0
+        dx_nhwc[:, :ho * stride, :wo * stride, :] += spread
         return dx
 
     # ----------------------------------------------------------------- head: pooling, dense, loss
