@@ -249,6 +249,21 @@ def test_wrong_output_shape_is_rejected_before_cudnn_runs(handle):
     assert conv.executions["fprop"] == 0
 
 
+def test_a_pointer_off_the_declared_alignment_is_rejected_before_cudnn_runs(handle):
+    """Frontend tensors are declared 16-byte aligned: an input that starts 4 bytes past a boundary (a view
+    one float into a buffer) is refused with the reason, instead of reaching an engine that assumes it."""
+    prec = Precision("strict")
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    shifted = cupy.empty((x.size + 1,), dtype=x.dtype)[1:].reshape(x.shape)
+    shifted[...] = x
+    with pytest.raises(ValueError, match="16-byte"):
+        conv.forward(shifted, wt, 1, 1, y)
+    assert conv.executions["fprop"] == 0
+    conv.forward(x, wt, 1, 1, y)                       # the aligned original runs
+    assert conv.executions["fprop"] == 1
+
+
 def test_frozen_engine_refuses_to_build_inside_a_step(handle):
     prec = Precision("strict")
     conv = CudnnConv(handle, "NCHW", prec.io_dtype, strict_fp32=True)

@@ -93,6 +93,7 @@ OPS = ("fprop", "dgrad", "wgrad")
 # io_dtype -> (name of the cudnn.data_type member, bytes per element in memory)
 IO_DTYPES = {"float32": ("FLOAT", 4), "bfloat16": ("BFLOAT16", 2)}
 
+ALIGNMENT_BYTES = 16            # what the Frontend's tensor attributes promise cuDNN (their default alignment)
 FRONTEND_HINT = "pip install 'nvidia-cudnn-frontend>=1.22,<1.27'"
 
 
@@ -179,14 +180,16 @@ class _Lane:
 
     The graphs of one lane run one after another on its stream, so they share one workspace; lanes that
     run beside each other (the main stream, and the side streams that weight gradients may run on)
-    each need their own. stream_ptr None: the caller bound the handle to the lane's stream for good;
-    otherwise the handle is bound to stream_ptr before each execution (the weight-gradient lanes share
-    one handle, bound per call as PyTorch binds its handle to the current stream before every call).
+    each need their own. stream None: the caller bound the handle to the lane's stream for good (the
+    main lane, whose stream is current whenever it runs or grows); otherwise the handle is bound to the
+    stream before each execution (the weight-gradient lanes share one handle, bound per call as PyTorch
+    binds its handle to the current stream before every call).
     """
 
-    def __init__(self, handle, cupy, stream_ptr=None):
+    def __init__(self, handle, cupy, stream=None):
         self.handle = handle
-        self.stream_ptr = stream_ptr
+        self.stream = stream
+        self.stream_ptr = None if stream is None else stream.ptr
         self._cupy = cupy
         self.buffer = None
         self.ptr = 0                # a null workspace is valid while every graph needs 0 bytes
@@ -195,12 +198,18 @@ class _Lane:
     def grow(self, nbytes):
         """Reallocate the workspace when a newly built (or newly tuned) graph needs more than it has.
 
-        Only called during warm-up. The old buffer goes back to CuPy's pool, which reuses it in stream
-        order, so kernels already enqueued on this lane's stream still read valid memory.
+        Only called during warm-up, possibly while another lane's stream is current. The buffer is
+        allocated with the lane's own stream current: CuPy's pool hands a freed block out again only to
+        allocations on the stream it was allocated on, which are ordered after this lane's kernels, so
+        those already enqueued still read valid memory when the old buffer goes back to the pool.
         """
         if nbytes <= self.bytes:
             return
-        self.buffer = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
+        if self.stream is None:
+            self.buffer = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
+        else:
+            with self.stream:
+                self.buffer = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
         self.ptr = self.buffer.data.ptr
         self.bytes = nbytes
 
@@ -220,9 +229,10 @@ class CudnnConv:
     wgrad_handle: optional second handle, bound to a side stream: weight-gradient graphs are then built
                  for it and run with it and their own workspace, so the caller can overlap them with the
                  main stream's work (the GPU backend does; see cupy_backend.conv2d_backward_filter).
-    wgrad_streams: with wgrad_handle, optional stream pointers, one weight-gradient lane each (its own
-                 workspace; the handle is bound to the lane's stream before each execution), so that
-                 several weight gradients can also run beside each other: backward_filter(..., lane=i).
+    wgrad_streams: with wgrad_handle, optional cupy streams, one weight-gradient lane each (its own
+                 workspace, allocated on that stream; the handle is bound to the lane's stream before each
+                 execution), so that several weight gradients can also run beside each other:
+                 backward_filter(..., lane=i).
 
     Not thread-safe: one engine per worker thread, like the handle it uses.
     """
@@ -243,7 +253,7 @@ class CudnnConv:
         if wgrad_handle is None:
             self._wgrad_lanes = [self._main]
         else:
-            self._wgrad_lanes = [_Lane(wgrad_handle, cupy, ptr) for ptr in wgrad_streams] or [_Lane(wgrad_handle, cupy)]
+            self._wgrad_lanes = [_Lane(wgrad_handle, cupy, stream) for stream in wgrad_streams] or [_Lane(wgrad_handle, cupy)]
         self.layout = layout
         self.io_dtype = io_dtype
         self.strict_fp32 = bool(strict_fp32)
@@ -376,6 +386,12 @@ class CudnnConv:
                              f"{self.io_dtype} storage ({self.itemsize} bytes per element)")
         if not array.flags.c_contiguous:
             raise ValueError(f"conv {op}: argument {index + 1} is not C-contiguous")
+        # The Frontend declares every tensor 16-byte aligned (its default), and engines load accordingly. Our
+        # buffers always are; a batch slice (--wgrad-chunks) is too for every CIFAR activation, whose image
+        # sizes are multiples of 16 bytes, but not for any shape.
+        if array.data.ptr % ALIGNMENT_BYTES:
+            raise ValueError(f"conv {op}: argument {index + 1} starts {array.data.ptr % ALIGNMENT_BYTES} bytes past a "
+                             f"{ALIGNMENT_BYTES}-byte boundary (cuDNN tensors are declared {ALIGNMENT_BYTES}-byte aligned)")
 
     # ------------------------------------------------------------------ build
 

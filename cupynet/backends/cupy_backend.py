@@ -194,7 +194,7 @@ class CupyBackend(LayoutMixin):
         strict = (not self.tf32) and dtype_name == "float32"   # bf16 convolutions always use tensor cores
         self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune,
                               wgrad_handle=self.side_cudnn_handle,
-                              wgrad_streams=[side.ptr for side in self.side_streams],
+                              wgrad_streams=self.side_streams,
                               deterministic=self.deterministic)
 
     # ----------------------------------------------------------------- arrays and layout helpers
