@@ -28,13 +28,6 @@ __global__ void publish(const T* data, T* slot, int n)
     for (int i = first_index(); i < n; i += grid_stride()) slot[i] = data[i];
 }
 
-__device__ __forceinline__ unsigned long long global_time_ns()
-{
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 // One thread: count this rank's barrier, arrive, wait for every rank's arrival (or an abort).
 extern "C" __global__ void rank_barrier(unsigned long long* barriers_passed, unsigned long long* arrivals,
                                         int size, volatile int* abort_flag, unsigned long long timeout_ns)

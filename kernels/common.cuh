@@ -36,6 +36,14 @@ __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff)
 // relu that keeps NaN visible (NumPy's maximum(v, 0) does too): NaN < 0 is false.
 __device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }
 
+// The GPU's global nanosecond timer (the emulated GPU reads the host's steady clock instead).
+__device__ __forceinline__ unsigned long long global_time_ns()
+{
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // ------------------------------------------------------------------ grid-stride loops
 
 __device__ __forceinline__ int first_index() { return blockIdx.x * blockDim.x + threadIdx.x; }

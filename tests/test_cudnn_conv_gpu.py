@@ -398,3 +398,22 @@ def test_nondeterministic_engines_are_candidates_only_when_allowed(handle, monke
     cupy.cuda.get_current_stream().synchronize()
     ref = prec.to_host(dw)
     np.testing.assert_allclose(prec.to_host(dw_free), ref, rtol=0, atol=RTOL["tf32"] * 10 * np.max(np.abs(ref)))
+
+
+def test_timed_work_is_measured_behind_a_hold_of_the_stream():
+    """gpu_milliseconds (the autotuner's timer) enqueues the timed work behind CupyBackend.hold_stream: the
+    events around the work measure the work alone (here a 3 ms hold standing for it), not the hold before
+    it, and a hold that was too short is retried longer rather than timing the host."""
+    from cupynet.backends.conv_autotune import HOLD_SECONDS, gpu_milliseconds
+    from cupynet.backends.cupy_backend import CupyBackend
+    be = CupyBackend(device_id=0, layout="NHWC", dtype="float32")
+    holds = []
+
+    def hold(seconds):
+        holds.append(seconds)
+        be.hold_stream(seconds)
+
+    with be.device, be.stream:
+        milliseconds = gpu_milliseconds(cupy, be.stream, hold, lambda: be.hold_stream(0.003))
+    assert 2.9 <= milliseconds < 3.0 + 1000 * HOLD_SECONDS, milliseconds
+    assert holds and holds[0] == HOLD_SECONDS

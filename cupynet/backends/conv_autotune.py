@@ -8,6 +8,8 @@ run time (except the heuristics' own first choice, always kept) are built, and o
 execution (the warm-up step: it synchronizes with the host) each is run once untimed and TIMED_RUNS
 times between two CUDA events on the backend's stream, with the real arrays; the fastest is used from
 then on (`execute_plan_at_index`). A convolution whose choice is already known builds only that plan.
+The timed runs are enqueued behind a hold of the stream (`gpu_milliseconds`): a cuDNN call costs as much
+host time as a small convolution takes on the GPU, so runs enqueued on an idle GPU would time the host.
 
 The choice is kept per process, per GPU and per graph key, so every backend in the process (several
 workers, a second run in a test) uses the same engine for the same convolution: replicas and reruns stay
@@ -26,6 +28,8 @@ import threading
 MAX_WORKSPACE_BYTES = 256 * 2 ** 20     # an engine needing more is not worth the memory at these sizes
 MAX_CANDIDATES = 8                       # the heuristics' best few: builds cost warm-up time
 TIMED_RUNS = 3
+HOLD_SECONDS = 0.001                     # enough to enqueue a few cuDNN calls behind it
+MAX_HOLD_SECONDS = 0.064                 # a hold that was too short is quadrupled, up to this
 
 _CHOICES = {}                            # (device id, graph key) -> plan index
 _LOCK = threading.Lock()
@@ -71,7 +75,7 @@ def _runtime_compiled(graph, index, note):
         return False
 
 
-def choose_plan(key, graph, candidates, variant_pack, handle, cupy):
+def choose_plan(key, graph, candidates, variant_pack, handle, cupy, hold=None):
     """The plan index for graph `key`: the process-wide choice, or the fastest candidate, timed now.
 
     variant_pack maps the graph's tensors to the real arrays' pointers; the timed runs write the
@@ -83,32 +87,52 @@ def choose_plan(key, graph, candidates, variant_pack, handle, cupy):
         known = _CHOICES.get(key)
     if known in built:
         return known
-    index = _fastest(graph, candidates, variant_pack, handle, cupy)
+    index = _fastest(graph, candidates, variant_pack, handle, cupy, hold)
     with _LOCK:
         if _CHOICES.get(key) == known:     # nobody chose meanwhile (or an adopted choice was not built here)
             _CHOICES[key] = index
         return _CHOICES[key]
 
 
-def _fastest(graph, candidates, variant_pack, handle, cupy):
+def _fastest(graph, candidates, variant_pack, handle, cupy, hold):
     stream = cupy.cuda.get_current_stream()        # the backend's stream: its handle is bound to it
     scratch = cupy.empty((max([workspace for _, workspace in candidates] + [1]),), dtype=cupy.uint8)
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
     timings = []
     for index, _ in candidates:
+        def run():
+            graph.execute_plan_at_index(variant_pack, scratch.data.ptr, index, handle=handle)
         try:
-            graph.execute_plan_at_index(variant_pack, scratch.data.ptr, index, handle=handle)   # untimed
-            start.record(stream)
-            for _ in range(TIMED_RUNS):
-                graph.execute_plan_at_index(variant_pack, scratch.data.ptr, index, handle=handle)
-            end.record(stream)
-            end.synchronize()
+            run()                                  # untimed: first-run costs
+            milliseconds = gpu_milliseconds(cupy, stream, hold, lambda: [run() for _ in range(TIMED_RUNS)])
         except (RuntimeError, ValueError):        # an engine that builds but cannot run these arrays
             continue
-        timings.append((cupy.cuda.get_elapsed_time(start, end), index))
+        timings.append((milliseconds, index))
     if not timings:
         raise RuntimeError(f"none of the {len(candidates)} built cuDNN plans could execute")
     return min(timings)[1]
+
+
+def gpu_milliseconds(cupy, stream, hold, enqueue):
+    """GPU milliseconds of the work `enqueue()` puts on `stream` (the current stream), between two events.
+
+    With hold (CupyBackend.hold_stream), the work is enqueued while the stream is held busy, so the GPU runs
+    it back to back and the events time the GPU alone. If the GPU reached the first event before the host
+    had enqueued everything (the hold was too short for this host), it is timed again with a longer hold.
+    Without hold (no kernel library), the events time whatever the host lets the GPU do.
+    """
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    seconds = HOLD_SECONDS
+    while True:
+        if hold is not None:
+            hold(seconds)
+        start.record(stream)
+        enqueue()
+        end.record(stream)
+        caught_up = start.done               # the GPU was already past the hold: it may have waited for the host
+        end.synchronize()
+        if hold is None or not caught_up or seconds >= MAX_HOLD_SECONDS:
+            return cupy.cuda.get_elapsed_time(start, end)
+        seconds *= 4
 
 
 def export_choices(device_id):

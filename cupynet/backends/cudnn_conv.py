@@ -225,6 +225,8 @@ class CudnnConv:
     autotune:    time every candidate engine on first use and keep the fastest (conv_autotune.py);
                  otherwise the heuristics' first choice.
     deterministic: only engines that give the same bits on every run (see the module docstring).
+    hold:        optional hold(seconds), which keeps the current stream busy (CupyBackend.hold_stream): the
+                 autotuner enqueues its timed runs behind it, so it times the engines, not the host.
 
     wgrad_handle: optional second handle, bound to a side stream: weight-gradient graphs are then built
                  for it and run with it and their own workspace, so the caller can overlap them with the
@@ -238,7 +240,7 @@ class CudnnConv:
     """
 
     def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False, wgrad_handle=None,
-                 wgrad_streams=(), deterministic=True):
+                 wgrad_streams=(), deterministic=True, hold=None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if io_dtype not in IO_DTYPES:
@@ -254,6 +256,7 @@ class CudnnConv:
             self._wgrad_lanes = [self._main]
         else:
             self._wgrad_lanes = [_Lane(wgrad_handle, cupy, stream) for stream in wgrad_streams] or [_Lane(wgrad_handle, cupy)]
+        self._hold = hold
         self.layout = layout
         self.io_dtype = io_dtype
         self.strict_fp32 = bool(strict_fp32)
@@ -366,7 +369,7 @@ class CudnnConv:
             self._cudnn.set_stream(handle=lane.handle, stream=lane.stream_ptr)
         if entry.candidates is not None and entry.plan_index is None:     # first use: time the candidates
             entry.plan_index = choose_plan(entry.key, entry.graph, entry.candidates, variant_pack, lane.handle,
-                                           self._cupy)
+                                           self._cupy, self._hold)
             for other in lanes:
                 other.grow(int(entry.graph.get_workspace_size_plan_at_index(entry.plan_index)))
         if entry.plan_index is None:

@@ -195,7 +195,7 @@ class CupyBackend(LayoutMixin):
         self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune,
                               wgrad_handle=self.side_cudnn_handle,
                               wgrad_streams=self.side_streams,
-                              deterministic=self.deterministic)
+                              deterministic=self.deterministic, hold=self.hold_stream)
 
     # ----------------------------------------------------------------- arrays and layout helpers
 
@@ -255,6 +255,12 @@ class CupyBackend(LayoutMixin):
     def fill(self, array, value):
         """Set every element on the device (e.g. the learning-rate scalar between steps)."""
         array.fill(value)
+
+    def hold_stream(self, seconds):
+        """Keep the current stream busy for `seconds` (kernels/timing.cu), so that work enqueued next runs
+        back to back once the hold ends: events around it then time the GPU, not the host's launches.
+        GPU only, for measurements (the engine autotuner, bench/conv_engines.py); never in a step."""
+        self.kernels.launch("hold_stream", (), (1,), (1,), (np.uint64(max(0, int(seconds * 1e9))),))
 
     def synchronize(self):
         """Wait until everything enqueued on the backend's streams has run."""

@@ -88,6 +88,9 @@ KERNELS = {
         "reduce_slots": [(t,) for t in REDUCED_TYPES],
         "copy_slot": [(t,) for t in REDUCED_TYPES],
     },
+    "timing.cu": {
+        "hold_stream": [],
+    },
     "augment.cu": {
         "augment_batch": _per_type(*ACTIVATION_TYPES),
         "augment_train_batch": _per_type(*ACTIVATION_TYPES),
