@@ -9,7 +9,8 @@ times the heuristics' best few deterministic engines that are not compiled at ru
 convolution is planned again with every heuristics mode (A, B, FALLBACK) and nothing deselected, every
 engine is built (those compiled at run time too, within --build-seconds per convolution) and timed on the
 device: CUDA events on the backend's stream, the median of --repeats windows of --runs executions, the
-same arrays for every engine. Engines noted NONDETERMINISTIC (cupynet runs them only with
+same arrays for every engine, each window enqueued behind a hold of the stream so that the events time
+the GPU and not the host's call cost (conv_autotune.gpu_milliseconds, as cupynet's autotuner times). Engines noted NONDETERMINISTIC (cupynet runs them only with
 --no-conv-deterministic: a replayed step must repeat the eager one bit for bit) are told apart by planning
 a second time with them deselected.
 
@@ -21,9 +22,11 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     on the image input (the previous BatchNorm's apply, never written out) for fprop and for wgrad.
 
 Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
-deterministic engine and the fastest of all: how much a better engine choice could still give. Writes
-JSON (`--json`, default bench/results/conv_engines-<host>.json) with bench/layouts.py's environment().
-GPU only.
+deterministic engine and the fastest of all: how much a better engine choice could still give. The per-step
+totals add only the convolutions for which every compared figure exists (and say how many). Writes JSON
+(`--json`, default bench/results/conv_engines-<host>.json) with bench/layouts.py's environment(), again
+after every convolution, so a run stopped from outside keeps what it measured. --max-seconds bounds the
+whole run, setup included: past it, no further build, survey or convolution starts. GPU only.
 """
 import argparse
 import json
@@ -40,12 +43,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.layouts import device_of, environment                   # noqa: E402
 from cupynet.backends import check_devices, create_backend          # noqa: E402
+from cupynet.backends.conv_autotune import MAX_WORKSPACE_BYTES, gpu_milliseconds   # noqa: E402
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
 from cupynet.errors import CupynetError, DeviceError                 # noqa: E402
 from cupynet.model import ResNet                                    # noqa: E402
 
 OPS = ("wgrad", "fprop", "dgrad")       # surveyed in this order: weight gradients cost the most (GPU notes)
+HOST_SECONDS_PER_CALL = 60e-6           # a generous host cost of one execute (GPU notes: 9-45 us): sizes the hold
 
 
 def parse_args(argv=None):
@@ -61,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--build-seconds", type=float, default=5.0,
                    help="per convolution: once building has taken this long, engines compiled at run time are skipped")
     p.add_argument("--max-seconds", type=float, default=240.0,
-                   help="no further convolution is surveyed after this long (the report says which were not)")
+                   help="the whole run's time, setup included: nothing new starts after it (the report says "
+                        "which convolutions were not surveyed)")
     p.add_argument("--json", help="output file (default bench/results/conv_engines-<host>.json)")
     args = p.parse_args(argv)
     if not args.device.isdigit():
@@ -108,14 +114,20 @@ class Survey:
     describes its graph twice: once with every engine, once with NONDETERMINISTIC ones deselected.
     """
 
-    def __init__(self, backend, args):
+    def __init__(self, backend, args, deadline):
         import cudnn
         import cupy
         self.cudnn, self.cupy, self.backend, self.args = cudnn, cupy, backend, args
+        self.deadline = deadline                # time.perf_counter() after which nothing new starts
         self.modes = [getattr(cudnn.heur_mode, name) for name in ("A", "B", "FALLBACK")
                       if hasattr(cudnn.heur_mode, name)]
         self.errors = (cudnn.cudnnGraphNotSupportedError, RuntimeError, ValueError)
-        self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
+        # what an engine that builds may still raise when it runs: out of memory, a CUDA error
+        self.run_errors = self.errors + (cupy.cuda.memory.OutOfMemoryError, cupy.cuda.runtime.CUDARuntimeError)
+        self.problem = None                     # why the last planning found no engine
+
+    def out_of_time(self):
+        return time.perf_counter() > self.deadline
 
     # ------------------------------------------------------------- the graphs
 
@@ -185,7 +197,8 @@ class Survey:
             if deselect:
                 graph.deselect_numeric_notes(list(deselect))
             graph.check_support()
-        except (*self.errors, AttributeError, TypeError):     # AttributeError: an op this Frontend lacks
+        except (*self.errors, AttributeError, TypeError) as error:     # AttributeError: an op this Frontend lacks
+            self.problem = one_line(error)
             return None
         return graph, operands
 
@@ -201,6 +214,9 @@ class Survey:
             if runtime_compiled and spent > self.args.build_seconds:
                 engines.append({"index": index, "skipped": "compiled at run time, past --build-seconds"})
                 continue
+            if self.out_of_time():
+                engines.append({"index": index, "skipped": "past --max-seconds"})
+                continue
             started = time.perf_counter()
             try:
                 graph.build_plan_at_index(index)
@@ -213,9 +229,12 @@ class Survey:
             if name in names:                  # the same engine proposed by two heuristics modes
                 continue
             names.add(name)
+            workspace = int(graph.get_workspace_size_plan_at_index(index))
+            if workspace > MAX_WORKSPACE_BYTES:  # what cupynet's autotuner would never pick either
+                engines.append({"index": index, "skipped": f"needs {workspace / 2 ** 20:.0f} MB of workspace"})
+                continue
             engines.append({"index": index, "name": name, "runtime_compiled": runtime_compiled,
-                            "workspace": int(graph.get_workspace_size_plan_at_index(index)),
-                            "build_s": round(time.perf_counter() - started, 3)})
+                            "workspace": workspace, "build_s": round(time.perf_counter() - started, 3)})
         return engines
 
     def mark_deterministic(self, describe, engines):
@@ -243,24 +262,24 @@ class Survey:
                     continue
                 try:
                     engine["us"] = self._time(graph, engine["index"], pack, workspace.data.ptr)
-                except self.errors as error:
+                except self.run_errors as error:
                     engine["skipped"] = f"built but did not run: {one_line(error)}"
 
     def _time(self, graph, index, pack, workspace):
         handle, stream = self.backend.cudnn_handle, self.backend.stream
-        graph.execute_plan_at_index(pack, workspace, index, handle=handle)       # untimed: first-run costs
-        windows = []
-        for _ in range(self.args.repeats):
-            self.start.record(stream)
-            for _ in range(self.args.runs):
-                graph.execute_plan_at_index(pack, workspace, index, handle=handle)
-            self.end.record(stream)
-            self.end.synchronize()
-            windows.append(1000.0 * self.cupy.cuda.get_elapsed_time(self.start, self.end) / self.args.runs)
-        return round(statistics.median(windows), 2)
+
+        def run():
+            graph.execute_plan_at_index(pack, workspace, index, handle=handle)
+        run()                                                       # untimed: first-run costs
+        first_hold = max(0.001, HOST_SECONDS_PER_CALL * self.args.runs)
+        windows = [gpu_milliseconds(self.cupy, stream, self.backend.hold_stream,
+                                    lambda: [run() for _ in range(self.args.runs)], first_hold)
+                   for _ in range(self.args.repeats)]
+        return round(1000.0 * statistics.median(windows) / self.args.runs, 2)
 
     def survey(self, describe):
         """Every engine of the described graph, timed: a list of engine dicts, or None when none is supported."""
+        self.problem = None
         planned = self.planned(describe)
         if planned is None:
             return None
@@ -303,60 +322,85 @@ def variants(survey, conv, args):
 
 
 def survey_convolution(survey, conv, args, totals):
-    """One convolution's row: every engine, cupynet's, the fastest, and the variants' fastest."""
+    """One convolution's row: every engine, cupynet's, the fastest, and the variants' fastest. A total gets
+    this convolution only when every figure it compares exists, so its columns cover the same convolutions."""
     label_ = describe(conv["op"], conv["dims"], conv["stride"], conv["pad"])
     engines = survey.survey(survey.plain(conv))
     ours = next((e for e in engines or [] if e.get("name") == conv["plan_name"] and "us" in e), None)
     best, best_deterministic = fastest(engines), fastest(engines, deterministic_only=True)
-    for name, engine in (("cupynet", ours), ("deterministic", best_deterministic), ("any", best)):
-        if engine is not None:
-            totals[conv["op"]][name] += conv["calls"] * engine["us"]
+    if None not in (ours, best, best_deterministic):
+        total = totals[conv["op"]]
+        total["convolutions"] += 1
+        for name, engine in (("cupynet", ours), ("deterministic", best_deterministic), ("any", best)):
+            total[name] += conv["calls"] * engine["us"]
+    else:
+        totals[conv["op"]]["left_out"] += 1
     row = {"op": conv["op"], "conv": label_, "calls": conv["calls"], "cupynet_engine": conv["plan_name"],
-           "cupynet_us": ours and ours["us"], "engines": engines, "variants": {}}
+           "cupynet_us": ours and ours["us"], "engines": engines, "variants": {},
+           "problem": survey.problem if engines is None else None}
     print(f"{label_:<44} x{conv['calls']:<3} cupynet {label(ours)}\n"
           f"{'':<49} best deterministic {label(best_deterministic)}\n"
-          f"{'':<49} best {label(best)}", flush=True)
+          f"{'':<49} best {label(best)}" + (f"\n{'':<49} ({survey.problem})" if engines is None else ""),
+          flush=True)
     for name, describe_variant in variants(survey, conv, args).items():
+        if survey.out_of_time():
+            row["variants"][name] = "past --max-seconds"
+            continue
         found = survey.survey(describe_variant)
         row["variants"][name] = found
         quickest = fastest(found, deterministic_only=True)
-        print(f"{'':<49} {name}: {label(quickest) if found else 'not supported'}", flush=True)
-        if quickest is not None:
-            totals[f"{conv['op']} {name}"]["deterministic"] += conv["calls"] * quickest["us"]
+        print(f"{'':<49} {name}: {label(quickest) if found else 'not supported (' + str(survey.problem) + ')'}",
+              flush=True)
+        if quickest is not None and ours is not None:
+            total = totals[f"{conv['op']} {name}"]
+            total["convolutions"] += 1
+            total["deterministic"] += conv["calls"] * quickest["us"]
+            total["cupynet"] += conv["calls"] * ours["us"]
     return row
+
+
+def write_report(path, env, args, totals, rows, not_surveyed):
+    """The JSON report, replaced whole (written beside, then renamed): after every convolution."""
+    report = {"benchmark": "conv_engines", "environment": env, "args": vars(args),
+              "per_step_us": {op: dict(t) for op, t in totals.items()}, "convolutions": rows,
+              "not_surveyed": not_surveyed}
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    deadline = time.perf_counter() + args.max_seconds
     check_devices([device_of(args.device)])
     env = environment(args.device)
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"conv_engines-{platform.node() or 'host'}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     backend, convolutions = step_convolutions(args)
-    survey = Survey(backend, args)
+    survey = Survey(backend, args, deadline)
     print(f"{env.get('gpu')} | cuDNN {env.get('cudnn_backend')} | ResNet-{args.depth}, batch {args.batch}, "
           f"{args.layout} {args.dtype} | median of {args.repeats} x {args.runs} executions per engine", flush=True)
     rows, not_surveyed = [], []
     totals = defaultdict(Counter)
-    started = time.perf_counter()
     for conv in sorted(convolutions, key=lambda c: (OPS.index(c["op"]), c["dims"])):
-        if time.perf_counter() - started > args.max_seconds:
+        if survey.out_of_time():
             not_surveyed.append(describe(conv["op"], conv["dims"], conv["stride"], conv["pad"]))
             continue
         rows.append(survey_convolution(survey, conv, args, totals))
+        write_report(path, env, args, totals, rows, not_surveyed)
     if not_surveyed:
         print(f"not surveyed (past --max-seconds {args.max_seconds:g}): {'; '.join(not_surveyed)}")
-    print("per step (calls x microseconds): cupynet's engines / fastest deterministic / fastest of all")
+    print("per step (calls x microseconds), over the convolutions with every figure: cupynet's engines / "
+          "fastest deterministic / fastest of all")
     for op, t in totals.items():
+        counted = f"{t['convolutions']} convolution(s)" + (f", {t['left_out']} left out" if t["left_out"] else "")
         if op in OPS:
-            print(f"  {op}: {t['cupynet']:.0f} / {t['deterministic']:.0f} / {t['any']:.0f} us")
-        else:           # a variant: its fastest deterministic engine, over the convolutions it was timed for
-            print(f"  {op}: {t['deterministic']:.0f} us (fastest deterministic)")
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"conv_engines-{platform.node() or 'host'}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"benchmark": "conv_engines", "environment": env, "args": vars(args),
-                   "per_step_us": {op: dict(t) for op, t in totals.items()}, "convolutions": rows,
-                   "not_surveyed": not_surveyed}, f, indent=2, default=str)
+            print(f"  {op}: {t['cupynet']:.0f} / {t['deterministic']:.0f} / {t['any']:.0f} us ({counted})")
+        else:           # a variant: its fastest deterministic engine against cupynet's, where it was timed
+            print(f"  {op}: {t['deterministic']:.0f} us fastest deterministic, cupynet's plain {t['cupynet']:.0f} us "
+                  f"({counted})")
+    write_report(path, env, args, totals, rows, not_surveyed)
     print(f"wrote {path}")
 
 

@@ -168,7 +168,7 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                  "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
-                 "i": "2", "json": "/out/accuracy_2.json"}
+                 "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100"}
 
 
 def script_python_commands():
@@ -179,6 +179,8 @@ def script_python_commands():
     commands = []
     for target, rest in re.findall(r'"\$PY" (bench/\w+\.py|-m cupynet\.train)([^\n&|;\'<]*)', text):
         rest = re.sub(r"\s\d*>>?\s*\S+", "", rest)                     # redirections
+        rest = re.sub(r"\$\(\((\w+) - (\d+)\)\)",                       # $((NAME - N)) arithmetic
+                      lambda m: str(int(SCRIPT_VALUES[m.group(1)]) - int(m.group(2))), rest)
         rest = re.sub(r"\$\{(\w+):-\}|\$\{?(\w+)\}?", lambda m: SCRIPT_VALUES[m.group(1) or m.group(2)], rest)
         module = "cupynet.config" if target.startswith("-m") else "bench." + pathlib.Path(target).stem
         commands.append((module, shlex.split(rest)))

@@ -159,7 +159,7 @@ def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus,
 
 def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     """The GPU paths of bench/layouts.py (eager and captured), layers.py (each call also timed alone in a
-    graph) and scaling.py (shared-GPU workers and NCCL) write their JSON; the figures are the emulation's,
+    graph, with the L2 cache evicted before it or not), conv_engines.py and scaling.py (shared-GPU workers and NCCL) write their JSON; the figures are the emulation's,
     and the header says so."""
     small = ["--depth", "8", "--batch", "8"]
     runs = {
@@ -168,6 +168,8 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
                     "--repeats", "2"],
         "layers": ["bench/layers.py", "--device", "0", *small, "--layout", "NCHW", "--dtype", "float32", "--steps", "1",
                    "--peak-gbs", "3350"],
+        "layers_warm": ["bench/layers.py", "--device", "0", *small, "--layout", "NHWC", "--dtype", "bfloat16",
+                        "--steps", "1", "--peak-gbs", "3350", "--l2", "warm"],
         "conv_engines": ["bench/conv_engines.py", "--device", "0", "--depth", "8", "--batch", "4", "--runs", "2",
                          "--repeats", "2"],
         "scaling": ["bench/scaling.py", "--device", "0", *small, "--workers", "1,2", "--comm", "shared",
@@ -196,15 +198,29 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         assert row["cupynet_us"] and any(e.get("name") == row["cupynet_engine"] and e["deterministic"]
                                          for e in row["engines"]), row
         assert any("us" in e and not e["deterministic"] for e in row["engines"]), row
+    per_step = json.loads((tmp_path / "conv_engines.json").read_text())["per_step_us"]
+    for op in ("fprop", "dgrad", "wgrad"):   # every convolution has all three figures here: all are counted
+        assert per_step[op]["convolutions"] == sum(row["op"] == op for row in engines), per_step
     variants = {row["op"]: sorted(name for name, found in row["variants"].items() if found) for row in engines}
     assert variants == {"wgrad": ["float32_output", "scale_bias_relu"], "dgrad": [],
                         "fprop": ["genstats", "scale_bias_relu_genstats"]}
-    layers = json.loads((tmp_path / "layers.json").read_text())     # every call replayed alone in a graph
-    # (copies are not replayed; wait_for_gradients only orders the streams: its graph has no kernel and may
-    # time at 0.000 ms)
-    timed_alone = [row for row in layers["primitives"]
-                   if row["primitive"] not in ("to_host", "from_host", "upload_into", "wait_for_gradients")]
-    assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone), layers
+    for name in ("layers", "layers_warm"):   # every call replayed alone in a graph, L2 evicted before it or not
+        layers = json.loads((tmp_path / f"{name}.json").read_text())
+        # (copies are not replayed; wait_for_gradients only orders the streams: its graph has no kernel and
+        # may time at 0.000 ms)
+        timed_alone = [row for row in layers["primitives"]
+                       if row["primitive"] not in ("to_host", "from_host", "upload_into", "wait_for_gradients")]
+        assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone), layers
+
+
+def test_conv_engines_past_its_time_still_reports_what_it_could_not_survey(tmp_path):
+    """--max-seconds bounds the whole run, setup included: with no time left it surveys nothing, yet exits
+    0 with a JSON report naming every convolution it did not reach."""
+    result = run_emulated(["bench/conv_engines.py", "--device", "0", "--depth", "8", "--batch", "2",
+                           "--max-seconds", "0.01", "--json", str(tmp_path / "ce.json")], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    report = json.loads((tmp_path / "ce.json").read_text())
+    assert report["convolutions"] == [] and len(report["not_surveyed"]) == 17, report["not_surveyed"]
 
 
 @pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")

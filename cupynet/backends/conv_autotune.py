@@ -112,7 +112,7 @@ def _fastest(graph, candidates, variant_pack, handle, cupy, hold):
     return min(timings)[1]
 
 
-def gpu_milliseconds(cupy, stream, hold, enqueue):
+def gpu_milliseconds(cupy, stream, hold, enqueue, first_hold=HOLD_SECONDS):
     """GPU milliseconds of the work `enqueue()` puts on `stream` (the current stream), between two events.
 
     With hold (CupyBackend.hold_stream), the work is enqueued while the stream is held busy, so the GPU runs
@@ -121,7 +121,7 @@ def gpu_milliseconds(cupy, stream, hold, enqueue):
     Without hold (no kernel library), the events time whatever the host lets the GPU do.
     """
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    seconds = HOLD_SECONDS
+    seconds = first_hold
     while True:
         if hold is not None:
             hold(seconds)

@@ -7,6 +7,10 @@ show what such reuse would do to a captured graph: memory-pool isolation still n
 import contextlib
 
 
+class OutOfMemoryError(MemoryError):
+    """CuPy's error for a failed device allocation (never raised by the emulation, which allocates with NumPy)."""
+
+
 class MemoryPool:
     def __init__(self, allocator=None):
         pass
