@@ -6,13 +6,13 @@
 First a training step's forward and backward run twice with autotuning, as training runs them: that tells
 which convolutions a step makes, how often, and which engine cupynet executes for each (its autotuner
 times the heuristics' best few deterministic engines that are not compiled at run time). Then each
-convolution is planned again with every heuristics mode (A, B, FALLBACK) and nothing deselected, every
-engine is built (those compiled at run time too, within --build-seconds per convolution) and timed on the
+convolution is planned again with every heuristics mode (A, B, FALLBACK), deselecting only the engines
+noted REDUCED_PRECISION_REDUCTION (cupynet never runs them: its sums stay float32), every engine is built (those compiled at run time too, within --build-seconds per convolution) and timed on the
 device: CUDA events on the backend's stream, the median of --repeats windows of --runs executions, the
 same arrays for every engine, each window enqueued behind a hold of the stream so that the events time
-the GPU and not the host's call cost (conv_autotune.gpu_milliseconds, as cupynet's autotuner times). Engines noted NONDETERMINISTIC (cupynet runs them only with
---no-conv-deterministic: a replayed step must repeat the eager one bit for bit) are told apart by planning
-a second time with them deselected.
+the GPU and not the host's call cost (conv_autotune.gpu_milliseconds, as cupynet's autotuner times).
+Engines noted NONDETERMINISTIC (cupynet runs them only with --no-conv-deterministic: a replayed step must
+repeat the eager one bit for bit) are told apart by planning a second time with them deselected too.
 
 It also times variants cupynet does not run (yet), to tell whether they are worth building:
   * bfloat16 weight gradients writing float32 directly (cupynet writes bf16 and converts: one more kernel
@@ -188,14 +188,14 @@ class Survey:
     # ------------------------------------------------------------- planning, building, timing
 
     def planned(self, describe, deselect=()):
-        """(graph, operands) with every heuristics mode's plans, or None when cuDNN has no engine for it."""
+        """(graph, operands) with every heuristics mode's plans but those cupynet never runs (and those noted
+        as `deselect` says), or None when cuDNN has no engine for it."""
         try:
             graph, operands = describe()
             graph.validate()
             graph.build_operation_graph()
             graph.create_execution_plans(self.modes)
-            if deselect:
-                graph.deselect_numeric_notes(list(deselect))
+            graph.deselect_numeric_notes([self.cudnn.numerical_note.REDUCED_PRECISION_REDUCTION, *deselect])
             graph.check_support()
         except (*self.errors, AttributeError, TypeError) as error:     # AttributeError: an op this Frontend lacks
             self.problem = one_line(error)

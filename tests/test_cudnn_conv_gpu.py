@@ -349,17 +349,18 @@ def test_engine_choices_travel_with_a_checkpoint(handle):
     assert conv_autotune.import_choices(other, device) == 0 and conv_autotune.export_choices(device)["choices"] == []
 
 
-def _buildable_engines(conv, op, deselect_nondeterministic):
+def _buildable_engines(conv, op, deselect_nondeterministic, deselect=()):
     """Names of the engines of a block conv's `op` graph that build, planned from CudnnConv.describe_graph with
-    or without the NONDETERMINISTIC ones deselected; run-time compiled ones (seconds to build) only as the
-    heuristics' first plan, as the autotuner takes them."""
+    or without the NONDETERMINISTIC ones (and those of `deselect`) deselected; run-time compiled ones (seconds
+    to build) only as the heuristics' first plan, as the autotuner takes them."""
     import cudnn
     graph, _, _ = conv.describe_graph(op, (4, 8, 8, 8, 8, 3, 3), 1, 1)
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    if deselect_nondeterministic:
-        graph.deselect_numeric_notes([cudnn.numerical_note.NONDETERMINISTIC])
+    notes = list(deselect) + ([cudnn.numerical_note.NONDETERMINISTIC] if deselect_nondeterministic else [])
+    if notes:
+        graph.deselect_numeric_notes(notes)
     graph.check_support()
     names = set()
     for index in range(graph.get_execution_plan_count()):
@@ -398,6 +399,28 @@ def test_nondeterministic_engines_are_candidates_only_when_allowed(handle, monke
     cupy.cuda.get_current_stream().synchronize()
     ref = prec.to_host(dw)
     np.testing.assert_allclose(prec.to_host(dw_free), ref, rtol=0, atol=RTOL["tf32"] * 10 * np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_engines_that_reduce_in_reduced_precision_are_never_candidates(handle, monkeypatch, precision):
+    """cupynet promises float32 accumulation in every precision: engines cuDNN notes REDUCED_PRECISION_REDUCTION
+    (sums kept in the inputs' precision) are never timed or run, even when nondeterministic engines are
+    allowed and every candidate is timed; every other engine still is."""
+    import cudnn
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    monkeypatch.setattr(conv_autotune, "MAX_CANDIDATES", 1000)
+    prec = Precision(precision)
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, deterministic=False)
+    x, wt, dy, (_, _, dw) = _block_arrays("NHWC", prec)
+    conv.backward_filter(x, dy, 1, 1, dw)
+    (entry,) = conv._graphs.values()
+    timed = {entry.graph.get_plan_name_at_index(i) for i, _ in entry.candidates}
+    reduced = _buildable_engines(conv, "wgrad", False) - _buildable_engines(
+        conv, "wgrad", False, deselect=[cudnn.numerical_note.REDUCED_PRECISION_REDUCTION])
+    assert not timed & reduced, timed & reduced
+    assert timed == _buildable_engines(conv, "wgrad", False) - reduced
+    cupy.cuda.get_current_stream().synchronize()
 
 
 def test_timed_work_is_measured_behind_a_hold_of_the_stream():

@@ -73,7 +73,8 @@ source; identical in 1.26.0, whose wheel was compared):
       candidate engine configs created by `create_execution_plans` whose notes match; `check_support`
       then skips them (include/cudnn_frontend/plans.h, `Execution_plan_list`), hence the call order
       create_execution_plans -> deselect_numeric_notes -> check_support -> build_plans.
-    * enum spellings: `cudnn.numerical_note.TENSOR_CORE`, `.DOWN_CONVERT_INPUTS`, `.NONDETERMINISTIC`;
+    * enum spellings: `cudnn.numerical_note.TENSOR_CORE`, `.DOWN_CONVERT_INPUTS`, `.NONDETERMINISTIC`,
+      `.REDUCED_PRECISION_REDUCTION` (also in the 1.22.1 .so's strings);
       `cudnn.heur_mode.A`, `.FALLBACK`; `cudnn.data_type.FLOAT`, `.BFLOAT16` (python/properties.cpp; strings in the .so).
     * an unsupported graph raises `cudnn.cudnnGraphNotSupportedError` (check_support: "No execution plans
       built successfully"); other build failures raise ValueError or RuntimeError (python/pycudnn.cpp,
@@ -476,9 +477,13 @@ class CudnnConv:
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         # Must come after create_execution_plans (it filters the candidates that call created) and
         # before check_support (which builds the first candidate that is not filtered out).
-        # Deterministic (the default): no NONDETERMINISTIC engines (atomics that reorder wgrad sums), so a
-        # rerun, a resumed run and a CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32.
-        notes = [cudnn.numerical_note.NONDETERMINISTIC] if self.deterministic else []
+        # Never REDUCED_PRECISION_REDUCTION engines: sums stay float32 in every precision (a bf16 weight
+        # gradient adds 131,072 products per element at batch 128). Deterministic (the default): no
+        # NONDETERMINISTIC engines (atomics that reorder wgrad sums), so a rerun, a resumed run and a
+        # CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32.
+        notes = [cudnn.numerical_note.REDUCED_PRECISION_REDUCTION]
+        if self.deterministic:
+            notes.append(cudnn.numerical_note.NONDETERMINISTIC)
         if self.strict_fp32:
             notes += [cudnn.numerical_note.TENSOR_CORE, cudnn.numerical_note.DOWN_CONVERT_INPUTS]
         graph.deselect_numeric_notes(notes)

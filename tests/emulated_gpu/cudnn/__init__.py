@@ -46,6 +46,7 @@ class numerical_note(enum.Enum):
     TENSOR_CORE = 0
     DOWN_CONVERT_INPUTS = 1
     NONDETERMINISTIC = 2
+    REDUCED_PRECISION_REDUCTION = 3
 
 
 class behavior_note(enum.Enum):
@@ -106,6 +107,7 @@ ENGINES = (                                  # heuristics order, best first
     _Engine("implicit gemm fp32"),
     _Engine("winograd fp32", workspace=1 << 16),
     _Engine("runtime-compiled", behavior=[behavior_note.RUNTIME_COMPILATION], workspace=1 << 10),
+    _Engine("reduced-precision sums", numerical=[numerical_note.REDUCED_PRECISION_REDUCTION]),
 )
 
 
