@@ -260,6 +260,9 @@ class Survey:
             for engine in engines:
                 if "name" not in engine:
                     continue
+                if self.out_of_time():
+                    engine["skipped"] = "built, not timed: past --max-seconds"
+                    continue
                 try:
                     engine["us"] = self._time(graph, engine["index"], pack, workspace.data.ptr)
                 except self.run_errors as error:
@@ -285,7 +288,11 @@ class Survey:
             return None
         graph, operands = planned
         engines = self.build_every_engine(graph)
-        self.mark_deterministic(describe, engines)
+        if self.out_of_time():            # no second round of builds: determinism stays unknown
+            for engine in engines:
+                engine.setdefault("deterministic", None)
+        else:
+            self.mark_deterministic(describe, engines)
         self.time_engines(graph, operands, engines)
         return engines
 
@@ -359,11 +366,11 @@ def survey_convolution(survey, conv, args, totals):
     return row
 
 
-def write_report(path, env, args, totals, rows, not_surveyed):
+def write_report(path, env, args, totals, rows, not_surveyed, reduced_precision_graphs):
     """The JSON report, replaced whole (written beside, then renamed): after every convolution."""
     report = {"benchmark": "conv_engines", "environment": env, "args": vars(args),
               "per_step_us": {op: dict(t) for op, t in totals.items()}, "convolutions": rows,
-              "not_surveyed": not_surveyed}
+              "not_surveyed": not_surveyed, "reduced_precision_graphs": reduced_precision_graphs}
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2, default=str)
     os.replace(path + ".tmp", path)
@@ -383,12 +390,16 @@ def main(argv=None):
           f"{args.layout} {args.dtype} | median of {args.repeats} x {args.runs} executions per engine", flush=True)
     rows, not_surveyed = [], []
     totals = defaultdict(Counter)
+    longest = 0.0                         # the longest survey of one convolution so far
     for conv in sorted(convolutions, key=lambda c: (OPS.index(c["op"]), c["dims"])):
-        if survey.out_of_time():
+        # a survey that could not finish before the deadline is not started (it would only be cut short)
+        if survey.out_of_time() or time.perf_counter() + 1.5 * longest > deadline:
             not_surveyed.append(describe(conv["op"], conv["dims"], conv["stride"], conv["pad"]))
             continue
+        started = time.perf_counter()
         rows.append(survey_convolution(survey, conv, args, totals))
-        write_report(path, env, args, totals, rows, not_surveyed)
+        longest = max(longest, time.perf_counter() - started)
+        write_report(path, env, args, totals, rows, not_surveyed, backend.conv.reduced_precision_graphs)
     if not_surveyed:
         print(f"not surveyed (past --max-seconds {args.max_seconds:g}): {'; '.join(not_surveyed)}")
     print("per step (calls x microseconds), over the convolutions with every figure: cupynet's engines / "
@@ -400,7 +411,10 @@ def main(argv=None):
         else:           # a variant: its fastest deterministic engine against cupynet's, where it was timed
             print(f"  {op}: {t['deterministic']:.0f} us fastest deterministic, cupynet's plain {t['cupynet']:.0f} us "
                   f"({counted})")
-    write_report(path, env, args, totals, rows, not_surveyed)
+    if backend.conv.reduced_precision_graphs:
+        print(f"cupynet runs engines with reduced-precision sums for (nothing else supports them): "
+              f"{'; '.join(backend.conv.reduced_precision_graphs)}")
+    write_report(path, env, args, totals, rows, not_surveyed, backend.conv.reduced_precision_graphs)
     print(f"wrote {path}")
 
 

@@ -16,9 +16,10 @@ calls another, so the per-primitive times never count the same work twice.
     step is launch-bound, so that interval is mostly the GPU waiting for the host. The kernels' own time
     comes from a second measurement: every call of the first timed step is replayed alone in a CUDA graph,
     which is what it costs inside a captured step. `--l2 cold` (the default): the graph holds the call
-    once, and each of `--isolate-launches` launches is timed on its own right after a write of 4x the L2
-    cache (200 MB on an H100), so the call reads its inputs from HBM, as the roofline assumes (that write also
-    keeps the GPU busy while the host enqueues the timed launch); the median counts. `--l2 warm`: the graph
+    once, and each of `--isolate-launches` launches is timed on its own right after a read of 4x the L2
+    cache (200 MB on an H100), so the call reads its inputs from HBM, as the roofline assumes (that read
+    also keeps the GPU busy while the host enqueues the timed launch); the median counts, less the same
+    median for a graph of one empty kernel (a graph launch's own cost, which would dwarf a 1-us kernel). `--l2 warm`: the graph
     holds the call `--isolate-repeats` times and the launches are timed together, so every copy after the
     first finds its inputs in the L2 cache (a batch-128 ResNet activation, 4 MB in bf16, fits H100's
     50 MB): above 100% of HBM peak is then possible. The roofline columns use that time on a GPU. Host
@@ -196,35 +197,52 @@ def isolated_device_s(backend, calls, repeats, launches, l2="cold"):
     import cupy
     totals = defaultdict(float)
     begin, end = cupy.cuda.Event(), cupy.cuda.Event()
-    flush = None
     if l2 == "cold":
-        l2_bytes = int(cupy.cuda.Device(backend.device.id).attributes.get("L2CacheSize", 0))
-        with backend.device, backend.stream:
-            flush = cupy.empty(((4 * l2_bytes or L2_FLUSH_BYTES_UNKNOWN_L2) // 4,), dtype=cupy.float32)
-        pairs = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(launches)]
+        cold = ColdL2Timer(backend, launches)
+        # what a one-node graph costs with nothing in it (one empty kernel): taken off every call's time
+        overhead = cold.seconds(backend.capture(lambda: backend.hold_stream(0)))
     for name, method, args, kwargs in calls:
         if name in HOST_COPIES:
             continue
-        copies = 1 if flush is not None else repeats
+        copies = 1 if l2 == "cold" else repeats
         graph = backend.capture(lambda: [method(*args, **kwargs) for _ in range(copies)])
         graph.launch()                                 # the first launch uploads the graph
-        if flush is None:
-            begin.record(backend.stream)
-            for _ in range(launches):
-                graph.launch()
-            end.record(backend.stream)
-            end.synchronize()
-            totals[name] += cupy.cuda.get_elapsed_time(begin, end) / 1000.0 / (repeats * launches)
+        if l2 == "cold":
+            totals[name] += max(cold.seconds(graph) - overhead, 0.0)
             continue
-        with backend.device, backend.stream:
-            for first, last in pairs:
-                flush.fill(0.0)                        # evicts the call's inputs from L2
-                first.record(backend.stream)
-                graph.launch()
-                last.record(backend.stream)
-        pairs[-1][1].synchronize()
-        totals[name] += statistics.median(cupy.cuda.get_elapsed_time(a, b) for a, b in pairs) / 1000.0
+        begin.record(backend.stream)
+        for _ in range(launches):
+            graph.launch()
+        end.record(backend.stream)
+        end.synchronize()
+        totals[name] += cupy.cuda.get_elapsed_time(begin, end) / 1000.0 / (repeats * launches)
     return dict(totals)
+
+
+class ColdL2Timer:
+    """Median device seconds of a graph's launches, each right after reading 4x the L2 cache (a sum over a
+    buffer that size): the graph's inputs are no longer in L2 and the L2 holds no dirty lines to write back.
+    That read also keeps the GPU busy while the host enqueues the timed launch behind it."""
+
+    def __init__(self, backend, launches):
+        import cupy
+        self.cupy, self.backend = cupy, backend
+        l2_bytes = int(cupy.cuda.Device(backend.device.id).attributes.get("L2CacheSize", 0))
+        with backend.device, backend.stream:
+            self.buffer = cupy.zeros(((4 * l2_bytes or L2_FLUSH_BYTES_UNKNOWN_L2) // 4,), dtype=cupy.float32)
+            self.sink = cupy.zeros((), dtype=cupy.float32)
+        self.pairs = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(launches)]
+
+    def seconds(self, graph):
+        stream = self.backend.stream
+        with self.backend.device, stream:
+            for first, last in self.pairs:
+                self.cupy.sum(self.buffer, out=self.sink)       # evicts the graph's inputs from L2
+                first.record(stream)
+                graph.launch()
+                last.record(stream)
+        self.pairs[-1][1].synchronize()
+        return statistics.median(self.cupy.cuda.get_elapsed_time(a, b) for a, b in self.pairs) / 1000.0
 
 
 def profile(args, dataset):

@@ -352,7 +352,7 @@ def test_engine_choices_travel_with_a_checkpoint(handle):
 def _buildable_engines(conv, op, deselect_nondeterministic, deselect=()):
     """Names of the engines of a block conv's `op` graph that build, planned from CudnnConv.describe_graph with
     or without the NONDETERMINISTIC ones (and those of `deselect`) deselected; run-time compiled ones (seconds
-    to build) only as the heuristics' first plan, as the autotuner takes them."""
+    to build) only until one engine has built, as the autotuner takes them."""
     import cudnn
     graph, _, _ = conv.describe_graph(op, (4, 8, 8, 8, 8, 3, 3), 1, 1)
     graph.validate()
@@ -364,7 +364,8 @@ def _buildable_engines(conv, op, deselect_nondeterministic, deselect=()):
     graph.check_support()
     names = set()
     for index in range(graph.get_execution_plan_count()):
-        if index and cudnn.behavior_note.RUNTIME_COMPILATION in list(graph.get_behavior_notes_for_plan_at_index(index)):
+        # as conv_autotune.build_candidates: run-time compiled engines only while nothing else has built
+        if names and cudnn.behavior_note.RUNTIME_COMPILATION in list(graph.get_behavior_notes_for_plan_at_index(index)):
             continue
         try:
             graph.build_plan_at_index(index)
@@ -440,3 +441,22 @@ def test_timed_work_is_measured_behind_a_hold_of_the_stream():
         milliseconds = gpu_milliseconds(cupy, be.stream, hold, lambda: be.hold_stream(0.003))
     assert 2.9 <= milliseconds < 3.0 + 1000 * HOLD_SECONDS, milliseconds
     assert holds and holds[0] == HOLD_SECONDS
+
+
+def test_a_convolution_only_reduced_precision_engines_support_still_runs(handle, monkeypatch):
+    """Should cuDNN offer nothing but engines with reduced-precision sums for some convolution, cupynet plans
+    it again allowing them (a run that stops is worse than one sum in lower precision) and says so in
+    `reduced_precision_graphs`, which bench/conv_engines.py reports. Emulated cuDNN only: it lets the test
+    leave cuDNN nothing else to offer."""
+    import cudnn
+    if not hasattr(cudnn, "ENGINES"):
+        pytest.skip("needs the emulated cuDNN, whose engine list a test can replace")
+    reduced = [e for e in cudnn.ENGINES if cudnn.numerical_note.REDUCED_PRECISION_REDUCTION in e.numerical]
+    monkeypatch.setattr(cudnn, "ENGINES", tuple(reduced))
+    prec = Precision("bf16")
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    conv.forward(x, wt, 1, 1, y)
+    cupy.cuda.get_current_stream().synchronize()
+    assert conv.reduced_precision_graphs == ["fprop N=4 C=8 H=8 W=8 K=8 3x3 stride 1 pad 1"]
+    assert np.all(np.isfinite(prec.to_host(y)))

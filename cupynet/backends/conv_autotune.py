@@ -124,7 +124,8 @@ def gpu_milliseconds(cupy, stream, hold, enqueue, first_hold=HOLD_SECONDS):
     seconds = first_hold
     while True:
         if hold is not None:
-            hold(seconds)
+            with stream:                     # the hold must be on the stream the events and the work are on
+                hold(seconds)
         start.record(stream)
         enqueue()
         end.record(stream)

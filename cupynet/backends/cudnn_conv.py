@@ -270,6 +270,7 @@ class CudnnConv:
         self.executions = Counter()     # op -> number of cuDNN executes
         self.builds = Counter()         # op -> number of graphs built (one per cache key)
         self.graph_calls = Counter()    # cache key -> calls (what a step runs how often: bench/conv_engines.py)
+        self.reduced_precision_graphs = []   # convolutions only engines with reduced-precision sums support
         self._graphs = {}               # cache key -> _BuiltGraph
         self._frozen = False
 
@@ -404,7 +405,14 @@ class CudnnConv:
         cudnn = self._cudnn
         try:
             graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
-            candidates = self._plan(graph, key)
+            try:
+                candidates = self._plan(graph, key)
+            except cudnn.cudnnGraphNotSupportedError:
+                # Only engines that sum in reduced precision left? Better than no convolution at all: plan
+                # again allowing them (a deselection cannot be undone on the same graph).
+                graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
+                candidates = self._plan(graph, key, reduced_precision_sums=True)
+                self.reduced_precision_graphs.append(describe(op, key_dims, stride, pad))
             # autotuned: the workspace grows to the chosen plan's size once it is chosen (first use)
             workspace_bytes = 0 if candidates else graph.get_workspace_size()
         except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
@@ -466,11 +474,12 @@ class CudnnConv:
         tensor.set_stride(packed_strides(self.layout, *dims))
         tensor.set_data_type(data_type)
 
-    def _plan(self, graph, key):
+    def _plan(self, graph, key, reduced_precision_sums=False):
         """validate -> operation graph -> heuristics [A, FALLBACK] -> deselect -> check -> build.
 
         Returns the autotuning candidates [(plan index, workspace bytes)], or None when the heuristics'
-        first plan was built (`execute` runs it)."""
+        first plan was built (`execute` runs it). reduced_precision_sums: keep the engines noted
+        REDUCED_PRECISION_REDUCTION (only when nothing else supports the graph)."""
         cudnn = self._cudnn
         graph.validate()
         graph.build_operation_graph()
@@ -481,7 +490,7 @@ class CudnnConv:
         # gradient adds 131,072 products per element at batch 128). Deterministic (the default): no
         # NONDETERMINISTIC engines (atomics that reorder wgrad sums), so a rerun, a resumed run and a
         # CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32.
-        notes = [cudnn.numerical_note.REDUCED_PRECISION_REDUCTION]
+        notes = [] if reduced_precision_sums else [cudnn.numerical_note.REDUCED_PRECISION_REDUCTION]
         if self.deterministic:
             notes.append(cudnn.numerical_note.NONDETERMINISTIC)
         if self.strict_fp32:

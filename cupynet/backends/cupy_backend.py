@@ -259,7 +259,7 @@ class CupyBackend(LayoutMixin):
     def hold_stream(self, seconds):
         """Keep the current stream busy for `seconds` (kernels/timing.cu), so that work enqueued next runs
         back to back once the hold ends: events around it then time the GPU, not the host's launches.
-        GPU only, for measurements (the engine autotuner, bench/conv_engines.py); never in a step."""
+        GPU only, for measurements (the engine autotuner, bench/conv_engines.py, bench/layers.py); never in a training step."""
         self.kernels.launch("hold_stream", (), (1,), (1,), (np.uint64(max(0, int(seconds * 1e9))),))
 
     def synchronize(self):
