@@ -83,6 +83,7 @@ source; identical in 1.26.0, whose wheel was compared):
       `pygraph` by a pure-Python class (python/cudnn/_pygraph.py) and 1.27+ pull in extra dependencies,
       hence the `<1.27` pin in pyproject.toml.
 """
+import contextlib
 from collections import Counter
 
 from cupynet.backends.conv_autotune import build_candidates, choose_plan
@@ -190,7 +191,6 @@ class _Lane:
     def __init__(self, handle, cupy, stream=None):
         self.handle = handle
         self.stream = stream
-        self.stream_ptr = None if stream is None else stream.ptr
         self._cupy = cupy
         self.buffer = None
         self.ptr = 0                # a null workspace is valid while every graph needs 0 bytes
@@ -206,11 +206,8 @@ class _Lane:
         """
         if nbytes <= self.bytes:
             return
-        if self.stream is None:
+        with self.stream if self.stream is not None else contextlib.nullcontext():
             self.buffer = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
-        else:
-            with self.stream:
-                self.buffer = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
         self.ptr = self.buffer.data.ptr
         self.bytes = nbytes
 
@@ -367,8 +364,8 @@ class CudnnConv:
         if not 0 <= lane_index < len(lanes):
             raise ValueError(f"conv {op}: lane {lane_index} of {len(lanes)}")
         lane = lanes[lane_index]
-        if lane.stream_ptr is not None:
-            self._cudnn.set_stream(handle=lane.handle, stream=lane.stream_ptr)
+        if lane.stream is not None:
+            self._cudnn.set_stream(handle=lane.handle, stream=lane.stream.ptr)
         if entry.candidates is not None and entry.plan_index is None:     # first use: time the candidates
             entry.plan_index = choose_plan(entry.key, entry.graph, entry.candidates, variant_pack, lane.handle,
                                            self._cupy, self._hold)

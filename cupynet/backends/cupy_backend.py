@@ -71,6 +71,7 @@ BN_THREADS = 256                    # threads per block of the BatchNorm partial
 FINALIZE_THREADS = 32               # one warp per channel adds the partial sums
 HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
 MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
+PACK_BYTES = 16                     # what kernels move per load and store on their vector paths
 MIN_STEPS_PER_THREAD = 4            # a partial-sum thread reads at least this many elements or packs
 
 
@@ -103,6 +104,16 @@ def _on_device(method):
         with self.device, self.stream:
             return method(self, *args, **kwargs)
     return run
+
+
+def _pack_elements(dtype):
+    """Elements in one 16-byte pack (common.cuh, "16-byte packs"): 4 floats or 8 bfloat16."""
+    return PACK_BYTES // np.dtype(dtype).itemsize
+
+
+def _pack_aligned(arrays):
+    """Whether every array starts on a pack boundary, as the kernels' 16-byte loads and stores need."""
+    return all(array.data.ptr % PACK_BYTES == 0 for array in arrays)
 
 
 def _i32(value):
@@ -299,8 +310,8 @@ class CupyBackend(LayoutMixin):
     def _launch_packed(self, name, dtype, n, packed, args):
         """An elementwise kernel with a trailing `vec` argument (common.cuh, "16-byte packs"): vec = 1 when
         every array in `packed` (those the kernel indexes per element) starts on a 16-byte boundary."""
-        pack = 16 // np.dtype(dtype).itemsize
-        vec = all(array.data.ptr % 16 == 0 for array in packed)
+        pack = _pack_elements(dtype)
+        vec = _pack_aligned(packed)
         work = n // pack + n % pack if vec else n            # threads needed: packs, then the tail
         self.kernels.launch(name, (ctype(dtype),), self.kernels.grid_1d(max(work, 1)), KernelLibrary.BLOCK,
                             tuple(args) + (_i32(vec),))
@@ -400,11 +411,9 @@ class CupyBackend(LayoutMixin):
     def _bn_group(x, channels, inner, arrays):
         """Elements per group of the partial-sum kernels (batchnorm.cu, "Partial-sum tiling"): a 16-byte
         pack when every array read is aligned and no pack straddles two channels, else 1."""
-        pack = 16 // x.dtype.itemsize
+        pack = _pack_elements(x.dtype)
         run = channels if inner == 1 else inner         # adjacent elements that share a row (NHWC) or a channel
-        if run % pack or any(array.data.ptr % 16 for array in arrays):
-            return 1
-        return pack
+        return pack if run % pack == 0 and _pack_aligned(arrays) else 1
 
     def _bn_plan(self, channels, m, group, inner):
         """Launch geometry of the partial-sum kernels for C channels of m elements read in groups of
