@@ -4,8 +4,8 @@
     --wgrad-streams 2 --wgrad-chunks 2              (stdout: flags for cupynet.train, vs_torch.py, time_to_accuracy.py)
 
 Reads the rows of a `bench/layouts.py --json` file (a grid over --wgrad-streams, --wgrad-chunks and
---conv-deterministic), keeps the captured ones of the given dtype, batch and layout, and prints the flags of
-the fastest. The defaults (1 stream, 1 chunk, deterministic engines) win unless the fastest row beats them
+--conv-deterministic), keeps the captured ones of the given dtype, batch and layout (not those that failed),
+and prints the flags of the fastest. The defaults (1 stream, 1 chunk, deterministic engines) win unless the fastest row beats them
 by more than --min-gain (default 2%): a difference inside the windows' spread is not worth leaving the
 defaults for. Prints nothing for the defaults. Why it chose, with both figures, goes to stderr.
 bench/device_check.sh uses it to run the accuracy and the PyTorch comparison with the options its own
@@ -48,7 +48,7 @@ def choose(rows, dtype, batch, layout, min_gain):
     """(options, best row, default row or None): the fastest captured row's options, or the defaults'
     unless it beats them by more than min_gain. ValueError when no row matches."""
     matching = [row for row in rows if row.get("captured") and row.get("dtype") == dtype
-                and row.get("batch") == batch and row.get("layout") == layout]
+                and row.get("batch") == batch and row.get("layout") == layout and "error" not in row]
     if not matching:
         raise ValueError(f"no captured {layout} {dtype} batch-{batch} row")
     best = max(matching, key=lambda row: row["images_per_sec"])

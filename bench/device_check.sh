@@ -14,10 +14,11 @@
 #   install     the cuDNN Frontend wheel carried in .whl/ -> .site/ (the GPU machine has no package index)
 #   versions    GPU, driver, CUDA, CuPy, cuDNN backend, Frontend, NCCL, torch        -> $OUT/versions.json
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
-#   step_options  the captured NHWC step over the step's options: side streams for the weight gradients,
-#               batch chunks per weight gradient, deterministic cuDNN engines or not; bf16 and fp32 at
-#               batch 128, bf16 at 512. bench/best_step_options.py then picks the fastest of each (the
-#               defaults unless 2% faster), and the stages below run with them    -> step_options*.json,
+#   step_options  the captured NHWC step over the step's options: (side streams for the weight gradients x
+#               batch chunks per weight gradient) pairs, deterministic cuDNN engines or not; bf16 and fp32
+#               at batch 128, bf16 at 512, each grid paced to its share of the stage.
+#               bench/best_step_options.py then picks the fastest of each (the defaults unless 2%
+#               faster), and the stages below run with them                       -> step_options*.json,
 #                                                                                    best_options.txt
 #   cifar       convert the CIFAR-10 JPEG archive to the pickle layout (skipped, with a message, if absent)
 #   accuracy    only with DEVICE_CHECK_ACCURACY=1: bench/time_to_accuracy.py, the full 122-epoch recipe with
@@ -265,17 +266,37 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_EXTRA+=(--timeout 9
 run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
     --junitxml="$OUT/gpu_tests.xml"
 
-# The step's options, captured NHWC steps: side streams for the weight gradients x batch chunks per weight
-# gradient x deterministic cuDNN engines or not; bf16 and fp32 at batch 128, bf16 at batch 512.
-run_stage step_options 150 bash -c '"$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC \
-    --dtypes bfloat16 --cuda-graph on --wgrad-streams 1,2,3 --wgrad-chunks 1,2 --conv-deterministic on,off \
-    --warmup 5 --steps 20 --repeats 5 --json "$OUT/step_options.json" &&
-    "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
-    --wgrad-streams 1,2 --wgrad-chunks 1,2 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
-    --json "$OUT/step_options_fp32.json" &&
-    "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-    --wgrad-streams 1,2,4 --wgrad-chunks 1,4 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
-    --json "$OUT/step_options_512.json"'
+# The step's options, captured NHWC steps: (side streams for the weight gradients x batch chunks per weight
+# gradient) pairs x deterministic cuDNN engines or not; bf16 and fp32 at batch 128, bf16 at batch 512. Each
+# grid is paced to its share of the stage's limit (layouts.py --max-seconds: no configuration starts that
+# would not finish in time) and writes its JSON after every configuration, so whatever the time allows is
+# measured and kept; the defaults (1x1) come first, as best_step_options.py compares the rest with them.
+seconds_until() {   # seconds_until OFFSET START: seconds left until OFFSET s after START; fails under 10
+    local left=$(($1 - (SECONDS - $2)))
+    ((left >= 10)) && echo "$left"
+}
+
+step_options() {
+    local start=$SECONDS rc=0 seconds
+    if seconds=$(seconds_until $((STAGE_LIMIT * 45 / 100)) "$start"); then
+        "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+            --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,2x2 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
+            --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
+    fi
+    if seconds=$(seconds_until $((STAGE_LIMIT * 70 / 100)) "$start"); then
+        "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
+            --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
+            --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
+    fi
+    if seconds=$(seconds_until $((STAGE_LIMIT - 5)) "$start"); then
+        "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+            --wgrad-pairs 1x1,4x4,8x8,4x1,8x4 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
+            --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
+    fi
+    return $rc
+}
+export -f seconds_until step_options
+run_stage step_options 150 bash -c step_options
 
 best_options() {   # best_options NAME FILE DTYPE BATCH: the fastest options' flags (none: the defaults), noted
     local flags
@@ -420,11 +441,15 @@ except (OSError, ET.ParseError, AttributeError):
 
 print("\nstep options, NHWC captured (images/s, median)")
 for name in ("step_options.json", "step_options_fp32.json", "step_options_512.json"):
-    for row in (load(name) or {}).get("results", []):
+    report = load(name) or {}
+    for row in report.get("results", []):
         determinism = {True: "deterministic", False: "any engine"}.get(row["conv_deterministic"], "-")
+        figure = (f"failed: {row['error']}" if "error" in row else
+                  f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
         print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams'] or '-'} wgrad "
-              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}: "
-              f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
+              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}: {figure}")
+    if report.get("not_measured"):
+        print(f"  {name}: {len(report['not_measured'])} configurations not measured (time)")
 try:
     chosen = open(os.path.join(out, "best_options.txt")).read().strip().splitlines()
     print("chosen (bench/best_step_options.py):")
@@ -451,7 +476,7 @@ if engines:
 print("\nimages/s, ResNet-44 (median of timed windows)")
 rows = {}
 for name in ("layouts.json", "layouts_512.json"):
-    for row in (load(name) or {}).get("results", []):
+    for row in [row for row in (load(name) or {}).get("results", []) if "error" not in row]:
         column = "cupynet graph" if row.get("captured") else "cupynet eager"
         rows.setdefault((row["batch"], row["layout"], row["dtype"]), {})[column] = row["images_per_sec"]
 VS_TORCH = ("vs_torch.json", "vs_torch_fp32.json", "vs_torch_512.json")

@@ -25,6 +25,16 @@ and `--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a var
 
     python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
         --wgrad-streams 1,2,3 --wgrad-chunks 1,2 --conv-deterministic on,off
+    python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+        --wgrad-pairs 1x1,4x4,8x8 --max-seconds 60          # chosen (streams, chunks) pairs, paced
+
+`--wgrad-pairs SxK,...` lists (side streams, chunks) pairs instead of the product of the two lists. The grid
+runs in order (the last flag varies fastest). `--max-seconds` paces a run that an outer timeout would
+otherwise cut: no configuration starts once the time since the start plus 1.5x the longest one so far
+would pass it; those left are listed in the JSON (`not_measured`). The JSON is rewritten after every
+configuration, so a run stopped from outside keeps what it measured. A configuration that fails at run
+time (out of memory, a CUDA or cuDNN error, a non-finite loss) is recorded with its error and the next one
+runs; the exit status is then 1. A bad flag or a configuration cupynet refuses ends the run in one line.
 """
 import argparse
 import gc
@@ -65,6 +75,10 @@ def parse_args(argv=None):
                    help="GPU, comma-separated: side streams the weight gradients take in turn")
     p.add_argument("--wgrad-chunks", default=str(WGRAD_CHUNKS),
                    help="comma-separated: slices of the batch each weight gradient is computed over, then summed")
+    p.add_argument("--wgrad-pairs", help="GPU, comma-separated STREAMSxCHUNKS pairs (e.g. 1x1,4x4): these "
+                   "(--wgrad-streams, --wgrad-chunks) pairs instead of the product of those two lists")
+    p.add_argument("--max-seconds", type=float, help="start no configuration that would end past this many "
+                   "seconds from the start (judged by 1.5x the longest so far)")
     p.add_argument("--conv-deterministic", default="on",
                    help="GPU, comma-separated on/off: only cuDNN engines that repeat their bits (on, the default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
@@ -81,11 +95,32 @@ def parse_args(argv=None):
     for flag, most in (("wgrad_streams", MAX_WGRAD_STREAMS), ("wgrad_chunks", MAX_WGRAD_CHUNKS)):
         if any(int(value) > most for value in getattr(args, flag).split(",")):
             p.error(f"--{flag.replace('_', '-')}: at most {most}, got {getattr(args, flag)!r}")
+    if args.wgrad_pairs is not None:
+        try:
+            args.wgrad_pairs = parse_pairs(args.wgrad_pairs)
+        except ValueError as error:
+            p.error(f"--wgrad-pairs: {error}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        p.error(f"--max-seconds must be positive, got {args.max_seconds}")
     if any(value not in ("on", "off") for value in args.conv_deterministic.split(",")):
         p.error(f"--conv-deterministic: a comma-separated list of on/off, got {args.conv_deterministic!r}")
     if args.quick:
         args.depths, args.batches, args.warmup, args.steps, args.repeats = "8", "8", 1, 1, 2
     return args
+
+
+def parse_pairs(text):
+    """'1x1,4x4' -> [(1, 1), (4, 4)]: (wgrad streams, wgrad chunks) pairs within the backend's limits."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.split("x")
+        if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise ValueError(f"STREAMSxCHUNKS pairs of positive integers, comma-separated, got {text!r}")
+        streams, chunks = int(parts[0]), int(parts[1])
+        if streams > MAX_WGRAD_STREAMS or chunks > MAX_WGRAD_CHUNKS:
+            raise ValueError(f"at most {MAX_WGRAD_STREAMS} streams and {MAX_WGRAD_CHUNKS} chunks, got {item!r}")
+        pairs.append((streams, chunks))
+    return pairs
 
 
 def _git_commit():
@@ -234,11 +269,38 @@ def on_off(text):
 
 
 def print_row(row):
-    form = "graph" if row["captured"] else "eager"
+    form = {True: "graph", False: "eager"}.get(row.get("captured"), row["cuda_graph"])
     det = {True: "on", False: "off", None: "-"}[row["conv_deterministic"]]
-    print(f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
-          f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {row['images_per_sec']:>9.1f} {row['images_per_sec_min']:>9.1f} "
+    head = (f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
+            f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4}")
+    if "error" in row:
+        print(f"{head} failed: {row['error']}", flush=True)
+        return
+    print(f"{head} {row['images_per_sec']:>9.1f} {row['images_per_sec_min']:>9.1f} "
           f"{row['images_per_sec_max']:>9.1f} {row['step_ms']:>9.1f}", flush=True)
+
+
+def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, device):
+    """The fields that name one grid point (a row without figures: failed or not measured)."""
+    return {"device": device, "depth": depth, "batch": batch, "layout": layout, "dtype": dtype,
+            "cuda_graph": cuda_graph, "wgrad_streams": wgrad_streams, "wgrad_chunks": wgrad_chunks,
+            "conv_deterministic": deterministic}
+
+
+def one_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def write_report(path, env, args, rows, not_measured):
+    """The JSON report, replaced atomically (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arguments = dict(vars(args), wgrad_pairs=None if args.wgrad_pairs is None else
+                     ",".join(f"{s}x{k}" for s, k in args.wgrad_pairs))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"benchmark": "layouts", "environment": env, "args": arguments, "results": rows,
+                   "not_measured": not_measured}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def release_cached_memory(device):
@@ -261,6 +323,7 @@ def peak_memory(backend, trainer):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.device != "cpu":
         check_devices([device_of(args.device)])     # a clear DeviceError before environment() asks CUDA
@@ -272,21 +335,38 @@ def main(argv=None):
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
     print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'img/s':>9} "
           f"{'min':>9} {'max':>9} {'ms/step':>9}")
-    rows = []
-    grid = itertools.product(ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
-                             args.cuda_graph.split(","), ints(args.wgrad_streams), ints(args.wgrad_chunks),
-                             on_off(args.conv_deterministic))
-    for depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic in grid:
-        row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph, wgrad_streams, deterministic,
-                      wgrad_chunks)
-        rows.append(row)
-        print_row(row)
+    pairs = args.wgrad_pairs or list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks)))
+    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic)
+            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic in itertools.product(
+                ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
+                args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic))]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"benchmark": "layouts", "environment": env, "args": vars(args), "results": rows}, f, indent=2)
+    rows, not_measured, longest = [], [], 0.0
+    for index, point in enumerate(grid):
+        if args.max_seconds is not None and time.perf_counter() - started + 1.5 * longest > args.max_seconds:
+            not_measured = [configuration(*rest, device=args.device) for rest in grid[index:]]
+            print(f"--max-seconds {args.max_seconds:g}: {len(not_measured)} of {len(grid)} configurations "
+                  f"not started", flush=True)
+            break
+        began = time.perf_counter()
+        try:
+            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic = point
+            row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph=cuda_graph, wgrad_streams=streams,
+                          deterministic=deterministic, wgrad_chunks=chunks)
+        except CupynetError:
+            raise                          # a configuration cupynet refuses: the whole grid is wrong
+        except Exception as error:         # a run-time failure of this configuration: say so, go on
+            row = dict(configuration(*point, device=args.device), error=one_line(error))
+        longest = max(longest, time.perf_counter() - began)
+        rows.append(row)
+        print_row(row)
+        write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in grid[index + 1:]])
+    write_report(path, env, args, rows, not_measured)
     print(f"wrote {path}")
+    failed = sum("error" in row for row in rows)
+    if failed:
+        sys.exit(f"error: {failed} of {len(grid)} configurations failed (their rows in {path} say why)")
 
 
 if __name__ == "__main__":

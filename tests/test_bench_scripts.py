@@ -125,6 +125,52 @@ def test_layouts_rows_say_whether_the_step_was_captured(tmp_path):
     assert all(row["cuda_graph"] == "auto" and row["captured"] is False for row in report["results"])
 
 
+def layouts_module():
+    sys.path.insert(0, REPO)
+    import bench.layouts
+    return bench.layouts
+
+
+def test_layouts_records_a_configuration_that_fails_at_run_time_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A run-time failure of one configuration (here an out-of-memory error injected into NCHW backends, which
+    the CPU cannot produce) is a row with its error; the other configurations are still measured, the JSON
+    holds them all, and the exit status says how many failed."""
+    layouts = layouts_module()
+    real = layouts.build_backend
+
+    def build_backend(config, device):
+        if config.data_format == "NCHW":
+            raise MemoryError("out of memory allocating 4 GB\n(second line)")
+        return real(config, device)
+
+    monkeypatch.setattr(layouts, "build_backend", build_backend)
+    out = tmp_path / "layouts.json"
+    with pytest.raises(SystemExit) as exit_:
+        layouts.main(["--quick", "--wgrad-pairs", "1x1,1x2", "--json", str(out)])
+    assert "2 of 4 configurations failed" in str(exit_.value.code)
+    rows = json.loads(out.read_text())["results"]
+    assert [row["layout"] for row in rows] == ["NCHW", "NCHW", "NHWC", "NHWC"]
+    assert [row["wgrad_chunks"] for row in rows] == [1, 2, 1, 2]
+    assert rows[0]["error"] == "MemoryError: out of memory allocating 4 GB" and "images_per_sec" not in rows[0]
+    assert all(row["images_per_sec"] > 0 and "error" not in row for row in rows[2:])
+    assert "failed: MemoryError" in capsys.readouterr().out
+
+
+def test_layouts_starts_no_configuration_past_max_seconds(tmp_path):
+    """--max-seconds too short for any configuration: none starts, each is listed as not measured."""
+    out = tmp_path / "layouts.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", "--max-seconds",
+                             "0.001", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["results"] == [] and len(report["not_measured"]) == 2
+    assert {row["layout"] for row in report["not_measured"]} == {"NCHW", "NHWC"}
+    assert "2 of 2 configurations not started" in result.stdout
+    complete = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick",
+                               "--max-seconds", "600", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert complete.returncode == 0 and len(json.loads(out.read_text())["results"]) == 2
+
+
 def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -161,6 +207,14 @@ def test_best_step_options_picks_the_fastest_captured_row_of_the_dtype_and_batch
     assert "43000" in result.stderr and "40000" in result.stderr
     large = pick(tmp_path, rows, "--batch", "512")
     assert large.stdout.split() == ["--wgrad-streams", "2", "--wgrad-chunks", "4", "--no-conv-deterministic"]
+
+
+def test_best_step_options_never_picks_a_failed_row(tmp_path):
+    failed = dict(layouts_row(8, 8, True, 0), error="CUDARuntimeError: out of memory")
+    del failed["images_per_sec"]
+    result = pick(tmp_path, [layouts_row(1, 1, True, 40000), failed, layouts_row(4, 4, True, 45000)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["--wgrad-streams", "4", "--wgrad-chunks", "4"]
 
 
 def test_best_step_options_keeps_the_defaults_within_the_minimum_gain(tmp_path):

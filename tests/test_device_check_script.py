@@ -90,13 +90,22 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
                                  "--json", str(tmp_path / f"{script}.json")], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
     (tmp_path / "stages.tsv").write_text("install\tok\t1\t\n")
-    shutil.copy(tmp_path / "layouts.json", tmp_path / "step_options.json")      # the step_options stage's format
+    report = json.loads((tmp_path / "layouts.json").read_text())              # the step_options stage's format,
+    failed = dict(report["results"][0], wgrad_chunks=4, error="CUDARuntimeError: out of memory")   # with a failed
+    for key in ("images_per_sec", "step_ms", "captured"):                                         # configuration
+        del failed[key]
+    report["results"].append(failed)
+    report["not_measured"] = [dict(failed, wgrad_chunks=8)]
+    (tmp_path / "step_options.json").write_text(json.dumps(report))
+    (tmp_path / "layouts.json").write_text(json.dumps(report))
     (tmp_path / "best_options.txt").write_text("bf16_128: --wgrad-chunks 2\n")
     result = subprocess.run([sys.executable, "-c", summary_program(), "0"], env=dict(os.environ, OUT=str(tmp_path)),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert re.search(r"batch 8\s+float32\s+- wgrad stream\(s\), 1 chunk\(s\), -", result.stdout)
     assert "bf16_128: --wgrad-chunks 2" in result.stdout
+    assert "4 chunk(s), -            : failed: CUDARuntimeError: out of memory" in result.stdout
+    assert "step_options.json: 1 configurations not measured" in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
@@ -128,6 +137,36 @@ def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
                                                                        "accuracy_3.json")]
     # the chosen options come first; a run's own flags win over them
     assert [(run["seed"], run["wgrad_chunks"]) for run in runs] == [(0, 2), (3, 3), (4, 2)]
+
+
+@needs_bash
+def test_step_options_paces_three_grids_and_runs_each_even_after_a_failure(tmp_path):
+    """The step_options stage gives each layouts.py grid the time left until its share of the stage's limit
+    (45%, 70%, all but 5 s), runs the later grids after one failed (each keeps its own JSON) and then fails.
+    PY is a stand-in that records its arguments and fails on the first call: this tests the stage's shell."""
+    calls = tmp_path / "calls.jsonl"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                        f"lines = open({str(calls)!r}).readlines() if __import__('os').path.exists({str(calls)!r}) else []\n"
+                        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                        "sys.exit(1 if not lines else 0)\n")
+    stand_in.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path), PY=str(stand_in), STAGE_LIMIT="100")
+    program = script_functions("seconds_until", "step_options") + "; step_options"
+    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [run[run.index("--json") + 1].rsplit("/", 1)[1] for run in runs] == [
+        "step_options.json", "step_options_fp32.json", "step_options_512.json"]
+    seconds = [int(run[run.index("--max-seconds") + 1]) for run in runs]
+    assert 44 <= seconds[0] <= 45 and 69 <= seconds[1] <= 70 and 94 <= seconds[2] <= 95, seconds
+    assert all(run[run.index("--wgrad-pairs") + 1].startswith("1x1,") for run in runs)   # the defaults first
+
+    calls.unlink()
+    short = dict(env, STAGE_LIMIT="20")       # 45% of 20 s is under 10 s: the first grid does not start
+    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=short, capture_output=True, text=True, timeout=60)
+    assert [json.loads(line)[-1].rsplit("/", 1)[1] for line in calls.read_text().splitlines()] == [
+        "step_options_fp32.json", "step_options_512.json"]
 
 
 @needs_bash
@@ -168,7 +207,7 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                  "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
-                 "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100"}
+                 "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60"}
 
 
 def script_python_commands():

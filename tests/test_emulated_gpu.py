@@ -164,8 +164,8 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     small = ["--depth", "8", "--batch", "8"]
     runs = {
         "layouts": ["bench/layouts.py", "--device", "0", "--depths", "8", "--batches", "8", "--layouts", "NHWC",
-                    "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--wgrad-streams", "2", "--wgrad-chunks", "1,2", "--warmup", "3", "--steps", "1",
-                    "--repeats", "2"],
+                    "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--wgrad-pairs", "2x1,2x2", "--max-seconds", "900", "--warmup", "3",
+                    "--steps", "1", "--repeats", "2"],
         "layers": ["bench/layers.py", "--device", "0", *small, "--layout", "NCHW", "--dtype", "float32", "--steps", "1",
                    "--peak-gbs", "3350"],
         "layers_warm": ["bench/layers.py", "--device", "0", *small, "--layout", "NHWC", "--dtype", "bfloat16",
