@@ -502,8 +502,9 @@ for name in VS_TORCH:
     options = (f"{args.get('wgrad_streams', 1)} wgrad stream(s), {args.get('wgrad_chunks', 1)} chunk(s), "
                f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}")
     for row in report.get("results", []):
+        failed = "".join(f"; {name} failed: {error}" for name, error in row.get("errors", {}).items())
         print(f"  batch {row.get('batch')} {row.get('layout')} {row.get('dtype'):<9} vs graphed "
-              f"{row.get('ratio_vs_torch_graph')}x, vs eager {row.get('ratio_vs_torch_eager')}x  ({options})")
+              f"{row.get('ratio_vs_torch_graph')}x, vs eager {row.get('ratio_vs_torch_eager')}x  ({options}){failed}")
 
 layers = load("layers.json")
 if layers:

@@ -502,21 +502,46 @@ def torch_form(torch, form, args, layout, dtype, device):
 
 
 def ratio(ours, theirs):
-    """cupynet / PyTorch images/s from the reported figures (None where PyTorch did not run)."""
-    if theirs is None:
+    """cupynet / PyTorch images/s from the reported figures (None where either did not run)."""
+    if theirs is None or ours is None:
         return None
     return round(ours["images_per_sec"] / theirs["images_per_sec"], 3)
 
 
+def one_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def benchmark_row(torch, args, layout, dtype, dataset, device):
-    eager = torch_form(torch, "eager", args, layout, dtype, device)
-    graph = torch_form(torch, "graph", args, layout, dtype, device) if device.type == "cuda" else None
+    """The three timings of one configuration. One that fails at run time (out of memory, a CUDA error, a
+    capture PyTorch refuses) is None with its error under "errors"; the others are still measured."""
+    errors = {}
+
+    def attempt(name, timing):
+        try:
+            return timing()
+        except CupynetError:
+            raise                          # a configuration cupynet refuses: the run is wrong, not this form
+        except Exception as error:
+            errors[name] = one_line(error)
+            print(f"{name} {layout} {dtype}: failed: {errors[name]}", flush=True)
+            return None
+
+    eager = attempt("torch_eager", lambda: torch_form(torch, "eager", args, layout, dtype, device))
+    graph = attempt("torch_graph", lambda: torch_form(torch, "graph", args, layout, dtype, device)) \
+        if device.type == "cuda" else None
     # timed with the step options that were verified against PyTorch (cupynet_trainer)
-    ours = layouts.measure(args.depth, args.batch, layout, dtype, args, dataset, wgrad_streams=args.wgrad_streams,
-                           deterministic=args.conv_deterministic, wgrad_chunks=args.wgrad_chunks)
-    return {"depth": args.depth, "batch": args.batch, "layout": layout, "dtype": dtype,
-            "precision": precision(device, dtype, args.tf32), "torch_eager": eager, "torch_graph": graph,
-            "cupynet": ours, "ratio_vs_torch_eager": ratio(ours, eager), "ratio_vs_torch_graph": ratio(ours, graph)}
+    ours = attempt("cupynet", lambda: layouts.measure(args.depth, args.batch, layout, dtype, args, dataset,
+                                                      wgrad_streams=args.wgrad_streams,
+                                                      deterministic=args.conv_deterministic,
+                                                      wgrad_chunks=args.wgrad_chunks))
+    row = {"depth": args.depth, "batch": args.batch, "layout": layout, "dtype": dtype,
+           "precision": precision(device, dtype, args.tf32), "torch_eager": eager, "torch_graph": graph,
+           "cupynet": ours, "ratio_vs_torch_eager": ratio(ours, eager), "ratio_vs_torch_graph": ratio(ours, graph)}
+    if errors:
+        row["errors"] = errors
+    return row
 
 
 # ----------------------------------------------------------------------------- report
@@ -557,12 +582,15 @@ def print_table(rows):
               f"{figure(row['cupynet'])} {times(row['ratio_vs_torch_eager'])} {times(row['ratio_vs_torch_graph'])}")
 
 
-def write_json(path, report):
+def write_json(path, report, quiet=False):
+    """The report, replaced atomically (a reader, or a run stopped from outside, never leaves half a file)."""
     path = path or os.path.join(BENCH, "results", f"vs_torch-{platform.node() or 'host'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
-    print(f"wrote {path}")
+    os.replace(path + ".tmp", path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def run(torch, args):
@@ -586,10 +614,16 @@ def run(torch, args):
     if device.type != "cuda":
         print("torch-graph: skipped: whole-step CUDA graphs need a CUDA device")
     started = time.perf_counter()
-    report["results"] = [benchmark_row(torch, args, layout, dtype, dataset, device) for layout, dtype in configs]
+    for layout, dtype in configs:          # the JSON after every row: a run stopped from outside keeps them
+        report["results"].append(benchmark_row(torch, args, layout, dtype, dataset, device))
+        write_json(args.json, report, quiet=True)
     print_table(report["results"])
     print(f"timed in {time.perf_counter() - started:.1f} s")
     write_json(args.json, report)
+    failed = sum(len(row.get("errors", {})) for row in report["results"])
+    if failed:
+        print(f"vs_torch: {failed} timing(s) failed (the rows' \"errors\" say why)", file=sys.stderr)
+        return 1
     return 0
 
 

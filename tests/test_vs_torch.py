@@ -138,6 +138,27 @@ def test_quick_verifies_then_writes_ratios(torch, tmp_path):
         assert row["ratio_vs_torch_eager"] == pytest.approx(expected, abs=1e-3)
 
 
+def test_a_timing_that_fails_is_recorded_and_the_others_still_run(vs_torch, torch, tmp_path, monkeypatch, capsys):
+    """PyTorch's eager timing failing at run time (injected: an out-of-memory the CPU cannot produce) leaves
+    that figure None with its error, cupynet's figure and the other configuration measured, and exit 1."""
+    real = vs_torch.torch_form
+
+    def torch_form(torch_, form, args, layout, dtype, device):
+        if layout == "NCHW":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+        return real(torch_, form, args, layout, dtype, device)
+
+    monkeypatch.setattr(vs_torch, "torch_form", torch_form)
+    out = tmp_path / "vs_torch.json"
+    assert vs_torch.main(["--quick", "--json", str(out)]) == 1
+    rows = {row["layout"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows["NCHW"]["errors"] == {"torch_eager": "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"}
+    assert rows["NCHW"]["torch_eager"] is None and rows["NCHW"]["ratio_vs_torch_eager"] is None
+    assert rows["NCHW"]["cupynet"]["images_per_sec"] > 0
+    assert "errors" not in rows["NHWC"] and rows["NHWC"]["ratio_vs_torch_eager"] > 0
+    assert "1 timing(s) failed" in capsys.readouterr().err
+
+
 def test_without_torch_the_script_skips_with_one_line(tmp_path):
     # Runs whether or not PyTorch is installed: the import is blocked in the child process.
     out = tmp_path / "vs_torch.json"
