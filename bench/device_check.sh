@@ -280,7 +280,7 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     if seconds=$(seconds_until $((STAGE_LIMIT * 45 / 100)) "$start"); then
         "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-            --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,2x2 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
+            --wgrad-pairs 1x1,4x4,8x8,16x16,4x1,2x1,8x4 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
     if seconds=$(seconds_until $((STAGE_LIMIT * 70 / 100)) "$start"); then
@@ -290,7 +290,7 @@ step_options() {
     fi
     if seconds=$(seconds_until $((STAGE_LIMIT - 5)) "$start"); then
         "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-            --wgrad-pairs 1x1,4x4,8x8,4x1,8x4 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
+            --wgrad-pairs 1x1,4x4,8x8,16x16,16x8,4x1 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc

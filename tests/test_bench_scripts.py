@@ -59,7 +59,7 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe"),
-                                        ("--device", "x"), ("--wgrad-chunks", "9")])
+                                        ("--device", "x"), ("--wgrad-chunks", "17")])
 def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", flag, value],
                             capture_output=True, text=True, timeout=60)

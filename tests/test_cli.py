@@ -236,7 +236,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--gpus", "cpu", "--cuda-graph", "on"], ["--cuda-graph on", "GPU"]),
     (["--cuda-graph", "sometimes"], ["--cuda-graph", "sometimes"]),
     (["--wgrad-streams", "0"], ["--wgrad-streams", "0"]),
-    (["--wgrad-chunks", "9"], ["--wgrad-chunks", "9"]),
+    (["--wgrad-chunks", "17"], ["--wgrad-chunks", "17"]),
     (["--conv-init", "orthogonal"], ["--conv-init", "orthogonal"]),
     (["--train-batch-size", "4", "--wgrad-chunks", "8"], ["--wgrad-chunks 8", "4 images"]),
 ])

@@ -173,7 +173,7 @@ def test_without_torch_the_script_skips_with_one_line(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,flag", [(["--dtypes", "float16"], "--dtypes"), (["--wgrad-chunks", "9"], "--wgrad-chunks"),
+@pytest.mark.parametrize("args,flag", [(["--dtypes", "float16"], "--dtypes"), (["--wgrad-chunks", "17"], "--wgrad-chunks"),
                                        (["--batch", "4", "--wgrad-chunks", "8"], "--wgrad-chunks 8"),
                                        (["--wgrad-streams", "0"], "--wgrad-streams")])
 def test_bad_flags_exit_with_one_line(tmp_path, args, flag):

@@ -13,12 +13,12 @@ from cupynet.errors import DeviceError
 # Side streams the GPU backend's weight gradients take in turn (--wgrad-streams). 1 until a GPU run
 # shows more to be faster: bench/layouts.py --wgrad-streams 1,2,3 measures it.
 WGRAD_STREAMS = 1
-MAX_WGRAD_STREAMS = 8
+MAX_WGRAD_STREAMS = 16
 # Slices of the batch each weight gradient is computed over, side by side, then summed (--wgrad-chunks):
 # deterministic parallelism for small convolutions. 1 until a GPU run shows more to be faster
 # (bench/layouts.py --wgrad-chunks 1,2,4).
 WGRAD_CHUNKS = 1
-MAX_WGRAD_CHUNKS = 8
+MAX_WGRAD_CHUNKS = 16
 
 GPU_INSTALL_HINT = ("pip install 'cupynet[gpu]' (CuPy >= 14, cuDNN 9, the cuDNN Frontend, NCCL) "
                     "on a machine with an NVIDIA GPU")
