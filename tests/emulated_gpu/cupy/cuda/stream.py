@@ -98,6 +98,13 @@ class Stream:
 
     def run_until(self, count):
         """Run queued work, in order, until `count` pieces of work ever enqueued have run."""
+        if self._ran >= count:
+            # Already there: return without the lock. Another thread may hold it while it runs this stream's
+            # later work, which can be waiting (a cross-stream event) for work this thread is running: taking
+            # the lock here would deadlock two threads that a GPU would never have made wait for each other.
+            # (_ran only grows, after each piece has run: a stale read just takes the locked path.)
+            _release_finished()
+            return
         with self._lock:
             while self._ran < count and self._queue:
                 run, _ = self._queue.pop(0)
