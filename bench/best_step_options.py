@@ -1,13 +1,15 @@
 """The fastest step options measured by bench/layouts.py, as flags for the scripts that train or compare.
 
-    python bench/best_step_options.py step_options.json --dtype bfloat16 --batch 128
+    python bench/best_step_options.py step_options.json [more.json ...] --dtype bfloat16 --batch 128
     --wgrad-streams 2 --wgrad-chunks 2              (stdout: flags for cupynet.train, vs_torch.py, time_to_accuracy.py)
 
-Reads the rows of a `bench/layouts.py --json` file (a grid over --wgrad-streams, --wgrad-chunks and
---conv-deterministic), keeps the captured ones of the given dtype, batch and layout (not those that failed),
-and prints the flags of the fastest. The defaults (1 stream, 1 chunk, deterministic engines) win unless the fastest row beats them
-by more than --min-gain (default 2%): a difference inside the windows' spread is not worth leaving the
-defaults for. Prints nothing for the defaults. Why it chose, with both figures, goes to stderr.
+Reads the rows of `bench/layouts.py --json` files (grids over --wgrad-streams/--wgrad-chunks pairs,
+--conv-deterministic and --bn-launches), keeps the captured ones of the given dtype, batch and layout (not
+those that failed), and prints the flags of the fastest. The defaults (1 stream, 1 chunk, deterministic
+engines, 2 BatchNorm launches) win unless the fastest row beats them by more than --min-gain (default 2%): a
+difference inside the windows' spread is not worth leaving the defaults for. Prints nothing for the
+defaults. Why it chose, with both figures, goes to stderr; so does a file that could not be read, when
+another could.
 bench/device_check.sh uses it to run the accuracy and the PyTorch comparison with the options its own
 step_options stage found fastest, in the same device call.
 
@@ -20,14 +22,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cupynet.backends import WGRAD_CHUNKS, WGRAD_STREAMS   # noqa: E402
+from cupynet.backends import BN_LAUNCHES, WGRAD_CHUNKS, WGRAD_STREAMS   # noqa: E402
 
-DEFAULT_OPTIONS = (WGRAD_STREAMS, WGRAD_CHUNKS, True)      # (wgrad_streams, wgrad_chunks, conv_deterministic)
+# (wgrad_streams, wgrad_chunks, conv_deterministic, bn_launches)
+DEFAULT_OPTIONS = (WGRAD_STREAMS, WGRAD_CHUNKS, True, BN_LAUNCHES)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", help="a bench/layouts.py JSON file")
+    p.add_argument("results", nargs="+", help="bench/layouts.py JSON files")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--layout", default="NHWC")
@@ -40,8 +43,10 @@ def parse_args(argv=None):
 
 
 def options_of(row):
-    """(wgrad_streams, wgrad_chunks, conv_deterministic) of a layouts.py row (older rows: no chunks)."""
-    return row.get("wgrad_streams") or 1, row.get("wgrad_chunks") or 1, row.get("conv_deterministic", True)
+    """(wgrad_streams, wgrad_chunks, conv_deterministic, bn_launches) of a layouts.py row (older rows lack
+    the later fields: they ran the defaults)."""
+    return (row.get("wgrad_streams") or 1, row.get("wgrad_chunks") or 1, row.get("conv_deterministic", True),
+            row.get("bn_launches") or BN_LAUNCHES)
 
 
 def choose(rows, dtype, batch, layout, min_gain):
@@ -60,7 +65,7 @@ def choose(rows, dtype, batch, layout, min_gain):
 
 def flags(options):
     """The command-line flags that select `options` (nothing for a default)."""
-    streams, chunks, deterministic = options
+    streams, chunks, deterministic, bn_launches = options
     out = []
     if streams != WGRAD_STREAMS:
         out += ["--wgrad-streams", str(streams)]
@@ -68,23 +73,35 @@ def flags(options):
         out += ["--wgrad-chunks", str(chunks)]
     if not deterministic:
         out += ["--no-conv-deterministic"]
+    if bn_launches != BN_LAUNCHES:
+        out += ["--bn-launches", str(bn_launches)]
     return out
 
 
 def describe(options):
-    streams, chunks, deterministic = options
-    return f"{streams} stream(s), {chunks} chunk(s), {'deterministic' if deterministic else 'any'} engines"
+    streams, chunks, deterministic, bn_launches = options
+    return (f"{streams} stream(s), {chunks} chunk(s), {'deterministic' if deterministic else 'any'} engines, "
+            f"{bn_launches} BatchNorm launch(es)")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    rows, problems = [], []
+    for path in args.results:
+        try:
+            with open(path) as f:
+                rows += json.load(f)["results"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            problems.append(f"{path}: {error}")
     try:
-        with open(args.results) as f:
-            rows = json.load(f)["results"]
+        if len(problems) == len(args.results):
+            raise ValueError("; ".join(problems))
         options, best, default = choose(rows, args.dtype, args.batch, args.layout, args.min_gain)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        print(f"best_step_options: {args.results}: {error}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"best_step_options: {' '.join(args.results)}: {error}", file=sys.stderr)
         sys.exit(2)
+    for problem in problems:
+        print(f"best_step_options: skipped {problem}", file=sys.stderr)
     against = f"; defaults {default['images_per_sec']:.0f}" if default else "; defaults not measured"
     print(f"best_step_options: {describe(options)} ({args.layout} {args.dtype} batch {args.batch}: fastest "
           f"{describe(options_of(best))} {best['images_per_sec']:.0f} img/s{against})", file=sys.stderr)

@@ -16,7 +16,8 @@
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
 #   step_options  the captured NHWC step over the step's options: (side streams for the weight gradients x
 #               batch chunks per weight gradient) pairs, deterministic cuDNN engines or not; bf16 and fp32
-#               at batch 128, bf16 at 512, each grid paced to its share of the stage.
+#               at batch 128, bf16 at 512; and one launch per BatchNorm pass at two pairs (bf16, 128);
+#               each grid paced to its share of the stage and under its own timeout.
 #               bench/best_step_options.py then picks the fastest of each (the defaults unless 2%
 #               faster), and the stages below run with them                       -> step_options*.json,
 #                                                                                    best_options.txt
@@ -271,26 +272,39 @@ run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprov
 # grid is paced to its share of the stage's limit (layouts.py --max-seconds: no configuration starts that
 # would not finish in time) and writes its JSON after every configuration, so whatever the time allows is
 # measured and kept; the defaults (1x1) come first, as best_step_options.py compares the rest with them.
-seconds_until() {   # seconds_until OFFSET START: seconds left until OFFSET s after START; fails under 10
+seconds_until() {   # seconds_until OFFSET START [LEAST]: seconds left until OFFSET s after START; fails under
+                    # LEAST (default 10): a grid's first configuration always starts, so it needs room
     local left=$(($1 - (SECONDS - $2)))
-    ((left >= 10)) && echo "$left"
+    ((left >= ${3:-10})) && echo "$left"
 }
 
 step_options() {
     local start=$SECONDS rc=0 seconds
-    if seconds=$(seconds_until $((STAGE_LIMIT * 45 / 100)) "$start"); then
-        "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-            --wgrad-pairs 1x1,4x4,8x8,16x16,4x1,2x1,8x4 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
+    # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
+    # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout
+    if seconds=$(seconds_until $((STAGE_LIMIT * 40 / 100)) "$start"); then
+        timeout --foreground --kill-after=5 $((seconds + 10)) \
+            "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+            --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
-    if seconds=$(seconds_until $((STAGE_LIMIT * 70 / 100)) "$start"); then
-        "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
+    if seconds=$(seconds_until $((STAGE_LIMIT * 55 / 100)) "$start"); then
+        timeout --foreground --kill-after=5 $((seconds + 10)) \
+            "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
-    if seconds=$(seconds_until $((STAGE_LIMIT - 5)) "$start"); then
-        "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-            --wgrad-pairs 1x1,4x4,8x8,16x16,16x8,4x1 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
+    # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above)
+    if seconds=$(seconds_until $((STAGE_LIMIT * 65 / 100)) "$start"); then
+        timeout --foreground --kill-after=5 $((seconds + 10)) \
+            "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+            --wgrad-pairs 1x1,8x8 --bn-launches 1 --warmup 5 --steps 20 --repeats 5 \
+            --max-seconds "$seconds" --json "$OUT/step_options_bn.json" || rc=1
+    fi
+    if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
+        timeout --foreground --kill-after=5 $((seconds + 10)) \
+            "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+            --wgrad-pairs 1x1,4x4,8x8,4x1,16x16,16x8 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc
@@ -298,9 +312,10 @@ step_options() {
 export -f seconds_until step_options
 run_stage step_options 150 bash -c step_options
 
-best_options() {   # best_options NAME FILE DTYPE BATCH: the fastest options' flags (none: the defaults), noted
-    local flags
-    if flags=$("$PY" bench/best_step_options.py "$OUT/$2" --dtype "$3" --batch "$4" 2>>"$OUT/best_options.txt"); then
+best_options() {   # best_options NAME "FILE..." DTYPE BATCH: the fastest options' flags (none: the defaults), noted
+    local flags files=() file
+    for file in $2; do files+=("$OUT/$file"); done
+    if flags=$("$PY" bench/best_step_options.py "${files[@]}" --dtype "$3" --batch "$4" 2>>"$OUT/best_options.txt"); then
         echo "$1: ${flags:-(the defaults)}" >> "$OUT/best_options.txt"
         echo "$flags"
     else
@@ -308,7 +323,7 @@ best_options() {   # best_options NAME FILE DTYPE BATCH: the fastest options' fl
     fi
 }
 : > "$OUT/best_options.txt"
-BEST_BF16=$(best_options bf16_128 step_options.json bfloat16 128)
+BEST_BF16=$(best_options bf16_128 "step_options.json step_options_bn.json" bfloat16 128)
 BEST_FP32=$(best_options fp32_128 step_options_fp32.json float32 128)
 BEST_512=$(best_options bf16_512 step_options_512.json bfloat16 512)
 export BEST_BF16 BEST_FP32 BEST_512
@@ -440,14 +455,15 @@ except (OSError, ET.ParseError, AttributeError):
         print("  no results")
 
 print("\nstep options, NHWC captured (images/s, median)")
-for name in ("step_options.json", "step_options_fp32.json", "step_options_512.json"):
+for name in ("step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_512.json"):
     report = load(name) or {}
     for row in report.get("results", []):
         determinism = {True: "deterministic", False: "any engine"}.get(row["conv_deterministic"], "-")
         figure = (f"failed: {row['error']}" if "error" in row else
                   f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
         print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams'] or '-'} wgrad "
-              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}: {figure}")
+              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}, "
+              f"{row.get('bn_launches') or 2} BN launch(es): {figure}")
     if report.get("not_measured"):
         print(f"  {name}: {len(report['not_measured'])} configurations not measured (time)")
 try:
@@ -500,7 +516,8 @@ for name in VS_TORCH:
     report = load(name) or {}
     args = report.get("args", {})
     options = (f"{args.get('wgrad_streams', 1)} wgrad stream(s), {args.get('wgrad_chunks', 1)} chunk(s), "
-               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}")
+               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}, "
+               f"{args.get('bn_launches', 2)} BN launch(es)")
     for row in report.get("results", []):
         failed = "".join(f"; {name} failed: {error}" for name, error in row.get("errors", {}).items())
         print(f"  batch {row.get('batch')} {row.get('layout')} {row.get('dtype'):<9} vs graphed "
@@ -535,6 +552,8 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append(f"conv init {accuracy['args']['conv_init']}")
     if accuracy["args"].get("conv_deterministic") is False:
         options.append("any cuDNN engine")
+    if accuracy["args"].get("bn_launches"):
+        options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     print(f"\ntime to accuracy ({', '.join(options)}): "
           f"test {accuracy['test_accuracy']:.2%} in {accuracy['wall_seconds']} s wall "
           f"(setup {accuracy.get('setup_seconds')} s), "

@@ -21,7 +21,8 @@ Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
 So are the step's options: `--wgrad-streams` (GPU): how many side streams the weight gradients take in
 turn, `--wgrad-chunks`: over how many slices of the batch each weight gradient is computed side by side,
-and `--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen.
+`--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen, and
+`--bn-launches 2,1` (GPU): kernel launches per BatchNorm pass.
 
     python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
         --wgrad-streams 1,2,3 --wgrad-chunks 1,2 --conv-deterministic on,off
@@ -52,11 +53,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupynet import __version__                                   # noqa: E402
-from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS,  # noqa: E402
-                              check_devices)
+from cupynet.backends import (BN_LAUNCHES, MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS,  # noqa: E402
+                              WGRAD_STREAMS, check_devices)
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
-from cupynet.errors import CupynetError                            # noqa: E402
+from cupynet.errors import ConfigError, CupynetError               # noqa: E402
 from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
 from cupynet.train import build_backend                            # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
@@ -79,6 +80,8 @@ def parse_args(argv=None):
                    "(--wgrad-streams, --wgrad-chunks) pairs instead of the product of those two lists")
     p.add_argument("--max-seconds", type=float, help="start no configuration that would end past this many "
                    "seconds from the start (judged by 1.5x the longest so far)")
+    p.add_argument("--bn-launches", default=str(BN_LAUNCHES),
+                   help="GPU, comma-separated 1/2: kernel launches per BatchNorm pass")
     p.add_argument("--conv-deterministic", default="on",
                    help="GPU, comma-separated on/off: only cuDNN engines that repeat their bits (on, the default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
@@ -102,6 +105,8 @@ def parse_args(argv=None):
             p.error(f"--wgrad-pairs: {error}")
     if args.max_seconds is not None and not args.max_seconds > 0:
         p.error(f"--max-seconds must be positive, got {args.max_seconds}")
+    if any(value not in ("1", "2") for value in args.bn_launches.split(",")):
+        p.error(f"--bn-launches: a comma-separated list of 1 and 2, got {args.bn_launches!r}")
     if any(value not in ("on", "off") for value in args.conv_deterministic.split(",")):
         p.error(f"--conv-deterministic: a comma-separated list of on/off, got {args.conv_deterministic!r}")
     if args.quick:
@@ -215,12 +220,12 @@ def device_of(text):
 
 
 def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS,
-            deterministic=True, wgrad_chunks=WGRAD_CHUNKS):
+            deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES):
     """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
                          synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
-                         conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks)
+                         conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks, bn_launches=bn_launches)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
     backend = build_backend(config, device_of(args.device))     # every option as training builds it
     trainer = Trainer(config, dataset, backend)
@@ -248,7 +253,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
             "conv_autotune": getattr(backend, "autotune", None),
             "wgrad_streams": len(backend.side_streams) if hasattr(backend, "side_streams") else None,
             "conv_deterministic": getattr(backend, "deterministic", None),
-            "wgrad_chunks": backend.wgrad_chunks,
+            "wgrad_chunks": backend.wgrad_chunks, "bn_launches": getattr(backend, "bn_launches", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
@@ -272,7 +277,7 @@ def print_row(row):
     form = {True: "graph", False: "eager"}.get(row.get("captured"), row["cuda_graph"])
     det = {True: "on", False: "off", None: "-"}[row["conv_deterministic"]]
     head = (f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
-            f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4}")
+            f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {row.get('bn_launches') or '-':>3}")
     if "error" in row:
         print(f"{head} failed: {row['error']}", flush=True)
         return
@@ -280,11 +285,12 @@ def print_row(row):
           f"{row['images_per_sec_max']:>9.1f} {row['step_ms']:>9.1f}", flush=True)
 
 
-def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, device):
+def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, bn_launches,
+                  device):
     """The fields that name one grid point (a row without figures: failed or not measured)."""
     return {"device": device, "depth": depth, "batch": batch, "layout": layout, "dtype": dtype,
             "cuda_graph": cuda_graph, "wgrad_streams": wgrad_streams, "wgrad_chunks": wgrad_chunks,
-            "conv_deterministic": deterministic}
+            "conv_deterministic": deterministic, "bn_launches": bn_launches}
 
 
 def one_line(error):
@@ -333,17 +339,20 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'img/s':>9} "
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'bn':>3} {'img/s':>9} "
           f"{'min':>9} {'max':>9} {'ms/step':>9}")
     pairs = args.wgrad_pairs or list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks)))
-    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic)
-            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic in itertools.product(
+    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, bn)
+            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic, bn in itertools.product(
                 ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
-                args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic))]
+                args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic), ints(args.bn_launches))]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
-    rows, not_measured, longest = [], [], 0.0
+    rows, not_measured, durations = [], [], []
     for index, point in enumerate(grid):
+        # a configuration's expected time: the longest so far, leaving out the first once there is another
+        # (the first also paid the process's start: CUDA, cuDNN, kernel loading, a cold autotune)
+        longest = max(durations[1:] or durations or [0.0])
         if args.max_seconds is not None and time.perf_counter() - started + 1.5 * longest > args.max_seconds:
             not_measured = [configuration(*rest, device=args.device) for rest in grid[index:]]
             print(f"--max-seconds {args.max_seconds:g}: {len(not_measured)} of {len(grid)} configurations "
@@ -351,14 +360,15 @@ def main(argv=None):
             break
         began = time.perf_counter()
         try:
-            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic = point
+            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, bn = point
             row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph=cuda_graph, wgrad_streams=streams,
-                          deterministic=deterministic, wgrad_chunks=chunks)
-        except CupynetError:
-            raise                          # a configuration cupynet refuses: the whole grid is wrong
-        except Exception as error:         # a run-time failure of this configuration: say so, go on
-            row = dict(configuration(*point, device=args.device), error=one_line(error))
-        longest = max(longest, time.perf_counter() - began)
+                          deterministic=deterministic, wgrad_chunks=chunks, bn_launches=bn)
+        except ConfigError:
+            raise                          # flags cupynet refuses: the whole grid is wrong
+        except Exception as error:         # a run-time failure of this configuration (out of memory, a CUDA or
+            row = dict(configuration(*point, device=args.device), error=one_line(error))   # cuDNN error): go on
+        durations.append(time.perf_counter() - began)
+        row["seconds"] = round(durations[-1], 2)
         rows.append(row)
         print_row(row)
         write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in grid[index + 1:]])

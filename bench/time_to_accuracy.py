@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wgrad-streams", type=int, help="passed on to cupynet.train (default: its default)")
     p.add_argument("--wgrad-chunks", type=int, help="passed on to cupynet.train (default: its default)")
+    p.add_argument("--bn-launches", type=int, choices=(1, 2),
+                   help="passed on to cupynet.train: kernel launches per BatchNorm pass (default: its default)")
     p.add_argument("--conv-init", choices=tuple(CONV_INITS),
                    help="passed on to cupynet.train: how convolution weights start (default: its default)")
     p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
@@ -83,6 +85,8 @@ def recipe_flags(args, model_dir):
         flags += ["--wgrad-streams", args.wgrad_streams]
     if args.wgrad_chunks is not None:
         flags += ["--wgrad-chunks", args.wgrad_chunks]
+    if args.bn_launches is not None:
+        flags += ["--bn-launches", args.bn_launches]
     if args.conv_init is not None:
         flags += ["--conv-init", args.conv_init]
     if not args.conv_deterministic:

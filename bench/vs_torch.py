@@ -46,11 +46,11 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)          # bench/layouts.py (which puts the repository on sys.path) and torch_resnet.py
 
 import layouts                                                     # noqa: E402
-from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS,  # noqa: E402
-                              check_dtype, gpu_problem)
+from cupynet.backends import (BN_LAUNCHES, MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS,  # noqa: E402
+                              WGRAD_STREAMS, check_dtype, gpu_problem)
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
-from cupynet.errors import CupynetError                            # noqa: E402
+from cupynet.errors import ConfigError, CupynetError               # noqa: E402
 from cupynet.train import build_backend                            # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
 
@@ -136,6 +136,8 @@ def parse_args(argv=None):
                    help="cupynet: side streams its weight gradients take in turn")
     p.add_argument("--wgrad-chunks", type=int, default=WGRAD_CHUNKS,
                    help="cupynet: slices of the batch each weight gradient is computed over, then summed")
+    p.add_argument("--bn-launches", type=int, choices=(1, 2), default=BN_LAUNCHES,
+                   help="cupynet: kernel launches per BatchNorm pass")
     p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
                    help="cupynet may also pick cuDNN engines that add in a varying order (PyTorch, with "
                         "cudnn.benchmark and without cudnn.deterministic, always may)")
@@ -207,7 +209,8 @@ def precision(device, dtype, tf32):
 def cupynet_config(args, layout, dtype):
     return TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=layout, dtype=dtype,
                        synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic,
-                       wgrad_streams=args.wgrad_streams, wgrad_chunks=args.wgrad_chunks)
+                       wgrad_streams=args.wgrad_streams, wgrad_chunks=args.wgrad_chunks,
+                       bn_launches=args.bn_launches)
 
 
 def cupynet_trainer(args, layout, dtype, dataset):
@@ -521,8 +524,8 @@ def benchmark_row(torch, args, layout, dtype, dataset, device):
     def attempt(name, timing):
         try:
             return timing()
-        except CupynetError:
-            raise                          # a configuration cupynet refuses: the run is wrong, not this form
+        except ConfigError:
+            raise                          # flags cupynet refuses: the run is wrong, not this form
         except Exception as error:
             errors[name] = one_line(error)
             print(f"{name} {layout} {dtype}: failed: {errors[name]}", flush=True)
@@ -535,7 +538,8 @@ def benchmark_row(torch, args, layout, dtype, dataset, device):
     ours = attempt("cupynet", lambda: layouts.measure(args.depth, args.batch, layout, dtype, args, dataset,
                                                       wgrad_streams=args.wgrad_streams,
                                                       deterministic=args.conv_deterministic,
-                                                      wgrad_chunks=args.wgrad_chunks))
+                                                      wgrad_chunks=args.wgrad_chunks,
+                                                      bn_launches=args.bn_launches))
     row = {"depth": args.depth, "batch": args.batch, "layout": layout, "dtype": dtype,
            "precision": precision(device, dtype, args.tf32), "torch_eager": eager, "torch_graph": graph,
            "cupynet": ours, "ratio_vs_torch_eager": ratio(ours, eager), "ratio_vs_torch_graph": ratio(ours, graph)}

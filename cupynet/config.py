@@ -13,7 +13,7 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS
+from cupynet.backends import BN_LAUNCHES, MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS
 from cupynet.errors import ConfigError
 from cupynet.model import BLOCK_KINDS, blocks_per_stage
 from cupynet.params import CONV_INITS, DEFAULT_CONV_INIT
@@ -55,6 +55,7 @@ class TrainConfig:
     wgrad_streams: int = WGRAD_STREAMS       # GPU: side streams the weight gradients take in turn
     conv_deterministic: bool = True          # GPU: only cuDNN engines that repeat their bits on every run
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
+    bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
     train_batch_size: int = 128
@@ -158,6 +159,11 @@ def build_parser():
                             f"by side on consecutive side streams (use as many --wgrad-streams), then summed in a "
                             f"fixed order: more of the GPU busy at 16-64 channels, still deterministic "
                             f"(1-{MAX_WGRAD_CHUNKS}; default {d.wgrad_chunks}; other values add in another order)")
+    model.add_argument("--bn-launches", type=int, choices=(1, 2), default=d.bn_launches,
+                       help=f"GPU: kernel launches per BatchNorm pass: 2 (a reduction, then the elementwise half) or "
+                            f"1 (both in one kernel whose blocks wait for the reduction: one launch gap fewer; "
+                            f"default {d.bn_launches}; results are identical where the GPU holds the reduction's "
+                            f"whole grid at once)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--train-steps", type=int, help="total target step; a rerun resumes and stops there "
                      "(default 80000; demo 150)")

@@ -24,6 +24,12 @@
  * Finalizing in the reduction's last block instead of in a launch of its own saves two launches per
  * BatchNorm and step (86 in ResNet-44): a captured step is a chain of small dependent kernels, each
  * paying a launch gap and a ramp-up and drain of the GPU.
+ * One launch per pass (--bn-launches 1) = bn_stats_apply and bn_grad_dx: the same reduction and finalize,
+ * then every block waits for the finalize (finish_then_release: a grid-wide barrier on the arrival counter
+ * and a generation word) and runs the elementwise half over the same blocks, with the per-channel values
+ * staged in shared memory. Same partial sums in the same order and the same arithmetic, so the same bits
+ * as the two launches when the grid is the same; the backend caps the grid at the blocks the GPU holds at
+ * once (the driver's occupancy), because a block waiting for one that cannot start would wait forever.
  * Sync BN (statistics over several workers) splits both passes around a communicator's all-reduce of
  * (2, C) double sums, reusing the stages: forward = bn_stats_partials_shifted + bn_sums_finalize |
  * all-reduce | bn_stats_from_sums + bn_apply; backward = bn_grad_partials + bn_sums_finalize |
@@ -177,6 +183,62 @@ __device__ bool last_block_to_arrive(unsigned int* arrivals)
     return is_last;
 }
 
+// One-launch passes (bn_stats_apply, bn_grad_dx): every block calls this after its partial sums; the launch's
+// last block to arrive runs finish() (the finalize), and every block returns from it once finish()'s writes
+// are visible. sync[0] counts arrivals (0 between launches, as for last_block_to_arrive); sync[1] is a
+// generation the last block advances when it is done, which the others wait for. That wait needs every block
+// of the launch resident at once: the backend caps the grid at what the GPU holds
+// (CupyBackend._bn_one_launch_plan), and launches these kernels only where no other stream's kernel can run
+// beside them (a kernel whose own blocks wait for each other, as a stream-K GEMM's may, could hold the slots
+// this grid's last blocks need while this grid holds the ones it needs). Should a wait still last
+// GRID_WAIT_LIMIT_NS, the kernel traps: an error the host sees, not a hang. The fences follow the
+// cooperative-groups grid barrier: block barrier, then thread 0 fences and signals or waits, fences, block
+// barrier.
+#define GRID_WAIT_LIMIT_NS 1000000000ull
+
+template <typename Finish>
+__device__ void finish_then_release(unsigned int* sync, Finish finish)
+{
+    __shared__ unsigned int generation;
+    if (threadIdx.x == 0) generation = atomicAdd(sync + 1, 0u);    // before arriving: the fence below orders it
+    if (last_block_to_arrive(sync)) {
+        finish();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(sync + 1, 1u);
+        }
+    } else if (threadIdx.x == 0) {
+        const unsigned long long started = global_time_ns();
+        while (*(volatile unsigned int*)(sync + 1) == generation) {
+            __nanosleep(32);
+            if (global_time_ns() - started > GRID_WAIT_LIMIT_NS) __trap();
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// Per-channel values other blocks wrote in this launch, copied into shared memory for the elementwise half of
+// a one-launch pass: __ldcg reads through L2 (an SM's L1 may hold a stale line). C <= what the launch's
+// dynamic shared memory holds in floats / count (the backend checks).
+__device__ float* stage_channels(const float* const* arrays, int count, int C)
+{
+    extern __shared__ float staged_shared[];
+    for (int a = 0; a < count; ++a) {
+        for (int c = threadIdx.x; c < C; c += blockDim.x) staged_shared[a * C + c] = __ldcg(arrays[a] + c);
+    }
+    __syncthreads();
+    return staged_shared;
+}
+
+// Flat index and stride over all blocks of a 2-D grid, for the elementwise half of a one-launch pass.
+__device__ __forceinline__ int flat_first_index()
+{
+    return (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int flat_grid_stride() { return gridDim.x * gridDim.y * blockDim.x; }
+
 // dz: the gradient reaching BatchNorm's output before the fused relu, masked by the relu output y.
 template <typename T>
 __device__ __forceinline__ float masked_grad(const T* dy, const T* y, int relu_applied, int i)
@@ -236,11 +298,9 @@ __device__ void store_statistics(double2 sums, double shift, double count, int c
     running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
 }
 
-// The body of bn_stats for groups of V elements.
+// One block's partial sums for bn_stats, for groups of V elements: shifted by each channel's first element.
 template <int V, typename T>
-__device__ void bn_stats_groups(const T* x, int C, int inner, int m, int cw, float* partials, unsigned int* arrivals,
-                                double decay, double eps, float* running_mean, float* running_var,
-                                float* saved_mean, float* saved_invstd)
+__device__ void first_shifted_partials(const T* x, int C, int inner, int m, int cw, float* partials)
 {
     const ChannelTile t(cw, group_channels<V>(inner));
     float shift[V];    // each channel's first element (NHWC: the first group holds V channels' first elements)
@@ -252,7 +312,24 @@ __device__ void bn_stats_groups(const T* x, int C, int inner, int m, int cw, flo
         }
     }
     shifted_stats_tile<V>(x, shift, t, C, inner, m, partials);
-    if (!last_block_to_arrive(arrivals)) return;
+}
+
+template <typename T>
+__device__ void stats_partials(const T* x, int C, int inner, int m, int cw, float* partials, int vec)
+{
+    if (vec) {
+        first_shifted_partials<Pack<T>::size>(x, C, inner, m, cw, partials);
+    } else {
+        first_shifted_partials<1>(x, C, inner, m, cw, partials);
+    }
+}
+
+// In the reduction's last block: every channel's statistics from the partials of stats_partials.
+template <typename T>
+__device__ void finish_statistics(const T* x, const float* partials, int C, int inner, int m, double decay,
+                                  double eps, float* running_mean, float* running_var, float* saved_mean,
+                                  float* saved_invstd)
+{
     finish_channels(partials, C, [&](int c, double2 sums) {
         const double first = to_float(x[channel_element(0, c, C, inner)]);    // the shift of the partials
         store_statistics(sums, first, m, c, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
@@ -267,12 +344,9 @@ __global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* par
                          double decay, double eps, float* running_mean, float* running_var, float* saved_mean,
                          float* saved_invstd, int vec)
 {
-    if (vec) {
-        bn_stats_groups<Pack<T>::size>(x, C, inner, m, cw, partials, arrivals, decay, eps, running_mean,
-                                       running_var, saved_mean, saved_invstd);
-    } else {
-        bn_stats_groups<1>(x, C, inner, m, cw, partials, arrivals, decay, eps, running_mean, running_var,
-                           saved_mean, saved_invstd);
+    stats_partials(x, C, inner, m, cw, partials, vec);
+    if (last_block_to_arrive(arrivals)) {
+        finish_statistics(x, partials, C, inner, m, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
     }
 }
 
@@ -348,18 +422,15 @@ __device__ __forceinline__ float bn_output(float v, float r, int add_residual, i
     return relu_out ? relu(v) : v;
 }
 
-// y = [relu]((x - mean) * gamma * invstd + beta [+ residual]). Training passes the saved invstd as
-// `stat`; inference passes the moving variance with stat_is_variance = 1. residual is read only when
-// add_residual is 1 (the backend passes x otherwise, never a null pointer). y may alias x or residual.
-// vec: 16-byte packs.
+// The elements [first, first + stride, ...) of bn_apply (a grid-stride loop over packs, then the tail).
 template <typename T>
-__global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean, const float* stat,
-                         const float* gamma, const float* beta, float eps, int stat_is_variance, int n, int C,
-                         int inner, int add_residual, int relu_out, int vec)
+__device__ void apply_elements(const T* x, const T* residual, T* y, const float* mean, const float* stat,
+                               const float* gamma, const float* beta, float eps, int stat_is_variance, int n, int C,
+                               int inner, int add_residual, int relu_out, int vec, int first, int stride)
 {
     constexpr int P = Pack<T>::size;
     const int packs = pack_count<T>(n, vec);
-    for (int j = first_index(); j < packs; j += grid_stride()) {
+    for (int j = first; j < packs; j += stride) {
         float v[P], r[P];
         int c[P];
         load_pack(x, j, v);
@@ -372,12 +443,49 @@ __global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean,
         }
         store_pack(y, j, v);
     }
-    for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
+    for (int i = packs * P + first; i < n; i += stride) {
         const int c = channel_of(i, C, inner);
         const float normalized = bn_normalize(to_float(x[i]), c, mean, stat, gamma, beta, eps, stat_is_variance);
         y[i] = from_float<T>(bn_output(normalized, add_residual ? to_float(residual[i]) : 0.0f, add_residual,
                                        relu_out));
     }
+}
+
+// y = [relu]((x - mean) * gamma * invstd + beta [+ residual]). Training passes the saved invstd as
+// `stat`; inference passes the moving variance with stat_is_variance = 1. residual is read only when
+// add_residual is 1 (the backend passes x otherwise, never a null pointer). y may alias x or residual.
+// vec: 16-byte packs.
+template <typename T>
+__global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean, const float* stat,
+                         const float* gamma, const float* beta, float eps, int stat_is_variance, int n, int C,
+                         int inner, int add_residual, int relu_out, int vec)
+{
+    apply_elements(x, residual, y, mean, stat, gamma, beta, eps, stat_is_variance, n, C, inner, add_residual,
+                   relu_out, vec, first_index(), grid_stride());
+}
+
+// The training forward in one launch (--bn-launches 1): bn_stats' partial sums and finalize, a grid-wide wait
+// for the finalize (finish_then_release), then bn_apply over the same blocks with the statistics staged in
+// shared memory: the same arithmetic as the two launches, without the second launch's gap and ramp-up.
+// Geometry as bn_stats (grid capped at the blocks the GPU holds at once), sync: the backend's (2,) counters,
+// dynamic shared memory: at least bn_stats' and 4 * C floats. vec_reduce / vec_apply: bn_stats' and
+// bn_apply's 16-byte pack flags. y may alias x or residual, as in bn_apply: every read of x by another
+// thread (the partial sums, the shift) happens before the wait.
+template <typename T>
+__global__ void bn_stats_apply(const T* x, const T* residual, T* y, int C, int inner, int m, int cw,
+                               float* partials, unsigned int* sync, double decay, double eps, float* running_mean,
+                               float* running_var, float* saved_mean, float* saved_invstd, const float* gamma,
+                               const float* beta, int n, int add_residual, int relu_out, int vec_reduce,
+                               int vec_apply)
+{
+    stats_partials(x, C, inner, m, cw, partials, vec_reduce);
+    finish_then_release(sync, [&]() {
+        finish_statistics(x, partials, C, inner, m, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
+    });
+    const float* arrays[4] = {saved_mean, saved_invstd, gamma, beta};
+    const float* staged = stage_channels(arrays, 4, C);
+    apply_elements(x, residual, y, staged, staged + C, staged + 2 * C, staged + 3 * C, (float)eps, 0, n, C, inner,
+                   add_residual, relu_out, vec_apply, flat_first_index(), flat_grid_stride());
 }
 
 // ------------------------------------------------------------------ backward
@@ -428,6 +536,15 @@ __global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_a
     grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec);
 }
 
+// In the reduction's last block: dbeta = sum(dz), dgamma = sum(dz * xhat) from the partials of grad_partials.
+__device__ void finish_grad_sums(const float* partials, int C, float* dgamma, float* dbeta)
+{
+    finish_channels(partials, C, [&](int c, double2 sums) {
+        dbeta[c] = (float)sums.x;
+        dgamma[c] = (float)sums.y;
+    });
+}
+
 // The backward reductions in one launch: the last block writes dbeta = sum(dz), dgamma = sum(dz * xhat)
 // (written, not accumulated). Geometry and arrivals as bn_stats.
 template <typename T>
@@ -436,11 +553,7 @@ __global__ void bn_grad(const T* dy, const T* x, const T* y, int relu_applied, c
                         unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
 {
     grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec);
-    if (!last_block_to_arrive(arrivals)) return;
-    finish_channels(partials, C, [&](int c, double2 sums) {
-        dbeta[c] = (float)sums.x;
-        dgamma[c] = (float)sums.y;
-    });
+    if (last_block_to_arrive(arrivals)) finish_grad_sums(partials, C, dgamma, dbeta);
 }
 
 // One element of bn_backward_dx: dz (the masked gradient) and x of channel c -> dx.
@@ -452,16 +565,17 @@ __device__ __forceinline__ float bn_input_grad(float dz, float x, int c, const f
     return (dz - dbeta[c] / count - xhat * (dgamma[c] / count)) * (gamma[c] * invstd[c]);
 }
 
-// dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m). dx may alias dy. vec: 16-byte packs.
+// The elements [first, first + stride, ...) of bn_backward_dx (a grid-stride loop over packs, then the tail).
 template <typename T>
-__global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                               const float* invstd, const float* gamma, const float* dgamma, const float* dbeta,
-                               T* dx, int n, int C, int inner, int m, int vec)
+__device__ void input_grad_elements(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                                    const float* invstd, const float* gamma, const float* dgamma,
+                                    const float* dbeta, T* dx, int n, int C, int inner, int m, int vec, int first,
+                                    int stride)
 {
     constexpr int P = Pack<T>::size;
     const float count = (float)m;
     const int packs = pack_count<T>(n, vec);
-    for (int j = first_index(); j < packs; j += grid_stride()) {
+    for (int j = first; j < packs; j += stride) {
         float g[P], v[P], out[P];
         int c[P];
         load_pack(dy, j, g);
@@ -475,9 +589,38 @@ __global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu_app
         }
         store_pack(dx, j, g);
     }
-    for (int i = packs * P + first_index(); i < n; i += grid_stride()) {
+    for (int i = packs * P + first; i < n; i += stride) {
         const float dz = masked_grad(dy, y, relu_applied, i);
         dx[i] = from_float<T>(bn_input_grad(dz, to_float(x[i]), channel_of(i, C, inner), mean, invstd, gamma,
                                             dgamma, dbeta, count));
     }
+}
+
+// dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m). dx may alias dy. vec: 16-byte packs.
+template <typename T>
+__global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                               const float* invstd, const float* gamma, const float* dgamma, const float* dbeta,
+                               T* dx, int n, int C, int inner, int m, int vec)
+{
+    input_grad_elements(dy, x, y, relu_applied, mean, invstd, gamma, dgamma, dbeta, dx, n, C, inner, m, vec,
+                        first_index(), grid_stride());
+}
+
+// The backward in one launch (--bn-launches 1): bn_grad's reductions and finalize, a grid-wide wait for it
+// (finish_then_release), then bn_backward_dx over the same blocks with the per-channel values staged in
+// shared memory. Geometry, sync and the grid cap as bn_stats_apply; dynamic shared memory: at least
+// bn_grad's and 5 * C floats. dx may alias dy: each element is read and written by one thread, after the
+// wait that follows every other read of dy.
+template <typename T>
+__global__ void bn_grad_dx(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
+                           const float* invstd, const float* gamma, int C, int inner, int m, int cw, float* partials,
+                           unsigned int* sync, float* dgamma, float* dbeta, T* dx, int n, int vec_reduce,
+                           int vec_apply)
+{
+    grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec_reduce);
+    finish_then_release(sync, [&]() { finish_grad_sums(partials, C, dgamma, dbeta); });
+    const float* arrays[5] = {mean, invstd, gamma, dgamma, dbeta};
+    const float* staged = stage_channels(arrays, 5, C);
+    input_grad_elements(dy, x, y, relu_applied, staged, staged + C, staged + 2 * C, staged + 3 * C, staged + 4 * C,
+                        dx, n, C, inner, m, vec_apply, flat_first_index(), flat_grid_stride());
 }

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -154,6 +155,57 @@ def test_layouts_records_a_configuration_that_fails_at_run_time_and_goes_on(tmp_
     assert rows[0]["error"] == "MemoryError: out of memory allocating 4 GB" and "images_per_sec" not in rows[0]
     assert all(row["images_per_sec"] > 0 and "error" not in row for row in rows[2:])
     assert "failed: MemoryError" in capsys.readouterr().out
+
+
+def stand_in_measure(layouts, seconds_of):
+    """A layouts.measure that takes seconds_of(call index) seconds and reports a figure: the grid loop's pacing
+    and bookkeeping are what these tests look at (real configurations would make their timing a lottery)."""
+    calls = []
+
+    def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=1, deterministic=True,
+                wgrad_chunks=1, bn_launches=2):
+        seconds = seconds_of(len(calls))
+        calls.append(seconds)
+        time.sleep(seconds)
+        return dict(layouts.configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks,
+                                          deterministic, bn_launches, args.device),
+                    captured=False, images_per_sec=100.0, images_per_sec_min=99.0, images_per_sec_max=101.0,
+                    step_ms=10.0)
+    return measure
+
+
+def test_layouts_paces_itself_by_the_configurations_after_the_first(tmp_path, monkeypatch):
+    """The first configuration also pays the process's start-up (1 s here, 0.3 s each after): the time a next
+    one needs is judged by the others, so a 3-s budget measures about five of eight, not the two or three that
+    1.5 x 1 s would allow, and lists the rest as not measured; every row says how long it took."""
+    layouts = layouts_module()
+    monkeypatch.setattr(layouts, "measure", stand_in_measure(layouts, lambda call: 1.0 if call == 0 else 0.3))
+    out = tmp_path / "layouts.json"
+    layouts.main(["--quick", "--wgrad-pairs", "1x1,1x2,1x3,1x4", "--max-seconds", "3", "--json", str(out)])
+    report = json.loads(out.read_text())
+    measured, left = len(report["results"]), len(report["not_measured"])
+    assert 4 <= measured <= 7 and measured + left == 8, (measured, left)
+    assert report["results"][0]["seconds"] >= 1.0 and all(row["seconds"] >= 0.3 for row in report["results"])
+
+
+def test_layouts_keeps_the_rows_measured_before_it_was_stopped(tmp_path, monkeypatch):
+    """Stopped from outside during its second configuration, the JSON already holds the first and lists the
+    others (the stopped one included) as not measured."""
+    layouts = layouts_module()
+    measure = stand_in_measure(layouts, lambda call: 0.0)
+
+    def stopped_at_the_second(*args, **kwargs):
+        if kwargs.get("wgrad_chunks") == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(layouts, "measure", stopped_at_the_second)
+    out = tmp_path / "layouts.json"
+    with pytest.raises(KeyboardInterrupt):
+        layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2,1x3", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [row["wgrad_chunks"] for row in report["results"]] == [1]
+    assert [row["wgrad_chunks"] for row in report["not_measured"]] == [2, 3]
 
 
 def test_layouts_starts_no_configuration_past_max_seconds(tmp_path):

@@ -238,6 +238,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--wgrad-streams", "0"], ["--wgrad-streams", "0"]),
     (["--wgrad-chunks", "17"], ["--wgrad-chunks", "17"]),
     (["--conv-init", "orthogonal"], ["--conv-init", "orthogonal"]),
+    (["--bn-launches", "3"], ["--bn-launches", "3"]),
     (["--train-batch-size", "4", "--wgrad-chunks", "8"], ["--wgrad-chunks 8", "4 images"]),
 ])
 def test_bad_flags(tiny_cifar, tmp_path, args, fragments):

@@ -104,7 +104,7 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert result.returncode == 0, result.stderr
     assert re.search(r"batch 8\s+float32\s+- wgrad stream\(s\), 1 chunk\(s\), -", result.stdout)
     assert "bf16_128: --wgrad-chunks 2" in result.stdout
-    assert "4 chunk(s), -            : failed: CUDARuntimeError: out of memory" in result.stdout
+    assert "4 chunk(s), -            , 2 BN launch(es): failed: CUDARuntimeError: out of memory" in result.stdout
     assert "step_options.json: 1 configurations not measured" in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
@@ -140,9 +140,10 @@ def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
 
 
 @needs_bash
-def test_step_options_paces_three_grids_and_runs_each_even_after_a_failure(tmp_path):
+def test_step_options_paces_four_grids_and_runs_each_even_after_a_failure(tmp_path):
     """The step_options stage gives each layouts.py grid the time left until its share of the stage's limit
-    (45%, 70%, all but 5 s), runs the later grids after one failed (each keeps its own JSON) and then fails.
+    (40%, 55%, 65%, all but 15 s), each under a timeout of its own 10 s longer, runs the later grids after one
+    failed (each keeps its own JSON) and then fails.
     PY is a stand-in that records its arguments and fails on the first call: this tests the stage's shell."""
     calls = tmp_path / "calls.jsonl"
     stand_in = tmp_path / "python"
@@ -157,16 +158,19 @@ def test_step_options_paces_three_grids_and_runs_each_even_after_a_failure(tmp_p
     assert result.returncode == 1, result.stdout + result.stderr
     runs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [run[run.index("--json") + 1].rsplit("/", 1)[1] for run in runs] == [
-        "step_options.json", "step_options_fp32.json", "step_options_512.json"]
+        "step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_512.json"]
     seconds = [int(run[run.index("--max-seconds") + 1]) for run in runs]
-    assert 44 <= seconds[0] <= 45 and 69 <= seconds[1] <= 70 and 94 <= seconds[2] <= 95, seconds
+    assert 39 <= seconds[0] <= 40 and 54 <= seconds[1] <= 55 and 64 <= seconds[2] <= 65 and 84 <= seconds[3] <= 85, \
+        seconds
     assert all(run[run.index("--wgrad-pairs") + 1].startswith("1x1,") for run in runs)   # the defaults first
+    assert runs[2][runs[2].index("--bn-launches") + 1] == "1"
 
     calls.unlink()
-    short = dict(env, STAGE_LIMIT="20")       # 45% of 20 s is under 10 s: the first grid does not start
-    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=short, capture_output=True, text=True, timeout=60)
+    short = dict(env, STAGE_LIMIT="30")       # 12, 16 and 19 s for the first three (at least 10 each): they run;
+    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=short,    # batch 512's needs 25 s and would get
+                            capture_output=True, text=True, timeout=60)    # 15: it does not start
     assert [json.loads(line)[-1].rsplit("/", 1)[1] for line in calls.read_text().splitlines()] == [
-        "step_options_fp32.json", "step_options_512.json"]
+        "step_options.json", "step_options_fp32.json", "step_options_bn.json"]
 
 
 @needs_bash
@@ -202,12 +206,13 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
 
 # What the script's variables hold when its commands run: step options as best_step_options.py prints
 # them (all three flags, so that each must exist wherever it is passed), and one accuracy entry's flags.
-SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic",
+SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --bn-launches 1",
                  "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic",
                  "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
-                 "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60"}
+                 "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",
+                 "files": "/out/step_options.json /out/step_options_bn.json"}
 
 
 def script_python_commands():
@@ -218,6 +223,7 @@ def script_python_commands():
     commands = []
     for target, rest in re.findall(r'"\$PY" (bench/\w+\.py|-m cupynet\.train)([^\n&|;\'<]*)', text):
         rest = re.sub(r"\s\d*>>?\s*\S+", "", rest)                     # redirections
+        rest = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: SCRIPT_VALUES[m.group(1)], rest)   # "${array[@]}"
         rest = re.sub(r"\$\(\((\w+) - (\d+)\)\)",                       # $((NAME - N)) arithmetic
                       lambda m: str(int(SCRIPT_VALUES[m.group(1)]) - int(m.group(2))), rest)
         rest = re.sub(r"\$\{(\w+):-\}|\$\{?(\w+)\}?", lambda m: SCRIPT_VALUES[m.group(1) or m.group(2)], rest)

@@ -56,22 +56,39 @@ ACTIVATIONS = [(5, 3, 7, 7), (4, 16, 8, 8), (2, 64, 4, 4), (2, 260, 3, 3), (2, 4
 # --------------------------------------------------------------------------- backends and arrays
 
 
-def make_backend(layout, dtype):
-    """A fresh GPU backend; float32 runs strict fp32 convolutions so that parity can be tight."""
+def make_backend(layout, dtype, bn_launches=2):
+    """A fresh GPU backend; float32 runs strict fp32 convolutions so that parity can be tight. With one
+    BatchNorm launch per pass, the weight gradients run in the serial order, so that the backward's one launch
+    runs too (beside weight gradients on a side stream it takes two: CupyBackend._bn_one_launch_plan)."""
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
-    return CupyBackend(device_id=0, layout=layout, dtype=dtype, tf32=False)
+    return CupyBackend(device_id=0, layout=layout, dtype=dtype, tf32=False, bn_launches=bn_launches,
+                       overlap_wgrad=bn_launches == 2)
 
 
 _BACKENDS = {}
 
 
-def backend(layout, dtype):
-    """One cached backend per (layout, dtype) for the primitive tests (each primitive enters its stream)."""
-    if (layout, dtype) not in _BACKENDS:
-        _BACKENDS[(layout, dtype)] = make_backend(layout, dtype)
-    return _BACKENDS[(layout, dtype)]
+def backend(layout, dtype, bn_launches=2):
+    """One cached backend per (layout, dtype, BatchNorm launches) for the primitive tests (each primitive
+    enters its stream)."""
+    if (layout, dtype, bn_launches) not in _BACKENDS:
+        _BACKENDS[(layout, dtype, bn_launches)] = make_backend(layout, dtype, bn_launches)
+    return _BACKENDS[(layout, dtype, bn_launches)]
+
+
+@contextlib.contextmanager
+def batchnorm_path(be, one_launch, two_launches, x, read, staged):
+    """Asserts the BatchNorm pass launched its one-launch kernel when the backend runs one launch per pass and
+    the GPU holds that kernel's capped grid, and the two launches otherwise (the documented fallback)."""
+    c, inner, m = be._channel_geometry(x, x.shape[1] if be.layout == "NCHW" else x.shape[-1])
+    one = be.bn_launches == 1 and be._bn_one_launch_plan(one_launch, x, c, m, inner, read, staged) is not None
+    before = be.kernels.launches[one_launch]
+    with fast_path(be, kernels=(one_launch,) if one else two_launches):
+        yield
+    if not one:
+        assert be.kernels.launches[one_launch] == before, f"{one_launch} ran where the two launches should"
 
 
 def to_layout(layout, x_nchw):
@@ -257,9 +274,10 @@ TAILS = {"plain": (False, False), "relu": (True, False), "residual_relu": (True,
 @params()
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=lambda s: "N{}C{}H{}W{}".format(*s))
 @pytest.mark.parametrize("tail", list(TAILS))
-def test_batchnorm_train_forward(layout, dtype, shape, tail):
+@pytest.mark.parametrize("launches", [2, 1], ids=["2launches", "1launch"])
+def test_batchnorm_train_forward(layout, dtype, shape, tail, launches):
     relu, with_residual = TAILS[tail]
-    be = backend(layout, dtype)
+    be = backend(layout, dtype, launches)
     a = Arrays(be, seed=3)
     c = shape[1]
     x, x_ref = a.activation(*shape, scale=2.0, offset=3.0)    # |mean| > std: tests the shifted sums
@@ -270,7 +288,7 @@ def test_batchnorm_train_forward(layout, dtype, shape, tail):
     moving_var, var_ref = a.vector(c, 0.5, 2)
     y = a.nan(x.shape)
     saved_mean, saved_invstd = a.nan((c,), np.float32), a.nan((c,), np.float32)
-    with fast_path(be, kernels=("bn_stats", "bn_apply")):
+    with batchnorm_path(be, "bn_stats_apply", ("bn_stats", "bn_apply"), x, (x,), 4):
         be.batchnorm_train_forward(x, gamma, beta, moving_mean, moving_var, 0.9, 1e-5, y, saved_mean,
                                    saved_invstd, relu=relu, residual=residual)
     expected_mean, expected_invstd = np.empty(c), np.empty(c)
@@ -307,8 +325,9 @@ def test_batchnorm_infer_forward(layout, dtype, tail):
 @params()
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=lambda s: "N{}C{}H{}W{}".format(*s))
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_batchnorm_backward(layout, dtype, shape, relu):
-    be = backend(layout, dtype)
+@pytest.mark.parametrize("launches", [2, 1], ids=["2launches", "1launch"])
+def test_batchnorm_backward(layout, dtype, shape, relu, launches):
+    be = backend(layout, dtype, launches)
     a = Arrays(be, seed=5)
     c = shape[1]
     x, x_ref = a.activation(*shape, scale=1.5, offset=1.0)
@@ -322,7 +341,7 @@ def test_batchnorm_backward(layout, dtype, shape, relu):
     dy, dy_ref = a.activation(*shape)
     dx = a.nan(x.shape)
     dgamma, dbeta = a.nan((c,), np.float32), a.nan((c,), np.float32)
-    with fast_path(be, kernels=("bn_grad", "bn_backward_dx")):
+    with batchnorm_path(be, "bn_grad_dx", ("bn_grad", "bn_backward_dx"), x, (dy, x, y if relu else dy), 5):
         be.batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=y if relu else None)
     expected_dgamma, expected_dbeta = np.empty(c), np.empty(c)
     expected_dx = a.ref.batchnorm_backward(dy_ref, x_ref, gamma_ref, mean_ref, invstd_ref, np.empty(x_ref.shape),
@@ -336,6 +355,36 @@ def test_batchnorm_backward(layout, dtype, shape, relu):
     assert_close(a.get(dgamma), expected_dgamma, f32, scale=np.abs(dz * xhat).sum(axis=channel_axes(layout)),
                  what="dgamma")
     assert_close(a.get(dx), expected_dx, REDUCTION[dtype], scale=rms(expected_dx), what="dx")
+
+
+@params(layouts=("NHWC",))      # NCHW needs a block per channel: 16 do not fit 2 (the fallback is tested above)
+def test_one_launch_batchnorm_caps_its_grid_at_what_the_gpu_holds(layout, dtype, monkeypatch):
+    """Where the GPU holds fewer blocks at once than the partial sums would use (the emulated GPU with one
+    block per SM, CUPYNET_EMULATED_OCCUPANCY=1, which also refuses a grid it could not hold; a real GPU ignores
+    the variable), the one-launch passes run with fewer slices: the two launches' results up to the order of
+    the sums."""
+    monkeypatch.setenv("CUPYNET_EMULATED_OCCUPANCY", "1")
+    shape, c = (16, 16, 32, 32), 16
+    results = {}
+    for launches in (2, 1):
+        be = make_backend(layout, dtype, bn_launches=launches)       # fresh: occupancy is cached per backend
+        a = Arrays(be, seed=13)
+        x, _ = a.activation(*shape, scale=2.0, offset=1.0)
+        dy, _ = a.activation(*shape)
+        gamma, beta = a.vector(c), a.vector(c, -0.5, 0.5)
+        stats = [a.vector(c, -1, 1)[0], a.vector(c, 0.5, 2)[0], a.nan((c,), np.float32), a.nan((c,), np.float32)]
+        y, dx = a.nan(x.shape), a.nan(x.shape)
+        dgamma, dbeta = a.nan((c,), np.float32), a.nan((c,), np.float32)
+        be.batchnorm_train_forward(x, gamma[0], beta[0], *stats[:2], 0.9, 1e-5, y, *stats[2:], relu=True)
+        be.batchnorm_backward(dy, x, gamma[0], stats[2], stats[3], dx, dgamma, dbeta, y=y)
+        results[launches] = [a.get(v).astype(np.float64) for v in (y, dx, *stats, dgamma, dbeta)]
+        if launches == 1:
+            assert be.kernels.launches["bn_stats_apply"] == be.kernels.launches["bn_grad_dx"] == 1
+            assert be.kernels.launches["bn_stats"] == be.kernels.launches["bn_grad"] == 0
+    names = ("y", "dx", "moving mean", "moving variance", "saved mean", "saved invstd", "dgamma", "dbeta")
+    for name, one, two in zip(names, results[1], results[2]):
+        scale = rms(two) if name in ("y", "dx", "dgamma", "dbeta") else 0.0
+        assert_close(one, two, 2 * REDUCTION[dtype] if name in ("y", "dx") else 1e-4, scale=scale, what=name)
 
 
 @params()

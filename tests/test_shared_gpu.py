@@ -93,6 +93,16 @@ def test_two_workers_captured_with_the_shared_all_reduce_equal_the_eager_host_ru
         assert result == eager_result and loss == eager_loss
 
 
+def test_workers_sharing_the_gpu_refuse_one_launch_batchnorm():
+    """Two ranks' grid-waiting BatchNorm kernels side by side could each hold part of the GPU and wait forever
+    for blocks the other keeps out: a shared group refuses backends that would launch them (one rank may)."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    backend = CupyBackend(0, "NHWC", "float32", tf32=False, bn_launches=1)
+    with pytest.raises(ValueError, match="bn_launches=2"):
+        shared_group(2).communicator(0, backend)
+    shared_group(1).communicator(0, backend)
+
+
 def test_abort_releases_a_rank_waiting_for_a_missing_peer():
     """Rank 1 lines up on the host, then dies: rank 0 enqueues its collective and waits for rank 1 at the
     second line-up, its barrier kernel waiting on the device, until abort() (what run_workers does when a

@@ -29,11 +29,12 @@ def dataset():
     return synthetic_dataset(num_train=64, num_test=24, seed=1)
 
 
-def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1):
+def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
-    return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks)
+    return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks,
+                       bn_launches=bn_launches)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):
@@ -132,6 +133,27 @@ def test_host_communicator_is_never_captured(dataset):
     assert not Trainer(TrainConfig(**BASE), dataset, backend, comm).runner.capture
     with pytest.raises(ConfigError, match="host all-reduce"):
         Trainer(TrainConfig(**BASE, cuda_graph="on"), dataset, backend, comm)
+
+
+@pytest.mark.parametrize("layout,overlap", [("NHWC", True), ("NHWC", False), ("NCHW", False)])
+def test_one_launch_batchnorm_captured_equals_two_launches_eager(dataset, layout, overlap):
+    """--bn-launches 1, captured (its kernels wait for their grid inside the replayed graph, evaluations between
+    replays), against the two-launch eager steps: ResNet-8's BatchNorm grids fit the GPU uncapped, so the one
+    kernel adds the same partial sums in the same order and applies the same arithmetic: the same bits. The
+    backward takes its one launch only with the weight gradients in the serial order (overlap off)."""
+    settings = dict(BASE, data_format=layout, dtype="bfloat16")
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend(layout, "bfloat16"))
+    backend = make_backend(layout, "bfloat16", bn_launches=1)
+    backend.overlap_wgrad = overlap
+    captured = train(TrainConfig(**settings, cuda_graph="on", bn_launches=1), dataset, backend)
+    assert captured[0].runner.captured
+    launches = backend.kernels.launches
+    assert launches["bn_stats_apply"] > 0 and (launches["bn_grad_dx"] > 0) == (not overlap)
+    # NCHW reads one channel per block: where the GPU holds fewer blocks than a layer has channels (the
+    # emulated GPU does, at 32 and 64), that layer takes the two launches
+    if layout == "NHWC":
+        assert launches["bn_stats"] == 0 and (launches["bn_grad"] == 0) == (not overlap)
+    assert_identical(eager, captured)
 
 
 @pytest.mark.parametrize("wgrad_streams,wgrad_chunks", [(1, 1), (3, 1), (2, 2)])

@@ -139,8 +139,9 @@ def test_quick_verifies_then_writes_ratios(torch, tmp_path):
 
 
 def test_a_timing_that_fails_is_recorded_and_the_others_still_run(vs_torch, torch, tmp_path, monkeypatch, capsys):
-    """PyTorch's eager timing failing at run time (injected: an out-of-memory the CPU cannot produce) leaves
-    that figure None with its error, cupynet's figure and the other configuration measured, and exit 1."""
+    """A timing failing at run time (injected: PyTorch's out of memory in NCHW, a cuDNN failure of cupynet's in
+    NHWC, which the CPU cannot produce) leaves that figure None with its error, the row's other figures
+    measured, and exit 1."""
     real = vs_torch.torch_form
 
     def torch_form(torch_, form, args, layout, dtype, device):
@@ -148,15 +149,26 @@ def test_a_timing_that_fails_is_recorded_and_the_others_still_run(vs_torch, torc
             raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
         return real(torch_, form, args, layout, dtype, device)
 
+    real_measure = vs_torch.layouts.measure
+
+    def measure(depth, batch, layout, *args, **kwargs):     # and cupynet's own timing, in the other layout
+        if layout == "NHWC":
+            raise RuntimeError("cuDNN engine failed")
+        return real_measure(depth, batch, layout, *args, **kwargs)
+
     monkeypatch.setattr(vs_torch, "torch_form", torch_form)
+    monkeypatch.setattr(vs_torch.layouts, "measure", measure)
     out = tmp_path / "vs_torch.json"
     assert vs_torch.main(["--quick", "--json", str(out)]) == 1
     rows = {row["layout"]: row for row in json.loads(out.read_text())["results"]}
     assert rows["NCHW"]["errors"] == {"torch_eager": "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"}
     assert rows["NCHW"]["torch_eager"] is None and rows["NCHW"]["ratio_vs_torch_eager"] is None
     assert rows["NCHW"]["cupynet"]["images_per_sec"] > 0
-    assert "errors" not in rows["NHWC"] and rows["NHWC"]["ratio_vs_torch_eager"] > 0
-    assert "1 timing(s) failed" in capsys.readouterr().err
+    assert rows["NHWC"]["errors"] == {"cupynet": "RuntimeError: cuDNN engine failed"}
+    assert rows["NHWC"]["cupynet"] is None and rows["NHWC"]["ratio_vs_torch_eager"] is None
+    assert rows["NHWC"]["torch_eager"]["images_per_sec"] > 0
+    captured = capsys.readouterr()
+    assert "2 timing(s) failed" in captured.err and "cupynet NHWC float32: failed" in captured.out
 
 
 def test_without_torch_the_script_skips_with_one_line(tmp_path):

@@ -19,6 +19,9 @@ MAX_WGRAD_STREAMS = 16
 # (bench/layouts.py --wgrad-chunks 1,2,4).
 WGRAD_CHUNKS = 1
 MAX_WGRAD_CHUNKS = 16
+# Launches per BatchNorm pass on the GPU (--bn-launches): 2 (a reduction, then the elementwise half) or 1 (both
+# in one kernel, its blocks waiting for the reduction's finalize). 2 until a GPU run shows 1 to be faster.
+BN_LAUNCHES = 2
 
 GPU_INSTALL_HINT = ("pip install 'cupynet[gpu]' (CuPy >= 14, cuDNN 9, the cuDNN Frontend, NCCL) "
                     "on a machine with an NVIDIA GPU")
@@ -78,11 +81,12 @@ def check_dtype(device, dtype):
 
 
 def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_streams=WGRAD_STREAMS,
-                   deterministic=True, wgrad_chunks=WGRAD_CHUNKS):
+                   deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES):
     """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first).
     tf32, autotune (time cuDNN's candidate engines, keep the fastest), wgrad_streams (side streams the
-    weight gradients take in turn) and deterministic (only cuDNN engines that repeat their bits) concern
-    the GPU only; wgrad_chunks (weight gradients per slice of the batch, then summed) both."""
+    weight gradients take in turn), deterministic (only cuDNN engines that repeat their bits) and bn_launches
+    (per BatchNorm pass) concern the GPU only; wgrad_chunks (weight gradients per slice of the batch, then
+    summed) both."""
     check_dtype(device, dtype)
     if device == "cpu":
         from cupynet.backends.numpy_backend import NumpyBackend
@@ -90,4 +94,5 @@ def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_stream
     check_devices([device])
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(device_id=device, layout=layout, dtype=dtype, tf32=tf32, autotune=autotune,
-                       wgrad_streams=wgrad_streams, deterministic=deterministic, wgrad_chunks=wgrad_chunks)
+                       wgrad_streams=wgrad_streams, deterministic=deterministic, wgrad_chunks=wgrad_chunks,
+                       bn_launches=bn_launches)

@@ -73,6 +73,7 @@ HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
 MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
 PACK_BYTES = 16                     # what kernels move per load and store on their vector paths
 MIN_STEPS_PER_THREAD = 4            # a partial-sum thread reads at least this many elements or packs
+MAX_DYNAMIC_SHARED_BYTES = 47 * 1024    # a launch may ask for 48 KB less the kernel's static __shared__
 
 
 def bfloat16_dtype():
@@ -158,7 +159,7 @@ class CupyBackend(LayoutMixin):
     xp = cupy
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
-                 wgrad_streams=1, deterministic=True, wgrad_chunks=1):
+                 wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -170,7 +171,10 @@ class CupyBackend(LayoutMixin):
             raise ValueError(f"wgrad_streams must be an integer from 1 to {MAX_WGRAD_STREAMS}, got {wgrad_streams!r}")
         if not (isinstance(wgrad_chunks, int) and 1 <= wgrad_chunks <= MAX_WGRAD_CHUNKS):
             raise ValueError(f"wgrad_chunks must be an integer from 1 to {MAX_WGRAD_CHUNKS}, got {wgrad_chunks!r}")
+        if bn_launches not in (1, 2):
+            raise ValueError(f"bn_launches must be 1 or 2, got {bn_launches!r}")
         self.layout = layout
+        self.bn_launches = bn_launches          # launches per BatchNorm pass (1: a grid-wide wait inside one)
         self.dtype = bfloat16_dtype() if dtype_name == "bfloat16" else np.dtype(np.float32)   # activations
         self.param_dtype = np.dtype(np.float32)     # master parameters, gradients, optimizer, statistics
         self.tf32 = bool(tf32)
@@ -437,6 +441,29 @@ class CupyBackend(LayoutMixin):
             self._bn_plans[key] = plan
         return plan
 
+    def _bn_one_launch_plan(self, kernel, x, channels, m, inner, reduce_arrays, staged):
+        """The geometry of a one-launch pass (kernel: bn_stats_apply or bn_grad_dx, which stage `staged`
+        per-channel arrays in shared memory after their grid-wide wait), or None when the two-launch path
+        must run instead: the partial-sum plan with its slices capped so that the GPU holds every block at
+        once (the wait would otherwise never end), and dynamic shared memory for the staged arrays too.
+
+        The backward's one launch runs only when the weight gradients do not overlap it (overlap_wgrad
+        off): a cuDNN kernel beside it on a side stream could hold SM slots this grid needs while waiting for
+        its own blocks (a stream-K GEMM's may), and nothing would ever release either. The forward pass has
+        the GPU to itself: nothing runs on the side streams then."""
+        if kernel == "bn_grad_dx" and self.overlap_wgrad:
+            return None
+        plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, reduce_arrays), inner)
+        shared_mem = max(plan["shared_mem"], staged * channels * 4)
+        if shared_mem > MAX_DYNAMIC_SHARED_BYTES:
+            return None
+        resident = self.kernels.resident_blocks(kernel, (ctype(x.dtype),), plan["block"][0], shared_mem)
+        tiles, slices = plan["grid"]
+        if resident < tiles:
+            return None
+        slices = min(slices, resident // tiles)
+        return dict(plan, grid=(tiles, slices), slices=slices, shared_mem=shared_mem)
+
     def _bn_partials(self, x, channels, m, inner, arrays):
         """The (2, P, C) float32 scratch of the partial sums, and the plan that fills it reading `arrays`."""
         plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, arrays), inner)
@@ -444,24 +471,31 @@ class CupyBackend(LayoutMixin):
         return plan, partials
 
     def _bn_arrivals(self):
-        """The counter with which a one-launch reduction (bn_stats, bn_grad) finds its last block.
+        """The counters with which a reduction (bn_stats, bn_grad, and the one-launch passes) finds its last
+        block, and the one-launch passes' other blocks wait for it.
 
-        Zeroed once; every launch leaves it at 0 again. One per backend is enough: the reductions run
+        Zeroed once; every launch leaves the arrivals at 0 again. One per backend is enough: the reductions run
         one after another on the main stream, and workers sharing a GPU have a backend each.
         """
         arrivals = self._scratch_buffers.get("bn_arrivals")
-        if arrivals is None:
-            arrivals = self._scratch_buffers["bn_arrivals"] = cupy.zeros((1,), dtype=np.uint32)
+        if arrivals is None:     # [0]: arrivals; [1]: the one-launch passes' generation (finish_then_release)
+            arrivals = self._scratch_buffers["bn_arrivals"] = cupy.zeros((2,), dtype=np.uint32)
         return arrivals
+
+    @staticmethod
+    def _apply_operands(x, y, residual):
+        """The arrays bn_apply reads or writes per element (the residual checked against x)."""
+        if residual is None:
+            return x, y
+        _same_dtype(x, residual=residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual of shape {residual.shape} for an activation of shape {x.shape}")
+        return x, residual, y
 
     def _bn_apply(self, x, y, mean, stat, gamma, beta, eps, stat_is_variance, relu, residual):
         c, inner, _ = self._channel_geometry(x, gamma.size)
         n = _count(x)
-        if residual is not None:
-            _same_dtype(x, residual=residual)
-            if residual.shape != x.shape:
-                raise ValueError(f"residual of shape {residual.shape} for an activation of shape {x.shape}")
-        operands = (x, y) if residual is None else (x, residual, y)
+        operands = self._apply_operands(x, y, residual)
         self._launch_packed("bn_apply", x.dtype, n, operands,
                             (x, x if residual is None else residual, y, mean, stat, gamma, beta, np.float32(eps),
                              _i32(stat_is_variance), _i32(n), _i32(c), _i32(inner), _i32(residual is not None),
@@ -474,14 +508,28 @@ class CupyBackend(LayoutMixin):
 
         Saves the batch mean and 1/sqrt(var + eps), and updates the moving statistics on the device
         (moving variance with the unbiased m/(m-1) batch variance), as NumpyBackend. Two launches:
-        bn_stats (statistics, finalized by its last block) and bn_apply.
+        bn_stats (statistics, finalized by its last block) and bn_apply; with bn_launches=1 one,
+        bn_stats_apply, where the GPU holds the capped grid (else the two).
         """
         _require_dtype(np.float32, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
                        saved_mean=saved_mean, saved_invstd=saved_invstd)
         _same_dtype(x, y=y)
         c, inner, m = self._channel_geometry(x, gamma.size)
-        plan, partials = self._bn_partials(x, c, m, inner, (x,))
         t = (ctype(x.dtype),)
+        plan = self._bn_one_launch_plan("bn_stats_apply", x, c, m, inner, (x,), 4) if self.bn_launches == 1 else None
+        if plan is not None:
+            operands = self._apply_operands(x, y, residual)
+            partials = self._scratch("bn_partials", (2, plan["slices"], c), np.float32)
+            n = _count(x)
+            self.kernels.launch("bn_stats_apply", t, plan["grid"], plan["block"],
+                                (x, x if residual is None else residual, y, _i32(c), _i32(inner), _i32(m),
+                                 _i32(plan["cw"]), partials, self._bn_arrivals(), np.float64(decay), np.float64(eps),
+                                 running_mean, running_var, saved_mean, saved_invstd, gamma, beta, _i32(n),
+                                 _i32(residual is not None), _i32(relu), _i32(plan["vec"]),
+                                 _i32(_pack_aligned(operands))),
+                                shared_mem=plan["shared_mem"])
+            return y
+        plan, partials = self._bn_partials(x, c, m, inner, (x,))
         self.kernels.launch("bn_stats", t, plan["grid"], plan["block"],
                             (x, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
                              np.float64(decay), np.float64(eps), running_mean, running_var, saved_mean, saved_invstd,
@@ -540,7 +588,9 @@ class CupyBackend(LayoutMixin):
     def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None):
         """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused.
 
-        Two launches: bn_grad (dgamma, dbeta, finalized by its last block) and bn_backward_dx.
+        Two launches: bn_grad (dgamma, dbeta, finalized by its last block) and bn_backward_dx; with
+        bn_launches=1 one, bn_grad_dx, where the GPU holds the capped grid and no weight gradient runs beside
+        it (else the two: see _bn_one_launch_plan).
         """
         _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
                        dgamma=dgamma, dbeta=dbeta)
@@ -551,8 +601,18 @@ class CupyBackend(LayoutMixin):
         c, inner, m = self._channel_geometry(x, gamma.size)
         n = _count(x)
         relu_applied, y_or_unused = _relu_operands(y, dy)
-        plan, partials = self._bn_partials(x, c, m, inner, (dy, x, y_or_unused))
         t = (ctype(x.dtype),)
+        read = (dy, x, y_or_unused)
+        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, 5) if self.bn_launches == 1 else None
+        if plan is not None:
+            partials = self._scratch("bn_partials", (2, plan["slices"], c), np.float32)
+            self.kernels.launch("bn_grad_dx", t, plan["grid"], plan["block"],
+                                (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, _i32(c),
+                                 _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(), dgamma, dbeta,
+                                 dx, _i32(n), _i32(plan["vec"]), _i32(_pack_aligned(read + (dx,)))),
+                                shared_mem=plan["shared_mem"])
+            return dx
+        plan, partials = self._bn_partials(x, c, m, inner, read)
         self.kernels.launch("bn_grad", t, plan["grid"], plan["block"],
                             (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd,
                              _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),

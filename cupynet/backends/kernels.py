@@ -58,6 +58,8 @@ KERNELS = {
         "bn_grad": _per_type(*ACTIVATION_TYPES),
         "bn_grad_partials": _per_type(*ACTIVATION_TYPES),
         "bn_backward_dx": _per_type(*ACTIVATION_TYPES),
+        "bn_stats_apply": _per_type(*ACTIVATION_TYPES),       # one-launch passes (--bn-launches 1)
+        "bn_grad_dx": _per_type(*ACTIVATION_TYPES),
     },
     "shortcut.cu": {
         "shortcut_forward": _per_type(*ACTIVATION_TYPES),
@@ -189,6 +191,7 @@ class KernelLibrary:
         self.sm_count = int(device.attributes["MultiProcessorCount"])
         self.launches = Counter()
         self._functions = {}
+        self._resident = {}
 
     def grid_1d(self, n, block=BLOCK):
         """Blocks for a grid-stride loop over n items."""
@@ -209,6 +212,18 @@ class KernelLibrary:
                 kernel = _module(self.device.id, file).get_function(wanted)
             self._functions[key] = kernel
         return kernel
+
+    def resident_blocks(self, name, template_args, block, shared_mem=0):
+        """How many blocks of this kernel the whole GPU holds at once (the driver's occupancy for this block
+        size and dynamic shared memory, times the SMs): the largest grid whose blocks may wait for each other."""
+        key = (name, tuple(template_args), block, shared_mem)
+        if key not in self._resident:
+            from cupy.cuda import driver
+            kernel = self.function(name, template_args)
+            with self.device:
+                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, block, shared_mem)
+            self._resident[key] = self.sm_count * int(per_sm)
+        return self._resident[key]
 
     def launch(self, name, template_args, grid, block, args, shared_mem=0):
         """Enqueue one kernel on the current stream and count it."""

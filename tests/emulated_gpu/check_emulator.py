@@ -246,3 +246,59 @@ def test_nccl_abort_releases_a_rank_waiting_for_its_peer():
                        cupy.cuda.get_current_stream().ptr)             # enqueued
     with pytest.raises(cupy.cuda.nccl.NcclError, match="abort"):
         cupy.cuda.get_current_stream().synchronize()                   # runs it: waits for rank 1, then the abort
+
+
+def test_blocks_that_wait_for_each_other_run_at_once_and_must_fit_the_gpu(monkeypatch):
+    """A grid-waiting kernel (kernel_runner.GRID_WAITING_KERNELS, here cupynet's one-launch BatchNorm) runs every
+    block at once, so its blocks can wait for each other; a grid larger than the GPU holds at once (SMs x the
+    driver's occupancy) is refused, as on a GPU it could wait forever."""
+    from cupynet.backends.kernels import KernelLibrary
+    from cupy.cuda import driver, runtime
+    library = KernelLibrary(cupy.cuda.Device(0))
+    c, n = 4, 64                     # NHWC (16, 1, 1, 4): a block reads 8 rows of the 4 channels; P slices of rows
+    x = cupy.asarray(np.arange(n, dtype=np.float32).reshape(16, 1, 1, c))
+    y = cupy.empty_like(x)
+    vectors = [cupy.zeros((c,), dtype=np.float32) for _ in range(4)]
+    ones = cupy.ones((c,), dtype=np.float32)
+    resident = runtime.multiprocessor_count() * driver.occupancyMaxActiveBlocksPerMultiprocessor(1, 32, 4096)
+
+    def launch(slices):
+        partials = cupy.zeros((2, slices, c), dtype=np.float32)
+        library.launch("bn_stats_apply", ("float",), (1, slices), (32,),
+                       (x, x, y, np.int32(c), np.int32(1), np.int32(16), np.int32(c), partials,
+                        cupy.zeros((2,), dtype=np.uint32), np.float64(0.5), np.float64(1e-5), *vectors, ones, ones,
+                        np.int32(n), np.int32(0), np.int32(0), np.int32(0), np.int32(0)), shared_mem=4096)
+        return cupy.asnumpy(y)
+
+    out = launch(resident)                               # every block waits for the last one's statistics
+    columns = np.arange(n, dtype=np.float64).reshape(16, c)
+    expected = (columns - columns.mean(axis=0)) / np.sqrt(columns.var(axis=0) + 1e-5) + 1.0
+    np.testing.assert_allclose(out.reshape(16, c), expected, rtol=1e-5)
+    with pytest.raises(KernelError, match="would never finish"):
+        launch(resident + 1)
+
+
+def test_two_threads_running_each_others_event_waits_do_not_deadlock():
+    """Emulated streams run lazily, in whichever thread needs their work. Thread B runs stream 1, whose next
+    piece waits for stream 2; thread A holds stream 2, whose next piece waits for stream 1's first piece, which
+    has already run: A must not wait for stream 1's lock (B holds it) to see that. (On a GPU nobody waits: the
+    emulation once deadlocked here, two workers sharing the emulated GPU.)"""
+    s1, s2 = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    a_holds_s2, b_holds_s1 = threading.Event(), threading.Event()
+    s1.enqueue(lambda: None, "stream 1's first piece")
+    first = s1.record()
+    s1.enqueue(b_holds_s1.set, "B inside stream 1")
+    s2.enqueue(lambda: (a_holds_s2.set(), b_holds_s1.wait(10)), "A inside stream 2")
+    s2.wait_event(first)                    # stream 2 then waits for stream 1's first piece (already run)
+    s1.wait_event(s2.record())              # stream 1 then waits for all of stream 2
+
+    def b():
+        a_holds_s2.wait(10)
+        s1.run_all()
+
+    threads = [threading.Thread(target=s2.run_all, daemon=True), threading.Thread(target=b, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in threads), "the two threads wait for each other"

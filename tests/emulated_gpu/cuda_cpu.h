@@ -351,6 +351,43 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, si
     return 1;
 }
 
+// A launch whose blocks wait for each other (a grid-wide barrier: kernels/batchnorm.cu's one-launch passes):
+// every block runs at once, on an OS thread of its own, as a GPU runs a grid it holds whole (the runner
+// refuses a grid larger than what the emulated GPU would hold); the threads of a block stay fibers of that
+// thread, and each block has its own __shared__ variables (they are per OS thread) and dynamic shared memory.
+template <typename... A>
+int launch_concurrent(void (*kernel)(A...), const unsigned* grid, const unsigned* block, size_t shared_bytes,
+                      void** args, char* error, int error_bytes)
+{
+    const int threads = (int)(block[0] * block[1] * block[2]);
+    const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    std::vector<std::string> problems(blocks);
+    std::vector<std::thread> workers;
+    for (unsigned long long b = 0; b < blocks; ++b) {
+        workers.emplace_back([&, b]() {
+            Scheduler& s = scheduler();
+            s.dynamic_shared.assign(shared_bytes + 16, 0);
+            gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
+            blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
+            blockIdx.x = (unsigned)(b % grid[0]);
+            blockIdx.y = (unsigned)((b / grid[0]) % grid[1]);
+            blockIdx.z = (unsigned)(b / ((unsigned long long)grid[0] * grid[1]));
+            Launch<A...> launch_state{kernel, args};
+            problems[b] = run_block(&Launch<A...>::body, &launch_state, threads);
+            for (char* stack : s.stacks) std::free(stack);     // the thread ends: its fiber stacks with it
+            s.stacks.clear();
+        });
+    }
+    for (std::thread& worker : workers) worker.join();
+    for (const std::string& problem : problems) {
+        if (!problem.empty()) {
+            std::snprintf(error, error_bytes, "%s", problem.c_str());
+            return 1;
+        }
+    }
+    return 0;
+}
+
 // The parameter types of a kernel as codes the runner checks its arguments against:
 // p = pointer, i4/i8 = signed, u4/u8 = unsigned, f4/f8 = floating (by size), space-separated.
 template <typename T> std::string type_code()
@@ -412,3 +449,9 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 // A load that bypasses L1 on a GPU (reads another block's fenced writes); one memory here.
 template <typename T> T __ldcg(const T* address) { return *address; }
 inline void __nanosleep(unsigned int ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }
+// A GPU kernel's trap ends its launch with an error the host sees; here it ends the process, loudly.
+[[noreturn]] inline void __trap()
+{
+    std::fprintf(stderr, "emulated GPU: a kernel executed __trap()\n");
+    std::abort();
+}

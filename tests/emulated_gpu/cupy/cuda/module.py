@@ -1,5 +1,9 @@
 """cupy.RawModule of the emulated CuPy: kernels compiled for the CPU, launched on the current stream."""
+import math
+
 import kernel_runner
+
+from cupy.cuda import driver, runtime
 
 from cupy.cuda.device import current_id
 from cupy.cuda.stream import SPINNING_KERNELS, get_current_stream, run_in_background, wait_for_device_idle
@@ -27,15 +31,25 @@ class RawModule:
         return RawKernel(self._module, name)
 
 
+class Function:
+    """What RawKernel.kernel is in CuPy: the loaded function, whose `ptr` the driver's queries take."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
 class RawKernel:
     """kernel(grid, block, args, shared_mem=0): runs now, or is recorded when the stream is capturing."""
 
     def __init__(self, module, expression):
         self._module = module
         self.name = expression
+        self.kernel = Function(id(self))
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         stream = stream if stream is not None else get_current_stream()
+        if kernel_runner.waits_for_the_grid(self.name):
+            self._check_resident(grid, block, shared_mem)
         # geometry and arguments checked now, as CUDA and CuPy do at launch
         packed = self._module.pack(self.name, grid, block, shared_mem, tuple(args))
         keep = tuple(args)                                      # recorded launches keep their arrays alive
@@ -46,3 +60,13 @@ class RawKernel:
         stream.enqueue(run, what)
         if what in SPINNING_KERNELS and not stream.is_capturing():
             run_in_background(stream)
+
+    def _check_resident(self, grid, block, shared_mem):
+        """A kernel whose blocks wait for each other must fit the GPU whole (else, on a GPU, it may hang)."""
+        blocks = math.prod(grid if isinstance(grid, tuple) else (grid,))
+        threads = math.prod(block if isinstance(block, tuple) else (block,))
+        resident = runtime.multiprocessor_count() * driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            self.kernel.ptr, threads, shared_mem)
+        if blocks > resident:
+            raise kernel_runner.KernelError(f"{self.name}: {blocks} blocks wait for each other, but the GPU holds "
+                                            f"only {resident} at once: the launch would never finish")
