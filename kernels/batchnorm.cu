@@ -194,7 +194,9 @@ __device__ bool last_block_to_arrive(unsigned int* arrivals)
 // GRID_WAIT_LIMIT_NS, the kernel traps: an error the host sees, not a hang. The fences follow the
 // cooperative-groups grid barrier: block barrier, then thread 0 fences and signals or waits, fences, block
 // barrier.
-#define GRID_WAIT_LIMIT_NS 1000000000ull
+#ifndef GRID_WAIT_LIMIT_NS
+#define GRID_WAIT_LIMIT_NS 1000000000ull       // a second: a real wait here lasts microseconds
+#endif
 
 template <typename Finish>
 __device__ void finish_then_release(unsigned int* sync, Finish finish)

@@ -302,3 +302,34 @@ def test_two_threads_running_each_others_event_waits_do_not_deadlock():
     for thread in threads:
         thread.join(20)
     assert not any(thread.is_alive() for thread in threads), "the two threads wait for each other"
+
+
+WAIT_FOREVER = r"""
+import numpy as np
+import cupy
+from cupynet.backends.kernels import module_source
+source = "#undef GRID_WAIT_LIMIT_NS\n#define GRID_WAIT_LIMIT_NS 1000000ull\n" + module_source("batchnorm.cu")
+kernel = cupy.RawModule(code=source, options=("-std=c++17",),
+                        name_expressions=["bn_stats_apply<float>"]).get_function("bn_stats_apply<float>")
+c, n = 4, 64
+x = cupy.asarray(np.arange(n, dtype=np.float32).reshape(16, 1, 1, c))
+sync = cupy.asarray(np.array([7, 0], dtype=np.uint32))   # a count no block can complete: nobody is last
+vectors = [cupy.zeros((c,), dtype=np.float32) for _ in range(6)]
+kernel((1, 2), (32,), (x, x, cupy.empty_like(x), np.int32(c), np.int32(1), np.int32(16), np.int32(c),
+                       cupy.zeros((2, 2, c), dtype=np.float32), sync, np.float64(0.5), np.float64(1e-5), *vectors,
+                       np.int32(n), np.int32(0), np.int32(0), np.int32(0), np.int32(0)), shared_mem=4096)
+cupy.cuda.runtime.deviceSynchronize()
+print("returned")
+"""
+
+
+def test_a_grid_wide_wait_that_never_ends_traps():
+    """The one-launch BatchNorm kernels' watchdog: blocks waiting for a finalize that never comes (here an
+    arrival count no block completes) trap after GRID_WAIT_LIMIT_NS instead of hanging (1 ms for this test)."""
+    import os
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", WAIT_FOREVER], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ))
+    assert result.returncode != 0 and "returned" not in result.stdout
+    assert "a kernel executed __trap()" in result.stderr, result.stderr[-2000:]
