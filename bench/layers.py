@@ -56,7 +56,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.layouts import CudaEventTimer, WallTimer, device_of, environment   # noqa: E402
-from cupynet.backends import check_devices, create_backend                # noqa: E402
+from cupynet.backends import BN_LAUNCHES, check_devices, create_backend   # noqa: E402
 from cupynet.backends.layout import LayoutMixin                             # noqa: E402
 from cupynet.config import TrainConfig                                      # noqa: E402
 from cupynet.data import synthetic_dataset                                  # noqa: E402
@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
+    p.add_argument("--bn-launches", type=int, choices=(1, 2), default=BN_LAUNCHES,
+                   help="GPU: kernel launches per BatchNorm pass (1: bn_stats_apply and bn_grad_dx)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
     p.add_argument("--steps", type=int, default=3, help="timed steps (per-primitive figures are per step)")
     p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: measured on CPU; "
@@ -249,8 +251,10 @@ def profile(args, dataset):
     """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss, GPU kernel
     seconds per primitive or None)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
-                         dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off")
-    backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32)
+                         dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off",
+                         bn_launches=args.bn_launches)
+    backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32,
+                             bn_launches=args.bn_launches)
     if hasattr(backend, "overlap_wgrad"):
         backend.overlap_wgrad = False                  # GPU: weight gradients in order, so each is timed alone
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods

@@ -167,7 +167,7 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
                     "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--wgrad-pairs", "2x1,2x2", "--max-seconds", "900", "--warmup", "3",
                     "--steps", "1", "--repeats", "2"],
         "layers": ["bench/layers.py", "--device", "0", *small, "--layout", "NCHW", "--dtype", "float32", "--steps", "1",
-                   "--peak-gbs", "3350"],
+                   "--peak-gbs", "3350", "--bn-launches", "1"],
         "layers_warm": ["bench/layers.py", "--device", "0", *small, "--layout", "NHWC", "--dtype", "bfloat16",
                         "--steps", "1", "--peak-gbs", "3350", "--l2", "warm"],
         "conv_engines": ["bench/conv_engines.py", "--device", "0", "--depth", "8", "--batch", "4", "--runs", "2",
