@@ -206,11 +206,15 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
                         "fprop": ["genstats", "scale_bias_relu_genstats"]}
     for name in ("layers", "layers_warm"):   # every call replayed alone in a graph, L2 evicted before it or not
         layers = json.loads((tmp_path / f"{name}.json").read_text())
-        # (copies are not replayed; wait_for_gradients only orders the streams: its graph has no kernel and
-        # may time at 0.000 ms)
+        # (copies are not replayed; wait_for_gradients only orders the streams: its graph has no kernel; and
+        # advance_step, one thread adding 1, costs what the empty kernel subtracted from every figure costs:
+        # these may time at 0.000 ms, never below)
+        near_empty = ("wait_for_gradients", "advance_step")
         timed_alone = [row for row in layers["primitives"]
-                       if row["primitive"] not in ("to_host", "from_host", "upload_into", "wait_for_gradients")]
-        assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone), layers
+                       if row["primitive"] not in ("to_host", "from_host", "upload_into")]
+        assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone
+                                                   if row["primitive"] not in near_empty), layers
+        assert all(row["device_ms_per_step"] >= 0 for row in timed_alone), layers
 
 
 def test_conv_engines_past_its_time_still_reports_what_it_could_not_survey(tmp_path):
