@@ -7,6 +7,9 @@
 #         bash bench/device_check.sh ARCHIVE                  # and a second seed if it fits before the diagnostics
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,conv_engines,layouts,scaling,train \
 #         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
+#     DEVICE_CHECK_OPTIONS_FROM=.prev DEVICE_CHECK_SKIP=gpu_tests,accuracy,vs_torch,layouts,scaling,train \
+#         bash bench/device_check.sh ARCHIVE                  # a second call: the first call's step_options*.json,
+#                                                             # copied into .prev/ (git-ignored: carry it), choose
 #
 # Stages, most important first, each under its own `timeout` and all under one overall budget
 # (DEVICE_CHECK_BUDGET seconds, default 540: one device call may run 600 s), so a hang in one stage cannot
@@ -310,7 +313,17 @@ step_options() {
     return $rc
 }
 export -f seconds_until step_options
-run_stage step_options 150 bash -c step_options
+if [[ -n "${DEVICE_CHECK_OPTIONS_FROM:-}" ]]; then
+    # a later call on the same GPU model: the earlier call's measured options instead of measuring them again
+    if cp "$DEVICE_CHECK_OPTIONS_FROM"/step_options*.json "$OUT"/ 2>/dev/null; then
+        skip_stage step_options "measured earlier: copied from $DEVICE_CHECK_OPTIONS_FROM"
+    else
+        record step_options "FAILED" 0 "no step_options*.json in DEVICE_CHECK_OPTIONS_FROM=$DEVICE_CHECK_OPTIONS_FROM"
+        FAILED=1
+    fi
+else
+    run_stage step_options 150 bash -c step_options
+fi
 
 best_options() {   # best_options NAME "FILE..." DTYPE BATCH: the fastest options' flags (none: the defaults), noted
     local flags files=() file

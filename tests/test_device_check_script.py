@@ -65,6 +65,28 @@ def test_spent_budget_records_every_stage_and_fails(tmp_path):
     assert "NOT RUN" in summary and "result: FAILED" in summary
 
 
+def test_a_later_call_takes_the_step_options_measured_by_an_earlier_one(tmp_path):
+    """DEVICE_CHECK_OPTIONS_FROM=DIR: the step_options stage is skipped (recorded as such) and the options are
+    chosen from DIR's step_options*.json, as if this call had measured them; a DIR without them fails."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    rows = [dict(configuration, captured=True, layout="NHWC", dtype="bfloat16", depth=44)
+            for configuration in ({"batch": 128, "wgrad_streams": 1, "wgrad_chunks": 1, "images_per_sec": 40000},
+                                  {"batch": 128, "wgrad_streams": 8, "wgrad_chunks": 8, "images_per_sec": 50000})]
+    (earlier / "step_options.json").write_text(json.dumps({"benchmark": "layouts", "results": rows}))
+    out = tmp_path / "out"
+    everything = ",".join(name for name in STAGE_NAMES if name != "step_options")
+    env = dict(os.environ, OUT=str(out), DEVICE_CHECK_SKIP=everything, DEVICE_CHECK_OPTIONS_FROM=str(earlier))
+    env.pop("CIFAR_JPEG", None)
+    subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert "step_options\tskipped\t0\tmeasured earlier" in (out / "stages.tsv").read_text()
+    assert "bf16_128: --wgrad-streams 8 --wgrad-chunks 8" in (out / "best_options.txt").read_text()
+
+    env["DEVICE_CHECK_OPTIONS_FROM"] = str(tmp_path / "nothing")
+    result = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "step_options\tFAILED" in (out / "stages.tsv").read_text()
+
+
 def test_cupynet_never_imports_torch():
     """PyTorch is a benchmark peer only: no module of the package may import it."""
     offenders = []
