@@ -29,7 +29,6 @@ after every convolution, so a run stopped from outside keeps what it measured. -
 whole run, setup included: past it, no further build, survey or convolution starts. GPU only.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.layouts import device_of, environment                   # noqa: E402
+from bench.layouts import device_of, environment, replace_json     # noqa: E402
 from cupynet.backends import check_devices, create_backend          # noqa: E402
 from cupynet.backends.conv_autotune import MAX_WORKSPACE_BYTES, gpu_milliseconds   # noqa: E402
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
@@ -371,9 +370,7 @@ def write_report(path, env, args, totals, rows, not_surveyed, reduced_precision_
     report = {"benchmark": "conv_engines", "environment": env, "args": vars(args),
               "per_step_us": {op: dict(t) for op, t in totals.items()}, "convolutions": rows,
               "not_surveyed": not_surveyed, "reduced_precision_graphs": reduced_precision_graphs}
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    replace_json(path, report, default=str)
 
 
 def main(argv=None):

@@ -298,15 +298,20 @@ def one_line(error):
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def write_report(path, env, args, rows, not_measured):
-    """The JSON report, replaced atomically (a reader never sees half a file)."""
+def replace_json(path, report, **dump_options):
+    """Write `report` to `path` beside it, then rename it into place: a reader, or a benchmark stopped from
+    outside mid-write, never leaves half a file (the benchmarks rewrite their report after every row)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2, **dump_options)
+    os.replace(path + ".tmp", path)
+
+
+def write_report(path, env, args, rows, not_measured):
     arguments = dict(vars(args), wgrad_pairs=None if args.wgrad_pairs is None else
                      ",".join(f"{s}x{k}" for s, k in args.wgrad_pairs))
-    with open(path + ".tmp", "w") as f:
-        json.dump({"benchmark": "layouts", "environment": env, "args": arguments, "results": rows,
-                   "not_measured": not_measured}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    replace_json(path, {"benchmark": "layouts", "environment": env, "args": arguments, "results": rows,
+                        "not_measured": not_measured})
 
 
 def release_cached_memory(device):

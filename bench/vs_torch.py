@@ -32,7 +32,6 @@ with the hardware and versions (cupynet's and PyTorch's), the arguments, the ver
 Without PyTorch it prints one "skipped" line and exits 0. A benchmark only: PyTorch is not a dependency of cupynet.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -511,11 +510,6 @@ def ratio(ours, theirs):
     return round(ours["images_per_sec"] / theirs["images_per_sec"], 3)
 
 
-def one_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def benchmark_row(torch, args, layout, dtype, dataset, device):
     """The three timings of one configuration. One that fails at run time (out of memory, a CUDA error, a
     capture PyTorch refuses) is None with its error under "errors"; the others are still measured."""
@@ -527,7 +521,7 @@ def benchmark_row(torch, args, layout, dtype, dataset, device):
         except ConfigError:
             raise                          # flags cupynet refuses: the run is wrong, not this form
         except Exception as error:
-            errors[name] = one_line(error)
+            errors[name] = layouts.one_line(error)
             print(f"{name} {layout} {dtype}: failed: {errors[name]}", flush=True)
             return None
 
@@ -587,12 +581,8 @@ def print_table(rows):
 
 
 def write_json(path, report, quiet=False):
-    """The report, replaced atomically (a reader, or a run stopped from outside, never leaves half a file)."""
     path = path or os.path.join(BENCH, "results", f"vs_torch-{platform.node() or 'host'}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    layouts.replace_json(path, report)
     if not quiet:
         print(f"wrote {path}")
 

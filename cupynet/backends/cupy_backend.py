@@ -444,14 +444,14 @@ class CupyBackend(LayoutMixin):
     def _bn_one_launch_plan(self, kernel, x, channels, m, inner, reduce_arrays, staged):
         """The geometry of a one-launch pass (kernel: bn_stats_apply or bn_grad_dx, which stage `staged`
         per-channel arrays in shared memory after their grid-wide wait), or None when the two-launch path
-        must run instead: the partial-sum plan with its slices capped so that the GPU holds every block at
+        must run instead (always with bn_launches=2): the partial-sum plan with its slices capped so that the GPU holds every block at
         once (the wait would otherwise never end), and dynamic shared memory for the staged arrays too.
 
         The backward's one launch runs only when the weight gradients do not overlap it (overlap_wgrad
         off): a cuDNN kernel beside it on a side stream could hold SM slots this grid needs while waiting for
         its own blocks (a stream-K GEMM's may), and nothing would ever release either. The forward pass has
         the GPU to itself: nothing runs on the side streams then."""
-        if kernel == "bn_grad_dx" and self.overlap_wgrad:
+        if self.bn_launches == 2 or (kernel == "bn_grad_dx" and self.overlap_wgrad):
             return None
         plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, reduce_arrays), inner)
         shared_mem = max(plan["shared_mem"], staged * channels * 4)
@@ -465,10 +465,13 @@ class CupyBackend(LayoutMixin):
         return dict(plan, grid=(tiles, slices), slices=slices, shared_mem=shared_mem)
 
     def _bn_partials(self, x, channels, m, inner, arrays):
-        """The (2, P, C) float32 scratch of the partial sums, and the plan that fills it reading `arrays`."""
+        """The plan of the partial-sum kernels reading `arrays`, and the scratch it fills."""
         plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, arrays), inner)
-        partials = self._scratch("bn_partials", (2, plan["slices"], channels), np.float32)
-        return plan, partials
+        return plan, self._bn_partials_buffer(plan, channels)
+
+    def _bn_partials_buffer(self, plan, channels):
+        """The (2, P, C) float32 scratch of a plan's partial sums."""
+        return self._scratch("bn_partials", (2, plan["slices"], channels), np.float32)
 
     def _bn_arrivals(self):
         """The counters with which a reduction (bn_stats, bn_grad, and the one-launch passes) finds its last
@@ -516,10 +519,10 @@ class CupyBackend(LayoutMixin):
         _same_dtype(x, y=y)
         c, inner, m = self._channel_geometry(x, gamma.size)
         t = (ctype(x.dtype),)
-        plan = self._bn_one_launch_plan("bn_stats_apply", x, c, m, inner, (x,), 4) if self.bn_launches == 1 else None
+        plan = self._bn_one_launch_plan("bn_stats_apply", x, c, m, inner, (x,), 4)
         if plan is not None:
             operands = self._apply_operands(x, y, residual)
-            partials = self._scratch("bn_partials", (2, plan["slices"], c), np.float32)
+            partials = self._bn_partials_buffer(plan, c)
             n = _count(x)
             self.kernels.launch("bn_stats_apply", t, plan["grid"], plan["block"],
                                 (x, x if residual is None else residual, y, _i32(c), _i32(inner), _i32(m),
@@ -603,9 +606,9 @@ class CupyBackend(LayoutMixin):
         relu_applied, y_or_unused = _relu_operands(y, dy)
         t = (ctype(x.dtype),)
         read = (dy, x, y_or_unused)
-        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, 5) if self.bn_launches == 1 else None
+        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, 5)
         if plan is not None:
-            partials = self._scratch("bn_partials", (2, plan["slices"], c), np.float32)
+            partials = self._bn_partials_buffer(plan, c)
             self.kernels.launch("bn_grad_dx", t, plan["grid"], plan["block"],
                                 (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, _i32(c),
                                  _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(), dgamma, dbeta,

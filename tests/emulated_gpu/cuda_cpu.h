@@ -322,6 +322,16 @@ struct Launch {
     }
 };
 
+// This OS thread's gridDim, blockDim and blockIdx for block number b of a launch (x fastest).
+inline void enter_block(const unsigned* grid, const unsigned* block, unsigned long long b)
+{
+    gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
+    blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
+    blockIdx.x = (unsigned)(b % grid[0]);
+    blockIdx.y = (unsigned)((b / grid[0]) % grid[1]);
+    blockIdx.z = (unsigned)(b / ((unsigned long long)grid[0] * grid[1]));
+}
+
 // grid and block: 3 unsigned each, already checked (kernel_runner.check_geometry). Returns 0, or 1 with
 // a message in `error`.
 template <typename... A>
@@ -332,18 +342,13 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, si
     std::string problem;
     Scheduler& s = scheduler();
     s.dynamic_shared.assign(shared_bytes + 16, 0);
-    gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
-    blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
     Launch<A...> launch_state{kernel, args};
     // A GPU promises no order between blocks, nor between threads until a barrier: alternate launches run
     // them first to last and last to first, so a kernel that relies on either order fails one way or the other.
     s.reverse = !s.reverse;
     const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
     for (unsigned long long k = 0; problem.empty() && k < blocks; ++k) {
-        const unsigned long long b = s.reverse ? blocks - 1 - k : k;
-        blockIdx.x = (unsigned)(b % grid[0]);
-        blockIdx.y = (unsigned)((b / grid[0]) % grid[1]);
-        blockIdx.z = (unsigned)(b / ((unsigned long long)grid[0] * grid[1]));
+        enter_block(grid, block, s.reverse ? blocks - 1 - k : k);
         problem = run_block(&Launch<A...>::body, &launch_state, threads);
     }
     if (problem.empty()) return 0;
@@ -367,11 +372,7 @@ int launch_concurrent(void (*kernel)(A...), const unsigned* grid, const unsigned
         workers.emplace_back([&, b]() {
             Scheduler& s = scheduler();
             s.dynamic_shared.assign(shared_bytes + 16, 0);
-            gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
-            blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
-            blockIdx.x = (unsigned)(b % grid[0]);
-            blockIdx.y = (unsigned)((b / grid[0]) % grid[1]);
-            blockIdx.z = (unsigned)(b / ((unsigned long long)grid[0] * grid[1]));
+            enter_block(grid, block, b);
             Launch<A...> launch_state{kernel, args};
             problems[b] = run_block(&Launch<A...>::body, &launch_state, threads);
             for (char* stack : s.stacks) std::free(stack);     // the thread ends: its fiber stacks with it
