@@ -28,6 +28,7 @@ EMULATOR = REPO / "tests" / "emulated_gpu"
 GPU_TEST_FILES = ("tests/test_gpu_parity.py", "tests/test_cudnn_conv_gpu.py", "tests/test_step_graph_gpu.py",
                   "tests/test_shared_gpu.py", "tests/test_parallel.py", "tests/emulated_gpu/check_emulator.py")
 FILE_TIMEOUT_S = 900
+TEST_STACKS_AFTER_S = 240              # a test running this long prints every thread's stack (a hang)
 PARALLEL_FILES = 2                      # CI has 2 cores
 
 
@@ -104,7 +105,17 @@ def file_results():
     _compile_kernels()
 
     def run(file):
-        return file, run_emulated(["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", file], devices=2)
+        args = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", file,
+                "-o", f"faulthandler_timeout={TEST_STACKS_AFTER_S}"]
+        try:
+            return file, run_emulated(args, devices=2)
+        except subprocess.TimeoutExpired as stuck:
+            # One file's hang fails that file's test, with what it printed (the stacks of every thread
+            # included, from faulthandler_timeout), instead of an error for every file.
+            output = [text.decode(errors="replace") if isinstance(text, bytes) else (text or "")
+                      for text in (stuck.stdout, stuck.stderr)]
+            return file, subprocess.CompletedProcess(stuck.cmd, -9, output[0],
+                                                     output[1] + f"\n{file}: killed after {FILE_TIMEOUT_S} s")
 
     with ThreadPoolExecutor(PARALLEL_FILES) as pool:
         return dict(pool.map(run, GPU_TEST_FILES))
@@ -120,7 +131,7 @@ def test_every_gpu_test_file_is_run_on_the_emulated_gpu():
 def test_gpu_test_file_passes_on_the_emulated_gpu(file_results, file):
     result = file_results[file]
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    report = f"{file}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    report = f"{file}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-8000:]}"
     assert result.returncode == 0, report
     assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, report
     assert "skipped" not in summary, report            # two emulated GPUs: every gpu test can run
@@ -179,7 +190,7 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     }
     for name, args in runs.items():
         result = run_emulated(args + ["--json", str(tmp_path / f"{name}.json")], timeout=300)
-        assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr[-8000:]}"
         assert "Emulated CUDA device" in result.stdout, result.stdout
         report = json.loads((tmp_path / f"{name}.json").read_text())
         rows = report.get("results") or report.get("primitives") or report.get("convolutions")

@@ -304,6 +304,29 @@ def test_two_threads_running_each_others_event_waits_do_not_deadlock():
     assert not any(thread.is_alive() for thread in threads), "the two threads wait for each other"
 
 
+
+def test_a_thread_waiting_for_a_streams_lock_sees_the_work_it_needs_finish_meanwhile():
+    """Thread B needs stream 1's first piece, which thread A is running: B waits for stream 1's lock. A then
+    goes on with stream 1, whose next piece waits for stream 2, which B holds. B must notice that its piece
+    has run while it waits, instead of waiting for the lock A will not release. (The emulation deadlocked
+    here too, about one run in seven of the shared-GPU host-communicator test on a loaded machine.)"""
+    s1, s2 = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    a_inside, release_a = threading.Event(), threading.Event()
+    s1.enqueue(lambda: (a_inside.set(), release_a.wait(10)), "A inside stream 1")
+    first = s1.record()
+    s2.wait_event(first)                    # stream 2 waits for stream 1's first piece (not run yet)
+    s1.wait_event(s2.record())              # then stream 1 waits for all of stream 2
+    a = threading.Thread(target=s1.run_all, daemon=True)
+    b = threading.Thread(target=s2.run_all, daemon=True)
+    a.start()
+    assert a_inside.wait(10)
+    b.start()
+    b.join(0.3)                             # B is now waiting for stream 1's lock
+    release_a.set()
+    for thread in (a, b):
+        thread.join(20)
+    assert not a.is_alive() and not b.is_alive(), "the two threads wait for each other"
+
 WAIT_FOREVER = r"""
 import numpy as np
 import cupy

@@ -34,6 +34,7 @@ _local = threading.local()
 _pointers = itertools.count(0x7000)
 _BY_POINTER = weakref.WeakValueDictionary()
 _ALL = weakref.WeakSet()
+LOCK_RETRY_S = 0.001                   # how often a thread waiting for a stream's lock looks again
 
 
 class _Capture:
@@ -97,22 +98,26 @@ class Stream:
             self._unjoined = True
 
     def run_until(self, count):
-        """Run queued work, in order, until `count` pieces of work ever enqueued have run."""
-        if self._ran >= count:
-            # Already there: return without the lock. Another thread may hold it while it runs this stream's
-            # later work, which can be waiting (a cross-stream event) for work this thread is running: taking
-            # the lock here would deadlock two threads that a GPU would never have made wait for each other.
-            # (_ran only grows, after each piece has run: a stale read just takes the locked path.)
-            _release_finished()
-            return
-        with self._lock:
-            while self._ran < count and self._queue:
-                run, _ = self._queue.pop(0)
-                try:
-                    run()
-                finally:
-                    self._ran += 1
+        """Run queued work, in order, until `count` pieces of work ever enqueued have run.
 
+        Another thread may hold this stream's lock while it runs the stream's later work, and that work can
+        wait (a cross-stream event) for work this thread is running. Blocking on the lock would then deadlock
+        two threads that a GPU would never have made wait for each other, whether the work asked for had run
+        before the call or runs while it waits. So the lock is only tried, briefly, and between tries the
+        call returns as soon as that work has run (_ran only grows, after each piece has run)."""
+        while self._ran < count:
+            if not self._lock.acquire(timeout=LOCK_RETRY_S):
+                continue
+            try:
+                while self._ran < count and self._queue:
+                    run, _ = self._queue.pop(0)
+                    try:
+                        run()
+                    finally:
+                        self._ran += 1
+            finally:
+                self._lock.release()
+            break
         _release_finished()
 
     def run_all(self):
