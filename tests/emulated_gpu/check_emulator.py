@@ -327,6 +327,101 @@ def test_a_thread_waiting_for_a_streams_lock_sees_the_work_it_needs_finish_meanw
         thread.join(20)
     assert not a.is_alive() and not b.is_alive(), "the two threads wait for each other"
 
+
+def test_streams_are_listed_safely_while_another_thread_creates_them():
+    """Array destructors and kernel loads list every stream, in any thread, while a worker may be creating
+    its backend's streams: the listing must never fail (it did: a WeakSet changed size during iteration)."""
+    import sys
+    import time
+    from cupy.cuda import stream as streams
+    failures = []
+    hook, sys.unraisablehook = sys.unraisablehook, lambda failure: failures.append(repr(failure.exc_value))
+    pending = cupy.cuda.Stream(non_blocking=True)
+    pending.enqueue(lambda: None, "queued work: freeing an array lists the streams")
+    stop = time.monotonic() + 1.5
+
+    def create():
+        while time.monotonic() < stop:
+            for _ in range(50):
+                cupy.cuda.Stream(non_blocking=True)
+
+    def list_them():
+        while time.monotonic() < stop:
+            try:
+                array = cupy.empty((4,), dtype=np.float32)
+                del array
+                streams.wait_for_device_idle(0)
+            except RuntimeError as error:
+                failures.append(repr(error))
+    try:
+        threads = [threading.Thread(target=create), threading.Thread(target=list_them)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.unraisablehook = hook
+        pending.synchronize()
+    assert failures == []
+
+
+def test_enqueueing_never_waits_for_the_stream_to_run():
+    """A launch returns at once on a GPU, even while the stream is busy (a shared-GPU barrier spinning on it,
+    run by another thread here): enqueueing must not wait for the thread that runs the stream's work."""
+    import time
+    s = cupy.cuda.Stream(non_blocking=True)
+    inside, release = threading.Event(), threading.Event()
+    s.enqueue(lambda: (inside.set(), release.wait(10)), "long-running work")
+    runner = threading.Thread(target=s.run_all, daemon=True)
+    runner.start()
+    assert inside.wait(10)
+    started = time.monotonic()
+    s.enqueue(lambda: None, "the next launch")
+    took = time.monotonic() - started
+    release.set()
+    runner.join(10)
+    s.synchronize()
+    assert took < 1.0, f"enqueue waited {took:.1f} s for the stream's running work"
+
+def test_failed_queued_work_raises_for_the_streams_owner_too():
+    """Whoever runs a stream's failing work sees the error, and so does every later wait on that stream (a
+    CUDA error is sticky): another worker loading a kernel must not leave the owner believing it ran."""
+    from cupy.cuda import stream as streams
+    owner = cupy.cuda.Stream(non_blocking=True)
+    written = []
+
+    def fail():
+        raise KernelError("an out-of-bounds write")
+    owner.enqueue(fail, "failing work")
+    owner.enqueue(lambda: written.append(1), "work after it")
+    try:
+        with pytest.raises(KernelError):
+            streams.wait_for_device_idle(owner.device_id)   # as another thread's first kernel load does
+        with pytest.raises(KernelError, match="out-of-bounds"):
+            owner.synchronize()
+        with pytest.raises(KernelError):
+            owner.record().synchronize()
+        assert written == []
+    finally:
+        owner._error = None             # the later tests of this process sync the device, this stream too
+        owner.synchronize()
+
+
+def test_a_device_synchronize_waits_for_its_own_device_only():
+    """cudaDeviceSynchronize covers the current device: a thread synchronizing device 1 must not run device
+    0's queued work (another worker's, which may wait for that very thread)."""
+    ran = []
+    with cupy.cuda.Device(0):
+        zero = cupy.cuda.Stream(non_blocking=True)
+        zero.enqueue(lambda: ran.append(0), "device 0's work")
+    with cupy.cuda.Device(1):
+        one = cupy.cuda.Stream(non_blocking=True)
+        one.enqueue(lambda: ran.append(1), "device 1's work")
+    cupy.cuda.Device(1).synchronize()
+    assert ran == [1]
+    cupy.cuda.Device(0).synchronize()
+    assert ran == [1, 0]
+
 WAIT_FOREVER = r"""
 import numpy as np
 import cupy

@@ -30,7 +30,8 @@ class Device:
         _local.device = self._previous.pop()
 
     def synchronize(self):
-        runtime.deviceSynchronize()
+        with self:                      # this device's work, as CuPy's Device.synchronize
+            runtime.deviceSynchronize()
 
     @property
     def attributes(self):

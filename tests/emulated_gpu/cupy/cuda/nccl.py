@@ -22,7 +22,9 @@ BARRIER_TIMEOUT_S = 120
 
 
 class NcclError(RuntimeError):
-    pass
+    # A collective that fails (a peer aborted) ends its kernel and leaves the CUDA context usable: unlike a
+    # kernel fault, the stream does not keep raising it (cupy/cuda/stream.py, run_until).
+    sticky = False
 
 
 def get_version():

@@ -46,8 +46,8 @@ def driverGetVersion():
 
 
 def deviceSynchronize():
-    from cupy.cuda.stream import synchronize_all
-    synchronize_all()
+    from cupy.cuda.stream import synchronize_device
+    synchronize_device()
 
 
 def memGetInfo():

@@ -33,7 +33,11 @@ from cupy._array import EmulationError
 _local = threading.local()
 _pointers = itertools.count(0x7000)
 _BY_POINTER = weakref.WeakValueDictionary()
-_ALL = weakref.WeakSet()
+# Every live stream, as weak references in a plain list: a WeakSet raises "changed size during iteration"
+# when another thread creates a stream (or a dead one is dropped) while this one lists them, and the
+# lists are taken in any thread, inside array destructors too. Copying a list is one step under the GIL.
+_STREAM_REFS = []
+_STREAM_REFS_LOCK = threading.Lock()
 LOCK_RETRY_S = 0.001                   # how often a thread waiting for a stream's lock looks again
 
 
@@ -60,9 +64,12 @@ class Stream:
         self._queue = []                # work enqueued and not run yet
         self._enqueued = 0              # work ever enqueued, and of that, run
         self._ran = 0
-        self._lock = threading.RLock()
+        self._error = None              # the first queued work that failed: raised again by every later wait
+        self._queue_lock = threading.Lock()     # held only to append or pop: enqueueing never waits for work
+        self._lock = threading.RLock()          # held by the thread running this stream's queue
         _BY_POINTER[self.ptr] = self
-        _ALL.add(self)
+        with _STREAM_REFS_LOCK:
+            _STREAM_REFS[:] = [ref for ref in _STREAM_REFS if ref() is not None] + [weakref.ref(self)]
 
     # ------------------------------------------------------------- current stream
 
@@ -85,13 +92,13 @@ class Stream:
 
     def enqueue(self, run, what):
         """Queue `run()` (it runs when something needs its results: see the module docstring), or record
-        it when this stream is capturing."""
+        it when this stream is capturing. Returns the count of work ever enqueued, this one included."""
         capture = self._capture
         if capture is None:
-            with self._lock:
+            with self._queue_lock:
                 self._queue.append((run, what))
                 self._enqueued += 1
-            return
+                return self._enqueued
         capture.operations.append((run, what))
         self._sequence += 1
         if self is not capture.origin:
@@ -104,20 +111,33 @@ class Stream:
         wait (a cross-stream event) for work this thread is running. Blocking on the lock would then deadlock
         two threads that a GPU would never have made wait for each other, whether the work asked for had run
         before the call or runs while it waits. So the lock is only tried, briefly, and between tries the
-        call returns as soon as that work has run (_ran only grows, after each piece has run)."""
+        call returns as soon as that work has run (_ran only grows, after each piece has run).
+
+        Work that fails raises in whichever thread runs it, and again in every later wait on this stream,
+        as a CUDA error is sticky: the stream's owner must not see its failed work as done. (A failed NCCL
+        collective is not sticky: it ends its kernel, and the context stays usable.)"""
         while self._ran < count:
             if not self._lock.acquire(timeout=LOCK_RETRY_S):
                 continue
             try:
-                while self._ran < count and self._queue:
-                    run, _ = self._queue.pop(0)
+                while self._ran < count and self._error is None:
+                    with self._queue_lock:
+                        if not self._queue:
+                            break
+                        run, _ = self._queue.pop(0)
                     try:
                         run()
+                    except BaseException as error:
+                        if getattr(error, "sticky", True):
+                            self._error = error
+                        raise
                     finally:
                         self._ran += 1
             finally:
                 self._lock.release()
             break
+        if self._error is not None:
+            raise self._error
         _release_finished()
 
     def run_all(self):
@@ -221,8 +241,9 @@ def _array_work(what):
         raise EmulationError(f"{what} while {stream!r} is capturing: CUDA would refuse it or record it for "
                              f"every replay, the emulation would run it once, now")
     if stream.ptr == 0:
-        # The legacy null stream waits for the blocking streams' work, never for non-blocking streams'.
-        for other in list(_ALL):
+        # The legacy null stream waits for the blocking streams' work of its device, never for non-blocking
+        # streams'.
+        for other in _streams_of(_current_device()):
             if not other.non_blocking and other._capture is None:
                 other.run_all()
     stream.run_all()
@@ -234,7 +255,7 @@ _RELEASE_LOCK = threading.RLock()       # reentrant: a garbage collection may ru
 
 def release_after_queued_work(allocation):
     """Keep `allocation` alive until every stream has run the work it had queued when its arrays died."""
-    marks = [(stream, stream._enqueued) for stream in list(_ALL) if stream._ran < stream._enqueued]
+    marks = [(stream, stream._enqueued) for stream in all_streams() if stream._ran < stream._enqueued]
     if marks:
         with _RELEASE_LOCK:
             _RELEASED.append((allocation, marks))
@@ -274,17 +295,28 @@ def _current_device():
 def wait_for_device_idle(device_id):
     """What loading a kernel on a device may do under CUDA's lazy loading (the default): wait for the queued
     work of every stream of that device, the other threads' too (a capture runs nothing: left out)."""
-    for stream in list(_ALL):
-        if stream._capture is None and stream.device_id in (device_id, -1):
+    for stream in _streams_of(device_id):
+        if stream._capture is None:
             stream.run_all()
 
 
-def synchronize_all():
-    """cudaDeviceSynchronize: every stream's queued work (the emulation keeps one queue per stream)."""
-    for stream in list(_ALL):
+def all_streams():
+    """Every live stream, of every device."""
+    return [stream for stream in (ref() for ref in list(_STREAM_REFS)) if stream is not None]
+
+
+def _streams_of(device_id):
+    """The live streams of a device, and the legacy null stream (shared by every device here)."""
+    return [stream for stream in all_streams() if stream.device_id in (device_id, -1)]
+
+
+def synchronize_device():
+    """cudaDeviceSynchronize: the queued work of every stream of the current device."""
+    streams = _streams_of(_current_device())
+    for stream in streams:
         if stream._capture is not None:
             raise EmulationError("cudaErrorStreamCaptureUnsupported: device synchronize while capturing")
-    for stream in list(_ALL):
+    for stream in streams:
         stream.run_all()
 
 
@@ -306,8 +338,7 @@ class Event:
 
         def stamp():                    # the time at which the stream gets there
             self._time = time.perf_counter()
-        stream.enqueue(stamp, "event record")
-        self._source = (stream, stream._enqueued)
+        self._source = (stream, stream.enqueue(stamp, "event record"))
 
     def synchronize(self):
         if self._captured is not None:
