@@ -260,7 +260,22 @@ def test_a_primitive_failing_in_one_replica_fails_the_training_fast(dataset):
     assert time.monotonic() - started < FAIL_FAST_S
 
 
-def test_ctrl_c_in_the_caller_aborts_the_workers_and_is_reraised():
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in this process during the test. A shell without job control starts
+    background commands with SIGINT ignored, and Python then never raises it: the suite run that way
+    would fail the Ctrl-C tests for a reason that is not ours."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint():
+    """preexec_fn: the child starts with SIGINT's default action, whatever this process inherited (above)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_in_the_caller_aborts_the_workers_and_is_reraised(ctrl_c_raises):
     group = HostGroup(2)
     aborted = []
 
@@ -326,7 +341,7 @@ def test_cli_sigint_exits_130_and_keeps_the_last_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process = subprocess.Popen([sys.executable, "-m", "cupynet.train", *CLI_FAST, "--model-dir", str(model_dir),
                                 "--train-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+                               text=True, env=env, preexec_fn=_default_sigint)
     wait_for_first_checkpoint(model_dir, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=FAIL_FAST_S + 30)
