@@ -50,7 +50,8 @@ class _Capture:
 
 
 class Stream:
-    """A stream: work runs when enqueued, or is recorded while the stream takes part in a capture."""
+    """A stream: work is queued and runs when something needs its results (module docstring), or is
+    recorded while the stream takes part in a capture."""
 
     null = None                         # set below
 
