@@ -100,7 +100,7 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')}: at most {most}, got {getattr(args, flag)!r}")
     if args.wgrad_pairs is not None:
         try:
-            args.wgrad_pairs = parse_pairs(args.wgrad_pairs)
+            parse_pairs(args.wgrad_pairs)           # checked here, parsed where the grid is built
         except ValueError as error:
             p.error(f"--wgrad-pairs: {error}")
     if args.max_seconds is not None and not args.max_seconds > 0:
@@ -308,9 +308,7 @@ def replace_json(path, report, **dump_options):
 
 
 def write_report(path, env, args, rows, not_measured):
-    arguments = dict(vars(args), wgrad_pairs=None if args.wgrad_pairs is None else
-                     ",".join(f"{s}x{k}" for s, k in args.wgrad_pairs))
-    replace_json(path, {"benchmark": "layouts", "environment": env, "args": arguments, "results": rows,
+    replace_json(path, {"benchmark": "layouts", "environment": env, "args": vars(args), "results": rows,
                         "not_measured": not_measured})
 
 
@@ -346,21 +344,21 @@ def main(argv=None):
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
     print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'bn':>3} {'img/s':>9} "
           f"{'min':>9} {'max':>9} {'ms/step':>9}")
-    pairs = args.wgrad_pairs or list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks)))
+    pairs = (parse_pairs(args.wgrad_pairs) if args.wgrad_pairs is not None
+             else list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks))))
     grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, bn)
             for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic, bn in itertools.product(
                 ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
                 args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic), ints(args.bn_launches))]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
-    rows, not_measured, durations = [], [], []
+    rows, durations = [], []
     for index, point in enumerate(grid):
         # a configuration's expected time: the longest so far, leaving out the first once there is another
         # (the first also paid the process's start: CUDA, cuDNN, kernel loading, a cold autotune)
         longest = max(durations[1:] or durations or [0.0])
         if args.max_seconds is not None and time.perf_counter() - started + 1.5 * longest > args.max_seconds:
-            not_measured = [configuration(*rest, device=args.device) for rest in grid[index:]]
-            print(f"--max-seconds {args.max_seconds:g}: {len(not_measured)} of {len(grid)} configurations "
+            print(f"--max-seconds {args.max_seconds:g}: {len(grid) - index} of {len(grid)} configurations "
                   f"not started", flush=True)
             break
         began = time.perf_counter()
@@ -377,7 +375,8 @@ def main(argv=None):
         rows.append(row)
         print_row(row)
         write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in grid[index + 1:]])
-    write_report(path, env, args, rows, not_measured)
+    if not rows:                           # stopped before its first configuration: nothing written yet
+        write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in grid])
     print(f"wrote {path}")
     failed = sum("error" in row for row in rows)
     if failed:

@@ -64,7 +64,7 @@ class SharedGpuGroup:
     def communicator(self, rank, backend):
         if backend.device.id != self.device.id:
             raise ValueError(f"rank {rank} is on GPU {backend.device.id}, the group shares GPU {self.device.id}")
-        if self.size > 1 and getattr(backend, "bn_launches", 2) == 1:
+        if self.size > 1 and backend.bn_launches == 1:
             # two ranks' grid-waiting BatchNorm kernels side by side could each hold part of the GPU and wait
             # for blocks that the other's hold keeps out: forever
             raise ValueError(f"rank {rank}: one launch per BatchNorm pass needs the GPU to itself; workers "

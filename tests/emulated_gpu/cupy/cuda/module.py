@@ -63,8 +63,7 @@ class RawKernel:
 
     def _check_resident(self, grid, block, shared_mem):
         """A kernel whose blocks wait for each other must fit the GPU whole (else, on a GPU, it may hang)."""
-        blocks = math.prod(grid if isinstance(grid, tuple) else (grid,))
-        threads = math.prod(block if isinstance(block, tuple) else (block,))
+        blocks, threads = math.prod(kernel_runner._three(grid)), math.prod(kernel_runner._three(block))
         resident = runtime.multiprocessor_count() * driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.kernel.ptr, threads, shared_mem)
         if blocks > resident:
