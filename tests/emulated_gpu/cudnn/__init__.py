@@ -9,10 +9,18 @@ checks what cuDNN would check, the way cuDNN would do it, so that mistakes in ou
   * the build sequence validate -> build_operation_graph -> create_execution_plans -> [deselect] ->
     check_support -> build_plans (or build_plan_at_index) is enforced; deselecting before plans exist
     does nothing, as in the real one;
-  * the heuristics offer five engines, listed best first: a TF32 tensor-core engine (numerical note
+  * the heuristics offer six engines, listed best first: a TF32 tensor-core engine (numerical note
     TENSOR_CORE: rounds float32 inputs to TF32, so strict-fp32 parity fails if it is not deselected), a
     NONDETERMINISTIC engine (its float32 sums are reordered at random on every run, so reproducibility
-    tests fail if it is not deselected), a plain fp32 engine and a RUNTIME_COMPILATION one;
+    tests fail if it is not deselected), plain fp32 engines, a RUNTIME_COMPILATION one and one whose sums
+    are REDUCED_PRECISION_REDUCTION;
+  * one more engine only a knob search finds (the heuristics never propose it): deterministic split-K
+    weight gradients, the sum over N*H*W cut into SPLIT_K_SLC slices whose float32 partial sums are added
+    in order. `get_engine_count`, `get_knobs_for_engine` and `create_execution_plan(engine id, {knob
+    type: value})` work as in Frontend 1.22, including its bookkeeping of notes: each plan-creating call
+    appends the notes of *every* plan again, so a plan added to a graph that already had plans is judged
+    (deselected, called run-time compiled) by another plan's notes. A knob value outside the engine's
+    range or stride fails check_support;
   * execution is enqueued on the stream the handle is bound to (cudnn.set_stream), so it is recorded by
     a CUDA-graph capture exactly when that stream is capturing;
   * the fused patterns bench/conv_engines.py surveys: a per-channel scale / bias / relu chain in front of
@@ -23,6 +31,7 @@ Convolutions accumulate in float64 and round once to the output type (bfloat16: 
 """
 import ctypes
 import enum
+import functools
 import itertools
 
 import numpy as np
@@ -51,6 +60,24 @@ class numerical_note(enum.Enum):
 
 class behavior_note(enum.Enum):
     RUNTIME_COMPILATION = 0
+
+
+class knob_type(enum.Enum):
+    NOT_SET = 0
+    SPLIT_K = 2
+    SPLIT_K_BUF = 5
+    TILEK = 6
+    SPLIT_K_SLC = 9
+
+
+class knob:
+    """A knob an engine exposes: its type and the values it takes (min_value to max_value by stride)."""
+
+    def __init__(self, knob_type=knob_type.NOT_SET, max_value=None, min_value=None, stride=None):
+        self.type, self.max_value, self.min_value, self.stride = knob_type, max_value, min_value, stride
+
+    def takes(self, value):
+        return self.min_value <= value <= self.max_value and (value - self.min_value) % self.stride == 0
 
 
 class cudnnGraphNotSupportedError(Exception):
@@ -93,21 +120,31 @@ def _stream_of(handle):
 # ------------------------------------------------------------------ engines
 
 class _Engine:
-    def __init__(self, name, numerical=(), behavior=(), workspace=0):
+    def __init__(self, name, numerical=(), behavior=(), workspace=0, knobs=(), ops=("fprop", "dgrad", "wgrad"),
+                 proposed=True, reorders=None):
         self.name = name
         self.numerical = tuple(numerical)
+        # whether its float32 sums come out in a varying order: what NONDETERMINISTIC says, unless a test
+        # builds an engine whose notes do not tell the truth
+        self.reorders = numerical_note.NONDETERMINISTIC in self.numerical if reorders is None else reorders
         self.behavior = tuple(behavior)
         self.workspace = workspace
+        self.knobs = tuple(knobs)        # knob objects; a plan without a value for one takes its default (1)
+        self.ops = ops                   # the operations it supports
+        self.proposed = proposed         # offered by the heuristics (else only create_execution_plan reaches it)
 
 
-ENGINES = (                                  # heuristics order, best first
+ENGINES = (                                  # engine ids are positions; the heuristics' order, best first
     _Engine("tf32 tensor cores", numerical=[numerical_note.TENSOR_CORE, numerical_note.DOWN_CONVERT_INPUTS],
             workspace=1 << 12),
-    _Engine("split-k atomics", numerical=[numerical_note.NONDETERMINISTIC], workspace=1 << 14),
+    _Engine("split-k atomics", numerical=[numerical_note.NONDETERMINISTIC], workspace=1 << 14,
+            knobs=[knob(knob_type.SPLIT_K_SLC, 64, 1, 1)]),
     _Engine("implicit gemm fp32"),
     _Engine("winograd fp32", workspace=1 << 16),
     _Engine("runtime-compiled", behavior=[behavior_note.RUNTIME_COMPILATION], workspace=1 << 10),
     _Engine("reduced-precision sums", numerical=[numerical_note.REDUCED_PRECISION_REDUCTION]),
+    _Engine("split-k slices", workspace=1 << 15, ops=("wgrad",), proposed=False,
+            knobs=[knob(knob_type.SPLIT_K_SLC, 32, 1, 1), knob(knob_type.SPLIT_K_BUF, 1, 0, 1)]),
 )
 
 
@@ -165,9 +202,11 @@ class pygraph:
         self.pointwise = []              # (op, input, operand or None, output) in graph order
         self.stats = None                # genstats: (input, sum, sum of squares)
         self.stage = "created"
-        self.plans = []                  # engine indices, heuristics order
-        self.deselected = set()
-        self.built = set()
+        self.plans = []                  # (engine id, {knob type: value}) per plan index
+        self._numerical = []             # the notes a plan index is judged by (Frontend 1.22's bookkeeping)
+        self._behavior = []
+        self.barred = set()              # deselected plan indices
+        self.built = set()               # built plan indices
 
     # ------------------------------------------------------------- description
 
@@ -299,21 +338,52 @@ class pygraph:
         if not modes:
             raise ValueError("create_execution_plans: no heuristics mode")
         float_io = self.io_data_type == data_type.FLOAT
-        self.deselected = set()
-        self.plans = [i for i, engine in enumerate(ENGINES) if float_io or not engine.name.endswith(" fp32")]
+        self._add_plans([(i, {}) for i, engine in enumerate(ENGINES)
+                         if engine.proposed and (float_io or not engine.name.endswith(" fp32"))])
+
+    def get_engine_count(self):
+        self._require("operation graph", "get_engine_count")
+        return len(ENGINES)
+
+    def get_knobs_for_engine(self, engine_id):
+        self._require("operation graph", "get_knobs_for_engine")
+        if not 0 <= engine_id < len(ENGINES):
+            raise RuntimeError(f"Failed to get knobs for engine: no engine {engine_id}")
+        return list(ENGINES[engine_id].knobs)
+
+    def create_execution_plan(self, engine_id, knobs):
+        self._require("operation graph", "create_execution_plan")
+        if not 0 <= engine_id < len(ENGINES):
+            raise RuntimeError(f"create_execution_plan: no engine {engine_id}")
+        if not all(isinstance(key, knob_type) and isinstance(value, int) for key, value in knobs.items()):
+            raise TypeError(f"create_execution_plan: knobs map knob_type to int, got {knobs!r}")
+        self._add_plans([(engine_id, dict(knobs))])
+
+    def _add_plans(self, plans):
+        """As Frontend 1.22's query_properties: the notes of every plan so far are appended again, so plan i
+        is judged by entry i of a list that only lines up with the plans while one call made them all."""
+        self.plans += plans
+        self._numerical += [ENGINES[engine].numerical for engine, _ in self.plans]
+        self._behavior += [ENGINES[engine].behavior for engine, _ in self.plans]
         self.stage = "plans created"
 
     def deselect_numeric_notes(self, notes):
-        """Marks the candidates create_execution_plans made; before that there is nothing to mark."""
+        """Bars the plans created so far whose notes (as the Frontend keeps them) match; before any plan
+        exists there is nothing to bar."""
         if _STAGES.index(self.stage) < _STAGES.index("plans created"):
             return
         notes = set(notes)
-        for position, engine in enumerate(ENGINES):
-            if notes & set(engine.numerical):
-                self.deselected.add(position)
+        self.barred |= {i for i in range(len(self.plans)) if notes & set(self._numerical[i])}
+
+    def _supported(self, index):
+        engine, knobs = self.plans[index]
+        if self.conv["op"] not in ENGINES[engine].ops:
+            return False
+        offered = {k.type: k for k in ENGINES[engine].knobs}
+        return all(key in offered and offered[key].takes(value) for key, value in knobs.items())
 
     def _candidates(self):
-        return [i for i in self.plans if i not in self.deselected]
+        return [i for i in range(len(self.plans)) if i not in self.barred and self._supported(i)]
 
     def check_support(self):
         self._require("plans created", "check_support")
@@ -328,32 +398,40 @@ class pygraph:
     def get_execution_plan_count(self):
         return len(self.plans)
 
-    def _engine_at(self, index):
+    def _plan_at(self, index):
         if not 0 <= index < len(self.plans):
             raise ValueError(f"plan index {index} out of range ({len(self.plans)} plans)")
         return self.plans[index]
 
     def build_plan_at_index(self, index):
         self._require("supported", "build_plan_at_index")
-        engine = self._engine_at(index)
-        if engine in self.deselected:
+        engine, _ = self._plan_at(index)
+        if index in self.barred:
             raise RuntimeError(f"plan {index} ({ENGINES[engine].name}) was deselected")
-        self.built.add(engine)
+        if not self._supported(index):
+            raise cudnnGraphNotSupportedError(f"plan {index} ({ENGINES[engine].name}) does not support this graph")
+        self.built.add(index)
 
     def get_plan_name_at_index(self, index):
-        return ENGINES[self._engine_at(index)].name
+        engine, knobs = self._plan_at(index)
+        return "".join([f"eng{engine}"] + [f"_k{key.value}={value}" for key, value in sorted(
+            knobs.items(), key=lambda item: item[0].value)]) + f" ({ENGINES[engine].name})"
 
     def get_behavior_notes_for_plan_at_index(self, index):
-        return list(ENGINES[self._engine_at(index)].behavior)
+        self._plan_at(index)
+        return list(self._behavior[index])
 
     def get_workspace_size_plan_at_index(self, index):
-        return ENGINES[self._engine_at(index)].workspace
+        return ENGINES[self._plan_at(index)[0]].workspace
+
+    def _default_plan(self):
+        plans = [i for i in self._candidates() if i in self.built]
+        if not plans:
+            raise RuntimeError("execute: no plan was built (build_plans)")
+        return plans[0]
 
     def _default_engine(self):
-        engines = [e for e in self._candidates() if e in self.built]
-        if not engines:
-            raise RuntimeError("execute: no plan was built (build_plans)")
-        return engines[0]
+        return self.plans[self._default_plan()][0]
 
     def get_workspace_size(self):
         return ENGINES[self._default_engine()].workspace
@@ -361,15 +439,16 @@ class pygraph:
     # ------------------------------------------------------------- execution
 
     def execute(self, variant_pack, workspace, handle=None):
-        self._enqueue(self._default_engine(), variant_pack, workspace, handle)
+        self._enqueue(self._default_plan(), variant_pack, workspace, handle)
 
     def execute_plan_at_index(self, variant_pack, workspace, index, handle=None):
-        engine = self._engine_at(index)
-        if engine not in self.built:
+        self._plan_at(index)
+        if index not in self.built:
             raise RuntimeError(f"execute_plan_at_index: plan {index} was not built")
-        self._enqueue(engine, variant_pack, workspace, handle)
+        self._enqueue(index, variant_pack, workspace, handle)
 
-    def _enqueue(self, engine, variant_pack, workspace, handle):
+    def _enqueue(self, plan, variant_pack, workspace, handle):
+        engine, knobs = self.plans[plan]
         handle = self.handle if handle is None else handle
         pointers = {}
         for key, value in variant_pack.items():
@@ -386,9 +465,9 @@ class pygraph:
         if ENGINES[engine].workspace and not workspace:
             raise ValueError(f"{ENGINES[engine].name} needs {ENGINES[engine].workspace} bytes of workspace, "
                              f"got a null pointer")
-        _stream_of(handle).enqueue(lambda: self._run(engine, pointers), f"cuDNN {c['op']}")
+        _stream_of(handle).enqueue(lambda: self._run(engine, knobs, pointers), f"cuDNN {c['op']}")
 
-    def _run(self, engine, pointers):
+    def _run(self, engine, knobs, pointers):
         c = self.conv
         a = self._image(c["a"], pointers)
         b = _read(c["b"], pointers[c["b"].uid])
@@ -401,8 +480,8 @@ class pygraph:
         elif c["op"] == "dgrad":
             result = _dgrad(a, b, pad, stride, out.dim)
         else:
-            result = _wgrad(a, b, pad, stride, out.dim)
-        if ENGINES[engine].numerical == (numerical_note.NONDETERMINISTIC,):
+            result = _wgrad(a, b, pad, stride, out.dim, knobs.get(knob_type.SPLIT_K_SLC, 1))
+        if ENGINES[engine].reorders:
             result = _reordered_float32_sum(result)
         _write(out, pointers[out.uid], result)
         if self.stats is not None:
@@ -497,13 +576,22 @@ def _dgrad(dy, w, pad, stride, dx_dims):
     return dxp[:, pad:pad + h, pad:pad + wd, :].transpose(0, 3, 1, 2)
 
 
-def _wgrad(x, dy, pad, stride, dw_dims):
+def _wgrad(x, dy, pad, stride, dw_dims, slices=1):
+    """slices > 1: split-K, the sum over the batch's positions cut into that many slices (by image), each
+    partial sum rounded to float32 and the partials added in order in float32, as a split-K engine's
+    deterministic reduction does (other last bits than one sum; the same on every run)."""
     k, c, r, s = dw_dims
     _, _, ho, wo = dy.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     dw = np.zeros((k, c, r, s))
+    bounds = np.linspace(0, dy.shape[0], slices + 1).astype(int)
     for i in range(r):
         for j in range(s):
             window = xp[:, :, _windows(ho, stride, i), _windows(wo, stride, j)]
-            dw[:, :, i, j] = np.tensordot(dy, window, axes=([0, 2, 3], [0, 2, 3]))
+            if slices == 1:
+                dw[:, :, i, j] = np.tensordot(dy, window, axes=([0, 2, 3], [0, 2, 3]))
+                continue
+            partials = [np.tensordot(dy[lo:hi], window[lo:hi], axes=([0, 2, 3], [0, 2, 3])).astype(np.float32)
+                        for lo, hi in zip(bounds[:-1], bounds[1:])]
+            dw[:, :, i, j] = functools.reduce(np.add, partials)
     return dw
