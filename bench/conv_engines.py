@@ -19,7 +19,10 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     per weight gradient);
   * the cuDNN Frontend's fused BatchNorm patterns: `genstats` (an fprop's output summed per channel as it
     is written: the next BatchNorm's statistics without a pass of their own), a scale-bias-relu prologue
-    on the image input (the previous BatchNorm's apply, never written out) for fprop and for wgrad.
+    on the image input (the previous BatchNorm's apply, never written out) for fprop and for wgrad;
+  * `split_k`: the weight gradients' split-K settings, (engine, SPLIT_K_SLC slices) pairs as cupynet's
+    autotuner picks them with --conv-split-k (conv_autotune.split_k_settings, here up to
+    --split-k-settings of them), each built alone in a graph of its own, as cupynet builds them.
 
 Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
 deterministic engine and the fastest of all: how much a better engine choice could still give. The per-step
@@ -42,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.layouts import device_of, environment, replace_json     # noqa: E402
 from cupynet.backends import check_devices, create_backend          # noqa: E402
-from cupynet.backends.conv_autotune import MAX_WORKSPACE_BYTES, gpu_milliseconds   # noqa: E402
+from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, engine_ids, gpu_milliseconds,  # noqa: E402
+                                            split_k_settings)
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
 from cupynet.errors import CupynetError, DeviceError                 # noqa: E402
@@ -67,12 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=240.0,
                    help="the whole run's time, setup included: nothing new starts after it (the report says "
                         "which convolutions were not surveyed)")
+    p.add_argument("--split-k-settings", type=int, default=16,
+                   help="weight gradients: how many (engine, slices) split-K settings to time (0: none)")
     p.add_argument("--json", help="output file (default bench/results/conv_engines-<host>.json)")
     args = p.parse_args(argv)
     if not args.device.isdigit():
         p.error(f"the engines are cuDNN's: --device must be a GPU id, got {args.device!r}")
     if args.runs < 1 or args.repeats < 1:
         p.error(f"--runs and --repeats must be >= 1, got {args.runs} and {args.repeats}")
+    if args.split_k_settings < 0:
+        p.error(f"--split-k-settings must be >= 0, got {args.split_k_settings}")
     return args
 
 
@@ -279,6 +287,71 @@ class Survey:
                    for _ in range(self.args.repeats)]
         return round(1000.0 * statistics.median(windows) / self.args.runs, 2)
 
+    def split_k(self, conv):
+        """The weight gradient's split-K settings, picked as cupynet's autotuner picks them with --conv-split-k
+        (conv_autotune.split_k_settings; the engines of every heuristics mode come first here, and up to
+        --split-k-settings of them), each alone in a graph of its own with only reduced-precision sums
+        deselected, marked deterministic or not by checking it again with NONDETERMINISTIC engines deselected
+        too (its engine's notes: the repeat check cupynet adds is not run here), and timed; a list of engine
+        dicts (with "setting": [engine id, slices]), or None when none exists."""
+        self.problem = None
+        describe = self.plain(conv)
+        planned = self.planned(describe)          # the heuristics' plans name the engines to try first
+        if planned is None:
+            return None
+        graph, _ = planned
+        try:
+            preferred = engine_ids(graph.get_plan_name_at_index(i) for i in range(graph.get_execution_plan_count()))
+            settings = split_k_settings(graph, self.cudnn.knob_type.SPLIT_K_SLC, preferred, self.errors,
+                                        limit=self.args.split_k_settings)
+        except (*self.errors, AttributeError, TypeError) as error:     # AttributeError: a Frontend without knobs
+            self.problem = one_line(error)
+            return None
+        if not settings:
+            self.problem = "no engine exposes SPLIT_K_SLC for it"
+            return None
+        engines = []
+        for engine, slices in settings:
+            if self.out_of_time():
+                engines.append({"setting": [engine, slices], "skipped": "past --max-seconds"})
+                continue
+            found = self._one_setting(describe, engine, slices, [])
+            if isinstance(found, str):
+                engines.append({"setting": [engine, slices], "skipped": found})
+                continue
+            setting_graph, operands, entry = found
+            entry["deterministic"] = self._one_setting(
+                describe, engine, slices, [self.cudnn.numerical_note.NONDETERMINISTIC], build=False) is True
+            self.time_engines(setting_graph, operands, [entry])
+            engines.append(entry)
+        return engines
+
+    def _one_setting(self, describe, engine, slices, deselect, build=True):
+        """(graph, operands, engine dict) of one split-K setting built alone, or why it did not build; with
+        build=False, True once check_support passes (it fails for a deselected plan), without the build.
+        Settings compiled at run time are left out, as cupynet's autotuner leaves them out."""
+        started = time.perf_counter()
+        try:
+            graph, operands = describe()
+            graph.validate()
+            graph.build_operation_graph()
+            graph.create_execution_plan(engine, {self.cudnn.knob_type.SPLIT_K_SLC: slices})
+            graph.deselect_numeric_notes([self.cudnn.numerical_note.REDUCED_PRECISION_REDUCTION, *deselect])
+            if self.cudnn.behavior_note.RUNTIME_COMPILATION in list(graph.get_behavior_notes_for_plan_at_index(0)):
+                return "compiled at run time (cupynet's autotuner does not build those)"
+            graph.check_support()
+            if not build:
+                return True
+            graph.build_plan_at_index(0)
+            name, workspace = graph.get_plan_name_at_index(0), int(graph.get_workspace_size_plan_at_index(0))
+        except self.errors as error:
+            return one_line(error)
+        if workspace > MAX_WORKSPACE_BYTES:
+            return f"needs {workspace / 2 ** 20:.0f} MB of workspace"
+        return graph, operands, {"index": 0, "setting": [engine, slices], "name": name,
+                                 "runtime_compiled": False, "workspace": workspace,
+                                 "build_s": round(time.perf_counter() - started, 3)}
+
     def survey(self, describe):
         """Every engine of the described graph, timed: a list of engine dicts, or None when none is supported."""
         self.problem = None
@@ -313,17 +386,22 @@ def label(engine):
     return f"{engine['us']:.1f} [{engine['name']}{'; ' + ', '.join(notes) if notes else ''}]"
 
 
-# What else to time per operation: name -> (description, how to describe the graph). bf16 weight gradients
-# writing float32 would spare cupynet's conversion kernel; the fused patterns would spare BatchNorm passes.
+# What else to time per operation: name -> a callable surveying it. bf16 weight gradients writing float32
+# would spare cupynet's conversion kernel; the fused patterns would spare BatchNorm passes; split-K settings
+# are what --conv-split-k adds to the autotuner's candidates.
 def variants(survey, conv, args):
+    def of(describe):
+        return lambda: survey.survey(describe)
     if conv["op"] == "wgrad":
-        found = {"scale_bias_relu": survey.fused(conv, prologue=True, genstats=False)}
+        found = {"scale_bias_relu": of(survey.fused(conv, prologue=True, genstats=False))}
         if args.dtype == "bfloat16":
-            found["float32_output"] = survey.plain(conv, survey.cudnn.data_type.FLOAT, np.float32)
+            found["float32_output"] = of(survey.plain(conv, survey.cudnn.data_type.FLOAT, np.float32))
+        if args.split_k_settings:
+            found["split_k"] = lambda: survey.split_k(conv)
         return found
     if conv["op"] == "fprop":
-        return {"genstats": survey.fused(conv, prologue=False, genstats=True),
-                "scale_bias_relu_genstats": survey.fused(conv, prologue=True, genstats=True)}
+        return {"genstats": of(survey.fused(conv, prologue=False, genstats=True)),
+                "scale_bias_relu_genstats": of(survey.fused(conv, prologue=True, genstats=True))}
     return {}
 
 
@@ -348,11 +426,11 @@ def survey_convolution(survey, conv, args, totals):
           f"{'':<49} best deterministic {label(best_deterministic)}\n"
           f"{'':<49} best {label(best)}" + (f"\n{'':<49} ({survey.problem})" if engines is None else ""),
           flush=True)
-    for name, describe_variant in variants(survey, conv, args).items():
+    for name, survey_variant in variants(survey, conv, args).items():
         if survey.out_of_time():
             row["variants"][name] = "past --max-seconds"
             continue
-        found = survey.survey(describe_variant)
+        found = survey_variant()
         row["variants"][name] = found
         quickest = fastest(found, deterministic_only=True)
         print(f"{'':<49} {name}: {label(quickest) if found else 'not supported (' + str(survey.problem) + ')'}",

@@ -19,8 +19,10 @@
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
 #   step_options  the captured NHWC step over the step's options: (side streams for the weight gradients x
 #               batch chunks per weight gradient) pairs, deterministic cuDNN engines or not; bf16 and fp32
-#               at batch 128, bf16 at 512; and one launch per BatchNorm pass at two pairs (bf16, 128);
-#               each grid paced to its share of the stage and under its own timeout.
+#               at batch 128, bf16 at 512 (also with split-K settings); one launch per BatchNorm pass at
+#               two pairs, and the autotuner timing split-K settings of the weight gradients (--conv-split-k,
+#               deterministic engines) at two pairs (bf16, 128); each grid paced to its share of the stage
+#               and under its own timeout.
 #               bench/best_step_options.py then picks the fastest of each (the defaults unless 2%
 #               faster), and the stages below run with them                       -> step_options*.json,
 #                                                                                    best_options.txt
@@ -285,29 +287,36 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout
-    if seconds=$(seconds_until $((STAGE_LIMIT * 40 / 100)) "$start"); then
+    if seconds=$(seconds_until $((STAGE_LIMIT * 35 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
-    if seconds=$(seconds_until $((STAGE_LIMIT * 55 / 100)) "$start"); then
+    if seconds=$(seconds_until $((STAGE_LIMIT * 48 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
     # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above)
-    if seconds=$(seconds_until $((STAGE_LIMIT * 65 / 100)) "$start"); then
+    if seconds=$(seconds_until $((STAGE_LIMIT * 56 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,8x8 --bn-launches 1 --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_bn.json" || rc=1
     fi
+    # the autotuner also timing split-K settings of the weight gradients' engines (beside the rows above)
+    if seconds=$(seconds_until $((STAGE_LIMIT * 65 / 100)) "$start"); then
+        timeout --foreground --kill-after=5 $((seconds + 10)) \
+            "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+            --wgrad-pairs 1x1,4x4 --conv-split-k on --warmup 5 --steps 20 --repeats 5 \
+            --max-seconds "$seconds" --json "$OUT/step_options_split.json" || rc=1
+    fi
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-            --wgrad-pairs 1x1,4x4,8x8,4x1,16x16,16x8 --conv-deterministic on,off --warmup 5 --steps 10 --repeats 5 \
+            --wgrad-pairs 1x1,8x8,16x16 --conv-deterministic on,off --conv-split-k off,on --warmup 5 --steps 10 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc
@@ -336,7 +345,7 @@ best_options() {   # best_options NAME "FILE..." DTYPE BATCH: the fastest option
     fi
 }
 : > "$OUT/best_options.txt"
-BEST_BF16=$(best_options bf16_128 "step_options.json step_options_bn.json" bfloat16 128)
+BEST_BF16=$(best_options bf16_128 "step_options.json step_options_bn.json step_options_split.json" bfloat16 128)
 BEST_FP32=$(best_options fp32_128 step_options_fp32.json float32 128)
 BEST_512=$(best_options bf16_512 step_options_512.json bfloat16 512)
 export BEST_BF16 BEST_FP32 BEST_512
@@ -468,15 +477,16 @@ except (OSError, ET.ParseError, AttributeError):
         print("  no results")
 
 print("\nstep options, NHWC captured (images/s, median)")
-for name in ("step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_512.json"):
+for name in ("step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_split.json",
+             "step_options_512.json"):
     report = load(name) or {}
     for row in report.get("results", []):
         determinism = {True: "deterministic", False: "any engine"}.get(row["conv_deterministic"], "-")
         figure = (f"failed: {row['error']}" if "error" in row else
                   f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
         print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams'] or '-'} wgrad "
-              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}, "
-              f"{row.get('bn_launches') or 2} BN launch(es): {figure}")
+              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}"
+              f"{' + split-K' if row.get('conv_split_k') else ''}, {row.get('bn_launches') or 2} BN launch(es): {figure}")
     if report.get("not_measured"):
         print(f"  {name}: {len(report['not_measured'])} configurations not measured (time)")
 try:
@@ -529,8 +539,8 @@ for name in VS_TORCH:
     report = load(name) or {}
     args = report.get("args", {})
     options = (f"{args.get('wgrad_streams', 1)} wgrad stream(s), {args.get('wgrad_chunks', 1)} chunk(s), "
-               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}, "
-               f"{args.get('bn_launches', 2)} BN launch(es)")
+               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}"
+               f"{' + split-K' if args.get('conv_split_k') else ''}, {args.get('bn_launches', 2)} BN launch(es)")
     for row in report.get("results", []):
         failed = "".join(f"; {name} failed: {error}" for name, error in row.get("errors", {}).items())
         print(f"  batch {row.get('batch')} {row.get('layout')} {row.get('dtype'):<9} vs graphed "
@@ -565,6 +575,8 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append(f"conv init {accuracy['args']['conv_init']}")
     if accuracy["args"].get("conv_deterministic") is False:
         options.append("any cuDNN engine")
+    if accuracy["args"].get("conv_split_k"):
+        options.append("split-K settings")
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     print(f"\ntime to accuracy ({', '.join(options)}): "

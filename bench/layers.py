@@ -43,7 +43,6 @@ bench/results/layers-<host>.json) with `environment()` of bench/layouts.py.
 """
 import argparse
 import inspect
-import json
 import os
 import platform
 import statistics
@@ -55,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.layouts import CudaEventTimer, WallTimer, device_of, environment   # noqa: E402
+from bench.layouts import CudaEventTimer, WallTimer, device_of, environment, replace_json   # noqa: E402
 from cupynet.backends import BN_LAUNCHES, check_devices, create_backend   # noqa: E402
 from cupynet.backends.layout import LayoutMixin                             # noqa: E402
 from cupynet.config import TrainConfig                                      # noqa: E402
@@ -325,9 +324,7 @@ def default_json(name):
 
 
 def write_json(path, report):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    replace_json(path, report)          # whole or not at all, as the other benchmarks write theirs
     print(f"wrote {path}")
 
 

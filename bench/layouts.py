@@ -21,8 +21,9 @@ Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
 So are the step's options: `--wgrad-streams` (GPU): how many side streams the weight gradients take in
 turn, `--wgrad-chunks`: over how many slices of the batch each weight gradient is computed side by side,
-`--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen, and
-`--bn-launches 2,1` (GPU): kernel launches per BatchNorm pass.
+`--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen,
+`--conv-split-k off,on` (GPU): whether the autotuner also times split-K settings of the weight gradients'
+engines, and `--bn-launches 2,1` (GPU): kernel launches per BatchNorm pass.
 
     python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
         --wgrad-streams 1,2,3 --wgrad-chunks 1,2 --conv-deterministic on,off
@@ -84,6 +85,9 @@ def parse_args(argv=None):
                    help="GPU, comma-separated 1/2: kernel launches per BatchNorm pass")
     p.add_argument("--conv-deterministic", default="on",
                    help="GPU, comma-separated on/off: only cuDNN engines that repeat their bits (on, the default)")
+    p.add_argument("--conv-split-k", default="off",
+                   help="GPU, comma-separated on/off: the autotuner also times split-K settings of the weight "
+                        "gradients' cuDNN engines (off, the default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per configuration (median reported)")
@@ -107,8 +111,9 @@ def parse_args(argv=None):
         p.error(f"--max-seconds must be positive, got {args.max_seconds}")
     if any(value not in ("1", "2") for value in args.bn_launches.split(",")):
         p.error(f"--bn-launches: a comma-separated list of 1 and 2, got {args.bn_launches!r}")
-    if any(value not in ("on", "off") for value in args.conv_deterministic.split(",")):
-        p.error(f"--conv-deterministic: a comma-separated list of on/off, got {args.conv_deterministic!r}")
+    for flag in ("conv_deterministic", "conv_split_k"):
+        if any(value not in ("on", "off") for value in getattr(args, flag).split(",")):
+            p.error(f"--{flag.replace('_', '-')}: a comma-separated list of on/off, got {getattr(args, flag)!r}")
     if args.quick:
         args.depths, args.batches, args.warmup, args.steps, args.repeats = "8", "8", 1, 1, 2
     return args
@@ -220,12 +225,13 @@ def device_of(text):
 
 
 def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS,
-            deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES):
+            deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES, split_k=False):
     """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
                          synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
-                         conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks, bn_launches=bn_launches)
+                         conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks, bn_launches=bn_launches,
+                         conv_split_k=split_k)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
     backend = build_backend(config, device_of(args.device))     # every option as training builds it
     trainer = Trainer(config, dataset, backend)
@@ -253,12 +259,22 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
             "conv_autotune": getattr(backend, "autotune", None),
             "wgrad_streams": len(backend.side_streams) if hasattr(backend, "side_streams") else None,
             "conv_deterministic": getattr(backend, "deterministic", None),
+            "conv_split_k": getattr(backend, "split_k", None),
             "wgrad_chunks": backend.wgrad_chunks, "bn_launches": getattr(backend, "bn_launches", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
             "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend, trainer),
-            "kernels_per_step": kernels_per_step}
+            "kernels_per_step": kernels_per_step, "split_k_settings": split_k_report(backend)}
+
+
+def split_k_report(backend):
+    """With --conv-split-k: how many split-K settings were tried, built, dropped (not repeatable) and chosen
+    (weight gradients running one), and any reason none could be tried; None otherwise."""
+    if not getattr(backend, "split_k", False):
+        return None
+    chosen = sum(not isinstance(choice["plan_index"], (int, type(None))) for choice in backend.conv.engine_choices())
+    return dict(backend.conv.split_k_counts, chosen=chosen)
 
 
 def launch_count(backend):
@@ -275,9 +291,10 @@ def on_off(text):
 
 def print_row(row):
     form = {True: "graph", False: "eager"}.get(row.get("captured"), row["cuda_graph"])
-    det = {True: "on", False: "off", None: "-"}[row["conv_deterministic"]]
+    det, split = ({True: "on", False: "off", None: "-"}[row.get(name)] for name in ("conv_deterministic", "conv_split_k"))
     head = (f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
-            f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {row.get('bn_launches') or '-':>3}")
+            f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {split:>5} "
+            f"{row.get('bn_launches') or '-':>3}")
     if "error" in row:
         print(f"{head} failed: {row['error']}", flush=True)
         return
@@ -285,12 +302,12 @@ def print_row(row):
           f"{row['images_per_sec_max']:>9.1f} {row['step_ms']:>9.1f}", flush=True)
 
 
-def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, bn_launches,
-                  device):
+def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k,
+                  bn_launches, device):
     """The fields that name one grid point (a row without figures: failed or not measured)."""
     return {"device": device, "depth": depth, "batch": batch, "layout": layout, "dtype": dtype,
             "cuda_graph": cuda_graph, "wgrad_streams": wgrad_streams, "wgrad_chunks": wgrad_chunks,
-            "conv_deterministic": deterministic, "bn_launches": bn_launches}
+            "conv_deterministic": deterministic, "conv_split_k": split_k, "bn_launches": bn_launches}
 
 
 def one_line(error):
@@ -342,14 +359,15 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'bn':>3} {'img/s':>9} "
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'split':>5} {'bn':>3} {'img/s':>9} "
           f"{'min':>9} {'max':>9} {'ms/step':>9}")
     pairs = (parse_pairs(args.wgrad_pairs) if args.wgrad_pairs is not None
              else list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks))))
-    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, bn)
-            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic, bn in itertools.product(
-                ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
-                args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic), ints(args.bn_launches))]
+    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn)
+            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic, split_k, bn
+            in itertools.product(ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
+                                 args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic),
+                                 on_off(args.conv_split_k), ints(args.bn_launches))]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     rows, durations = [], []
@@ -363,9 +381,9 @@ def main(argv=None):
             break
         began = time.perf_counter()
         try:
-            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, bn = point
+            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn = point
             row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph=cuda_graph, wgrad_streams=streams,
-                          deterministic=deterministic, wgrad_chunks=chunks, bn_launches=bn)
+                          deterministic=deterministic, wgrad_chunks=chunks, bn_launches=bn, split_k=split_k)
         except ConfigError:
             raise                          # flags cupynet refuses: the whole grid is wrong
         except Exception as error:         # a run-time failure of this configuration (out of memory, a CUDA or

@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.layouts import environment                     # noqa: E402
+from bench.layouts import environment, replace_json       # noqa: E402
 from cupynet.config import parse_args as parse_train_args  # noqa: E402
 from cupynet.errors import CupynetError                    # noqa: E402
 from cupynet.params import CONV_INITS                      # noqa: E402
@@ -55,6 +55,8 @@ def parse_args(argv=None):
                    help="passed on to cupynet.train: how convolution weights start (default: its default)")
     p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
                    help="passed on to cupynet.train: cuDNN engines that add in a varying order may be chosen")
+    p.add_argument("--conv-split-k", action="store_true",
+                   help="passed on to cupynet.train: the autotuner also times weight gradients' split-K settings")
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="CPU, built-in sample, ResNet-8, 2 epochs, float32")
@@ -91,6 +93,8 @@ def recipe_flags(args, model_dir):
         flags += ["--conv-init", args.conv_init]
     if not args.conv_deterministic:
         flags += ["--no-conv-deterministic"]
+    if args.conv_split_k:
+        flags += ["--conv-split-k"]
     if not args.quick:
         flags += ["--data-dir", args.data_dir, "--batch-norm-decay", 0.997]
     else:
@@ -152,9 +156,7 @@ def main(argv=None):
           f"{TARGET_ACCURACY:.1%} in <= {TARGET_SECONDS_H100:.0f} s on an H100")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"time_to_accuracy-{platform.node() or 'host'}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    replace_json(path, report)          # whole or not at all
     print(f"wrote {path}")
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     conv_autotune: bool = True               # GPU: time cuDNN's candidate engines per convolution, keep the fastest
     wgrad_streams: int = WGRAD_STREAMS       # GPU: side streams the weight gradients take in turn
     conv_deterministic: bool = True          # GPU: only cuDNN engines that repeat their bits on every run
+    conv_split_k: bool = False               # GPU: autotuning also times split-K settings of weight gradients
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
@@ -150,6 +151,10 @@ def build_parser():
                        help="GPU: only cuDNN engines that give the same bits on every run, so reruns, resumes and "
                             "the captured step repeat exactly (--no-conv-deterministic: engines that add in a "
                             "varying order too, as PyTorch's default)")
+    model.add_argument("--conv-split-k", action=argparse.BooleanOptionalAction, default=d.conv_split_k,
+                       help="GPU, with --conv-autotune: also time split-K settings of each weight gradient's cuDNN "
+                            "engines (the sum over the batch cut into 2-64 slices: more of the GPU busy at 16-64 "
+                            "channels; off by default until a GPU run shows it faster)")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "
@@ -265,6 +270,9 @@ def validate(config):
     if c.wgrad_chunks > c.train_batch_size // workers:
         raise ConfigError(f"--wgrad-chunks {c.wgrad_chunks} is more than the {c.train_batch_size // workers} "
                           f"images of each worker's batch")
+    if c.conv_split_k and not c.conv_autotune:
+        raise ConfigError("--conv-split-k needs --conv-autotune: split-K settings are candidates the autotuner "
+                          "times (without it cuDNN's heuristic choice runs)")
     _validate_schedule(c)
     if c.validation_size is not None and c.validation_size < 0:
         raise ConfigError(f"--validation-size must be >= 0, got {c.validation_size}")

@@ -105,9 +105,11 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
     assert (default.wgrad_streams, default.wgrad_chunks, default.conv_deterministic, default.num_layers) == \
         (1, 1, True, 44)
     chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2", "--wgrad-chunks", "2",
-                                                 "--no-conv-deterministic", "--conv-init", "glorot_uniform"]), "M"))
+                                                 "--no-conv-deterministic", "--conv-init", "glorot_uniform",
+                                                 "--conv-split-k"]), "M"))
     assert (chosen.wgrad_streams, chosen.wgrad_chunks, chosen.conv_deterministic, chosen.train_steps) == \
         (2, 2, False, 122 * 351)
+    assert (default.conv_split_k, chosen.conv_split_k) == (False, True)
     assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
 
 
@@ -163,12 +165,12 @@ def stand_in_measure(layouts, seconds_of):
     calls = []
 
     def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=1, deterministic=True,
-                wgrad_chunks=1, bn_launches=2):
+                wgrad_chunks=1, bn_launches=2, split_k=False):
         seconds = seconds_of(len(calls))
         calls.append(seconds)
         time.sleep(seconds)
         return dict(layouts.configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks,
-                                          deterministic, bn_launches, args.device),
+                                          deterministic, split_k, bn_launches, args.device),
                     captured=False, images_per_sec=100.0, images_per_sec_min=99.0, images_per_sec_max=101.0,
                     step_ms=10.0)
     return measure
@@ -234,11 +236,12 @@ def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing
     assert list(scratch.iterdir()) == []                    # its temporary model dir is gone
 
 
-def layouts_row(streams, chunks, deterministic, images_per_sec, dtype="bfloat16", batch=128, captured=True):
+def layouts_row(streams, chunks, deterministic, images_per_sec, dtype="bfloat16", batch=128, captured=True,
+                split_k=False):
     """A row as bench/layouts.py writes it (the fields best_step_options.py reads)."""
     return {"depth": 44, "batch": batch, "layout": "NHWC", "dtype": dtype, "captured": captured,
             "wgrad_streams": streams, "wgrad_chunks": chunks, "conv_deterministic": deterministic,
-            "images_per_sec": images_per_sec}
+            "conv_split_k": split_k, "images_per_sec": images_per_sec}
 
 
 def pick(tmp_path, rows, *args):
@@ -259,6 +262,8 @@ def test_best_step_options_picks_the_fastest_captured_row_of_the_dtype_and_batch
     assert "43000" in result.stderr and "40000" in result.stderr
     large = pick(tmp_path, rows, "--batch", "512")
     assert large.stdout.split() == ["--wgrad-streams", "2", "--wgrad-chunks", "4", "--no-conv-deterministic"]
+    split = pick(tmp_path, rows + [layouts_row(1, 1, True, 80000, batch=512, split_k=True)], "--batch", "512")
+    assert split.stdout.split() == ["--conv-split-k"] and "with split-K settings" in split.stderr
 
 
 def test_best_step_options_never_picks_a_failed_row(tmp_path):

@@ -129,6 +129,7 @@ def test_demo_defaults_without_data_dir_and_explicit_flags_win():
     assert full.weight_decay == 1e-4 and full.momentum == 0.9 and full.bn_epsilon == 1e-5
     assert (full.cuda_graph, full.conv_autotune) == ("auto", True)       # the fast GPU defaults
     assert (full.conv_deterministic, full.wgrad_streams, full.wgrad_chunks) == (True, 1, 1)   # reproducible bits
+    assert full.conv_split_k is False and parse_args(["--conv-split-k"]).conv_split_k is True
     assert full.conv_init == "he_normal" and parse_args(["--conv-init", "glorot_uniform"]).conv_init == "glorot_uniform"
     exact = parse_args(["--cuda-graph", "off", "--no-conv-autotune"])
     assert (exact.cuda_graph, exact.conv_autotune) == ("off", False)
@@ -240,6 +241,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--conv-init", "orthogonal"], ["--conv-init", "orthogonal"]),
     (["--bn-launches", "3"], ["--bn-launches", "3"]),
     (["--train-batch-size", "4", "--wgrad-chunks", "8"], ["--wgrad-chunks 8", "4 images"]),
+    (["--conv-split-k", "--no-conv-autotune"], ["--conv-split-k", "--conv-autotune"]),
 ])
 def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
     model_dir = tmp_path / "run"

@@ -315,9 +315,9 @@ def test_autotuned_engines_agree_with_the_heuristic_choice_and_are_shared(handle
     tuned.backward_filter(x, dy, 1, 1, dw_tuned)
     again.forward(x, wt, 1, 1, y_again)
     entries = list(tuned._graphs.values())
-    assert all(entry.candidates and entry.plan_index is not None for entry in entries)
+    assert all(entry.candidates and entry.chosen is not None for entry in entries)
     assert max(len(entry.candidates) for entry in entries) > 1          # there was something to choose from
-    assert [e.plan_index for e in again._graphs.values()] == [entries[0].plan_index]
+    assert [e.chosen.choice for e in again._graphs.values()] == [entries[0].chosen.choice]
     cupy.cuda.get_current_stream().synchronize()
     np.testing.assert_array_equal(prec.to_host(y_again), prec.to_host(y_tuned))
     # Two strict fp32 engines differ only in summation order: each is within RTOL of sum|a||b| of the exact
@@ -390,9 +390,9 @@ def test_nondeterministic_engines_are_candidates_only_when_allowed(handle, monke
     strict.backward_filter(x, dy, 1, 1, dw)
     free.backward_filter(x, dy, 1, 1, dw_free)
     (entry,), (free_entry,) = strict._graphs.values(), free._graphs.values()
-    assert entry.key[-1] is True and free_entry.key[-1] is False and entry.key[:-1] == free_entry.key[:-1]
-    timed = {entry.graph.get_plan_name_at_index(i) for i, _ in entry.candidates}
-    free_timed = {free_entry.graph.get_plan_name_at_index(i) for i, _ in free_entry.candidates}
+    assert entry.key[-2] is True and free_entry.key[-2] is False and entry.key[:-2] == free_entry.key[:-2]
+    timed = {candidate.name for candidate in entry.candidates}
+    free_timed = {candidate.name for candidate in free_entry.candidates}
     nondeterministic = _buildable_engines(free, "wgrad", False) - _buildable_engines(free, "wgrad", True)
     assert not timed & nondeterministic and free_timed - timed <= nondeterministic
     if nondeterministic:          # cuDNN offers some for this shape: the autotuner times them
@@ -416,7 +416,7 @@ def test_engines_that_reduce_in_reduced_precision_are_never_candidates(handle, m
     x, wt, dy, (_, _, dw) = _block_arrays("NHWC", prec)
     conv.backward_filter(x, dy, 1, 1, dw)
     (entry,) = conv._graphs.values()
-    timed = {entry.graph.get_plan_name_at_index(i) for i, _ in entry.candidates}
+    timed = {candidate.name for candidate in entry.candidates}
     reduced = _buildable_engines(conv, "wgrad", False) - _buildable_engines(
         conv, "wgrad", False, deselect=[cudnn.numerical_note.REDUCED_PRECISION_REDUCTION])
     assert not timed & reduced, timed & reduced
@@ -460,3 +460,142 @@ def test_a_convolution_only_reduced_precision_engines_support_still_runs(handle,
     cupy.cuda.get_current_stream().synchronize()
     assert conv.reduced_precision_graphs == ["fprop N=4 C=8 H=8 W=8 K=8 3x3 stride 1 pad 1"]
     assert np.all(np.isfinite(prec.to_host(y)))
+
+
+# --------------------------------------------------------------------------- split-K settings (--conv-split-k)
+
+
+def _split_k(candidates):
+    return [candidate for candidate in candidates if not isinstance(candidate.choice, int)]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_split_k_settings_are_candidates_of_weight_gradients_each_in_its_own_graph(handle, deterministic):
+    """split_k=True adds split-K settings of the weight gradient's engines to its candidates (none to fprop or
+    dgrad), each alone in a graph of its own, judged by its own engine's notes: with deterministic engines
+    only, no NONDETERMINISTIC engine's setting is timed. (Frontend 1.22 keeps one notes list per graph that a
+    second plan-creating call misaligns; the emulated cuDNN reproduces that, so settings added to the
+    heuristics' graph would have been judged by another plan's notes.) Every setting is within the
+    precision's tolerance of the plain result."""
+    import cudnn
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    prec = Precision("tf32")
+    plain = CudnnConv(handle, "NHWC", prec.io_dtype)
+    tuned = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True, deterministic=deterministic)
+    x, wt, dy, (y, dx, dw) = _block_arrays("NHWC", prec)
+    plain.backward_filter(x, dy, 1, 1, dw)
+    _, _, _, (y_tuned, dx_tuned, dw_tuned) = _block_arrays("NHWC", prec)
+    tuned.forward(x, wt, 1, 1, y_tuned)
+    tuned.backward_data(dy, wt, 1, 1, dx_tuned)
+    tuned.backward_filter(x, dy, 1, 1, dw_tuned)
+    entries = {entry.key[0]: entry for entry in tuned._graphs.values()}
+    assert not _split_k(entries["fprop"].candidates) and not _split_k(entries["dgrad"].candidates)
+    settings = _split_k(entries["wgrad"].candidates)
+    for candidate in settings:
+        kind, engine, slices = candidate.choice
+        assert kind == "split_k" and slices >= 2 and candidate.index == 0
+        assert candidate.graph.get_execution_plan_count() == 1 and candidate.graph is not entries["wgrad"].graph
+    if hasattr(cudnn, "ENGINES"):    # the emulation: one deterministic split-K engine, one with atomics
+        engines = {cudnn.ENGINES[engine].name for _, engine, _ in (c.choice for c in settings)}
+        assert engines == ({"split-k slices"} if deterministic else {"split-k slices", "split-k atomics"})
+    cupy.cuda.get_current_stream().synchronize()
+    ref = prec.to_host(dw)
+    tolerance = RTOL["tf32"] * 10 * np.max(np.abs(ref))
+    np.testing.assert_allclose(prec.to_host(dw_tuned), ref, rtol=0, atol=tolerance)
+    # every setting, executed alone: adopt it as the choice, so that a new engine builds only that one
+    device = cupy.cuda.Device().id
+    environment = conv_autotune.export_choices(device)["environment"]
+    for candidate in settings:
+        conv_autotune.forget_choices()
+        saved = {"environment": environment, "choices": [[list(entries["wgrad"].key), list(candidate.choice)]]}
+        assert conv_autotune.import_choices(json.loads(json.dumps(saved)), device) == 1
+        alone = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True, deterministic=deterministic)
+        _, _, _, (_, _, dw_alone) = _block_arrays("NHWC", prec)
+        alone.backward_filter(x, dy, 1, 1, dw_alone)
+        (entry,) = alone._graphs.values()
+        assert [c.choice for c in entry.candidates] == [candidate.choice] and entry.chosen.choice == candidate.choice
+        assert json.loads(json.dumps(conv_autotune.export_choices(device))) == saved
+        cupy.cuda.get_current_stream().synchronize()
+        np.testing.assert_allclose(prec.to_host(dw_alone), ref, rtol=0, atol=tolerance)
+
+
+def test_split_k_needs_the_knob_and_keeps_its_choices_apart(handle):
+    """Without split_k no split-K setting is ever built, and the cache key tells the two apart for weight
+    gradients, so a choice made with split-K candidates never reaches an engine that was not asked to time
+    them; the other convolutions have none, and share their choices either way."""
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    prec = Precision("bf16")
+    plain = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True)
+    split = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True)
+    x, wt, dy, (y, _, dw) = _block_arrays("NHWC", prec)
+    for conv in (plain, split):
+        conv.backward_filter(x, dy, 1, 1, dw)
+        conv.forward(x, wt, 1, 1, y)
+    entries = {entry.key[0]: entry for entry in plain._graphs.values()}
+    split_entries = {entry.key[0]: entry for entry in split._graphs.values()}
+    assert not _split_k(entries["wgrad"].candidates) and plain.split_k_counts == {}
+    assert entries["wgrad"].key[-1] is False and split_entries["wgrad"].key[-1] is True
+    assert entries["wgrad"].key[:-1] == split_entries["wgrad"].key[:-1]
+    assert entries["fprop"].key == split_entries["fprop"].key and entries["fprop"].key[-1] is False
+    assert split.split_k_counts["tried"] >= split.split_k_counts["built"] == len(_split_k(split_entries["wgrad"].candidates))
+    cupy.cuda.get_current_stream().synchronize()
+
+
+def test_a_split_k_setting_that_does_not_repeat_its_bits_is_never_chosen(handle, monkeypatch):
+    """cuDNN's notes belong to an engine, not to its knob's value: an engine that adds its slices with atomics
+    without saying NONDETERMINISTIC passes the deselection. With deterministic engines, each split-K setting
+    runs twice before it is timed and one whose outputs differ is dropped. Emulated cuDNN only: it lets the
+    test give the split-K engine reordered sums and notes that do not say so."""
+    import cudnn
+    if not hasattr(cudnn, "ENGINES"):
+        pytest.skip("needs the emulated cuDNN, whose engines a test can replace")
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    engines = list(cudnn.ENGINES)
+    position = next(i for i, e in enumerate(engines) if e.name == "split-k slices")
+    original = engines[position]
+    engines[position] = cudnn._Engine("untold atomics", workspace=original.workspace, knobs=original.knobs,
+                                      ops=original.ops, proposed=False, reorders=True)
+    monkeypatch.setattr(cudnn, "ENGINES", tuple(engines))
+    prec = Precision("tf32")           # float32 output: a reordered sum shows in the last bits
+    for deterministic in (True, False):
+        conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True, deterministic=deterministic)
+        x, _, dy, (_, _, dw) = _block_arrays("NHWC", prec)
+        conv.backward_filter(x, dy, 1, 1, dw)
+        (entry,) = conv._graphs.values()
+        untold = [c for c in _split_k(entry.candidates) if c.choice[1] == position]
+        assert untold                  # built: its notes are clean
+        if deterministic:
+            assert all(c.dropped == "not repeatable" for c in untold) and entry.chosen not in untold
+            assert conv.split_k_counts["not repeatable"] == len(untold)
+        else:                          # any engine allowed: nothing is run twice, nothing dropped
+            assert not any(c.dropped for c in untold) and "not repeatable" not in conv.split_k_counts
+    cupy.cuda.get_current_stream().synchronize()
+
+
+@pytest.mark.parametrize("adopted", [["split_k", 0, 2], 999])
+def test_an_adopted_choice_that_does_not_build_here_falls_back_to_the_heuristics_choice(handle, adopted):
+    """A checkpoint's choice that this cuDNN cannot build (a split-K setting of an engine without the knob, a
+    plan index past the heuristics' list) leaves nothing to time: the convolution runs the heuristics' first
+    plan, correctly, instead of failing."""
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    prec = Precision("tf32")
+    plain = CudnnConv(handle, "NHWC", prec.io_dtype)
+    x, _, dy, (_, _, dw) = _block_arrays("NHWC", prec)
+    plain.backward_filter(x, dy, 1, 1, dw)
+    (plain_entry,) = plain._graphs.values()
+    key = list(plain_entry.key[:-1]) + [True]
+    device = cupy.cuda.Device().id
+    environment = conv_autotune.export_choices(device)["environment"]
+    assert conv_autotune.import_choices({"environment": environment, "choices": [[key, adopted]]}, device) == 1
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True)
+    _, _, _, (_, _, dw_adopted) = _block_arrays("NHWC", prec)
+    conv.backward_filter(x, dy, 1, 1, dw_adopted)
+    (entry,) = conv._graphs.values()
+    assert entry.candidates is None and entry.chosen is None      # the heuristics' first plan, `execute`
+    cupy.cuda.get_current_stream().synchronize()
+    np.testing.assert_array_equal(prec.to_host(dw_adopted), prec.to_host(dw))
+    conv_autotune.forget_choices()

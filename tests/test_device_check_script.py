@@ -162,10 +162,10 @@ def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
 
 
 @needs_bash
-def test_step_options_paces_four_grids_and_runs_each_even_after_a_failure(tmp_path):
+def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_path):
     """The step_options stage gives each layouts.py grid the time left until its share of the stage's limit
-    (40%, 55%, 65%, all but 15 s), each under a timeout of its own 10 s longer, runs the later grids after one
-    failed (each keeps its own JSON) and then fails.
+    (35%, 48%, 56%, 65%, all but 15 s), each under a timeout of its own 10 s longer, runs the later grids after
+    one failed (each keeps its own JSON) and then fails.
     PY is a stand-in that records its arguments and fails on the first call: this tests the stage's shell."""
     calls = tmp_path / "calls.jsonl"
     stand_in = tmp_path / "python"
@@ -180,19 +180,21 @@ def test_step_options_paces_four_grids_and_runs_each_even_after_a_failure(tmp_pa
     assert result.returncode == 1, result.stdout + result.stderr
     runs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [run[run.index("--json") + 1].rsplit("/", 1)[1] for run in runs] == [
-        "step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_512.json"]
+        "step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_split.json",
+        "step_options_512.json"]
     seconds = [int(run[run.index("--max-seconds") + 1]) for run in runs]
-    assert 39 <= seconds[0] <= 40 and 54 <= seconds[1] <= 55 and 64 <= seconds[2] <= 65 and 84 <= seconds[3] <= 85, \
-        seconds
+    assert [low <= got <= low + 1 for got, low in zip(seconds, (34, 47, 55, 64, 84))] == [True] * 5, seconds
     assert all(run[run.index("--wgrad-pairs") + 1].startswith("1x1,") for run in runs)   # the defaults first
     assert runs[2][runs[2].index("--bn-launches") + 1] == "1"
+    assert runs[3][runs[3].index("--conv-split-k") + 1] == "on" and "--conv-deterministic" not in runs[3]
+    assert runs[4][runs[4].index("--conv-split-k") + 1] == "off,on"      # batch 512: without split-K first
 
     calls.unlink()
-    short = dict(env, STAGE_LIMIT="30")       # 12, 16 and 19 s for the first three (at least 10 each): they run;
-    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=short,    # batch 512's needs 25 s and would get
-                            capture_output=True, text=True, timeout=60)    # 15: it does not start
+    short = dict(env, STAGE_LIMIT="38")       # 13, 18, 21 and 24 s for the first four (at least 10 each): they
+    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=short,    # run; batch 512's needs 25 s and
+                            capture_output=True, text=True, timeout=60)    # would get 23: it does not start
     assert [json.loads(line)[-1].rsplit("/", 1)[1] for line in calls.read_text().splitlines()] == [
-        "step_options.json", "step_options_fp32.json", "step_options_bn.json"]
+        "step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_split.json"]
 
 
 @needs_bash
@@ -228,9 +230,9 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
 
 # What the script's variables hold when its commands run: step options as best_step_options.py prints
 # them (all three flags, so that each must exist wherever it is passed), and one accuracy entry's flags.
-SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --bn-launches 1",
-                 "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic",
-                 "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic",
+SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --bn-launches 1",
+                 "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k",
+                 "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",

@@ -175,8 +175,8 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     small = ["--depth", "8", "--batch", "8"]
     runs = {
         "layouts": ["bench/layouts.py", "--device", "0", "--depths", "8", "--batches", "8", "--layouts", "NHWC",
-                    "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--wgrad-pairs", "2x1,2x2", "--max-seconds", "900", "--warmup", "3",
-                    "--steps", "1", "--repeats", "2"],
+                    "--dtypes", "bfloat16", "--cuda-graph", "off,on", "--wgrad-pairs", "2x1,2x2", "--conv-split-k", "off,on",
+                    "--max-seconds", "900", "--warmup", "3", "--steps", "1", "--repeats", "2"],
         "layers": ["bench/layers.py", "--device", "0", *small, "--layout", "NCHW", "--dtype", "float32", "--steps", "1",
                    "--peak-gbs", "3350", "--bn-launches", "1"],
         "layers_warm": ["bench/layers.py", "--device", "0", *small, "--layout", "NHWC", "--dtype", "bfloat16",
@@ -196,9 +196,16 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         rows = report.get("results") or report.get("primitives") or report.get("convolutions")
         assert rows, report
     layouts = json.loads((tmp_path / "layouts.json").read_text())["results"]
-    assert sorted(row["captured"] for row in layouts) == [False, False, True, True]
+    assert sorted(row["captured"] for row in layouts) == [False] * 4 + [True] * 4
     assert all(row["wgrad_streams"] == 2 for row in layouts)
-    eager = {row["wgrad_chunks"]: row["kernels_per_step"] for row in layouts if not row["captured"]}
+    assert sorted(row["conv_split_k"] for row in layouts) == [False] * 4 + [True] * 4
+    # the emulation's split-K engine gives every weight gradient settings: the first row with split-K builds
+    # them (later rows of the same shapes build only those the process chose); only split-K rows report
+    reports = [row["split_k_settings"] for row in layouts if row["conv_split_k"]]
+    assert all(row["split_k_settings"] is None for row in layouts if not row["conv_split_k"])
+    assert all("chosen" in report for report in reports) and reports[0]["built"] > 0, reports
+    eager = {row["wgrad_chunks"]: row["kernels_per_step"] for row in layouts
+             if not row["captured"] and not row["conv_split_k"]}
     # ResNet-8's 7 weight gradients are two cuDNN calls each with 2 chunks; the bf16 step sums its weight
     # gradients' rows in one kernel either way (one row: the conversion), so nothing else changes
     assert eager[2] - eager[1] == 7, eager
@@ -213,8 +220,12 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     for op in ("fprop", "dgrad", "wgrad"):   # every convolution has all three figures here: all are counted
         assert per_step[op]["convolutions"] == sum(row["op"] == op for row in engines), per_step
     variants = {row["op"]: sorted(name for name, found in row["variants"].items() if found) for row in engines}
-    assert variants == {"wgrad": ["float32_output", "scale_bias_relu"], "dgrad": [],
+    assert variants == {"wgrad": ["float32_output", "scale_bias_relu", "split_k"], "dgrad": [],
                         "fprop": ["genstats", "scale_bias_relu_genstats"]}
+    for row in engines:       # the emulated cuDNN's split-K engines: one adds its slices in order, one by atomics
+        if row["op"] == "wgrad":
+            timed = {(e["name"].split(" (")[1], e["deterministic"]) for e in row["variants"]["split_k"] if "us" in e}
+            assert timed == {("split-k slices)", True), ("split-k atomics)", False)}, row["variants"]["split_k"]
     for name in ("layers", "layers_warm"):   # every call replayed alone in a graph, L2 evicted before it or not
         layers = json.loads((tmp_path / f"{name}.json").read_text())
         # (copies are not replayed; wait_for_gradients only orders the streams: its graph has no kernel; and

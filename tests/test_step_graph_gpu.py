@@ -29,12 +29,12 @@ def dataset():
     return synthetic_dataset(num_train=64, num_test=24, seed=1)
 
 
-def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2):
+def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks,
-                       bn_launches=bn_launches)
+                       bn_launches=bn_launches, split_k=split_k)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):
@@ -177,3 +177,39 @@ def test_weight_gradients_beside_the_main_stream_equal_the_serial_order(dataset,
         == {16 // wgrad_chunks}
     assert serial_backend.calls["sum_chunks"] == STEPS      # one sum per step, for every convolution
     assert_identical(serial, overlapped)
+
+
+def test_split_k_weight_gradients_captured_equal_eager(dataset):
+    """With --conv-split-k the autotuner also times split-K settings of the weight gradients' engines, each a
+    cuDNN graph of its own. A first run times them; then every weight gradient for which one was built is
+    made to run one (its choice replaced, as a checkpoint's would be adopted), and the captured step repeats
+    the eager one bit for bit with them, the weight gradients beside the main stream on two side streams."""
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    settings = dict(BASE, dtype="bfloat16", wgrad_streams=2, conv_split_k=True)
+    tuning = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
+    train(TrainConfig(**settings, cuda_graph="off"), dataset, tuning)
+    forced = {}
+    for entry in tuning.conv._graphs.values():
+        built = [c.choice for c in entry.candidates or [] if isinstance(c.choice, tuple) and not c.dropped]
+        if built:
+            forced[entry.key] = built[-1]                    # the most slices
+    import cudnn
+    if not forced:
+        assert not hasattr(cudnn, "ENGINES"), "the emulated cuDNN has a split-K engine for every weight gradient"
+        pytest.skip("cuDNN offered no split-K setting for these weight gradients")
+    device = tuning.device.id
+    saved = conv_autotune.export_choices(device)
+    saved["choices"] = [[key, list(forced.get(tuple(key), ())) or choice] for key, choice in saved["choices"]]
+    conv_autotune.forget_choices()
+    conv_autotune.import_choices(saved, device)
+    eager_backend = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
+    backend = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
+    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
+    assert captured[0].runner.captured
+    choices = backend.conv.engine_choices()
+    assert all(choice["key"][-1] is (choice["op"] == "wgrad") for choice in choices)    # split_k in wgrad keys
+    assert {choice["key"]: choice["plan_index"] for choice in choices if choice["key"] in forced} == forced
+    assert_identical(eager, captured)
+    conv_autotune.forget_choices()

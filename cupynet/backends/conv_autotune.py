@@ -18,33 +18,88 @@ resumed run adopts them (`import_choices`) when it runs on the same GPU model wi
 continues with the same engines, bit for bit; elsewhere it times afresh (like cudnn.benchmark, a new
 process could choose other engines).
 
+Split-K configurations (split_k=True, `--conv-split-k`, weight gradients only). A weight gradient's output
+is tiny (2,304-36,864 values at 16-64 channels) and its sum runs over all N x H x W positions (131,072 at
+batch 128), so an engine that does not split that sum keeps few SMs busy. Engines that can split it expose
+the knob SPLIT_K_SLC (the number of slices); the heuristics propose one setting per engine. With split_k,
+the autotuner also times up to MAX_SPLIT_K_CANDIDATES (engine, slices) settings: at most MAX_SPLIT_K_ENGINES
+engines that expose the knob, the heuristics' own first, each with powers of two from 2 to
+MAX_SPLIT_K_SLICES that its knob takes. The list depends on the graph only (no time budget), so every
+backend of the process builds the same one. Each setting is a graph of its own (`create_execution_plan(engine id, {knob type: value})` on a fresh
+graph): Frontend 1.22 keeps notes per plan in a list that a second plan-creating call on the same graph
+extends with every plan's notes again, so a plan added to the heuristics' graph would be deselected (or
+not) by another plan's notes. Alone in its graph, a setting is judged by its own engine's notes: the same
+deselections as the heuristics' plans (never reduced-precision sums; deterministic: no NONDETERMINISTIC
+engine; strict fp32: no TF32). Those notes belong to the engine, not to the knob's value, so with
+deterministic engines a setting must also repeat its bits: run twice on the same arrays before it is
+timed, one whose two outputs differ is dropped (an engine adding its slices with atomics that cuDNN did not
+note NONDETERMINISTIC). A choice is then ("split_k", engine id, slices) instead of a plan index, and
+checkpoints carry it the same way.
+
 Frontend calls used (nvidia-cudnn-frontend 1.22-1.26, names read in the 1.22.1 wheel):
 `get_execution_plan_count()`, `build_plan_at_index(i)` (raises for a deselected or unsupported index),
 `get_workspace_size_plan_at_index(i)`, `execute_plan_at_index(variant_pack, workspace, i, handle=)`,
-`get_behavior_notes_for_plan_at_index(i)` and `cudnn.behavior_note.RUNTIME_COMPILATION`.
+`get_behavior_notes_for_plan_at_index(i)` and `cudnn.behavior_note.RUNTIME_COMPILATION`; for split-K,
+`get_engine_count()`, `get_knobs_for_engine(engine id)` (knob objects with `type`, `min_value`,
+`max_value`, `stride`), `create_execution_plan(engine id, {cudnn.knob_type.SPLIT_K_SLC: slices})`, and the
+plan names, which start with "eng<engine id>" (the signatures and knob attributes read in the 1.22.1
+module, imported without a GPU).
 """
+import re
 import threading
+from dataclasses import dataclass
 
 MAX_WORKSPACE_BYTES = 256 * 2 ** 20     # an engine needing more is not worth the memory at these sizes
 MAX_CANDIDATES = 8                       # the heuristics' best few: builds cost warm-up time
 TIMED_RUNS = 3
 HOLD_SECONDS = 0.001                     # enough to enqueue a few cuDNN calls behind it
 MAX_HOLD_SECONDS = 0.064                 # a hold that was too short is quadrupled, up to this
+MAX_SPLIT_K_CANDIDATES = 8               # (engine, slices) settings timed per weight gradient, with split_k
+MAX_SPLIT_K_ENGINES = 2                  # engines those settings are shared among (the heuristics' first)
+MAX_SPLIT_K_SLICES = 64                  # a 128-image batch's 8x8 maps still give each slice 128 positions
+SPLIT_K = "split_k"                      # a choice ("split_k", engine id, slices), beside plain plan indices
+KEY_LENGTH_BEFORE_SPLIT_K = 14           # a checkpoint's keys from before the key said split_k: it was off
 
-_CHOICES = {}                            # (device id, graph key) -> plan index
+_CHOICES = {}                            # (device id, graph key) -> choice: a plan index or a split-K setting
 _LOCK = threading.Lock()
 
 
-def build_candidates(graph, build_errors, key, runtime_compiled_note):
-    """Build the candidate plans worth timing; [(plan index, workspace bytes)] (maybe empty).
+@dataclass
+class Candidate:
+    """One engine configuration the autotuner may time: plan `index` of a built `graph` whose tensors are
+    `tensors` (in the order of CudnnConv's array arguments), and the `choice` that names it."""
+    choice: object          # int: the heuristics' plan index; ("split_k", engine id, slices)
+    graph: object
+    tensors: tuple
+    index: int
+    workspace: int
+    dropped: str = None     # why the autotuner did not time it (a split-K setting that did not repeat its bits)
 
-    When this process (or an adopted checkpoint) already chose a plan for `key` on this GPU, only that
-    one is built: a second worker or backend pays no second round of builds. Otherwise the heuristics'
-    first MAX_CANDIDATES plans, skipping those that are compiled at run time (seconds each), except the
-    first: the heuristics' own choice is always a candidate, so tuning never does worse than not tuning.
+    @property
+    def name(self):
+        return self.graph.get_plan_name_at_index(self.index)
+
+
+def known_choice(key):
+    """What this process (or an adopted checkpoint) chose for `key` on the current GPU, or None."""
+    import cupy
+    with _LOCK:
+        return _CHOICES.get((cupy.cuda.Device().id, key))
+
+
+def build_candidates(graph, tensors, build_errors, known, runtime_compiled_note):
+    """Build the heuristics' candidate plans worth timing: a list of Candidate (maybe empty).
+
+    When a choice is `known` (this process's or an adopted checkpoint's), only that plan is built, or none
+    when it is a split-K setting: a second worker or backend pays no second round of builds. Otherwise
+    the heuristics' first MAX_CANDIDATES plans, skipping those that are compiled at run time (seconds
+    each), except the first: the heuristics' own choice is always a candidate, so tuning never does worse
+    than not tuning.
     """
-    known = _known_choice(key)
-    indices = [known] if known is not None else range(graph.get_execution_plan_count())
+    if known is not None:
+        indices = [known] if isinstance(known, int) else []
+    else:
+        indices = range(graph.get_execution_plan_count())
     built = []
     for index in indices:
         if len(built) == MAX_CANDIDATES:
@@ -57,14 +112,83 @@ def build_candidates(graph, build_errors, key, runtime_compiled_note):
             continue
         workspace = int(graph.get_workspace_size_plan_at_index(index))
         if workspace <= MAX_WORKSPACE_BYTES:
-            built.append((index, workspace))
+            built.append(Candidate(index, graph, tensors, index, workspace))
     return built
 
 
-def _known_choice(key):
-    import cupy
-    with _LOCK:
-        return _CHOICES.get((cupy.cuda.Device().id, key))
+def split_k_settings(graph, split_knob, preferred_engines, errors, limit=MAX_SPLIT_K_CANDIDATES,
+                     engines=MAX_SPLIT_K_ENGINES):
+    """[(engine id, slices)] worth timing for the planned operation graph `graph`: up to `engines` engines
+    whose knobs include `split_knob` (cudnn.knob_type.SPLIT_K_SLC), those in `preferred_engines` first and in
+    that order, each with the powers of two from 2 to MAX_SPLIT_K_SLICES that its knob takes; at most `limit`
+    in all, shared evenly among the engines (one that takes fewer values leaves its share to the next), each
+    engine's share spread over its values (both ends included; a share of one: the middle)."""
+    ranges = []
+    for engine in range(int(graph.get_engine_count())):
+        try:
+            knobs = graph.get_knobs_for_engine(engine)
+        except errors:                    # an engine that cannot run this graph at all
+            continue
+        split = next((k for k in knobs if k.type == split_knob), None)
+        if split is not None:
+            values = [2 ** p for p in range(1, MAX_SPLIT_K_SLICES.bit_length()) if _takes(split, 2 ** p)]
+            if values:
+                ranges.append((engine, values))
+    rank = {engine: position for position, engine in enumerate(preferred_engines)}
+    ranges = sorted(ranges, key=lambda item: (rank.get(item[0], len(rank)), item[0]))[:engines]
+    settings = []
+    for position, (engine, values) in enumerate(ranges):
+        share = -(-(limit - len(settings)) // (len(ranges) - position))      # ceiling: what is left, evenly
+        if share <= 0:
+            break
+        if share == 1:
+            values = [values[len(values) // 2]]
+        elif len(values) > share:
+            values = [values[round(i * (len(values) - 1) / (share - 1))] for i in range(share)]
+        settings += [(engine, value) for value in values]
+    return settings[:limit]
+
+
+def _takes(knob, value):
+    stride = max(int(knob.stride or 1), 1)
+    return int(knob.min_value) <= value <= int(knob.max_value) and (value - int(knob.min_value)) % stride == 0
+
+
+def engine_ids(plan_names):
+    """The engine ids in plan names ("eng<id>_k<knob>=<value>...", the Frontend's engine tags), in their
+    order, each once."""
+    ids = []
+    for name in plan_names:
+        match = re.match(r"eng(\d+)", str(name))
+        if match and int(match.group(1)) not in ids:
+            ids.append(int(match.group(1)))
+    return ids
+
+
+def build_split_k_candidates(describe, settings, cudnn, notes, errors):
+    """Build each (engine, slices) setting in a graph of its own (see the module docstring); a list of Candidate.
+
+    describe(): a fresh, unplanned (graph, tensors) of the convolution. A setting the engine refuses
+    (unsupported, deselected by `notes`, compiled at run time: seconds each, too much workspace) is left out.
+    """
+    built = []
+    for engine, slices in settings:
+        graph, tensors = describe()
+        try:
+            graph.validate()
+            graph.build_operation_graph()
+            graph.create_execution_plan(engine, {cudnn.knob_type.SPLIT_K_SLC: slices})
+            graph.deselect_numeric_notes(notes)
+            if _runtime_compiled(graph, 0, cudnn.behavior_note.RUNTIME_COMPILATION):
+                continue
+            graph.check_support()
+            graph.build_plan_at_index(0)
+            workspace = int(graph.get_workspace_size_plan_at_index(0))
+        except errors:
+            continue
+        if workspace <= MAX_WORKSPACE_BYTES:
+            built.append(Candidate((SPLIT_K, engine, slices), graph, tensors, 0, workspace))
+    return built
 
 
 def _runtime_compiled(graph, index, note):
@@ -75,41 +199,49 @@ def _runtime_compiled(graph, index, note):
         return False
 
 
-def choose_plan(key, graph, candidates, variant_pack, handle, cupy, hold=None):
-    """The plan index for graph `key`: the process-wide choice, or the fastest candidate, timed now.
+def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_bits=None):
+    """The Candidate to execute for graph `key`: the process-wide choice, or the fastest, timed now.
 
-    variant_pack maps the graph's tensors to the real arrays' pointers; the timed runs write the
-    output array, which the caller's execution then overwrites.
+    pointers: the real arrays' addresses, in the order of each candidate's tensors; the timed runs write
+    the output array, which the caller's execution then overwrites. repeats_its_bits(run): whether two
+    calls of run() write the same output bits; given (deterministic engines only), a split-K setting that
+    does not is dropped before it is timed.
     """
     key = (cupy.cuda.Device().id, key)
-    built = {index for index, _ in candidates}
+    by_choice = {candidate.choice: candidate for candidate in candidates}
     with _LOCK:
         known = _CHOICES.get(key)
-    if known in built:
-        return known
-    index = _fastest(graph, candidates, variant_pack, handle, cupy, hold)
+    if known in by_choice:
+        return by_choice[known]
+    fastest = _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits)
     with _LOCK:
         if _CHOICES.get(key) == known:     # nobody chose meanwhile (or an adopted choice was not built here)
-            _CHOICES[key] = index
-        return _CHOICES[key]
+            _CHOICES[key] = fastest.choice
+        # another thread's choice, where it was built here too (it is, for the same key and heuristics)
+        return by_choice.get(_CHOICES[key], fastest)
 
 
-def _fastest(graph, candidates, variant_pack, handle, cupy, hold):
+def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits):
     stream = cupy.cuda.get_current_stream()        # the backend's stream: its handle is bound to it
-    scratch = cupy.empty((max([workspace for _, workspace in candidates] + [1]),), dtype=cupy.uint8)
+    scratch = cupy.empty((max([candidate.workspace for candidate in candidates] + [1]),), dtype=cupy.uint8)
     timings = []
-    for index, _ in candidates:
+    for position, candidate in enumerate(candidates):
+        variant_pack = dict(zip(candidate.tensors, pointers))
+
         def run():
-            graph.execute_plan_at_index(variant_pack, scratch.data.ptr, index, handle=handle)
+            candidate.graph.execute_plan_at_index(variant_pack, scratch.data.ptr, candidate.index, handle=handle)
         try:
             run()                                  # untimed: first-run costs
+            if repeats_its_bits is not None and not isinstance(candidate.choice, int) and not repeats_its_bits(run):
+                candidate.dropped = "not repeatable"   # atomics the engine's notes did not declare
+                continue
             milliseconds = gpu_milliseconds(cupy, stream, hold, lambda: [run() for _ in range(TIMED_RUNS)])
         except (RuntimeError, ValueError):        # an engine that builds but cannot run these arrays
             continue
-        timings.append((milliseconds, index))
+        timings.append((milliseconds, position))
     if not timings:
         raise RuntimeError(f"none of the {len(candidates)} built cuDNN plans could execute")
-    return min(timings)[1]
+    return candidates[min(timings)[1]]
 
 
 def gpu_milliseconds(cupy, stream, hold, enqueue, first_hold=HOLD_SECONDS):
@@ -137,22 +269,44 @@ def gpu_milliseconds(cupy, stream, hold, enqueue, first_hold=HOLD_SECONDS):
 
 
 def export_choices(device_id):
-    """The choices made on GPU `device_id`, JSON-ready, with the GPU model and cuDNN they were timed on."""
+    """The choices made on GPU `device_id`, JSON-ready (a split-K setting becomes a list), with the GPU model
+    and cuDNN they were timed on."""
     with _LOCK:
-        choices = [[list(key), index] for (device, key), index in sorted(_CHOICES.items(), key=str)
-                   if device == device_id]
+        choices = [[list(key), list(choice) if isinstance(choice, tuple) else choice]
+                   for (device, key), choice in sorted(_CHOICES.items(), key=str) if device == device_id]
     return {"environment": _environment(device_id), "choices": choices}
 
 
 def import_choices(saved, device_id):
     """Adopt choices from `export_choices` (a checkpoint's) if they were timed on this GPU model and cuDNN
-    version; returns how many were adopted (0 for another environment or nothing saved)."""
+    version; returns how many were adopted (0 for another environment or nothing saved). An entry that is
+    not a choice (a plan index, or ["split_k", engine id, slices]) is left out: that convolution is timed
+    again."""
     if not saved or saved.get("environment") != _environment(device_id):
         return 0
+    adopted = 0
     with _LOCK:
-        for key, index in saved["choices"]:
-            _CHOICES[(device_id, tuple(key))] = int(index)
-    return len(saved["choices"])
+        for entry in saved.get("choices", []):
+            parsed = _parse_saved(entry)
+            if parsed is not None:
+                _CHOICES[(device_id, parsed[0])] = parsed[1]
+                adopted += 1
+    return adopted
+
+
+def _parse_saved(entry):
+    """(key, choice) of one saved [key, choice] entry, or None when it is not one."""
+    try:
+        key, choice = entry
+        key = tuple(key) + ((False,) if len(key) == KEY_LENGTH_BEFORE_SPLIT_K else ())
+    except (TypeError, ValueError):
+        return None
+    if type(choice) is int:
+        return key, choice
+    if isinstance(choice, list) and len(choice) == 3 and choice[0] == SPLIT_K and all(
+            type(value) is int for value in choice[1:]):
+        return key, tuple(choice)
+    return None
 
 
 def _environment(device_id):

@@ -24,7 +24,8 @@ Layout lives only in the strides
     need `set_dim`, because their shape cannot be inferred (a stride-2 dgrad loses H's parity).
 
 The cache key
-    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic), with N, C, H, W taken from the
+    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic, split_k), split_k
+    being True only for a weight gradient with split-K settings among its candidates, with N, C, H, W taken from the
     op's image-side tensor (x, or dx for dgrad). A built graph is reusable with new pointers for the same
     shapes, strides and dtypes, so each key is built exactly once (`builds` counts it) and every later call
     is a dict lookup, three shape checks and one `execute`.
@@ -45,7 +46,9 @@ Precision
 Autotuning (autotune=True, the GPU backend's default, `--no-conv-autotune` turns it off)
     Every candidate engine is built and, on the convolution's first execution, timed with the real arrays;
     the fastest is executed from then on (conv_autotune.py, which also says why choices are shared by
-    every engine of the process).
+    every engine of the process). With split_k=True (`--conv-split-k`), a weight gradient's candidates
+    also include split-K settings of its engines, each built in a graph of its own (conv_autotune.py says
+    why); the chosen candidate's graph and tensors are then the ones executed.
 
 Why integer pointers
     `execute` is given `{tensor: arr.data.ptr}` and the workspace address as plain Python ints. Passing
@@ -86,7 +89,8 @@ source; identical in 1.26.0, whose wheel was compared):
 import contextlib
 from collections import Counter
 
-from cupynet.backends.conv_autotune import build_candidates, choose_plan
+from cupynet.backends.conv_autotune import (build_candidates, build_split_k_candidates, choose_plan, engine_ids,
+                                            known_choice, split_k_settings)
 from cupynet.errors import DeviceError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -158,11 +162,12 @@ class _BuiltGraph:
              e.g. (X, W, Y) for forward(x, w, stride, pad, y);
     shapes:  the CuPy shapes those three arrays must have.
 
-    candidates: with autotuning, the built plans [(index, workspace bytes)]; plan_index, once chosen,
-             is the one executed (None: the heuristics' first plan, `execute`).
+    candidates: with autotuning, the built conv_autotune.Candidate list; `chosen`, once timed, is the one
+             executed (its own graph and tensors for a split-K setting). None: the heuristics' first plan
+             of `graph`, `execute`.
     """
 
-    __slots__ = ("graph", "tensors", "shapes", "workspace_bytes", "candidates", "plan_index", "key")
+    __slots__ = ("graph", "tensors", "shapes", "workspace_bytes", "candidates", "chosen", "key")
 
     def __init__(self, graph, tensors, shapes, workspace_bytes, candidates=None):
         self.graph = graph
@@ -170,7 +175,7 @@ class _BuiltGraph:
         self.shapes = shapes
         self.workspace_bytes = workspace_bytes
         self.candidates = candidates
-        self.plan_index = None
+        self.chosen = None
         self.key = None             # the cache key, set by CudnnConv (autotuning choices are kept per key)
 
 
@@ -223,6 +228,7 @@ class CudnnConv:
     autotune:    time every candidate engine on first use and keep the fastest (conv_autotune.py);
                  otherwise the heuristics' first choice.
     deterministic: only engines that give the same bits on every run (see the module docstring).
+    split_k:     with autotune, also time split-K settings of each weight gradient's engines (conv_autotune.py).
     hold:        optional hold(seconds), which keeps the current stream busy (CupyBackend.hold_stream): the
                  autotuner enqueues its timed runs behind it, so it times the engines, not the host.
 
@@ -238,7 +244,7 @@ class CudnnConv:
     """
 
     def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False, wgrad_handle=None,
-                 wgrad_streams=(), deterministic=True, hold=None):
+                 wgrad_streams=(), deterministic=True, split_k=False, hold=None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if io_dtype not in IO_DTYPES:
@@ -260,6 +266,7 @@ class CudnnConv:
         self.strict_fp32 = bool(strict_fp32)
         self.autotune = bool(autotune)
         self.deterministic = bool(deterministic)
+        self.split_k = bool(split_k)
         type_name, self.itemsize = IO_DTYPES[io_dtype]
         self._data_type = getattr(self._cudnn.data_type, type_name)
         self._float = self._cudnn.data_type.FLOAT
@@ -268,6 +275,10 @@ class CudnnConv:
         self.builds = Counter()         # op -> number of graphs built (one per cache key)
         self.graph_calls = Counter()    # cache key -> calls (what a step runs how often: bench/conv_engines.py)
         self.reduced_precision_graphs = []   # convolutions only engines with reduced-precision sums support
+        # split-K settings (split_k): "tried" (built or not), "built", "not repeatable" (dropped before timing,
+        # deterministic engines only) and "problem: ..." (why a weight gradient got none: a Frontend without
+        # knobs): what bench/layouts.py reports, so a GPU run shows whether the option did anything
+        self.split_k_counts = Counter()
         self._graphs = {}               # cache key -> _BuiltGraph
         self._frozen = False
 
@@ -315,14 +326,15 @@ class CudnnConv:
         return self._main.bytes
 
     def engine_choices(self):
-        """Every graph built so far: its cache key, calls and the engine it executes (plan index and cuDNN's
-        name for it; None for the heuristics' first plan, without autotuning)."""
+        """Every graph built so far: its cache key, calls and the engine it executes (the autotuner's choice, a
+        plan index or a split-K setting, and cuDNN's name for it; None for the heuristics' first plan, without
+        autotuning)."""
         choices = []
         for key, entry in self._graphs.items():
-            index = entry.plan_index
-            name = entry.graph.get_plan_name_at_index(index) if index is not None else None
+            chosen = entry.chosen
             choices.append({"key": key, "op": key[0], "dims": key[1:8], "stride": key[8], "pad": key[9],
-                            "calls": self.graph_calls[key], "plan_index": index, "plan_name": name})
+                            "calls": self.graph_calls[key], "plan_index": chosen and chosen.choice,
+                            "plan_name": chosen and chosen.name})
         return choices
 
     @property
@@ -336,7 +348,8 @@ class CudnnConv:
     # ------------------------------------------------------------------ cache
 
     def _graph_for(self, op, key_dims, stride, pad):
-        key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32, self.deterministic)
+        key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32, self.deterministic,
+               self.split_k and op == "wgrad")
         self.graph_calls[key] += 1
         entry = self._graphs.get(key)
         if entry is None:
@@ -358,24 +371,39 @@ class CudnnConv:
         self._check(op, entry, 0, a)
         self._check(op, entry, 1, b)
         self._check(op, entry, 2, out)
-        t_a, t_b, t_out = entry.tensors
-        variant_pack = {t_a: a.data.ptr, t_b: b.data.ptr, t_out: out.data.ptr}
+        pointers = (a.data.ptr, b.data.ptr, out.data.ptr)
         lanes = self._lanes(op)
         if not 0 <= lane_index < len(lanes):
             raise ValueError(f"conv {op}: lane {lane_index} of {len(lanes)}")
         lane = lanes[lane_index]
         if lane.stream is not None:
             self._cudnn.set_stream(handle=lane.handle, stream=lane.stream.ptr)
-        if entry.candidates is not None and entry.plan_index is None:     # first use: time the candidates
-            entry.plan_index = choose_plan(entry.key, entry.graph, entry.candidates, variant_pack, lane.handle,
-                                           self._cupy, self._hold)
+        if entry.candidates is not None and entry.chosen is None:     # first use: time the candidates
+            check = self._repeats_its_bits(out) if self.deterministic else None
+            entry.chosen = choose_plan(entry.key, entry.candidates, pointers, lane.handle, self._cupy, self._hold,
+                                       check)
+            dropped = sum(candidate.dropped == "not repeatable" for candidate in entry.candidates)
+            if dropped:
+                self.split_k_counts["not repeatable"] += dropped
             for other in lanes:
-                other.grow(int(entry.graph.get_workspace_size_plan_at_index(entry.plan_index)))
-        if entry.plan_index is None:
-            entry.graph.execute(variant_pack, lane.ptr, handle=lane.handle)
+                other.grow(entry.chosen.workspace)
+        chosen = entry.chosen
+        if chosen is None:
+            entry.graph.execute(dict(zip(entry.tensors, pointers)), lane.ptr, handle=lane.handle)
         else:
-            entry.graph.execute_plan_at_index(variant_pack, lane.ptr, entry.plan_index, handle=lane.handle)
+            chosen.graph.execute_plan_at_index(dict(zip(chosen.tensors, pointers)), lane.ptr, chosen.index,
+                                               handle=lane.handle)
         self.executions[op] += 1
+
+    def _repeats_its_bits(self, out):
+        """repeats_its_bits(run) for the autotuner: run() again (it has just run) and compare `out`'s bits."""
+        cupy = self._cupy
+
+        def check(run):
+            first = out.copy()              # on the current stream, as run() enqueues
+            run()
+            return bool(cupy.array_equal(first.view(cupy.uint8), out.view(cupy.uint8)))
+        return check
 
     def _check(self, op, entry, index, array):
         """Shape, item size and density of one argument; a mismatch would make cuDNN read out of bounds."""
@@ -403,13 +431,18 @@ class CudnnConv:
         try:
             graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
             try:
-                candidates = self._plan(graph, key)
+                candidates = self._plan(graph, tensors, key)
+                if candidates is not None and self.split_k and op == "wgrad":
+                    candidates += self._split_k_candidates(graph, candidates, key, key_dims, stride, pad)
             except cudnn.cudnnGraphNotSupportedError:
                 # Only engines that sum in reduced precision left? Better than no convolution at all: plan
                 # again allowing them (a deselection cannot be undone on the same graph).
                 graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
-                candidates = self._plan(graph, key, reduced_precision_sums=True)
+                candidates = self._plan(graph, tensors, key, reduced_precision_sums=True)
                 self.reduced_precision_graphs.append(describe(op, key_dims, stride, pad))
+            if candidates == []:            # nothing built to time (or an adopted choice not built here)
+                graph.build_plans()         # the heuristics' first plan
+                candidates = None
             # autotuned: the workspace grows to the chosen plan's size once it is chosen (first use)
             workspace_bytes = 0 if candidates else graph.get_workspace_size()
         except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
@@ -471,12 +504,12 @@ class CudnnConv:
         tensor.set_stride(packed_strides(self.layout, *dims))
         tensor.set_data_type(data_type)
 
-    def _plan(self, graph, key, reduced_precision_sums=False):
+    def _plan(self, graph, tensors, key, reduced_precision_sums=False):
         """validate -> operation graph -> heuristics [A, FALLBACK] -> deselect -> check -> build.
 
-        Returns the autotuning candidates [(plan index, workspace bytes)], or None when the heuristics'
-        first plan was built (`execute` runs it). reduced_precision_sums: keep the engines noted
-        REDUCED_PRECISION_REDUCTION (only when nothing else supports the graph)."""
+        Returns the autotuning candidates (conv_autotune.Candidate, maybe none), or None without autotuning,
+        when the heuristics' first plan was built (`execute` runs it). reduced_precision_sums: keep the
+        engines noted REDUCED_PRECISION_REDUCTION (only when nothing else supports the graph)."""
         cudnn = self._cudnn
         graph.validate()
         graph.build_operation_graph()
@@ -487,20 +520,50 @@ class CudnnConv:
         # gradient adds 131,072 products per element at batch 128). Deterministic (the default): no
         # NONDETERMINISTIC engines (atomics that reorder wgrad sums), so a rerun, a resumed run and a
         # CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32.
+        graph.deselect_numeric_notes(self._deselected_notes(reduced_precision_sums))
+        graph.check_support()
+        if self.autotune:
+            return build_candidates(graph, tensors, self._build_errors(), known_choice(key),
+                                    cudnn.behavior_note.RUNTIME_COMPILATION)
+        graph.build_plans()       # no autotuning: the heuristics' first plan
+        return None
+
+    def _deselected_notes(self, reduced_precision_sums=False):
+        cudnn = self._cudnn
         notes = [] if reduced_precision_sums else [cudnn.numerical_note.REDUCED_PRECISION_REDUCTION]
         if self.deterministic:
             notes.append(cudnn.numerical_note.NONDETERMINISTIC)
         if self.strict_fp32:
             notes += [cudnn.numerical_note.TENSOR_CORE, cudnn.numerical_note.DOWN_CONVERT_INPUTS]
-        graph.deselect_numeric_notes(notes)
-        graph.check_support()
-        if self.autotune:
-            errors = (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError)
-            candidates = build_candidates(graph, errors, key, cudnn.behavior_note.RUNTIME_COMPILATION)
-            if candidates:
-                return candidates
-        graph.build_plans()       # no autotuning (or no candidate built): the heuristics' first plan
-        return None
+        return notes
+
+    def _build_errors(self):
+        return (self._cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError)
+
+    def _split_k_candidates(self, graph, heuristic, key, key_dims, stride, pad):
+        """The split-K settings of a weight gradient's engines, each built in a graph of its own
+        (conv_autotune.py): the known one only, when a choice was made, else those split_k_settings picks
+        from the planned heuristics' `graph` (its operation graph names the engines and their knobs)."""
+        cudnn, errors = self._cudnn, self._build_errors()
+        known = known_choice(key)
+        if isinstance(known, int):
+            return []
+        if known is not None:
+            settings = [tuple(known[1:])]
+        else:
+            try:
+                preferred = engine_ids(candidate.name for candidate in heuristic)
+                settings = split_k_settings(graph, cudnn.knob_type.SPLIT_K_SLC, preferred, errors)
+            except (*errors, AttributeError, TypeError) as error:   # a Frontend without knobs: the heuristics' only
+                self.split_k_counts[f"problem: {type(error).__name__}: {' '.join(str(error).split())[:120]}"] += 1
+                return []
+
+        def fresh():
+            fresh_graph, tensors, _ = self.describe_graph("wgrad", key_dims, stride, pad)
+            return fresh_graph, tensors
+        built = build_split_k_candidates(fresh, settings, cudnn, self._deselected_notes(), errors)
+        self.split_k_counts.update(tried=len(settings), built=len(built))
+        return built
 
     def _unsupported_message(self, op, key_dims, stride, pad, error):
         precision = self.io_dtype + (" strict fp32" if self.strict_fp32 else "")

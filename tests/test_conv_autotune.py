@@ -1,0 +1,103 @@
+"""CPU tests of the autotuner's choice of split-K settings (cupynet/backends/conv_autotune.py).
+
+`split_k_settings` only reads an operation graph's engines and their knobs, so a stand-in for the cuDNN
+Frontend's graph (the external library, not our code) is enough to check which (engine, slices) settings
+it picks: at most two engines, the heuristics' first, powers of two from 2 to 64 that the knob takes, at
+most the limit, shared evenly. Old checkpoints' choices are adopted with split-K off.
+"""
+from types import SimpleNamespace
+
+import pytest
+
+from cupynet.backends import conv_autotune
+from cupynet.backends.conv_autotune import Candidate, engine_ids, split_k_settings
+
+SPLIT, OTHER = "SPLIT_K_SLC", "TILEK"
+
+
+class Graph:
+    """An operation graph whose engine i exposes knobs[i] (None: the engine refuses this graph)."""
+
+    def __init__(self, knobs, names=()):
+        self.knobs, self.names = knobs, list(names)
+
+    def get_engine_count(self):
+        return len(self.knobs)
+
+    def get_knobs_for_engine(self, engine):
+        if self.knobs[engine] is None:
+            raise RuntimeError(f"Failed to get knobs for engine: {engine}")
+        return self.knobs[engine]
+
+    def get_plan_name_at_index(self, index):
+        return self.names[index]
+
+
+def knob(kind, low, high, stride=1):
+    return SimpleNamespace(type=kind, min_value=low, max_value=high, stride=stride)
+
+
+def test_engines_with_the_split_knob_only_powers_of_two_it_takes_up_to_64():
+    graph = Graph([[knob(OTHER, 0, 4)], [knob(SPLIT, 1, 20)], None, [knob(SPLIT, 0, 1 << 20, 4), knob(OTHER, 1, 2)]])
+    settings = split_k_settings(graph, SPLIT, [], (RuntimeError,), limit=100)
+    assert settings == [(1, 2), (1, 4), (1, 8), (1, 16), (3, 4), (3, 8), (3, 16), (3, 32), (3, 64)]
+
+
+def test_two_engines_the_heuristics_first_and_the_limit_shared_evenly():
+    graph = Graph([[knob(SPLIT, 1, 256)], [knob(SPLIT, 1, 4)], [knob(SPLIT, 1, 1024)]])
+    settings = split_k_settings(graph, SPLIT, [1, 2], (RuntimeError,), limit=8)
+    # engine 1 takes only 2 values: what is left of the limit goes to engine 2, spread over its 6 values
+    # (2-64) with both ends; engine 0, third, is not tried
+    assert settings == [(1, 2), (1, 4), (2, 2), (2, 4), (2, 8), (2, 16), (2, 32), (2, 64)]
+    assert split_k_settings(graph, SPLIT, [2, 0], (RuntimeError,), limit=4) == [(2, 2), (2, 64), (0, 2), (0, 64)]
+    assert split_k_settings(graph, SPLIT, [], (RuntimeError,), limit=4, engines=3) == [(0, 2), (0, 64), (1, 4), (2, 16)]
+
+
+def test_a_share_of_one_takes_the_middle_value_not_the_smallest():
+    graph = Graph([[knob(SPLIT, 1, 64)], [knob(SPLIT, 1, 64)]])
+    assert split_k_settings(graph, SPLIT, [], (RuntimeError,), limit=2) == [(0, 16), (1, 16)]
+
+
+def test_no_split_knob_means_no_settings():
+    assert split_k_settings(Graph([[knob(OTHER, 1, 8)], [knob(SPLIT, 1, 1)]]), SPLIT, [], (RuntimeError,)) == []
+
+
+def test_an_engine_refusing_the_graph_is_skipped_but_other_errors_are_not_hidden():
+    assert split_k_settings(Graph([None, [knob(SPLIT, 2, 2)]]), SPLIT, [], (RuntimeError,)) == [(1, 2)]
+    with pytest.raises(RuntimeError):
+        split_k_settings(Graph([None]), SPLIT, [], (ValueError,))
+
+
+def test_engine_ids_come_from_plan_names_in_order_without_repeats():
+    graph = Graph([], names=["eng12_k2=1_k3=0", "eng0_k2=4", "eng12_k2=2", "unnamed"])
+    candidates = [Candidate(index, graph, (), index, 0) for index in range(4)]
+    assert engine_ids(candidate.name for candidate in candidates) == [12, 0]
+
+
+def test_choices_saved_before_the_key_said_split_k_are_adopted_with_it_off(monkeypatch):
+    """A checkpoint written before split-K settings existed has 14-element keys; they are the same
+    convolutions with split-K off, so a resume on the same GPU and cuDNN still adopts its engines."""
+    environment = {"gpu": "H100", "cudnn": 91900}
+    monkeypatch.setattr(conv_autotune, "_environment", lambda device_id: environment)
+    conv_autotune.forget_choices()
+    old = ["wgrad", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True]
+    new = ["wgrad", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True, True]
+    assert conv_autotune.import_choices({"environment": environment,
+                                         "choices": [[old, 3], [new, ["split_k", 7, 16]]]}, 0) == 2
+    assert conv_autotune.export_choices(0)["choices"] == [[old + [False], 3], [new, ["split_k", 7, 16]]]
+    assert conv_autotune._CHOICES[(0, tuple(new))] == ("split_k", 7, 16)
+    conv_autotune.forget_choices()
+
+
+def test_saved_entries_that_are_not_choices_are_left_out(monkeypatch):
+    """A checkpoint's metadata edited or damaged by hand: what is not a plan index or a split-K setting is
+    not adopted (that convolution is timed again) and the rest still is."""
+    environment = {"gpu": "H100", "cudnn": 91900}
+    monkeypatch.setattr(conv_autotune, "_environment", lambda device_id: environment)
+    conv_autotune.forget_choices()
+    key = ["fprop", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True, False]
+    entries = [[key, "3"], [key, ["split_k", 7]], [key, ["split_k", "7", 16]], [key, 2.0], [key], 5,
+               [key, ["split_k", 7, 16]]]
+    assert conv_autotune.import_choices({"environment": environment, "choices": entries}, 0) == 1
+    assert conv_autotune._CHOICES == {(0, tuple(key)): ("split_k", 7, 16)}
+    conv_autotune.forget_choices()
