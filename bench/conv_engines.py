@@ -20,9 +20,10 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
   * the cuDNN Frontend's fused BatchNorm patterns: `genstats` (an fprop's output summed per channel as it
     is written: the next BatchNorm's statistics without a pass of their own), a scale-bias-relu prologue
     on the image input (the previous BatchNorm's apply, never written out) for fprop and for wgrad;
-  * `split_k`: the weight gradients' split-K settings, (engine, SPLIT_K_SLC slices) pairs as cupynet's
-    autotuner picks them with --conv-split-k (conv_autotune.split_k_settings, here up to
-    --split-k-settings of them), each built alone in a graph of its own, as cupynet builds them.
+  * `split_k`: the weight gradients' split-K settings, (engine, SPLIT_K_SLC slices) pairs of the engines
+    that expose the knob (conv_autotune.split_k_engines' order; up to --split-k-settings of them, more than
+    the 8 cupynet's autotuner times with --conv-split-k), each built alone in a graph of its own, as cupynet
+    builds them.
 
 Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
 deterministic engine and the fastest of all: how much a better engine choice could still give. The per-step
@@ -46,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.layouts import device_of, environment, replace_json     # noqa: E402
 from cupynet.backends import check_devices, create_backend          # noqa: E402
 from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, engine_ids, gpu_milliseconds,  # noqa: E402
-                                            split_k_settings)
+                                            split_k_engines)
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
 from cupynet.errors import CupynetError, DeviceError                 # noqa: E402
@@ -288,12 +289,13 @@ class Survey:
         return round(1000.0 * statistics.median(windows) / self.args.runs, 2)
 
     def split_k(self, conv):
-        """The weight gradient's split-K settings, picked as cupynet's autotuner picks them with --conv-split-k
-        (conv_autotune.split_k_settings; the engines of every heuristics mode come first here, and up to
-        --split-k-settings of them), each alone in a graph of its own with only reduced-precision sums
-        deselected, marked deterministic or not by checking it again with NONDETERMINISTIC engines deselected
-        too (its engine's notes: the repeat check cupynet adds is not run here), and timed; a list of engine
-        dicts (with "setting": [engine id, slices]), or None when none exists."""
+        """The weight gradient's split-K settings: every value (powers of two from 2 to 64) of the engines
+        that expose SPLIT_K_SLC, in conv_autotune.split_k_engines' order (the engines of every heuristics
+        mode's plans first), up to --split-k-settings settings, each alone in a graph of its own with only
+        reduced-precision sums deselected, marked deterministic or not by checking it again with
+        NONDETERMINISTIC engines deselected too (its engine's notes: the repeat check cupynet adds is not run
+        here), and timed; a list of engine dicts (with "setting": [engine id, slices]), or None when none
+        exists. cupynet's autotuner times fewer: 8, from the first two engines the notes allow."""
         self.problem = None
         describe = self.plain(conv)
         planned = self.planned(describe)          # the heuristics' plans name the engines to try first
@@ -302,8 +304,9 @@ class Survey:
         graph, _ = planned
         try:
             preferred = engine_ids(graph.get_plan_name_at_index(i) for i in range(graph.get_execution_plan_count()))
-            settings = split_k_settings(graph, self.cudnn.knob_type.SPLIT_K_SLC, preferred, self.errors,
-                                        limit=self.args.split_k_settings)
+            settings = [(engine, slices) for engine, values in split_k_engines(
+                graph, self.cudnn.knob_type.SPLIT_K_SLC, preferred, self.errors) for slices in values]
+            settings = settings[:self.args.split_k_settings]
         except (*self.errors, AttributeError, TypeError) as error:     # AttributeError: a Frontend without knobs
             self.problem = one_line(error)
             return None

@@ -484,6 +484,9 @@ for name in ("step_options.json", "step_options_fp32.json", "step_options_bn.jso
         determinism = {True: "deterministic", False: "any engine"}.get(row["conv_deterministic"], "-")
         figure = (f"failed: {row['error']}" if "error" in row else
                   f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
+        split = row.get("split_k_settings")
+        if split:            # whether --conv-split-k did anything: settings tried, built, dropped, chosen
+            figure += "  [split-K " + ", ".join(f"{k} {v}" for k, v in split.items()) + "]"
         print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams'] or '-'} wgrad "
               f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}"
               f"{' + split-K' if row.get('conv_split_k') else ''}, {row.get('bn_launches') or 2} BN launch(es): {figure}")

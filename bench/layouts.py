@@ -270,7 +270,8 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
 
 def split_k_report(backend):
     """With --conv-split-k: how many split-K settings were tried, built, dropped (not repeatable) and chosen
-    (weight gradients running one), and any reason none could be tried; None otherwise."""
+    (weight gradients running one), and any reason none could be tried; None otherwise. The process shares
+    its engine choices, so a later row with the same shapes builds (and counts) only the chosen ones."""
     if not getattr(backend, "split_k", False):
         return None
     chosen = sum(not isinstance(choice["plan_index"], (int, type(None))) for choice in backend.conv.engine_choices())

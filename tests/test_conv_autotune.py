@@ -1,16 +1,17 @@
 """CPU tests of the autotuner's choice of split-K settings (cupynet/backends/conv_autotune.py).
 
-`split_k_settings` only reads an operation graph's engines and their knobs, so a stand-in for the cuDNN
-Frontend's graph (the external library, not our code) is enough to check which (engine, slices) settings
-it picks: at most two engines, the heuristics' first, powers of two from 2 to 64 that the knob takes, at
-most the limit, shared evenly. Old checkpoints' choices are adopted with split-K off.
+`split_k_engines` only reads an operation graph's engines and their knobs, so a stand-in for the cuDNN
+Frontend's graph (the external library, not our code) is enough to check which engines and slices it
+offers: the heuristics' engines first, powers of two from 2 to 64 that the knob takes; `spread` shares
+them out. (Which of those build, under the notes, is tested on the emulated GPU.) Old checkpoints'
+choices are adopted with split-K off; what is not a choice is left out.
 """
 from types import SimpleNamespace
 
 import pytest
 
 from cupynet.backends import conv_autotune
-from cupynet.backends.conv_autotune import Candidate, engine_ids, split_k_settings
+from cupynet.backends.conv_autotune import Candidate, engine_ids, split_k_engines, spread
 
 SPLIT, OTHER = "SPLIT_K_SLC", "TILEK"
 
@@ -37,35 +38,27 @@ def knob(kind, low, high, stride=1):
     return SimpleNamespace(type=kind, min_value=low, max_value=high, stride=stride)
 
 
-def test_engines_with_the_split_knob_only_powers_of_two_it_takes_up_to_64():
-    graph = Graph([[knob(OTHER, 0, 4)], [knob(SPLIT, 1, 20)], None, [knob(SPLIT, 0, 1 << 20, 4), knob(OTHER, 1, 2)]])
-    settings = split_k_settings(graph, SPLIT, [], (RuntimeError,), limit=100)
-    assert settings == [(1, 2), (1, 4), (1, 8), (1, 16), (3, 4), (3, 8), (3, 16), (3, 32), (3, 64)]
+def test_engines_with_the_split_knob_and_the_powers_of_two_it_takes_up_to_64():
+    graph = Graph([[knob(OTHER, 0, 4)], [knob(SPLIT, 1, 20)], None, [knob(SPLIT, 0, 1 << 20, 4), knob(OTHER, 1, 2)],
+                   [knob(SPLIT, 1, 1)]])
+    assert split_k_engines(graph, SPLIT, [], (RuntimeError,)) == [(1, [2, 4, 8, 16]), (3, [4, 8, 16, 32, 64])]
 
 
-def test_two_engines_the_heuristics_first_and_the_limit_shared_evenly():
-    graph = Graph([[knob(SPLIT, 1, 256)], [knob(SPLIT, 1, 4)], [knob(SPLIT, 1, 1024)]])
-    settings = split_k_settings(graph, SPLIT, [1, 2], (RuntimeError,), limit=8)
-    # engine 1 takes only 2 values: what is left of the limit goes to engine 2, spread over its 6 values
-    # (2-64) with both ends; engine 0, third, is not tried
-    assert settings == [(1, 2), (1, 4), (2, 2), (2, 4), (2, 8), (2, 16), (2, 32), (2, 64)]
-    assert split_k_settings(graph, SPLIT, [2, 0], (RuntimeError,), limit=4) == [(2, 2), (2, 64), (0, 2), (0, 64)]
-    assert split_k_settings(graph, SPLIT, [], (RuntimeError,), limit=4, engines=3) == [(0, 2), (0, 64), (1, 4), (2, 16)]
-
-
-def test_a_share_of_one_takes_the_middle_value_not_the_smallest():
-    graph = Graph([[knob(SPLIT, 1, 64)], [knob(SPLIT, 1, 64)]])
-    assert split_k_settings(graph, SPLIT, [], (RuntimeError,), limit=2) == [(0, 16), (1, 16)]
-
-
-def test_no_split_knob_means_no_settings():
-    assert split_k_settings(Graph([[knob(OTHER, 1, 8)], [knob(SPLIT, 1, 1)]]), SPLIT, [], (RuntimeError,)) == []
+def test_the_heuristics_engines_come_first_then_by_id():
+    graph = Graph([[knob(SPLIT, 1, 4)], [knob(SPLIT, 1, 4)], [knob(SPLIT, 1, 4)], [knob(SPLIT, 1, 4)]])
+    assert [engine for engine, _ in split_k_engines(graph, SPLIT, [2, 7, 0], (RuntimeError,))] == [2, 0, 1, 3]
 
 
 def test_an_engine_refusing_the_graph_is_skipped_but_other_errors_are_not_hidden():
-    assert split_k_settings(Graph([None, [knob(SPLIT, 2, 2)]]), SPLIT, [], (RuntimeError,)) == [(1, 2)]
+    assert split_k_engines(Graph([None, [knob(SPLIT, 2, 2)]]), SPLIT, [], (RuntimeError,)) == [(1, [2])]
     with pytest.raises(RuntimeError):
-        split_k_settings(Graph([None]), SPLIT, [], (ValueError,))
+        split_k_engines(Graph([None]), SPLIT, [], (ValueError,))
+
+
+@pytest.mark.parametrize("count,picked", [(8, [2, 4, 8, 16, 32, 64]), (6, [2, 4, 8, 16, 32, 64]), (4, [2, 8, 16, 64]),
+                                          (2, [2, 64]), (1, [16])])
+def test_a_share_is_spread_over_the_values_both_ends_included(count, picked):
+    assert spread([2, 4, 8, 16, 32, 64], count) == picked
 
 
 def test_engine_ids_come_from_plan_names_in_order_without_repeats():

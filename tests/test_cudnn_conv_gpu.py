@@ -491,7 +491,9 @@ def test_split_k_settings_are_candidates_of_weight_gradients_each_in_its_own_gra
     tuned.backward_filter(x, dy, 1, 1, dw_tuned)
     entries = {entry.key[0]: entry for entry in tuned._graphs.values()}
     assert not _split_k(entries["fprop"].candidates) and not _split_k(entries["dgrad"].candidates)
+    assert not [name for name in tuned.split_k_counts if name.startswith("problem")], tuned.split_k_counts
     settings = _split_k(entries["wgrad"].candidates)
+    assert tuned.split_k_counts["built"] == len(settings) <= tuned.split_k_counts["tried"]
     for candidate in settings:
         kind, engine, slices = candidate.choice
         assert kind == "split_k" and slices >= 2 and candidate.index == 0
@@ -499,6 +501,7 @@ def test_split_k_settings_are_candidates_of_weight_gradients_each_in_its_own_gra
     if hasattr(cudnn, "ENGINES"):    # the emulation: one deterministic split-K engine, one with atomics
         engines = {cudnn.ENGINES[engine].name for _, engine, _ in (c.choice for c in settings)}
         assert engines == ({"split-k slices"} if deterministic else {"split-k slices", "split-k atomics"})
+        assert len(settings) == (4 if deterministic else 8)     # 2-32 in 4 (both ends); 2-64 in 4, 2-32 in 4
     cupy.cuda.get_current_stream().synchronize()
     ref = prec.to_host(dw)
     tolerance = RTOL["tf32"] * 10 * np.max(np.abs(ref))
@@ -540,39 +543,117 @@ def test_split_k_needs_the_knob_and_keeps_its_choices_apart(handle):
     assert entries["wgrad"].key[:-1] == split_entries["wgrad"].key[:-1]
     assert entries["fprop"].key == split_entries["fprop"].key and entries["fprop"].key[-1] is False
     assert split.split_k_counts["tried"] >= split.split_k_counts["built"] == len(_split_k(split_entries["wgrad"].candidates))
+    import cudnn
+    if hasattr(cudnn, "ENGINES"):     # the emulation has a deterministic split-K engine for every weight gradient
+        assert split.split_k_counts["built"] > 0
     cupy.cuda.get_current_stream().synchronize()
 
 
-def test_a_split_k_setting_that_does_not_repeat_its_bits_is_never_chosen(handle, monkeypatch):
-    """cuDNN's notes belong to an engine, not to its knob's value: an engine that adds its slices with atomics
-    without saying NONDETERMINISTIC passes the deselection. With deterministic engines, each split-K setting
-    runs twice before it is timed and one whose outputs differ is dropped. Emulated cuDNN only: it lets the
-    test give the split-K engine reordered sums and notes that do not say so."""
+def _emulated_engines(monkeypatch, change):
+    """Replace the emulated cuDNN's engine list by change(list of engines) for one test (skip on a real one)."""
     import cudnn
     if not hasattr(cudnn, "ENGINES"):
         pytest.skip("needs the emulated cuDNN, whose engines a test can replace")
+    engines = list(cudnn.ENGINES)
+    change(cudnn, engines)
+    monkeypatch.setattr(cudnn, "ENGINES", tuple(engines))
+    return cudnn
+
+
+def _copy_engine(cudnn, engine, **changes):
+    fields = dict(name=engine.name, numerical=engine.numerical, behavior=engine.behavior, workspace=engine.workspace,
+                  knobs=engine.knobs, ops=engine.ops, proposed=engine.proposed, reorders=engine.reorders,
+                  seconds=engine.seconds)
+    return cudnn._Engine(**dict(fields, **changes))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_split_k_settings_come_from_the_first_engines_the_notes_allow(handle, monkeypatch, deterministic):
+    """The two engines whose settings are timed are the first that expose the knob *and* that the notes allow:
+    with deterministic engines, two atomics engines ahead of the deterministic split-K engine are passed over
+    rather than taking both places (their settings would all be deselected, leaving none)."""
+    def add_atomics(cudnn, engines):
+        atomics = next(e for e in engines if e.name == "split-k atomics")
+        position = next(i for i, e in enumerate(engines) if e.name == "split-k slices")
+        engines.insert(position, _copy_engine(cudnn, atomics, name="more atomics", proposed=False))
+    cudnn = _emulated_engines(monkeypatch, add_atomics)
     from cupynet.backends import conv_autotune
     conv_autotune.forget_choices()
-    engines = list(cudnn.ENGINES)
-    position = next(i for i, e in enumerate(engines) if e.name == "split-k slices")
-    original = engines[position]
-    engines[position] = cudnn._Engine("untold atomics", workspace=original.workspace, knobs=original.knobs,
-                                      ops=original.ops, proposed=False, reorders=True)
-    monkeypatch.setattr(cudnn, "ENGINES", tuple(engines))
-    prec = Precision("tf32")           # float32 output: a reordered sum shows in the last bits
-    for deterministic in (True, False):
-        conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True, deterministic=deterministic)
-        x, _, dy, (_, _, dw) = _block_arrays("NHWC", prec)
-        conv.backward_filter(x, dy, 1, 1, dw)
-        (entry,) = conv._graphs.values()
-        untold = [c for c in _split_k(entry.candidates) if c.choice[1] == position]
-        assert untold                  # built: its notes are clean
-        if deterministic:
-            assert all(c.dropped == "not repeatable" for c in untold) and entry.chosen not in untold
-            assert conv.split_k_counts["not repeatable"] == len(untold)
-        else:                          # any engine allowed: nothing is run twice, nothing dropped
-            assert not any(c.dropped for c in untold) and "not repeatable" not in conv.split_k_counts
+    prec = Precision("tf32")
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True, deterministic=deterministic)
+    x, _, dy, (_, _, dw) = _block_arrays("NHWC", prec)
+    conv.backward_filter(x, dy, 1, 1, dw)
+    (entry,) = conv._graphs.values()
+    names = {cudnn.ENGINES[c.choice[1]].name for c in _split_k(entry.candidates)}
+    assert names == ({"split-k slices"} if deterministic else {"split-k atomics", "more atomics"})
     cupy.cuda.get_current_stream().synchronize()
+
+
+def test_the_fastest_candidate_is_chosen_and_may_be_a_split_k_setting(handle, monkeypatch):
+    """When a split-K setting is the fastest (here every engine the heuristics propose takes 2 ms more per
+    run), the autotuner executes it, and the weight gradient is right."""
+    def slow_heuristics(cudnn, engines):
+        engines[:] = [_copy_engine(cudnn, e, seconds=0.002) if e.proposed else e for e in engines]
+    cudnn = _emulated_engines(monkeypatch, slow_heuristics)
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    prec = Precision("tf32")
+    plain = CudnnConv(handle, "NHWC", prec.io_dtype)
+    x, _, dy, (_, _, dw) = _block_arrays("NHWC", prec)
+    plain.backward_filter(x, dy, 1, 1, dw)
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True)
+    _, _, _, (_, _, dw_split) = _block_arrays("NHWC", prec)
+    conv.backward_filter(x, dy, 1, 1, dw_split)
+    (entry,) = conv._graphs.values()
+    assert entry.chosen.choice[0] == "split_k" and cudnn.ENGINES[entry.chosen.choice[1]].name == "split-k slices"
+    assert conv.engine_choices()[0]["plan_index"] == entry.chosen.choice
+    cupy.cuda.get_current_stream().synchronize()
+    ref = prec.to_host(dw)
+    np.testing.assert_allclose(prec.to_host(dw_split), ref, rtol=0, atol=RTOL["tf32"] * 10 * np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("lane", ["main", "side"])
+def test_a_split_k_setting_that_does_not_repeat_its_bits_is_never_chosen(handle, monkeypatch, lane):
+    """cuDNN's notes belong to an engine, not to its knob's value: an engine that adds its slices with atomics
+    without saying NONDETERMINISTIC passes the deselection. With deterministic engines, each split-K setting
+    runs again before it is timed and one whose outputs differ is dropped, on the stream its runs are on
+    (a weight gradient on a side lane: that lane's). Emulated cuDNN only: it lets the test give the split-K
+    engine reordered sums and notes that do not say so."""
+    def untold(cudnn, engines):
+        position = next(i for i, e in enumerate(engines) if e.name == "split-k slices")
+        engines[position] = _copy_engine(cudnn, engines[position], name="untold atomics", reorders=True)
+    cudnn = _emulated_engines(monkeypatch, untold)
+    position = next(i for i, e in enumerate(cudnn.ENGINES) if e.name == "untold atomics")
+    from cupynet.backends import conv_autotune
+    prec = Precision("tf32")           # float32 output: a reordered sum shows in the last bits
+    side_handle = cudnn.create_handle()
+    streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+    try:
+        for deterministic in (True, False):
+            conv_autotune.forget_choices()
+            lanes = dict(wgrad_handle=side_handle, wgrad_streams=streams) if lane == "side" else {}
+            conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True, split_k=True, deterministic=deterministic,
+                             **lanes)
+            x, _, dy, (_, _, dw) = _block_arrays("NHWC", prec)
+            cupy.cuda.get_current_stream().synchronize()     # the arrays are ready before a side stream reads them
+            if lane == "side":
+                with streams[1]:
+                    conv.backward_filter(x, dy, 1, 1, dw, lane=1)
+                streams[1].synchronize()
+            else:
+                conv.backward_filter(x, dy, 1, 1, dw)
+            (entry,) = conv._graphs.values()
+            untold_settings = [c for c in _split_k(entry.candidates) if c.choice[1] == position]
+            assert untold_settings                  # built: its notes are clean
+            if deterministic:
+                assert all(c.dropped == "not repeatable" for c in untold_settings)
+                assert entry.chosen not in untold_settings
+                assert conv.split_k_counts["not repeatable"] == len(untold_settings)
+            else:                          # any engine allowed: nothing is run again, nothing dropped
+                assert not any(c.dropped for c in untold_settings) and "not repeatable" not in conv.split_k_counts
+    finally:
+        cupy.cuda.get_current_stream().synchronize()
+        cudnn.destroy_handle(side_handle)
 
 
 @pytest.mark.parametrize("adopted", [["split_k", 0, 2], 999])

@@ -117,6 +117,8 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     for key in ("images_per_sec", "step_ms", "captured"):                                         # configuration
         del failed[key]
     report["results"].append(failed)
+    report["results"].append(dict(report["results"][0], conv_split_k=True,      # a row with split-K settings
+                                  split_k_settings={"tried": 21, "built": 14, "chosen": 5}))
     report["not_measured"] = [dict(failed, wgrad_chunks=8)]
     (tmp_path / "step_options.json").write_text(json.dumps(report))
     (tmp_path / "layouts.json").write_text(json.dumps(report))
@@ -128,6 +130,7 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert "bf16_128: --wgrad-chunks 2" in result.stdout
     assert "4 chunk(s), -            , 2 BN launch(es): failed: CUDARuntimeError: out of memory" in result.stdout
     assert "step_options.json: 1 configurations not measured" in result.stdout
+    assert re.search(r"-\s+\+ split-K, 2 BN launch\(es\):.*\[split-K tried 21, built 14, chosen 5\]", result.stdout)
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout

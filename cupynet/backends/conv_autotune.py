@@ -22,18 +22,21 @@ Split-K configurations (split_k=True, `--conv-split-k`, weight gradients only). 
 is tiny (2,304-36,864 values at 16-64 channels) and its sum runs over all N x H x W positions (131,072 at
 batch 128), so an engine that does not split that sum keeps few SMs busy. Engines that can split it expose
 the knob SPLIT_K_SLC (the number of slices); the heuristics propose one setting per engine. With split_k,
-the autotuner also times up to MAX_SPLIT_K_CANDIDATES (engine, slices) settings: at most MAX_SPLIT_K_ENGINES
-engines that expose the knob, the heuristics' own first, each with powers of two from 2 to
-MAX_SPLIT_K_SLICES that its knob takes. The list depends on the graph only (no time budget), so every
-backend of the process builds the same one. Each setting is a graph of its own (`create_execution_plan(engine id, {knob type: value})` on a fresh
+the autotuner also times up to MAX_SPLIT_K_CANDIDATES (engine, slices) settings: those of the first
+MAX_SPLIT_K_ENGINES engines that expose the knob and whose notes allow them (the heuristics' own engines
+first), with powers of two from 2 to MAX_SPLIT_K_SLICES that the knob takes. The list depends on the graph
+only (no time budget), so every backend of the process builds the same one. Each setting is a graph of its own (`create_execution_plan(engine id, {knob type: value})` on a fresh
 graph): Frontend 1.22 keeps notes per plan in a list that a second plan-creating call on the same graph
 extends with every plan's notes again, so a plan added to the heuristics' graph would be deselected (or
 not) by another plan's notes. Alone in its graph, a setting is judged by its own engine's notes: the same
 deselections as the heuristics' plans (never reduced-precision sums; deterministic: no NONDETERMINISTIC
 engine; strict fp32: no TF32). Those notes belong to the engine, not to the knob's value, so with
-deterministic engines a setting must also repeat its bits: run twice on the same arrays before it is
-timed, one whose two outputs differ is dropped (an engine adding its slices with atomics that cuDNN did not
-note NONDETERMINISTIC). A choice is then ("split_k", engine id, slices) instead of a plan index, and
+deterministic engines a setting must also repeat its bits: run REPEAT_CHECK_RUNS more times on the same
+arrays before it is timed, one whose outputs differ is dropped (an engine adding its slices with atomics
+that cuDNN did not note NONDETERMINISTIC). That guard is probabilistic: a reordered float32 sum shows in a
+float32 output's last bits, but rounding to a bfloat16 output hides most such differences, so in bf16 it
+catches a reordering engine only now and then (the GPU tests' captured-equals-eager steps are the stronger
+check there). A choice is then ("split_k", engine id, slices) instead of a plan index, and
 checkpoints carry it the same way.
 
 Frontend calls used (nvidia-cudnn-frontend 1.22-1.26, names read in the 1.22.1 wheel):
@@ -57,6 +60,7 @@ MAX_HOLD_SECONDS = 0.064                 # a hold that was too short is quadrupl
 MAX_SPLIT_K_CANDIDATES = 8               # (engine, slices) settings timed per weight gradient, with split_k
 MAX_SPLIT_K_ENGINES = 2                  # engines those settings are shared among (the heuristics' first)
 MAX_SPLIT_K_SLICES = 64                  # a 128-image batch's 8x8 maps still give each slice 128 positions
+REPEAT_CHECK_RUNS = 3                    # runs compared with the first before a split-K setting is timed
 SPLIT_K = "split_k"                      # a choice ("split_k", engine id, slices), beside plain plan indices
 KEY_LENGTH_BEFORE_SPLIT_K = 14           # a checkpoint's keys from before the key said split_k: it was off
 
@@ -116,14 +120,11 @@ def build_candidates(graph, tensors, build_errors, known, runtime_compiled_note)
     return built
 
 
-def split_k_settings(graph, split_knob, preferred_engines, errors, limit=MAX_SPLIT_K_CANDIDATES,
-                     engines=MAX_SPLIT_K_ENGINES):
-    """[(engine id, slices)] worth timing for the planned operation graph `graph`: up to `engines` engines
-    whose knobs include `split_knob` (cudnn.knob_type.SPLIT_K_SLC), those in `preferred_engines` first and in
-    that order, each with the powers of two from 2 to MAX_SPLIT_K_SLICES that its knob takes; at most `limit`
-    in all, shared evenly among the engines (one that takes fewer values leaves its share to the next), each
-    engine's share spread over its values (both ends included; a share of one: the middle)."""
-    ranges = []
+def split_k_engines(graph, split_knob, preferred_engines, errors):
+    """[(engine id, [slices, ...])] for the planned operation graph `graph`: every engine whose knobs include
+    `split_knob` (cudnn.knob_type.SPLIT_K_SLC), those in `preferred_engines` first and in that order, then by
+    id, each with the powers of two from 2 to MAX_SPLIT_K_SLICES that its knob takes."""
+    found = []
     for engine in range(int(graph.get_engine_count())):
         try:
             knobs = graph.get_knobs_for_engine(engine)
@@ -133,20 +134,19 @@ def split_k_settings(graph, split_knob, preferred_engines, errors, limit=MAX_SPL
         if split is not None:
             values = [2 ** p for p in range(1, MAX_SPLIT_K_SLICES.bit_length()) if _takes(split, 2 ** p)]
             if values:
-                ranges.append((engine, values))
+                found.append((engine, values))
     rank = {engine: position for position, engine in enumerate(preferred_engines)}
-    ranges = sorted(ranges, key=lambda item: (rank.get(item[0], len(rank)), item[0]))[:engines]
-    settings = []
-    for position, (engine, values) in enumerate(ranges):
-        share = -(-(limit - len(settings)) // (len(ranges) - position))      # ceiling: what is left, evenly
-        if share <= 0:
-            break
-        if share == 1:
-            values = [values[len(values) // 2]]
-        elif len(values) > share:
-            values = [values[round(i * (len(values) - 1) / (share - 1))] for i in range(share)]
-        settings += [(engine, value) for value in values]
-    return settings[:limit]
+    return sorted(found, key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
+def spread(values, count):
+    """`count` of the sorted `values`, spread over them: all when there are no more, both ends included
+    otherwise, the middle one for a count of one."""
+    if count >= len(values):
+        return list(values)
+    if count == 1:
+        return [values[len(values) // 2]]
+    return [values[round(i * (len(values) - 1) / (count - 1))] for i in range(count)]
 
 
 def _takes(knob, value):
@@ -165,30 +165,56 @@ def engine_ids(plan_names):
     return ids
 
 
-def build_split_k_candidates(describe, settings, cudnn, notes, errors):
-    """Build each (engine, slices) setting in a graph of its own (see the module docstring); a list of Candidate.
+def build_split_k_candidates(describe, engines, cudnn, notes, errors, limit=MAX_SPLIT_K_CANDIDATES,
+                             most_engines=MAX_SPLIT_K_ENGINES):
+    """Split-K settings built for the autotuner: (list of Candidate, settings tried).
 
-    describe(): a fresh, unplanned (graph, tensors) of the convolution. A setting the engine refuses
-    (unsupported, deselected by `notes`, compiled at run time: seconds each, too much workspace) is left out.
+    engines: split_k_engines' list, taken in order until `most_engines` of them gave a setting or `limit`
+    settings were built; each engine gets its share of what is left, spread over its values. An engine
+    whose first setting does not build is passed over (its notes deselected it, or it cannot run this
+    graph), so the engines kept are the first that the notes allow, not merely the first with the knob.
+    describe(): a fresh, unplanned (graph, tensors) of the convolution.
     """
-    built = []
-    for engine, slices in settings:
-        graph, tensors = describe()
-        try:
-            graph.validate()
-            graph.build_operation_graph()
-            graph.create_execution_plan(engine, {cudnn.knob_type.SPLIT_K_SLC: slices})
-            graph.deselect_numeric_notes(notes)
-            if _runtime_compiled(graph, 0, cudnn.behavior_note.RUNTIME_COMPILATION):
-                continue
-            graph.check_support()
-            graph.build_plan_at_index(0)
-            workspace = int(graph.get_workspace_size_plan_at_index(0))
-        except errors:
+    built, tried, used = [], 0, 0
+    for engine, values in engines:
+        if used == most_engines or len(built) >= limit:
+            break
+        share = -(-(limit - len(built)) // (most_engines - used))        # ceiling: what is left, evenly
+        picked = spread(values, share)
+        first = build_split_k_setting(describe, engine, picked[0], cudnn, notes, errors)
+        tried += 1
+        if first is None:
             continue
-        if workspace <= MAX_WORKSPACE_BYTES:
-            built.append(Candidate((SPLIT_K, engine, slices), graph, tensors, 0, workspace))
-    return built
+        used += 1
+        built.append(first)
+        for slices in picked[1:]:
+            candidate = build_split_k_setting(describe, engine, slices, cudnn, notes, errors)
+            tried += 1
+            if candidate is not None:
+                built.append(candidate)
+    return built, tried
+
+
+def build_split_k_setting(describe, engine, slices, cudnn, notes, errors):
+    """One (engine, slices) setting built alone in a fresh graph (see the module docstring), as a Candidate;
+    None when the engine refuses it (unsupported, deselected by `notes`, compiled at run time: seconds each,
+    or more workspace than MAX_WORKSPACE_BYTES)."""
+    graph, tensors = describe()
+    try:
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plan(engine, {cudnn.knob_type.SPLIT_K_SLC: slices})
+        graph.deselect_numeric_notes(notes)
+        if _runtime_compiled(graph, 0, cudnn.behavior_note.RUNTIME_COMPILATION):
+            return None
+        graph.check_support()
+        graph.build_plan_at_index(0)
+        workspace = int(graph.get_workspace_size_plan_at_index(0))
+    except errors:
+        return None
+    if workspace > MAX_WORKSPACE_BYTES:
+        return None
+    return Candidate((SPLIT_K, engine, slices), graph, tensors, 0, workspace)
 
 
 def _runtime_compiled(graph, index, note):
@@ -199,13 +225,15 @@ def _runtime_compiled(graph, index, note):
         return False
 
 
-def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_bits=None):
+def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_bits=None,
+                run_errors=(RuntimeError, ValueError)):
     """The Candidate to execute for graph `key`: the process-wide choice, or the fastest, timed now.
 
     pointers: the real arrays' addresses, in the order of each candidate's tensors; the timed runs write
     the output array, which the caller's execution then overwrites. repeats_its_bits(run): whether two
     calls of run() write the same output bits; given (deterministic engines only), a split-K setting that
-    does not is dropped before it is timed.
+    does not is dropped before it is timed. run_errors: what an engine that built may raise when it runs
+    (it is then left out); the cuDNN Frontend's own not-supported error is not a RuntimeError.
     """
     key = (cupy.cuda.Device().id, key)
     by_choice = {candidate.choice: candidate for candidate in candidates}
@@ -213,7 +241,7 @@ def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_
         known = _CHOICES.get(key)
     if known in by_choice:
         return by_choice[known]
-    fastest = _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits)
+    fastest = _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_errors)
     with _LOCK:
         if _CHOICES.get(key) == known:     # nobody chose meanwhile (or an adopted choice was not built here)
             _CHOICES[key] = fastest.choice
@@ -221,7 +249,7 @@ def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_
         return by_choice.get(_CHOICES[key], fastest)
 
 
-def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits):
+def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_errors):
     stream = cupy.cuda.get_current_stream()        # the backend's stream: its handle is bound to it
     scratch = cupy.empty((max([candidate.workspace for candidate in candidates] + [1]),), dtype=cupy.uint8)
     timings = []
@@ -236,7 +264,7 @@ def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits):
                 candidate.dropped = "not repeatable"   # atomics the engine's notes did not declare
                 continue
             milliseconds = gpu_milliseconds(cupy, stream, hold, lambda: [run() for _ in range(TIMED_RUNS)])
-        except (RuntimeError, ValueError):        # an engine that builds but cannot run these arrays
+        except run_errors:                        # an engine that builds but cannot run these arrays
             continue
         timings.append((milliseconds, position))
     if not timings:
@@ -284,9 +312,12 @@ def import_choices(saved, device_id):
     again."""
     if not saved or saved.get("environment") != _environment(device_id):
         return 0
+    entries = saved.get("choices")
+    if not isinstance(entries, list):
+        return 0
     adopted = 0
     with _LOCK:
-        for entry in saved.get("choices", []):
+        for entry in entries:
             parsed = _parse_saved(entry)
             if parsed is not None:
                 _CHOICES[(device_id, parsed[0])] = parsed[1]
@@ -299,6 +330,7 @@ def _parse_saved(entry):
     try:
         key, choice = entry
         key = tuple(key) + ((False,) if len(key) == KEY_LENGTH_BEFORE_SPLIT_K else ())
+        hash(key)                         # a key of plain values (a nested list would not be one)
     except (TypeError, ValueError):
         return None
     if type(choice) is int:

@@ -25,7 +25,8 @@ Layout lives only in the strides
 
 The cache key
     (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic, split_k), split_k
-    being True only for a weight gradient with split-K settings among its candidates, with N, C, H, W taken from the
+    being True for every weight gradient of an engine made with split_k (False for fprop and dgrad, which
+    have no split-K settings, so their choices are shared either way), with N, C, H, W taken from the
     op's image-side tensor (x, or dx for dgrad). A built graph is reusable with new pointers for the same
     shapes, strides and dtypes, so each key is built exactly once (`builds` counts it) and every later call
     is a dict lookup, three shape checks and one `execute`.
@@ -89,8 +90,9 @@ source; identical in 1.26.0, whose wheel was compared):
 import contextlib
 from collections import Counter
 
-from cupynet.backends.conv_autotune import (build_candidates, build_split_k_candidates, choose_plan, engine_ids,
-                                            known_choice, split_k_settings)
+from cupynet.backends.conv_autotune import (REPEAT_CHECK_RUNS, build_candidates, build_split_k_candidates,
+                                            build_split_k_setting, choose_plan, engine_ids, known_choice,
+                                            split_k_engines)
 from cupynet.errors import DeviceError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -381,7 +383,7 @@ class CudnnConv:
         if entry.candidates is not None and entry.chosen is None:     # first use: time the candidates
             check = self._repeats_its_bits(out) if self.deterministic else None
             entry.chosen = choose_plan(entry.key, entry.candidates, pointers, lane.handle, self._cupy, self._hold,
-                                       check)
+                                       check, self._build_errors())
             dropped = sum(candidate.dropped == "not repeatable" for candidate in entry.candidates)
             if dropped:
                 self.split_k_counts["not repeatable"] += dropped
@@ -396,13 +398,19 @@ class CudnnConv:
         self.executions[op] += 1
 
     def _repeats_its_bits(self, out):
-        """repeats_its_bits(run) for the autotuner: run() again (it has just run) and compare `out`'s bits."""
+        """repeats_its_bits(run) for the autotuner: run() REPEAT_CHECK_RUNS more times (it has just run) and
+        compare `out`'s bytes with the first run's after each (on the current stream: the lane's, where run()
+        enqueues)."""
         cupy = self._cupy
+        out_bytes = out.view(cupy.uint8)
 
         def check(run):
-            first = out.copy()              # on the current stream, as run() enqueues
-            run()
-            return bool(cupy.array_equal(first.view(cupy.uint8), out.view(cupy.uint8)))
+            first = out_bytes.copy()
+            for _ in range(REPEAT_CHECK_RUNS):
+                run()
+                if not bool(cupy.array_equal(first, out_bytes)):
+                    return False
+            return True
         return check
 
     def _check(self, op, entry, index, array):
@@ -542,27 +550,29 @@ class CudnnConv:
 
     def _split_k_candidates(self, graph, heuristic, key, key_dims, stride, pad):
         """The split-K settings of a weight gradient's engines, each built in a graph of its own
-        (conv_autotune.py): the known one only, when a choice was made, else those split_k_settings picks
-        from the planned heuristics' `graph` (its operation graph names the engines and their knobs)."""
-        cudnn, errors = self._cudnn, self._build_errors()
+        (conv_autotune.py): the known one only, when a choice was made, else those build_split_k_candidates
+        finds among the engines of the planned heuristics' `graph` (its operation graph names the engines
+        and their knobs)."""
+        cudnn, errors, notes = self._cudnn, self._build_errors(), self._deselected_notes()
         known = known_choice(key)
         if isinstance(known, int):
             return []
-        if known is not None:
-            settings = [tuple(known[1:])]
-        else:
-            try:
-                preferred = engine_ids(candidate.name for candidate in heuristic)
-                settings = split_k_settings(graph, cudnn.knob_type.SPLIT_K_SLC, preferred, errors)
-            except (*errors, AttributeError, TypeError) as error:   # a Frontend without knobs: the heuristics' only
-                self.split_k_counts[f"problem: {type(error).__name__}: {' '.join(str(error).split())[:120]}"] += 1
-                return []
 
         def fresh():
             fresh_graph, tensors, _ = self.describe_graph("wgrad", key_dims, stride, pad)
             return fresh_graph, tensors
-        built = build_split_k_candidates(fresh, settings, cudnn, self._deselected_notes(), errors)
-        self.split_k_counts.update(tried=len(settings), built=len(built))
+        if known is not None:
+            candidate = build_split_k_setting(fresh, *known[1:], cudnn, notes, errors)
+            built, tried = [candidate] if candidate is not None else [], 1
+        else:
+            try:
+                preferred = engine_ids(candidate.name for candidate in heuristic)
+                engines = split_k_engines(graph, cudnn.knob_type.SPLIT_K_SLC, preferred, errors)
+            except (*errors, AttributeError, TypeError) as error:   # a Frontend without knobs: the heuristics' only
+                self.split_k_counts[f"problem: {type(error).__name__}: {' '.join(str(error).split())[:120]}"] += 1
+                return []
+            built, tried = build_split_k_candidates(fresh, engines, cudnn, notes, errors)
+        self.split_k_counts.update(tried=tried, built=len(built))
         return built
 
     def _unsupported_message(self, op, key_dims, stride, pad, error):

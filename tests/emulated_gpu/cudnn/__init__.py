@@ -33,6 +33,7 @@ import ctypes
 import enum
 import functools
 import itertools
+import time
 
 import numpy as np
 
@@ -121,8 +122,9 @@ def _stream_of(handle):
 
 class _Engine:
     def __init__(self, name, numerical=(), behavior=(), workspace=0, knobs=(), ops=("fprop", "dgrad", "wgrad"),
-                 proposed=True, reorders=None):
+                 proposed=True, reorders=None, seconds=0.0):
         self.name = name
+        self.seconds = seconds           # how long a run takes beyond the NumPy work (a test's slow engine)
         self.numerical = tuple(numerical)
         # whether its float32 sums come out in a varying order: what NONDETERMINISTIC says, unless a test
         # builds an engine whose notes do not tell the truth
@@ -468,6 +470,8 @@ class pygraph:
         _stream_of(handle).enqueue(lambda: self._run(engine, knobs, pointers), f"cuDNN {c['op']}")
 
     def _run(self, engine, knobs, pointers):
+        if ENGINES[engine].seconds:
+            time.sleep(ENGINES[engine].seconds)
         c = self.conv
         a = self._image(c["a"], pointers)
         b = _read(c["b"], pointers[c["b"].uid])
