@@ -230,9 +230,9 @@ def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_
     """The Candidate to execute for graph `key`: the process-wide choice, or the fastest, timed now.
 
     pointers: the real arrays' addresses, in the order of each candidate's tensors; the timed runs write
-    the output array, which the caller's execution then overwrites. repeats_its_bits(run): whether two
-    calls of run() write the same output bits; given (deterministic engines only), a split-K setting that
-    does not is dropped before it is timed. run_errors: what an engine that built may raise when it runs
+    the output array, which the caller's execution then overwrites. repeats_its_bits(run): whether further
+    calls of run() write the output bits its last call wrote; given (deterministic engines only), a split-K
+    setting that does not is dropped before it is timed. run_errors: what an engine that built may raise when it runs
     (it is then left out); the cuDNN Frontend's own not-supported error is not a RuntimeError.
     """
     key = (cupy.cuda.Device().id, key)
