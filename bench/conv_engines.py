@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.layouts import device_of, environment, replace_json     # noqa: E402
 from cupynet.backends import check_devices, create_backend          # noqa: E402
-from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, engine_ids, gpu_milliseconds,  # noqa: E402
+from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, SettingRefused,  # noqa: E402
+                                            build_split_k_setting, engine_ids, gpu_milliseconds,
                                             split_k_engines)
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
@@ -314,46 +315,28 @@ class Survey:
             self.problem = "no engine exposes SPLIT_K_SLC for it"
             return None
         engines = []
+        reduced = [self.cudnn.numerical_note.REDUCED_PRECISION_REDUCTION]
         for engine, slices in settings:
             if self.out_of_time():
                 engines.append({"setting": [engine, slices], "skipped": "past --max-seconds"})
                 continue
-            found = self._one_setting(describe, engine, slices, [])
-            if isinstance(found, str):
-                engines.append({"setting": [engine, slices], "skipped": found})
+            started = time.perf_counter()
+            try:               # built as cupynet builds it: alone in a fresh graph (conv_autotune.py)
+                candidate = build_split_k_setting(describe, engine, slices, self.cudnn, reduced)
+            except (*self.errors, SettingRefused) as error:
+                engines.append({"setting": [engine, slices], "skipped": one_line(error)})
                 continue
-            setting_graph, operands, entry = found
-            entry["deterministic"] = self._one_setting(
-                describe, engine, slices, [self.cudnn.numerical_note.NONDETERMINISTIC], build=False) is True
-            self.time_engines(setting_graph, operands, [entry])
+            entry = {"index": 0, "setting": [engine, slices], "name": candidate.name, "runtime_compiled": False,
+                     "workspace": candidate.workspace, "build_s": round(time.perf_counter() - started, 3)}
+            try:               # the same with NONDETERMINISTIC engines deselected too: do the notes allow it?
+                build_split_k_setting(describe, engine, slices, self.cudnn,
+                                      reduced + [self.cudnn.numerical_note.NONDETERMINISTIC])
+                entry["deterministic"] = True
+            except (*self.errors, SettingRefused):
+                entry["deterministic"] = False
+            self.time_engines(candidate.graph, candidate.tensors, [entry])     # tensors: describe()'s operands
             engines.append(entry)
         return engines
-
-    def _one_setting(self, describe, engine, slices, deselect, build=True):
-        """(graph, operands, engine dict) of one split-K setting built alone, or why it did not build; with
-        build=False, True once check_support passes (it fails for a deselected plan), without the build.
-        Settings compiled at run time are left out, as cupynet's autotuner leaves them out."""
-        started = time.perf_counter()
-        try:
-            graph, operands = describe()
-            graph.validate()
-            graph.build_operation_graph()
-            graph.create_execution_plan(engine, {self.cudnn.knob_type.SPLIT_K_SLC: slices})
-            graph.deselect_numeric_notes([self.cudnn.numerical_note.REDUCED_PRECISION_REDUCTION, *deselect])
-            if self.cudnn.behavior_note.RUNTIME_COMPILATION in list(graph.get_behavior_notes_for_plan_at_index(0)):
-                return "compiled at run time (cupynet's autotuner does not build those)"
-            graph.check_support()
-            if not build:
-                return True
-            graph.build_plan_at_index(0)
-            name, workspace = graph.get_plan_name_at_index(0), int(graph.get_workspace_size_plan_at_index(0))
-        except self.errors as error:
-            return one_line(error)
-        if workspace > MAX_WORKSPACE_BYTES:
-            return f"needs {workspace / 2 ** 20:.0f} MB of workspace"
-        return graph, operands, {"index": 0, "setting": [engine, slices], "name": name,
-                                 "runtime_compiled": False, "workspace": workspace,
-                                 "build_s": round(time.perf_counter() - started, 3)}
 
     def survey(self, describe):
         """Every engine of the described graph, timed: a list of engine dicts, or None when none is supported."""

@@ -181,40 +181,51 @@ def build_split_k_candidates(describe, engines, cudnn, notes, errors, limit=MAX_
             break
         share = -(-(limit - len(built)) // (most_engines - used))        # ceiling: what is left, evenly
         picked = spread(values, share)
-        first = build_split_k_setting(describe, engine, picked[0], cudnn, notes, errors)
+        first = split_k_setting_or_none(describe, engine, picked[0], cudnn, notes, errors)
         tried += 1
         if first is None:
             continue
         used += 1
         built.append(first)
         for slices in picked[1:]:
-            candidate = build_split_k_setting(describe, engine, slices, cudnn, notes, errors)
+            candidate = split_k_setting_or_none(describe, engine, slices, cudnn, notes, errors)
             tried += 1
             if candidate is not None:
                 built.append(candidate)
     return built, tried
 
 
-def build_split_k_setting(describe, engine, slices, cudnn, notes, errors):
-    """One (engine, slices) setting built alone in a fresh graph (see the module docstring), as a Candidate;
-    None when the engine refuses it (unsupported, deselected by `notes`, compiled at run time: seconds each,
-    or more workspace than MAX_WORKSPACE_BYTES)."""
+class SettingRefused(Exception):
+    """A split-K setting that builds but is not worth building: compiled at run time, or too much workspace."""
+
+
+def build_split_k_setting(describe, engine, slices, cudnn, notes):
+    """One (engine, slices) setting built alone in a fresh graph (see the module docstring), as a Candidate.
+
+    Raises the Frontend's error when the engine refuses it (unsupported, deselected by `notes`), and
+    SettingRefused when it is compiled at run time (seconds each) or needs more than MAX_WORKSPACE_BYTES.
+    """
     graph, tensors = describe()
-    try:
-        graph.validate()
-        graph.build_operation_graph()
-        graph.create_execution_plan(engine, {cudnn.knob_type.SPLIT_K_SLC: slices})
-        graph.deselect_numeric_notes(notes)
-        if _runtime_compiled(graph, 0, cudnn.behavior_note.RUNTIME_COMPILATION):
-            return None
-        graph.check_support()
-        graph.build_plan_at_index(0)
-        workspace = int(graph.get_workspace_size_plan_at_index(0))
-    except errors:
-        return None
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plan(engine, {cudnn.knob_type.SPLIT_K_SLC: slices})
+    graph.deselect_numeric_notes(notes)
+    if _runtime_compiled(graph, 0, cudnn.behavior_note.RUNTIME_COMPILATION):
+        raise SettingRefused("compiled at run time (seconds to build: the autotuner leaves those out)")
+    graph.check_support()
+    graph.build_plan_at_index(0)
+    workspace = int(graph.get_workspace_size_plan_at_index(0))
     if workspace > MAX_WORKSPACE_BYTES:
-        return None
+        raise SettingRefused(f"needs {workspace / 2 ** 20:.0f} MB of workspace")
     return Candidate((SPLIT_K, engine, slices), graph, tensors, 0, workspace)
+
+
+def split_k_setting_or_none(describe, engine, slices, cudnn, notes, errors):
+    """build_split_k_setting, or None where it raises one of `errors` or SettingRefused."""
+    try:
+        return build_split_k_setting(describe, engine, slices, cudnn, notes)
+    except (*errors, SettingRefused):
+        return None
 
 
 def _runtime_compiled(graph, index, note):

@@ -91,8 +91,8 @@ import contextlib
 from collections import Counter
 
 from cupynet.backends.conv_autotune import (REPEAT_CHECK_RUNS, build_candidates, build_split_k_candidates,
-                                            build_split_k_setting, choose_plan, engine_ids, known_choice,
-                                            split_k_engines)
+                                            choose_plan, engine_ids, known_choice, split_k_engines,
+                                            split_k_setting_or_none)
 from cupynet.errors import DeviceError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -436,24 +436,25 @@ class CudnnConv:
     def _build(self, op, key_dims, stride, pad, key):
         """Describe one convolution as a cuDNN graph, pick and build its plan; DeviceError if unsupported."""
         cudnn = self._cudnn
+        known = known_choice(key) if self.autotune else None      # this process's or an adopted checkpoint's
         try:
             graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
             try:
-                candidates = self._plan(graph, tensors, key)
+                candidates = self._plan(graph, tensors, known)
                 if candidates is not None and self.split_k and op == "wgrad":
-                    candidates += self._split_k_candidates(graph, candidates, key, key_dims, stride, pad)
+                    candidates += self._split_k_candidates(graph, candidates, known, key_dims, stride, pad)
             except cudnn.cudnnGraphNotSupportedError:
                 # Only engines that sum in reduced precision left? Better than no convolution at all: plan
                 # again allowing them (a deselection cannot be undone on the same graph).
                 graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
-                candidates = self._plan(graph, tensors, key, reduced_precision_sums=True)
+                candidates = self._plan(graph, tensors, known, reduced_precision_sums=True)
                 self.reduced_precision_graphs.append(describe(op, key_dims, stride, pad))
             if candidates == []:            # nothing built to time (or an adopted choice not built here)
                 graph.build_plans()         # the heuristics' first plan
                 candidates = None
             # autotuned: the workspace grows to the chosen plan's size once it is chosen (first use)
             workspace_bytes = 0 if candidates else graph.get_workspace_size()
-        except (cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError) as error:
+        except self._build_errors() as error:
             raise DeviceError(self._unsupported_message(op, key_dims, stride, pad, error)) from error
         return _BuiltGraph(graph, tensors, shapes, workspace_bytes, candidates)
 
@@ -512,12 +513,13 @@ class CudnnConv:
         tensor.set_stride(packed_strides(self.layout, *dims))
         tensor.set_data_type(data_type)
 
-    def _plan(self, graph, tensors, key, reduced_precision_sums=False):
+    def _plan(self, graph, tensors, known, reduced_precision_sums=False):
         """validate -> operation graph -> heuristics [A, FALLBACK] -> deselect -> check -> build.
 
         Returns the autotuning candidates (conv_autotune.Candidate, maybe none), or None without autotuning,
         when the heuristics' first plan was built (`execute` runs it). reduced_precision_sums: keep the
-        engines noted REDUCED_PRECISION_REDUCTION (only when nothing else supports the graph)."""
+        engines noted REDUCED_PRECISION_REDUCTION (only when nothing else supports the graph). known: the
+        choice already made for this graph, if any (conv_autotune.build_candidates)."""
         cudnn = self._cudnn
         graph.validate()
         graph.build_operation_graph()
@@ -531,7 +533,7 @@ class CudnnConv:
         graph.deselect_numeric_notes(self._deselected_notes(reduced_precision_sums))
         graph.check_support()
         if self.autotune:
-            return build_candidates(graph, tensors, self._build_errors(), known_choice(key),
+            return build_candidates(graph, tensors, self._build_errors(), known,
                                     cudnn.behavior_note.RUNTIME_COMPILATION)
         graph.build_plans()       # no autotuning: the heuristics' first plan
         return None
@@ -548,13 +550,12 @@ class CudnnConv:
     def _build_errors(self):
         return (self._cudnn.cudnnGraphNotSupportedError, ValueError, RuntimeError)
 
-    def _split_k_candidates(self, graph, heuristic, key, key_dims, stride, pad):
+    def _split_k_candidates(self, graph, heuristic, known, key_dims, stride, pad):
         """The split-K settings of a weight gradient's engines, each built in a graph of its own
         (conv_autotune.py): the known one only, when a choice was made, else those build_split_k_candidates
         finds among the engines of the planned heuristics' `graph` (its operation graph names the engines
         and their knobs)."""
         cudnn, errors, notes = self._cudnn, self._build_errors(), self._deselected_notes()
-        known = known_choice(key)
         if isinstance(known, int):
             return []
 
@@ -562,7 +563,7 @@ class CudnnConv:
             fresh_graph, tensors, _ = self.describe_graph("wgrad", key_dims, stride, pad)
             return fresh_graph, tensors
         if known is not None:
-            candidate = build_split_k_setting(fresh, *known[1:], cudnn, notes, errors)
+            candidate = split_k_setting_or_none(fresh, *known[1:], cudnn, notes, errors)
             built, tried = [candidate] if candidate is not None else [], 1
         else:
             try:
