@@ -60,14 +60,14 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe"),
-                                        ("--device", "x"), ("--wgrad-chunks", "17")])
+                                        ("--device", "x"), ("--wgrad-chunks", "17"), ("--conv-split-k", "on,sometimes")])
 def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", flag, value],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and f"{flag}:" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [["--device", "cpu"], ["--device", "x"], ["--runs", "0"]])
+@pytest.mark.parametrize("args", [["--device", "cpu"], ["--device", "x"], ["--runs", "0"], ["--split-k-settings", "-1"]])
 def test_conv_engines_refuses_bad_flags_in_one_line(args):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "conv_engines.py"), *args],
                             capture_output=True, text=True, timeout=60)
