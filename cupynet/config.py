@@ -111,10 +111,26 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where it tells something: not for an unset default (None: the help says
+    what applies, often a demo default), not for an on/off switch (--synthetic, --no-distortion: its
+    default is "not given"), and not where the help already names the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if action.default is None or switch or "default" in text:
+            return text
+        default = action.default
+        if isinstance(default, (tuple, list)):      # as it is typed: --lr-values 0.1,0.01
+            default = ",".join(f"{value:g}" if isinstance(value, float) else str(value) for value in default)
+        return f"{text} (default: {default})"
+
+
 def build_parser():
     d = TrainConfig()
     p = _Parser(prog="python -m cupynet.train", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="folder with cifar-10-batches-py (or that folder itself); "
                       "default: the CIFAR-10 sample shipped with cupynet, with demo defaults")
@@ -127,7 +143,8 @@ def build_parser():
     model.add_argument("--num-layers", type=int, help="depth: 6n+2 for v1/v2, 9n+2 for bottleneck (default 44; demo 8)")
     model.add_argument("--block", choices=BLOCK_KINDS, default=d.block, help="residual block kind")
     model.add_argument("--batch-norm-decay", dest="bn_decay", type=float, help="moving-average decay (default 0.997; demo 0.9)")
-    model.add_argument("--batch-norm-epsilon", dest="bn_epsilon", type=float, default=d.bn_epsilon)
+    model.add_argument("--batch-norm-epsilon", dest="bn_epsilon", type=float, default=d.bn_epsilon,
+                       help="added to the batch variance before its square root")
     model.add_argument("--conv-init", choices=tuple(CONV_INITS), default=d.conv_init,
                        help="how convolution weights start: he_normal (N(0, 2/fan_in), the default), "
                             "glorot_uniform (the reference tutorial's: TensorFlow 1's default), pytorch_default "
@@ -173,13 +190,15 @@ def build_parser():
     opt.add_argument("--train-steps", type=int, help="total target step; a rerun resumes and stops there "
                      "(default 80000; demo 150)")
     opt.add_argument("--train-batch-size", type=int, help="global batch, split across workers (default 128; demo 64)")
-    opt.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    opt.add_argument("--momentum", type=float, default=d.momentum)
+    opt.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                     help="images per evaluation step (every test image is evaluated once whatever the size)")
+    opt.add_argument("--momentum", type=float, default=d.momentum, help="momentum of SGD")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 coefficient on every variable")
     opt.add_argument("--lr-values", type=_csv(float), default=d.lr_values, help="piecewise-constant learning rates")
     opt.add_argument("--lr-boundaries", type=_csv(float), default=d.lr_boundaries,
                      help="epochs at which the next --lr-values entry starts")
-    opt.add_argument("--seed", type=int, default=d.seed)
+    opt.add_argument("--seed", type=int, default=d.seed,
+                     help="seeds the initialization, the epochs' order and the augmentation draws")
     run = p.add_argument_group("devices and bookkeeping")
     run.add_argument("--gpus", default=d.gpus, help="'cpu', GPU ids like '0' or '0,1', or 'auto'; "
                      "several ('cpu,cpu', '0,1') train data-parallel, one worker per device")
@@ -189,7 +208,8 @@ def build_parser():
     run.add_argument("--model-dir", help="checkpoints and metrics.jsonl (default: runs/<dataset>-resnet<depth>-<block>)")
     run.add_argument("--log-interval", type=int, help="steps between progress lines (default 100; demo 15)")
     run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default 2000; demo 50)")
-    run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                     help="most recent checkpoints kept in --model-dir; older ones are deleted")
     return p
 
 

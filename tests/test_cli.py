@@ -250,6 +250,31 @@ def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
     assert not model_dir.exists()
 
 
+def test_help_explains_every_flag_and_shows_each_default_once():
+    # COLUMNS: no wrapping inside a help text; a long flag still puts its help on the next line
+    result = subprocess.run([sys.executable, "-m", "cupynet.train", "--help"], capture_output=True, text=True,
+                            env=dict(os.environ, COLUMNS="1000",
+                                     PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")), timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines, flag = {}, None
+    for line in result.stdout.split("options:")[1].splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0].rstrip(",")
+            lines[flag] = line.strip()
+        elif line.startswith("    ") and flag:
+            lines[flag] += "  " + line.strip()      # the help under a long flag
+        else:
+            flag = None
+    assert len(lines) > 30
+    for flag, line in lines.items():
+        assert len(re.split(r"\s{2,}", line)) >= 2, f"{flag} has no help: {line!r}"
+        assert line.count("(default") <= 1 and "(default: None)" not in line, line
+    assert "default" not in lines["--no-distortion"]      # an off switch: "(default: True)" would mislead
+    assert lines["--lr-values"].endswith("(default: 0.1,0.01,0.001,0.0002)")   # as it is typed
+    assert lines["--momentum"].endswith("(default: 0.9)")
+    assert lines["--num-layers"].endswith("(default 44; demo 8)")           # the help's own words, not None
+
+
 def test_synthetic_data_trains_without_any_files(tmp_path):
     result = run_cli("--synthetic", "--model-dir", tmp_path / "run", "--train-steps", 2, *FAST,
                      "--eval-on", "validation")
