@@ -55,6 +55,7 @@ class TrainConfig:
     wgrad_streams: int = WGRAD_STREAMS       # GPU: side streams the weight gradients take in turn
     conv_deterministic: bool = True          # GPU: only cuDNN engines that repeat their bits on every run
     conv_split_k: bool = False               # GPU: autotuning also times split-K settings of weight gradients
+    conv_genstats: bool = False              # convolutions before BatchNorm also write its per-channel sums
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
@@ -172,6 +173,13 @@ def build_parser():
                        help="GPU, with --conv-autotune: also time split-K settings of each weight gradient's cuDNN "
                             "engines (the sum over the batch cut into 2-64 slices: more of the GPU busy at 16-64 "
                             "channels; off by default until a GPU run shows it faster)")
+    model.add_argument("--conv-genstats", action=argparse.BooleanOptionalAction, default=d.conv_genstats,
+                       help="GPU: each convolution that feeds a BatchNorm also writes the per-channel sum and sum "
+                            "of squares of its output (cuDNN's genstats, one fused graph), so BatchNorm's statistics "
+                            "skip their own pass over the activation; a convolution cuDNN has no such engine for "
+                            "(with --conv-deterministic: none that repeats its bits) runs as before. Statistics from "
+                            "unshifted float32 sums; not with --sync-bn's layers; off by default until a GPU run "
+                            "shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "

@@ -281,6 +281,10 @@ class CudnnConv:
         # deterministic engines only) and "problem: ..." (why a weight gradient got none: a Frontend without
         # knobs): what bench/layouts.py reports, so a GPU run shows whether the option did anything
         self.split_k_counts = Counter()
+        # fprop graphs with genstats (forward_with_stats, --conv-genstats): "fused" (built), "unsupported" (cuDNN
+        # had no engine for it under this engine's rules: the convolution ran plain, BatchNorm made its own
+        # statistics); what bench/layouts.py reports, so a GPU run shows whether the option did anything
+        self.genstats_counts = Counter()
         self._graphs = {}               # cache key -> _BuiltGraph
         self._frozen = False
 

@@ -159,7 +159,8 @@ class CupyBackend(LayoutMixin):
     xp = cupy
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
-                 wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False):
+                 wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
+                 conv_genstats=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -181,6 +182,7 @@ class CupyBackend(LayoutMixin):
         self.autotune = bool(autotune)          # time cuDNN's candidate engines on first use, keep the fastest
         self.deterministic = bool(deterministic)  # only cuDNN engines that repeat their bits (cudnn_conv.py)
         self.split_k = bool(split_k)            # autotuning also times weight gradients' split-K settings
+        self.conv_genstats = bool(conv_genstats)  # convolutions before BatchNorm also give its sums (layers.py)
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
         self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for

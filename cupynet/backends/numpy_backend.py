@@ -28,7 +28,7 @@ class NumpyBackend(LayoutMixin):
     name = "numpy"
     xp = np
 
-    def __init__(self, layout="NHWC", dtype="float32", wgrad_chunks=1):
+    def __init__(self, layout="NHWC", dtype="float32", wgrad_chunks=1, conv_genstats=False):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if not (isinstance(wgrad_chunks, int) and wgrad_chunks >= 1):
@@ -37,6 +37,9 @@ class NumpyBackend(LayoutMixin):
         # weight gradients per slice of the batch, summed later (the GPU's --wgrad-chunks; here only to
         # check that path against the plain one: it is no faster on the CPU)
         self.wgrad_chunks = wgrad_chunks
+        # convolutions before BatchNorm also give its sums (the GPU's --conv-genstats, a cuDNN fusion; here the
+        # reference that path is checked against)
+        self.conv_genstats = bool(conv_genstats)
         self.dtype = np.dtype(dtype)        # activations and weights
         self.param_dtype = np.dtype(dtype)  # master parameters, gradients, optimizer state
         self.calls = Counter()
