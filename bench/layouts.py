@@ -23,7 +23,8 @@ So are the step's options: `--wgrad-streams` (GPU): how many side streams the we
 turn, `--wgrad-chunks`: over how many slices of the batch each weight gradient is computed side by side,
 `--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen,
 `--conv-split-k off,on` (GPU): whether the autotuner also times split-K settings of the weight gradients'
-engines, and `--bn-launches 2,1` (GPU): kernel launches per BatchNorm pass.
+engines, `--bn-launches 2,1` (GPU): kernel launches per BatchNorm pass, and `--conv-genstats off,on`: whether
+convolutions before BatchNorm also give its statistics (cuDNN's genstats on the GPU).
 
     python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
         --wgrad-streams 1,2,3 --wgrad-chunks 1,2 --conv-deterministic on,off
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--conv-split-k", default="off",
                    help="GPU, comma-separated on/off: the autotuner also times split-K settings of the weight "
                         "gradients' cuDNN engines (off, the default)")
+    p.add_argument("--conv-genstats", default="off",
+                   help="comma-separated on/off: convolutions before BatchNorm also give its per-channel sums "
+                        "(cuDNN's genstats on the GPU; off, the default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per configuration (median reported)")
@@ -111,7 +115,7 @@ def parse_args(argv=None):
         p.error(f"--max-seconds must be positive, got {args.max_seconds}")
     if any(value not in ("1", "2") for value in args.bn_launches.split(",")):
         p.error(f"--bn-launches: a comma-separated list of 1 and 2, got {args.bn_launches!r}")
-    for flag in ("conv_deterministic", "conv_split_k"):
+    for flag in ("conv_deterministic", "conv_split_k", "conv_genstats"):
         if any(value not in ("on", "off") for value in getattr(args, flag).split(",")):
             p.error(f"--{flag.replace('_', '-')}: a comma-separated list of on/off, got {getattr(args, flag)!r}")
     if args.quick:
@@ -225,13 +229,13 @@ def device_of(text):
 
 
 def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS,
-            deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES, split_k=False):
+            deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES, split_k=False, genstats=False):
     """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
                          synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
                          conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks, bn_launches=bn_launches,
-                         conv_split_k=split_k)
+                         conv_split_k=split_k, conv_genstats=genstats)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
     backend = build_backend(config, device_of(args.device))     # every option as training builds it
     trainer = Trainer(config, dataset, backend)
@@ -259,13 +263,14 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
             "conv_autotune": getattr(backend, "autotune", None),
             "wgrad_streams": len(backend.side_streams) if hasattr(backend, "side_streams") else None,
             "conv_deterministic": getattr(backend, "deterministic", None),
-            "conv_split_k": getattr(backend, "split_k", None),
+            "conv_split_k": getattr(backend, "split_k", None), "conv_genstats": backend.conv_genstats,
             "wgrad_chunks": backend.wgrad_chunks, "bn_launches": getattr(backend, "bn_launches", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
             "windows": args.repeats, "steps_per_window": args.steps, "warmup_steps": warmup,
             "mean_loss": round(loss, 4), "peak_memory_bytes": peak_memory(backend, trainer),
-            "kernels_per_step": kernels_per_step, "split_k_settings": split_k_report(backend)}
+            "kernels_per_step": kernels_per_step, "split_k_settings": split_k_report(backend),
+            "genstats": genstats_report(backend)}
 
 
 def split_k_report(backend):
@@ -276,6 +281,16 @@ def split_k_report(backend):
         return None
     chosen = sum(not isinstance(choice["plan_index"], (int, type(None))) for choice in backend.conv.engine_choices())
     return dict(backend.conv.split_k_counts, chosen=chosen)
+
+
+def genstats_report(backend):
+    """With --conv-genstats on the GPU: how many convolution graphs were built fused with BatchNorm's statistics
+    ("fused") and how many cuDNN had no such engine for ("unsupported": they ran plain), so a run shows whether
+    the option did anything (nothing counted: it did not); None otherwise, and on the CPU, which has no cuDNN."""
+    counts = getattr(getattr(backend, "conv", None), "genstats_counts", None)
+    if not backend.conv_genstats or counts is None:
+        return None
+    return dict(counts)
 
 
 def launch_count(backend):
@@ -292,10 +307,11 @@ def on_off(text):
 
 def print_row(row):
     form = {True: "graph", False: "eager"}.get(row.get("captured"), row["cuda_graph"])
-    det, split = ({True: "on", False: "off", None: "-"}[row.get(name)] for name in ("conv_deterministic", "conv_split_k"))
+    det, split, genstats = ({True: "on", False: "off", None: "-"}[row.get(name)]
+                            for name in ("conv_deterministic", "conv_split_k", "conv_genstats"))
     head = (f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
             f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {split:>5} "
-            f"{row.get('bn_launches') or '-':>3}")
+            f"{row.get('bn_launches') or '-':>3} {genstats:>8}")
     if "error" in row:
         print(f"{head} failed: {row['error']}", flush=True)
         return
@@ -304,11 +320,12 @@ def print_row(row):
 
 
 def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k,
-                  bn_launches, device):
+                  bn_launches, genstats, device):
     """The fields that name one grid point (a row without figures: failed or not measured)."""
     return {"device": device, "depth": depth, "batch": batch, "layout": layout, "dtype": dtype,
             "cuda_graph": cuda_graph, "wgrad_streams": wgrad_streams, "wgrad_chunks": wgrad_chunks,
-            "conv_deterministic": deterministic, "conv_split_k": split_k, "bn_launches": bn_launches}
+            "conv_deterministic": deterministic, "conv_split_k": split_k, "bn_launches": bn_launches,
+            "conv_genstats": genstats}
 
 
 def one_line(error):
@@ -360,15 +377,15 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'split':>5} {'bn':>3} {'img/s':>9} "
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'split':>5} {'bn':>3} {'genstats':>8} {'img/s':>9} "
           f"{'min':>9} {'max':>9} {'ms/step':>9}")
     pairs = (parse_pairs(args.wgrad_pairs) if args.wgrad_pairs is not None
              else list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks))))
-    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn)
-            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic, split_k, bn
+    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn, genstats)
+            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic, split_k, bn, genstats
             in itertools.product(ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
                                  args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic),
-                                 on_off(args.conv_split_k), ints(args.bn_launches))]
+                                 on_off(args.conv_split_k), ints(args.bn_launches), on_off(args.conv_genstats))]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     rows, durations = [], []
@@ -382,9 +399,10 @@ def main(argv=None):
             break
         began = time.perf_counter()
         try:
-            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn = point
+            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn, genstats = point
             row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph=cuda_graph, wgrad_streams=streams,
-                          deterministic=deterministic, wgrad_chunks=chunks, bn_launches=bn, split_k=split_k)
+                          deterministic=deterministic, wgrad_chunks=chunks, bn_launches=bn, split_k=split_k,
+                          genstats=genstats)
         except ConfigError:
             raise                          # flags cupynet refuses: the whole grid is wrong
         except Exception as error:         # a run-time failure of this configuration (out of memory, a CUDA or

@@ -21,3 +21,15 @@ def test_layouts_quick_writes_positive_figures(tmp_path):
     for row in rows:
         assert row["images_per_sec_min"] <= row["images_per_sec"] <= row["images_per_sec_max"]
         assert row["images_per_sec"] > 0 and row["step_ms"] > 0 and row["windows"] == 2
+
+
+def test_layouts_rows_record_conv_genstats(tmp_path):
+    """--conv-genstats off,on: every row says which it ran (the backend's own setting), and the CPU reports no
+    genstats counts (they are the GPU's cuDNN graphs)."""
+    out = tmp_path / "layouts.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", "--layouts", "NHWC",
+                             "--conv-genstats", "off,on", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [row["conv_genstats"] for row in rows] == [False, True]
+    assert all(row["genstats"] is None and row["images_per_sec"] > 0 for row in rows)

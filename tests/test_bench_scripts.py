@@ -60,7 +60,8 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe"),
-                                        ("--device", "x"), ("--wgrad-chunks", "17"), ("--conv-split-k", "on,sometimes")])
+                                        ("--device", "x"), ("--wgrad-chunks", "17"), ("--conv-split-k", "on,sometimes"),
+                                        ("--conv-genstats", "off,maybe")])
 def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", flag, value],
                             capture_output=True, text=True, timeout=60)
@@ -165,12 +166,12 @@ def stand_in_measure(layouts, seconds_of):
     calls = []
 
     def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=1, deterministic=True,
-                wgrad_chunks=1, bn_launches=2, split_k=False):
+                wgrad_chunks=1, bn_launches=2, split_k=False, genstats=False):
         seconds = seconds_of(len(calls))
         calls.append(seconds)
         time.sleep(seconds)
         return dict(layouts.configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks,
-                                          deterministic, split_k, bn_launches, args.device),
+                                          deterministic, split_k, bn_launches, genstats, args.device),
                     captured=False, images_per_sec=100.0, images_per_sec_min=99.0, images_per_sec_max=101.0,
                     step_ms=10.0)
     return measure
@@ -188,6 +189,46 @@ def test_layouts_paces_itself_by_the_configurations_after_the_first(tmp_path, mo
     measured, left = len(report["results"]), len(report["not_measured"])
     assert 4 <= measured <= 7 and measured + left == 8, (measured, left)
     assert report["results"][0]["seconds"] >= 1.0 and all(row["seconds"] >= 0.3 for row in report["results"])
+
+
+def test_layouts_varies_conv_genstats_fastest(tmp_path, monkeypatch):
+    """--conv-genstats off,on is a grid dimension, the last to vary: each row with genstats right after its twin
+    without (a grid cut short by --max-seconds keeps the pairs to compare), and measure is asked for it."""
+    layouts = layouts_module()
+    monkeypatch.setattr(layouts, "measure", stand_in_measure(layouts, lambda call: 0.0))
+    out = tmp_path / "layouts.json"
+    layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2", "--conv-genstats", "off,on",
+                  "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["wgrad_chunks"], row["conv_genstats"]) for row in rows] == [(1, False), (1, True), (2, False),
+                                                                            (2, True)]
+
+
+def test_layouts_reports_genstats_counts_only_with_the_option_on_a_gpu():
+    """A row's `genstats`: the GPU convolutions' counts as a plain dict (JSON) with --conv-genstats, even when
+    nothing was counted (the option did nothing: the run should say so); None without it, and on the CPU."""
+    from collections import Counter
+    from types import SimpleNamespace
+    layouts = layouts_module()
+    gpu = SimpleNamespace(conv_genstats=True, conv=SimpleNamespace(genstats_counts=Counter(fused=12, unsupported=3)))
+    assert layouts.genstats_report(gpu) == {"fused": 12, "unsupported": 3}
+    assert type(layouts.genstats_report(gpu)) is dict
+    assert layouts.genstats_report(SimpleNamespace(conv_genstats=True, conv=SimpleNamespace(genstats_counts=Counter()))) \
+        == {}
+    assert layouts.genstats_report(SimpleNamespace(conv_genstats=False, conv=gpu.conv)) is None
+    assert layouts.genstats_report(SimpleNamespace(conv_genstats=True)) is None          # the NumPy backend
+
+
+@pytest.mark.gpu
+def test_layouts_reports_the_gpu_backends_genstats_counts(tmp_path):
+    """On the GPU (or the emulated one) a row with --conv-genstats reads the backend's own counter: a dict of
+    "fused" and "unsupported" counts (empty while no convolution takes the fused path)."""
+    layouts = layouts_module()
+    args = layouts.parse_args(["--device", "0", "--no-tf32", "--warmup", "1", "--steps", "1", "--repeats", "1"])
+    dataset = layouts.synthetic_dataset(num_train=32, num_test=8, seed=0)
+    row = layouts.measure(8, 8, "NHWC", "float32", args, dataset, cuda_graph="off", genstats=True)
+    assert row["conv_genstats"] is True and isinstance(row["genstats"], dict), row
+    assert set(row["genstats"]) <= {"fused", "unsupported"} and all(n > 0 for n in row["genstats"].values()), row
 
 
 def test_layouts_keeps_the_rows_measured_before_it_was_stopped(tmp_path, monkeypatch):
