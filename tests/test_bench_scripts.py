@@ -278,11 +278,11 @@ def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing
 
 
 def layouts_row(streams, chunks, deterministic, images_per_sec, dtype="bfloat16", batch=128, captured=True,
-                split_k=False):
+                split_k=False, genstats=False):
     """A row as bench/layouts.py writes it (the fields best_step_options.py reads)."""
     return {"depth": 44, "batch": batch, "layout": "NHWC", "dtype": dtype, "captured": captured,
             "wgrad_streams": streams, "wgrad_chunks": chunks, "conv_deterministic": deterministic,
-            "conv_split_k": split_k, "images_per_sec": images_per_sec}
+            "conv_split_k": split_k, "conv_genstats": genstats, "images_per_sec": images_per_sec}
 
 
 def pick(tmp_path, rows, *args):
@@ -305,6 +305,18 @@ def test_best_step_options_picks_the_fastest_captured_row_of_the_dtype_and_batch
     assert large.stdout.split() == ["--wgrad-streams", "2", "--wgrad-chunks", "4", "--no-conv-deterministic"]
     split = pick(tmp_path, rows + [layouts_row(1, 1, True, 80000, batch=512, split_k=True)], "--batch", "512")
     assert split.stdout.split() == ["--conv-split-k"] and "with split-K settings" in split.stderr
+
+
+def test_best_step_options_picks_genstats_only_when_more_than_2_percent_faster(tmp_path):
+    """A genstats row is chosen (with its other options) only when 2% faster than the defaults; a row written
+    before the option existed has no conv_genstats field and counts as off, so it is still the defaults'."""
+    older_default = layouts_row(1, 1, True, 40000)
+    del older_default["conv_genstats"]
+    within = pick(tmp_path, [older_default, layouts_row(1, 1, True, 40700, genstats=True)])        # 1.75% faster
+    assert within.returncode == 0 and within.stdout.strip() == "", within.stderr
+    faster = pick(tmp_path, [older_default, layouts_row(1, 1, False, 41000, genstats=True)])       # 2.5% faster
+    assert faster.stdout.split() == ["--no-conv-deterministic", "--conv-genstats"]
+    assert "statistics from the convolutions (genstats)" in faster.stderr
 
 
 def test_best_step_options_never_picks_a_failed_row(tmp_path):
