@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    help="passed on to cupynet.train: cuDNN engines that add in a varying order may be chosen")
     p.add_argument("--conv-split-k", action="store_true",
                    help="passed on to cupynet.train: the autotuner also times weight gradients' split-K settings")
+    p.add_argument("--conv-genstats", action="store_true",
+                   help="passed on to cupynet.train: convolutions before BatchNorm also give its per-channel sums")
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="CPU, built-in sample, ResNet-8, 2 epochs, float32")
@@ -95,6 +97,8 @@ def recipe_flags(args, model_dir):
         flags += ["--no-conv-deterministic"]
     if args.conv_split_k:
         flags += ["--conv-split-k"]
+    if args.conv_genstats:
+        flags += ["--conv-genstats"]
     if not args.quick:
         flags += ["--data-dir", args.data_dir, "--batch-norm-decay", 0.997]
     else:

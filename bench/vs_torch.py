@@ -142,6 +142,8 @@ def parse_args(argv=None):
                         "cudnn.benchmark and without cudnn.deterministic, always may)")
     p.add_argument("--conv-split-k", action="store_true",
                    help="cupynet's autotuner also times split-K settings of its weight gradients' cuDNN engines")
+    p.add_argument("--conv-genstats", action="store_true",
+                   help="cupynet's convolutions before BatchNorm also give its per-channel sums (cuDNN's genstats)")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                    help="cupynet's whole-step CUDA graph (read by bench/layouts.py's measure)")
     p.add_argument("--warmup", type=int, help="untimed steps per form (default: 10 on a GPU, 1 on the CPU)")
@@ -211,7 +213,8 @@ def cupynet_config(args, layout, dtype):
     return TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=layout, dtype=dtype,
                        synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic,
                        wgrad_streams=args.wgrad_streams, wgrad_chunks=args.wgrad_chunks,
-                       bn_launches=args.bn_launches, conv_split_k=args.conv_split_k)
+                       bn_launches=args.bn_launches, conv_split_k=args.conv_split_k,
+                       conv_genstats=args.conv_genstats)
 
 
 def cupynet_trainer(args, layout, dtype, dataset):
@@ -536,7 +539,8 @@ def benchmark_row(torch, args, layout, dtype, dataset, device):
                                                       deterministic=args.conv_deterministic,
                                                       wgrad_chunks=args.wgrad_chunks,
                                                       bn_launches=args.bn_launches,
-                                                      split_k=args.conv_split_k))
+                                                      split_k=args.conv_split_k,
+                                                      genstats=args.conv_genstats))
     row = {"depth": args.depth, "batch": args.batch, "layout": layout, "dtype": dtype,
            "precision": precision(device, dtype, args.tf32), "torch_eager": eager, "torch_graph": graph,
            "cupynet": ours, "ratio_vs_torch_eager": ratio(ours, eager), "ratio_vs_torch_graph": ratio(ours, graph)}

@@ -107,10 +107,11 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
         (1, 1, True, 44)
     chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2", "--wgrad-chunks", "2",
                                                  "--no-conv-deterministic", "--conv-init", "glorot_uniform",
-                                                 "--conv-split-k"]), "M"))
+                                                 "--conv-split-k", "--conv-genstats"]), "M"))
     assert (chosen.wgrad_streams, chosen.wgrad_chunks, chosen.conv_deterministic, chosen.train_steps) == \
         (2, 2, False, 122 * 351)
     assert (default.conv_split_k, chosen.conv_split_k) == (False, True)
+    assert (default.conv_genstats, chosen.conv_genstats) == (False, True)
     assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
 
 

@@ -232,10 +232,11 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
 
 
 # What the script's variables hold when its commands run: step options as best_step_options.py prints
-# them (all three flags, so that each must exist wherever it is passed), and one accuracy entry's flags.
-SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --bn-launches 1",
-                 "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k",
-                 "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k",
+# them (every flag it can print, so that each must exist wherever it is passed), and one accuracy entry's flags.
+SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --bn-launches 1 "
+                              "--conv-genstats",
+                 "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --conv-genstats",
+                 "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k --conv-genstats",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",

@@ -192,3 +192,27 @@ def test_bad_flags_exit_with_one_line(tmp_path, args, flag):
     result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert flag in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_step_options_reach_both_of_cupynets_runs(monkeypatch):
+    """--conv-split-k, --conv-genstats and --no-conv-deterministic reach the cupynet run checked against PyTorch
+    (cupynet_config) and the timed one (layouts.measure); without them, both run the defaults. No PyTorch needed:
+    its timing is a stand-in here."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import vs_torch
+    timed = []
+
+    def measure(depth, batch, layout, dtype, args, dataset, **options):
+        timed.append(options)
+        return {"images_per_sec": 2.0}
+
+    monkeypatch.setattr(vs_torch.layouts, "measure", measure)
+    monkeypatch.setattr(vs_torch, "torch_form", lambda *args: {"images_per_sec": 1.0})
+    for flags, expected in (([], (False, False, True)), (["--conv-split-k", "--conv-genstats", "--no-conv-deterministic"],
+                                                          (True, True, False))):
+        args = vs_torch.parse_args(flags)
+        config = vs_torch.cupynet_config(args, "NHWC", "float32")
+        assert (config.conv_split_k, config.conv_genstats, config.conv_deterministic) == expected
+        row = vs_torch.benchmark_row(None, args, "NHWC", "float32", None, type("Device", (), {"type": "cpu"}))
+        assert row["ratio_vs_torch_eager"] == 2.0
+        assert (timed[-1]["split_k"], timed[-1]["genstats"], timed[-1]["deterministic"]) == expected
