@@ -34,6 +34,8 @@
  * (2, C) double sums, reusing the stages: forward = bn_stats_partials_shifted + bn_sums_finalize |
  * all-reduce | bn_stats_from_sums + bn_apply; backward = bn_grad_partials + bn_sums_finalize |
  * all-reduce | bn_grad_from_sums + bn_backward_dx (with the count the sums cover).
+ * With --conv-genstats the convolution before the BatchNorm writes the (2, C) float32 sums itself (cuDNN's
+ * genstats): forward = bn_stats_from_sums<float> (shift 0) + bn_apply, no pass of our own over x.
  * Deterministic: the partials are added in a fixed order whichever block finalizes (the one atomic only
  * counts arrivals); the split into P slices depends only on the shapes, the GPU and whether the arrays
  * are 16-byte aligned (the backend's own buffers always are; an offset view may not be).
@@ -388,13 +390,14 @@ extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, i
 }
 
 // Grid-stride over C: statistics from the global shifted sums of `count` elements per channel, as
-// bn_stats. shift may alias running_mean: each thread reads it before updating it.
-extern "C" __global__ void bn_stats_from_sums(const double* sums, const float* shift, double count, int C,
-                                              double decay, double eps, float* running_mean, float* running_var,
-                                              float* saved_mean, float* saved_invstd)
+// bn_stats. shift may alias running_mean: each thread reads it before updating it. S: double (sync BN's
+// sums) or float (the sums cuDNN's genstats writes beside a convolution's output, shift 0).
+template <typename S>
+__global__ void bn_stats_from_sums(const S* sums, const float* shift, double count, int C, double decay, double eps,
+                                   float* running_mean, float* running_var, float* saved_mean, float* saved_invstd)
 {
     for (int c = first_index(); c < C; c += grid_stride()) {
-        store_statistics(make_double2(sums[c], sums[C + c]), shift[c], count, c, decay, eps, running_mean,
+        store_statistics(make_double2((double)sums[c], (double)sums[C + c]), shift[c], count, c, decay, eps, running_mean,
                          running_var, saved_mean, saved_invstd);
     }
 }

@@ -680,3 +680,110 @@ def test_an_adopted_choice_that_does_not_build_here_falls_back_to_the_heuristics
     cupy.cuda.get_current_stream().synchronize()
     np.testing.assert_array_equal(prec.to_host(dw_adopted), prec.to_host(dw))
     conv_autotune.forget_choices()
+
+
+# --------------------------------------------------------------------------- genstats (--conv-genstats)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("mode,case", [("strict", "down-3x3-s2"), ("bf16", "down-3x3-s2"), ("bf16", "block-3x3")])
+@pytest.mark.parametrize("autotune", [False, True])
+def test_forward_with_stats_writes_the_outputs_sums_or_runs_plain(handle, layout, mode, case, autotune):
+    """forward_with_stats: y as forward's (against the reference), and either the per-channel sum and sum
+    of squares of y (genstats, fused: True) or, where cuDNN has no engine for the fused graph, False with
+    the sums untouched and the reason kept. The sums come from cuDNN's float32 accumulators, before y is
+    rounded to its dtype: within rtol of sum|y| (and sum y^2) of the y that was stored."""
+    n, c, h, w, k, ksize, stride = CASES[case]
+    pad = ksize // 2
+    prec = Precision(mode)
+    ref = NumpyBackend(layout=layout, dtype="float64")
+    conv = CudnnConv(handle, layout, prec.io_dtype, strict_fp32=prec.strict, autotune=autotune)
+    rng = np.random.default_rng(zlib.crc32(f"stats-{layout}-{mode}-{case}".encode()))
+    x, x64 = prec.to_device(np.abs(rng.standard_normal(ref.activation_shape(n, c, h, w))))   # as after a relu
+    wt, w64 = prec.to_device(rng.standard_normal(ref.conv_weight_shape(k, c, ksize, ksize)))
+    shape = ref.activation_shape(n, k, out_size(h, ksize, stride), out_size(w, ksize, stride))
+    y, sums = prec.nan_array(shape), cupy.full((2, k), np.nan, dtype=cupy.float32)
+
+    fused = conv.forward_with_stats(x, wt, stride, pad, y, sums)
+    conv.forward_with_stats(x, wt, stride, pad, y, sums)         # a second call: the cached decision
+    cupy.cuda.get_current_stream().synchronize()
+    y_ref = ref.conv2d_forward(x64, w64, stride, pad, np.empty(shape))
+    y_abs = ref.conv2d_forward(np.abs(x64), np.abs(w64), stride, pad, np.empty(shape))
+    assert_close("fprop", prec.to_host(y), y_ref, y_abs, RTOL[mode])
+    got = cupy.asnumpy(sums).astype(np.float64)
+    if fused:
+        stored = prec.to_host(y)
+        axes = ref._channel_axes()
+        assert_close("sum", got[0], stored.sum(axis=axes), np.abs(stored).sum(axis=axes), RTOL[mode])
+        assert_close("sum of squares", got[1], (stored ** 2).sum(axis=axes), (stored ** 2).sum(axis=axes),
+                     2 * RTOL[mode])
+        assert conv.genstats_counts == {"fused": 1} and conv.builds == {"fprop_stats": 1}
+        assert conv.executions == {"fprop_stats": 2}
+    else:
+        assert np.all(np.isnan(got))
+        assert conv.genstats_counts == {"unsupported": 1} and len(conv.genstats_problems) == 1
+        assert conv.executions == {"fprop": 2} and conv.builds == {"fprop": 1}
+
+
+def test_sums_of_the_wrong_shape_or_dtype_are_refused_before_cudnn_runs(handle):
+    prec = Precision("bf16")
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    for sums in (cupy.zeros((2, 4), dtype=cupy.float32), cupy.zeros((2, 8), dtype=cupy.float64),
+                 cupy.zeros((8, 2), dtype=cupy.float32).T):
+        with pytest.raises(ValueError, match="sums must be a C-contiguous"):
+            conv.forward_with_stats(x, wt, 1, 1, y, sums)
+    assert conv.executions == {}
+
+
+@pytest.mark.parametrize("multiple,fused", [(1, True), (1 << 20, False)])
+def test_genstats_support_is_decided_per_shape(handle, monkeypatch, multiple, fused):
+    """Emulated cuDNN only (it lets a test decide which shapes have a genstats engine): an unsupported fused
+    graph is not an error, it runs plain, and a frozen engine neither builds nor retries it."""
+    import cudnn
+    if not hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE"):
+        pytest.skip("needs the emulated cuDNN, whose genstats support a test can change")
+    monkeypatch.setattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE", multiple)
+    prec = Precision("bf16")
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    sums = cupy.zeros((2, 8), dtype=cupy.float32)
+    assert conv.forward_with_stats(x, wt, 1, 1, y, sums) is fused
+    conv.freeze()
+    assert conv.forward_with_stats(x, wt, 1, 1, y, sums) is fused
+    assert conv.genstats_counts == ({"fused": 1} if fused else {"unsupported": 1})
+    if not fused:
+        assert "fprop_stats" not in conv.builds and "fprop_stats N=4 C=8 H=8 W=8 K=8" in conv.genstats_problems[0]
+
+
+@pytest.mark.parametrize("untold", ["one", "every"])
+def test_a_genstats_engine_whose_sums_do_not_repeat_is_never_chosen(handle, monkeypatch, untold):
+    """A fused graph's sums are added across the blocks that share a channel; an engine that does it with
+    atomics in a varying order need not say NONDETERMINISTIC in notes kept per engine. With deterministic
+    engines each genstats candidate runs again before it is timed and one whose outputs change is dropped;
+    if none is left, the convolution runs plain (not an error). Emulated cuDNN only: it lets the test give
+    engines reordered sums and notes that do not say so (a float32 output shows them)."""
+    def reorder(cudnn, engines):
+        for i, engine in enumerate(engines):
+            if "fprop" in engine.ops and not engine.numerical and (untold == "every" or engine.name == "implicit gemm fp32"):
+                engines[i] = _copy_engine(cudnn, engine, name=f"untold {engine.name}", reorders=True)
+    cudnn = _emulated_engines(monkeypatch, reorder)
+    monkeypatch.setattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE", 1)
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    prec = Precision("strict")         # float32 output, and only engines without notes: the untold ones decide
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True, autotune=True)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    sums = cupy.zeros((2, 8), dtype=cupy.float32)
+    fused = conv.forward_with_stats(x, wt, 1, 1, y, sums)
+    cupy.cuda.get_current_stream().synchronize()
+    assert np.all(np.isfinite(prec.to_host(y)))
+    if untold == "one":
+        entry = conv._graphs[next(key for key in conv._graphs if key[0] == "fprop_stats")]
+        dropped = [c for c in entry.candidates if c.dropped == "not repeatable"]
+        assert fused and [c.name for c in dropped] == ["eng2 (untold implicit gemm fp32)"] and entry.chosen not in dropped
+        assert conv.genstats_counts == {"fused": 1}
+    else:
+        assert not fused and conv.genstats_counts == {"unsupported": 1}
+        assert "did not repeat their bits" in conv.genstats_problems[0]
+        assert conv.forward_with_stats(x, wt, 1, 1, y, sums) is False     # decided: runs plain from now on

@@ -304,6 +304,55 @@ def test_batchnorm_train_forward(layout, dtype, shape, tail, launches):
 
 
 @params()
+@pytest.mark.parametrize("tail", ["relu", "residual_relu"])
+def test_batchnorm_statistics_from_a_convolutions_float32_sums(layout, dtype, tail):
+    """--conv-genstats: a convolution with K = 32 output channels writes its output's per-channel sum and sum
+    of squares (cuDNN's genstats, when cuDNN has an engine for it), and BatchNorm takes its statistics from
+    those float32 sums (bn_stats_from_sums<float>, shift 0) then applies; all against the NumPy twins run
+    on the same values. Where cuDNN offers no genstats engine, the conv must say so (False) and y is still
+    right; the BatchNorm half is then checked with the sums computed here."""
+    relu, with_residual = TAILS[tail]
+    be = backend(layout, dtype)
+    a = Arrays(be, seed=21)
+    n, c, hw, k = 4, 16, 8, 32
+    x, x_ref = a.activation(n, c, hw, hw)
+    w, w_ref = a.put(a.rng.standard_normal(be.conv_weight_shape(k, c, 3, 3)) * 0.2)
+    y, sums = a.nan(be.activation_shape(n, k, hw, hw)), a.nan((2, k), np.float32)
+    fused = be.conv2d_forward_with_stats(x, w, 1, 1, y, sums)
+    y_ref = a.get(y)
+    assert_close(y_ref, a.ref.conv2d_forward(x_ref, w_ref, 1, 1, np.empty(y.shape)), CONV[dtype],
+                 scale=rms(y_ref), what="y")
+    expected_sums = np.empty((2, k))
+    a.ref.conv2d_forward_with_stats(x_ref, w_ref, 1, 1, np.empty(y.shape), expected_sums)
+    if fused:       # from float32 accumulators before y's rounding to its dtype: within rtol of sum |y|
+        abs_sum = np.abs(y_ref).sum(axis=a.ref._channel_axes())
+        assert_close(a.get(sums)[0], expected_sums[0], CONV[dtype], scale=abs_sum, what="sum")
+        assert_close(a.get(sums)[1], expected_sums[1], 2 * CONV[dtype], what="sum of squares")
+    else:
+        assert np.isnan(a.get(sums)).all()
+        sums, _ = a.put(expected_sums, dtype=np.float32)
+    sums_ref = a.get(sums)
+    residual, residual_ref = a.activation(n, k, hw, hw) if with_residual else (None, None)
+    (gamma, g), (beta, b) = a.vector(k), a.vector(k, -0.5, 0.5)
+    (moving_mean, m), (moving_var, v) = a.vector(k, -1, 1), a.vector(k, 0.5, 2)
+    zeros, _ = a.put(np.zeros(k), dtype=np.float32)
+    out, saved_mean, saved_invstd = a.nan(y.shape), a.nan((k,), np.float32), a.nan((k,), np.float32)
+    with fast_path(be, kernels=("bn_stats_from_sums", "bn_apply")):
+        be.batchnorm_train_from_sums(y, sums, zeros, n * hw * hw, gamma, beta, moving_mean, moving_var, 0.9, 1e-5,
+                                     out, saved_mean, saved_invstd, relu=relu, residual=residual)
+    expected_mean, expected_invstd = np.empty(k), np.empty(k)
+    expected = a.ref.batchnorm_train_from_sums(y_ref, sums_ref.astype(np.float32), np.zeros(k), n * hw * hw, g, b,
+                                               m, v, 0.9, 1e-5, np.empty(y.shape), expected_mean, expected_invstd,
+                                               relu=relu, residual=residual_ref)
+    f32 = REDUCTION["float32"]
+    assert_close(a.get(saved_mean), expected_mean, f32, scale=rms(y_ref), what="saved mean")
+    assert_close(a.get(saved_invstd), expected_invstd, f32, what="saved invstd")
+    assert_close(a.get(moving_mean), m, f32, scale=rms(y_ref), what="moving mean")
+    assert_close(a.get(moving_var), v, f32, what="moving variance")
+    assert_close(a.get(out), expected, REDUCTION[dtype], scale=rms(expected), what="y")
+
+
+@params()
 @pytest.mark.parametrize("tail", list(TAILS))
 def test_batchnorm_infer_forward(layout, dtype, tail):
     relu, with_residual = TAILS[tail]

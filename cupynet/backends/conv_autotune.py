@@ -68,6 +68,10 @@ _CHOICES = {}                            # (device id, graph key) -> choice: a p
 _LOCK = threading.Lock()
 
 
+class NoCandidateRan(RuntimeError):
+    """Every built candidate failed to run, or was dropped by the repeat check."""
+
+
 @dataclass
 class Candidate:
     """One engine configuration the autotuner may time: plan `index` of a built `graph` whose tensors are
@@ -78,6 +82,9 @@ class Candidate:
     index: int
     workspace: int
     dropped: str = None     # why the autotuner did not time it (a split-K setting that did not repeat its bits)
+    # run again before it is timed, with deterministic engines, and dropped if its outputs change: a split-K
+    # setting (notes are per engine, not per knob value), an fprop with genstats (sums added across blocks)
+    repeat_check: bool = False
 
     @property
     def name(self):
@@ -217,7 +224,7 @@ def build_split_k_setting(describe, engine, slices, cudnn, notes):
     workspace = int(graph.get_workspace_size_plan_at_index(0))
     if workspace > MAX_WORKSPACE_BYTES:
         raise SettingRefused(f"needs {workspace / 2 ** 20:.0f} MB of workspace")
-    return Candidate((SPLIT_K, engine, slices), graph, tensors, 0, workspace)
+    return Candidate((SPLIT_K, engine, slices), graph, tensors, 0, workspace, repeat_check=True)
 
 
 def split_k_setting_or_none(describe, engine, slices, cudnn, notes, errors):
@@ -242,8 +249,8 @@ def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_
 
     pointers: the real arrays' addresses, in the order of each candidate's tensors; the timed runs write
     the output array, which the caller's execution then overwrites. repeats_its_bits(run): whether further
-    calls of run() write the output bits its last call wrote; given (deterministic engines only), a split-K
-    setting that does not is dropped before it is timed. run_errors: what an engine that built may raise when it runs
+    calls of run() write the output bits its last call wrote; given (deterministic engines only), a candidate
+    with repeat_check (a split-K setting, an fprop with genstats) that does not is dropped before it is timed. run_errors: what an engine that built may raise when it runs
     (it is then left out); the cuDNN Frontend's own not-supported error is not a RuntimeError.
     """
     key = (cupy.cuda.Device().id, key)
@@ -271,7 +278,7 @@ def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_err
             candidate.graph.execute_plan_at_index(variant_pack, scratch.data.ptr, candidate.index, handle=handle)
         try:
             run()                                  # untimed: first-run costs
-            if repeats_its_bits is not None and not isinstance(candidate.choice, int) and not repeats_its_bits(run):
+            if repeats_its_bits is not None and candidate.repeat_check and not repeats_its_bits(run):
                 candidate.dropped = "not repeatable"   # atomics the engine's notes did not declare
                 continue
             milliseconds = gpu_milliseconds(cupy, stream, hold, lambda: [run() for _ in range(TIMED_RUNS)])
@@ -279,7 +286,9 @@ def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_err
             continue
         timings.append((milliseconds, position))
     if not timings:
-        raise RuntimeError(f"none of the {len(candidates)} built cuDNN plans could execute")
+        dropped = sum(candidate.dropped is not None for candidate in candidates)
+        raise NoCandidateRan(f"none of the {len(candidates)} built cuDNN plans could execute"
+                             + (f" ({dropped} did not repeat their bits)" if dropped else ""))
     return candidates[min(timings)[1]]
 
 

@@ -6,6 +6,8 @@ thread: one cuDNN handle (already bound to that worker's stream by the caller), 
 
     conv = CudnnConv(handle, layout="NHWC", io_dtype="bfloat16")
     conv.forward(x, w, stride, pad, y)            # y = conv(x, w)
+    conv.forward_with_stats(x, w, stride, pad, y, sums)   # and sums (2, K) float32 = [sum(y), sum(y^2)],
+                                                  # or False where cuDNN has no engine for that (y written plain)
     conv.backward_data(dy, w, stride, pad, dx)    # dx = d(loss)/dx
     conv.backward_filter(x, dy, stride, pad, dw)  # dw = d(loss)/dw (written, not accumulated)
     conv.executions["fprop"]                      # how many times cuDNN really ran (tests check it)
@@ -24,7 +26,8 @@ Layout lives only in the strides
     need `set_dim`, because their shape cannot be inferred (a stride-2 dgrad loses H's parity).
 
 The cache key
-    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic, split_k), split_k
+    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic, split_k), op being
+    "fprop", "dgrad", "wgrad" or "fprop_stats" (an fprop with genstats, forward_with_stats), split_k
     being True for every weight gradient of an engine made with split_k (False for fprop and dgrad, which
     have no split-K settings, so their choices are shared either way), with N, C, H, W taken from the
     op's image-side tensor (x, or dx for dgrad). A built graph is reusable with new pointers for the same
@@ -90,13 +93,15 @@ source; identical in 1.26.0, whose wheel was compared):
 import contextlib
 from collections import Counter
 
-from cupynet.backends.conv_autotune import (REPEAT_CHECK_RUNS, build_candidates, build_split_k_candidates,
-                                            choose_plan, engine_ids, known_choice, split_k_engines,
-                                            split_k_setting_or_none)
+from cupynet.backends.conv_autotune import (REPEAT_CHECK_RUNS, NoCandidateRan, build_candidates,
+                                            build_split_k_candidates, choose_plan, engine_ids, known_choice,
+                                            split_k_engines, split_k_setting_or_none)
 from cupynet.errors import DeviceError
 
 LAYOUTS = ("NCHW", "NHWC")
 OPS = ("fprop", "dgrad", "wgrad")
+FPROP_STATS = "fprop_stats"     # fprop with cuDNN's genstats behind it (forward_with_stats, --conv-genstats)
+STATS_ITEMSIZE = 4              # genstats' sums are float32 in every precision
 
 # io_dtype -> (name of the cudnn.data_type member, bytes per element in memory)
 IO_DTYPES = {"float32": ("FLOAT", 4), "bfloat16": ("BFLOAT16", 2)}
@@ -160,21 +165,22 @@ def import_frontend():
 class _BuiltGraph:
     """A built cuDNN graph and what executing it needs.
 
-    tensors: the graph's three tensors in the order of the public method's array arguments,
-             e.g. (X, W, Y) for forward(x, w, stride, pad, y);
-    shapes:  the CuPy shapes those three arrays must have.
+    tensors: the graph's tensors in the order of the public method's array arguments,
+             e.g. (X, W, Y) for forward(x, w, stride, pad, y), (X, W, Y, SUM, SQSUM) for forward_with_stats;
+    shapes:  the CuPy shapes those arrays must have; itemsizes: their bytes per element.
 
     candidates: with autotuning, the built conv_autotune.Candidate list; `chosen`, once timed, is the one
              executed (its own graph and tensors for a split-K setting). None: the heuristics' first plan
              of `graph`, `execute`.
     """
 
-    __slots__ = ("graph", "tensors", "shapes", "workspace_bytes", "candidates", "chosen", "key")
+    __slots__ = ("graph", "tensors", "shapes", "itemsizes", "workspace_bytes", "candidates", "chosen", "key")
 
-    def __init__(self, graph, tensors, shapes, workspace_bytes, candidates=None):
+    def __init__(self, graph, tensors, shapes, itemsizes, workspace_bytes, candidates=None):
         self.graph = graph
         self.tensors = tensors
         self.shapes = shapes
+        self.itemsizes = itemsizes
         self.workspace_bytes = workspace_bytes
         self.candidates = candidates
         self.chosen = None
@@ -285,6 +291,7 @@ class CudnnConv:
         # had no engine for it under this engine's rules: the convolution ran plain, BatchNorm made its own
         # statistics); what bench/layouts.py reports, so a GPU run shows whether the option did anything
         self.genstats_counts = Counter()
+        self.genstats_problems = []     # why each "unsupported" one was (cuDNN's words, one line each)
         self._graphs = {}               # cache key -> _BuiltGraph
         self._frozen = False
 
@@ -295,15 +302,43 @@ class CudnnConv:
         n, c, h, wd = logical_dims(self.layout, x.shape)
         k, _, r, s = logical_dims(self.layout, w.shape)
         entry = self._graph_for("fprop", (n, c, h, wd, k, r, s), stride, pad)
-        self._execute("fprop", entry, x, w, y)
+        self._execute("fprop", entry, (x, w, y))
         return y
+
+    def forward_with_stats(self, x, w, stride, pad, y, sums):
+        """y = conv(x, w) and sums (2, K) float32 <- [sum(y), sum(y^2)] per channel over N, H, W, in one graph:
+        the convolution with cuDNN's genstats behind it (the statistics of the BatchNorm that follows, without
+        a pass of its own over y). Returns True; False where cuDNN has no engine for that graph under this
+        engine's rules (deterministic, never reduced-precision sums): y is then written by the plain fprop
+        graph and sums is left as it is. Which of the two a shape gets is settled by its first call."""
+        n, c, h, wd = logical_dims(self.layout, x.shape)
+        k, _, r, s = logical_dims(self.layout, w.shape)
+        if sums.shape != (2, k) or sums.dtype.itemsize != STATS_ITEMSIZE or not sums.flags.c_contiguous:
+            raise ValueError(f"conv {FPROP_STATS}: sums must be a C-contiguous (2, {k}) float32 array, got "
+                             f"{sums.shape} {sums.dtype}")
+        entry = self._graph_for(FPROP_STATS, (n, c, h, wd, k, r, s), stride, pad)
+        if entry is None:
+            self.forward(x, w, stride, pad, y)
+            return False
+        per_channel = array_shape(self.layout, 1, k, 1, 1)
+        try:
+            self._execute(FPROP_STATS, entry, (x, w, y, sums[0].reshape(per_channel), sums[1].reshape(per_channel)))
+        except NoCandidateRan as error:         # first use: no candidate repeated its sums (or none ran)
+            self._graphs[entry.key] = None
+            self.genstats_counts["fused"] -= 1
+            if not self.genstats_counts["fused"]:
+                del self.genstats_counts["fused"]
+            self._unsupported(entry.key[1:8], stride, pad, error)
+            self.forward(x, w, stride, pad, y)
+            return False
+        return True
 
     def backward_data(self, dy, w, stride, pad, dx):
         """dx = d(loss)/dx from dy = d(loss)/dy. dx's shape fixes H and W (a stride-2 dy cannot)."""
         n, c, h, wd = logical_dims(self.layout, dx.shape)
         k, _, r, s = logical_dims(self.layout, w.shape)
         entry = self._graph_for("dgrad", (n, c, h, wd, k, r, s), stride, pad)
-        self._execute("dgrad", entry, dy, w, dx)
+        self._execute("dgrad", entry, (dy, w, dx))
         return dx
 
     def backward_filter(self, x, dy, stride, pad, dw, lane=0):
@@ -311,7 +346,7 @@ class CudnnConv:
         n, c, h, wd = logical_dims(self.layout, x.shape)
         k, _, r, s = logical_dims(self.layout, dw.shape)
         entry = self._graph_for("wgrad", (n, c, h, wd, k, r, s), stride, pad)
-        self._execute("wgrad", entry, x, dy, dw, lane)
+        self._execute("wgrad", entry, (x, dy, dw), lane)
         return dw
 
     def freeze(self):
@@ -337,6 +372,8 @@ class CudnnConv:
         autotuning)."""
         choices = []
         for key, entry in self._graphs.items():
+            if entry is None:           # a fused graph cuDNN could not run (genstats_problems): never built
+                continue
             chosen = entry.chosen
             choices.append({"key": key, "op": key[0], "dims": key[1:8], "stride": key[8], "pad": key[9],
                             "calls": self.graph_calls[key], "plan_index": chosen and chosen.choice,
@@ -357,27 +394,54 @@ class CudnnConv:
         key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32, self.deterministic,
                self.split_k and op == "wgrad")
         self.graph_calls[key] += 1
-        entry = self._graphs.get(key)
-        if entry is None:
-            if self._frozen:
-                raise RuntimeError(f"cuDNN graph for conv {describe(op, key_dims, stride, pad)} was not built "
-                                   f"during warm-up (CudnnConv is frozen)")
+        if key in self._graphs:
+            return self._graphs[key]
+        if self._frozen:
+            raise RuntimeError(f"cuDNN graph for conv {describe(op, key_dims, stride, pad)} was not built "
+                               f"during warm-up (CudnnConv is frozen)")
+        if op == FPROP_STATS:
+            entry = self._build_fused_or_none(key_dims, stride, pad, key)
+        else:
             entry = self._build(op, key_dims, stride, pad, key)
+        self._graphs[key] = entry
+        if entry is not None:
             entry.key = key
-            self._graphs[key] = entry
             self.builds[op] += 1
             for lane in self._lanes(op):
                 lane.grow(entry.workspace_bytes)
         return entry
 
+    def _build_fused_or_none(self, key_dims, stride, pad, key):
+        """The fprop + genstats graph, or None (remembered: that shape runs plain) where cuDNN cannot run it."""
+        try:
+            entry = self._build(FPROP_STATS, key_dims, stride, pad, key, reduced_precision_sums=False)
+        except (DeviceError, AttributeError, TypeError) as error:    # AttributeError: a Frontend without genstats
+            self._unsupported(key_dims, stride, pad, error)
+            return None
+        # The sums of a block's share of the output must be added across blocks; an engine that does it with
+        # atomics in a varying order may not say so in notes kept per engine: with deterministic engines, the
+        # autotuner runs each candidate again and drops one whose sums (or y) change. (Without autotuning,
+        # the heuristics' plan is trusted on its notes.)
+        for candidate in entry.candidates or ():
+            candidate.repeat_check = True
+        self.genstats_counts["fused"] += 1
+        return entry
+
+    def _unsupported(self, key_dims, stride, pad, error):
+        """Count a fused graph that runs plain, and keep why (one line)."""
+        self.genstats_counts["unsupported"] += 1
+        self.genstats_problems.append(f"{describe(FPROP_STATS, key_dims, stride, pad)}: "
+                                      f"{' '.join(str(error).split())[:200]}")
+
     # ------------------------------------------------------------------ execute
 
-    def _execute(self, op, entry, a, b, out, lane_index=0):
-        """Check the three arrays against the graph, then enqueue it with raw pointers on the lane's stream."""
-        self._check(op, entry, 0, a)
-        self._check(op, entry, 1, b)
-        self._check(op, entry, 2, out)
-        pointers = (a.data.ptr, b.data.ptr, out.data.ptr)
+    def _execute(self, op, entry, arrays, lane_index=0):
+        """Check the arrays against the graph, then enqueue it with raw pointers on the lane's stream. The
+        third array is the convolution's result (the one the autotuner's repeat check compares)."""
+        for index, array in enumerate(arrays):
+            self._check(op, entry, index, array)
+        pointers = tuple(array.data.ptr for array in arrays)
+        outputs = arrays[2:]            # the convolution's result, and an fprop's genstats sums
         lanes = self._lanes(op)
         if not 0 <= lane_index < len(lanes):
             raise ValueError(f"conv {op}: lane {lane_index} of {len(lanes)}")
@@ -385,7 +449,7 @@ class CudnnConv:
         if lane.stream is not None:
             self._cudnn.set_stream(handle=lane.handle, stream=lane.stream.ptr)
         if entry.candidates is not None and entry.chosen is None:     # first use: time the candidates
-            check = self._repeats_its_bits(out) if self.deterministic else None
+            check = self._repeats_its_bits(outputs) if self.deterministic else None
             entry.chosen = choose_plan(entry.key, entry.candidates, pointers, lane.handle, self._cupy, self._hold,
                                        check, self._build_errors())
             dropped = sum(candidate.dropped == "not repeatable" for candidate in entry.candidates)
@@ -401,18 +465,18 @@ class CudnnConv:
                                                handle=lane.handle)
         self.executions[op] += 1
 
-    def _repeats_its_bits(self, out):
+    def _repeats_its_bits(self, outputs):
         """repeats_its_bits(run) for the autotuner: run() REPEAT_CHECK_RUNS more times (it has just run) and
-        compare `out`'s bytes with the first run's after each (on the current stream: the lane's, where run()
-        enqueues)."""
+        compare the outputs' bytes with the first run's after each (on the current stream: the lane's, where
+        run() enqueues)."""
         cupy = self._cupy
-        out_bytes = out.view(cupy.uint8)
+        views = [out.view(cupy.uint8) for out in outputs]
 
         def check(run):
-            first = out_bytes.copy()
+            first = [view.copy() for view in views]
             for _ in range(REPEAT_CHECK_RUNS):
                 run()
-                if not bool(cupy.array_equal(first, out_bytes)):
+                if not all(bool(cupy.array_equal(a, b)) for a, b in zip(first, views)):
                     return False
             return True
         return check
@@ -423,9 +487,10 @@ class CudnnConv:
         if array.shape != expected:
             raise ValueError(f"conv {op}: argument {index + 1} has shape {array.shape}, expected {expected} "
                              f"({self.layout})")
-        if array.dtype.itemsize != self.itemsize:
+        if array.dtype.itemsize != entry.itemsizes[index]:
+            expected_type = self.io_dtype if index < 3 else "float32"     # the result's genstats sums
             raise ValueError(f"conv {op}: argument {index + 1} has dtype {array.dtype}, expected "
-                             f"{self.io_dtype} storage ({self.itemsize} bytes per element)")
+                             f"{expected_type} storage ({entry.itemsizes[index]} bytes per element)")
         if not array.flags.c_contiguous:
             raise ValueError(f"conv {op}: argument {index + 1} is not C-contiguous")
         # The Frontend declares every tensor 16-byte aligned (its default), and engines load accordingly. Our
@@ -437,8 +502,11 @@ class CudnnConv:
 
     # ------------------------------------------------------------------ build
 
-    def _build(self, op, key_dims, stride, pad, key):
-        """Describe one convolution as a cuDNN graph, pick and build its plan; DeviceError if unsupported."""
+    def _build(self, op, key_dims, stride, pad, key, reduced_precision_sums=True):
+        """Describe one convolution as a cuDNN graph, pick and build its plan; DeviceError if unsupported.
+        reduced_precision_sums: where nothing else supports it, plan it again allowing engines that sum in
+        reduced precision (a convolution that runs beats one that stops the run; not for the fused graph,
+        which can run plain instead)."""
         cudnn = self._cudnn
         known = known_choice(key) if self.autotune else None      # this process's or an adopted checkpoint's
         try:
@@ -448,6 +516,8 @@ class CudnnConv:
                 if candidates is not None and self.split_k and op == "wgrad":
                     candidates += self._split_k_candidates(graph, candidates, known, key_dims, stride, pad)
             except cudnn.cudnnGraphNotSupportedError:
+                if not reduced_precision_sums:
+                    raise
                 # Only engines that sum in reduced precision left? Better than no convolution at all: plan
                 # again allowing them (a deselection cannot be undone on the same graph).
                 graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
@@ -460,7 +530,8 @@ class CudnnConv:
             workspace_bytes = 0 if candidates else graph.get_workspace_size()
         except self._build_errors() as error:
             raise DeviceError(self._unsupported_message(op, key_dims, stride, pad, error)) from error
-        return _BuiltGraph(graph, tensors, shapes, workspace_bytes, candidates)
+        itemsizes = (self.itemsize,) * 3 + (STATS_ITEMSIZE,) * (len(tensors) - 3)
+        return _BuiltGraph(graph, tensors, shapes, itemsizes, workspace_bytes, candidates)
 
     def describe_graph(self, op, key_dims, stride, pad, output_data_type=None):
         """One convolution as a cuDNN graph, not yet planned: (graph, (a, b, out) tensors, their array shapes).
@@ -483,13 +554,19 @@ class CudnnConv:
                               compute_data_type=self._float, handle=self._lanes(op)[0].handle)
         conv_args = dict(pre_padding=[pad, pad], post_padding=[pad, pad], stride=[stride, stride],
                          dilation=[1, 1], compute_data_type=self._float, name=op)
-        if op == "fprop":
+        if op in ("fprop", FPROP_STATS):
             x = self._input(graph, "x", image_dims)
             wt = self._input(graph, "w", weight_dims)
             y = graph.conv_fprop(image=x, weight=wt, **conv_args)
             self._output(y, result_dims, output_type)
             tensors = (x, wt, y)
             dims = (image_dims, weight_dims, result_dims)
+            if op == FPROP_STATS:       # y's per-channel sum and sum of squares, float32, as y is written
+                total, squares = graph.genstats(name="genstats", input=y)
+                for stat in (total, squares):
+                    self._output(stat, (1, k, 1, 1), self._float)
+                tensors += (total, squares)
+                dims += ((1, k, 1, 1), (1, k, 1, 1))
         elif op == "dgrad":
             dy = self._input(graph, "dy", result_dims)
             wt = self._input(graph, "w", weight_dims)

@@ -349,6 +349,15 @@ class CupyBackend(LayoutMixin):
         return self.conv.forward(x, w, stride, pad, y)
 
     @_primitive
+    def conv2d_forward_with_stats(self, x, w, stride, pad, y, sums):
+        """y = conv(x, w) and sums (2, K) float32 <- [sum(y), sum(y^2)] per channel, in one cuDNN graph (its
+        genstats, --conv-genstats), as NumpyBackend. Returns False, with y written by the plain graph and
+        sums untouched, where cuDNN has no engine for the fused graph under this engine's rules (the
+        caller's BatchNorm then makes its own statistics)."""
+        _require_dtype(np.float32, sums=sums)
+        return self.conv.forward_with_stats(x, w, stride, pad, y, sums)
+
+    @_primitive
     def conv2d_backward_data(self, dy, w, stride, pad, dx):
         return self.conv.backward_data(dy, w, stride, pad, dx)
 
@@ -570,13 +579,15 @@ class CupyBackend(LayoutMixin):
     @_primitive
     def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
                                   y, saved_mean, saved_invstd, relu=False, residual=None):
-        """Statistics from (global) shifted sums covering `count` elements per channel, then y, as NumpyBackend."""
+        """Statistics from (global) shifted sums covering `count` elements per channel, then y, as NumpyBackend.
+        sums: float64 (sync BN's), or float32 (those a convolution's genstats wrote, conv2d_forward_with_stats)."""
         _require_dtype(np.float32, shift=shift, gamma=gamma, beta=beta, running_mean=running_mean,
                        running_var=running_var, saved_mean=saved_mean, saved_invstd=saved_invstd)
-        _require_dtype(np.float64, sums=sums)
+        if sums.dtype not in (np.float64, np.float32):
+            raise TypeError(f"sums must be float64 or float32, got {sums.dtype}")
         _same_dtype(x, y=y)
         c = gamma.size
-        self._launch_1d("bn_stats_from_sums", (), c,
+        self._launch_1d("bn_stats_from_sums", (ctype(sums.dtype),), c,
                         (sums, shift, np.float64(count), _i32(c), np.float64(decay), np.float64(eps),
                          running_mean, running_var, saved_mean, saved_invstd))
         self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)

@@ -52,7 +52,7 @@ KERNELS = {
         "bn_stats": _per_type(*ACTIVATION_TYPES),
         "bn_stats_partials_shifted": _per_type(*ACTIVATION_TYPES),
         "bn_sums_finalize": [],
-        "bn_stats_from_sums": [],
+        "bn_stats_from_sums": [("double",), (FLOAT,)],   # sync BN's sums; genstats' (--conv-genstats)
         "bn_grad_from_sums": [],
         "bn_apply": _per_type(*ACTIVATION_TYPES),
         "bn_grad": _per_type(*ACTIVATION_TYPES),

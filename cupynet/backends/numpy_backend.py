@@ -147,6 +147,18 @@ class NumpyBackend(LayoutMixin):
         self._as_nhwc(y)[...] = y_rows.reshape(x.shape[0], ho, wo, k)
         return y
 
+    def conv2d_forward_with_stats(self, x, w, stride, pad, y, sums):
+        """y = conv(x, w), and sums (2, K) float32 <- [sum(y), sum(y^2)] per channel over N, H, W: the
+        statistics of the BatchNorm that follows (the GPU's --conv-genstats, cuDNN's genstats), added in
+        float64 here. Returns True: the sums are written (the GPU backend returns False where cuDNN has no
+        engine for the fused graph, and the BatchNorm then makes its own)."""
+        self.conv2d_forward(x, w, stride, pad, y)
+        self.calls["conv2d_forward_with_stats"] += 1
+        values = y.astype(np.float64)
+        sums[0] = values.sum(axis=self._channel_axes())
+        sums[1] = (values * values).sum(axis=self._channel_axes())
+        return True
+
     def conv2d_backward_data(self, dy, w, stride, pad, dx):
         """dx = d(loss)/dx given dy = d(loss)/dy, as a stride-1 convolution.
 
@@ -274,12 +286,14 @@ class NumpyBackend(LayoutMixin):
                                   y, saved_mean, saved_invstd, relu=False, residual=None):
         """Second half of a split batchnorm_train_forward: statistics from (global) shifted sums.
 
-        sums: (2, C) float64 from batchnorm_stats (added over the workers), taken around `shift`;
+        sums: (2, C) float64 from batchnorm_stats (added over the workers), taken around `shift`, or float32
+        from conv2d_forward_with_stats (shift 0), added here in float64 as the GPU's kernel does;
         count: elements per channel those sums cover (global: local elements x workers). Writes what
         batchnorm_train_forward writes: saved mean and invstd, the moving statistics (unbiased with
         `count`), and y for this worker's x. shift may alias running_mean: it is read first.
         """
         self.calls["batchnorm_train_from_sums"] += 1
+        sums = sums.astype(np.float64)
         shifted_mean = sums[0] / count
         var = np.maximum(sums[1] / count - shifted_mean * shifted_mean, 0.0)     # biased, as normalization uses
         mean = shift.astype(np.float64) + shifted_mean

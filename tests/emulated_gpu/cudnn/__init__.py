@@ -25,7 +25,10 @@ checks what cuDNN would check, the way cuDNN would do it, so that mistakes in ou
     a CUDA-graph capture exactly when that stream is capturing;
   * the fused patterns bench/conv_engines.py surveys: a per-channel scale / bias / relu chain in front of
     the convolution's image input (virtual tensors, never in the variant pack) and `genstats` (per-channel
-    sum and sum of squares of an fprop's output) behind it.
+    sum and sum of squares of an fprop's output) behind it, which cupynet's --conv-genstats runs. Whether
+    real cuDNN offers genstats for every shape is unknown here; the emulated engines offer it only for
+    outputs of a multiple of GENSTATS_CHANNEL_MULTIPLE channels (32: a ResNet's first stage, 16 channels, has
+    none), so a model run takes both paths, fused and not (tests may change the multiple).
 
 Convolutions accumulate in float64 and round once to the output type (bfloat16: to nearest even).
 """
@@ -148,6 +151,9 @@ ENGINES = (                                  # engine ids are positions; the heu
     _Engine("split-k slices", workspace=1 << 15, ops=("wgrad",), proposed=False,
             knobs=[knob(knob_type.SPLIT_K_SLC, 32, 1, 1), knob(knob_type.SPLIT_K_BUF, 1, 0, 1)]),
 )
+
+
+GENSTATS_CHANNEL_MULTIPLE = 32              # genstats is supported only for outputs of a multiple of this
 
 
 # ------------------------------------------------------------------ tensors and the graph
@@ -380,6 +386,8 @@ class pygraph:
     def _supported(self, index):
         engine, knobs = self.plans[index]
         if self.conv["op"] not in ENGINES[engine].ops:
+            return False
+        if self.stats is not None and self.stats[1].dim[1] % GENSTATS_CHANNEL_MULTIPLE:
             return False
         offered = {k.type: k for k in ENGINES[engine].knobs}
         return all(key in offered and offered[key].takes(value) for key, value in knobs.items())
