@@ -10,6 +10,10 @@ backend, so one model definition runs on NumPy and on the GPU.
     dx = conv.backward(dy)               # writes conv's weight gradient into params' flat grad buffer
 
 Gradients are written, not accumulated: each parameter is used exactly once per step.
+
+A convolution followed by a BatchNorm runs through `conv_batchnorm(conv, bn, x, train)`: with the backend's
+conv_genstats (--conv-genstats) the convolution also writes the BatchNorm's per-channel sums, so the
+BatchNorm does not read its input once more for its statistics.
 """
 from cupynet.params import glorot_uniform, ones_init, zeros_init
 
@@ -51,10 +55,19 @@ class Conv2d(Layer):
         return size(h), size(w)
 
     def forward(self, x, train):
-        n, _, h, w = self.be.nchw_dims(x)
-        y = self.buffer("y", self.be.activation_shape(n, self.cout, *self.output_hw(h, w)))
         self.x = x
-        return self.be.conv2d_forward(x, self.w.compute, self.stride, self.pad, y)
+        return self.be.conv2d_forward(x, self.w.compute, self.stride, self.pad, self._output(x))
+
+    def forward_with_stats(self, x, sums):
+        """Training forward that also writes sums (2, cout) = [sum(y), sum(y^2)] per channel, for the BatchNorm
+        that follows (conv_batchnorm). Returns (y, whether the backend wrote the sums)."""
+        self.x = x
+        y = self._output(x)
+        return y, self.be.conv2d_forward_with_stats(x, self.w.compute, self.stride, self.pad, y, sums)
+
+    def _output(self, x):
+        n, _, h, w = self.be.nchw_dims(x)
+        return self.buffer("y", self.be.activation_shape(n, self.cout, *self.output_hw(h, w)))
 
     def backward(self, dy):
         # into the compute-dtype gradient (mixed precision: converted with every other one at the end of
@@ -91,7 +104,11 @@ class BatchNorm(Layer):
         self.moving_mean = state.add(f"{name}/moving_mean", (channels,), init=zeros_init)
         self.moving_var = state.add(f"{name}/moving_variance", (channels,), init=ones_init)
 
-    def forward(self, x, train, residual=None):
+    def forward(self, x, train, residual=None, sums=None):
+        """sums: (2, C) float32 [sum(x), sum(x^2)] per channel, written by the convolution that made x
+        (conv_batchnorm, --conv-genstats): training takes its statistics from them instead of reading x for
+        them (unshifted sums: fine for the convolutions' outputs, whose means are within a few standard
+        deviations of 0). Not with a communicator: sync BN's sums are shifted and all-reduced in double."""
         be = self.be
         y = self.buffer("y", x.shape)
         if not train:
@@ -101,6 +118,13 @@ class BatchNorm(Layer):
         self.saved_mean = self.buffer("mean", (self.channels,), stats_dtype)
         self.saved_invstd = self.buffer("invstd", (self.channels,), stats_dtype)
         self.x, self.y = x, y
+        if sums is not None:
+            if self.comm is not None:
+                raise ValueError(f"{self.name}: statistics from a convolution's sums are not sync BN's")
+            return be.batchnorm_train_from_sums(x, sums, self._zeros(), self._local_count(x), self.gamma.value,
+                                                self.beta.value, self.moving_mean.value, self.moving_var.value,
+                                                self.decay, self.eps, y, self.saved_mean, self.saved_invstd,
+                                                relu=self.relu, residual=residual)
         if self.comm is None:
             return be.batchnorm_train_forward(x, self.gamma.value, self.beta.value, self.moving_mean.value,
                                               self.moving_var.value, self.decay, self.eps, y,
@@ -118,6 +142,12 @@ class BatchNorm(Layer):
                                             self.moving_mean.value, self.moving_var.value, self.decay, self.eps,
                                             y, self.saved_mean, self.saved_invstd, relu=self.relu,
                                             residual=residual)
+
+    def _zeros(self):
+        """A (C,) float32 array of zeros: the shift of unshifted sums."""
+        if not hasattr(self, "_zero_shift"):
+            self._zero_shift = self.be.zeros((self.channels,), dtype=self.be.param_dtype)
+        return self._zero_shift
 
     def _local_count(self, x):
         """Elements per channel in this replica's activation (N * H * W)."""
@@ -147,6 +177,33 @@ class BatchNorm(Layer):
         return self.be.batchnorm_backward_from_sums(dy, self.x, y, self.gamma.value, self.saved_mean,
                                                     self.saved_invstd, sums, self._local_count(self.x),
                                                     dx, self.gamma.grad, self.beta.grad)
+
+
+def conv_batchnorm(conv, bn, x, train, residual=None):
+    """bn.forward(conv.forward(x, train), train, residual). With the backend's conv_genstats (--conv-genstats),
+    a training forward lets the convolution also write the per-channel sums of its output (cuDNN's genstats,
+    in the same graph) and bn takes its statistics from them: no pass of its own over the activation. Where the
+    backend could not fuse them (no cuDNN engine for that shape), or bn is synchronized across workers, bn
+    makes its own as usual. Backward is unchanged: bn saved its mean and 1/std either way."""
+    if not (train and bn.comm is None and conv.be.conv_genstats):
+        return bn.forward(conv.forward(x, train), train, residual)
+    sums = bn.buffer("conv_sums", (2, bn.channels), conv.be.param_dtype)
+    y, fused = conv.forward_with_stats(x, sums)
+    return bn.forward(y, train, residual, sums=sums if fused else None)
+
+
+class ConvBN(Layer):
+    """A convolution and the BatchNorm after it, as one layer (the v1 stem): conv_batchnorm forward."""
+
+    def __init__(self, conv, bn):
+        super().__init__(conv.be, conv.name)
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x, train):
+        return conv_batchnorm(self.conv, self.bn, x, train)
+
+    def backward(self, dy):
+        return self.conv.backward(self.bn.backward(dy))
 
 
 class ReLU(Layer):

@@ -16,8 +16,8 @@ The head is global average pooling and a 10-way dense layer (the reference's 11t
     loss = model.forward_backward(x, labels)   # gradients land in model.params.grad_flat
     logits = model.forward(x, train=False)
 """
-from cupynet.layers import (BatchNorm, Conv2d, Dense, GlobalAvgPool, Layer, ShortcutA,
-                            SoftmaxCrossEntropy)
+from cupynet.layers import (BatchNorm, Conv2d, ConvBN, Dense, GlobalAvgPool, Layer, ShortcutA,
+                            SoftmaxCrossEntropy, conv_batchnorm)
 from cupynet.params import DEFAULT_CONV_INIT, ParamStore
 
 BLOCK_KINDS = ("v1", "v2", "bottleneck")
@@ -62,9 +62,9 @@ class BasicBlockV1(Layer):
         self.shortcut = ShortcutA(be, f"{name}/shortcut", cin, cout, stride) if (cin, stride) != (cout, 1) else None
 
     def forward(self, x, train):
-        h = self.bn1.forward(self.conv1.forward(x, train), train)
+        h = conv_batchnorm(self.conv1, self.bn1, x, train)
         s = self.shortcut.forward(x, train) if self.shortcut else x
-        return self.bn2.forward(self.conv2.forward(h, train), train, residual=s)    # relu(bn2(conv2 h) + s)
+        return conv_batchnorm(self.conv2, self.bn2, h, train, residual=s)    # relu(bn2(conv2 h) + s)
 
     def backward(self, dy):
         y = self.bn2.y                                          # the block's output
@@ -87,8 +87,8 @@ class BasicBlockV2(Layer):
         self.shortcut = ShortcutA(be, f"{name}/shortcut", cin, cout, stride) if (cin, stride) != (cout, 1) else None
 
     def forward(self, x, train):
-        h = self.conv1.forward(self.bn1.forward(x, train), train)
-        h = self.conv2.forward(self.bn2.forward(h, train), train)
+        h = conv_batchnorm(self.conv1, self.bn2, self.bn1.forward(x, train), train)
+        h = self.conv2.forward(h, train)
         s = self.shortcut.forward(x, train) if self.shortcut else x
         y = self.buffer("y", h.shape)
         return self.be.add(h, s, y)
@@ -117,9 +117,9 @@ class BottleneckBlock(Layer):
         self.shortcut = Conv2d(be, params, f"{name}/shortcut", cin, cout, 1, stride) if needs_projection else None
 
     def forward(self, x, train):
-        h = self.conv1.forward(self.bn1.forward(x, train), train)
-        h = self.conv2.forward(self.bn2.forward(h, train), train)
-        h = self.conv3.forward(self.bn3.forward(h, train), train)
+        h = conv_batchnorm(self.conv1, self.bn2, self.bn1.forward(x, train), train)
+        h = conv_batchnorm(self.conv2, self.bn3, h, train)
+        h = self.conv3.forward(h, train)
         s = self.shortcut.forward(x, train) if self.shortcut else x
         y = self.buffer("y", h.shape)
         return self.be.add(h, s, y)
@@ -150,10 +150,12 @@ class ResNet:
         bn = dict(decay=bn_decay, eps=bn_epsilon, comm=bn_comm)
         post_activation = block == "v1"
 
-        self.layers = [Conv2d(be, self.params, "stem/conv", 3, STAGE_FILTERS[0], 3, 1, input_grad=False)]
+        stem = Conv2d(be, self.params, "stem/conv", 3, STAGE_FILTERS[0], 3, 1, input_grad=False)
         if post_activation:
-            self.layers.append(BatchNorm(be, self.params, self.state, "stem/bn", STAGE_FILTERS[0],
-                                         relu=True, **bn))
+            self.layers = [ConvBN(stem, BatchNorm(be, self.params, self.state, "stem/bn", STAGE_FILTERS[0],
+                                                  relu=True, **bn))]
+        else:
+            self.layers = [stem]
         expansion = BOTTLENECK_EXPANSION if block == "bottleneck" else 1
         channels = STAGE_FILTERS[0]
         for stage, (filters, stride) in enumerate(zip(STAGE_FILTERS, STAGE_STRIDES), start=1):

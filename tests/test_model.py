@@ -159,3 +159,41 @@ def test_float32_gradients_stay_at_float32_rounding_of_the_float64_ones():
 
     exact, rounded = gradient("float64"), gradient("float32")
     assert np.linalg.norm(rounded - exact) / np.linalg.norm(exact) < 1e-5
+
+
+# (block, depth, convolutions followed by a BatchNorm: v1 every one (stem + 2 per block), v2 each block's
+# first, bottleneck each block's first two)
+GENSTATS_PAIRS = [("v1", 8, 7), ("v2", 8, 3), ("bottleneck", 11, 6)]
+
+
+@pytest.mark.parametrize("block,depth,pairs", GENSTATS_PAIRS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_batchnorm_statistics_from_the_convolutions_sums_train_as_before(block, depth, pairs, layout):
+    """--conv-genstats on the reference: each convolution that feeds a BatchNorm also gives its sums, and
+    the BatchNorm takes its statistics from them (unshifted sum and sum of squares instead of its own
+    shifted pass). In float64 the two ways agree to rounding: the loss, every gradient, the saved and moving
+    statistics; evaluation never asks for sums."""
+    def run(genstats):
+        be = NumpyBackend(layout, "float64", conv_genstats=genstats)
+        model = ResNet(be, depth, block, bn_decay=0.9)
+        model.init(np.random.default_rng(0))
+        x = np.random.default_rng(1).standard_normal(be.activation_shape(8, 3, 32, 32))
+        loss = float(model.forward_backward(x, np.arange(8, dtype=np.int32)))
+        be.calls.clear()
+        model.forward(x, train=False)
+        assert be.calls["conv2d_forward_with_stats"] == 0
+        return loss, model.params.grad_flat.copy(), model.state.flat.copy()
+
+    fused_loss, fused_grads, fused_state = run(True)
+    loss, grads, state = run(False)
+    assert fused_loss == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(fused_grads, grads, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fused_state, state, rtol=1e-9, atol=1e-12)   # the moving mean and variance
+    # counted in a training pass: every conv -> BatchNorm pair fused, the other BatchNorms as before
+    be = NumpyBackend(layout, "float64", conv_genstats=True)
+    model = ResNet(be, depth, block)
+    model.init(np.random.default_rng(0))
+    model.forward_backward(np.zeros(be.activation_shape(2, 3, 32, 32)), np.zeros(2, dtype=np.int32))
+    batchnorms = sum(name.endswith("/gamma") for name in model.params.params)
+    assert be.calls["conv2d_forward_with_stats"] == be.calls["batchnorm_train_from_sums"] == pairs
+    assert be.calls["batchnorm_train_forward"] == batchnorms - pairs

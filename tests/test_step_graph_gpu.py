@@ -29,12 +29,13 @@ def dataset():
     return synthetic_dataset(num_train=64, num_test=24, seed=1)
 
 
-def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False):
+def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False,
+                 conv_genstats=False):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks,
-                       bn_launches=bn_launches, split_k=split_k)
+                       bn_launches=bn_launches, split_k=split_k, conv_genstats=conv_genstats)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):
@@ -213,3 +214,28 @@ def test_split_k_weight_gradients_captured_equal_eager(dataset):
     assert {choice["key"]: choice["plan_index"] for choice in choices if choice["key"] in forced} == forced
     assert_identical(eager, captured)
     conv_autotune.forget_choices()
+
+
+def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset, layout="NHWC", dtype="bfloat16"):
+    """--conv-genstats: the convolutions before a BatchNorm also write its sums (where cuDNN has a genstats
+    engine for the shape; the others run plain and their BatchNorm makes its own statistics). Captured steps
+    repeat the eager ones bit for bit, and the run follows the plain one (other statistics' rounding only:
+    the losses agree to 1e-3 over the 12 steps)."""
+    settings = dict(BASE, data_format=layout, dtype=dtype, conv_genstats=True)
+    eager_backend = make_backend(layout, dtype, conv_genstats=True)
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
+    backend = make_backend(layout, dtype, conv_genstats=True)
+    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
+    assert captured[0].runner.captured
+    counts = backend.conv.genstats_counts
+    # ResNet-8's conv -> BN shapes: 3 -> 16, 16 -> 16, and 2 each in stages 2 and 3 (the emulated cuDNN has
+    # genstats engines only for outputs of a multiple of 32 channels: both paths run)
+    assert counts["fused"] + counts["unsupported"] == 6
+    import cudnn
+    if hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE"):
+        assert counts == {"fused": 4, "unsupported": 2}
+    assert backend.conv.executions["fprop_stats"] > 0 or counts["fused"] == 0
+    assert_identical(eager, captured)
+    plain = train(TrainConfig(**dict(settings, conv_genstats=False), cuda_graph="off"), dataset,
+                  make_backend(layout, dtype))
+    np.testing.assert_allclose(captured[3], plain[3], rtol=1e-3)
