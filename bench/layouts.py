@@ -38,6 +38,13 @@ would pass it; those left are listed in the JSON (`not_measured`). The JSON is r
 configuration, so a run stopped from outside keeps what it measured. A configuration that fails at run
 time (out of memory, a CUDA or cuDNN error, a non-finite loss) is recorded with its error and the next one
 runs; the exit status is then 1. A bad flag or a configuration cupynet refuses ends the run in one line.
+
+`--also "FLAGS"` adds a smaller grid's configurations (its grid flags over this grid's), each where the
+product of every value puts it, beside those it differs from in the last dimensions: a few configurations
+more without a process of their own, whose start-up costs as much as several configurations.
+
+    python bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+        --wgrad-pairs 1x1,8x8 --also "--wgrad-pairs 1x1 --conv-genstats on"    # 1x1, 1x1 + genstats, 8x8
 """
 import argparse
 import gc
@@ -45,6 +52,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -65,7 +73,12 @@ from cupynet.train import build_backend                            # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
 
 
-def parse_args(argv=None):
+# the flags that name a grid's configurations (what --also may give), as argparse's names
+GRID_FLAGS = ("depths", "batches", "layouts", "dtypes", "cuda_graph", "wgrad_streams", "wgrad_chunks", "wgrad_pairs",
+              "bn_launches", "conv_deterministic", "conv_split_k", "conv_genstats")
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", default="20,44", help="comma-separated ResNet depths (6n+2)")
     p.add_argument("--batches", default="128", help="comma-separated batch sizes")
@@ -92,35 +105,91 @@ def parse_args(argv=None):
     p.add_argument("--conv-genstats", default="off",
                    help="comma-separated on/off: convolutions before BatchNorm also give its per-channel sums "
                         "(cuDNN's genstats on the GPU; off, the default)")
+    p.add_argument("--also", action="append", default=[], metavar="FLAGS",
+                   help="grid flags as one argument (e.g. \"--wgrad-pairs 1x1 --conv-genstats on\"; those not given "
+                        "keep this grid's values): their configurations too, each where the product of every value "
+                        "puts it; may be repeated")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, default=2, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per configuration (median reported)")
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, NHWC and NCHW, 2 windows of 1 step")
     p.add_argument("--json", help="output file (default bench/results/layouts-<host>.json)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    check(p.error, args)
+    if args.quick:
+        args.depths, args.batches, args.warmup, args.steps, args.repeats = "8", "8", 1, 1, 2
+    for text in args.also:
+        also_args(args, text)               # checked here, parsed where the grid is built
+    return args
+
+
+def check(fail, args):
+    """Refuse, through fail(message) (argparse's error: one line, exit status 2), flag values no configuration
+    could run with."""
     if args.device != "cpu" and not args.device.isdigit():
-        p.error(f"--device: 'cpu' or a GPU id, got {args.device!r}")
+        fail(f"--device: 'cpu' or a GPU id, got {args.device!r}")
     for flag in ("depths", "batches", "wgrad_streams", "wgrad_chunks"):
         if not all(value.isdigit() and int(value) > 0 for value in getattr(args, flag).split(",")):
-            p.error(f"--{flag.replace('_', '-')}: a comma-separated list of positive integers, got {getattr(args, flag)!r}")
+            fail(f"--{flag.replace('_', '-')}: a comma-separated list of positive integers, got {getattr(args, flag)!r}")
     for flag, most in (("wgrad_streams", MAX_WGRAD_STREAMS), ("wgrad_chunks", MAX_WGRAD_CHUNKS)):
         if any(int(value) > most for value in getattr(args, flag).split(",")):
-            p.error(f"--{flag.replace('_', '-')}: at most {most}, got {getattr(args, flag)!r}")
+            fail(f"--{flag.replace('_', '-')}: at most {most}, got {getattr(args, flag)!r}")
     if args.wgrad_pairs is not None:
         try:
             parse_pairs(args.wgrad_pairs)           # checked here, parsed where the grid is built
         except ValueError as error:
-            p.error(f"--wgrad-pairs: {error}")
+            fail(f"--wgrad-pairs: {error}")
     if args.max_seconds is not None and not args.max_seconds > 0:
-        p.error(f"--max-seconds must be positive, got {args.max_seconds}")
+        fail(f"--max-seconds must be positive, got {args.max_seconds}")
     if any(value not in ("1", "2") for value in args.bn_launches.split(",")):
-        p.error(f"--bn-launches: a comma-separated list of 1 and 2, got {args.bn_launches!r}")
+        fail(f"--bn-launches: a comma-separated list of 1 and 2, got {args.bn_launches!r}")
     for flag in ("conv_deterministic", "conv_split_k", "conv_genstats"):
         if any(value not in ("on", "off") for value in getattr(args, flag).split(",")):
-            p.error(f"--{flag.replace('_', '-')}: a comma-separated list of on/off, got {getattr(args, flag)!r}")
-    if args.quick:
-        args.depths, args.batches, args.warmup, args.steps, args.repeats = "8", "8", 1, 1, 2
-    return args
+            fail(f"--{flag.replace('_', '-')}: a comma-separated list of on/off, got {getattr(args, flag)!r}")
+
+
+def also_args(args, text):
+    """The arguments of an --also grid: its flags (`text`) over args, checked like args; only grid flags. A
+    refusal names the --also argument it came from."""
+    p = build_parser()
+    error = p.error
+    p.error = fail = lambda message: error(f"--also {text!r}: {message}")     # argparse's own refusals too
+    try:
+        words = shlex.split(text)
+    except ValueError as problem:               # an unclosed quote
+        fail(str(problem))
+    also = p.parse_args(words, namespace=argparse.Namespace(**vars(args)))
+    other = [name for name, value in vars(also).items() if name not in GRID_FLAGS and value != getattr(args, name)]
+    if other:
+        fail(f"grid flags only, not --{other[0].replace('_', '-')}")
+    check(fail, also)
+    return also
+
+
+def dimensions(args):
+    """The values of each of a grid's dimensions, in the order they vary (the last fastest)."""
+    ints = lambda text: [int(v) for v in text.split(",")]
+    pairs = (parse_pairs(args.wgrad_pairs) if args.wgrad_pairs is not None
+             else list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks))))
+    return [ints(args.depths), ints(args.batches), args.layouts.split(","), args.dtypes.split(","),
+            args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic), on_off(args.conv_split_k),
+            ints(args.bn_launches), on_off(args.conv_genstats)]
+
+
+def grid(args):
+    """The configurations to measure, in order: the product of args' dimensions and of each --also grid's, each
+    configuration once, where the product of every dimension's values (args' first) puts it, so an --also
+    configuration runs beside those it differs from in its last dimensions. Each is (depth, batch, layout,
+    dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k, bn_launches, genstats)."""
+    grids = [dimensions(args)] + [dimensions(also_args(args, text)) for text in args.also]
+    values = [list(dict.fromkeys(itertools.chain(*column))) for column in zip(*grids)]
+    wanted = {point for dims in grids for point in itertools.product(*dims)}
+    return [(*point[:5], *point[5], *point[6:]) for point in itertools.product(*values) if point in wanted]
 
 
 def parse_pairs(text):
@@ -371,30 +440,23 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device != "cpu":
         check_devices([device_of(args.device)])     # a clear DeviceError before environment() asks CUDA
-    ints = lambda text: [int(v) for v in text.split(",")]
-    batches = ints(args.batches)
-    dataset = synthetic_dataset(num_train=max(batches) * 4, num_test=max(batches), seed=0)
+    points = grid(args)
+    largest = max(point[1] for point in points)            # batch
+    dataset = synthetic_dataset(num_train=largest * 4, num_test=largest, seed=0)
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
     print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} {'split':>5} {'bn':>3} {'genstats':>8} {'img/s':>9} "
           f"{'min':>9} {'max':>9} {'ms/step':>9}")
-    pairs = (parse_pairs(args.wgrad_pairs) if args.wgrad_pairs is not None
-             else list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks))))
-    grid = [(depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn, genstats)
-            for depth, batch, layout, dtype, cuda_graph, (streams, chunks), deterministic, split_k, bn, genstats
-            in itertools.product(ints(args.depths), batches, args.layouts.split(","), args.dtypes.split(","),
-                                 args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic),
-                                 on_off(args.conv_split_k), ints(args.bn_launches), on_off(args.conv_genstats))]
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     rows, durations = [], []
-    for index, point in enumerate(grid):
+    for index, point in enumerate(points):
         # a configuration's expected time: the longest so far, leaving out the first once there is another
         # (the first also paid the process's start: CUDA, cuDNN, kernel loading, a cold autotune)
         longest = max(durations[1:] or durations or [0.0])
         if args.max_seconds is not None and time.perf_counter() - started + 1.5 * longest > args.max_seconds:
-            print(f"--max-seconds {args.max_seconds:g}: {len(grid) - index} of {len(grid)} configurations "
+            print(f"--max-seconds {args.max_seconds:g}: {len(points) - index} of {len(points)} configurations "
                   f"not started", flush=True)
             break
         began = time.perf_counter()
@@ -411,13 +473,13 @@ def main(argv=None):
         row["seconds"] = round(durations[-1], 2)
         rows.append(row)
         print_row(row)
-        write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in grid[index + 1:]])
+        write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in points[index + 1:]])
     if not rows:                           # stopped before its first configuration: nothing written yet
-        write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in grid])
+        write_report(path, env, args, rows, [configuration(*rest, device=args.device) for rest in points])
     print(f"wrote {path}")
     failed = sum("error" in row for row in rows)
     if failed:
-        sys.exit(f"error: {failed} of {len(grid)} configurations failed (their rows in {path} say why)")
+        sys.exit(f"error: {failed} of {len(points)} configurations failed (their rows in {path} say why)")
 
 
 if __name__ == "__main__":

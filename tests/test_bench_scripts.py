@@ -205,6 +205,35 @@ def test_layouts_varies_conv_genstats_fastest(tmp_path, monkeypatch):
                                                                             (2, True)]
 
 
+def test_layouts_runs_each_also_grids_configurations_where_the_product_puts_them(tmp_path, monkeypatch):
+    """--also adds configurations to the grid, each once and beside those it differs from only in later
+    dimensions (a genstats row right after its twin without), new values after the grid's own; flags it does not
+    give keep the grid's values (layout, dtype, batch here)."""
+    layouts = layouts_module()
+    monkeypatch.setattr(layouts, "measure", stand_in_measure(layouts, lambda call: 0.0))
+    out = tmp_path / "layouts.json"
+    layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2", "--conv-deterministic", "on,off",
+                  "--also", "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on",
+                  "--also", "--wgrad-pairs 1x2,1x3 --conv-deterministic off", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["wgrad_chunks"], row["conv_deterministic"], row["conv_genstats"]) for row in rows] == [
+        (1, True, False), (1, False, False), (1, False, True), (2, True, False), (2, False, False), (3, False, False)]
+    assert {(row["layout"], row["dtype"], row["batch"]) for row in rows} == {("NHWC", "float32", 8)}
+
+
+@pytest.mark.parametrize("also", ["--json x.json", "--also '--depths 8'", "--conv-genstats maybe", "--nope 1",
+                                  "'unclosed"])
+def test_layouts_refuses_a_bad_also_grid_in_one_line(also):
+    """--also takes grid flags only, checked like the grid's own when the arguments are parsed (where the device
+    check's command test looks); a refusal names the --also argument."""
+    with pytest.raises(SystemExit):
+        layouts_module().parse_args(["--quick", "--also", also])
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", "--also", also],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"error: --also {also!r}: " in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_layouts_reports_genstats_counts_only_with_the_option_on_a_gpu():
     """A row's `genstats`: the GPU convolutions' counts as a plain dict (JSON) with --conv-genstats, even when
     nothing was counted (the option did nothing: the run should say so); None without it, and on the CPU."""
