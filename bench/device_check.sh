@@ -19,10 +19,11 @@
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
 #   step_options  the captured NHWC step over the step's options: (side streams for the weight gradients x
 #               batch chunks per weight gradient) pairs, deterministic cuDNN engines or not; bf16 and fp32
-#               at batch 128, bf16 at 512 (also with split-K settings); one launch per BatchNorm pass at
-#               two pairs, and the autotuner timing split-K settings of the weight gradients (--conv-split-k,
-#               deterministic engines) at two pairs (bf16, 128); each grid paced to its share of the stage
-#               and under its own timeout.
+#               at batch 128, bf16 at 512 (also with split-K settings, and at 1x1 with BatchNorm's statistics
+#               from the convolutions, --conv-genstats, any engine); one launch per BatchNorm pass at two
+#               pairs, without and with genstats, deterministic engines or not; and the autotuner timing
+#               split-K settings of the weight gradients (--conv-split-k, deterministic engines) at two pairs
+#               (bf16, 128); each grid paced to its share of the stage and under its own timeout.
 #               bench/best_step_options.py then picks the fastest of each (the defaults unless 2%
 #               faster), and the stages below run with them                       -> step_options*.json,
 #                                                                                    best_options.txt
@@ -287,36 +288,44 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout
-    if seconds=$(seconds_until $((STAGE_LIMIT * 35 / 100)) "$start"); then
+    if seconds=$(seconds_until $((STAGE_LIMIT * 32 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
-    if seconds=$(seconds_until $((STAGE_LIMIT * 48 / 100)) "$start"); then
+    if seconds=$(seconds_until $((STAGE_LIMIT * 44 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
-    # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above)
-    if seconds=$(seconds_until $((STAGE_LIMIT * 56 / 100)) "$start"); then
+    # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above), each
+    # without and with BatchNorm's statistics from the convolutions (genstats: cuDNN may have such engines only
+    # among those noted NONDETERMINISTIC, hence both kinds of engines); 1x1's four rows first, should the time
+    # allow no more. Its 13% of the stage (8% before genstats) came from the others: bf16's 35% -> 32% (its last
+    # pairs are the most speculative), fp32's 13% -> 12%, batch 512's 1%
+    if seconds=$(seconds_until $((STAGE_LIMIT * 57 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
-            --wgrad-pairs 1x1,8x8 --bn-launches 1 --warmup 5 --steps 20 --repeats 5 \
+            --wgrad-pairs 1x1,8x8 --bn-launches 1 --conv-deterministic on,off --conv-genstats off,on \
+            --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_bn.json" || rc=1
     fi
     # the autotuner also timing split-K settings of the weight gradients' engines (beside the rows above)
-    if seconds=$(seconds_until $((STAGE_LIMIT * 65 / 100)) "$start"); then
+    if seconds=$(seconds_until $((STAGE_LIMIT * 66 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,4x4 --conv-split-k on --warmup 5 --steps 20 --repeats 5 \
             --max-seconds "$seconds" --json "$OUT/step_options_split.json" || rc=1
     fi
+    # batch 512: its 12 rows are likely more than its ~36 s (of a 150-s stage) already allow, so genstats, which
+    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,8x8,16x16 --conv-deterministic on,off --conv-split-k off,on --warmup 5 --steps 10 --repeats 5 \
+            --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-split-k off --conv-genstats on" \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc
@@ -450,6 +459,17 @@ def load(name):
     except (OSError, ValueError):
         return None
 
+def extras(options):
+    """' + split-K + genstats': the options a row or run had on beyond streams, chunks and engines."""
+    return "".join(f" + {label}" for key, label in (("conv_split_k", "split-K"), ("conv_genstats", "genstats"))
+                   if options.get(key))
+
+def counts(label, report):
+    """'  [split-K tried 21, built 14]': what an option did in a row (its report; None: the option was off)."""
+    if report is None:
+        return ""
+    return f"  [{label} " + (", ".join(f"{k} {v}" for k, v in report.items()) or "nothing counted") + "]"
+
 print("cupynet device check")
 versions = load("versions.json") or {}
 for key in ("gpu", "cuda_driver", "cuda_runtime", "cupy", "cudnn_backend", "cudnn_frontend", "nccl", "torch", "python"):
@@ -484,12 +504,12 @@ for name in ("step_options.json", "step_options_fp32.json", "step_options_bn.jso
         determinism = {True: "deterministic", False: "any engine"}.get(row["conv_deterministic"], "-")
         figure = (f"failed: {row['error']}" if "error" in row else
                   f"{row['images_per_sec']:>9.0f}  ({row['step_ms']} ms/step)")
-        split = row.get("split_k_settings")
-        if split:            # whether --conv-split-k did anything: settings tried, built, dropped, chosen
-            figure += "  [split-K " + ", ".join(f"{k} {v}" for k, v in split.items()) + "]"
+        # whether --conv-split-k and --conv-genstats did anything: split-K settings tried, built, dropped, chosen;
+        # convolutions fused with BatchNorm's statistics, or with no such engine
+        figure += counts("split-K", row.get("split_k_settings")) + counts("genstats", row.get("genstats"))
         print(f"  ResNet-{row['depth']} batch {row['batch']:<4} {row['dtype']:<9} {row['wgrad_streams'] or '-'} wgrad "
-              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}"
-              f"{' + split-K' if row.get('conv_split_k') else ''}, {row.get('bn_launches') or 2} BN launch(es): {figure}")
+              f"stream(s), {row.get('wgrad_chunks', 1)} chunk(s), {determinism:<13}{extras(row)}, "
+              f"{row.get('bn_launches') or 2} BN launch(es): {figure}")
     if report.get("not_measured"):
         print(f"  {name}: {len(report['not_measured'])} configurations not measured (time)")
 try:
@@ -542,8 +562,8 @@ for name in VS_TORCH:
     report = load(name) or {}
     args = report.get("args", {})
     options = (f"{args.get('wgrad_streams', 1)} wgrad stream(s), {args.get('wgrad_chunks', 1)} chunk(s), "
-               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}"
-               f"{' + split-K' if args.get('conv_split_k') else ''}, {args.get('bn_launches', 2)} BN launch(es)")
+               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}{extras(args)}, "
+               f"{args.get('bn_launches', 2)} BN launch(es)")
     for row in report.get("results", []):
         failed = "".join(f"; {name} failed: {error}" for name, error in row.get("errors", {}).items())
         print(f"  batch {row.get('batch')} {row.get('layout')} {row.get('dtype'):<9} vs graphed "
@@ -580,6 +600,8 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append("any cuDNN engine")
     if accuracy["args"].get("conv_split_k"):
         options.append("split-K settings")
+    if accuracy["args"].get("conv_genstats"):
+        options.append("genstats")
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     print(f"\ntime to accuracy ({', '.join(options)}): "

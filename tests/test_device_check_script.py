@@ -119,10 +119,19 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     report["results"].append(failed)
     report["results"].append(dict(report["results"][0], conv_split_k=True,      # a row with split-K settings
                                   split_k_settings={"tried": 21, "built": 14, "chosen": 5}))
+    report["results"].append(dict(report["results"][0], conv_genstats=True,     # with genstats, and with it but
+                                  genstats={"fused": 40, "unsupported": 3}))    # nothing counted (it did nothing)
+    report["results"].append(dict(report["results"][0], conv_split_k=True, conv_genstats=True, genstats={}))
     report["not_measured"] = [dict(failed, wgrad_chunks=8)]
     (tmp_path / "step_options.json").write_text(json.dumps(report))
     (tmp_path / "layouts.json").write_text(json.dumps(report))
     (tmp_path / "best_options.txt").write_text("bf16_128: --wgrad-chunks 2\n")
+    (tmp_path / "vs_torch.json").write_text(json.dumps({         # the options a comparison and an accuracy run had
+        "args": {"conv_genstats": True, "conv_deterministic": False},
+        "results": [{"batch": 128, "layout": "NHWC", "dtype": "bfloat16", "ratio_vs_torch_graph": 1.4}]}))
+    (tmp_path / "accuracy.json").write_text(json.dumps({
+        "args": {"dtype": "bfloat16", "seed": 0, "conv_genstats": True}, "test_accuracy": 0.88, "wall_seconds": 140,
+        "train_seconds": 133, "images_per_sec": 41000}))
     result = subprocess.run([sys.executable, "-c", summary_program(), "0"], env=dict(os.environ, OUT=str(tmp_path)),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -131,6 +140,10 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert "4 chunk(s), -            , 2 BN launch(es): failed: CUDARuntimeError: out of memory" in result.stdout
     assert "step_options.json: 1 configurations not measured" in result.stdout
     assert re.search(r"-\s+\+ split-K, 2 BN launch\(es\):.*\[split-K tried 21, built 14, chosen 5\]", result.stdout)
+    assert re.search(r"-\s+\+ genstats, 2 BN launch\(es\):.*\[genstats fused 40, unsupported 3\]", result.stdout)
+    assert re.search(r"-\s+\+ split-K \+ genstats, 2 BN launch\(es\):.*\[genstats nothing counted\]", result.stdout)
+    assert "(1 wgrad stream(s), 1 chunk(s), any engine + genstats, 2 BN launch(es))" in result.stdout
+    assert "time to accuracy (bfloat16, seed 0, genstats)" in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
@@ -167,7 +180,7 @@ def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
 @needs_bash
 def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_path):
     """The step_options stage gives each layouts.py grid the time left until its share of the stage's limit
-    (35%, 48%, 56%, 65%, all but 15 s), each under a timeout of its own 10 s longer, runs the later grids after
+    (32%, 44%, 57%, 66%, all but 15 s), each under a timeout of its own 10 s longer, runs the later grids after
     one failed (each keeps its own JSON) and then fails.
     PY is a stand-in that records its arguments and fails on the first call: this tests the stage's shell."""
     calls = tmp_path / "calls.jsonl"
@@ -177,7 +190,7 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
                         f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
                         "sys.exit(1 if not lines else 0)\n")
     stand_in.chmod(0o755)
-    env = dict(os.environ, OUT=str(tmp_path), PY=str(stand_in), STAGE_LIMIT="100")
+    env = dict(os.environ, OUT=str(tmp_path), PY=str(stand_in), STAGE_LIMIT="200")   # 1% of it: 2 s
     program = script_functions("seconds_until", "step_options") + "; step_options"
     result = subprocess.run(["bash", "-c", program], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -186,14 +199,21 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
         "step_options.json", "step_options_fp32.json", "step_options_bn.json", "step_options_split.json",
         "step_options_512.json"]
     seconds = [int(run[run.index("--max-seconds") + 1]) for run in runs]
-    assert [low <= got <= low + 1 for got, low in zip(seconds, (34, 47, 55, 64, 84))] == [True] * 5, seconds
+    assert [low <= got <= low + 1 for got, low in zip(seconds, (63, 87, 113, 131, 184))] == [True] * 5, seconds
     assert all(run[run.index("--wgrad-pairs") + 1].startswith("1x1,") for run in runs)   # the defaults first
     assert runs[2][runs[2].index("--bn-launches") + 1] == "1"
+    # genstats without and with, with deterministic engines and any (cuDNN may have genstats engines only there)
+    assert [runs[2][runs[2].index(flag) + 1] for flag in ("--conv-genstats", "--conv-deterministic")] == ["off,on",
+                                                                                                           "on,off"]
     assert runs[3][runs[3].index("--conv-split-k") + 1] == "on" and "--conv-deterministic" not in runs[3]
     assert runs[4][runs[4].index("--conv-split-k") + 1] == "off,on"      # batch 512: without split-K first
+    # and one genstats row there (1x1, any engine), not the dimension, which would double the grid
+    also = runs[4][runs[4].index("--also") + 1].split()
+    assert "--conv-genstats" not in runs[4] and also == ["--wgrad-pairs", "1x1", "--conv-deterministic", "off",
+                                                         "--conv-split-k", "off", "--conv-genstats", "on"]
 
     calls.unlink()
-    short = dict(env, STAGE_LIMIT="38")       # 13, 18, 21 and 24 s for the first four (at least 10 each): they
+    short = dict(env, STAGE_LIMIT="38")       # 12, 16, 21 and 25 s for the first four (at least 10 each): they
     result = subprocess.run(["bash", "-c", program], cwd=REPO, env=short,    # run; batch 512's needs 25 s and
                             capture_output=True, text=True, timeout=60)    # would get 23: it does not start
     assert [json.loads(line)[-1].rsplit("/", 1)[1] for line in calls.read_text().splitlines()] == [
