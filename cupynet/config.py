@@ -298,6 +298,9 @@ def validate(config):
     if c.wgrad_chunks > c.train_batch_size // workers:
         raise ConfigError(f"--wgrad-chunks {c.wgrad_chunks} is more than the {c.train_batch_size // workers} "
                           f"images of each worker's batch")
+    if c.conv_genstats and not c.conv_autotune:
+        raise ConfigError("--conv-genstats needs --conv-autotune: the autotuner runs each genstats engine again "
+                          "before it is used, and drops one whose sums do not repeat")
     if c.conv_split_k and not c.conv_autotune:
         raise ConfigError("--conv-split-k needs --conv-autotune: split-K settings are candidates the autotuner "
                           "times (without it cuDNN's heuristic choice runs)")

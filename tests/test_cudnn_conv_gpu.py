@@ -563,7 +563,7 @@ def _emulated_engines(monkeypatch, change):
 def _copy_engine(cudnn, engine, **changes):
     fields = dict(name=engine.name, numerical=engine.numerical, behavior=engine.behavior, workspace=engine.workspace,
                   knobs=engine.knobs, ops=engine.ops, proposed=engine.proposed, reorders=engine.reorders,
-                  seconds=engine.seconds)
+                  seconds=engine.seconds, stats_accumulate=engine.stats_accumulate)
     return cudnn._Engine(**dict(fields, **changes))
 
 
@@ -756,34 +756,60 @@ def test_genstats_support_is_decided_per_shape(handle, monkeypatch, multiple, fu
         assert "fprop_stats" not in conv.builds and "fprop_stats N=4 C=8 H=8 W=8 K=8" in conv.genstats_problems[0]
 
 
-@pytest.mark.parametrize("untold", ["one", "every"])
-def test_a_genstats_engine_whose_sums_do_not_repeat_is_never_chosen(handle, monkeypatch, untold):
-    """A fused graph's sums are added across the blocks that share a channel; an engine that does it with
-    atomics in a varying order need not say NONDETERMINISTIC in notes kept per engine. With deterministic
-    engines each genstats candidate runs again before it is timed and one whose outputs change is dropped;
-    if none is left, the convolution runs plain (not an error). Emulated cuDNN only: it lets the test give
-    engines reordered sums and notes that do not say so (a float32 output shows them)."""
-    def reorder(cudnn, engines):
-        for i, engine in enumerate(engines):
-            if "fprop" in engine.ops and not engine.numerical and (untold == "every" or engine.name == "implicit gemm fp32"):
-                engines[i] = _copy_engine(cudnn, engine, name=f"untold {engine.name}", reorders=True)
-    cudnn = _emulated_engines(monkeypatch, reorder)
-    monkeypatch.setattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE", 1)
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("fault,untold", [("reorders", "one"), ("reorders", "every"), ("accumulates", "one"),
+                                          ("accumulates", "every")])
+def test_a_genstats_engine_whose_sums_do_not_repeat_is_never_chosen(handle, monkeypatch, deterministic, fault, untold):
+    """A fused graph's sums are added across the blocks that share a channel; an engine may do it with atomics
+    in a varying order without saying NONDETERMINISTIC in notes kept per engine, or add into the sums instead
+    of writing them (they would grow every step). The autotuner runs each genstats candidate again before it
+    is timed: with deterministic engines one whose outputs change at all is dropped, with any engine one whose
+    sums move by more than REPEAT_RTOL (an accumulating one); if none is left the convolution runs plain (not
+    an error). Emulated cuDNN only: it lets the test give engines such faults and notes that do not say so."""
     from cupynet.backends import conv_autotune
+
+    def fault_in(cudnn, engines):
+        for i, engine in enumerate(engines):
+            if "fprop" in engine.ops and (untold == "every" or engine.name == "implicit gemm fp32"):
+                change = dict(reorders=True) if fault == "reorders" else dict(stats_accumulate=True)
+                engines[i] = _copy_engine(cudnn, engine, name=f"untold {engine.name}", **change)
+    cudnn = _emulated_engines(monkeypatch, fault_in)
+    monkeypatch.setattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE", 1)
     conv_autotune.forget_choices()
-    prec = Precision("strict")         # float32 output, and only engines without notes: the untold ones decide
-    conv = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True, autotune=True)
+    prec = Precision("strict")         # float32 output: a reordered sum shows in its last bits
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True, autotune=True, deterministic=deterministic)
     x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
     sums = cupy.zeros((2, 8), dtype=cupy.float32)
-    fused = conv.forward_with_stats(x, wt, 1, 1, y, sums)
-    cupy.cuda.get_current_stream().synchronize()
+    try:
+        fused = conv.forward_with_stats(x, wt, 1, 1, y, sums)
+        cupy.cuda.get_current_stream().synchronize()
+    finally:
+        conv_autotune.forget_choices()     # made with this test's engines
     assert np.all(np.isfinite(prec.to_host(y)))
-    if untold == "one":
+    caught = deterministic or fault == "accumulates"     # reordered float32 sums are fine with any engine
+    if not caught:
+        assert fused and conv.genstats_counts == {"fused": 1}
+    elif untold == "one":
         entry = conv._graphs[next(key for key in conv._graphs if key[0] == "fprop_stats")]
         dropped = [c for c in entry.candidates if c.dropped == "not repeatable"]
         assert fused and [c.name for c in dropped] == ["eng2 (untold implicit gemm fp32)"] and entry.chosen not in dropped
-        assert conv.genstats_counts == {"fused": 1}
+        assert conv.genstats_counts == {"fused": 1, "not repeatable": 1}
     else:
-        assert not fused and conv.genstats_counts == {"unsupported": 1}
+        assert not fused and conv.genstats_counts["unsupported"] == 1 and "fused" not in conv.genstats_counts
         assert "did not repeat their bits" in conv.genstats_problems[0]
         assert conv.forward_with_stats(x, wt, 1, 1, y, sums) is False     # decided: runs plain from now on
+
+
+def test_a_grown_workspace_keeps_the_old_one_alive(handle):
+    """A recorded training step keeps the workspace address it was captured with; evaluation may build a new
+    shape afterwards and grow the workspace. The old buffer is kept, never handed back to the pool, so replays
+    cannot write into memory given to something else."""
+    from cupynet.backends.cudnn_conv import _Lane
+    lane = _Lane(handle, cupy)
+    lane.grow(1024)
+    first, first_ptr = lane.buffer, lane.ptr
+    lane.grow(512)                                   # enough already: nothing changes
+    assert lane.buffer is first
+    lane.grow(4096)
+    assert lane.bytes == 4096 and lane.ptr != first_ptr
+    assert any(buffer is first for buffer in lane._superseded)

@@ -102,6 +102,7 @@ LAYOUTS = ("NCHW", "NHWC")
 OPS = ("fprop", "dgrad", "wgrad")
 FPROP_STATS = "fprop_stats"     # fprop with cuDNN's genstats behind it (forward_with_stats, --conv-genstats)
 STATS_ITEMSIZE = 4              # genstats' sums are float32 in every precision
+REPEAT_RTOL = 1e-3              # how far a genstats sum may move between runs of an engine that may reorder it
 
 # io_dtype -> (name of the cudnn.data_type member, bytes per element in memory)
 IO_DTYPES = {"float32": ("FLOAT", 4), "bfloat16": ("BFLOAT16", 2)}
@@ -208,17 +209,20 @@ class _Lane:
         self.buffer = None
         self.ptr = 0                # a null workspace is valid while every graph needs 0 bytes
         self.bytes = 0
+        self._superseded = []       # earlier workspaces: a recorded CUDA graph may still point at one
 
     def grow(self, nbytes):
         """Reallocate the workspace when a newly built (or newly tuned) graph needs more than it has.
 
-        Only called during warm-up, possibly while another lane's stream is current. The buffer is
-        allocated with the lane's own stream current: CuPy's pool hands a freed block out again only to
-        allocations on the stream it was allocated on, which are ordered after this lane's kernels, so
-        those already enqueued still read valid memory when the old buffer goes back to the pool.
+        Called during warm-up, possibly while another lane's stream is current, and when evaluation first
+        runs a shape (after the training step may have been recorded). The buffer is allocated with the
+        lane's own stream current. The old one is kept, never freed: a recorded training step baked its
+        address in, and its replays must not write into memory the pool gave to something else.
         """
         if nbytes <= self.bytes:
             return
+        if self.buffer is not None:
+            self._superseded.append(self.buffer)
         with self.stream if self.stream is not None else contextlib.nullcontext():
             self.buffer = self._cupy.empty((nbytes,), dtype=self._cupy.uint8)
         self.ptr = self.buffer.data.ptr
@@ -309,8 +313,9 @@ class CudnnConv:
         """y = conv(x, w) and sums (2, K) float32 <- [sum(y), sum(y^2)] per channel over N, H, W, in one graph:
         the convolution with cuDNN's genstats behind it (the statistics of the BatchNorm that follows, without
         a pass of its own over y). Returns True; False where cuDNN has no engine for that graph under this
-        engine's rules (deterministic, never reduced-precision sums): y is then written by the plain fprop
-        graph and sums is left as it is. Which of the two a shape gets is settled by its first call."""
+        engine's rules (deterministic, never reduced-precision sums; the autotuner's repeat checks): y is then
+        written by the plain fprop graph, and sums holds nothing to read. Which of the two a shape gets is
+        settled by its first call."""
         n, c, h, wd = logical_dims(self.layout, x.shape)
         k, _, r, s = logical_dims(self.layout, w.shape)
         if sums.shape != (2, k) or sums.dtype.itemsize != STATS_ITEMSIZE or not sums.flags.c_contiguous:
@@ -415,7 +420,7 @@ class CudnnConv:
         """The fprop + genstats graph, or None (remembered: that shape runs plain) where cuDNN cannot run it."""
         try:
             entry = self._build(FPROP_STATS, key_dims, stride, pad, key, reduced_precision_sums=False)
-        except (DeviceError, AttributeError, TypeError) as error:    # AttributeError: a Frontend without genstats
+        except DeviceError as error:
             self._unsupported(key_dims, stride, pad, error)
             return None
         # The sums of a block's share of the output must be added across blocks; an engine that does it with
@@ -449,12 +454,17 @@ class CudnnConv:
         if lane.stream is not None:
             self._cudnn.set_stream(handle=lane.handle, stream=lane.stream.ptr)
         if entry.candidates is not None and entry.chosen is None:     # first use: time the candidates
-            check = self._repeats_its_bits(outputs) if self.deterministic else None
+            if self.deterministic:
+                check = self._repeats_its_bits(outputs)
+            elif op == FPROP_STATS:     # any engine: sums may vary in their last bits, but must not grow
+                check = self._repeats_closely(outputs[1:])
+            else:
+                check = None
             entry.chosen = choose_plan(entry.key, entry.candidates, pointers, lane.handle, self._cupy, self._hold,
                                        check, self._build_errors())
             dropped = sum(candidate.dropped == "not repeatable" for candidate in entry.candidates)
             if dropped:
-                self.split_k_counts["not repeatable"] += dropped
+                (self.genstats_counts if op == FPROP_STATS else self.split_k_counts)["not repeatable"] += dropped
             for other in lanes:
                 other.grow(entry.chosen.workspace)
         chosen = entry.chosen
@@ -478,6 +488,23 @@ class CudnnConv:
                 run()
                 if not all(bool(cupy.array_equal(a, b)) for a, b in zip(first, views)):
                     return False
+            return True
+        return check
+
+    def _repeats_closely(self, sums):
+        """repeats_its_bits(run) for genstats candidates when any engine is allowed: run() REPEAT_CHECK_RUNS more
+        times and require each of its sums to stay within REPEAT_RTOL of the first run's largest: atomics may
+        reorder the additions, but an engine that adds into the sums instead of writing them (they would grow
+        every step) is dropped."""
+        cupy = self._cupy
+
+        def check(run):
+            first = [total.copy() for total in sums]
+            for _ in range(REPEAT_CHECK_RUNS):
+                run()
+                for before, total in zip(first, sums):
+                    if float(cupy.max(cupy.abs(total - before))) > REPEAT_RTOL * float(cupy.max(cupy.abs(before))):
+                        return False
             return True
         return check
 
@@ -523,6 +550,11 @@ class CudnnConv:
                 graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
                 candidates = self._plan(graph, tensors, known, reduced_precision_sums=True)
                 self.reduced_precision_graphs.append(describe(op, key_dims, stride, pad))
+            if candidates == [] and known is not None and op == FPROP_STATS:
+                # an adopted choice this cuDNN cannot build: time (and check) the others, rather than run the
+                # heuristics' plan unchecked
+                candidates = build_candidates(graph, tensors, self._build_errors(), None,
+                                              cudnn.behavior_note.RUNTIME_COMPILATION)
             if candidates == []:            # nothing built to time (or an adopted choice not built here)
                 graph.build_plans()         # the heuristics' first plan
                 candidates = None
@@ -562,6 +594,8 @@ class CudnnConv:
             tensors = (x, wt, y)
             dims = (image_dims, weight_dims, result_dims)
             if op == FPROP_STATS:       # y's per-channel sum and sum of squares, float32, as y is written
+                if not hasattr(graph, "genstats"):
+                    raise ValueError("this cuDNN Frontend has no genstats")
                 total, squares = graph.genstats(name="genstats", input=y)
                 for stat in (total, squares):
                     self._output(stat, (1, k, 1, 1), self._float)

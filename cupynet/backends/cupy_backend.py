@@ -174,6 +174,8 @@ class CupyBackend(LayoutMixin):
             raise ValueError(f"wgrad_chunks must be an integer from 1 to {MAX_WGRAD_CHUNKS}, got {wgrad_chunks!r}")
         if bn_launches not in (1, 2):
             raise ValueError(f"bn_launches must be 1 or 2, got {bn_launches!r}")
+        if conv_genstats and not autotune:
+            raise ValueError("conv_genstats needs autotune: the autotuner checks each genstats engine before use")
         self.layout = layout
         self.bn_launches = bn_launches          # launches per BatchNorm pass (1: a grid-wide wait inside one)
         self.dtype = bfloat16_dtype() if dtype_name == "bfloat16" else np.dtype(np.float32)   # activations

@@ -125,8 +125,10 @@ def _stream_of(handle):
 
 class _Engine:
     def __init__(self, name, numerical=(), behavior=(), workspace=0, knobs=(), ops=("fprop", "dgrad", "wgrad"),
-                 proposed=True, reorders=None, seconds=0.0):
+                 proposed=True, reorders=None, seconds=0.0, stats_accumulate=False):
         self.name = name
+        # genstats adds into its sums instead of writing them (a test's engine: cupynet must never use one)
+        self.stats_accumulate = stats_accumulate
         self.seconds = seconds           # how long a run takes beyond the NumPy work (a test's slow engine)
         self.numerical = tuple(numerical)
         # whether its float32 sums come out in a varying order: what NONDETERMINISTIC says, unless a test
@@ -499,8 +501,10 @@ class pygraph:
         if self.stats is not None:
             stored = _read(out, pointers[out.uid])         # the statistics of the output as written
             _, total, squares = self.stats
-            _write(total, pointers[total.uid], stored.sum(axis=(0, 2, 3)).reshape(total.dim))
-            _write(squares, pointers[squares.uid], (stored * stored).sum(axis=(0, 2, 3)).reshape(squares.dim))
+            for tensor, value in ((total, stored.sum(axis=(0, 2, 3))), (squares, (stored * stored).sum(axis=(0, 2, 3)))):
+                if ENGINES[engine].stats_accumulate:
+                    value = value + _read(tensor, pointers[tensor.uid]).reshape(value.shape)
+                _write(tensor, pointers[tensor.uid], value.reshape(tensor.dim))
 
 
 # ------------------------------------------------------------------ memory through dims and strides
