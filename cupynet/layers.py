@@ -107,8 +107,9 @@ class BatchNorm(Layer):
     def forward(self, x, train, residual=None, sums=None):
         """sums: (2, C) float32 [sum(x), sum(x^2)] per channel, written by the convolution that made x
         (conv_batchnorm, --conv-genstats): training takes its statistics from them instead of reading x for
-        them (unshifted sums: fine for the convolutions' outputs, whose means are within a few standard
-        deviations of 0). Not with a communicator: sync BN's sums are shifted and all-reduced in double."""
+        them. Unshifted sums: the variance loses about (mean/std)^2 times the sums' float32 rounding, negligible
+        for a convolution's output, whose channel means lie within a few standard deviations of 0. Not with a
+        communicator: sync BN's sums are shifted and all-reduced in double."""
         be = self.be
         y = self.buffer("y", x.shape)
         if not train:

@@ -221,7 +221,8 @@ def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset
     engine for the shape; the others run plain and their BatchNorm makes its own statistics). Captured steps
     repeat the eager ones bit for bit, and the run follows the plain one (only the statistics' rounding
     differs, and on a GPU the fused graph's engine; bf16 steps drift apart from there: the mean losses
-    agree to 2% over the 12 steps, where a wrong statistic would be off by far more)."""
+    agree to 2% over the 12 steps on a GPU, 0.1% on the emulated one, where a wrong statistic would be off
+    by far more)."""
     settings = dict(BASE, data_format=layout, dtype=dtype, conv_genstats=True)
     eager_backend = make_backend(layout, dtype, conv_genstats=True)
     eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
@@ -233,10 +234,11 @@ def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset
     # genstats engines only for outputs of a multiple of 32 channels: both paths run)
     assert counts["fused"] + counts["unsupported"] == 6
     import cudnn
-    if hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE"):
+    emulated = hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE")
+    if emulated:
         assert counts == {"fused": 4, "unsupported": 2}
     assert backend.conv.executions["fprop_stats"] > 0 or counts["fused"] == 0
     assert_identical(eager, captured)
     plain = train(TrainConfig(**dict(settings, conv_genstats=False), cuda_graph="off"), dataset,
                   make_backend(layout, dtype))
-    np.testing.assert_allclose(captured[3], plain[3], rtol=2e-2)
+    np.testing.assert_allclose(captured[3], plain[3], rtol=1e-3 if emulated else 2e-2)
