@@ -26,7 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 EMULATOR = REPO / "tests" / "emulated_gpu"
 GPU_TEST_FILES = ("tests/test_gpu_parity.py", "tests/test_cudnn_conv_gpu.py", "tests/test_step_graph_gpu.py",
-                  "tests/test_shared_gpu.py", "tests/test_parallel.py", "tests/emulated_gpu/check_emulator.py")
+                  "tests/test_shared_gpu.py", "tests/test_parallel.py", "tests/test_bench_scripts.py",
+                  "tests/emulated_gpu/check_emulator.py")
 FILE_TIMEOUT_S = 900
 TEST_STACKS_AFTER_S = 240              # a test running this long prints every thread's stack (a hang)
 PARALLEL_FILES = 2                      # CI has 2 cores
