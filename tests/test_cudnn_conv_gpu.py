@@ -687,8 +687,7 @@ def test_an_adopted_choice_that_does_not_build_here_falls_back_to_the_heuristics
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("mode,case", [("strict", "down-3x3-s2"), ("bf16", "down-3x3-s2"), ("bf16", "block-3x3")])
-@pytest.mark.parametrize("autotune", [False, True])
-def test_forward_with_stats_writes_the_outputs_sums_or_runs_plain(handle, layout, mode, case, autotune):
+def test_forward_with_stats_writes_the_outputs_sums_or_runs_plain(handle, layout, mode, case):
     """forward_with_stats: y as forward's (against the reference), and either the per-channel sum and sum
     of squares of y (genstats, fused: True) or, where cuDNN has no engine for the fused graph, False with
     the sums untouched and the reason kept. The sums come from cuDNN's float32 accumulators, before y is
@@ -697,7 +696,7 @@ def test_forward_with_stats_writes_the_outputs_sums_or_runs_plain(handle, layout
     pad = ksize // 2
     prec = Precision(mode)
     ref = NumpyBackend(layout=layout, dtype="float64")
-    conv = CudnnConv(handle, layout, prec.io_dtype, strict_fp32=prec.strict, autotune=autotune)
+    conv = CudnnConv(handle, layout, prec.io_dtype, strict_fp32=prec.strict, autotune=True)
     rng = np.random.default_rng(zlib.crc32(f"stats-{layout}-{mode}-{case}".encode()))
     x, x64 = prec.to_device(np.abs(rng.standard_normal(ref.activation_shape(n, c, h, w))))   # as after a relu
     wt, w64 = prec.to_device(rng.standard_normal(ref.conv_weight_shape(k, c, ksize, ksize)))
@@ -727,8 +726,10 @@ def test_forward_with_stats_writes_the_outputs_sums_or_runs_plain(handle, layout
 
 def test_sums_of_the_wrong_shape_or_dtype_are_refused_before_cudnn_runs(handle):
     prec = Precision("bf16")
-    conv = CudnnConv(handle, "NHWC", prec.io_dtype)
     x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    with pytest.raises(ValueError, match="needs autotune"):      # its engines' sums are checked before use
+        CudnnConv(handle, "NHWC", prec.io_dtype).forward_with_stats(x, wt, 1, 1, y, cupy.zeros((2, 8), cupy.float32))
+    conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True)
     for sums in (cupy.zeros((2, 4), dtype=cupy.float32), cupy.zeros((2, 8), dtype=cupy.float64),
                  cupy.zeros((8, 2), dtype=cupy.float32).T):
         with pytest.raises(ValueError, match="sums must be a C-contiguous"):
@@ -756,29 +757,32 @@ def test_genstats_support_is_decided_per_shape(handle, monkeypatch, multiple, fu
         assert "fprop_stats" not in conv.builds and "fprop_stats N=4 C=8 H=8 W=8 K=8" in conv.genstats_problems[0]
 
 
+FAULTS = {"reorders": dict(reorders=True), "accumulates": dict(stats_accumulate=True),
+          "half sums": dict(stats_in_half=True)}
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("fault,untold", [("reorders", "one"), ("reorders", "every"), ("accumulates", "one"),
-                                          ("accumulates", "every")])
+@pytest.mark.parametrize("fault,untold", [(fault, untold) for fault in FAULTS for untold in ("one", "every")])
 def test_a_genstats_engine_whose_sums_do_not_repeat_is_never_chosen(handle, monkeypatch, deterministic, fault, untold):
     """A fused graph's sums are added across the blocks that share a channel; an engine may do it with atomics
     in a varying order without saying NONDETERMINISTIC in notes kept per engine, or add into the sums instead
-    of writing them (they would grow every step). The autotuner runs each genstats candidate again before it
-    is timed: with deterministic engines one whose outputs change at all is dropped, with any engine one whose
-    sums move by more than REPEAT_RTOL (an accumulating one); if none is left the convolution runs plain (not
-    an error). Emulated cuDNN only: it lets the test give engines such faults and notes that do not say so."""
+    of writing them (they would grow every step), or sum in a 16-bit precision. Before timing a genstats
+    candidate the autotuner checks its sums against the output's own (within GENSTATS_RTOL) and runs it again:
+    with deterministic engines one whose outputs change at all is dropped, with any engine one whose sums move
+    by more than REPEAT_RTOL; if none is left the convolution runs plain (not an error). Emulated cuDNN only:
+    it lets the test give engines such faults and notes that do not say so."""
     from cupynet.backends import conv_autotune
 
     def fault_in(cudnn, engines):
         for i, engine in enumerate(engines):
             if "fprop" in engine.ops and (untold == "every" or engine.name == "implicit gemm fp32"):
-                change = dict(reorders=True) if fault == "reorders" else dict(stats_accumulate=True)
-                engines[i] = _copy_engine(cudnn, engine, name=f"untold {engine.name}", **change)
+                engines[i] = _copy_engine(cudnn, engine, name=f"untold {engine.name}", **FAULTS[fault])
     cudnn = _emulated_engines(monkeypatch, fault_in)
     monkeypatch.setattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE", 1)
     conv_autotune.forget_choices()
     prec = Precision("strict")         # float32 output: a reordered sum shows in its last bits
     conv = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True, autotune=True, deterministic=deterministic)
-    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec, n=64)      # 4,096 values a channel: float16 sums show
     sums = cupy.zeros((2, 8), dtype=cupy.float32)
     try:
         fused = conv.forward_with_stats(x, wt, 1, 1, y, sums)
@@ -786,17 +790,21 @@ def test_a_genstats_engine_whose_sums_do_not_repeat_is_never_chosen(handle, monk
     finally:
         conv_autotune.forget_choices()     # made with this test's engines
     assert np.all(np.isfinite(prec.to_host(y)))
-    caught = deterministic or fault == "accumulates"     # reordered float32 sums are fine with any engine
+    caught = deterministic or fault != "reorders"        # reordered float32 sums are fine with any engine
     if not caught:
         assert fused and conv.genstats_counts == {"fused": 1}
     elif untold == "one":
         entry = conv._graphs[next(key for key in conv._graphs if key[0] == "fprop_stats")]
-        dropped = [c for c in entry.candidates if c.dropped == "not repeatable"]
+        dropped = [c for c in entry.candidates if c.dropped]
         assert fused and [c.name for c in dropped] == ["eng2 (untold implicit gemm fp32)"] and entry.chosen not in dropped
-        assert conv.genstats_counts == {"fused": 1, "not repeatable": 1}
+        (why,) = {c.dropped for c in dropped}
+        # an accumulating engine's first sums are right where the buffer held zeros (it came first)
+        assert why in {"reorders": {"not repeatable"}, "accumulates": {"not repeatable", "wrong sums"},
+                       "half sums": {"wrong sums"}}[fault]
+        assert conv.genstats_counts == {"fused": 1, why: 1}
     else:
         assert not fused and conv.genstats_counts["unsupported"] == 1 and "fused" not in conv.genstats_counts
-        assert "did not repeat their bits" in conv.genstats_problems[0]
+        assert "dropped:" in conv.genstats_problems[0]
         assert conv.forward_with_stats(x, wt, 1, 1, y, sums) is False     # decided: runs plain from now on
 
 
@@ -813,3 +821,32 @@ def test_a_grown_workspace_keeps_the_old_one_alive(handle):
     lane.grow(4096)
     assert lane.bytes == 4096 and lane.ptr != first_ptr
     assert any(buffer is first for buffer in lane._superseded)
+
+
+def test_an_adopted_genstats_choice_that_does_not_build_here_is_timed_and_checked_afresh(handle, monkeypatch):
+    """A checkpoint's choice for a fused graph that this cuDNN cannot build: instead of the heuristics' plan
+    (which nothing would check), the candidates are built, checked and timed as on a first run."""
+    import cudnn
+    from cupynet.backends import conv_autotune
+    if hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE"):
+        monkeypatch.setattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE", 1)
+    conv_autotune.forget_choices()
+    prec = Precision("tf32")
+    x, wt, _, (y, _, _) = _block_arrays("NHWC", prec)
+    sums = cupy.zeros((2, 8), dtype=cupy.float32)
+    first = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True)
+    try:
+        if not first.forward_with_stats(x, wt, 1, 1, y, sums):
+            pytest.skip("cuDNN has no genstats engine for this shape")
+        (key,) = [key for key in first._graphs if key[0] == "fprop_stats"]
+        device = cupy.cuda.Device().id
+        environment = conv_autotune.export_choices(device)["environment"]
+        conv_autotune.forget_choices()
+        assert conv_autotune.import_choices({"environment": environment, "choices": [[list(key), 999]]}, device) == 1
+        conv = CudnnConv(handle, "NHWC", prec.io_dtype, autotune=True)
+        assert conv.forward_with_stats(x, wt, 1, 1, y, sums)
+        entry = conv._graphs[key]
+        assert entry.candidates and entry.chosen in entry.candidates      # built, checked and timed here
+        assert all(candidate.repeat_check for candidate in entry.candidates)
+    finally:
+        conv_autotune.forget_choices()

@@ -50,6 +50,7 @@ module, imported without a GPU).
 """
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 MAX_WORKSPACE_BYTES = 256 * 2 ** 20     # an engine needing more is not worth the memory at these sizes
@@ -249,8 +250,8 @@ def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_
 
     pointers: the real arrays' addresses, in the order of each candidate's tensors; the timed runs write
     the output array, which the caller's execution then overwrites. repeats_its_bits(run): whether further
-    calls of run() write the output bits its last call wrote; given (deterministic engines only), a candidate
-    with repeat_check (a split-K setting, an fprop with genstats) that does not is dropped before it is timed. run_errors: what an engine that built may raise when it runs
+    calls of run() write the output bits its last call wrote (True), else False or why not; a candidate with
+    repeat_check (a split-K setting, an fprop with genstats) that fails it is dropped before it is timed. run_errors: what an engine that built may raise when it runs
     (it is then left out); the cuDNN Frontend's own not-supported error is not a RuntimeError.
     """
     key = (cupy.cuda.Device().id, key)
@@ -278,17 +279,19 @@ def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_err
             candidate.graph.execute_plan_at_index(variant_pack, scratch.data.ptr, candidate.index, handle=handle)
         try:
             run()                                  # untimed: first-run costs
-            if repeats_its_bits is not None and candidate.repeat_check and not repeats_its_bits(run):
-                candidate.dropped = "not repeatable"   # atomics the engine's notes did not declare
-                continue
+            if repeats_its_bits is not None and candidate.repeat_check:
+                verdict = repeats_its_bits(run)
+                if verdict is not True:            # atomics the engine's notes did not declare, or wrong sums
+                    candidate.dropped = verdict or "not repeatable"
+                    continue
             milliseconds = gpu_milliseconds(cupy, stream, hold, lambda: [run() for _ in range(TIMED_RUNS)])
         except run_errors:                        # an engine that builds but cannot run these arrays
             continue
         timings.append((milliseconds, position))
     if not timings:
-        dropped = sum(candidate.dropped is not None for candidate in candidates)
+        reasons = Counter(candidate.dropped for candidate in candidates if candidate.dropped)
         raise NoCandidateRan(f"none of the {len(candidates)} built cuDNN plans could execute"
-                             + (f" ({dropped} did not repeat their bits)" if dropped else ""))
+                             + (f" (dropped: {', '.join(f'{n} {why}' for why, n in reasons.items())})" if reasons else ""))
     return candidates[min(timings)[1]]
 
 

@@ -103,6 +103,7 @@ OPS = ("fprop", "dgrad", "wgrad")
 FPROP_STATS = "fprop_stats"     # fprop with cuDNN's genstats behind it (forward_with_stats, --conv-genstats)
 STATS_ITEMSIZE = 4              # genstats' sums are float32 in every precision
 REPEAT_RTOL = 1e-3              # how far a genstats sum may move between runs of an engine that may reorder it
+GENSTATS_RTOL = 1e-2            # genstats' sums against the output's own, relative to sum |y| and sum y^2
 
 # io_dtype -> (name of the cudnn.data_type member, bytes per element in memory)
 IO_DTYPES = {"float32": ("FLOAT", 4), "bfloat16": ("BFLOAT16", 2)}
@@ -316,6 +317,9 @@ class CudnnConv:
         engine's rules (deterministic, never reduced-precision sums; the autotuner's repeat checks): y is then
         written by the plain fprop graph, and sums holds nothing to read. Which of the two a shape gets is
         settled by its first call."""
+        if not self.autotune:
+            raise ValueError("forward_with_stats needs autotune: the autotuner checks each genstats engine's sums "
+                             "before it is used")
         n, c, h, wd = logical_dims(self.layout, x.shape)
         k, _, r, s = logical_dims(self.layout, w.shape)
         if sums.shape != (2, k) or sums.dtype.itemsize != STATS_ITEMSIZE or not sums.flags.c_contiguous:
@@ -454,17 +458,14 @@ class CudnnConv:
         if lane.stream is not None:
             self._cudnn.set_stream(handle=lane.handle, stream=lane.stream.ptr)
         if entry.candidates is not None and entry.chosen is None:     # first use: time the candidates
-            if self.deterministic:
-                check = self._repeats_its_bits(outputs)
-            elif op == FPROP_STATS:     # any engine: sums may vary in their last bits, but must not grow
-                check = self._repeats_closely(outputs[1:])
+            if op == FPROP_STATS:
+                check = self._genstats_check(outputs)
             else:
-                check = None
+                check = self._repeats_its_bits(outputs) if self.deterministic else None
             entry.chosen = choose_plan(entry.key, entry.candidates, pointers, lane.handle, self._cupy, self._hold,
                                        check, self._build_errors())
-            dropped = sum(candidate.dropped == "not repeatable" for candidate in entry.candidates)
-            if dropped:
-                (self.genstats_counts if op == FPROP_STATS else self.split_k_counts)["not repeatable"] += dropped
+            counts = self.genstats_counts if op == FPROP_STATS else self.split_k_counts
+            counts.update(candidate.dropped for candidate in entry.candidates if candidate.dropped)
             for other in lanes:
                 other.grow(entry.chosen.workspace)
         chosen = entry.chosen
@@ -507,6 +508,36 @@ class CudnnConv:
                         return False
             return True
         return check
+
+    def _genstats_check(self, outputs):
+        """The autotuner's check of a genstats candidate, which has just run once: its sums must be those of
+        the output it wrote (within GENSTATS_RTOL: what cuDNN's genstats computes, and in what precision, is
+        not documented beyond "sum and sum of squares"; the Frontend gives it the output's data type as its
+        math precision), and they must repeat (exactly with deterministic engines; within REPEAT_RTOL with any,
+        so that an engine adding into its sums instead of writing them is caught either way). Returns
+        check(run) -> True, or why not."""
+        y, sums = outputs[0], outputs[1:]
+        repeats = self._repeats_its_bits(outputs) if self.deterministic else self._repeats_closely(sums)
+
+        def check(run):
+            if not self._sums_match(y, sums):
+                return "wrong sums"
+            return repeats(run) or "not repeatable"
+        return check
+
+    def _sums_match(self, y, sums):
+        """Whether sums (the (1, K, 1, 1) sum and sum of squares) are those of y within GENSTATS_RTOL of sum |y|
+        and of sum y^2, computed here in float64 from y as stored (bf16 storage read as its bits)."""
+        cupy = self._cupy
+        if self.itemsize == 2:          # bfloat16 storage (CuPy's dtype or uint16): the upper half of a float32
+            y = (y.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
+        values = y.astype(cupy.float64)
+        axes = (0, 1, 2) if self.layout == "NHWC" else (0, 2, 3)
+        total, squares = (s.reshape(-1).astype(cupy.float64) for s in sums)
+        bound_total = GENSTATS_RTOL * cupy.abs(values).sum(axis=axes)
+        expected_squares = (values * values).sum(axis=axes)
+        return bool(cupy.all(cupy.abs(total - values.sum(axis=axes)) <= bound_total)) and bool(
+            cupy.all(cupy.abs(squares - expected_squares) <= GENSTATS_RTOL * expected_squares))
 
     def _check(self, op, entry, index, array):
         """Shape, item size and density of one argument; a mismatch would make cuDNN read out of bounds."""

@@ -125,10 +125,12 @@ def _stream_of(handle):
 
 class _Engine:
     def __init__(self, name, numerical=(), behavior=(), workspace=0, knobs=(), ops=("fprop", "dgrad", "wgrad"),
-                 proposed=True, reorders=None, seconds=0.0, stats_accumulate=False):
+                 proposed=True, reorders=None, seconds=0.0, stats_accumulate=False, stats_in_half=False):
         self.name = name
-        # genstats adds into its sums instead of writing them (a test's engine: cupynet must never use one)
+        # test engines cupynet must never use for genstats: one that adds into its sums instead of writing
+        # them, one that adds them up one value at a time in float16 (sums in a 16-bit precision)
         self.stats_accumulate = stats_accumulate
+        self.stats_in_half = stats_in_half
         self.seconds = seconds           # how long a run takes beyond the NumPy work (a test's slow engine)
         self.numerical = tuple(numerical)
         # whether its float32 sums come out in a varying order: what NONDETERMINISTIC says, unless a test
@@ -501,7 +503,14 @@ class pygraph:
         if self.stats is not None:
             stored = _read(out, pointers[out.uid])         # the statistics of the output as written
             _, total, squares = self.stats
-            for tensor, value in ((total, stored.sum(axis=(0, 2, 3))), (squares, (stored * stored).sum(axis=(0, 2, 3)))):
+            sums = ((total, stored.sum(axis=(0, 2, 3))), (squares, (stored * stored).sum(axis=(0, 2, 3))))
+            if ENGINES[engine].stats_in_half:
+                per_channel = stored.transpose(1, 0, 2, 3).reshape(stored.shape[1], -1).astype(np.float16)
+                with np.errstate(over="ignore"):        # float16 sums of squares overflow: that is the fault
+                    sums = ((total, np.cumsum(per_channel, axis=1, dtype=np.float16)[:, -1]),
+                            (squares, np.cumsum(per_channel * per_channel, axis=1, dtype=np.float16)[:, -1]))
+            for tensor, value in sums:
+                value = np.asarray(value, dtype=np.float64)
                 if ENGINES[engine].stats_accumulate:
                     value = value + _read(tensor, pointers[tensor.uid]).reshape(value.shape)
                 _write(tensor, pointers[tensor.uid], value.reshape(tensor.dim))
