@@ -354,8 +354,10 @@ def split_k_report(backend):
 
 def genstats_report(backend):
     """With --conv-genstats on the GPU: how many convolution graphs were built fused with BatchNorm's statistics
-    ("fused") and how many cuDNN had no such engine for ("unsupported": they ran plain), so a run shows whether
-    the option did anything (nothing counted: it did not); None otherwise, and on the CPU, which has no cuDNN."""
+    ("fused"), how many ran plain ("unsupported": cuDNN had no such engine, or none passed the autotuner's
+    checks), and how many candidates those checks dropped ("wrong sums", "not repeatable"), so a run shows
+    whether the option did anything (nothing counted: it did not); None otherwise, and on the CPU, which has
+    no cuDNN."""
     counts = getattr(getattr(backend, "conv", None), "genstats_counts", None)
     if not backend.conv_genstats or counts is None:
         return None

@@ -716,12 +716,16 @@ def test_forward_with_stats_writes_the_outputs_sums_or_runs_plain(handle, layout
         assert_close("sum", got[0], stored.sum(axis=axes), np.abs(stored).sum(axis=axes), RTOL[mode])
         assert_close("sum of squares", got[1], (stored ** 2).sum(axis=axes), (stored ** 2).sum(axis=axes),
                      2 * RTOL[mode])
-        assert conv.genstats_counts == {"fused": 1} and conv.builds == {"fprop_stats": 1}
-        assert conv.executions == {"fprop_stats": 2}
+        # (on a GPU some candidates may also have been dropped by the autotuner's checks: counted beside)
+        assert conv.genstats_counts["fused"] == 1 and "unsupported" not in conv.genstats_counts
+        assert conv.builds == {"fprop_stats": 1} and conv.executions == {"fprop_stats": 2}
     else:
-        assert np.all(np.isnan(got))
-        assert conv.genstats_counts == {"unsupported": 1} and len(conv.genstats_problems) == 1
-        assert conv.executions == {"fprop": 2} and conv.builds == {"fprop": 1}
+        assert conv.genstats_counts["unsupported"] == 1 and "fused" not in conv.genstats_counts
+        assert len(conv.genstats_problems) == 1 and conv.executions == {"fprop": 2}
+        if "fprop_stats" in conv.builds:       # built, but every candidate failed the autotuner's checks
+            assert "dropped:" in conv.genstats_problems[0]
+        else:                                  # no engine: the sums were never written
+            assert np.all(np.isnan(got)) and conv.builds == {"fprop": 1}
 
 
 def test_sums_of_the_wrong_shape_or_dtype_are_refused_before_cudnn_runs(handle):
