@@ -176,8 +176,8 @@ def build_parser():
     model.add_argument("--conv-genstats", action=argparse.BooleanOptionalAction, default=d.conv_genstats,
                        help="GPU: each convolution that feeds a BatchNorm also writes the per-channel sum and sum "
                             "of squares of its output (cuDNN's genstats, one fused graph), so BatchNorm's statistics "
-                            "skip their own pass over the activation; a convolution cuDNN has no such engine for "
-                            "(with --conv-deterministic: none that repeats its bits) runs as before. Statistics from "
+                            "skip their own pass over the activation; needs --conv-autotune, which checks each such "
+                            "engine's sums first; a convolution with no engine that passes runs as before. Statistics from "
                             "unshifted float32 sums; not with --sync-bn's layers; off by default until a GPU run "
                             "shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,

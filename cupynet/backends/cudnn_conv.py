@@ -292,9 +292,10 @@ class CudnnConv:
         # deterministic engines only) and "problem: ..." (why a weight gradient got none: a Frontend without
         # knobs): what bench/layouts.py reports, so a GPU run shows whether the option did anything
         self.split_k_counts = Counter()
-        # fprop graphs with genstats (forward_with_stats, --conv-genstats): "fused" (built), "unsupported" (cuDNN
-        # had no engine for it under this engine's rules: the convolution ran plain, BatchNorm made its own
-        # statistics); what bench/layouts.py reports, so a GPU run shows whether the option did anything
+        # fprop graphs with genstats (forward_with_stats, --conv-genstats): "fused" (built and run), "unsupported"
+        # (cuDNN had no engine for it under this engine's rules, or none passed the autotuner's checks: the
+        # convolution ran plain, BatchNorm made its own statistics), and the candidates those checks dropped
+        # ("wrong sums", "not repeatable"); what bench/layouts.py reports, so a GPU run shows what the option did
         self.genstats_counts = Counter()
         self.genstats_problems = []     # why each "unsupported" one was (cuDNN's words, one line each)
         self._graphs = {}               # cache key -> _BuiltGraph
@@ -427,10 +428,9 @@ class CudnnConv:
         except DeviceError as error:
             self._unsupported(key_dims, stride, pad, error)
             return None
-        # The sums of a block's share of the output must be added across blocks; an engine that does it with
-        # atomics in a varying order may not say so in notes kept per engine: with deterministic engines, the
-        # autotuner runs each candidate again and drops one whose sums (or y) change. (Without autotuning,
-        # the heuristics' plan is trusted on its notes.)
+        # What genstats computes, in what precision, and whether it writes or adds into its sums, is not
+        # documented, and notes are kept per engine: the autotuner checks each candidate (_genstats_check).
+        # (Should none build within its limits, the heuristics' plan runs on its notes alone.)
         for candidate in entry.candidates or ():
             candidate.repeat_check = True
         self.genstats_counts["fused"] += 1
@@ -476,38 +476,30 @@ class CudnnConv:
                                                handle=lane.handle)
         self.executions[op] += 1
 
-    def _repeats_its_bits(self, outputs):
+    def _repeats(self, outputs, same):
         """repeats_its_bits(run) for the autotuner: run() REPEAT_CHECK_RUNS more times (it has just run) and
-        compare the outputs' bytes with the first run's after each (on the current stream: the lane's, where
-        run() enqueues)."""
-        cupy = self._cupy
-        views = [out.view(cupy.uint8) for out in outputs]
-
+        require same(first, now) of each output after each (on the current stream: the lane's, where run()
+        enqueues)."""
         def check(run):
-            first = [view.copy() for view in views]
+            first = [out.copy() for out in outputs]
             for _ in range(REPEAT_CHECK_RUNS):
                 run()
-                if not all(bool(cupy.array_equal(a, b)) for a, b in zip(first, views)):
+                if not all(same(before, out) for before, out in zip(first, outputs)):
                     return False
             return True
         return check
 
-    def _repeats_closely(self, sums):
-        """repeats_its_bits(run) for genstats candidates when any engine is allowed: run() REPEAT_CHECK_RUNS more
-        times and require each of its sums to stay within REPEAT_RTOL of the first run's largest: atomics may
-        reorder the additions, but an engine that adds into the sums instead of writing them (they would grow
-        every step) is dropped."""
+    def _repeats_its_bits(self, outputs):
+        """The same bytes on every run."""
         cupy = self._cupy
+        return self._repeats(outputs, lambda a, b: bool(cupy.array_equal(a.view(cupy.uint8), b.view(cupy.uint8))))
 
-        def check(run):
-            first = [total.copy() for total in sums]
-            for _ in range(REPEAT_CHECK_RUNS):
-                run()
-                for before, total in zip(first, sums):
-                    if float(cupy.max(cupy.abs(total - before))) > REPEAT_RTOL * float(cupy.max(cupy.abs(before))):
-                        return False
-            return True
-        return check
+    def _repeats_closely(self, sums):
+        """For genstats candidates when any engine is allowed: each sum within REPEAT_RTOL of the first run's
+        largest. Atomics may reorder the additions, but an engine that adds into the sums instead of writing
+        them (they would grow every step) is dropped."""
+        cupy = self._cupy
+        return self._repeats(sums, lambda a, b: float(cupy.max(cupy.abs(b - a))) <= REPEAT_RTOL * float(cupy.max(cupy.abs(a))))
 
     def _genstats_check(self, outputs):
         """The autotuner's check of a genstats candidate, which has just run once: its sums must be those of

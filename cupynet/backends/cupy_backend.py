@@ -354,8 +354,8 @@ class CupyBackend(LayoutMixin):
     def conv2d_forward_with_stats(self, x, w, stride, pad, y, sums):
         """y = conv(x, w) and sums (2, K) float32 <- [sum(y), sum(y^2)] per channel, in one cuDNN graph (its
         genstats, --conv-genstats), as NumpyBackend. Returns False, with y written by the plain graph and
-        sums untouched, where cuDNN has no engine for the fused graph under this engine's rules (the
-        caller's BatchNorm then makes its own statistics)."""
+        sums not to be read, where cuDNN has no engine for the fused graph that passes this engine's rules
+        and the autotuner's checks (the caller's BatchNorm then makes its own statistics)."""
         _require_dtype(np.float32, sums=sums)
         return self.conv.forward_with_stats(x, w, stride, pad, y, sums)
 
