@@ -32,10 +32,12 @@
  * once (the driver's occupancy), because a block waiting for one that cannot start would wait forever.
  * Sync BN (statistics over several workers) splits both passes around a communicator's all-reduce of
  * (2, C) double sums, reusing the stages: forward = bn_stats_partials_shifted + bn_sums_finalize |
- * all-reduce | bn_stats_from_sums + bn_apply; backward = bn_grad_partials + bn_sums_finalize |
+ * all-reduce | bn_stats_from_sums + bn_apply (see below); backward = bn_grad_partials + bn_sums_finalize |
  * all-reduce | bn_grad_from_sums + bn_backward_dx (with the count the sums cover).
  * With --conv-genstats the convolution before the BatchNorm writes the (2, C) float32 sums itself (cuDNN's
- * genstats): forward = bn_stats_from_sums<float> (shift 0) + bn_apply, no pass of our own over x.
+ * genstats): forward = bn_apply_from_sums<T, float> (shift 0), one launch and no pass of our own over x. Sync
+ * BN's forward after its all-reduce is bn_apply_from_sums<T, double> too, except where its shift (the moving
+ * mean) is one of the outputs: then bn_stats_from_sums + bn_apply.
  * Deterministic: the partials are added in a fixed order whichever block finalizes (the one atomic only
  * counts arrivals); the split into P slices depends only on the shapes, the GPU and whether the arrays
  * are 16-byte aligned (the backend's own buffers always are; an offset view may not be).
@@ -286,17 +288,26 @@ __device__ void shifted_stats_tile(const T* x, const float (&shift)[V], const Ch
     store_tile_sums<V>(sum, sum_sq, t, C, inner, partials);
 }
 
-// Channel c's statistics from its shifted sums [sum(x - shift), sum((x - shift)^2)] over `count`
-// elements: the saved mean and 1/sqrt(var + eps), and the moving statistics (unbiased variance). In
-// double: the per-channel arithmetic is negligible next to the passes. shift may alias running_mean.
+// (mean, biased variance, as normalization uses) of a channel from its shifted sums
+// [sum(x - shift), sum((x - shift)^2)] over `count` elements, in double: the per-channel arithmetic is
+// negligible next to the passes.
+__device__ __forceinline__ double2 mean_and_variance(double2 sums, double shift, double count)
+{
+    const double shifted_mean = sums.x / count;
+    return make_double2(shift + shifted_mean, fmax(sums.y / count - shifted_mean * shifted_mean, 0.0));
+}
+
+__device__ __forceinline__ float invstd_of(double var, double eps) { return (float)(1.0 / sqrt(var + eps)); }
+
+// Channel c's statistics from its shifted sums: the saved mean and 1/sqrt(var + eps), and the moving
+// statistics (unbiased variance). shift may alias running_mean.
 __device__ void store_statistics(double2 sums, double shift, double count, int c, double decay, double eps,
                                  float* running_mean, float* running_var, float* saved_mean, float* saved_invstd)
 {
-    const double shifted_mean = sums.x / count;
-    const double var = fmax(sums.y / count - shifted_mean * shifted_mean, 0.0);   // biased, as normalization uses
-    const double mean = shift + shifted_mean;
+    const double2 stats = mean_and_variance(sums, shift, count);
+    const double mean = stats.x, var = stats.y;
     saved_mean[c] = (float)mean;
-    saved_invstd[c] = (float)(1.0 / sqrt(var + eps));
+    saved_invstd[c] = invstd_of(var, eps);
     const double unbiased = var * count / (count > 1.0 ? count - 1.0 : 1.0);
     running_mean[c] = (float)(decay * running_mean[c] + (1.0 - decay) * mean);
     running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
@@ -467,6 +478,36 @@ __global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean,
 {
     apply_elements(x, residual, y, mean, stat, gamma, beta, eps, stat_is_variance, n, C, inner, add_residual,
                    relu_out, vec, first_index(), grid_stride());
+}
+
+// The training forward from (global) shifted sums in one launch, instead of bn_stats_from_sums + bn_apply:
+// every block derives each channel's mean and 1/sqrt(var + eps) from the sums into shared memory (2 * C
+// floats of dynamic shared memory; C threads' worth of double arithmetic, negligible next to the pass) and
+// applies them; block 0 also stores them and updates the moving statistics. The same arithmetic as the two
+// launches, so the same bits. No block reads what block 0 writes, as long as shift aliases none of those
+// outputs (sync BN's shift is the moving mean: the backend takes the two launches then). S: double (sync
+// BN's sums) or float (those cuDNN's genstats writes beside a convolution's output, shift 0). y may alias x
+// or residual, as in bn_apply.
+template <typename T, typename S>
+__global__ void bn_apply_from_sums(const T* x, const T* residual, T* y, const S* sums, const float* shift,
+                                   double count, double decay, double eps, float* running_mean, float* running_var,
+                                   float* saved_mean, float* saved_invstd, const float* gamma, const float* beta,
+                                   int n, int C, int inner, int add_residual, int relu_out, int vec)
+{
+    extern __shared__ float channel_stats[];        // [mean (C), invstd (C)]
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const double2 channel_sums = make_double2((double)sums[c], (double)sums[C + c]);
+        const double2 stats = mean_and_variance(channel_sums, shift[c], count);
+        channel_stats[c] = (float)stats.x;
+        channel_stats[C + c] = invstd_of(stats.y, eps);
+        if (blockIdx.x == 0) {
+            store_statistics(channel_sums, shift[c], count, c, decay, eps, running_mean, running_var, saved_mean,
+                             saved_invstd);
+        }
+    }
+    __syncthreads();
+    apply_elements(x, residual, y, channel_stats, channel_stats + C, gamma, beta, (float)eps, 0, n, C, inner,
+                   add_residual, relu_out, vec, first_index(), grid_stride());
 }
 
 // The training forward in one launch (--bn-launches 1): bn_stats' partial sums and finalize, a grid-wide wait

@@ -308,7 +308,7 @@ def test_batchnorm_train_forward(layout, dtype, shape, tail, launches):
 def test_batchnorm_statistics_from_a_convolutions_float32_sums(layout, dtype, tail):
     """--conv-genstats: a convolution with K = 32 output channels writes its output's per-channel sum and sum
     of squares (cuDNN's genstats, when cuDNN has an engine for it), and BatchNorm takes its statistics from
-    those float32 sums (bn_stats_from_sums<float>, shift 0) then applies; all against the NumPy twins run
+    those float32 sums (bn_apply_from_sums<T, float>, shift 0) as it applies; all against the NumPy twins run
     on the same values. Where cuDNN offers no genstats engine, the conv must say so (False) and y is still
     right; the BatchNorm half is then checked with the sums computed here."""
     relu, with_residual = TAILS[tail]
@@ -337,7 +337,7 @@ def test_batchnorm_statistics_from_a_convolutions_float32_sums(layout, dtype, ta
     (moving_mean, m), (moving_var, v) = a.vector(k, -1, 1), a.vector(k, 0.5, 2)
     zeros, _ = a.put(np.zeros(k), dtype=np.float32)
     out, saved_mean, saved_invstd = a.nan(y.shape), a.nan((k,), np.float32), a.nan((k,), np.float32)
-    with fast_path(be, kernels=("bn_stats_from_sums", "bn_apply")):
+    with fast_path(be, kernels=("bn_apply_from_sums",)):
         be.batchnorm_train_from_sums(y, sums, zeros, n * hw * hw, gamma, beta, moving_mean, moving_var, 0.9, 1e-5,
                                      out, saved_mean, saved_invstd, relu=relu, residual=residual)
     expected_mean, expected_invstd = np.empty(k), np.empty(k)
@@ -350,6 +350,57 @@ def test_batchnorm_statistics_from_a_convolutions_float32_sums(layout, dtype, ta
     assert_close(a.get(moving_mean), m, f32, scale=rms(y_ref), what="moving mean")
     assert_close(a.get(moving_var), v, f32, what="moving variance")
     assert_close(a.get(out), expected, REDUCTION[dtype], scale=rms(expected), what="y")
+
+
+@params()
+@pytest.mark.parametrize("shape", ACTIVATIONS, ids=lambda s: "N{}C{}H{}W{}".format(*s))
+@pytest.mark.parametrize("sums_dtype", [np.float64, np.float32], ids=["sync_bn_sums", "genstats_sums"])
+@pytest.mark.parametrize("tail", ["relu", "residual_relu"])
+def test_batchnorm_from_sums_in_one_launch_equals_two_launches(layout, dtype, shape, sums_dtype, tail):
+    """The training forward from (2, C) sums is one launch (bn_apply_from_sums: every block derives the
+    statistics, block 0 stores them); where the shift is one of the outputs it writes (sync BN's moving mean),
+    it is bn_stats_from_sums then bn_apply. Both give the same bits, and the NumPy twin's values."""
+    relu, with_residual = TAILS[tail]
+    be = backend(layout, dtype)
+    a = Arrays(be, seed=23)
+    c = shape[1]
+    x, x_ref = a.activation(*shape, scale=2.0, offset=3.0)
+    residual, residual_ref = a.activation(*shape) if with_residual else (None, None)
+    (gamma, g), (beta, b) = a.vector(c), a.vector(c, -0.5, 0.5)
+    moving_var_host = a.rng.uniform(0.5, 2, c)
+    shift_host = a.rng.uniform(2, 4, c)              # near the mean, as sync BN's moving mean once warmed up
+    shift_ref = a.get(a.put(shift_host, dtype=np.float32)[0])
+    axes = a.ref._channel_axes()
+    per_channel = (1, c, 1, 1) if layout == "NCHW" else (1, 1, 1, c)
+    centered = x_ref - shift_ref.reshape(per_channel)
+    sums, sums_ref = a.put(np.stack([centered.sum(axis=axes), (centered * centered).sum(axis=axes)]), dtype=sums_dtype)
+    count = x_ref.size // c
+    results = {}
+    for kernel, aliased in (("bn_apply_from_sums", False), ("bn_stats_from_sums", True)):
+        moving_mean, _ = a.put(shift_host, dtype=np.float32)
+        shift = moving_mean if aliased else a.put(shift_host, dtype=np.float32)[0]
+        moving_var, _ = a.put(moving_var_host, dtype=np.float32)
+        y, saved_mean, saved_invstd = a.nan(x.shape), a.nan((c,), np.float32), a.nan((c,), np.float32)
+        before = be.kernels.launches["bn_apply_from_sums"]
+        with fast_path(be, kernels=(kernel,)):
+            be.batchnorm_train_from_sums(x, sums, shift, count, gamma, beta, moving_mean, moving_var, 0.9, 1e-5, y,
+                                         saved_mean, saved_invstd, relu=relu, residual=residual)
+        assert (be.kernels.launches["bn_apply_from_sums"] > before) is not aliased
+        results[kernel] = [be.to_host(array) for array in (y, saved_mean, saved_invstd, moving_mean, moving_var)]
+    for one, two in zip(results["bn_apply_from_sums"], results["bn_stats_from_sums"]):
+        np.testing.assert_array_equal(one.view(np.uint8), two.view(np.uint8))
+    y, saved_mean, saved_invstd, moving_mean, moving_var = (array.astype(np.float64) for array in results[kernel])
+    expected_mean, expected_invstd = np.empty(c), np.empty(c)
+    m, v = shift_ref.copy(), a.get(a.put(moving_var_host, dtype=np.float32)[0])
+    expected = a.ref.batchnorm_train_from_sums(x_ref, sums_ref, shift_ref, count, g, b, m, v, 0.9, 1e-5,
+                                               np.empty(x_ref.shape), expected_mean, expected_invstd, relu=relu,
+                                               residual=residual_ref)
+    f32 = REDUCTION["float32"]
+    assert_close(saved_mean, expected_mean, f32, scale=rms(x_ref), what="saved mean")
+    assert_close(saved_invstd, expected_invstd, f32, what="saved invstd")
+    assert_close(moving_mean, m, f32, scale=rms(x_ref), what="moving mean")
+    assert_close(moving_var, v, f32, what="moving variance")
+    assert_close(y, expected, REDUCTION[dtype], scale=rms(expected), what="y")
 
 
 @params()

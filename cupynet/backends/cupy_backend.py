@@ -141,6 +141,11 @@ def _same_dtype(reference, **arrays):
     _require_dtype(reference.dtype, **arrays)
 
 
+def _overlap(a, b):
+    """Whether two device arrays share any byte."""
+    return a.data.ptr < b.data.ptr + b.nbytes and b.data.ptr < a.data.ptr + a.nbytes
+
+
 def _present(**arrays):
     """The named arrays that are not None (optional operands of a dtype check)."""
     return {name: array for name, array in arrays.items() if array is not None}
@@ -316,14 +321,15 @@ class CupyBackend(LayoutMixin):
         """A grid-stride kernel over n items."""
         self.kernels.launch(name, template_args, self.kernels.grid_1d(n), KernelLibrary.BLOCK, args)
 
-    def _launch_packed(self, name, dtype, n, packed, args):
+    def _launch_packed(self, name, dtype, n, packed, args, more_types=(), shared_mem=0):
         """An elementwise kernel with a trailing `vec` argument (common.cuh, "16-byte packs"): vec = 1 when
-        every array in `packed` (those the kernel indexes per element) starts on a 16-byte boundary."""
+        every array in `packed` (those the kernel indexes per element) starts on a 16-byte boundary.
+        Template arguments: the elements' type, then more_types."""
         pack = _pack_elements(dtype)
         vec = _pack_aligned(packed)
         work = n // pack + n % pack if vec else n            # threads needed: packs, then the tail
-        self.kernels.launch(name, (ctype(dtype),), self.kernels.grid_1d(max(work, 1)), KernelLibrary.BLOCK,
-                            tuple(args) + (_i32(vec),))
+        self.kernels.launch(name, (ctype(dtype), *more_types), self.kernels.grid_1d(max(work, 1)),
+                            KernelLibrary.BLOCK, tuple(args) + (_i32(vec),), shared_mem=shared_mem)
 
     def _convert(self, source, target):
         """target = source converted to target's dtype (same number of elements): a sum of one row."""
@@ -582,17 +588,31 @@ class CupyBackend(LayoutMixin):
     def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
                                   y, saved_mean, saved_invstd, relu=False, residual=None):
         """Statistics from (global) shifted sums covering `count` elements per channel, then y, as NumpyBackend.
-        sums: float64 (sync BN's), or float32 (those a convolution's genstats wrote, conv2d_forward_with_stats)."""
+        sums: float64 (sync BN's), or float32 (those a convolution's genstats wrote, conv2d_forward_with_stats).
+        One launch (bn_apply_from_sums), or two (bn_stats_from_sums, bn_apply) where shift or sums share memory
+        with the statistics written (sync BN's shift is the moving mean) or C is too large for the one."""
         _require_dtype(np.float32, shift=shift, gamma=gamma, beta=beta, running_mean=running_mean,
                        running_var=running_var, saved_mean=saved_mean, saved_invstd=saved_invstd)
         if sums.dtype not in (np.float64, np.float32):
             raise TypeError(f"sums must be float64 or float32, got {sums.dtype}")
         _same_dtype(x, y=y)
-        c = gamma.size
-        self._launch_1d("bn_stats_from_sums", (ctype(sums.dtype),), c,
-                        (sums, shift, np.float64(count), _i32(c), np.float64(decay), np.float64(eps),
-                         running_mean, running_var, saved_mean, saved_invstd))
-        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
+        c, inner, _ = self._channel_geometry(x, gamma.size)
+        outputs = (running_mean, running_var, saved_mean, saved_invstd)
+        shared_mem = 2 * c * 4
+        aliased = any(_overlap(read, out) for read in (shift, sums) for out in outputs)
+        if aliased or shared_mem > MAX_DYNAMIC_SHARED_BYTES:
+            # two launches: a shift that is one of the outputs (sync BN's moving mean) would be read by some
+            # blocks of the one-launch kernel after its block 0 updated it
+            self._launch_1d("bn_stats_from_sums", (ctype(sums.dtype),), c,
+                            (sums, shift, np.float64(count), _i32(c), np.float64(decay), np.float64(eps), *outputs))
+            self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
+            return y
+        n = _count(x)
+        self._launch_packed("bn_apply_from_sums", x.dtype, n, self._apply_operands(x, y, residual),
+                            (x, x if residual is None else residual, y, sums, shift, np.float64(count),
+                             np.float64(decay), np.float64(eps), *outputs, gamma, beta, _i32(n), _i32(c), _i32(inner),
+                             _i32(residual is not None), _i32(relu)),
+                            more_types=(ctype(sums.dtype),), shared_mem=shared_mem)
         return y
 
     @_primitive

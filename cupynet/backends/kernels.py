@@ -55,6 +55,8 @@ KERNELS = {
         "bn_stats_from_sums": [("double",), (FLOAT,)],   # sync BN's sums; genstats' (--conv-genstats)
         "bn_grad_from_sums": [],
         "bn_apply": _per_type(*ACTIVATION_TYPES),
+        # the forward from sums in one launch: (activation, sums) types, sync BN's double or genstats' float
+        "bn_apply_from_sums": [(t, s) for t in ACTIVATION_TYPES for s in ("double", FLOAT)],
         "bn_grad": _per_type(*ACTIVATION_TYPES),
         "bn_grad_partials": _per_type(*ACTIVATION_TYPES),
         "bn_backward_dx": _per_type(*ACTIVATION_TYPES),
