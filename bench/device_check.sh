@@ -405,8 +405,11 @@ PEAK_GBS=3350
 if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200"; then
     PEAK_GBS=4800
 fi
+# The kernels of the bf16 step options that change which kernels run (not how the weight gradients are spread:
+# layers.py times every call alone): the one-launch BatchNorm passes, the convolutions' genstats.
+LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' <<< "${BEST_BF16:-}" | tr '\n' ' ')
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
-    --steps 5 --peak-gbs "$PEAK_GBS" --json "$OUT/layers.json"
+    --steps 5 --peak-gbs "$PEAK_GBS" $LAYERS_OPTIONS --json "$OUT/layers.json"
 
 # The further accuracy runs (DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1": another seed), each only if a
 # whole run still fits the budget: a run cut short says nothing.

@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
     p.add_argument("--bn-launches", type=int, choices=(1, 2), default=BN_LAUNCHES,
                    help="GPU: kernel launches per BatchNorm pass (1: bn_stats_apply and bn_grad_dx)")
+    p.add_argument("--conv-genstats", action="store_true",
+                   help="convolutions before BatchNorm also write its sums (cuDNN's genstats; the GPU needs its "
+                        "autotuner, on here): conv2d_forward_with_stats and batchnorm_train_from_sums rows")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
     p.add_argument("--steps", type=int, default=3, help="timed steps (per-primitive figures are per step)")
     p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: measured on CPU; "
@@ -251,9 +254,9 @@ def profile(args, dataset):
     seconds per primitive or None)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off",
-                         bn_launches=args.bn_launches)
+                         bn_launches=args.bn_launches, conv_genstats=args.conv_genstats)
     backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32,
-                             bn_launches=args.bn_launches)
+                             bn_launches=args.bn_launches, conv_genstats=args.conv_genstats)
     if hasattr(backend, "overlap_wgrad"):
         backend.overlap_wgrad = False                  # GPU: weight gradients in order, so each is timed alone
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods
