@@ -19,8 +19,8 @@
 #   gpu_tests   python -m pytest -m gpu -q -ra (parity, whole model, capture, NCCL)   -> $OUT/gpu_tests.log
 #   step_options  the captured NHWC step over the step's options: (side streams for the weight gradients x
 #               batch chunks per weight gradient) pairs, deterministic cuDNN engines or not; bf16 and fp32
-#               at batch 128, bf16 at 512 (also with split-K settings, and at 1x1 with BatchNorm's statistics
-#               from the convolutions, --conv-genstats, any engine); one launch per BatchNorm pass at two
+#               at batch 128, bf16 at 512 (also with split-K settings); bf16 at 128 and 512 also at 1x1 with
+#               BatchNorm's statistics from the convolutions (--conv-genstats, any engine); one launch per BatchNorm pass at two
 #               pairs, without and with genstats, deterministic engines or not; and the autotuner timing
 #               split-K settings of the weight gradients (--conv-split-k, deterministic engines) at two pairs
 #               (bf16, 128); each grid paced to its share of the stage and under its own timeout.
@@ -287,11 +287,14 @@ seconds_until() {   # seconds_until OFFSET START [LEAST]: seconds left until OFF
 step_options() {
     local start=$SECONDS rc=0 seconds
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
-    # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout
+    # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
+    # The defaults with genstats (any engine) come third, right after 1x1's two rows: a fused pair's forward
+    # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below)
     if seconds=$(seconds_until $((STAGE_LIMIT * 32 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
+            --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on" \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
     if seconds=$(seconds_until $((STAGE_LIMIT * 44 / 100)) "$start"); then
