@@ -36,8 +36,9 @@
  * all-reduce | bn_grad_from_sums + bn_backward_dx (with the count the sums cover).
  * With --conv-genstats the convolution before the BatchNorm writes the (2, C) float32 sums itself (cuDNN's
  * genstats): forward = bn_apply_from_sums<T, float> (shift 0), one launch and no pass of our own over x. Sync
- * BN's forward after its all-reduce is bn_apply_from_sums<T, double> too, except where its shift (the moving
- * mean) is one of the outputs: then bn_stats_from_sums + bn_apply.
+ * BN keeps bn_stats_from_sums + bn_apply after its all-reduce: its shift is the moving mean, which the one
+ * launch's block 0 would update while other blocks still read it (bn_apply_from_sums<T, double> serves a
+ * caller whose shift is an array of its own).
  * Deterministic: the partials are added in a fixed order whichever block finalizes (the one atomic only
  * counts arrivals); the split into P slices depends only on the shapes, the GPU and whether the arrays
  * are 16-byte aligned (the backend's own buffers always are; an offset view may not be).
@@ -290,11 +291,13 @@ __device__ void shifted_stats_tile(const T* x, const float (&shift)[V], const Ch
 
 // (mean, biased variance, as normalization uses) of a channel from its shifted sums
 // [sum(x - shift), sum((x - shift)^2)] over `count` elements, in double: the per-channel arithmetic is
-// negligible next to the passes.
+// negligible next to the passes. Every product that meets a sum is an explicit fma or __dmul_rn here and in
+// store_statistics: left to itself the compiler contracts them differently in different kernels, and the
+// kernels that share these functions must give the same bits (bn_apply_from_sums against the two launches).
 __device__ __forceinline__ double2 mean_and_variance(double2 sums, double shift, double count)
 {
     const double shifted_mean = sums.x / count;
-    return make_double2(shift + shifted_mean, fmax(sums.y / count - shifted_mean * shifted_mean, 0.0));
+    return make_double2(shift + shifted_mean, fmax(fma(-shifted_mean, shifted_mean, sums.y / count), 0.0));
 }
 
 __device__ __forceinline__ float invstd_of(double var, double eps) { return (float)(1.0 / sqrt(var + eps)); }
@@ -309,8 +312,8 @@ __device__ void store_statistics(double2 sums, double shift, double count, int c
     saved_mean[c] = (float)mean;
     saved_invstd[c] = invstd_of(var, eps);
     const double unbiased = var * count / (count > 1.0 ? count - 1.0 : 1.0);
-    running_mean[c] = (float)(decay * running_mean[c] + (1.0 - decay) * mean);
-    running_var[c] = (float)(decay * running_var[c] + (1.0 - decay) * unbiased);
+    running_mean[c] = (float)fma(decay, (double)running_mean[c], __dmul_rn(1.0 - decay, mean));
+    running_var[c] = (float)fma(decay, (double)running_var[c], __dmul_rn(1.0 - decay, unbiased));
 }
 
 // One block's partial sums for bn_stats, for groups of V elements: shifted by each channel's first element.

@@ -403,6 +403,41 @@ def test_batchnorm_from_sums_in_one_launch_equals_two_launches(layout, dtype, sh
     assert_close(y, expected, REDUCTION[dtype], scale=rms(expected), what="y")
 
 
+def test_arrays_overlap_where_they_share_a_byte():
+    """The check that sends the forward from sums to its two launches when what it reads is also written."""
+    from cupynet.backends.cupy_backend import _overlap
+    be = backend("NHWC", "float32")
+    buffer = be.zeros((10,), dtype=np.float32)
+    first, last, rest = buffer[:5], buffer[4:], buffer[5:]
+    assert _overlap(first, last) and _overlap(last, first) and _overlap(buffer, rest)
+    assert not _overlap(first, rest) and not _overlap(rest, first)
+    assert not _overlap(buffer, be.zeros((10,), dtype=np.float32))
+
+
+@params()
+def test_batchnorm_from_sums_beyond_the_shared_memory_takes_two_launches(layout, dtype):
+    """bn_apply_from_sums stages 2 * C floats in shared memory; with more channels than that holds (47 KB: 6,016)
+    the forward from sums is bn_stats_from_sums then bn_apply, still right."""
+    be = backend(layout, dtype)
+    a = Arrays(be, seed=29)
+    n, c = 2, 6100
+    x, x_ref = a.activation(n, c, 1, 1)
+    centered = x_ref.reshape(n, c)
+    sums, sums_ref = a.put(np.stack([centered.sum(axis=0), (centered * centered).sum(axis=0)]), dtype=np.float32)
+    (gamma, g), (beta, b) = a.vector(c), a.vector(c, -0.5, 0.5)
+    (moving_mean, m), (moving_var, v) = a.vector(c, -1, 1), a.vector(c, 0.5, 2)
+    zeros, _ = a.put(np.zeros(c), dtype=np.float32)
+    y, saved_mean, saved_invstd = a.nan(x.shape), a.nan((c,), np.float32), a.nan((c,), np.float32)
+    before = be.kernels.launches["bn_apply_from_sums"]
+    with fast_path(be, kernels=("bn_stats_from_sums", "bn_apply")):
+        be.batchnorm_train_from_sums(x, sums, zeros, n, gamma, beta, moving_mean, moving_var, 0.9, 1e-5, y,
+                                     saved_mean, saved_invstd, relu=True)
+    assert be.kernels.launches["bn_apply_from_sums"] == before
+    expected = a.ref.batchnorm_train_from_sums(x_ref, sums_ref, np.zeros(c), n, g, b, m, v, 0.9, 1e-5,
+                                               np.empty(x_ref.shape), np.empty(c), np.empty(c), relu=True)
+    assert_close(a.get(y), expected, REDUCTION[dtype], scale=rms(expected), what="y")
+
+
 @params()
 @pytest.mark.parametrize("tail", list(TAILS))
 def test_batchnorm_infer_forward(layout, dtype, tail):

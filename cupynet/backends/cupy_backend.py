@@ -590,7 +590,7 @@ class CupyBackend(LayoutMixin):
         """Statistics from (global) shifted sums covering `count` elements per channel, then y, as NumpyBackend.
         sums: float64 (sync BN's), or float32 (those a convolution's genstats wrote, conv2d_forward_with_stats).
         One launch (bn_apply_from_sums), or two (bn_stats_from_sums, bn_apply) where shift or sums share memory
-        with the statistics written (sync BN's shift is the moving mean) or C is too large for the one."""
+        with what is written (sync BN's shift is the moving mean) or C is too large for the one."""
         _require_dtype(np.float32, shift=shift, gamma=gamma, beta=beta, running_mean=running_mean,
                        running_var=running_var, saved_mean=saved_mean, saved_invstd=saved_invstd)
         if sums.dtype not in (np.float64, np.float32):
@@ -599,10 +599,11 @@ class CupyBackend(LayoutMixin):
         c, inner, _ = self._channel_geometry(x, gamma.size)
         outputs = (running_mean, running_var, saved_mean, saved_invstd)
         shared_mem = 2 * c * 4
-        aliased = any(_overlap(read, out) for read in (shift, sums) for out in outputs)
+        aliased = any(_overlap(read, out) for read in (shift, sums) for out in outputs + (y,))
         if aliased or shared_mem > MAX_DYNAMIC_SHARED_BYTES:
             # two launches: a shift that is one of the outputs (sync BN's moving mean) would be read by some
-            # blocks of the one-launch kernel after its block 0 updated it
+            # blocks of the one-launch kernel after its block 0 updated it (sums or shift in y: after other
+            # blocks wrote it)
             self._launch_1d("bn_stats_from_sums", (ctype(sums.dtype),), c,
                             (sums, shift, np.float64(count), _i32(c), np.float64(decay), np.float64(eps), *outputs))
             self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)

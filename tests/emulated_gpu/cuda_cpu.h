@@ -14,8 +14,8 @@
  *     opens when every live thread of the block (or of the warp, for a shuffle) has arrived; threads
  *     that returned count as arrived, as on current GPUs. A barrier that can never open is reported;
  *   - __shared__ variables are per OS thread (blocks of one launch run in turn, so they share them);
- *     dynamic shared memory (`extern __shared__ T name[];`, rewritten by the runner) is a per-launch
- *     buffer of the requested size;
+ *     dynamic shared memory (`extern __shared__ T name[];`, rewritten by the runner) is a buffer of the
+ *     requested size, filled with ones (NaN as floats) before each block;
  *   - atomics are real atomics (std::atomic_ref), globaltimer is the steady clock.
  * What it does not model: memory coalescing, timing, warp divergence costs, denormal flushing (-ftz),
  * and the fused multiply-adds nvcc contracts on its own (only explicit fmaf is fused here).
@@ -96,6 +96,7 @@ inline int __float_as_int(float v) { int i; std::memcpy(&i, &v, 4); return i; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline double __dmul_rn(double a, double b) { volatile double r = a * b; return r; }
 // fmaf, fmaxf, expf, logf, sqrtf, sqrt, fmax: the C library's, from <cmath>
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 using std::max;
@@ -341,13 +342,15 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, si
     const int threads = (int)(block[0] * block[1] * block[2]);
     std::string problem;
     Scheduler& s = scheduler();
-    s.dynamic_shared.assign(shared_bytes + 16, 0);
     Launch<A...> launch_state{kernel, args};
     // A GPU promises no order between blocks, nor between threads until a barrier: alternate launches run
     // them first to last and last to first, so a kernel that relies on either order fails one way or the other.
     s.reverse = !s.reverse;
     const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
     for (unsigned long long k = 0; problem.empty() && k < blocks; ++k) {
+        // each block starts with its dynamic shared memory all ones (NaN as floats): one that reads what it
+        // never wrote gets garbage, not the previous block's values, as on a GPU, where blocks do not share it
+        s.dynamic_shared.assign(shared_bytes + 16, (char)0xFF);
         enter_block(grid, block, s.reverse ? blocks - 1 - k : k);
         problem = run_block(&Launch<A...>::body, &launch_state, threads);
     }
@@ -371,7 +374,7 @@ int launch_concurrent(void (*kernel)(A...), const unsigned* grid, const unsigned
     for (unsigned long long b = 0; b < blocks; ++b) {
         workers.emplace_back([&, b]() {
             Scheduler& s = scheduler();
-            s.dynamic_shared.assign(shared_bytes + 16, 0);
+            s.dynamic_shared.assign(shared_bytes + 16, (char)0xFF);     // garbage, as in launch
             enter_block(grid, block, b);
             Launch<A...> launch_state{kernel, args};
             problems[b] = run_block(&Launch<A...>::body, &launch_state, threads);
