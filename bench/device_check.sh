@@ -35,6 +35,9 @@
 #   batch512    ResNet-44 batch 512 bf16 NHWC against PyTorch                        -> $OUT/vs_torch_512.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
 #                                                                                     -> $OUT/layers.json
+#   timeline    the captured bf16 step at batch 128 and 512 with their fastest options under PyTorch's
+#               profiler: per step the GPU's busy and idle time, each stream's, the kernels by time
+#                                                 -> $OUT/timeline_*.json, timeline_*.trace.json.gz
 #   accuracy_more  the further ';'-separated DEVICE_CHECK_ACCURACY_ARGS entries ("--seed 0;--seed 1": a second
 #               seed; "--seed 0;--seed 0 --conv-init glorot_uniform": the reference's init), as many as fit
 #               the budget whole                                        -> $OUT/accuracy_2.json, ...
@@ -408,11 +411,24 @@ PEAK_GBS=3350
 if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200"; then
     PEAK_GBS=4800
 fi
-# The kernels of the bf16 step options that change which kernels run (not how the weight gradients are spread:
-# layers.py times every call alone): the one-launch BatchNorm passes, the convolutions' genstats.
-LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' <<< "${BEST_BF16:-}" | tr '\n' ' ')
+# The bf16 step options that change which kernels run (not how the weight gradients are spread: layers.py times
+# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, and cuDNN engines that may add
+# in any order (genstats engines may all be such; the others' choice changes with it too).
+LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--no-conv-deterministic' \
+    <<< "${BEST_BF16:-}" | tr '\n' ' ')
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" $LAYERS_OPTIONS --json "$OUT/layers.json"
+
+# Where the captured step's time goes with the fastest options, kernel by kernel and stream by stream (PyTorch's
+# profiler records the replays): which chain bounds the step, how much of it the GPU idles, what dominates.
+if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    run_stage timeline 60 bash -c '"$PY" bench/timeline.py --device 0 --depth 44 --batch 128 --dtype bfloat16 \
+        $BEST_BF16 --json "$OUT/timeline_128.json" --trace "$OUT/timeline_128.trace.json.gz" &&
+        "$PY" bench/timeline.py --device 0 --depth 44 --batch 512 --dtype bfloat16 $BEST_512 \
+        --json "$OUT/timeline_512.json" --trace "$OUT/timeline_512.trace.json.gz"'
+else
+    skip_stage timeline "PyTorch with CUDA is not importable here (its profiler records the kernels)"
+fi
 
 # The further accuracy runs (DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1": another seed), each only if a
 # whole run still fits the budget: a run cut short says nothing.
@@ -584,6 +600,19 @@ if layers:
         print(f"  {row['primitive']:<28}{row['ms_per_step']:>9.3f} ms  {row['share']:>6.1%}  "
               f"host {row['host_ms_per_step']:>8.3f} ms  kernel {kernel if kernel is not None else '-':>8} ms  "
               f"{row['fraction_of_peak']:>6.1%} of peak")
+
+for name in ("timeline_128.json", "timeline_512.json"):
+    timeline = load(name)
+    if not timeline:
+        continue
+    print(f"\nwhere a captured step goes ({name}, batch {timeline['args']['batch']}): period "
+          f"{timeline['period_us']:.0f} us, GPU busy {timeline['busy_us']:.0f} us, idle {timeline['idle_share']:.1%}")
+    for row in timeline["streams"][:4]:
+        print(f"  stream {row['stream']}{' (main)' if row['main'] else ''}: busy {row['busy_us_per_step']:.0f} us "
+              f"({row['busy_share_of_period']:.0%}), {row['kernels_per_step']:.0f} kernels")
+    print("  " + ", ".join(f"{group} {us:.0f} us" for group, us in timeline["groups"].items()))
+    for row in timeline["kernels"][:6]:
+        print(f"  {row['us_per_step']:>8.1f} us  {row['calls_per_step']:>5.1f} calls  {row['name'][:90]}")
 
 for name in ("scaling.json", "scaling_nccl.json"):
     for row in (load(name) or {}).get("results", []):

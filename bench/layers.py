@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
     p.add_argument("--bn-launches", type=int, choices=(1, 2), default=BN_LAUNCHES,
                    help="GPU: kernel launches per BatchNorm pass (1: bn_stats_apply and bn_grad_dx)")
+    p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
+                   help="GPU: cuDNN engines that add in a varying order may be chosen too (as the step options may "
+                        "say: genstats engines may all be such)")
     p.add_argument("--conv-genstats", action="store_true",
                    help="convolutions before BatchNorm also write its sums (cuDNN's genstats; the GPU needs its "
                         "autotuner, on here): conv2d_forward_with_stats and batchnorm_train_from_sums rows")
@@ -254,9 +257,11 @@ def profile(args, dataset):
     seconds per primitive or None)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off",
-                         bn_launches=args.bn_launches, conv_genstats=args.conv_genstats)
+                         bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
+                         conv_deterministic=args.conv_deterministic)
     backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32,
-                             bn_launches=args.bn_launches, conv_genstats=args.conv_genstats)
+                             bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
+                             deterministic=args.conv_deterministic)
     if hasattr(backend, "overlap_wgrad"):
         backend.overlap_wgrad = False                  # GPU: weight gradients in order, so each is timed alone
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods

@@ -120,17 +120,8 @@ def csv_of(allowed):
     return parse
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=44, help="ResNet v1 depth, 6n+2")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--layouts", type=csv_of(LAYOUTS), default=["NHWC"], help="comma-separated: NCHW, NHWC")
-    p.add_argument("--dtypes", type=csv_of(DTYPES), default=["float32"],
-                   help="comma-separated: float32, bfloat16 (GPU only)")
-    p.add_argument("--device", default="auto", help="'cpu', a GPU id, or 'auto' (GPU 0 if cupynet and PyTorch "
-                   "can both use it, else the CPU)")
-    p.add_argument("--no-tf32", dest="tf32", action="store_false",
-                   help="GPU float32: strict float32 convolutions on both sides (default: TF32 on both)")
+def add_step_options(p):
+    """cupynet's step options (what bench/best_step_options.py prints), as training spells them."""
     p.add_argument("--wgrad-streams", type=int, default=WGRAD_STREAMS,
                    help="cupynet: side streams its weight gradients take in turn")
     p.add_argument("--wgrad-chunks", type=int, default=WGRAD_CHUNKS,
@@ -144,6 +135,30 @@ def parse_args(argv=None):
                    help="cupynet's autotuner also times split-K settings of its weight gradients' cuDNN engines")
     p.add_argument("--conv-genstats", action="store_true",
                    help="cupynet's convolutions before BatchNorm also give its per-channel sums (cuDNN's genstats)")
+
+
+def step_options_problem(args):
+    """A one-line reason the step options cannot run with args.batch, or None."""
+    for name, most in (("wgrad_streams", MAX_WGRAD_STREAMS), ("wgrad_chunks", MAX_WGRAD_CHUNKS)):
+        if not 1 <= getattr(args, name) <= most:
+            return f"--{name.replace('_', '-')} must be from 1 to {most}, got {getattr(args, name)}"
+    if args.wgrad_chunks > args.batch:
+        return f"--wgrad-chunks {args.wgrad_chunks} is more than the {args.batch} images of the batch"
+    return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=44, help="ResNet v1 depth, 6n+2")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--layouts", type=csv_of(LAYOUTS), default=["NHWC"], help="comma-separated: NCHW, NHWC")
+    p.add_argument("--dtypes", type=csv_of(DTYPES), default=["float32"],
+                   help="comma-separated: float32, bfloat16 (GPU only)")
+    p.add_argument("--device", default="auto", help="'cpu', a GPU id, or 'auto' (GPU 0 if cupynet and PyTorch "
+                   "can both use it, else the CPU)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="GPU float32: strict float32 convolutions on both sides (default: TF32 on both)")
+    add_step_options(p)
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                    help="cupynet's whole-step CUDA graph (read by bench/layouts.py's measure)")
     p.add_argument("--warmup", type=int, help="untimed steps per form (default: 10 on a GPU, 1 on the CPU)")
@@ -170,11 +185,9 @@ def argument_problem(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name} must be >= 1, got {value}"
-    for name, most in (("wgrad_streams", MAX_WGRAD_STREAMS), ("wgrad_chunks", MAX_WGRAD_CHUNKS)):
-        if not 1 <= getattr(args, name) <= most:
-            return f"--{name.replace('_', '-')} must be from 1 to {most}, got {getattr(args, name)}"
-    if args.wgrad_chunks > args.batch:
-        return f"--wgrad-chunks {args.wgrad_chunks} is more than the {args.batch} images of the batch"
+    problem = step_options_problem(args)
+    if problem:
+        return problem
     if args.warmup is not None and args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
     if args.device not in ("auto", "cpu") and not args.device.isdigit():

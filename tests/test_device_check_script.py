@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
 STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "cifar", "accuracy", "vs_torch", "batch512", "layers",
-               "accuracy_more", "conv_engines", "layouts", "scaling", "train")
+               "timeline", "accuracy_more", "conv_engines", "layouts", "scaling", "train")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -257,7 +257,8 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                               "--conv-genstats",
                  "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --conv-genstats",
                  "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k --conv-genstats",
-                 "LAYERS_OPTIONS": "--bn-launches 1 --conv-genstats",      # what the script takes from BEST_BF16
+                 # what the script takes from BEST_BF16 (test_the_layers_stage_takes_the_kernel_changing_options)
+                 "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",
@@ -281,6 +282,19 @@ def script_python_commands():
     return commands
 
 
+@needs_bash
+def test_the_layers_stage_takes_the_kernel_changing_options():
+    """The layers stage passes on those of the bf16 step options that change which kernels run (one-launch
+    BatchNorm, genstats, any cuDNN engine), whatever else the options hold, and nothing when they hold none."""
+    text = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())
+    (line,) = [line for line in text.splitlines() if line.startswith("LAYERS_OPTIONS=")]
+    for best, expected in ((SCRIPT_VALUES["BEST_BF16"], SCRIPT_VALUES["LAYERS_OPTIONS"]),
+                           ("--wgrad-streams 4 --conv-split-k", ""), ("", "")):
+        result = subprocess.run(["bash", "-c", f'set -u -o pipefail; {line}; echo "[$LAYERS_OPTIONS]"'],
+                                env=dict(os.environ, BEST_BF16=best), capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and result.stdout.strip() == f"[{expected} ]".replace("[ ]", "[]"), result
+
+
 def test_every_python_command_of_the_device_check_parses():
     """Each benchmark and training command the script runs, with the step options it passes on, is accepted
     by that script's own argument parser: a renamed or missing flag would otherwise first show on the GPU
@@ -289,7 +303,7 @@ def test_every_python_command_of_the_device_check_parses():
     commands = script_python_commands()
     modules = {module for module, _ in commands}
     assert modules == {"bench.layouts", "bench.best_step_options", "bench.time_to_accuracy", "bench.vs_torch",
-                       "bench.layers", "bench.conv_engines", "bench.scaling", "cupynet.config"}, modules
+                       "bench.layers", "bench.timeline", "bench.conv_engines", "bench.scaling", "cupynet.config"}, modules
     for module, argv in commands:
         try:
             importlib.import_module(module).parse_args(argv)

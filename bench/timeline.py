@@ -1,0 +1,286 @@
+"""Where the captured training step's GPU time goes: per kernel, per stream, and the idle rest.
+
+    python bench/timeline.py --device 0 --depth 44 --batch 128 --dtype bfloat16 [step options] [--trace T.json.gz]
+
+cupynet's step is recorded as a CUDA graph, as training records it, and replayed `--steps` times, all under
+PyTorch's profiler: CUPTI, which it drives, records every kernel the process runs, CuPy's and cuDNN's too,
+inside CUDA graphs as well. The profiler runs from before the step is recorded (a profiler that first attaches
+to a process after a graph was captured may not see, or may break, that graph's replays); a marker kernel
+before and after the replays delimits what is counted. Per step it reports:
+  * the period (the replays' span / steps), the time some kernel runs on some stream (the GPU's busy time) and
+    the idle rest: launch gaps and waits between the graph's dependent nodes;
+  * each stream's busy time: the main stream (the one the step's augmentation kernel runs on) against the
+    weight gradients' side streams, which says which chain bounds the step;
+  * the kernels by time, grouped: cupynet's own (kernels/*.cu, by name) and cuDNN's by direction where its
+    kernel names say it (fprop, dgrad, wgrad), then each kernel name.
+The step options are bench/vs_torch.py's flags (bench/best_step_options.py prints them). Writes JSON (`--json`,
+default bench/results/timeline-<host>.json) and, with `--trace`, the profiler's Chrome trace of the whole run
+(chrome://tracing or ui.perfetto.dev; gzip-compressed when the name ends in .gz).
+Needs a GPU, and PyTorch with CUDA for its profiler (a benchmark may use PyTorch where it is importable; cupynet
+never depends on it): without PyTorch it prints one "skipped" line and exits 0, as vs_torch.py does.
+"""
+import argparse
+import gzip
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import layouts                                                     # noqa: E402
+import vs_torch                                                    # noqa: E402
+from cupynet.backends.kernels import KERNEL_FILES                  # noqa: E402
+from cupynet.data import synthetic_dataset                         # noqa: E402
+from cupynet.errors import CupynetError                            # noqa: E402
+from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
+
+GPU_ACTIVITY = ("kernel", "gpu_memset", "gpu_memcpy")    # the Chrome trace's categories of GPU work
+MARKER = "cupynet_timeline_marker"
+CUDNN_DIRECTIONS = ("fprop", "dgrad", "wgrad")           # what cuDNN's kernel names say, where they say it
+
+
+# ----------------------------------------------------------------------------- the trace's arithmetic
+
+
+def gpu_events(trace):
+    """[(name, stream, start_us, end_us)] of the GPU work in a Chrome trace (the profiler's export)."""
+    events = []
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "X" and event.get("cat") in GPU_ACTIVITY and "dur" in event:
+            stream = (event.get("args") or {}).get("stream", event.get("tid"))
+            start = float(event["ts"])
+            events.append((event.get("name", "?"), stream, start, start + float(event["dur"])))
+    return sorted(events, key=lambda e: e[2])
+
+
+def base_name(name):
+    """'void bn_apply<__nv_bfloat16>(__nv_bfloat16 const*, ...)' -> 'bn_apply': a kernel's name without its
+    return type, namespace, template and parameters (also from a mangled name, '_Z8bn_applyI...' -> 'bn_apply',
+    should the profiler not demangle it)."""
+    mangled = re.match(r"_Z(\d+)(\w+)", name.strip())
+    if mangled and len(mangled.group(2)) >= int(mangled.group(1)):
+        return mangled.group(2)[:int(mangled.group(1))]
+    name = re.sub(r"^void\s+", "", name.strip())
+    name = re.split(r"[<(]", name, maxsplit=1)[0]
+    return name.rsplit("::", 1)[-1].strip() or "?"
+
+
+def group_of(name, ours):
+    """'cupynet' for our kernels (kernels/*.cu), 'cuDNN fprop/dgrad/wgrad' where the name says so, else
+    'cuDNN and other' (cuDNN's other kernels, CuPy's, copies and memsets)."""
+    if base_name(name) in ours:
+        return "cupynet"
+    lower = name.lower()
+    for direction in CUDNN_DIRECTIONS:
+        if direction in lower:
+            return f"cuDNN {direction}"
+    return "cuDNN and other"
+
+
+def busy_time(intervals):
+    """Length of the union of (start, end) intervals."""
+    total, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
+def replay_window(events):
+    """(first, last) index bounds of the events strictly between the last two markers' ends and starts:
+    the replays. ValueError when the trace does not hold two markers."""
+    marks = [i for i, event in enumerate(events) if base_name(event[0]) == MARKER]
+    if len(marks) < 2:
+        raise ValueError(f"the profiler recorded {len(marks)} of the 2 marker kernels (and {len(events)} GPU "
+                         f"events in all): CUPTI saw no kernels, or not these")
+    return marks[-2] + 1, marks[-1]
+
+
+def summarize(events, steps, ours, top=30):
+    """Per step: period, busy and idle time, each stream's busy time and kernels, the groups and the kernels
+    by time (microseconds), from the GPU events between the markers."""
+    first, last = replay_window(events)
+    window = events[first:last]
+    if not window:
+        raise ValueError("no GPU work between the markers")
+    # the period: the median interval between consecutive steps' augmentation kernels (each step draws its
+    # batch in one), else the window's span over the steps
+    starts = [start for name, _, start, _ in window if base_name(name) == "augment_train_batch"]
+    span = max(end for *_, end in window) - window[0][2]
+    period = statistics.median(np.diff(starts)) if len(starts) > 1 else span / steps
+    main = next((stream for name, stream, _, _ in window if base_name(name) == "augment_train_batch"), None)
+    by_stream, by_name, by_group = defaultdict(list), defaultdict(list), defaultdict(float)
+    for name, stream, s, e in window:
+        by_stream[stream].append((s, e))
+        by_name[name].append(e - s)
+        by_group[group_of(name, ours)] += e - s
+    busy = busy_time([(s, e) for _, _, s, e in window]) / steps
+    streams = [{"stream": stream, "main": stream == main, "kernels_per_step": round(len(spans) / steps, 2),
+                "busy_us_per_step": round(busy_time(spans) / steps, 2),
+                "busy_share_of_period": round(busy_time(spans) / steps / period, 4)}
+               for stream, spans in by_stream.items()]
+    streams.sort(key=lambda row: (not row["main"], -row["busy_us_per_step"]))
+    kernels = [{"name": name, "kernel": base_name(name), "group": group_of(name, ours),
+                "calls_per_step": round(len(times) / steps, 2), "us_per_step": round(sum(times) / steps, 2),
+                "median_us": round(statistics.median(times), 2)} for name, times in by_name.items()]
+    kernels.sort(key=lambda row: -row["us_per_step"])
+    kernel_time = sum(sum(times) for times in by_name.values()) / steps
+    return {"steps": steps, "period_us": round(period, 2), "busy_us": round(busy, 2),
+            "idle_us": round(period - busy, 2), "idle_share": round(1 - busy / period, 4),
+            "kernel_us": round(kernel_time, 2),      # more than busy where streams overlap
+            "gpu_events_per_step": round(len(window) / steps, 2), "streams": streams,
+            "groups": {group: round(total / steps, 2) for group, total in sorted(by_group.items(), key=lambda g: -g[1])},
+            "kernels": kernels[:top], "kernel_names": len(kernels)}
+
+
+def print_summary(summary, title):
+    period = summary["period_us"]
+    print(title)
+    print(f"per step: period {period:.1f} us, GPU busy {summary['busy_us']:.1f} us, idle {summary['idle_us']:.1f} us "
+          f"({summary['idle_share']:.1%}); kernels {summary['kernel_us']:.1f} us in all, "
+          f"{summary['gpu_events_per_step']:.0f} GPU events")
+    for row in summary["streams"]:
+        print(f"  stream {row['stream']}{' (main)' if row['main'] else ''}: busy {row['busy_us_per_step']:.1f} us "
+              f"({row['busy_share_of_period']:.0%} of the period), {row['kernels_per_step']:.0f} kernels")
+    print("groups: " + ", ".join(f"{group} {us:.1f} us" for group, us in summary["groups"].items()))
+    print(f"{'us/step':>9} {'calls':>6} {'median us':>10}  kernel ({summary['kernel_names']} names; the top "
+          f"{len(summary['kernels'])})")
+    for row in summary["kernels"]:
+        name = row["name"] if len(row["name"]) <= 100 else row["name"][:97] + "..."
+        print(f"{row['us_per_step']:9.1f} {row['calls_per_step']:6.1f} {row['median_us']:10.2f}  {name}")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="0", help="a GPU id")
+    p.add_argument("--depth", type=int, default=44, help="ResNet v1 depth, 6n+2")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--layout", choices=("NHWC", "NCHW"), default="NHWC")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="float32: strict float32 convolutions")
+    vs_torch.add_step_options(p)
+    p.add_argument("--warmup", type=int, default=WARMUP_STEPS + 3,
+                   help="steps before the profiled replays (the step is recorded after the first few)")
+    p.add_argument("--steps", type=int, default=10, help="profiled replays")
+    p.add_argument("--top", type=int, default=30, help="kernels listed")
+    p.add_argument("--json", help="output file (default bench/results/timeline-<host>.json)")
+    p.add_argument("--trace", help="also write the profiler's Chrome trace here (.gz: compressed)")
+    args = p.parse_args(argv)
+    problem = vs_torch.step_options_problem(args)
+    if not args.device.isdigit():
+        problem = f"--device must be a GPU id (the timeline is of GPU kernels), got {args.device!r}"
+    elif args.depth < 8 or (args.depth - 2) % 6:
+        problem = f"--depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, ...), got {args.depth}"
+    elif min(args.batch, args.steps, args.top) < 1:
+        problem = "--batch, --steps and --top must be >= 1"
+    elif args.warmup < WARMUP_STEPS + 1:
+        problem = f"--warmup must be at least {WARMUP_STEPS + 1}: the step is recorded after {WARMUP_STEPS} eager steps"
+    if problem:
+        p.error(problem)
+    args.cuda_graph = "on"
+    return args
+
+
+def marker(cupy):
+    """A kernel that does nothing but show in the trace under MARKER's name, on the current stream."""
+    kernel = cupy.RawKernel(f'extern "C" __global__ void {MARKER}(int* flag) {{ if (flag) *flag = 1; }}', MARKER)
+    flag = cupy.zeros((1,), dtype=np.int32)
+    return lambda: kernel((1,), (1,), (flag,))
+
+
+def profile_replays(torch, args):
+    """(Chrome trace dict, the trace file's path in a temporary folder, the trainer's mean loss)."""
+    import cupy
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.init()
+    folder = tempfile.mkdtemp(prefix="timeline")
+    path = os.path.join(folder, "trace.json")
+    dataset = synthetic_dataset(num_train=max(1024, 2 * args.batch), num_test=args.batch, seed=1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer = vs_torch.cupynet_trainer(args, args.layout, args.dtype, dataset)
+        if not trainer.runner.capture:
+            raise CupynetError("the step is not recorded as a CUDA graph here, so there is no captured step to profile")
+        for _ in range(args.warmup):
+            trainer.train_step()
+        backend = trainer.be
+        with backend.device, backend.stream:
+            mark = marker(cupy)
+            mark()
+        for _ in range(args.steps):
+            trainer.train_step()
+        with backend.device, backend.stream:
+            mark()
+        backend.synchronize()
+    loss = trainer.take_mean_loss()
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        return json.load(f), path, loss
+
+
+def write_trace(source, target):
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    opener = gzip.open if target.endswith(".gz") else open
+    with open(source, "rb") as f, opener(target + ".tmp", "wb") as out:
+        shutil.copyfileobj(f, out)
+    os.replace(target + ".tmp", target)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch, problem = vs_torch.import_torch()
+    if torch is None:
+        print(f"timeline: skipped: PyTorch is not importable ({problem}); its profiler records the kernels")
+        return 0
+    if not torch.cuda.is_available():
+        print(f"timeline: error: PyTorch sees no CUDA device (torch {torch.__version__}); its profiler records the "
+              f"kernels", file=sys.stderr)
+        return 2
+    try:
+        trace, path, loss = profile_replays(torch, args)
+    except CupynetError as error:
+        print(f"timeline: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        summary = summarize(gpu_events(trace), args.steps, set(KERNEL_FILES), args.top)
+    except ValueError as error:
+        print(f"timeline: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if args.trace:
+            write_trace(path, args.trace)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    if not np.isfinite(loss):
+        print(f"timeline: error: the profiled steps' loss is {loss}", file=sys.stderr)
+        return 1
+    options = {name: getattr(args, name) for name in ("wgrad_streams", "wgrad_chunks", "bn_launches",
+                                                      "conv_deterministic", "conv_split_k", "conv_genstats")}
+    title = (f"ResNet-{args.depth}, batch {args.batch}, {args.layout} {args.dtype}, captured, "
+             f"{', '.join(f'{k} {v}' for k, v in options.items())} | {args.steps} replays, mean loss {loss:.4f}")
+    print_summary(summary, title)
+    report = {"benchmark": "timeline", "environment": layouts.environment(int(args.device)), "args": vars(args),
+              "mean_loss": round(float(loss), 4), **summary}
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"timeline-{platform.node() or 'host'}.json")
+    layouts.replace_json(path, report)
+    print(f"wrote {path}" + (f" and {args.trace}" if args.trace else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""bench/timeline.py: the arithmetic that turns a profiler's Chrome trace into a step's timeline, and the script's
+refusals.
+
+    python -m pytest tests/test_timeline.py -q
+
+The profiling itself needs a GPU and PyTorch's profiler (bench/device_check.sh runs it on the GPU machine); here
+the trace is one written by hand in the profiler's format, so every figure the summary gives can be worked out.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+import timeline  # noqa: E402
+
+OURS = {"augment_train_batch", "bn_apply", "bn_grad"}
+
+
+def kernel(name, stream, ts, dur, cat="kernel"):
+    """One GPU event as PyTorch's profiler exports it (times in microseconds)."""
+    return {"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": stream, "ts": ts, "dur": dur,
+            "args": {"device": 0, "stream": stream}}
+
+
+def two_steps():
+    """A warm-up kernel, the first marker, two 100-us steps, the second marker, a late kernel. Each step: on main
+    stream 7, augmentation (2 us), a cuDNN fprop (20 us), bn_apply (10 us), bn_grad (10 us) and a dgrad (20 us);
+    on side stream 9 a wgrad (40 us) that overlaps bn_grad and the dgrad. CPU events and an instant event too."""
+    events = [kernel("void bn_apply<float>(float const*)", 7, 0, 50),                    # before the marker
+              kernel(timeline.MARKER, 7, 90, 1),
+              {"ph": "X", "cat": "cpu_op", "name": "aten::empty", "ts": 95, "dur": 3},      # not GPU work
+              {"ph": "i", "cat": "kernel", "name": "instant", "ts": 96}]                    # no duration
+    for step in range(2):
+        t = 100 + 100 * step
+        events += [kernel("void augment_train_batch<__nv_bfloat16>(unsigned char const*)", 7, t, 2),
+                   kernel("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 7, t + 2, 20),
+                   kernel("void bn_apply<__nv_bfloat16>(__nv_bfloat16 const*)", 7, t + 22, 10),
+                   kernel("_Z7bn_gradI13__nv_bfloat16EvPKT_", 7, t + 32, 10),
+                   kernel("sm90_xmma_dgrad_implicit_gemm_bf16", 7, t + 42, 20),
+                   kernel("sm90_xmma_wgrad_implicit_gemm_bf16", 9, t + 35, 40)]
+    events += [kernel(timeline.MARKER, 7, 310, 1), kernel("void bn_apply<float>(float const*)", 7, 400, 50)]
+    return {"traceEvents": events[::-1]}                 # in no particular order: the parser sorts
+
+
+def test_a_traces_gpu_events_are_its_kernels_copies_and_memsets_in_time_order():
+    trace = {"traceEvents": [kernel("b", 3, 5.0, 1.5), kernel("Memset (Device)", 3, 1.0, 1.0, cat="gpu_memset"),
+                             {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1},
+                             {"ph": "X", "cat": "kernel", "name": "no stream arg", "tid": 4, "ts": 2, "dur": 1}]}
+    assert timeline.gpu_events(trace) == [("Memset (Device)", 3, 1.0, 2.0), ("no stream arg", 4, 2.0, 3.0),
+                                          ("b", 3, 5.0, 6.5)]
+
+
+@pytest.mark.parametrize("name,base", [
+    ("void bn_apply<__nv_bfloat16>(__nv_bfloat16 const*, int)", "bn_apply"),
+    ("_Z8bn_applyI13__nv_bfloat16EvPKT_", "bn_apply"),                 # not demangled
+    ("bn_sums_finalize", "bn_sums_finalize"),                          # extern "C"
+    ("void cutlass::Kernel<cutlass_80_wgrad>(Params)", "Kernel"),
+    ("Memset (Device)", "Memset"),
+])
+def test_a_kernels_base_name_drops_return_type_namespace_template_and_parameters(name, base):
+    assert timeline.base_name(name) == base
+
+
+def test_busy_time_is_the_union_of_the_intervals():
+    assert timeline.busy_time([]) == 0
+    assert timeline.busy_time([(0, 10), (5, 15), (20, 30), (22, 25), (30, 31)]) == 26
+
+
+def test_the_summary_of_two_steps_between_the_markers():
+    ours = OURS
+    summary = timeline.summarize(timeline.gpu_events(two_steps()), 2, ours)
+    assert summary["period_us"] == 100                  # between the two augmentation kernels
+    assert summary["busy_us"] == 75                     # 2 + 20 + 10 + 10 + 20 on main, the wgrad's 13 us past them
+    assert summary["idle_us"] == 25 and summary["idle_share"] == 0.25
+    assert summary["kernel_us"] == 102
+    assert summary["gpu_events_per_step"] == 6
+    main, side = summary["streams"]
+    assert main == {"stream": 7, "main": True, "kernels_per_step": 5, "busy_us_per_step": 62, "busy_share_of_period": 0.62}
+    assert side == {"stream": 9, "main": False, "kernels_per_step": 1, "busy_us_per_step": 40,
+                    "busy_share_of_period": 0.4}
+    assert summary["groups"] == {"cuDNN wgrad": 40, "cupynet": 22, "cuDNN fprop": 20, "cuDNN dgrad": 20}
+    assert [row["kernel"] for row in summary["kernels"]][:1] == ["sm90_xmma_wgrad_implicit_gemm_bf16"]
+    bn_grad = next(row for row in summary["kernels"] if row["kernel"] == "bn_grad")
+    assert bn_grad == {"name": "_Z7bn_gradI13__nv_bfloat16EvPKT_", "kernel": "bn_grad", "group": "cupynet",
+                       "calls_per_step": 1, "us_per_step": 10, "median_us": 10}
+    assert summary["kernel_names"] == 6 and len(timeline.summarize(timeline.gpu_events(two_steps()), 2, ours,
+                                                                    top=2)["kernels"]) == 2
+
+
+def test_without_two_markers_there_is_no_timeline():
+    trace = {"traceEvents": [kernel(timeline.MARKER, 7, 0, 1), kernel("bn_apply", 7, 5, 1)]}
+    with pytest.raises(ValueError, match="1 of the 2 marker kernels"):
+        timeline.summarize(timeline.gpu_events(trace), 1, OURS)
+    empty = {"traceEvents": [kernel(timeline.MARKER, 7, 0, 1), kernel(timeline.MARKER, 7, 5, 1)]}
+    with pytest.raises(ValueError, match="no GPU work between the markers"):
+        timeline.summarize(timeline.gpu_events(empty), 1, OURS)
+
+
+def test_the_trace_is_copied_compressed_when_its_name_ends_in_gz(tmp_path):
+    import gzip
+    source = tmp_path / "trace.json"
+    source.write_text(json.dumps(two_steps()))
+    timeline.write_trace(str(source), str(tmp_path / "out" / "t.json.gz"))
+    timeline.write_trace(str(source), str(tmp_path / "t.json"))
+    assert json.loads(gzip.open(tmp_path / "out" / "t.json.gz").read()) == json.loads((tmp_path / "t.json").read_text())
+
+
+def run(*argv):
+    return subprocess.run([sys.executable, os.path.join(REPO, "bench", "timeline.py"), *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cpu"], "--device must be a GPU id"),
+    (["--depth", "45"], "--depth must be 6n+2"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--warmup", "1"], "--warmup must be at least"),
+    (["--wgrad-chunks", "16", "--batch", "8"], "more than the 8 images"),
+    (["--wgrad-streams", "0"], "--wgrad-streams must be from 1 to"),
+])
+def test_bad_flags_get_one_line_and_exit_2(argv, message):
+    result = run(*argv)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_without_pytorch_the_script_says_skipped_and_exits_0():
+    pytest.importorskip("numpy")
+    try:
+        import torch  # noqa: F401
+        pytest.skip("PyTorch is importable here: the skip path is not taken")
+    except ImportError:
+        pass
+    result = run("--steps", "2")
+    assert result.returncode == 0 and result.stdout.startswith("timeline: skipped: PyTorch is not importable")
