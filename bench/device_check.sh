@@ -5,7 +5,7 @@
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_BUDGET=575 bash bench/device_check.sh ARCHIVE    # everything, one call
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1" DEVICE_CHECK_BUDGET=575 \
 #         bash bench/device_check.sh ARCHIVE                  # and a second seed if it fits before the diagnostics
-#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,timeline,conv_engines,layouts,scaling,train \
+#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,timeline,timeline512,conv_engines,layouts,scaling,train \
 #         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
 #     DEVICE_CHECK_OPTIONS_FROM=.prev DEVICE_CHECK_SKIP=gpu_tests,accuracy,vs_torch,layouts,scaling,train \
 #         bash bench/device_check.sh                          # a second call: the first call's step_options*.json,
@@ -36,9 +36,9 @@
 #   batch512    ResNet-44 batch 512 bf16 NHWC against PyTorch                        -> $OUT/vs_torch_512.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
 #                                                                                     -> $OUT/layers.json
-#   timeline    the captured bf16 step at batch 128 and 512 with their fastest options under PyTorch's
-#               profiler: per step the GPU's busy and idle time, each stream's, the kernels by time
-#                                                 -> $OUT/timeline_*.json, timeline_*.trace.json.gz
+#   timeline, timeline512  the captured bf16 step at batch 128, then 512, with their fastest options under
+#               PyTorch's profiler: per step the GPU's busy and idle time, the weight gradients' chain and the
+#               rest, the kernels by time          -> $OUT/timeline_*.json, timeline_*.trace.json.gz
 #   accuracy_more  the further ';'-separated DEVICE_CHECK_ACCURACY_ARGS entries ("--seed 0;--seed 1": a second
 #               seed; "--seed 0;--seed 0 --conv-init glorot_uniform": the reference's init), as many as fit
 #               the budget whole                                        -> $OUT/accuracy_2.json, ...
@@ -48,10 +48,12 @@
 #   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
 #   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
-# Then $OUT/summary.txt: versions, stage results, test counts, the images/s tables, the accuracy run.
+# Then summary.txt: versions, stage results, test counts, the images/s tables, the accuracy run.
 #
 # A failing stage is recorded and the next one runs; the exit status is non-zero if any stage failed.
-# $OUT is the output folder the device tool brings back (default ./device_out when run by hand).
+# $OUT (above: the files each stage writes there) is a folder in the scratch space; what comes back is
+# $OUT as given (the device tool's; default ./device_out when run by hand): device_check.tar.gz, all of the
+# stages' files, re-packed after every stage, and stages.tsv, best_options.txt and summary.txt beside it.
 # Needs: .whl/nvidia_cudnn_frontend-*.whl (see shared GPU notes for the `pip download` line); for the
 # real-data stages the archive and its converter cifar10_from_jpeg.py side by side.
 # Stage bodies are exported functions run as `timeout N bash -c name`, which shellcheck cannot see:
@@ -62,9 +64,14 @@ set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 PY=${PYTHON:-python3}
-OUT=${OUT:-$REPO/device_out}
-mkdir -p "$OUT"
+# The device tool brings back at most 8 files of its $OUT: the stages write into a folder of the scratch space,
+# and bundle() packs it into $BACK/device_check.tar.gz after every stage (a call cut short keeps what the stages
+# before finished), with the three small files a reader wants first beside it.
+BACK=${OUT:-$REPO/device_out}
+mkdir -p "$BACK"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
+OUT=$TMP/out
+mkdir -p "$OUT"
 BUDGET=${DEVICE_CHECK_BUDGET:-540}
 RESERVE=15                               # seconds kept for the summary at the end
 STAGES="$OUT/stages.tsv"                 # name <TAB> status <TAB> seconds <TAB> note
@@ -78,9 +85,18 @@ export PYTHONPATH="$REPO/.site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # ----------------------------------------------------------------------------- helpers
 
+bundle() {   # $BACK/device_check.tar.gz <- everything in $OUT so far (written aside, then renamed into place)
+    tar -czf "$BACK/device_check.tar.gz.part" -C "$OUT" . && mv -f "$BACK/device_check.tar.gz.part" "$BACK/device_check.tar.gz"
+    local name
+    for name in stages.tsv best_options.txt summary.txt; do
+        if [[ -f "$OUT/$name" ]]; then cp "$OUT/$name" "$BACK/$name"; fi
+    done
+}
+
 record() {   # record NAME STATUS SECONDS NOTE
     printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES"
     echo "--- $1: $2 (${3}s) $4"
+    bundle
 }
 
 run_stage() {   # run_stage NAME CAP_SECONDS COMMAND [ARGS...]: timed, logged to $OUT/NAME.log
@@ -258,7 +274,7 @@ find_converter() {   # next to the archive first, then the usual places
 
 # ----------------------------------------------------------------------------- the run
 
-echo "device_check: repo $REPO, output $OUT, scratch $TMP, budget ${BUDGET}s"
+echo "device_check: repo $REPO, output $BACK (device_check.tar.gz: the stages' files, from $OUT), budget ${BUDGET}s"
 
 LIB_DIRS=$(find_nvidia_lib_dirs 2>/dev/null || true)
 if [[ -n "$LIB_DIRS" ]]; then
@@ -424,11 +440,12 @@ run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --la
 # profiler records the replays): which chain bounds the step, how much of it the GPU idles, what dominates.
 if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     run_stage timeline 60 bash -c '"$PY" bench/timeline.py --device 0 --depth 44 --batch 128 --dtype bfloat16 \
-        $BEST_BF16 --json "$OUT/timeline_128.json" --trace "$OUT/timeline_128.trace.json.gz" &&
-        "$PY" bench/timeline.py --device 0 --depth 44 --batch 512 --dtype bfloat16 $BEST_512 \
-        --json "$OUT/timeline_512.json" --trace "$OUT/timeline_512.trace.json.gz"'
+        $BEST_BF16 --json "$OUT/timeline_128.json" --trace "$OUT/timeline_128.trace.json.gz"'
+    run_stage timeline512 60 bash -c '"$PY" bench/timeline.py --device 0 --depth 44 --batch 512 --dtype bfloat16 \
+        $BEST_512 --json "$OUT/timeline_512.json" --trace "$OUT/timeline_512.trace.json.gz"'
 else
     skip_stage timeline "PyTorch with CUDA is not importable here (its profiler records the kernels)"
+    skip_stage timeline512 "PyTorch with CUDA is not importable here"
 fi
 
 # The further accuracy runs (DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1": another seed), each only if a
@@ -607,10 +624,10 @@ for name in ("timeline_128.json", "timeline_512.json"):
     if not timeline:
         continue
     print(f"\nwhere a captured step goes ({name}, batch {timeline['args']['batch']}): period "
-          f"{timeline['period_us']:.0f} us, GPU busy {timeline['busy_us']:.0f} us, idle {timeline['idle_share']:.1%}")
-    for row in timeline["streams"][:4]:
-        print(f"  stream {row['stream']}{' (main)' if row['main'] else ''}: busy {row['busy_us_per_step']:.0f} us "
-              f"({row['busy_share_of_period']:.0%}), {row['kernels_per_step']:.0f} kernels")
+          f"{timeline['period_us']:.0f} us ({timeline.get('period_unprofiled_us')} us unprofiled), GPU busy "
+          f"{timeline['busy_us']:.0f} us, idle {timeline['idle_share']:.1%}")
+    print("  " + ", ".join(f"{chain} busy {us:.0f} us" for chain, us in timeline["chains_busy_us"].items()) +
+          f", both at once {timeline['chains_overlap_us']:.0f} us")
     print("  " + ", ".join(f"{group} {us:.0f} us" for group, us in timeline["groups"].items()))
     for row in timeline["kernels"][:6]:
         print(f"  {row['us_per_step']:>8.1f} us  {row['calls_per_step']:>5.1f} calls  {row['name'][:90]}")
@@ -653,8 +670,9 @@ try:
 except OSError:
     pass
 
-print("\nresult:", "FAILED (see the stage logs in $OUT)" if sys.argv[1] != "0" else "all stages ok")
+print("\nresult:", "FAILED (see the stage logs in device_check.tar.gz)" if sys.argv[1] != "0" else "all stages ok")
 EOF
 
+bundle
 rm -rf "$TMP"
 exit "$FAILED"

@@ -2,15 +2,17 @@
 
     python bench/timeline.py --device 0 --depth 44 --batch 128 --dtype bfloat16 [step options] [--trace T.json.gz]
 
-cupynet's step is recorded as a CUDA graph, as training records it, and replayed `--steps` times, all under
-PyTorch's profiler: CUPTI, which it drives, records every kernel the process runs, CuPy's and cuDNN's too,
-inside CUDA graphs as well. The profiler runs from before the step is recorded (a profiler that first attaches
-to a process after a graph was captured may not see, or may break, that graph's replays); a marker kernel
-before and after the replays delimits what is counted. Per step it reports:
-  * the period (the replays' span / steps), the time some kernel runs on some stream (the GPU's busy time) and
-    the idle rest: launch gaps and waits between the graph's dependent nodes;
-  * each stream's busy time: the main stream (the one the step's augmentation kernel runs on) against the
-    weight gradients' side streams, which says which chain bounds the step;
+cupynet's step is recorded as a CUDA graph, as training records it, and replayed `--steps` times under PyTorch's
+profiler: CUPTI, which it drives, records every kernel the process runs, CuPy's and cuDNN's too, inside CUDA
+graphs as well. The first eager steps (they autotune the convolutions) run before the profiler starts; the step
+is recorded under it (a profiler that first attaches to a process after a graph was captured may not see, or may
+break, that graph's replays); a marker kernel before and after the replays delimits what is counted. Then as many
+replays are timed without the profiler, with CUDA events: what profiling costs the period. Per step it reports:
+  * the period (between consecutive steps' augmentation kernels), the time some kernel runs (the GPU's busy
+    time) and the idle rest: launch gaps and waits between the graph's dependent nodes;
+  * the two chains' busy time: the weight gradients (the side streams' work) against everything else (the main
+    chain), and how long both run at once, which says which chain bounds the step (by role, not by stream: in
+    a replay CUPTI reports the streams the graph's executor chose, not those the work was recorded on);
   * the kernels by time, grouped: cupynet's own (kernels/*.cu, by name) and cuDNN's by direction where its
     kernel names say it (fprop, dgrad, wgrad), then each kernel name.
 The step options are bench/vs_torch.py's flags (bench/best_step_options.py prints them). Writes JSON (`--json`,
@@ -110,8 +112,14 @@ def replay_window(events):
 
 
 def summarize(events, steps, ours, top=30):
-    """Per step: period, busy and idle time, each stream's busy time and kernels, the groups and the kernels
-    by time (microseconds), from the GPU events between the markers."""
+    """Per step: the period, busy and idle time, the two chains' busy time, the groups and the kernels by time
+    (microseconds), from the GPU events between the markers.
+
+    The chains, not the streams: in a graph replay CUPTI reports the streams the graph's executor ran each kernel
+    on, not those it was recorded on (dozens, for a step that forks its weight gradients), so the report goes by
+    role: the weight gradients (cuDNN's kernels named wgrad, the side streams' work) against everything else
+    (the main chain), and how long both run at once. cuDNN kernels whose names say no direction count with
+    the rest (their time is the 'cuDNN and other' group)."""
     first, last = replay_window(events)
     window = events[first:last]
     if not window:
@@ -121,18 +129,14 @@ def summarize(events, steps, ours, top=30):
     starts = [start for name, _, start, _ in window if base_name(name) == "augment_train_batch"]
     span = max(end for *_, end in window) - window[0][2]
     period = statistics.median(np.diff(starts)) if len(starts) > 1 else span / steps
-    main = next((stream for name, stream, _, _ in window if base_name(name) == "augment_train_batch"), None)
-    by_stream, by_name, by_group = defaultdict(list), defaultdict(list), defaultdict(float)
-    for name, stream, s, e in window:
-        by_stream[stream].append((s, e))
+    by_name, by_group, chains = defaultdict(list), defaultdict(float), {"weight gradients": [], "the rest": []}
+    for name, _, s, e in window:
         by_name[name].append(e - s)
-        by_group[group_of(name, ours)] += e - s
+        group = group_of(name, ours)
+        by_group[group] += e - s
+        chains["weight gradients" if group == "cuDNN wgrad" else "the rest"].append((s, e))
     busy = busy_time([(s, e) for _, _, s, e in window]) / steps
-    streams = [{"stream": stream, "main": stream == main, "kernels_per_step": round(len(spans) / steps, 2),
-                "busy_us_per_step": round(busy_time(spans) / steps, 2),
-                "busy_share_of_period": round(busy_time(spans) / steps / period, 4)}
-               for stream, spans in by_stream.items()]
-    streams.sort(key=lambda row: (not row["main"], -row["busy_us_per_step"]))
+    chain_busy = {chain: busy_time(spans) / steps for chain, spans in chains.items()}
     kernels = [{"name": name, "kernel": base_name(name), "group": group_of(name, ours),
                 "calls_per_step": round(len(times) / steps, 2), "us_per_step": round(sum(times) / steps, 2),
                 "median_us": round(statistics.median(times), 2)} for name, times in by_name.items()]
@@ -140,8 +144,11 @@ def summarize(events, steps, ours, top=30):
     kernel_time = sum(sum(times) for times in by_name.values()) / steps
     return {"steps": steps, "period_us": round(period, 2), "busy_us": round(busy, 2),
             "idle_us": round(period - busy, 2), "idle_share": round(1 - busy / period, 4),
-            "kernel_us": round(kernel_time, 2),      # more than busy where streams overlap
-            "gpu_events_per_step": round(len(window) / steps, 2), "streams": streams,
+            "kernel_us": round(kernel_time, 2),      # more than busy where kernels overlap
+            "gpu_events_per_step": round(len(window) / steps, 2),
+            "chains_busy_us": {chain: round(us, 2) for chain, us in chain_busy.items()},
+            "chains_overlap_us": round(sum(chain_busy.values()) - busy, 2),
+            "executor_streams": len({stream for _, stream, _, _ in window}),
             "groups": {group: round(total / steps, 2) for group, total in sorted(by_group.items(), key=lambda g: -g[1])},
             "kernels": kernels[:top], "kernel_names": len(kernels)}
 
@@ -149,12 +156,14 @@ def summarize(events, steps, ours, top=30):
 def print_summary(summary, title):
     period = summary["period_us"]
     print(title)
-    print(f"per step: period {period:.1f} us, GPU busy {summary['busy_us']:.1f} us, idle {summary['idle_us']:.1f} us "
-          f"({summary['idle_share']:.1%}); kernels {summary['kernel_us']:.1f} us in all, "
-          f"{summary['gpu_events_per_step']:.0f} GPU events")
-    for row in summary["streams"]:
-        print(f"  stream {row['stream']}{' (main)' if row['main'] else ''}: busy {row['busy_us_per_step']:.1f} us "
-              f"({row['busy_share_of_period']:.0%} of the period), {row['kernels_per_step']:.0f} kernels")
+    unprofiled = summary.get("period_unprofiled_us")
+    print(f"per step: period {period:.1f} us" + (f" ({unprofiled:.1f} us unprofiled)" if unprofiled else "") +
+          f", GPU busy {summary['busy_us']:.1f} us, idle {summary['idle_us']:.1f} us ({summary['idle_share']:.1%}); "
+          f"kernels {summary['kernel_us']:.1f} us in all, {summary['gpu_events_per_step']:.0f} GPU events, "
+          f"{summary['executor_streams']} streams")
+    print("chains: " + ", ".join(f"{chain} busy {us:.1f} us ({us / period:.0%})"
+                                 for chain, us in summary["chains_busy_us"].items()) +
+          f", both at once {summary['chains_overlap_us']:.1f} us")
     print("groups: " + ", ".join(f"{group} {us:.1f} us" for group, us in summary["groups"].items()))
     print(f"{'us/step':>9} {'calls':>6} {'median us':>10}  kernel ({summary['kernel_names']} names; the top "
           f"{len(summary['kernels'])})")
@@ -204,23 +213,33 @@ def marker(cupy):
     return lambda: kernel((1,), (1,), (flag,))
 
 
-def profile_replays(torch, args):
-    """(Chrome trace dict, the trace file's path in a temporary folder, the trainer's mean loss)."""
+def profile_replays(torch, args, folder):
+    """The run: (Chrome trace dict, the trainer's mean loss over the profiled steps, the unprofiled period in
+    microseconds). The trace is written to folder/trace.json first.
+
+    The first eager steps, which autotune the convolutions, run before the profiler starts (its overhead could
+    change which engines win, and they would fill the trace); the step is recorded under it. After it, the same
+    number of replays is timed with CUDA events alone: the profiler's own cost on the period."""
     import cupy
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, supported_activities
+    if ProfilerActivity.CUDA not in supported_activities():
+        raise CupynetError(f"PyTorch {torch.__version__}'s profiler cannot record CUDA kernels here")
     torch.cuda.init()
-    folder = tempfile.mkdtemp(prefix="timeline")
-    path = os.path.join(folder, "trace.json")
-    dataset = synthetic_dataset(num_train=max(1024, 2 * args.batch), num_test=args.batch, seed=1)
+    # every image of the run in one epoch: no epoch's order is uploaded between the replays
+    steps_in_all = args.warmup + 2 * args.steps + 2
+    dataset = synthetic_dataset(num_train=steps_in_all * args.batch, num_test=args.batch, seed=1)
+    trainer = vs_torch.cupynet_trainer(args, args.layout, args.dtype, dataset)
+    if not trainer.runner.capture:
+        raise CupynetError("the step is not recorded as a CUDA graph here: there is no captured step to profile")
+    for _ in range(WARMUP_STEPS):
+        trainer.train_step()
+    backend = trainer.be
+    with backend.device, backend.stream:
+        mark = marker(cupy)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        trainer = vs_torch.cupynet_trainer(args, args.layout, args.dtype, dataset)
-        if not trainer.runner.capture:
-            raise CupynetError("the step is not recorded as a CUDA graph here, so there is no captured step to profile")
-        for _ in range(args.warmup):
+        for _ in range(args.warmup - WARMUP_STEPS):      # the recording step and replays not yet timed
             trainer.train_step()
-        backend = trainer.be
         with backend.device, backend.stream:
-            mark = marker(cupy)
             mark()
         for _ in range(args.steps):
             trainer.train_step()
@@ -228,14 +247,20 @@ def profile_replays(torch, args):
             mark()
         backend.synchronize()
     loss = trainer.take_mean_loss()
+    timer = layouts.CudaEventTimer(backend)
+    timer.start()
+    for _ in range(args.steps):
+        trainer.train_step()
+    unprofiled_us = 1e6 * timer.stop() / args.steps
+    path = os.path.join(folder, "trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
-        return json.load(f), path, loss
+        return json.load(f), loss, unprofiled_us
 
 
 def write_trace(source, target):
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    opener = gzip.open if target.endswith(".gz") else open
+    opener = (lambda name, mode: gzip.open(name, mode, compresslevel=6)) if target.endswith(".gz") else open
     with open(source, "rb") as f, opener(target + ".tmp", "wb") as out:
         shutil.copyfileobj(f, out)
     os.replace(target + ".tmp", target)
@@ -251,20 +276,21 @@ def main(argv=None):
         print(f"timeline: error: PyTorch sees no CUDA device (torch {torch.__version__}); its profiler records the "
               f"kernels", file=sys.stderr)
         return 2
+    folder = tempfile.mkdtemp(prefix="timeline")
     try:
-        trace, path, loss = profile_replays(torch, args)
-    except CupynetError as error:
+        trace, loss, unprofiled_us = profile_replays(torch, args, folder)
+        if args.trace:
+            write_trace(os.path.join(folder, "trace.json"), args.trace)
+        summary = summarize(gpu_events(trace), args.steps, set(KERNEL_FILES), args.top)
+    except CupynetError as error:       # a device or an option this machine cannot run
         print(f"timeline: error: {error}", file=sys.stderr)
         return 2
-    try:
-        summary = summarize(gpu_events(trace), args.steps, set(KERNEL_FILES), args.top)
-    except ValueError as error:
-        print(f"timeline: error: {error}", file=sys.stderr)
-        return 1
+    except Exception as error:          # CUDA, cuDNN or the profiler failing, a trace without the markers:
+        print(f"timeline: error: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1                        # one line, as every benchmark reports a run that could not finish
     finally:
-        if args.trace:
-            write_trace(path, args.trace)
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    summary["period_unprofiled_us"] = round(unprofiled_us, 2)
     if not np.isfinite(loss):
         print(f"timeline: error: the profiled steps' loss is {loss}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
 STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "cifar", "accuracy", "vs_torch", "batch512", "layers",
-               "timeline", "accuracy_more", "conv_engines", "layouts", "scaling", "train")
+               "timeline", "timeline512", "accuracy_more", "conv_engines", "layouts", "scaling", "train")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -63,6 +63,14 @@ def test_spent_budget_records_every_stage_and_fails(tmp_path):
     assert recorded == list(STAGE_NAMES)
     summary = (tmp_path / "summary.txt").read_text()
     assert "NOT RUN" in summary and "result: FAILED" in summary
+    # what comes back: the device tool returns at most 8 files of its $OUT, so the stages' files come packed
+    import tarfile
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best_options.txt", "device_check.tar.gz", "stages.tsv",
+                                                              "summary.txt"]
+    with tarfile.open(tmp_path / "device_check.tar.gz") as bundle:
+        packed = {name.removeprefix("./") for name in bundle.getnames()}
+        assert {"stages.tsv", "summary.txt", "best_options.txt"} <= packed
+        assert bundle.extractfile("./summary.txt").read().decode() == summary
 
 
 def test_a_later_call_takes_the_step_options_measured_by_an_earlier_one(tmp_path):
@@ -132,9 +140,20 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     (tmp_path / "accuracy.json").write_text(json.dumps({
         "args": {"dtype": "bfloat16", "seed": 0, "conv_genstats": True}, "test_accuracy": 0.88, "wall_seconds": 140,
         "train_seconds": 133, "images_per_sec": 41000}))
+    sys.path.insert(0, str(REPO / "bench"))
+    import timeline                                             # the timeline stage's JSON, from a made-up trace
+    kernels = [("cupynet_timeline_marker", 0, 1), ("augment_train_batch", 10, 2), ("sm90_xmma_wgrad_x", 12, 30),
+               ("augment_train_batch", 60, 2), ("sm90_xmma_wgrad_x", 62, 30), ("cupynet_timeline_marker", 100, 1)]
+    trace = {"traceEvents": [{"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": 7}}
+                             for name, ts, dur in kernels]}
+    report = dict(timeline.summarize(timeline.gpu_events(trace), 2, {"augment_train_batch"}), args={"batch": 128},
+                  period_unprofiled_us=48.5)
+    (tmp_path / "timeline_128.json").write_text(json.dumps(report))
     result = subprocess.run([sys.executable, "-c", summary_program(), "0"], env=dict(os.environ, OUT=str(tmp_path)),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    assert "where a captured step goes (timeline_128.json, batch 128): period 50 us (48.5 us unprofiled)" in result.stdout
+    assert "weight gradients busy 30 us, the rest busy 2 us, both at once 0 us" in result.stdout
     assert re.search(r"batch 8\s+float32\s+- wgrad stream\(s\), 1 chunk\(s\), -", result.stdout)
     assert "bf16_128: --wgrad-chunks 2" in result.stdout
     assert "4 chunk(s), -            , 2 BN launch(es): failed: CUDARuntimeError: out of memory" in result.stdout

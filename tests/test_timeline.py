@@ -28,9 +28,9 @@ def kernel(name, stream, ts, dur, cat="kernel"):
 
 
 def two_steps():
-    """A warm-up kernel, the first marker, two 100-us steps, the second marker, a late kernel. Each step: on main
+    """A warm-up kernel, the first marker, two 100-us steps, the second marker, a late kernel. Each step: on
     stream 7, augmentation (2 us), a cuDNN fprop (20 us), bn_apply (10 us), bn_grad (10 us) and a dgrad (20 us);
-    on side stream 9 a wgrad (40 us) that overlaps bn_grad and the dgrad. CPU events and an instant event too."""
+    on stream 9 a wgrad (40 us) that overlaps bn_grad and the dgrad. CPU events and an instant event too."""
     events = [kernel("void bn_apply<float>(float const*)", 7, 0, 50),                    # before the marker
               kernel(timeline.MARKER, 7, 90, 1),
               {"ph": "X", "cat": "cpu_op", "name": "aten::empty", "ts": 95, "dur": 3},      # not GPU work
@@ -79,10 +79,9 @@ def test_the_summary_of_two_steps_between_the_markers():
     assert summary["idle_us"] == 25 and summary["idle_share"] == 0.25
     assert summary["kernel_us"] == 102
     assert summary["gpu_events_per_step"] == 6
-    main, side = summary["streams"]
-    assert main == {"stream": 7, "main": True, "kernels_per_step": 5, "busy_us_per_step": 62, "busy_share_of_period": 0.62}
-    assert side == {"stream": 9, "main": False, "kernels_per_step": 1, "busy_us_per_step": 40,
-                    "busy_share_of_period": 0.4}
+    # by role: the wgrad (40 us) against the rest (62 us, on whatever streams), together 27 us
+    assert summary["chains_busy_us"] == {"weight gradients": 40, "the rest": 62}
+    assert summary["chains_overlap_us"] == 27 and summary["executor_streams"] == 2
     assert summary["groups"] == {"cuDNN wgrad": 40, "cupynet": 22, "cuDNN fprop": 20, "cuDNN dgrad": 20}
     assert [row["kernel"] for row in summary["kernels"]][:1] == ["sm90_xmma_wgrad_implicit_gemm_bf16"]
     bn_grad = next(row for row in summary["kernels"] if row["kernel"] == "bn_grad")
@@ -90,6 +89,20 @@ def test_the_summary_of_two_steps_between_the_markers():
                        "calls_per_step": 1, "us_per_step": 10, "median_us": 10}
     assert summary["kernel_names"] == 6 and len(timeline.summarize(timeline.gpu_events(two_steps()), 2, ours,
                                                                     top=2)["kernels"]) == 2
+
+
+def test_the_chains_are_told_apart_by_role_not_by_the_streams_a_replay_reports():
+    """A graph's executor runs each replay's kernels on streams of its choosing: the same step spread over six
+    stream ids gives the same figures, the streams only counted."""
+    trace = two_steps()
+    for number, event in enumerate(trace["traceEvents"]):
+        if "args" in event and event["name"] != timeline.MARKER:
+            event["args"]["stream"] = event["tid"] = 100 + number % 6
+    spread = timeline.summarize(timeline.gpu_events(trace), 2, OURS)
+    plain = timeline.summarize(timeline.gpu_events(two_steps()), 2, OURS)
+    assert spread["executor_streams"] == 6
+    assert {key: value for key, value in spread.items() if key != "executor_streams"} == \
+        {key: value for key, value in plain.items() if key != "executor_streams"}
 
 
 def test_without_two_markers_there_is_no_timeline():
