@@ -7,10 +7,10 @@
 #         bash bench/device_check.sh ARCHIVE                  # and a second seed if it fits before the diagnostics
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,timeline,timeline512,conv_engines,layouts,scaling,train \
 #         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
-#     DEVICE_CHECK_OPTIONS_FROM=.prev DEVICE_CHECK_SKIP=gpu_tests,accuracy,vs_torch,layouts,scaling,train \
+#     DEVICE_CHECK_OPTIONS_FROM=.prev DEVICE_CHECK_SKIP=gpu_tests,cifar,accuracy,vs_torch,layouts,scaling,train \
 #         bash bench/device_check.sh                          # a second call: the first call's step_options*.json,
 #                                                             # copied into .prev/ (git-ignored: carry it), choose
-#                                                             # the options; no archive: nothing needs the data
+#                                                             # the options; nothing it runs needs the data
 #
 # Stages, most important first, each under its own `timeout` and all under one overall budget
 # (DEVICE_CHECK_BUDGET seconds, default 540: one device call may run 600 s), so a hang in one stage cannot

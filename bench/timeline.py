@@ -1,4 +1,4 @@
-"""Where the captured training step's GPU time goes: per kernel, per stream, and the idle rest.
+"""Where the captured training step's GPU time goes: per kernel, the weight gradients' chain against the rest, idle.
 
     python bench/timeline.py --device 0 --depth 44 --batch 128 --dtype bfloat16 [step options] [--trace T.json.gz]
 

@@ -120,7 +120,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
-        if action.default is None or switch or "default" in text:
+        if action.default is None or switch or "(default" in text or "default:" in text:
             return text
         default = action.default
         if isinstance(default, (tuple, list)):      # as it is typed: --lr-values 0.1,0.01
@@ -163,8 +163,9 @@ def build_parser():
                             "(auto: on for GPU workers unless --reduce host; results are identical either way with "
                             "--conv-deterministic, the default)")
     model.add_argument("--conv-autotune", action=argparse.BooleanOptionalAction, default=d.conv_autotune,
-                       help="GPU: time every cuDNN engine for each convolution on first use and keep the fastest "
-                            "(--no-conv-autotune: cuDNN's heuristic choice, identical across processes)")
+                       help="GPU: time cuDNN's candidate engines for each convolution on first use (up to 8 of its "
+                            "heuristics' list) and keep the fastest (--no-conv-autotune: the heuristics' first "
+                            "choice, identical across processes)")
     model.add_argument("--conv-deterministic", action=argparse.BooleanOptionalAction, default=d.conv_deterministic,
                        help="GPU: only cuDNN engines that give the same bits on every run, so reruns, resumes and "
                             "the captured step repeat exactly (--no-conv-deterministic: engines that add in a "
