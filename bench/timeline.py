@@ -202,7 +202,6 @@ def parse_args(argv=None):
         problem = f"--warmup must be at least {WARMUP_STEPS + 1}: the step is recorded after {WARMUP_STEPS} eager steps"
     if problem:
         p.error(problem)
-    args.cuda_graph = "on"
     return args
 
 
