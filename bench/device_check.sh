@@ -291,7 +291,7 @@ PYTEST_EXTRA=()
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_EXTRA+=(-n 4); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_EXTRA+=(--timeout 90); fi
 run_stage gpu_tests 180 "$PY" -m pytest -m gpu -q -ra --tb=short -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
-    --junitxml="$OUT/gpu_tests.xml"
+    --durations=25 --junitxml="$OUT/gpu_tests.xml"      # the slowest tests: what sizes this stage next time
 
 # The step's options, captured NHWC steps: (side streams for the weight gradients x batch chunks per weight
 # gradient) pairs x deterministic cuDNN engines or not; bf16 and fp32 at batch 128, bf16 at batch 512. Each
