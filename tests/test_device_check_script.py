@@ -176,6 +176,24 @@ def script_functions(*names):
 
 
 @needs_bash
+def test_every_recorded_stage_packs_what_the_stages_wrote_so_far(tmp_path):
+    """A call the device tool cuts short keeps what the finished stages wrote: recording a stage re-packs the
+    stages' folder into device_check.tar.gz beside the small files a reader wants first."""
+    import tarfile
+    out, back = tmp_path / "out", tmp_path / "back"
+    out.mkdir()
+    back.mkdir()
+    (out / "step_options.json").write_text("{}")
+    program = script_functions("bundle", "record") + '; STAGES="$OUT/stages.tsv"; record step_options ok 3 ""'
+    result = subprocess.run(["bash", "-c", program], cwd=REPO, env=dict(os.environ, OUT=str(out), BACK=str(back)),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in back.iterdir()) == ["device_check.tar.gz", "stages.tsv"]
+    with tarfile.open(back / "device_check.tar.gz") as bundle:
+        assert {"./step_options.json", "./stages.tsv"} <= set(bundle.getnames())
+
+
+@needs_bash
 def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
     """DEVICE_CHECK_ACCURACY_ARGS="A;B;C": the accuracy stage runs entry 1 and accuracy_more entries 2 to 3,
     each bench/time_to_accuracy.py after the chosen step options ($BEST_BF16), writing accuracy.json,
