@@ -119,6 +119,20 @@ def assert_bounded(actual, expected, bound, what=""):
                     f"{actual[worst]!r} vs {expected[worst]!r} (bound {bound[worst]:.3g})")
 
 
+def assert_batchnorm_forward(actual, expected, dtype, scale):
+    """A training forward's (y, saved mean, saved invstd, moving mean, moving variance), on the host, against
+    the reference's: the statistics to float32 rounding (computed from exact inputs in both precisions, `scale`
+    the activation's size for the means), y to its dtype's."""
+    (y, saved_mean, saved_invstd, moving_mean, moving_var) = actual
+    (expected_y, expected_mean, expected_invstd, expected_moving_mean, expected_moving_var) = expected
+    f32 = REDUCTION["float32"]
+    assert_close(saved_mean, expected_mean, f32, scale=scale, what="saved mean")
+    assert_close(saved_invstd, expected_invstd, f32, what="saved invstd")
+    assert_close(moving_mean, expected_moving_mean, f32, scale=scale, what="moving mean")
+    assert_close(moving_var, expected_moving_var, f32, what="moving variance")
+    assert_close(y, expected_y, REDUCTION[dtype], scale=rms(expected_y), what="y")
+
+
 class Arrays:
     """Uploads and downloads for one backend, keeping the float64 values the GPU actually holds."""
 
@@ -295,12 +309,8 @@ def test_batchnorm_train_forward(layout, dtype, shape, tail, launches):
     expected_y = a.ref.batchnorm_train_forward(x_ref, gamma_ref, beta_ref, mean_ref, var_ref, 0.9, 1e-5,
                                                np.empty(x_ref.shape), expected_mean, expected_invstd, relu=relu,
                                                residual=residual_ref)
-    f32 = REDUCTION["float32"]      # statistics are float32 computed from exact inputs in both precisions
-    assert_close(a.get(saved_mean), expected_mean, f32, scale=rms(x_ref), what="saved mean")
-    assert_close(a.get(saved_invstd), expected_invstd, f32, what="saved invstd")
-    assert_close(a.get(moving_mean), mean_ref, f32, scale=rms(x_ref), what="moving mean")
-    assert_close(a.get(moving_var), var_ref, f32, what="moving variance")
-    assert_close(a.get(y), expected_y, REDUCTION[dtype], scale=rms(expected_y), what="y")
+    assert_batchnorm_forward([a.get(array) for array in (y, saved_mean, saved_invstd, moving_mean, moving_var)],
+                             (expected_y, expected_mean, expected_invstd, mean_ref, var_ref), dtype, rms(x_ref))
 
 
 @params()
@@ -344,12 +354,8 @@ def test_batchnorm_statistics_from_a_convolutions_float32_sums(layout, dtype, ta
     expected = a.ref.batchnorm_train_from_sums(y_ref, sums_ref.astype(np.float32), np.zeros(k), n * hw * hw, g, b,
                                                m, v, 0.9, 1e-5, np.empty(y.shape), expected_mean, expected_invstd,
                                                relu=relu, residual=residual_ref)
-    f32 = REDUCTION["float32"]
-    assert_close(a.get(saved_mean), expected_mean, f32, scale=rms(y_ref), what="saved mean")
-    assert_close(a.get(saved_invstd), expected_invstd, f32, what="saved invstd")
-    assert_close(a.get(moving_mean), m, f32, scale=rms(y_ref), what="moving mean")
-    assert_close(a.get(moving_var), v, f32, what="moving variance")
-    assert_close(a.get(out), expected, REDUCTION[dtype], scale=rms(expected), what="y")
+    assert_batchnorm_forward([a.get(array) for array in (out, saved_mean, saved_invstd, moving_mean, moving_var)],
+                             (expected, expected_mean, expected_invstd, m, v), dtype, rms(y_ref))
 
 
 @params()
@@ -389,18 +395,13 @@ def test_batchnorm_from_sums_in_one_launch_equals_two_launches(layout, dtype, sh
         results[kernel] = [be.to_host(array) for array in (y, saved_mean, saved_invstd, moving_mean, moving_var)]
     for one, two in zip(results["bn_apply_from_sums"], results["bn_stats_from_sums"]):
         np.testing.assert_array_equal(one.view(np.uint8), two.view(np.uint8))
-    y, saved_mean, saved_invstd, moving_mean, moving_var = (array.astype(np.float64) for array in results[kernel])
     expected_mean, expected_invstd = np.empty(c), np.empty(c)
     m, v = shift_ref.copy(), a.get(a.put(moving_var_host, dtype=np.float32)[0])
     expected = a.ref.batchnorm_train_from_sums(x_ref, sums_ref, shift_ref, count, g, b, m, v, 0.9, 1e-5,
                                                np.empty(x_ref.shape), expected_mean, expected_invstd, relu=relu,
                                                residual=residual_ref)
-    f32 = REDUCTION["float32"]
-    assert_close(saved_mean, expected_mean, f32, scale=rms(x_ref), what="saved mean")
-    assert_close(saved_invstd, expected_invstd, f32, what="saved invstd")
-    assert_close(moving_mean, m, f32, scale=rms(x_ref), what="moving mean")
-    assert_close(moving_var, v, f32, what="moving variance")
-    assert_close(y, expected, REDUCTION[dtype], scale=rms(expected), what="y")
+    assert_batchnorm_forward([array.astype(np.float64) for array in results[kernel]],
+                             (expected, expected_mean, expected_invstd, m, v), dtype, rms(x_ref))
 
 
 def test_arrays_overlap_where_they_share_a_byte():
