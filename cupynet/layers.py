@@ -119,6 +119,7 @@ class BatchNorm(Layer):
         self.saved_mean = self.buffer("mean", (self.channels,), stats_dtype)
         self.saved_invstd = self.buffer("invstd", (self.channels,), stats_dtype)
         self.x, self.y = x, y
+        self.relu_of_bn_alone = self.relu and residual is None    # backward may recompute the mask from x
         if sums is not None:
             if self.comm is not None:
                 raise ValueError(f"{self.name}: statistics from a convolution's sums are not sync BN's")
@@ -158,8 +159,9 @@ class BatchNorm(Layer):
         dx = self.buffer("dx", self.x.shape)
         y = self.y if self.relu else None
         if self.comm is None:
+            beta = self.beta.value if self.relu_of_bn_alone else None
             return self.be.batchnorm_backward(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
-                                              dx, self.gamma.grad, self.beta.grad, y=y)
+                                              dx, self.gamma.grad, self.beta.grad, y=y, beta=beta)
         # Why the MEAN of the sums with the LOCAL count. S workers, shard r of m elements per channel,
         # M = S * m. The global loss is L = (1/S) sum_r L_r (L_r: the mean over shard r), but replica r
         # back-propagates dy_r = dL_r/dy = S * dL/dy: every replica works at S times the global gradient,

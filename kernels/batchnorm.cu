@@ -17,7 +17,8 @@
  *                      inference with the moving statistics (stat_is_variance = 1). With a residual it
  *                      is a post-activation block's whole tail: BatchNorm, shortcut sum and relu in one
  *                      pass.
- * Backward (relu backward fused: dz = dy * (y > 0) when the forward applied relu) = 2 launches:
+ * Backward (relu backward fused: dz = dy * (y > 0) when the forward applied relu; see relu_passes for the
+ * mask recomputed from x instead, which saves reading y) = 2 launches:
  *   bn_grad            sum(dz) and sum(dz * xhat) in one pass, same partials layout; its last block
  *                      writes dbeta = sum(dz), dgamma = sum(dz * xhat);
  *   bn_backward_dx     dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m).
@@ -246,12 +247,29 @@ __device__ __forceinline__ int flat_first_index()
 }
 __device__ __forceinline__ int flat_grid_stride() { return gridDim.x * gridDim.y * blockDim.x; }
 
-// dz: the gradient reaching BatchNorm's output before the fused relu, masked by the relu output y.
-template <typename T>
-__device__ __forceinline__ float masked_grad(const T* dy, const T* y, int relu_applied, int i)
+// BatchNorm's output before any residual and relu: x normalized, scaled, shifted, as
+// fmaf(x - mean, gamma * invstd, beta) with every rounding explicit, so the forward and a backward that
+// recomputes it (relu_passes) give the same bits whatever the compiler contracts elsewhere.
+__device__ __forceinline__ float bn_affine(float x, float mean, float invstd, float gamma, float beta)
 {
-    const float g = to_float(dy[i]);
-    return (relu_applied && !(to_float(y[i]) > 0.0f)) ? 0.0f : g;
+    return fmaf(__fsub_rn(x, mean), __fmul_rn(gamma, invstd), beta);
+}
+
+// The backward's fused relu (its `relu` argument): none; the mask read from the forward's output y (y > 0);
+// or, where no residual was added before the relu, the mask recomputed from x: y > 0 exactly where the
+// normalized x, rounded to the activation type as y was, is > 0 (relu keeps NaN, and neither NaN nor 0
+// passes). Recomputing costs a few operations per element and saves reading y, a whole activation, in both
+// passes of the backward.
+enum ReluMask { RELU_NONE = 0, RELU_FROM_OUTPUT = 1, RELU_FROM_INPUT = 2 };
+
+// Whether the gradient passes the fused relu at one element: y_value its forward output (used only for
+// RELU_FROM_OUTPUT); affine() its bn_affine value (called only for RELU_FROM_INPUT).
+template <typename T, typename Affine>
+__device__ __forceinline__ bool relu_passes(int relu, float y_value, Affine affine)
+{
+    if (relu == RELU_NONE) return true;
+    if (relu == RELU_FROM_OUTPUT) return y_value > 0.0f;
+    return to_float(from_float<T>(affine())) > 0.0f;
 }
 
 // In the last block of a one-launch reduction: finish(c, totals) for every channel c, its P partials added
@@ -431,7 +449,7 @@ __device__ __forceinline__ float bn_normalize(float x, int c, const float* mean,
                                               int stat_is_variance)
 {
     const float invstd = stat_is_variance ? 1.0f / sqrtf(stat[c] + eps) : stat[c];
-    return (x - mean[c]) * (gamma[c] * invstd) + beta[c];
+    return bn_affine(x, mean[c], invstd, gamma[c], beta[c]);
 }
 
 // The tail of bn_apply: [+ residual], [relu].
@@ -540,22 +558,30 @@ __global__ void bn_stats_apply(const T* x, const T* residual, T* y, int C, int i
 // ------------------------------------------------------------------ backward
 
 // One block's partial sums of dz and dz * xhat per channel (both reductions of the backward pass in
-// one read of dy, x and, with a fused relu, y).
+// one read of dy, x and, with a fused relu whose mask comes from the output, y).
 template <int V, typename T>
-__device__ void grad_tile(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                          const float* invstd, const ChannelTile& t, int C, int inner, int m, float* partials)
+__device__ void grad_tile(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+                          const float* gamma, const float* beta, const ChannelTile& t, int C, int inner, int m,
+                          float* partials)
 {
-    float mu[V], is[V], sum_dz[V] = {}, sum_dz_xhat[V] = {};
+    float mu[V], is[V], ga[V], be[V], sum_dz[V] = {}, sum_dz_xhat[V] = {};
     group_values<V>(mean, t, C, inner, mu);
     group_values<V>(invstd, t, C, inner, is);
+    if (relu == RELU_FROM_INPUT) {
+        group_values<V>(gamma, t, C, inner, ga);
+        group_values<V>(beta, t, C, inner, be);
+    }
     for_each_group<V>(t, C, inner, m, [&](int offset) {
         float g[V], v[V], out[V];
         load_group<V>(dy, offset, g);
         load_group<V>(x, offset, v);
-        if (relu_applied) load_group<V>(y, offset, out);
+        if (relu == RELU_FROM_OUTPUT) load_group<V>(y, offset, out);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const float dz = (relu_applied && !(out[k] > 0.0f)) ? 0.0f : g[k];    // as masked_grad
+            const bool passes = relu_passes<T>(relu, out[k], [&] {
+                return bn_affine(v[k], mu[k], is[k], ga[k], be[k]);
+            });
+            const float dz = passes ? g[k] : 0.0f;
             sum_dz[k] += dz;
             sum_dz_xhat[k] = fmaf(dz, (v[k] - mu[k]) * is[k], sum_dz_xhat[k]);
         }
@@ -565,24 +591,26 @@ __device__ void grad_tile(const T* dy, const T* x, const T* y, int relu_applied,
 
 // grad_tile with groups of a 16-byte pack (vec = 1) or of one element.
 template <typename T>
-__device__ void grad_partials(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                              const float* invstd, int C, int inner, int m, int cw, float* partials, int vec)
+__device__ void grad_partials(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+                              const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
+                              int vec)
 {
     if (vec) {
         constexpr int V = Pack<T>::size;
-        grad_tile<V>(dy, x, y, relu_applied, mean, invstd, ChannelTile(cw, group_channels<V>(inner)), C, inner, m,
-                     partials);
+        grad_tile<V>(dy, x, y, relu, mean, invstd, gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner,
+                     m, partials);
     } else {
-        grad_tile<1>(dy, x, y, relu_applied, mean, invstd, ChannelTile(cw, 1), C, inner, m, partials);
+        grad_tile<1>(dy, x, y, relu, mean, invstd, gamma, beta, ChannelTile(cw, 1), C, inner, m, partials);
     }
 }
 
 // Sync-BN: the partials (2, P, C) only; bn_sums_finalize adds them.
 template <typename T>
-__global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                                 const float* invstd, int C, int inner, int m, int cw, float* partials, int vec)
+__global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu, const float* mean,
+                                 const float* invstd, const float* gamma, const float* beta, int C, int inner, int m,
+                                 int cw, float* partials, int vec)
 {
-    grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec);
+    grad_partials(dy, x, y, relu, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
 }
 
 // In the reduction's last block: dbeta = sum(dz), dgamma = sum(dz * xhat) from the partials of grad_partials.
@@ -597,11 +625,11 @@ __device__ void finish_grad_sums(const float* partials, int C, float* dgamma, fl
 // The backward reductions in one launch: the last block writes dbeta = sum(dz), dgamma = sum(dz * xhat)
 // (written, not accumulated). Geometry and arrivals as bn_stats.
 template <typename T>
-__global__ void bn_grad(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                        const float* invstd, int C, int inner, int m, int cw, float* partials,
+__global__ void bn_grad(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+                        const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                         unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
 {
-    grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec);
+    grad_partials(dy, x, y, relu, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
     if (last_block_to_arrive(arrivals)) finish_grad_sums(partials, C, dgamma, dbeta);
 }
 
@@ -616,8 +644,8 @@ __device__ __forceinline__ float bn_input_grad(float dz, float x, int c, const f
 
 // The elements [first, first + stride, ...) of bn_backward_dx (a grid-stride loop over packs, then the tail).
 template <typename T>
-__device__ void input_grad_elements(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                                    const float* invstd, const float* gamma, const float* dgamma,
+__device__ void input_grad_elements(const T* dy, const T* x, const T* y, int relu, const float* mean,
+                                    const float* invstd, const float* gamma, const float* beta, const float* dgamma,
                                     const float* dbeta, T* dx, int n, int C, int inner, int m, int vec, int first,
                                     int stride)
 {
@@ -629,47 +657,54 @@ __device__ void input_grad_elements(const T* dy, const T* x, const T* y, int rel
         int c[P];
         load_pack(dy, j, g);
         load_pack(x, j, v);
-        if (relu_applied) load_pack(y, j, out);
+        if (relu == RELU_FROM_OUTPUT) load_pack(y, j, out);
         channels_of<P>(j * P, C, inner, c);
 #pragma unroll
         for (int k = 0; k < P; ++k) {
-            const float dz = (relu_applied && !(out[k] > 0.0f)) ? 0.0f : g[k];    // as masked_grad
-            g[k] = bn_input_grad(dz, v[k], c[k], mean, invstd, gamma, dgamma, dbeta, count);
+            const int ck = c[k];
+            const bool passes = relu_passes<T>(relu, out[k], [&] {
+                return bn_affine(v[k], mean[ck], invstd[ck], gamma[ck], beta[ck]);
+            });
+            g[k] = bn_input_grad(passes ? g[k] : 0.0f, v[k], ck, mean, invstd, gamma, dgamma, dbeta, count);
         }
         store_pack(dx, j, g);
     }
     for (int i = packs * P + first; i < n; i += stride) {
-        const float dz = masked_grad(dy, y, relu_applied, i);
-        dx[i] = from_float<T>(bn_input_grad(dz, to_float(x[i]), channel_of(i, C, inner), mean, invstd, gamma,
-                                            dgamma, dbeta, count));
+        const int c = channel_of(i, C, inner);
+        const float xi = to_float(x[i]);
+        const bool passes = relu_passes<T>(relu, relu == RELU_FROM_OUTPUT ? to_float(y[i]) : 0.0f, [&] {
+            return bn_affine(xi, mean[c], invstd[c], gamma[c], beta[c]);
+        });
+        dx[i] = from_float<T>(bn_input_grad(passes ? to_float(dy[i]) : 0.0f, xi, c, mean, invstd, gamma, dgamma,
+                                            dbeta, count));
     }
 }
 
 // dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m). dx may alias dy. vec: 16-byte packs.
 template <typename T>
-__global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                               const float* invstd, const float* gamma, const float* dgamma, const float* dbeta,
-                               T* dx, int n, int C, int inner, int m, int vec)
+__global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu, const float* mean,
+                               const float* invstd, const float* gamma, const float* beta, const float* dgamma,
+                               const float* dbeta, T* dx, int n, int C, int inner, int m, int vec)
 {
-    input_grad_elements(dy, x, y, relu_applied, mean, invstd, gamma, dgamma, dbeta, dx, n, C, inner, m, vec,
+    input_grad_elements(dy, x, y, relu, mean, invstd, gamma, beta, dgamma, dbeta, dx, n, C, inner, m, vec,
                         first_index(), grid_stride());
 }
 
 // The backward in one launch (--bn-launches 1): bn_grad's reductions and finalize, a grid-wide wait for it
 // (finish_then_release), then bn_backward_dx over the same blocks with the per-channel values staged in
 // shared memory. Geometry, sync and the grid cap as bn_stats_apply; dynamic shared memory: at least
-// bn_grad's and 5 * C floats. dx may alias dy: each element is read and written by one thread, after the
+// bn_grad's and 6 * C floats. dx may alias dy: each element is read and written by one thread, after the
 // wait that follows every other read of dy.
 template <typename T>
-__global__ void bn_grad_dx(const T* dy, const T* x, const T* y, int relu_applied, const float* mean,
-                           const float* invstd, const float* gamma, int C, int inner, int m, int cw, float* partials,
+__global__ void bn_grad_dx(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+                           const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                            unsigned int* sync, float* dgamma, float* dbeta, T* dx, int n, int vec_reduce,
                            int vec_apply)
 {
-    grad_partials(dy, x, y, relu_applied, mean, invstd, C, inner, m, cw, partials, vec_reduce);
+    grad_partials(dy, x, y, relu, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec_reduce);
     finish_then_release(sync, [&]() { finish_grad_sums(partials, C, dgamma, dbeta); });
-    const float* arrays[5] = {mean, invstd, gamma, dgamma, dbeta};
-    const float* staged = stage_channels(arrays, 5, C);
-    input_grad_elements(dy, x, y, relu_applied, staged, staged + C, staged + 2 * C, staged + 3 * C, staged + 4 * C,
-                        dx, n, C, inner, m, vec_apply, flat_first_index(), flat_grid_stride());
+    const float* arrays[6] = {mean, invstd, gamma, beta, dgamma, dbeta};
+    const float* staged = stage_channels(arrays, 6, C);
+    input_grad_elements(dy, x, y, relu, staged, staged + C, staged + 2 * C, staged + 3 * C, staged + 4 * C,
+                        staged + 5 * C, dx, n, C, inner, m, vec_apply, flat_first_index(), flat_grid_stride());
 }

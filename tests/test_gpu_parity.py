@@ -458,11 +458,29 @@ def test_batchnorm_infer_forward(layout, dtype, tail):
     assert_close(a.get(y), expected, REDUCTION[dtype], scale=rms(expected), what="y")
 
 
+# The backward's fused relu: none, its mask read from the forward's output y, or recomputed from x (beta given).
+RELU_MASKS = {"plain": (False, False), "relu": (True, False), "relu_from_x": (True, True)}
+
+
+def batchnorm_backward_with(be, a, mask, dy, x, gamma, beta, saved_mean, saved_invstd, y):
+    """(dx, dgamma, dbeta) on the device from batchnorm_backward with a RELU_MASKS mask, into fresh NaN arrays,
+    asserting which of its launch paths ran."""
+    relu, from_x = RELU_MASKS[mask]
+    c = gamma.size
+    dx, dgamma, dbeta = a.nan(x.shape), a.nan((c,), np.float32), a.nan((c,), np.float32)
+    read = (dy, x) if from_x or not relu else (dy, x, y)
+    with batchnorm_path(be, "bn_grad_dx", ("bn_grad", "bn_backward_dx"), x, read, 6):
+        be.batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=y if relu else None,
+                              beta=beta if from_x else None)
+    return dx, dgamma, dbeta
+
+
 @params()
 @pytest.mark.parametrize("shape", ACTIVATIONS, ids=lambda s: "N{}C{}H{}W{}".format(*s))
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("mask", list(RELU_MASKS))
 @pytest.mark.parametrize("launches", [2, 1], ids=["2launches", "1launch"])
-def test_batchnorm_backward(layout, dtype, shape, relu, launches):
+def test_batchnorm_backward(layout, dtype, shape, mask, launches):
+    relu, from_x = RELU_MASKS[mask]
     be = backend(layout, dtype, launches)
     a = Arrays(be, seed=5)
     c = shape[1]
@@ -475,10 +493,11 @@ def test_batchnorm_backward(layout, dtype, shape, relu, launches):
                                saved_invstd, relu=relu)
     mean_ref, invstd_ref, y_ref = a.get(saved_mean), a.get(saved_invstd), a.get(y)   # what the GPU saved
     dy, dy_ref = a.activation(*shape)
-    dx = a.nan(x.shape)
-    dgamma, dbeta = a.nan((c,), np.float32), a.nan((c,), np.float32)
-    with batchnorm_path(be, "bn_grad_dx", ("bn_grad", "bn_backward_dx"), x, (dy, x, y if relu else dy), 5):
-        be.batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=y if relu else None)
+    dx, dgamma, dbeta = batchnorm_backward_with(be, a, mask, dy, x, gamma, beta, saved_mean, saved_invstd, y)
+    if from_x:      # the mask recomputed from x is the one read from y, bit for bit
+        for got, want in zip((dx, dgamma, dbeta),
+                             batchnorm_backward_with(be, a, "relu", dy, x, gamma, beta, saved_mean, saved_invstd, y)):
+            np.testing.assert_array_equal(be.to_host(got).view(np.uint8), be.to_host(want).view(np.uint8))
     expected_dgamma, expected_dbeta = np.empty(c), np.empty(c)
     expected_dx = a.ref.batchnorm_backward(dy_ref, x_ref, gamma_ref, mean_ref, invstd_ref, np.empty(x_ref.shape),
                                            expected_dgamma, expected_dbeta, y=y_ref if relu else None)

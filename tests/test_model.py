@@ -197,3 +197,35 @@ def test_batchnorm_statistics_from_the_convolutions_sums_train_as_before(block, 
     batchnorms = sum(name.endswith("/gamma") for name in model.params.params)
     assert be.calls["conv2d_forward_with_stats"] == be.calls["batchnorm_train_from_sums"] == pairs
     assert be.calls["batchnorm_train_forward"] == batchnorms - pairs
+
+
+class MaskRecordingBackend(NumpyBackend):
+    """The NumPy backend, noting for each BatchNorm training forward whether it ended in a relu with no residual
+    before it, and for each backward whether the layer offered the relu's mask from x (beta)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu_alone, self.offered = {}, {}
+
+    def batchnorm_train_forward(self, x, *args, relu=False, residual=None, **kwargs):
+        self.relu_alone[id(x)] = relu and residual is None
+        return super().batchnorm_train_forward(x, *args, relu=relu, residual=residual, **kwargs)
+
+    def batchnorm_backward(self, dy, x, *args, y=None, beta=None, **kwargs):
+        self.offered[id(x)] = beta is not None
+        return super().batchnorm_backward(dy, x, *args, y=y, beta=beta, **kwargs)
+
+
+@pytest.mark.parametrize("block,depth", [("v1", 8), ("v2", 8), ("bottleneck", 11)])
+def test_batchnorm_backward_gets_beta_exactly_where_no_residual_preceded_its_relu(block, depth):
+    """The GPU recomputes a fused relu's mask from x when the layer passes beta: right only where the relu
+    followed BatchNorm alone (y > 0 exactly where the normalized x is), wrong after a residual sum."""
+    be = MaskRecordingBackend("NHWC", "float32")
+    model = ResNet(be, depth, block)
+    model.init(np.random.default_rng(0))
+    model.forward_backward(np.zeros(be.activation_shape(2, 3, 32, 32), np.float32), np.zeros(2, dtype=np.int32))
+    assert be.offered == be.relu_alone
+    assert len(be.offered) == sum(name.endswith("/gamma") for name in model.params.params)
+    assert any(be.offered.values())
+    if block == "v1":       # post-activation: each block's second BatchNorm has the shortcut added before its relu
+        assert not all(be.offered.values())

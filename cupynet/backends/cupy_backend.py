@@ -151,10 +151,18 @@ def _present(**arrays):
     return {name: array for name, array in arrays.items() if array is not None}
 
 
-def _relu_operands(y, dy):
-    """(relu_applied, y_or_unused) kernel arguments for a BatchNorm backward with an optional fused relu:
-    the kernels take a pointer either way and never read it when relu_applied is 0."""
-    return _i32(y is not None), (y if y is not None else dy)
+RELU_NONE, RELU_FROM_OUTPUT, RELU_FROM_INPUT = 0, 1, 2     # kernels/batchnorm.cu's ReluMask
+
+
+def _relu_operands(y, beta, dy, gamma):
+    """(relu, y_or_unused, beta_or_unused) kernel arguments for a BatchNorm backward's optional fused relu: none
+    without y; with beta as well, the mask recomputed from x (RELU_FROM_INPUT: y is never read); else read from y.
+    The kernels take pointers either way and never read the ones their mode does not use (dy, gamma stand in)."""
+    if y is None:
+        return _i32(RELU_NONE), dy, gamma
+    if beta is not None:
+        return _i32(RELU_FROM_INPUT), dy, beta
+    return _i32(RELU_FROM_OUTPUT), y, gamma
 
 
 class CupyBackend(LayoutMixin):
@@ -625,42 +633,44 @@ class CupyBackend(LayoutMixin):
         return y
 
     @_primitive
-    def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None):
-        """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused.
+    def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None, beta=None):
+        """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused. With beta
+        too (the caller's promise that no residual was added before the relu) the kernels recompute the relu's
+        mask from x instead of reading y: the forward's normalized value, with the same rounded operations, is
+        > 0 exactly where y is, and y is a whole activation less to read in each pass.
 
         Two launches: bn_grad (dgamma, dbeta, finalized by its last block) and bn_backward_dx; with
         bn_launches=1 one, bn_grad_dx, where the GPU holds the capped grid and no weight gradient runs beside
         it (else the two: see _bn_one_launch_plan).
         """
         _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
-                       dgamma=dgamma, dbeta=dbeta)
-        activations = dict(dy=dy, dx=dx)
-        if y is not None:
-            activations["y"] = y
-        _same_dtype(x, **activations)
+                       dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
+        if beta is not None and y is None:
+            raise ValueError("batchnorm_backward: beta (the relu's mask from x) without y (a fused relu)")
+        _same_dtype(x, dy=dy, dx=dx, **_present(y=y))
         c, inner, m = self._channel_geometry(x, gamma.size)
         n = _count(x)
-        relu_applied, y_or_unused = _relu_operands(y, dy)
+        relu, y_or_unused, beta_or_unused = _relu_operands(y, beta, dy, gamma)
         t = (ctype(x.dtype),)
-        read = (dy, x, y_or_unused)
-        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, 5)
+        read = (dy, x) if y_or_unused is dy else (dy, x, y)
+        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, 6)
         if plan is not None:
             partials = self._bn_partials_buffer(plan, c)
             self.kernels.launch("bn_grad_dx", t, plan["grid"], plan["block"],
-                                (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, _i32(c),
+                                (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused, _i32(c),
                                  _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(), dgamma, dbeta,
                                  dx, _i32(n), _i32(plan["vec"]), _i32(_pack_aligned(read + (dx,)))),
                                 shared_mem=plan["shared_mem"])
             return dx
         plan, partials = self._bn_partials(x, c, m, inner, read)
         self.kernels.launch("bn_grad", t, plan["grid"], plan["block"],
-                            (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd,
+                            (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused,
                              _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
                              dgamma, dbeta, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
-        self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
-                            (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
-                             dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
+        self._launch_packed("bn_backward_dx", x.dtype, n, read + (dx,),
+                            (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused, dgamma,
+                             dbeta, dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
         return dx
 
     @_primitive
@@ -668,8 +678,8 @@ class CupyBackend(LayoutMixin):
         """sums (2, C) float64 <- [sum(dz), sum(dz * xhat)] per channel (y: the fused relu's output or None)."""
         _require_dtype(np.float32, saved_mean=saved_mean, saved_invstd=saved_invstd)
         _same_dtype(x, **_present(dy=dy, y=y))
-        relu_applied, y_or_unused = _relu_operands(y, dy)
-        return self._bn_sums("bn_grad_partials", (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd),
+        relu, y_or_unused, unused = _relu_operands(y, None, dy, saved_mean)    # sync BN reads the mask from y
+        return self._bn_sums("bn_grad_partials", (dy, x, y_or_unused, relu, saved_mean, saved_invstd, unused, unused),
                              x, saved_mean.size, sums, (dy, x, y_or_unused))
 
     @_primitive
@@ -684,9 +694,9 @@ class CupyBackend(LayoutMixin):
         c, inner, _ = self._channel_geometry(x, gamma.size)
         n = _count(x)
         self._launch_1d("bn_grad_from_sums", (), c, (sums, _i32(c), dgamma, dbeta))
-        relu_applied, y_or_unused = _relu_operands(y, dy)
+        relu, y_or_unused, unused = _relu_operands(y, None, dy, gamma)
         self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
-                            (dy, x, y_or_unused, relu_applied, saved_mean, saved_invstd, gamma, dgamma, dbeta,
+                            (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, unused, dgamma, dbeta,
                              dx, _i32(n), _i32(c), _i32(inner), _i32(count)))
         return dx
 
@@ -749,7 +759,7 @@ class CupyBackend(LayoutMixin):
         if relu_output is not None and relu_output.shape != dy.shape:
             raise ValueError(f"shortcut_backward: relu_output {relu_output.shape} for a gradient of {dy.shape}")
         n = _count(dx)
-        masked, mask = _relu_operands(relu_output, dy)
+        masked, mask = _i32(relu_output is not None), (dy if relu_output is None else relu_output)
         self._launch_1d("shortcut_backward", (ctype(dy.dtype),), n,
                         (dy, mask, masked, dx, _i32(accumulate)) + self._shortcut_args(dx, dy, stride))
         return dx

@@ -326,13 +326,17 @@ class NumpyBackend(LayoutMixin):
         dx *= pc((gamma * saved_invstd).astype(dz.dtype))
         return dx
 
-    def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None):
+    def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None, beta=None):
         """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused.
 
         xhat = (x - mean) * invstd; dbeta = sum(dz); dgamma = sum(dz * xhat);
         dx = gamma * invstd * (dz - dbeta / m - xhat * dgamma / m), m = elements per channel,
-        where dz = dy masked by y > 0 when the forward applied relu.
+        where dz = dy masked by y > 0 when the forward applied relu. beta (given with y when no residual was
+        added before the relu) lets a backend recompute that mask from x instead of reading y; the GPU does,
+        with its forward's rounding. Here the mask is always y > 0: the same mask, and this is the reference.
         """
+        if beta is not None and y is None:
+            raise ValueError("batchnorm_backward: beta (the relu's mask from x) without y (a fused relu)")
         self.calls["batchnorm_backward"] += 1
         m = x.size // gamma.size
         dz, xhat = self._bn_grad_terms(dy, x, y, saved_mean, saved_invstd)
