@@ -30,11 +30,12 @@ calls another, so the per-primitive times never count the same work twice.
 Per primitive: calls/step, ms/step, share of the step, and the memory roofline. Bytes moved are counted by
 one rule: every array argument is moved once, inputs read + outputs written = the sum of the array
 arguments' nbytes (an in-place argument counts once). It is the compulsory traffic, a lower bound: scratch
-such as NumPy's im2col matrix is not counted. One exception keeps it honest: the augment primitives gather
+such as NumPy's im2col matrix is not counted. Two exceptions keep it honest: the augment primitives gather
 only the batch's rows of the whole split (and of the epoch's order) they are handed, so `images`, `labels`
-and `order` count one row per image of the batch. Steps run eagerly (--cuda-graph off): a replayed graph
-has no per-primitive calls to time; on a GPU the weight gradients run in order on the main stream's
-timeline (overlap_wgrad off), so each primitive's time is its own.
+and `order` count one row per image of the batch; and `batchnorm_backward` given `beta` does not count `y`,
+which the GPU's kernels then do not read (they recompute the relu's mask from x). Steps run eagerly
+(--cuda-graph off): a replayed graph has no per-primitive calls to time; on a GPU the weight gradients run in
+order on the main stream's timeline (overlap_wgrad off), so each primitive's time is its own.
 roofline ms = bytes / peak; achieved GB/s = bytes / measured time; fraction of peak = achieved / peak
 (above 100% on the CPU: the arrays were still in cache, small ones often are).
 The peak (`--peak-gbs`) defaults on the CPU to a measured `np.copyto` of 256 MB (read + write, best of 3);
@@ -64,6 +65,7 @@ from cupynet.trainer import Trainer                                         # no
 PEAK_COPY_BYTES = 256 * 2 ** 20
 # Arguments that index into a larger array: only the gathered rows are moved (see the docstring).
 GATHERED = {"augment_batch": ("images", "labels"), "augment_train_batch": ("images", "labels", "order")}
+UNREAD = {"batchnorm_backward": ("beta", "y")}     # given the first argument, the second is not read
 # Not shimmed: shape arithmetic (no device work) and synchronize (the step timer's own wait).
 NOT_PRIMITIVES = {name for name in dir(LayoutMixin) if not name.startswith("_")} | {"synchronize"}
 # Host copies: a CUDA graph cannot record them, so they get no isolated device time.
@@ -124,6 +126,8 @@ def bytes_moved(name, signature, args, kwargs):
     rows = None
     if name in GATHERED:
         rows = len(bound["labels_out"])              # the batch: one gathered row per label
+    if name in UNREAD and bound.get(UNREAD[name][0]) is not None:
+        bound.pop(UNREAD[name][1], None)
     total = 0
     for arg_name, value in bound.items():
         nbytes = getattr(value, "nbytes", None)

@@ -1,11 +1,16 @@
 """bench/layers.py and bench/scaling.py run (`--quick`) and write consistent, positive figures."""
+import inspect
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+
+from bench.layers import bytes_moved
+from cupynet.backends.numpy_backend import NumpyBackend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_KEYS = ("cupynet", "git_commit", "numpy", "python", "cpu_count", "date")
@@ -374,3 +379,15 @@ def test_best_step_options_refuses_unusable_results_in_one_line(tmp_path, conten
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_layers_counts_y_of_a_batchnorm_backward_only_where_it_is_read():
+    """bench/layers.py's byte rule: a BatchNorm backward given beta recomputes its relu's mask from x on the GPU,
+    so y is not traffic; without beta y is read."""
+    signature = inspect.signature(NumpyBackend.batchnorm_backward)
+    activation, vector = np.zeros((2, 4, 4, 8), np.float32), np.zeros(8, np.float32)
+    args = (None, activation, activation, vector, vector, vector, activation, vector, vector)  # self, dy, x, ...
+    plain = bytes_moved("batchnorm_backward", signature, args, {"y": activation})
+    from_x = bytes_moved("batchnorm_backward", signature, args, {"y": activation, "beta": vector})
+    assert plain == 4 * activation.nbytes + 5 * vector.nbytes
+    assert from_x == plain - activation.nbytes + vector.nbytes
