@@ -255,21 +255,21 @@ __device__ __forceinline__ float bn_affine(float x, float mean, float invstd, fl
     return fmaf(__fsub_rn(x, mean), __fmul_rn(gamma, invstd), beta);
 }
 
-// The backward's fused relu (its `relu` argument): none; the mask read from the forward's output y (y > 0);
-// or, where no residual was added before the relu, the mask recomputed from x: y > 0 exactly where the
-// normalized x, rounded to the activation type as y was, is > 0 (relu keeps NaN, and neither NaN nor 0
-// passes). Recomputing costs a few operations per element and saves reading y, a whole activation, in both
-// passes of the backward.
+// The backward's fused relu, a template argument R of its kernels (so each mode gets only the registers
+// it needs): none; the mask read from the forward's output y (y > 0); or, where no residual was added
+// before the relu, the mask recomputed from x: y > 0 exactly where the normalized x, rounded to the
+// activation type as y was, is > 0 (relu keeps NaN, and neither NaN nor 0 passes). Recomputing costs a few
+// operations per element and saves reading y, a whole activation, in both passes of the backward.
 enum ReluMask { RELU_NONE = 0, RELU_FROM_OUTPUT = 1, RELU_FROM_INPUT = 2 };
 
 // Whether the gradient passes the fused relu at one element: y_value its forward output (used only for
 // RELU_FROM_OUTPUT); affine() its bn_affine value (called only for RELU_FROM_INPUT).
-template <typename T, typename Affine>
-__device__ __forceinline__ bool relu_passes(int relu, float y_value, Affine affine)
+template <typename T, int R, typename Affine>
+__device__ __forceinline__ bool relu_passes(float y_value, Affine affine)
 {
-    if (relu == RELU_NONE) return true;
-    if (relu == RELU_FROM_OUTPUT) return y_value > 0.0f;
-    return to_float(from_float<T>(affine())) > 0.0f;
+    if constexpr (R == RELU_NONE) return true;
+    else if constexpr (R == RELU_FROM_OUTPUT) return y_value > 0.0f;
+    else return to_float(from_float<T>(affine())) > 0.0f;
 }
 
 // In the last block of a one-launch reduction: finish(c, totals) for every channel c, its P partials added
@@ -559,26 +559,26 @@ __global__ void bn_stats_apply(const T* x, const T* residual, T* y, int C, int i
 
 // One block's partial sums of dz and dz * xhat per channel (both reductions of the backward pass in
 // one read of dy, x and, with a fused relu whose mask comes from the output, y).
-template <int V, typename T>
-__device__ void grad_tile(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+template <int V, typename T, int R>
+__device__ void grad_tile(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                           const float* gamma, const float* beta, const ChannelTile& t, int C, int inner, int m,
                           float* partials)
 {
-    float mu[V], is[V], ga[V], be[V], sum_dz[V] = {}, sum_dz_xhat[V] = {};
+    float mu[V], is[V], ga[V] = {}, be[V] = {}, sum_dz[V] = {}, sum_dz_xhat[V] = {};
     group_values<V>(mean, t, C, inner, mu);
     group_values<V>(invstd, t, C, inner, is);
-    if (relu == RELU_FROM_INPUT) {
+    if constexpr (R == RELU_FROM_INPUT) {
         group_values<V>(gamma, t, C, inner, ga);
         group_values<V>(beta, t, C, inner, be);
     }
     for_each_group<V>(t, C, inner, m, [&](int offset) {
-        float g[V], v[V], out[V];
+        float g[V], v[V], out[V] = {};
         load_group<V>(dy, offset, g);
         load_group<V>(x, offset, v);
-        if (relu == RELU_FROM_OUTPUT) load_group<V>(y, offset, out);
+        if constexpr (R == RELU_FROM_OUTPUT) load_group<V>(y, offset, out);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const bool passes = relu_passes<T>(relu, out[k], [&] {
+            const bool passes = relu_passes<T, R>(out[k], [&] {
                 return bn_affine(v[k], mu[k], is[k], ga[k], be[k]);
             });
             const float dz = passes ? g[k] : 0.0f;
@@ -590,27 +590,27 @@ __device__ void grad_tile(const T* dy, const T* x, const T* y, int relu, const f
 }
 
 // grad_tile with groups of a 16-byte pack (vec = 1) or of one element.
-template <typename T>
-__device__ void grad_partials(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+template <typename T, int R>
+__device__ void grad_partials(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                               const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                               int vec)
 {
     if (vec) {
         constexpr int V = Pack<T>::size;
-        grad_tile<V>(dy, x, y, relu, mean, invstd, gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner,
-                     m, partials);
+        grad_tile<V, T, R>(dy, x, y, mean, invstd, gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner,
+                           m, partials);
     } else {
-        grad_tile<1>(dy, x, y, relu, mean, invstd, gamma, beta, ChannelTile(cw, 1), C, inner, m, partials);
+        grad_tile<1, T, R>(dy, x, y, mean, invstd, gamma, beta, ChannelTile(cw, 1), C, inner, m, partials);
     }
 }
 
 // Sync-BN: the partials (2, P, C) only; bn_sums_finalize adds them.
-template <typename T>
-__global__ void bn_grad_partials(const T* dy, const T* x, const T* y, int relu, const float* mean,
-                                 const float* invstd, const float* gamma, const float* beta, int C, int inner, int m,
-                                 int cw, float* partials, int vec)
+template <typename T, int R>
+__global__ void bn_grad_partials(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
+                                 const float* gamma, const float* beta, int C, int inner, int m, int cw,
+                                 float* partials, int vec)
 {
-    grad_partials(dy, x, y, relu, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
+    grad_partials<T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
 }
 
 // In the reduction's last block: dbeta = sum(dz), dgamma = sum(dz * xhat) from the partials of grad_partials.
@@ -624,12 +624,12 @@ __device__ void finish_grad_sums(const float* partials, int C, float* dgamma, fl
 
 // The backward reductions in one launch: the last block writes dbeta = sum(dz), dgamma = sum(dz * xhat)
 // (written, not accumulated). Geometry and arrivals as bn_stats.
-template <typename T>
-__global__ void bn_grad(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+template <typename T, int R>
+__global__ void bn_grad(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                         const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                         unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
 {
-    grad_partials(dy, x, y, relu, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
+    grad_partials<T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
     if (last_block_to_arrive(arrivals)) finish_grad_sums(partials, C, dgamma, dbeta);
 }
 
@@ -643,26 +643,25 @@ __device__ __forceinline__ float bn_input_grad(float dz, float x, int c, const f
 }
 
 // The elements [first, first + stride, ...) of bn_backward_dx (a grid-stride loop over packs, then the tail).
-template <typename T>
-__device__ void input_grad_elements(const T* dy, const T* x, const T* y, int relu, const float* mean,
-                                    const float* invstd, const float* gamma, const float* beta, const float* dgamma,
-                                    const float* dbeta, T* dx, int n, int C, int inner, int m, int vec, int first,
-                                    int stride)
+template <typename T, int R>
+__device__ void input_grad_elements(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
+                                    const float* gamma, const float* beta, const float* dgamma, const float* dbeta,
+                                    T* dx, int n, int C, int inner, int m, int vec, int first, int stride)
 {
     constexpr int P = Pack<T>::size;
     const float count = (float)m;
     const int packs = pack_count<T>(n, vec);
     for (int j = first; j < packs; j += stride) {
-        float g[P], v[P], out[P];
+        float g[P], v[P], out[P] = {};
         int c[P];
         load_pack(dy, j, g);
         load_pack(x, j, v);
-        if (relu == RELU_FROM_OUTPUT) load_pack(y, j, out);
+        if constexpr (R == RELU_FROM_OUTPUT) load_pack(y, j, out);
         channels_of<P>(j * P, C, inner, c);
 #pragma unroll
         for (int k = 0; k < P; ++k) {
             const int ck = c[k];
-            const bool passes = relu_passes<T>(relu, out[k], [&] {
+            const bool passes = relu_passes<T, R>(out[k], [&] {
                 return bn_affine(v[k], mean[ck], invstd[ck], gamma[ck], beta[ck]);
             });
             g[k] = bn_input_grad(passes ? g[k] : 0.0f, v[k], ck, mean, invstd, gamma, dgamma, dbeta, count);
@@ -672,7 +671,7 @@ __device__ void input_grad_elements(const T* dy, const T* x, const T* y, int rel
     for (int i = packs * P + first; i < n; i += stride) {
         const int c = channel_of(i, C, inner);
         const float xi = to_float(x[i]);
-        const bool passes = relu_passes<T>(relu, relu == RELU_FROM_OUTPUT ? to_float(y[i]) : 0.0f, [&] {
+        const bool passes = relu_passes<T, R>(R == RELU_FROM_OUTPUT ? to_float(y[i]) : 0.0f, [&] {
             return bn_affine(xi, mean[c], invstd[c], gamma[c], beta[c]);
         });
         dx[i] = from_float<T>(bn_input_grad(passes ? to_float(dy[i]) : 0.0f, xi, c, mean, invstd, gamma, dgamma,
@@ -681,30 +680,32 @@ __device__ void input_grad_elements(const T* dy, const T* x, const T* y, int rel
 }
 
 // dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m). dx may alias dy. vec: 16-byte packs.
-template <typename T>
-__global__ void bn_backward_dx(const T* dy, const T* x, const T* y, int relu, const float* mean,
-                               const float* invstd, const float* gamma, const float* beta, const float* dgamma,
-                               const float* dbeta, T* dx, int n, int C, int inner, int m, int vec)
+template <typename T, int R>
+__global__ void bn_backward_dx(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
+                               const float* gamma, const float* beta, const float* dgamma, const float* dbeta, T* dx,
+                               int n, int C, int inner, int m, int vec)
 {
-    input_grad_elements(dy, x, y, relu, mean, invstd, gamma, beta, dgamma, dbeta, dx, n, C, inner, m, vec,
-                        first_index(), grid_stride());
+    input_grad_elements<T, R>(dy, x, y, mean, invstd, gamma, beta, dgamma, dbeta, dx, n, C, inner, m, vec,
+                              first_index(), grid_stride());
 }
 
 // The backward in one launch (--bn-launches 1): bn_grad's reductions and finalize, a grid-wide wait for it
 // (finish_then_release), then bn_backward_dx over the same blocks with the per-channel values staged in
 // shared memory. Geometry, sync and the grid cap as bn_stats_apply; dynamic shared memory: at least
-// bn_grad's and 6 * C floats. dx may alias dy: each element is read and written by one thread, after the
-// wait that follows every other read of dy.
-template <typename T>
-__global__ void bn_grad_dx(const T* dy, const T* x, const T* y, int relu, const float* mean, const float* invstd,
+// bn_grad's and bn_grad_dx_staged<R> * C floats. dx may alias dy: each element is read and written by one
+// thread, after the wait that follows every other read of dy.
+template <int R> constexpr int bn_grad_dx_staged = R == RELU_FROM_INPUT ? 6 : 5;   // beta only to recompute
+
+template <typename T, int R>
+__global__ void bn_grad_dx(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                            const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                            unsigned int* sync, float* dgamma, float* dbeta, T* dx, int n, int vec_reduce,
                            int vec_apply)
 {
-    grad_partials(dy, x, y, relu, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec_reduce);
+    grad_partials<T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec_reduce);
     finish_then_release(sync, [&]() { finish_grad_sums(partials, C, dgamma, dbeta); });
-    const float* arrays[6] = {mean, invstd, gamma, beta, dgamma, dbeta};
-    const float* staged = stage_channels(arrays, 6, C);
-    input_grad_elements(dy, x, y, relu, staged, staged + C, staged + 2 * C, staged + 3 * C, staged + 4 * C,
-                        staged + 5 * C, dx, n, C, inner, m, vec_apply, flat_first_index(), flat_grid_stride());
+    const float* arrays[6] = {mean, invstd, gamma, dgamma, dbeta, beta};
+    const float* staged = stage_channels(arrays, bn_grad_dx_staged<R>, C);
+    input_grad_elements<T, R>(dy, x, y, staged, staged + C, staged + 2 * C, staged + 5 * C, staged + 3 * C,
+                              staged + 4 * C, dx, n, C, inner, m, vec_apply, flat_first_index(), flat_grid_stride());
 }

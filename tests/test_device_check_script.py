@@ -29,7 +29,8 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 @needs_bash
-@pytest.mark.parametrize("script", [SCRIPT, REPO / "bench" / "prepare_device_run.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [SCRIPT, REPO / "bench" / "prepare_device_run.sh",
+                                    REPO / "bench" / "rehearse_device_check.sh"], ids=lambda p: p.name)
 def test_device_scripts_parse(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -346,3 +347,27 @@ def test_every_python_command_of_the_device_check_parses():
             importlib.import_module(module).parse_args(argv)
         except SystemExit as exit_:
             pytest.fail(f"{module} refuses {' '.join(argv)} (exit {exit_.code})")
+
+
+# A full-size argument of the device check: what bench/rehearse_device_check.sh must shrink for the emulated GPU.
+FULL_SIZE = re.compile(r"--depths? 44\b|--batch(es)? (128|512)\b|(bfloat16|float32) (128|512)\)|--steps (20|10|5)\b"
+                       r"|--warmup 5\b|--repeats 5\b|--train-steps 300\b|^ACCURACY_RUN_S=200$|cap=\$2$")
+
+
+@needs_bash
+def test_the_rehearsal_shrinks_every_full_size_run_of_the_device_check():
+    """The rehearsal runs the device check on the emulated GPU at ResNet-8 sizes: its sed must still catch every
+    ResNet-44, batch-128/512 and long-timing argument of the script (a stage added with another spelling would
+    run full size on the emulator for hours), and what it makes must parse."""
+    def code(text):
+        return [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+
+    with open(SCRIPT) as script:
+        result = subprocess.run(["bash", str(REPO / "bench" / "rehearse_device_check.sh"), "--shrink"], stdin=script,
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert len([line for line in code(SCRIPT.read_text()) if FULL_SIZE.search(line)]) >= 15    # what it finds
+    assert [line for line in code(result.stdout) if FULL_SIZE.search(line)] == []
+    assert "cap=$(($2 * 12))" in result.stdout and "ACCURACY_RUN_S=2400" in result.stdout
+    parsed = subprocess.run(["bash", "-n"], input=result.stdout, capture_output=True, text=True, timeout=30)
+    assert parsed.returncode == 0, parsed.stderr

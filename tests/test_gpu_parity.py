@@ -32,6 +32,7 @@ import contextlib
 import numpy as np
 import pytest
 
+from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, ctype
 from cupynet.backends.numpy_backend import NumpyBackend
 
 pytestmark = pytest.mark.gpu
@@ -79,11 +80,11 @@ def backend(layout, dtype, bn_launches=2):
 
 
 @contextlib.contextmanager
-def batchnorm_path(be, one_launch, two_launches, x, read, staged):
+def batchnorm_path(be, one_launch, two_launches, x, read, staged, template_args=None):
     """Asserts the BatchNorm pass launched its one-launch kernel when the backend runs one launch per pass and
     the GPU holds that kernel's capped grid, and the two launches otherwise (the documented fallback)."""
     c, inner, m = be._channel_geometry(x, x.shape[1] if be.layout == "NCHW" else x.shape[-1])
-    one = be._bn_one_launch_plan(one_launch, x, c, m, inner, read, staged) is not None
+    one = be._bn_one_launch_plan(one_launch, x, c, m, inner, read, staged, template_args) is not None
     before = be.kernels.launches[one_launch]
     with fast_path(be, kernels=(one_launch,) if one else two_launches):
         yield
@@ -469,7 +470,8 @@ def batchnorm_backward_with(be, a, mask, dy, x, gamma, beta, saved_mean, saved_i
     c = gamma.size
     dx, dgamma, dbeta = a.nan(x.shape), a.nan((c,), np.float32), a.nan((c,), np.float32)
     read = (dy, x) if from_x or not relu else (dy, x, y)
-    with batchnorm_path(be, "bn_grad_dx", ("bn_grad", "bn_backward_dx"), x, read, 6):
+    template = (ctype(x.dtype), RELU_FROM_INPUT if from_x else RELU_FROM_OUTPUT if relu else RELU_NONE)
+    with batchnorm_path(be, "bn_grad_dx", ("bn_grad", "bn_backward_dx"), x, read, 6 if from_x else 5, template):
         be.batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=y if relu else None,
                               beta=beta if from_x else None)
     return dx, dgamma, dbeta
@@ -510,6 +512,58 @@ def test_batchnorm_backward(layout, dtype, shape, mask, launches):
     assert_close(a.get(dgamma), expected_dgamma, f32, scale=np.abs(dz * xhat).sum(axis=channel_axes(layout)),
                  what="dgamma")
     assert_close(a.get(dx), expected_dx, REDUCTION[dtype], scale=rms(expected_dx), what="dx")
+
+
+def first_of_each_channel(layout, a):
+    """The first element of every channel (image 0, row 0, column 0) of an activation in `layout`."""
+    return a[0, :, 0, 0] if layout == "NCHW" else a[0, 0, 0, :]
+
+
+@params()
+@pytest.mark.parametrize("forward", ["2launches", "1launch", "sums"])
+def test_the_relu_mask_from_x_is_y_s_at_the_rounding_boundaries(layout, dtype, forward):
+    """The mask recomputed from x must round as the forward did. beta is set so that each channel's first element
+    lands where another rounding would change the mask: in half the channels its normalized value is exactly
+    the rounding error of (x - mean) * (gamma * invstd) (fused with beta, as bn_affine does, it is that error, of
+    either sign; a separate multiply and add would give 0); in the others gamma is so small that every value is
+    below bfloat16's smallest subnormal (then y is 0 in bfloat16 though the float32 value is > 0, where the GPU does
+    not flush it). Both backward modes must give the same bits, after every forward path: BatchNorm's own
+    statistics in two launches or one, and statistics from a convolution's sums."""
+    be = backend(layout, dtype, 1 if forward == "1launch" else 2)
+    a = Arrays(be, seed=31)
+    shape, c = (4, 64, 4, 4), 64
+    x, x_ref = a.activation(*shape, scale=1.5, offset=1.0)
+    centered = x_ref.reshape(-1, c) if layout == "NHWC" else x_ref.transpose(0, 2, 3, 1).reshape(-1, c)
+    sums = a.put(np.stack([centered.sum(axis=0), (centered * centered).sum(axis=0)]), dtype=np.float32)[0]
+    zeros = a.put(np.zeros(c), dtype=np.float32)[0]
+    saved_mean, saved_invstd, y = a.nan((c,), np.float32), a.nan((c,), np.float32), a.nan(x.shape)
+
+    def forward_with(gamma_host, beta_host):
+        gamma, beta = (a.put(v, dtype=np.float32)[0] for v in (gamma_host, beta_host))
+        moving = [a.vector(c)[0], a.vector(c)[0]]
+        if forward == "sums":
+            be.batchnorm_train_from_sums(x, sums, zeros, centered.shape[0], gamma, beta, *moving, 0.9, 1e-5, y,
+                                         saved_mean, saved_invstd, relu=True)
+        else:
+            be.batchnorm_train_forward(x, gamma, beta, *moving, 0.9, 1e-5, y, saved_mean, saved_invstd, relu=True)
+        return gamma, beta
+
+    gamma_host = a.rng.uniform(0.5, 1.5, c).astype(np.float32)
+    forward_with(gamma_host, np.zeros(c, np.float32))           # the statistics, which beta does not change
+    mean, invstd = be.to_host(saved_mean), be.to_host(saved_invstd)
+    d = first_of_each_channel(layout, x_ref).astype(np.float32) - mean       # float32 arithmetic, as the kernels
+    beta_host = -(d * (gamma_host * invstd))
+    tiny = np.arange(c) >= c // 2
+    gamma_host[tiny], beta_host[tiny] = np.float32(2.0 ** -140), 0.0
+    gamma, beta = forward_with(gamma_host, beta_host)
+    assert np.array_equal(be.to_host(saved_mean), mean) and np.array_equal(be.to_host(saved_invstd), invstd)
+    at_error = first_of_each_channel(layout, a.get(y))[~tiny]
+    assert (at_error > 0).any() and (at_error == 0).any()     # the boundary is really there, on both sides
+    dy = a.activation(*shape)[0]
+    results = [batchnorm_backward_with(be, a, mask, dy, x, gamma, beta, saved_mean, saved_invstd, y)
+               for mask in ("relu_from_x", "relu")]
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(be.to_host(got).view(np.uint8), be.to_host(want).view(np.uint8))
 
 
 @params(layouts=("NHWC",))      # NCHW needs a block per channel: 16 do not fit 2 (the fallback is tested above)

@@ -61,7 +61,7 @@ except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
 from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS
-from cupynet.backends.kernels import KernelLibrary, ctype
+from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
@@ -151,18 +151,16 @@ def _present(**arrays):
     return {name: array for name, array in arrays.items() if array is not None}
 
 
-RELU_NONE, RELU_FROM_OUTPUT, RELU_FROM_INPUT = 0, 1, 2     # kernels/batchnorm.cu's ReluMask
-
-
 def _relu_operands(y, beta, dy, gamma):
-    """(relu, y_or_unused, beta_or_unused) kernel arguments for a BatchNorm backward's optional fused relu: none
-    without y; with beta as well, the mask recomputed from x (RELU_FROM_INPUT: y is never read); else read from y.
-    The kernels take pointers either way and never read the ones their mode does not use (dy, gamma stand in)."""
+    """(relu, y_or_unused, beta_or_unused) for a BatchNorm backward's optional fused relu: its kernels' ReluMask
+    template argument, none without y; with beta as well, the mask recomputed from x (RELU_FROM_INPUT: y is never
+    read); else read from y. The kernels take pointers either way and never read the ones their mode does not use
+    (dy, gamma stand in)."""
     if y is None:
-        return _i32(RELU_NONE), dy, gamma
+        return RELU_NONE, dy, gamma
     if beta is not None:
-        return _i32(RELU_FROM_INPUT), dy, beta
-    return _i32(RELU_FROM_OUTPUT), y, gamma
+        return RELU_FROM_INPUT, dy, beta
+    return RELU_FROM_OUTPUT, y, gamma
 
 
 class CupyBackend(LayoutMixin):
@@ -469,11 +467,12 @@ class CupyBackend(LayoutMixin):
             self._bn_plans[key] = plan
         return plan
 
-    def _bn_one_launch_plan(self, kernel, x, channels, m, inner, reduce_arrays, staged):
+    def _bn_one_launch_plan(self, kernel, x, channels, m, inner, reduce_arrays, staged, template_args=None):
         """The geometry of a one-launch pass (kernel: bn_stats_apply or bn_grad_dx, which stage `staged`
-        per-channel arrays in shared memory after their grid-wide wait), or None when the two-launch path
-        must run instead (always with bn_launches=2): the partial-sum plan with its slices capped so that the GPU holds every block at
-        once (the wait would otherwise never end), and dynamic shared memory for the staged arrays too.
+        per-channel arrays in shared memory after their grid-wide wait; template_args: the instantiation's, by
+        default x's type alone), or None when the two-launch path must run instead (always with bn_launches=2):
+        the partial-sum plan with its slices capped so that the GPU holds every block at once (the wait would
+        otherwise never end), and dynamic shared memory for the staged arrays too.
 
         The backward's one launch runs only when the weight gradients do not overlap it (overlap_wgrad
         off): a cuDNN kernel beside it on a side stream could hold SM slots this grid needs while waiting for
@@ -485,7 +484,8 @@ class CupyBackend(LayoutMixin):
         shared_mem = max(plan["shared_mem"], staged * channels * 4)
         if shared_mem > MAX_DYNAMIC_SHARED_BYTES:
             return None
-        resident = self.kernels.resident_blocks(kernel, (ctype(x.dtype),), plan["block"][0], shared_mem)
+        resident = self.kernels.resident_blocks(kernel, template_args or (ctype(x.dtype),), plan["block"][0],
+                                                shared_mem)
         tiles, slices = plan["grid"]
         if resident < tiles:
             return None
@@ -569,16 +569,16 @@ class CupyBackend(LayoutMixin):
         self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
         return y
 
-    def _bn_sums(self, partials_kernel, args, x, channels, sums, read):
+    def _bn_sums(self, partials_kernel, args, x, channels, sums, read, more_types=()):
         """One split-BN reduction: partials_kernel(*args, cw, partials, vec) then (2, C) float64 sums.
 
         The reduction stages of the fused path, ending in bn_sums_finalize instead of a fused finalize.
-        `read`: the activations the kernel reads per element.
+        `read`: the activations the kernel reads per element; template arguments: x's type, then more_types.
         """
         _require_dtype(np.float64, sums=sums)
         c, inner, m = self._channel_geometry(x, channels)
         plan, partials = self._bn_partials(x, c, m, inner, read)
-        self.kernels.launch(partials_kernel, (ctype(x.dtype),), plan["grid"], plan["block"],
+        self.kernels.launch(partials_kernel, (ctype(x.dtype), *more_types), plan["grid"], plan["block"],
                             (*args, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
         self.kernels.launch("bn_sums_finalize", (), (c,), (FINALIZE_THREADS,),
@@ -651,26 +651,27 @@ class CupyBackend(LayoutMixin):
         c, inner, m = self._channel_geometry(x, gamma.size)
         n = _count(x)
         relu, y_or_unused, beta_or_unused = _relu_operands(y, beta, dy, gamma)
-        t = (ctype(x.dtype),)
+        t = (ctype(x.dtype), relu)
         read = (dy, x) if y_or_unused is dy else (dy, x, y)
-        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, 6)
+        staged = 6 if relu == RELU_FROM_INPUT else 5            # bn_grad_dx_staged: beta only to recompute
+        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, staged, t)
         if plan is not None:
             partials = self._bn_partials_buffer(plan, c)
             self.kernels.launch("bn_grad_dx", t, plan["grid"], plan["block"],
-                                (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused, _i32(c),
+                                (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused, _i32(c),
                                  _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(), dgamma, dbeta,
                                  dx, _i32(n), _i32(plan["vec"]), _i32(_pack_aligned(read + (dx,)))),
                                 shared_mem=plan["shared_mem"])
             return dx
         plan, partials = self._bn_partials(x, c, m, inner, read)
         self.kernels.launch("bn_grad", t, plan["grid"], plan["block"],
-                            (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused,
+                            (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused,
                              _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
                              dgamma, dbeta, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
         self._launch_packed("bn_backward_dx", x.dtype, n, read + (dx,),
-                            (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused, dgamma,
-                             dbeta, dx, _i32(n), _i32(c), _i32(inner), _i32(m)))
+                            (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused, dgamma, dbeta, dx,
+                             _i32(n), _i32(c), _i32(inner), _i32(m)), more_types=(relu,))
         return dx
 
     @_primitive
@@ -679,8 +680,8 @@ class CupyBackend(LayoutMixin):
         _require_dtype(np.float32, saved_mean=saved_mean, saved_invstd=saved_invstd)
         _same_dtype(x, **_present(dy=dy, y=y))
         relu, y_or_unused, unused = _relu_operands(y, None, dy, saved_mean)    # sync BN reads the mask from y
-        return self._bn_sums("bn_grad_partials", (dy, x, y_or_unused, relu, saved_mean, saved_invstd, unused, unused),
-                             x, saved_mean.size, sums, (dy, x, y_or_unused))
+        return self._bn_sums("bn_grad_partials", (dy, x, y_or_unused, saved_mean, saved_invstd, unused, unused),
+                             x, saved_mean.size, sums, (dy, x, y_or_unused), more_types=(relu,))
 
     @_primitive
     def batchnorm_backward_from_sums(self, dy, x, y, gamma, saved_mean, saved_invstd, sums, count,
@@ -696,8 +697,8 @@ class CupyBackend(LayoutMixin):
         self._launch_1d("bn_grad_from_sums", (), c, (sums, _i32(c), dgamma, dbeta))
         relu, y_or_unused, unused = _relu_operands(y, None, dy, gamma)
         self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
-                            (dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, unused, dgamma, dbeta,
-                             dx, _i32(n), _i32(c), _i32(inner), _i32(count)))
+                            (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, unused, dgamma, dbeta, dx, _i32(n),
+                             _i32(c), _i32(inner), _i32(count)), more_types=(relu,))
         return dx
 
     # ----------------------------------------------------------------- elementwise

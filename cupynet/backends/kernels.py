@@ -27,6 +27,9 @@ FLOAT = "float"
 BF16 = "__nv_bfloat16"
 ACTIVATION_TYPES = (FLOAT, BF16)          # the activation dtypes: float32, bfloat16
 REDUCED_TYPES = (FLOAT, "double", "long long")   # what communicators reduce: parameters, sums, counts
+# the BatchNorm backward's fused relu (kernels/batchnorm.cu's ReluMask, a template argument of its kernels)
+RELU_NONE, RELU_FROM_OUTPUT, RELU_FROM_INPUT = "RELU_NONE", "RELU_FROM_OUTPUT", "RELU_FROM_INPUT"
+RELU_MASKS = (RELU_NONE, RELU_FROM_OUTPUT, RELU_FROM_INPUT)
 
 COMPILE_OPTIONS = ("-std=c++17",)         # CuPy adds -ftz=true, the arch, and its include paths
 HEADER = "common.cuh"
@@ -57,11 +60,12 @@ KERNELS = {
         "bn_apply": _per_type(*ACTIVATION_TYPES),
         # the forward from sums in one launch: (activation, sums) types, sync BN's double or genstats' float
         "bn_apply_from_sums": [(t, s) for t in ACTIVATION_TYPES for s in ("double", FLOAT)],
-        "bn_grad": _per_type(*ACTIVATION_TYPES),
-        "bn_grad_partials": _per_type(*ACTIVATION_TYPES),
-        "bn_backward_dx": _per_type(*ACTIVATION_TYPES),
+        # the backward: (activation type, relu mask); sync BN's partials never recompute the mask
+        "bn_grad": [(t, r) for t in ACTIVATION_TYPES for r in RELU_MASKS],
+        "bn_grad_partials": [(t, r) for t in ACTIVATION_TYPES for r in (RELU_NONE, RELU_FROM_OUTPUT)],
+        "bn_backward_dx": [(t, r) for t in ACTIVATION_TYPES for r in RELU_MASKS],
         "bn_stats_apply": _per_type(*ACTIVATION_TYPES),       # one-launch passes (--bn-launches 1)
-        "bn_grad_dx": _per_type(*ACTIVATION_TYPES),
+        "bn_grad_dx": [(t, r) for t in ACTIVATION_TYPES for r in RELU_MASKS],
     },
     "shortcut.cu": {
         "shortcut_forward": _per_type(*ACTIVATION_TYPES),
