@@ -12,7 +12,7 @@
 # so the further-runs stage runs too), the 300-step training run 5 steps. Stages that need PyTorch with CUDA skip
 # themselves, as on a machine without it. What it checks: every stage's commands run, their JSON reaches
 # best_step_options.py and the summary, and the options chosen are passed on; not a figure it prints.
-# Takes 10-15 minutes on the project's 2-core machine. The environment passes through (DEVICE_CHECK_SKIP,
+# Takes about 8 minutes on the project's 2-core machine. The environment passes through (DEVICE_CHECK_SKIP,
 # default "install,gpu_tests": the emulated suite is `pytest -m gpu` itself; DEVICE_CHECK_ACCURACY,
 # default 1; DEVICE_CHECK_OPTIONS_FROM). The CIFAR-10 converter needs Pillow: without it the data stages
 # fail or skip (their commands are then not rehearsed).
