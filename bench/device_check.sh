@@ -659,7 +659,7 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     print(f"\ntime to accuracy ({', '.join(options)}): "
           f"test {accuracy['test_accuracy']:.2%} in {accuracy['wall_seconds']} s wall "
-          f"(setup {accuracy.get('setup_seconds')} s), "
+          f"(setup {accuracy.get('setup_seconds')} s, warm-up {accuracy.get('warmup_seconds')} s of the training), "
           f"{accuracy['train_seconds']} s training ({accuracy['images_per_sec']} img/s)")
 
 try:

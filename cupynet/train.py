@@ -206,10 +206,19 @@ def train_loop(trainer, config, model_dir, metrics, out, chief=True):
         return 0.0
     started = time.time()
     mark_time, mark_step = started, trainer.step
+    warming_up = trainer.runner.capture
     while trainer.step < config.train_steps:
         lr = trainer.learning_rate
         trainer.train_step()
         step = trainer.step
+        if warming_up and trainer.runner.captured:
+            # What starting costs, once: the eager steps compiled kernels and picked cuDNN engines (autotuning
+            # every candidate), then the step was recorded and its first replay ran. Every later step is a replay.
+            trainer.be.synchronize()
+            warming_up, seconds = False, time.time() - started
+            out(f"warm-up: {seconds:.1f}s for the first {trainer.runner.eager_steps + 1} steps (eager steps "
+                f"autotuning the convolutions, then the step recorded as a CUDA graph); replays from here")
+            metrics.write("warmup", step=step, seconds=round(seconds, 3))
         if step % config.log_interval == 0 or step == config.train_steps:
             trainer.be.synchronize()
             now = time.time()

@@ -101,6 +101,16 @@ def test_time_to_accuracy_quick_trains_the_recipe_and_reports_the_curve(tmp_path
     assert curve[-1]["step"] == report["steps"] and all(point["loss"] > 0 for point in curve)
     assert [point["lr"] for point in curve][-1] == 0.001          # the last quarter runs at the last rate
     assert 0 <= report["setup_seconds"] <= report["wall_seconds"]
+    assert report["warmup_seconds"] is None             # the CPU records no step: no warm-up to report
+
+
+def test_time_to_accuracy_times_the_warm_up_from_the_start_event():
+    from bench.time_to_accuracy import training_seconds, warmup_seconds
+    metrics = [{"event": "start", "time": 100.0}, {"event": "warmup", "step": 3, "time": 102.25},
+               {"event": "train", "step": 500, "time": 104.0}, {"event": "train", "step": 1000, "time": 106.5},
+               {"event": "eval", "time": 107.0}]
+    assert warmup_seconds(metrics) == 2.25 and training_seconds(metrics) == 6.5
+    assert warmup_seconds([m for m in metrics if m["event"] != "warmup"]) is None
 
 
 def test_time_to_accuracy_passes_the_step_options_on_to_training():

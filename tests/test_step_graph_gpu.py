@@ -9,6 +9,8 @@ replays), with evaluations in between (they reuse the training buffers of the sa
 not be corrupted by them). Both runs launch the same kernels in the same order on the same data with
 deterministic cuDNN engines, so every parameter, momentum and moving statistic must be equal exactly.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -242,3 +244,25 @@ def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset
     plain = train(TrainConfig(**dict(settings, conv_genstats=False), cuda_graph="off"), dataset,
                   make_backend(layout, dtype))
     np.testing.assert_allclose(captured[3], plain[3], rtol=1e-3 if emulated else 2e-2)
+
+
+def test_the_warm_up_is_reported_once_at_the_first_replayed_step(dataset, tmp_path):
+    """The training loop writes one warmup event, at the first replayed step (the eager steps, then the recording
+    and its first launch), with the seconds since training started, and prints them; an eager run writes none."""
+    from cupynet.report import MetricsLog
+    from cupynet.step_graph import WARMUP_STEPS
+    from cupynet.train import train_loop
+    for mode in ("on", "off"):
+        config = TrainConfig(**BASE, cuda_graph=mode, train_steps=6, log_interval=3, checkpoint_interval=100)
+        trainer = Trainer(config, dataset, make_backend("NHWC", "float32"))
+        model_dir, lines = tmp_path / mode, []
+        model_dir.mkdir()
+        train_loop(trainer, config, str(model_dir), MetricsLog(str(model_dir)), lines.append)
+        with open(model_dir / "metrics.jsonl") as f:
+            warmups = [event for event in map(json.loads, f) if event["event"] == "warmup"]
+        said = [line for line in lines if line.startswith("warm-up:")]
+        if mode == "on":
+            assert [event["step"] for event in warmups] == [WARMUP_STEPS + 1] and warmups[0]["seconds"] > 0
+            assert len(said) == 1 and f"the first {WARMUP_STEPS + 1} steps" in said[0]
+        else:
+            assert warmups == [] and said == []
