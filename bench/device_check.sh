@@ -657,9 +657,11 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append("genstats")
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
+    phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in (accuracy.get("setup_phases") or {}).items())
     print(f"\ntime to accuracy ({', '.join(options)}): "
           f"test {accuracy['test_accuracy']:.2%} in {accuracy['wall_seconds']} s wall "
-          f"(setup {accuracy.get('setup_seconds')} s, warm-up {accuracy.get('warmup_seconds')} s of the training), "
+          f"(setup {accuracy.get('setup_seconds')} s: {phases or '?'}; warm-up {accuracy.get('warmup_seconds')} s "
+          f"of the training), "
           f"{accuracy['train_seconds']} s training ({accuracy['images_per_sec']} img/s)")
 
 try:

@@ -140,7 +140,8 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
         "results": [{"batch": 128, "layout": "NHWC", "dtype": "bfloat16", "ratio_vs_torch_graph": 1.4}]}))
     (tmp_path / "accuracy.json").write_text(json.dumps({
         "args": {"dtype": "bfloat16", "seed": 0, "conv_genstats": True}, "test_accuracy": 0.88, "wall_seconds": 140,
-        "train_seconds": 133, "images_per_sec": 41000}))
+        "train_seconds": 133, "images_per_sec": 41000, "setup_seconds": 6.9,
+        "setup_phases": {"data": 1.2, "backend": 4.5, "model": 1.2}, "warmup_seconds": 0.61}))
     sys.path.insert(0, str(REPO / "bench"))
     import timeline                                             # the timeline stage's JSON, from a made-up trace
     kernels = [("cupynet_timeline_marker", 0, 1), ("augment_train_batch", 10, 2), ("sm90_xmma_wgrad_x", 12, 30),
@@ -164,6 +165,7 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert re.search(r"-\s+\+ split-K \+ genstats, 2 BN launch\(es\):.*\[genstats nothing counted\]", result.stdout)
     assert "(1 wgrad stream(s), 1 chunk(s), any engine + genstats, 2 BN launch(es))" in result.stdout
     assert "time to accuracy (bfloat16, seed 0, genstats)" in result.stdout
+    assert "(setup 6.9 s: data 1.20, backend 4.50, model 1.20; warm-up 0.61 s of the training)" in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
