@@ -148,11 +148,13 @@ def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_th
     first = run_emulated(common + ["--gpus", "0,1", "--train-steps", "6"], devices=2)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "cupy on 0, 1" in first.stdout and "NCCL all-reduce" in first.stdout
+    assert first.stdout.count("warm-up: ") == 1              # the chief's, at the first replayed step
     assert re.search(r"final: \w+ accuracy [\d.]+% \(\d+/100\)", first.stdout), first.stdout
     second = run_emulated(common + ["--gpus", "0,1", "--train-steps", "9", "--wgrad-streams", "2", "--wgrad-chunks", "2"],
                           devices=2)
     assert second.returncode == 0 and "resuming from ckpt-00000006.npz (step 6)" in second.stdout, \
         second.stdout + second.stderr
+    assert second.stdout.count("warm-up: ") == 1             # a resumed run records its step again
     on_cpu = subprocess.run([sys.executable, *common, "--gpus", "cpu", "--train-steps", "10"], cwd=REPO,
                             capture_output=True, text=True, timeout=FILE_TIMEOUT_S)
     assert on_cpu.returncode == 0 and "resuming from ckpt-00000009.npz (step 9)" in on_cpu.stdout, \
