@@ -138,6 +138,12 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     (tmp_path / "vs_torch.json").write_text(json.dumps({         # the options a comparison and an accuracy run had
         "args": {"conv_genstats": True, "conv_deterministic": False},
         "results": [{"batch": 128, "layout": "NHWC", "dtype": "bfloat16", "ratio_vs_torch_graph": 1.4}]}))
+    (tmp_path / "vs_torch_fp32.json").write_text(json.dumps({    # options that did not verify, then the defaults
+        "args": {"wgrad_streams": 4}, "results": [],
+        "verification": [{"layout": "NCHW", "dtype": "float32", "passed": False, "loss_rel_error": 0.02}]}))
+    (tmp_path / "vs_torch_fp32_defaults.json").write_text(json.dumps({
+        "args": {}, "verification": [{"layout": "NCHW", "dtype": "float32", "passed": True}],
+        "results": [{"batch": 128, "layout": "NCHW", "dtype": "float32", "ratio_vs_torch_graph": 1.6}]}))
     (tmp_path / "accuracy.json").write_text(json.dumps({
         "args": {"dtype": "bfloat16", "seed": 0, "conv_genstats": True}, "test_accuracy": 0.88, "wall_seconds": 140,
         "train_seconds": 133, "images_per_sec": 41000, "setup_seconds": 6.9,
@@ -165,6 +171,9 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert re.search(r"-\s+\+ split-K \+ genstats, 2 BN launch\(es\):.*\[genstats nothing counted\]", result.stdout)
     assert "(1 wgrad stream(s), 1 chunk(s), any engine + genstats, 2 BN launch(es))" in result.stdout
     assert "time to accuracy (bfloat16, seed 0, genstats)" in result.stdout
+    assert ("vs_torch_fp32.json: NCHW float32 did NOT verify against PyTorch (4 wgrad stream(s), 1 chunk(s), "
+            "deterministic, 2 BN launch(es)): loss rel 0.02") in result.stdout
+    assert re.search(r"batch 128 NCHW float32\s+vs graphed 1.6x.*\(1 wgrad stream\(s\), 1 chunk", result.stdout)
     assert "(setup 6.9 s: data 1.20, backend 4.50, model 1.20; warm-up 0.61 s of the training)" in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
@@ -302,7 +311,10 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",
-                 "files": "/out/step_options.json /out/step_options_bn.json"}
+                 "files": "/out/step_options.json /out/step_options_bn.json",
+                 # compare_with_torch's arguments
+                 "dtype": "bfloat16", "batch": "128", "layouts": "NHWC,NCHW", "name": "vs_torch",
+                 "options": "--wgrad-streams 3 --no-conv-deterministic --conv-split-k --bn-launches 1 --conv-genstats"}
 
 
 def script_python_commands():
@@ -373,3 +385,36 @@ def test_the_rehearsal_shrinks_every_full_size_run_of_the_device_check():
     assert "cap=$(($2 * 12))" in result.stdout and "ACCURACY_RUN_S=2400" in result.stdout
     parsed = subprocess.run(["bash", "-n"], input=result.stdout, capture_output=True, text=True, timeout=30)
     assert parsed.returncode == 0, parsed.stderr
+
+
+FAKE_VS_TORCH = """import json, sys
+args = sys.argv[1:]
+with open("calls.txt", "a") as f:
+    print(" ".join(args), file=f)
+passed = "--conv-genstats" not in args           # these options do not verify; the defaults do
+report = {"verification": [{"layout": "NHWC", "dtype": "bfloat16", "passed": passed}],
+          "results": [{"batch": 128}] if passed else []}
+json.dump(report, open(args[args.index("--json") + 1], "w"))
+sys.exit(0 if passed else 1)
+"""
+
+
+@needs_bash
+@pytest.mark.parametrize("options, runs", [("--conv-genstats", 2), ("--wgrad-streams 2", 1), ("", 1)])
+def test_options_that_do_not_verify_against_pytorch_are_compared_again_with_the_defaults(tmp_path, options, runs):
+    """compare_with_torch: step options whose step disagrees with PyTorch's (nothing timed) fail the stage, and the
+    comparison runs again with the defaults, so issue 6's ratios are measured all the same; options that verify,
+    and the defaults themselves, run once."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "vs_torch.py").write_text(FAKE_VS_TORCH)
+    define = f'source <(sed -n "/^compare_with_torch()/,/^}}/p" {SCRIPT})'
+    result = subprocess.run(["bash", "-c", f'{define}; compare_with_torch bfloat16 128 NHWC,NCHW "$OPTIONS" vs_torch'],
+                            cwd=tmp_path, env=dict(os.environ, PY=sys.executable, OUT=str(tmp_path), OPTIONS=options),
+                            capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert len(calls) == runs and result.returncode == (1 if runs == 2 else 0), (calls, result.stdout, result.stderr)
+    assert calls[0].endswith(f"--dtypes bfloat16 {options} --json {tmp_path}/vs_torch.json".replace("  ", " "))
+    if runs == 2:
+        assert calls[1].endswith(f"--dtypes bfloat16 --json {tmp_path}/vs_torch_defaults.json")
+        assert json.loads((tmp_path / "vs_torch_defaults.json").read_text())["results"]
+        assert "not verified against PyTorch; the defaults now" in result.stdout
