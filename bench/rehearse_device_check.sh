@@ -21,8 +21,7 @@ set -euo pipefail
 shrink() {   # device_check.sh on stdin -> its rehearsal version on stdout
     sed -e 's/--depths 44/--depths 8/g; s/--depth 44/--depth 8/g' \
         -e 's/--batches 128/--batches 16/g; s/--batch 128/--batch 16/g; s/--batches 512/--batches 32/g' \
-        -e 's/--batch 512/--batch 32/g; s/bfloat16 128)/bfloat16 16)/; s/float32 128)/float32 16)/' \
-        -e 's/bfloat16 512)/bfloat16 32)/' \
+        -e 's/--batch 512/--batch 32/g; s/\(bfloat16\|float32\) 128\b/\1 16/g; s/\(bfloat16\|float32\) 512\b/\1 32/g' \
         -e 's/--warmup 5/--warmup 1/g; s/--steps 20/--steps 2/g; s/--steps 10/--steps 2/g' \
         -e 's/--repeats 5/--repeats 2/g' \
         -e 's/--steps 5 /--steps 1 /g' \
