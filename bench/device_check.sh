@@ -441,8 +441,13 @@ else
     skip_stage accuracy "needs the converted CIFAR-10 data"
 fi
 
+# PyTorch with CUDA, which the comparisons and the timeline's profiler need: asked once (importing torch takes
+# seconds of the device's time)
+TORCH_CUDA=0
+if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then TORCH_CUDA=1; fi
+
 # Issue 6's ratios: each precision with its fastest options (the JSON records them), fp32 even when bf16 failed.
-if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+if ((TORCH_CUDA)); then
     run_stage vs_torch 180 bash -c 'rc=0
         compare_with_torch bfloat16 128 NHWC,NCHW "$BEST_BF16" vs_torch || rc=1
         compare_with_torch float32 128 NHWC,NCHW "$BEST_FP32" vs_torch_fp32 || rc=1
@@ -468,7 +473,7 @@ run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --la
 
 # Where the captured step's time goes with the fastest options, kernel by kernel and stream by stream (PyTorch's
 # profiler records the replays): which chain bounds the step, how much of it the GPU idles, what dominates.
-if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+if ((TORCH_CUDA)); then
     run_stage timeline 60 bash -c '"$PY" bench/timeline.py --device 0 --depth 44 --batch 128 --dtype bfloat16 \
         $BEST_BF16 --json "$OUT/timeline_128.json" --trace "$OUT/timeline_128.trace.json.gz"'
     run_stage timeline512 60 bash -c '"$PY" bench/timeline.py --device 0 --depth 44 --batch 512 --dtype bfloat16 \
