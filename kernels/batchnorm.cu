@@ -9,7 +9,7 @@
  *                      float32 accumulation, written to partials[2][P][C]; K = the channel's first
  *                      element (a shift that keeps the one-pass variance free of cancellation when
  *                      |mean| >> std). The last block to finish (see last_block_to_arrive) then adds
- *                      each channel's P partials in double, one warp per channel, writes the saved mean
+ *                      each channel's P partials in double, eight lanes per channel, writes the saved mean
  *                      and 1/sqrt(var + eps), and updates the moving statistics on the device (the
  *                      moving variance takes the unbiased m/(m-1) variance, as TensorFlow's fused batch
  *                      norm);
@@ -159,16 +159,33 @@ __device__ void store_tile_sums(float (&a)[V], float (&b)[V], const ChannelTile&
     }
 }
 
-// Channel c's totals over the P slices, added in double by one warp (lane: 0..31); complete in lane 0.
-// __ldcg reads through L2: in the finalizing block, partials were written by other blocks.
-__device__ double2 sum_partials(const float* partials, int slices, int C, int c, int lane)
+// Channel totals: SLICE_LANES lanes of a warp add one channel's P partials in double, so a warp finishes
+// CHANNELS_PER_WARP channels at once. A single lane per channel left the finalizing block walking the channels
+// one after another: on an H100 that tail cost bn_stats and bn_grad about 2 us per channel a warp had, more than
+// their pass over the activations (a ResNet-44 step spent 1.4 of its 3.4 ms in the two).
+#define SLICE_LANES 8
+#define CHANNELS_PER_WARP (32 / SLICE_LANES)
+
+// Channel c's totals over the P slices: lane j (0..SLICE_LANES-1, its place among c's lanes) adds slices j,
+// j + SLICE_LANES, ..., then shuffles add the lanes. Complete in the lane with j == 0. Every lane of the warp
+// calls it (one with c >= C adds nothing); the order depends on P alone, so every kernel that adds partials
+// this way gives the same bits. __ldcg reads through L2: partials were written by other blocks.
+__device__ double2 sum_partials(const float* partials, int slices, int C, int c, int j)
 {
     double a = 0.0, b = 0.0;
-    for (int p = lane; p < slices; p += 32) {
-        a += __ldcg(partials + p * C + c);
-        b += __ldcg(partials + (slices + p) * C + c);
+    if (c < C) {
+#pragma unroll 4
+        for (int p = j; p < slices; p += SLICE_LANES) {
+            a += __ldcg(partials + p * C + c);
+            b += __ldcg(partials + (slices + p) * C + c);
+        }
     }
-    return make_double2(warp_sum(a), warp_sum(b));
+    // Lane j reads lane j + offset, within its own channel's lanes for every j the j == 0 result depends on.
+    for (int offset = SLICE_LANES / 2; offset > 0; offset >>= 1) {
+        a += __shfl_down_sync(0xffffffffu, a, offset);
+        b += __shfl_down_sync(0xffffffffu, b, offset);
+    }
+    return make_double2(a, b);
 }
 
 // True in every thread of the launch's last block to finish its partial sums (exactly one block).
@@ -272,16 +289,19 @@ __device__ __forceinline__ bool relu_passes(float y_value, Affine affine)
     else return to_float(from_float<T>(affine())) > 0.0f;
 }
 
-// In the last block of a one-launch reduction: finish(c, totals) for every channel c, its P partials added
-// by one full warp (lane 0 calls finish). A block of e.g. 240 threads ends in a partial warp: it sits out.
+// In the last block of a one-launch reduction: finish(c, totals) for every channel c, its P partials added by
+// SLICE_LANES lanes (sum_partials), CHANNELS_PER_WARP channels per warp at a time, so that the channels'
+// finishes run side by side. A block of e.g. 240 threads ends in a partial warp: it sits out.
 template <typename Finish>
 __device__ void finish_channels(const float* partials, int C, Finish finish)
 {
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (warp >= warps) return;
-    for (int c = warp; c < C; c += warps) {
-        const double2 sums = sum_partials(partials, gridDim.y, C, c, lane);
-        if (lane == 0) finish(c, sums);
+    const int j = lane % SLICE_LANES;
+    for (int first = warp * CHANNELS_PER_WARP; first < C; first += warps * CHANNELS_PER_WARP) {
+        const int c = first + lane / SLICE_LANES;
+        const double2 sums = sum_partials(partials, gridDim.y, C, c, j);
+        if (j == 0 && c < C) finish(c, sums);
     }
 }
 
@@ -374,7 +394,7 @@ __device__ void finish_statistics(const T* x, const float* partials, int C, int 
 
 // The training forward's statistics in one launch. x: activation; partials: (2, P, C) float32 scratch;
 // arrivals: the backend's counter (0 between launches). grid (ceil(C / V / cw) or C, P), block cw * rows
-// (at least 32 threads): the last block adds each channel's partials with one full warp per channel.
+// (at least 32 threads): the last block adds each channel's partials (finish_channels).
 template <typename T>
 __global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* partials, unsigned int* arrivals,
                          double decay, double eps, float* running_mean, float* running_var, float* saved_mean,
@@ -408,14 +428,15 @@ __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C,
     }
 }
 
-// grid C, block 32: sums (2, C) double <- the P partials of each channel added in double. Used by both
-// split halves (forward statistics and backward gradient sums): the (2, C) totals are what the
-// communicator reduces between the reduction and the rest of the layer.
+// grid ceil(C / CHANNELS_PER_WARP), block 32: sums (2, C) double <- the P partials of each channel added
+// in double as finish_channels adds them. Used by both split halves (forward statistics and backward gradient
+// sums): the (2, C) totals are what the communicator reduces between the reduction and the rest of the layer.
 extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, int C, double* sums)
 {
-    const int c = blockIdx.x;
-    const double2 s = sum_partials(partials, slices, C, c, threadIdx.x);
-    if (threadIdx.x == 0) {
+    const int j = threadIdx.x % SLICE_LANES;
+    const int c = blockIdx.x * CHANNELS_PER_WARP + threadIdx.x / SLICE_LANES;
+    const double2 s = sum_partials(partials, slices, C, c, j);
+    if (j == 0 && c < C) {
         sums[c] = s.x;
         sums[C + c] = s.y;
     }

@@ -68,7 +68,8 @@ DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
 AUGMENT_PAD = 4                     # the reference's pad-4 crop: offsets in [0, 9)
 BN_THREADS = 256                    # threads per block of the BatchNorm partial sums
-FINALIZE_THREADS = 32               # one warp per channel adds the partial sums
+FINALIZE_THREADS = 32               # bn_sums_finalize: one warp a block,
+FINALIZE_CHANNELS = 4               # adding this many channels' partial sums (batchnorm.cu's CHANNELS_PER_WARP)
 HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
 MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
 PACK_BYTES = 16                     # what kernels move per load and store on their vector paths
@@ -581,7 +582,7 @@ class CupyBackend(LayoutMixin):
         self.kernels.launch(partials_kernel, (ctype(x.dtype), *more_types), plan["grid"], plan["block"],
                             (*args, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
-        self.kernels.launch("bn_sums_finalize", (), (c,), (FINALIZE_THREADS,),
+        self.kernels.launch("bn_sums_finalize", (), (-(-c // FINALIZE_CHANNELS),), (FINALIZE_THREADS,),
                             (partials, _i32(plan["slices"]), _i32(c), sums))
         return sums
 
