@@ -174,7 +174,7 @@ __device__ double2 sum_partials(const float* partials, int slices, int C, int c,
 {
     double a = 0.0, b = 0.0;
     if (c < C) {
-#pragma unroll 4
+#pragma unroll 8     // up to 16 loads in flight per lane: a finalize waits on L2 latency, not bandwidth
         for (int p = j; p < slices; p += SLICE_LANES) {
             a += __ldcg(partials + p * C + c);
             b += __ldcg(partials + (slices + p) * C + c);
