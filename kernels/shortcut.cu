@@ -9,18 +9,53 @@
  * without writing the masked gradient or the shortcut's own gradient out first.
  * NumPy twin: NumpyBackend.shortcut_forward / shortcut_backward. Loaded by cupynet/backends/kernels.py.
  *
- * One thread per output element (a gather: no atomics); one kernel for both layouts.
+ * One thread per output element (a gather: no atomics); one kernel for both layouts. In NHWC, with vec = 1
+ * (every array 16-byte aligned, the backend checks) and Cin and the padding below both multiples of a pack,
+ * a thread takes a 16-byte pack of adjacent channels instead: one index decode and one load or store
+ * instruction per array for 4 floats or 8 bfloat16. The element-wise index arithmetic (three divisions per
+ * element) is what made these kernels 3-5 times slower than their bytes on an H100 (a ResNet-44 bf16 step:
+ * 12 and 7 us forward, 19 us backward per call at 1-4 MB). Both paths add in the same order: same bits.
  */
 #include "common.cuh"
+
+// Whether a shortcut kernel can take packs of P adjacent channels: NHWC, vec, and no pack straddling the
+// padding's edges (so that a pack is wholly padding or wholly copied).
+__device__ __forceinline__ bool channel_packs(int P, int vec, int channels_last, int Cin, int lo)
+{
+    return vec && channels_last && Cin % P == 0 && lo % P == 0;
+}
 
 // x: (N, Cin, H, W) per layout; y: (N, Cout, Ho, Wo), Ho = H / stride, Wo = W / stride, Cout >= Cin.
 template <typename T>
 __global__ void shortcut_forward(const T* x, T* y, int N, int Cin, int H, int W, int Cout, int Ho, int Wo,
-                                 int stride, int channels_last)
+                                 int stride, int channels_last, int vec)
 {
+    constexpr int P = Pack<T>::size;
     const int lo = (Cout - Cin) / 2;
     const int total = N * Cout * Ho * Wo;
     const float window = (float)(stride * stride);
+    if (channel_packs(P, vec, channels_last, Cin, lo)) {
+        for (int j = first_index(); j < total / P; j += grid_stride()) {
+            int n, c, h, w;
+            decode_offset(j * P, Cout, Ho, Wo, 1, n, c, h, w);
+            const int ci = c - lo;
+            float v[P] = {};
+            if (ci >= 0 && ci < Cin) {
+                for (int a = 0; a < stride; ++a) {
+                    for (int b = 0; b < stride; ++b) {
+                        float e[P];
+                        load_pack(x, offset_of(n, ci, h * stride + a, w * stride + b, Cin, H, W, 1) / P, e);
+#pragma unroll
+                        for (int k = 0; k < P; ++k) v[k] += e[k];
+                    }
+                }
+#pragma unroll
+                for (int k = 0; k < P; ++k) v[k] /= window;
+            }
+            store_pack(y, j, v);
+        }
+        return;
+    }
     for (int i = first_index(); i < total; i += grid_stride()) {
         int n, c, h, w;
         decode_offset(i, Cout, Ho, Wo, channels_last, n, c, h, w);
@@ -39,16 +74,48 @@ __global__ void shortcut_forward(const T* x, T* y, int N, int Cin, int H, int W,
     }
 }
 
+// One element of the shortcut's input gradient: g / window, or 0 where masked and the relu output m is not > 0.
+__device__ __forceinline__ float shortcut_gradient(float g, float m, int masked, float window)
+{
+    return (masked && !(m > 0.0f) ? 0.0f : g) / window;
+}
+
 // dy, mask: (N, Cout, Ho, Wo); dx: (N, Cin, H, W). dx = [dx +] adjoint(dy [where mask > 0, else 0]):
 // mask is read only when masked is 1 (the backend passes dy otherwise, never a null pointer); with
 // accumulate 0 dx is written entirely, with 1 the shortcut's gradient is added to it (one rounding).
 template <typename T>
 __global__ void shortcut_backward(const T* dy, const T* mask, int masked, T* dx, int accumulate, int N, int Cin,
-                                  int H, int W, int Cout, int Ho, int Wo, int stride, int channels_last)
+                                  int H, int W, int Cout, int Ho, int Wo, int stride, int channels_last, int vec)
 {
+    constexpr int P = Pack<T>::size;
     const int lo = (Cout - Cin) / 2;
     const int total = N * Cin * H * W;
     const float window = (float)(stride * stride);
+    if (channel_packs(P, vec, channels_last, Cin, lo)) {
+        for (int j = first_index(); j < total / P; j += grid_stride()) {
+            int n, c, h, w;
+            decode_offset(j * P, Cin, H, W, 1, n, c, h, w);
+            const int ho = h / stride;
+            const int wo = w / stride;
+            float v[P] = {};
+            if (ho < Ho && wo < Wo) {
+                const int o = offset_of(n, c + lo, ho, wo, Cout, Ho, Wo, 1) / P;
+                float g[P], m[P];
+                load_pack(dy, o, g);
+                if (masked) load_pack(mask, o, m);
+#pragma unroll
+                for (int k = 0; k < P; ++k) v[k] = shortcut_gradient(g[k], masked ? m[k] : 0.0f, masked, window);
+            }
+            if (accumulate) {
+                float d[P];
+                load_pack(dx, j, d);
+#pragma unroll
+                for (int k = 0; k < P; ++k) v[k] = d[k] + v[k];
+            }
+            store_pack(dx, j, v);
+        }
+        return;
+    }
     for (int i = first_index(); i < total; i += grid_stride()) {
         int n, c, h, w;
         decode_offset(i, Cin, H, W, channels_last, n, c, h, w);
@@ -57,8 +124,7 @@ __global__ void shortcut_backward(const T* dy, const T* mask, int masked, T* dx,
         float v = 0.0f;
         if (ho < Ho && wo < Wo) {
             const int o = offset_of(n, c + lo, ho, wo, Cout, Ho, Wo, channels_last);
-            const float g = to_float(dy[o]);
-            v = (masked && !(to_float(mask[o]) > 0.0f) ? 0.0f : g) / window;
+            v = shortcut_gradient(to_float(dy[o]), masked ? to_float(mask[o]) : 0.0f, masked, window);
         }
         dx[i] = from_float<T>(accumulate ? to_float(dx[i]) + v : v);
     }

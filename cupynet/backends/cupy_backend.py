@@ -750,8 +750,7 @@ class CupyBackend(LayoutMixin):
     def shortcut_forward(self, x, stride, y):
         """y = zero-pad-channels(avgpool_stride(x)), padding (Cout - Cin) // 2 channels below."""
         _same_dtype(x, y=y)
-        n = _count(y)
-        self._launch_1d("shortcut_forward", (ctype(x.dtype),), n, (x, y) + self._shortcut_args(x, y, stride))
+        self._launch_packed("shortcut_forward", x.dtype, _count(y), (x, y), (x, y) + self._shortcut_args(x, y, stride))
         return y
 
     @_primitive
@@ -760,10 +759,9 @@ class CupyBackend(LayoutMixin):
         _same_dtype(dy, dx=dx, **_present(relu_output=relu_output))
         if relu_output is not None and relu_output.shape != dy.shape:
             raise ValueError(f"shortcut_backward: relu_output {relu_output.shape} for a gradient of {dy.shape}")
-        n = _count(dx)
         masked, mask = _i32(relu_output is not None), (dy if relu_output is None else relu_output)
-        self._launch_1d("shortcut_backward", (ctype(dy.dtype),), n,
-                        (dy, mask, masked, dx, _i32(accumulate)) + self._shortcut_args(dx, dy, stride))
+        self._launch_packed("shortcut_backward", dy.dtype, _count(dx), (dy, mask, dx),
+                            (dy, mask, masked, dx, _i32(accumulate)) + self._shortcut_args(dx, dy, stride))
         return dx
 
     # ----------------------------------------------------------------- head: pooling, dense, loss
