@@ -188,11 +188,19 @@ class ResNet:
 
     def forward_backward(self, x, labels):
         """One training pass: returns the 0-d mean cross-entropy; gradients land in params.grad_flat."""
-        logits = self.forward(x, train=True)
-        loss = self.loss_layer.forward(logits, labels)
+        loss = self.forward_loss(x, labels)
+        self.backward()
+        return loss
+
+    def forward_loss(self, x, labels):
+        """The training forward and the 0-d mean cross-entropy; backward() then gives the gradients (the
+        split lets a test look at the forward's activations before they are used)."""
+        return self.loss_layer.forward(self.forward(x, train=True), labels)
+
+    def backward(self):
+        """Gradients of the last forward_loss into params.grad_flat."""
         grad = self.loss_layer.backward()
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         self.be.wait_for_gradients()        # GPU: weight gradients ran beside the main stream
         self.params.gather_compute_gradients()   # bf16 convolution weight gradients -> float32, in one pass
-        return loss
