@@ -27,9 +27,9 @@ def short_barrier_timeout(monkeypatch):
     monkeypatch.setattr(cupynet.shared_gpu, "BARRIER_TIMEOUT_S", 15.0)
 
 
-def gpu_backend(device=0):
+def gpu_backend(device=0, autotune=True):
     from cupynet.backends.cupy_backend import CupyBackend
-    return CupyBackend(device, "NHWC", "float32", tf32=False)
+    return CupyBackend(device, "NHWC", "float32", tf32=False, autotune=autotune)
 
 
 def shared_group(size):
@@ -128,16 +128,20 @@ def test_sync_bn_workers_train_as_one_worker_with_the_global_batch(request, comm
     """Two captured sync-BN workers vs one GPU worker with the whole batch, strict fp32, 3 steps: workers
     sharing the GPU (shared-GPU collectives), or one per GPU with NCCL (skipped unless CuPy sees 2 GPUs).
 
-    Rounding only: the shards' convolutions and sums are added in another order. The CPU twin of this
-    test measures 1.6e-6 of each array's largest value (tests/test_parallel.py); strict-fp32 cuDNN
-    engines round like that, so 1e-4 leaves a wide margin, while per-shard BatchNorm misses it by far.
-    Other data can put an activation within float32 rounding of zero, whose relu then flips between the
-    two summation orders (measured: 3e-3 of one BN beta's momentum, the same between float32 and float64
-    NumPy runs): a discrete difference, not rounding, that has no place in this comparison."""
-    dataset = synthetic_dataset(num_train=64, num_test=16, seed=2)
-    config = TrainConfig(num_layers=8, train_batch_size=16, eval_batch_size=8, bn_decay=0.9, seed=5, sync_bn=True,
+    Rounding only: the shards' convolutions and sums are added in another order. The same data and
+    configuration on the CPU (NumPy float32, 2 workers vs 1) differ by 1.5e-6 of each array's largest value;
+    strict-fp32 cuDNN engines round like that, so 1e-4 leaves a wide margin, while per-shard BatchNorm misses
+    it by far. What this comparison cannot absorb is a relu input within float32 rounding of zero: its mask
+    then flips between the two summation orders, one element's gradient passes in one run only, and the
+    arrays move by 1e-3 to 3e-2 (on an H100, the earlier data, batch 16 of seed 2, did so in one run of two:
+    1.2e-3 of the stem's beta). This data's smallest relu input over the three steps is 4.7e-6 of its
+    layer's rms in float64, against float32 errors of about 5e-6: not a wide margin, so the engines are
+    the heuristics' first choice (no autotuning), which makes the outcome the same in every run on a given
+    GPU and cuDNN version rather than dependent on which engine timed fastest."""
+    dataset = synthetic_dataset(num_train=64, num_test=16, seed=15)
+    config = TrainConfig(num_layers=8, train_batch_size=8, eval_batch_size=8, bn_decay=0.9, seed=5, sync_bn=True,
                          tf32=False, cuda_graph="on")
-    single = Trainer(config, dataset, gpu_backend())
+    single = Trainer(config, dataset, gpu_backend(autotune=False))
     for _ in range(3):
         single.train_step()
     expected = single.checkpoint_arrays()
@@ -149,7 +153,7 @@ def test_sync_bn_workers_train_as_one_worker_with_the_global_batch(request, comm
         group = NcclGroup(devices)
 
     def worker(rank, device):
-        backend = gpu_backend(device)
+        backend = gpu_backend(device, autotune=False)
         trainer = Trainer(config, dataset, backend, group.communicator(rank, backend))
         trainer.broadcast_state()
         for _ in range(3):
