@@ -702,10 +702,11 @@ def test_relu_add_and_relu_backward_add(layout, dtype):
 # --------------------------------------------------------------------------- option-A shortcut
 
 # (N, Cin, H, W, Cout, stride)
-# NHWC takes 16-byte packs of channels where Cin and the padding below are multiples of a pack: (4, 16, ...) and
-# (2, 16, 5, ...) (trailing row and column dropped) do in both precisions, (2, 8, ..., 12, 2) (padding 2) does not.
-SHORTCUTS = [(5, 3, 7, 7, 8, 2), (4, 16, 8, 8, 32, 2), (2, 16, 5, 5, 32, 2), (2, 8, 4, 4, 12, 2), (2, 4, 6, 6, 6, 1),
-             (2, 5, 5, 5, 5, 2)]
+# NHWC takes 16-byte packs of channels where Cin, Cout and the padding below are multiples of a pack: (4, 16, ...)
+# and (2, 16, 5, ...) (trailing row and column dropped) do in both precisions; (2, 8, ..., 12, 2) (padding 2) and
+# (2, 16, ..., 33, 2) (Cout odd, the padding below 8) do not.
+SHORTCUTS = [(5, 3, 7, 7, 8, 2), (4, 16, 8, 8, 32, 2), (2, 16, 5, 5, 32, 2), (2, 8, 4, 4, 12, 2), (2, 16, 4, 4, 33, 2),
+             (2, 4, 6, 6, 6, 1), (2, 5, 5, 5, 5, 2)]
 
 
 @params()
