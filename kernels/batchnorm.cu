@@ -160,9 +160,10 @@ __device__ void store_tile_sums(float (&a)[V], float (&b)[V], const ChannelTile&
 }
 
 // Channel totals: SLICE_LANES lanes of a warp add one channel's P partials in double, so a warp finishes
-// CHANNELS_PER_WARP channels at once. A single lane per channel left the finalizing block walking the channels
-// one after another: on an H100 that tail cost bn_stats and bn_grad about 2 us per channel a warp had, more than
-// their pass over the activations (a ResNet-44 step spent 1.4 of its 3.4 ms in the two).
+// CHANNELS_PER_WARP channels at once. With one warp per channel (and its lane 0 finishing it), the finalizing
+// block walked a warp's channels one after another: on an H100 that tail cost bn_stats and bn_grad about 2 us
+// per channel a warp had, more than their pass over the activations (a ResNet-44 step spent 1.4 of its 3.4 ms
+// in the two).
 #define SLICE_LANES 8
 #define CHANNELS_PER_WARP (32 / SLICE_LANES)
 
@@ -180,12 +181,7 @@ __device__ double2 sum_partials(const float* partials, int slices, int C, int c,
             b += __ldcg(partials + (slices + p) * C + c);
         }
     }
-    // Lane j reads lane j + offset, within its own channel's lanes for every j the j == 0 result depends on.
-    for (int offset = SLICE_LANES / 2; offset > 0; offset >>= 1) {
-        a += __shfl_down_sync(0xffffffffu, a, offset);
-        b += __shfl_down_sync(0xffffffffu, b, offset);
-    }
-    return make_double2(a, b);
+    return make_double2(warp_sum(a, SLICE_LANES), warp_sum(b, SLICE_LANES));
 }
 
 // True in every thread of the launch's last block to finish its partial sums (exactly one block).
@@ -428,17 +424,20 @@ __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C,
     }
 }
 
-// grid ceil(C / CHANNELS_PER_WARP), block 32: sums (2, C) double <- the P partials of each channel added
-// in double as finish_channels adds them. Used by both split halves (forward statistics and backward gradient
-// sums): the (2, C) totals are what the communicator reduces between the reduction and the rest of the layer.
+// Blocks of 32 threads, CHANNELS_PER_WARP channels per block at a time (the backend launches enough blocks for
+// one pass): sums (2, C) double <- the P partials of each channel added in double as finish_channels adds
+// them. Used by both split halves (forward statistics and backward gradient sums): the (2, C) totals are
+// what the communicator reduces between the reduction and the rest of the layer.
 extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, int C, double* sums)
 {
     const int j = threadIdx.x % SLICE_LANES;
-    const int c = blockIdx.x * CHANNELS_PER_WARP + threadIdx.x / SLICE_LANES;
-    const double2 s = sum_partials(partials, slices, C, c, j);
-    if (j == 0 && c < C) {
-        sums[c] = s.x;
-        sums[C + c] = s.y;
+    for (int first = blockIdx.x * CHANNELS_PER_WARP; first < C; first += gridDim.x * CHANNELS_PER_WARP) {
+        const int c = first + threadIdx.x / SLICE_LANES;
+        const double2 s = sum_partials(partials, slices, C, c, j);
+        if (j == 0 && c < C) {
+            sums[c] = s.x;
+            sums[C + c] = s.y;
+        }
     }
 }
 

@@ -141,10 +141,12 @@ template <typename T> __device__ __forceinline__ int pack_count(int n, int vec)
 
 // ------------------------------------------------------------------ reductions
 
-template <typename T> __device__ __forceinline__ T warp_sum(T v)
+// The sum of v over each group of `lanes` adjacent lanes (a power of 2, at most 32), complete in the group's first
+// lane: a lane reads lanes above it, within its group for every value that first lane's sum takes in.
+template <typename T> __device__ __forceinline__ T warp_sum(T v, int lanes = 32)
 {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    return v;   // complete in lane 0
+    for (int offset = lanes / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    return v;
 }
 
 // Sum of v over the block, complete in thread 0. blockDim.x: a multiple of 32, at most 1024.
