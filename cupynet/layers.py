@@ -118,7 +118,7 @@ class BatchNorm(Layer):
         stats_dtype = be.param_dtype
         self.saved_mean = self.buffer("mean", (self.channels,), stats_dtype)
         self.saved_invstd = self.buffer("invstd", (self.channels,), stats_dtype)
-        self.x, self.y = x, y
+        self.x, self.y, self.residual = x, y, residual       # the residual only for inspection (tests/relu_masks.py)
         self.relu_of_bn_alone = self.relu and residual is None    # backward may recompute the mask from x
         if sums is not None:
             if self.comm is not None:
