@@ -6,6 +6,7 @@ from cupynet.backends.numpy_backend import NumpyBackend
 from cupynet.model import ResNet
 from relu_masks import NEAR_ZERO, relu_batchnorms, relu_input, share_relu_masks
 
+
 def batch(seed):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((8, 3, 16, 16)).astype(np.float32), rng.integers(0, 10, 8).astype(np.int32)
