@@ -184,6 +184,19 @@ __device__ double2 sum_partials(const float* partials, int slices, int C, int c,
     return make_double2(warp_sum(a, SLICE_LANES), warp_sum(b, SLICE_LANES));
 }
 
+// One warp's share of the channels: groups of CHANNELS_PER_WARP channels number group, group + groups, ...;
+// finish(c, totals) for each of its channels, in the channel's first lane (sum_partials).
+template <typename Finish>
+__device__ void add_channel_groups(const float* partials, int slices, int C, int group, int groups, Finish finish)
+{
+    const int lane = threadIdx.x & 31, j = lane % SLICE_LANES;
+    for (int first = group * CHANNELS_PER_WARP; first < C; first += groups * CHANNELS_PER_WARP) {
+        const int c = first + lane / SLICE_LANES;
+        const double2 sums = sum_partials(partials, slices, C, c, j);
+        if (j == 0 && c < C) finish(c, sums);
+    }
+}
+
 // True in every thread of the launch's last block to finish its partial sums (exactly one block).
 // Each block's partials are fenced before it counts itself in `arrivals`; the last one resets the
 // counter, so it is 0 again for the next launch (kernels on one stream never overlap; each backend
@@ -291,14 +304,9 @@ __device__ __forceinline__ bool relu_passes(float y_value, Affine affine)
 template <typename Finish>
 __device__ void finish_channels(const float* partials, int C, Finish finish)
 {
-    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
     if (warp >= warps) return;
-    const int j = lane % SLICE_LANES;
-    for (int first = warp * CHANNELS_PER_WARP; first < C; first += warps * CHANNELS_PER_WARP) {
-        const int c = first + lane / SLICE_LANES;
-        const double2 sums = sum_partials(partials, gridDim.y, C, c, j);
-        if (j == 0 && c < C) finish(c, sums);
-    }
+    add_channel_groups(partials, gridDim.y, C, warp, warps, finish);
 }
 
 // ------------------------------------------------------------------ training forward
@@ -430,15 +438,10 @@ __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C,
 // what the communicator reduces between the reduction and the rest of the layer.
 extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, int C, double* sums)
 {
-    const int j = threadIdx.x % SLICE_LANES;
-    for (int first = blockIdx.x * CHANNELS_PER_WARP; first < C; first += gridDim.x * CHANNELS_PER_WARP) {
-        const int c = first + threadIdx.x / SLICE_LANES;
-        const double2 s = sum_partials(partials, slices, C, c, j);
-        if (j == 0 && c < C) {
-            sums[c] = s.x;
-            sums[C + c] = s.y;
-        }
-    }
+    add_channel_groups(partials, slices, C, blockIdx.x, gridDim.x, [&](int c, double2 s) {
+        sums[c] = s.x;
+        sums[C + c] = s.y;
+    });
 }
 
 // Grid-stride over C: statistics from the global shifted sums of `count` elements per channel, as

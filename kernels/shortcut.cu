@@ -13,7 +13,7 @@
  * takes a 16-byte pack of adjacent channels instead: one index decode and one load or store instruction per
  * array for 4 floats or 8 bfloat16. The backend passes vec = 1 only in NHWC, with every array 16-byte aligned
  * and Cin, Cout and the padding below all multiples of a pack (so that no pack straddles a position or the
- * padding's edges: CupyBackend._shortcut_packs). The element-wise index arithmetic (three divisions per
+ * padding's edges: CupyBackend._shortcut_packs_fit). The element-wise index arithmetic (three divisions per
  * element) likely kept these kernels 3-5 times slower than their bytes on an H100 (a ResNet-44 bf16 step:
  * medians of 9.8 us per forward and 14.9 us per backward call at 1-4 MB). Both paths add in the same order:
  * the same bits.

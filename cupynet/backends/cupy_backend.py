@@ -328,12 +328,13 @@ class CupyBackend(LayoutMixin):
         """A grid-stride kernel over n items."""
         self.kernels.launch(name, template_args, self.kernels.grid_1d(n), KernelLibrary.BLOCK, args)
 
-    def _launch_packed(self, name, dtype, n, packed, args, more_types=(), shared_mem=0):
+    def _launch_packed(self, name, dtype, n, packed, args, more_types=(), shared_mem=0, packs_fit=True):
         """An elementwise kernel with a trailing `vec` argument (common.cuh, "16-byte packs"): vec = 1 when
-        every array in `packed` (those the kernel indexes per element) starts on a 16-byte boundary.
+        every array in `packed` (those the kernel indexes per element) starts on a 16-byte boundary, and the
+        caller's packs_fit (a kernel's own condition on the shapes) holds.
         Template arguments: the elements' type, then more_types."""
         pack = _pack_elements(dtype)
-        vec = _pack_aligned(packed)
+        vec = packs_fit and _pack_aligned(packed)
         work = n // pack + n % pack if vec else n            # threads needed: packs, then the tail
         self.kernels.launch(name, (ctype(dtype), *more_types), self.kernels.grid_1d(max(work, 1)),
                             KernelLibrary.BLOCK, tuple(args) + (_i32(vec),), shared_mem=shared_mem)
@@ -746,29 +747,20 @@ class CupyBackend(LayoutMixin):
             raise ValueError(f"shortcut: input {x_like.shape} and output {y_like.shape} do not match stride {stride}")
         return tuple(_i32(v) for v in (n, cin, h, w, cout, ho, wo, stride)) + (self._channels_last,)
 
-    def _launch_shortcut(self, name, x_like, y_like, arrays, args):
-        """A shortcut kernel over the elements it writes (x_like's in backward, y_like's forward), in 16-byte
-        packs of adjacent channels where _shortcut_packs allows (its trailing `vec` argument)."""
-        vec = self._shortcut_packs(x_like, y_like, arrays)
-        written = _count(y_like if name == "shortcut_forward" else x_like)
-        work = written // _pack_elements(x_like.dtype) if vec else written
-        self.kernels.launch(name, (ctype(x_like.dtype),), self.kernels.grid_1d(work), KernelLibrary.BLOCK,
-                            args + (_i32(vec),))
-
-    def _shortcut_packs(self, x_like, y_like, arrays):
-        """Whether the shortcut kernels may take packs: NHWC, every array aligned, and Cin, Cout and the padding
+    def _shortcut_packs_fit(self, x_like, y_like):
+        """Whether the shortcut kernels' packs fit the shapes (alignment aside): NHWC, and Cin, Cout and the padding
         below all multiples of a pack, so that a pack is one position's channels, all copied or all padding."""
         _, cin, _, _ = self.nchw_dims(x_like)
         _, cout, _, _ = self.nchw_dims(y_like)
         pack = _pack_elements(x_like.dtype)
-        return (self.layout == "NHWC" and cin % pack == 0 and cout % pack == 0 and (cout - cin) // 2 % pack == 0
-                and _pack_aligned(arrays))
+        return self.layout == "NHWC" and cin % pack == 0 and cout % pack == 0 and (cout - cin) // 2 % pack == 0
 
     @_primitive
     def shortcut_forward(self, x, stride, y):
         """y = zero-pad-channels(avgpool_stride(x)), padding (Cout - Cin) // 2 channels below."""
         _same_dtype(x, y=y)
-        self._launch_shortcut("shortcut_forward", x, y, (x, y), (x, y) + self._shortcut_args(x, y, stride))
+        self._launch_packed("shortcut_forward", x.dtype, _count(y), (x, y), (x, y) + self._shortcut_args(x, y, stride),
+                            packs_fit=self._shortcut_packs_fit(x, y))
         return y
 
     @_primitive
@@ -778,8 +770,9 @@ class CupyBackend(LayoutMixin):
         if relu_output is not None and relu_output.shape != dy.shape:
             raise ValueError(f"shortcut_backward: relu_output {relu_output.shape} for a gradient of {dy.shape}")
         masked, mask = _i32(relu_output is not None), (dy if relu_output is None else relu_output)
-        self._launch_shortcut("shortcut_backward", dx, dy, (dy, mask, dx),
-                              (dy, mask, masked, dx, _i32(accumulate)) + self._shortcut_args(dx, dy, stride))
+        self._launch_packed("shortcut_backward", dx.dtype, _count(dx), (dy, mask, dx),
+                            (dy, mask, masked, dx, _i32(accumulate)) + self._shortcut_args(dx, dy, stride),
+                            packs_fit=self._shortcut_packs_fit(dx, dy))
         return dx
 
     # ----------------------------------------------------------------- head: pooling, dense, loss
