@@ -9,7 +9,7 @@
  *                      float32 accumulation, written to partials[2][P][C]; K = the channel's first
  *                      element (a shift that keeps the one-pass variance free of cancellation when
  *                      |mean| >> std). The last block to finish (see last_block_to_arrive) then adds
- *                      each channel's P partials in double, eight lanes per channel, writes the saved mean
+ *                      each channel's P partials in double, every channel at once, writes the saved mean
  *                      and 1/sqrt(var + eps), and updates the moving statistics on the device (the
  *                      moving variance takes the unbiased m/(m-1) variance, as TensorFlow's fused batch
  *                      norm);
@@ -51,13 +51,20 @@
  * backend passes vec = 1 when every array read starts on a 16-byte boundary and no group straddles two
  * channels (NHWC: C % V == 0, a group is V adjacent channels of one position; NCHW: inner % V == 0, a
  * group is V adjacent positions of one channel). The kernels tell the two apart by inner == 1, so NCHW
- * with 1 x 1 images, which is laid out as NHWC, is read as NHWC (and the backend plans it so). A block of cw * rows threads covers cw adjacent
- * groups of a row (blockIdx.x) and walks `rows` rows at a time, starting at slice blockIdx.y and
- * stepping by gridDim.y = P. NHWC uses cw = min(C / V, 256): a block reads whole contiguous rows of C
- * channels. NCHW uses cw = 1: a block reads a contiguous run of one channel plane, and a thread adds
- * its group's V values into one sum before the block's tree.
+ * with 1 x 1 images, which is laid out as NHWC, is read as NHWC (and the backend plans it so). A block of
+ * cw * rows threads covers cw adjacent groups of a row (blockIdx.x) and walks `rows` rows at a time,
+ * starting at slice blockIdx.y and stepping by gridDim.y = P. NHWC uses cw = min(C / V, 256): a block reads
+ * whole contiguous rows of C channels. NCHW uses cw = 1: a block reads a contiguous run of one channel
+ * plane, and a thread adds its group's V values into one sum before the block's tree.
  */
 #include "common.cuh"
+
+// The partial-sum kernels' blocks: at most BN_THREADS threads (cw * rows), BN_BLOCKS_PER_SM of them resident
+// on an SM, which the compiler guarantees by keeping the registers within bounds (__launch_bounds__): the
+// backend sizes their grids to one wave of that many (cupy_backend.py mirrors both numbers).
+#define BN_THREADS 256
+#define BN_BLOCKS_PER_SM 3
+#define BN_REDUCTION_BOUNDS __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 
 // One thread's place in a partial-sum tile (see the file comment).
 struct ChannelTile {
@@ -111,10 +118,12 @@ __device__ __forceinline__ void group_values(const float* values, const ChannelT
     for (int k = 0; k < V; ++k) out[k] = t.c < C ? values[inner == 1 ? t.c + k : t.c] : 0.0f;
 }
 
-// Adds a and b over the tile's rows for each channel of the thread's group (a tree in shared memory that
-// works for any number of rows) and stores the block's partial sums: partials[blockIdx.y][c] and
-// partials[P + blockIdx.y][c], P = gridDim.y. In NCHW the group's V values are one channel's and are
-// added first. Needs 2 * group_channels<V>(inner) * blockDim.x floats of dynamic shared memory.
+// Adds a and b over the tile's rows for each channel of the thread's group and stores the block's partial sums:
+// partials[blockIdx.y][c] and partials[P + blockIdx.y][c], P = gridDim.y. In NCHW the group's V values are one
+// channel's and are added first. When a warp holds whole rows (cw divides 32), shuffles first add the rows of
+// each warp, so the tree in shared memory that follows (it works for any number of rows) has one row per warp
+// and few barriers; otherwise the tree takes the rows as they are. Needs 2 * group_channels<V>(inner) *
+// blockDim.x floats of dynamic shared memory.
 template <int V>
 __device__ void store_tile_sums(float (&a)[V], float (&b)[V], const ChannelTile& t, int C, int inner,
                                 float* partials)
@@ -128,74 +137,105 @@ __device__ void store_tile_sums(float (&a)[V], float (&b)[V], const ChannelTile&
             b[0] += b[k];
         }
     }
-    const int threads = blockDim.x;
-    float* sum_a = tile_shared;                     // [channel of the group][thread]
-    float* sum_b = tile_shared + width * threads;
+    const int fold = 32 % t.cw == 0 && blockDim.x % 32 == 0 ? 32 / t.cw : 1;     // rows a warp adds by shuffles
+    for (int offset = 16; fold > 1 && offset >= t.cw; offset >>= 1) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        if (k < width) {
-            sum_a[k * threads + threadIdx.x] = a[k];
-            sum_b[k * threads + threadIdx.x] = b[k];
-        }
-    }
-    int span = 1;
-    while (span < t.rows) span <<= 1;
-    // After the step with stride s, rows [0, s) hold everything; the first step folds rows >= s.
-    for (int s = span >> 1; s > 0; s >>= 1) {
-        __syncthreads();
-        if (t.row < s && t.row + s < t.rows) {
-            for (int k = 0; k < width; ++k) {
-                sum_a[k * threads + threadIdx.x] += sum_a[k * threads + threadIdx.x + s * t.cw];
-                sum_b[k * threads + threadIdx.x] += sum_b[k * threads + threadIdx.x + s * t.cw];
+        for (int k = 0; k < V; ++k) {
+            if (k < width) {
+                a[k] += __shfl_down_sync(0xffffffffu, a[k], offset);
+                b[k] += __shfl_down_sync(0xffffffffu, b[k], offset);
             }
         }
     }
-    if (t.row == 0 && t.c < C) {   // row 0 only ever read slots that were final, and wrote its own
+    // The tree's rows: one per warp after a fold (its first row's lanes hold its sums), else the tile's.
+    const int rows = (t.rows + fold - 1) / fold, row = t.row / fold, slot = row * t.cw + threadIdx.x % t.cw;
+    const int slots = rows * t.cw;
+    const bool holds = t.row % fold == 0;
+    float* sum_a = tile_shared;                     // [channel of the group][slot]
+    float* sum_b = tile_shared + width * slots;
+    if (holds) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            if (k < width) {
+                sum_a[k * slots + slot] = a[k];
+                sum_b[k * slots + slot] = b[k];
+            }
+        }
+    }
+    int span = 1;
+    while (span < rows) span <<= 1;
+    // After the step with stride s, rows [0, s) hold everything; the first step folds rows >= s.
+    for (int s = span >> 1; s > 0; s >>= 1) {
+        __syncthreads();
+        if (holds && row < s && row + s < rows) {
+            for (int k = 0; k < width; ++k) {
+                sum_a[k * slots + slot] += sum_a[k * slots + slot + s * t.cw];
+                sum_b[k * slots + slot] += sum_b[k * slots + slot + s * t.cw];
+            }
+        }
+    }
+    if (holds && row == 0 && t.c < C) {   // row 0 only ever read slots that were final, and wrote its own
         const int slices = gridDim.y;
         for (int k = 0; k < width; ++k) {
-            partials[blockIdx.y * C + t.c + k] = sum_a[k * threads + threadIdx.x];
-            partials[(slices + blockIdx.y) * C + t.c + k] = sum_b[k * threads + threadIdx.x];
+            partials[blockIdx.y * C + t.c + k] = sum_a[k * slots + slot];
+            partials[(slices + blockIdx.y) * C + t.c + k] = sum_b[k * slots + slot];
         }
     }
 }
 
-// Channel totals: SLICE_LANES lanes of a warp add one channel's P partials in double, so a warp finishes
-// CHANNELS_PER_WARP channels at once. With one warp per channel (and its lane 0 finishing it), the finalizing
-// block walked a warp's channels one after another: on an H100 that tail cost bn_stats and bn_grad about 2 us
-// per channel a warp had, more than their pass over the activations (a ResNet-44 step spent 1.4 of its 3.4 ms
-// in the two).
-#define SLICE_LANES 8
-#define CHANNELS_PER_WARP (32 / SLICE_LANES)
+// Channel totals. A finalize is a chain of dependent steps per channel (load the partials, add them across
+// lanes, load what the statistics need, double arithmetic, stores), each waiting on L2 or the FP64 units:
+// about 2 us on an H100. So every channel gets its own lanes and the chains run side by side: slice_lanes(C)
+// lanes add a channel's partials, the most (a power of 2, at most a warp) that let BN_THREADS threads hold
+// every channel at once: 16 lanes at C = 16, 8 at 32, 4 at 64, 1 from 129 channels up. (One warp per
+// channel, the channels of a warp one after another, cost bn_stats and bn_grad about 2 us per channel a warp
+// had, more than their pass over the activations.) The lanes depend on C alone, and the order of the sums on
+// C and P alone, so every kernel that adds partials this way gives the same bits.
+__device__ __forceinline__ int slice_lanes(int C)
+{
+    int lanes = 32;
+    while (lanes > 1 && lanes * C > BN_THREADS) lanes >>= 1;
+    return lanes;
+}
 
-// Channel c's totals over the P slices: lane j (0..SLICE_LANES-1, its place among c's lanes) adds slices j,
-// j + SLICE_LANES, ..., then shuffles add the lanes. Complete in the lane with j == 0. Every lane of the warp
-// calls it (one with c >= C adds nothing); the order depends on P alone, so every kernel that adds partials
-// this way gives the same bits. __ldcg reads through L2: partials were written by other blocks.
-__device__ double2 sum_partials(const float* partials, int slices, int C, int c, int j)
+// Channel c's totals over the P slices: lane j (0..lanes-1, its place among c's lanes) adds slices j,
+// j + lanes, ..., then shuffles add the lanes. Complete in the lane with j == 0. Every lane of the warp
+// calls it (one with c >= C adds nothing). __ldcg reads through L2: partials were written by other blocks.
+__device__ double2 sum_partials(const float* partials, int slices, int C, int c, int j, int lanes)
 {
     double a = 0.0, b = 0.0;
     if (c < C) {
 #pragma unroll 8     // up to 16 loads in flight per lane: a finalize waits on L2 latency, not bandwidth
-        for (int p = j; p < slices; p += SLICE_LANES) {
+        for (int p = j; p < slices; p += lanes) {
             a += __ldcg(partials + p * C + c);
             b += __ldcg(partials + (slices + p) * C + c);
         }
     }
-    return make_double2(warp_sum(a, SLICE_LANES), warp_sum(b, SLICE_LANES));
+    return make_double2(warp_sum(a, lanes), warp_sum(b, lanes));
 }
 
-// One warp's share of the channels: groups of CHANNELS_PER_WARP channels number group, group + groups, ...;
-// finish(c, totals) for each of its channels, in the channel's first lane (sum_partials).
-template <typename Finish>
-__device__ void add_channel_groups(const float* partials, int slices, int C, int group, int groups, Finish finish)
+// One warp's share of the channels: groups of 32 / slice_lanes(C) channels number group, group + groups, ...
+// For each of its channels, in the channel's first lane: early = prefetch(c), issued before the partials are
+// loaded so that both loads are in flight together (it loads what finish needs besides the totals), then
+// finish(c, totals, early).
+template <typename Prefetch, typename Finish>
+__device__ void add_channel_groups(const float* partials, int slices, int C, int group, int groups, Prefetch prefetch,
+                                   Finish finish)
 {
-    const int lane = threadIdx.x & 31, j = lane % SLICE_LANES;
-    for (int first = group * CHANNELS_PER_WARP; first < C; first += groups * CHANNELS_PER_WARP) {
-        const int c = first + lane / SLICE_LANES;
-        const double2 sums = sum_partials(partials, slices, C, c, j);
-        if (j == 0 && c < C) finish(c, sums);
+    const int lanes = slice_lanes(C), per_warp = 32 / lanes;
+    const int lane = threadIdx.x & 31, j = lane % lanes;
+    for (int first = group * per_warp; first < C; first += groups * per_warp) {
+        const int c = first + lane / lanes;
+        const bool finishes = j == 0 && c < C;
+        const auto early = finishes ? prefetch(c) : decltype(prefetch(c)){};
+        const double2 sums = sum_partials(partials, slices, C, c, j, lanes);
+        if (finishes) finish(c, sums, early);
     }
 }
+
+// A prefetch for a finish that needs nothing besides the totals.
+struct NothingToPrefetch {};
+__device__ __forceinline__ NothingToPrefetch prefetch_nothing(int) { return {}; }
 
 // True in every thread of the launch's last block to finish its partial sums (exactly one block).
 // Each block's partials are fenced before it counts itself in `arrivals`; the last one resets the
@@ -298,15 +338,16 @@ __device__ __forceinline__ bool relu_passes(float y_value, Affine affine)
     else return to_float(from_float<T>(affine())) > 0.0f;
 }
 
-// In the last block of a one-launch reduction: finish(c, totals) for every channel c, its P partials added by
-// SLICE_LANES lanes (sum_partials), CHANNELS_PER_WARP channels per warp at a time, so that the channels'
-// finishes run side by side. A block of e.g. 240 threads ends in a partial warp: it sits out.
-template <typename Finish>
-__device__ void finish_channels(const float* partials, int C, Finish finish)
+// In the last block of a reduction: finish(c, totals, prefetch(c)) for every channel c, its P partials added by
+// slice_lanes(C) lanes (add_channel_groups), every channel at once in a block of BN_THREADS (a smaller block,
+// where cw does not divide BN_THREADS, takes two passes or more). A block of e.g. 240 threads ends in a
+// partial warp: it sits out.
+template <typename Prefetch, typename Finish>
+__device__ void finish_channels(const float* partials, int C, Prefetch prefetch, Finish finish)
 {
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
     if (warp >= warps) return;
-    add_channel_groups(partials, gridDim.y, C, warp, warps, finish);
+    add_channel_groups(partials, gridDim.y, C, warp, warps, prefetch, finish);
 }
 
 // ------------------------------------------------------------------ training forward
@@ -344,18 +385,27 @@ __device__ __forceinline__ double2 mean_and_variance(double2 sums, double shift,
 
 __device__ __forceinline__ float invstd_of(double var, double eps) { return (float)(1.0 / sqrt(var + eps)); }
 
+// Channel c's moving (mean, variance) before this step's update. Callers read them before anything is stored
+// (and a finalize before it loads its partials): a load after the stores would wait for them, one more round
+// trip to L2 in the finalize's chain.
+__device__ __forceinline__ float2 moving_statistics(const float* running_mean, const float* running_var, int c)
+{
+    return make_float2(running_mean[c], running_var[c]);
+}
+
 // Channel c's statistics from its shifted sums: the saved mean and 1/sqrt(var + eps), and the moving
-// statistics (unbiased variance). shift may alias running_mean.
-__device__ void store_statistics(double2 sums, double shift, double count, int c, double decay, double eps,
-                                 float* running_mean, float* running_var, float* saved_mean, float* saved_invstd)
+// statistics (unbiased variance) updated from `moving`, their values before the step (moving_statistics).
+__device__ void store_statistics(double2 sums, double shift, double count, float2 moving, int c, double decay,
+                                 double eps, float* running_mean, float* running_var, float* saved_mean,
+                                 float* saved_invstd)
 {
     const double2 stats = mean_and_variance(sums, shift, count);
     const double mean = stats.x, var = stats.y;
     saved_mean[c] = (float)mean;
     saved_invstd[c] = invstd_of(var, eps);
     const double unbiased = var * count / (count > 1.0 ? count - 1.0 : 1.0);
-    running_mean[c] = (float)fma(decay, (double)running_mean[c], __dmul_rn(1.0 - decay, mean));
-    running_var[c] = (float)fma(decay, (double)running_var[c], __dmul_rn(1.0 - decay, unbiased));
+    running_mean[c] = (float)fma(decay, (double)moving.x, __dmul_rn(1.0 - decay, mean));
+    running_var[c] = (float)fma(decay, (double)moving.y, __dmul_rn(1.0 - decay, unbiased));
 }
 
 // One block's partial sums for bn_stats, for groups of V elements: shifted by each channel's first element.
@@ -390,16 +440,24 @@ __device__ void finish_statistics(const T* x, const float* partials, int C, int 
                                   double eps, float* running_mean, float* running_var, float* saved_mean,
                                   float* saved_invstd)
 {
-    finish_channels(partials, C, [&](int c, double2 sums) {
-        const double first = to_float(x[channel_element(0, c, C, inner)]);    // the shift of the partials
-        store_statistics(sums, first, m, c, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
-    });
+    struct Before { float shift; float2 moving; };      // the channel's first element: the partials' shift
+    finish_channels(
+        partials, C,
+        [&](int c) {
+            const float first = to_float(x[channel_element(0, c, C, inner)]);
+            return Before{first, moving_statistics(running_mean, running_var, c)};
+        },
+        [&](int c, double2 sums, Before before) {
+            store_statistics(sums, before.shift, m, before.moving, c, decay, eps, running_mean, running_var, saved_mean,
+                             saved_invstd);
+        });
 }
 
 // The training forward's statistics in one launch. x: activation; partials: (2, P, C) float32 scratch;
 // arrivals: the backend's counter (0 between launches). grid (ceil(C / V / cw) or C, P), block cw * rows
 // (at least 32 threads): the last block adds each channel's partials (finish_channels).
 template <typename T>
+BN_REDUCTION_BOUNDS
 __global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* partials, unsigned int* arrivals,
                          double decay, double eps, float* running_mean, float* running_var, float* saved_mean,
                          float* saved_invstd, int vec)
@@ -422,6 +480,7 @@ __device__ void stats_partials_groups(const T* x, const float* shift, int C, int
 }
 
 template <typename T>
+BN_REDUCTION_BOUNDS
 __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C, int inner, int m, int cw,
                                           float* partials, int vec)
 {
@@ -432,16 +491,17 @@ __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C,
     }
 }
 
-// Blocks of 32 threads, CHANNELS_PER_WARP channels per block at a time (the backend launches enough blocks for
-// one pass): sums (2, C) double <- the P partials of each channel added in double as finish_channels adds
+// Blocks of 32 threads, 32 / slice_lanes(C) channels per block at a time (the backend launches enough blocks
+// for one pass): sums (2, C) double <- the P partials of each channel added in double as finish_channels adds
 // them. Used by both split halves (forward statistics and backward gradient sums): the (2, C) totals are
 // what the communicator reduces between the reduction and the rest of the layer.
 extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, int C, double* sums)
 {
-    add_channel_groups(partials, slices, C, blockIdx.x, gridDim.x, [&](int c, double2 s) {
-        sums[c] = s.x;
-        sums[C + c] = s.y;
-    });
+    add_channel_groups(partials, slices, C, blockIdx.x, gridDim.x, prefetch_nothing,
+                       [&](int c, double2 s, NothingToPrefetch) {
+                           sums[c] = s.x;
+                           sums[C + c] = s.y;
+                       });
 }
 
 // Grid-stride over C: statistics from the global shifted sums of `count` elements per channel, as
@@ -452,8 +512,9 @@ __global__ void bn_stats_from_sums(const S* sums, const float* shift, double cou
                                    float* running_mean, float* running_var, float* saved_mean, float* saved_invstd)
 {
     for (int c = first_index(); c < C; c += grid_stride()) {
-        store_statistics(make_double2((double)sums[c], (double)sums[C + c]), shift[c], count, c, decay, eps, running_mean,
-                         running_var, saved_mean, saved_invstd);
+        store_statistics(make_double2((double)sums[c], (double)sums[C + c]), shift[c], count,
+                         moving_statistics(running_mean, running_var, c), c, decay, eps, running_mean, running_var,
+                         saved_mean, saved_invstd);
     }
 }
 
@@ -545,8 +606,8 @@ __global__ void bn_apply_from_sums(const T* x, const T* residual, T* y, const S*
         channel_stats[c] = (float)stats.x;
         channel_stats[C + c] = invstd_of(stats.y, eps);
         if (blockIdx.x == 0) {
-            store_statistics(channel_sums, shift[c], count, c, decay, eps, running_mean, running_var, saved_mean,
-                             saved_invstd);
+            store_statistics(channel_sums, shift[c], count, moving_statistics(running_mean, running_var, c), c, decay,
+                             eps, running_mean, running_var, saved_mean, saved_invstd);
         }
     }
     __syncthreads();
@@ -629,6 +690,7 @@ __device__ void grad_partials(const T* dy, const T* x, const T* y, const float* 
 
 // Sync-BN: the partials (2, P, C) only; bn_sums_finalize adds them.
 template <typename T, int R>
+BN_REDUCTION_BOUNDS
 __global__ void bn_grad_partials(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                                  const float* gamma, const float* beta, int C, int inner, int m, int cw,
                                  float* partials, int vec)
@@ -639,7 +701,7 @@ __global__ void bn_grad_partials(const T* dy, const T* x, const T* y, const floa
 // In the reduction's last block: dbeta = sum(dz), dgamma = sum(dz * xhat) from the partials of grad_partials.
 __device__ void finish_grad_sums(const float* partials, int C, float* dgamma, float* dbeta)
 {
-    finish_channels(partials, C, [&](int c, double2 sums) {
+    finish_channels(partials, C, prefetch_nothing, [&](int c, double2 sums, NothingToPrefetch) {
         dbeta[c] = (float)sums.x;
         dgamma[c] = (float)sums.y;
     });
@@ -648,6 +710,7 @@ __device__ void finish_grad_sums(const float* partials, int C, float* dgamma, fl
 // The backward reductions in one launch: the last block writes dbeta = sum(dz), dgamma = sum(dz * xhat)
 // (written, not accumulated). Geometry and arrivals as bn_stats.
 template <typename T, int R>
+BN_REDUCTION_BOUNDS
 __global__ void bn_grad(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                         const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                         unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
@@ -656,13 +719,16 @@ __global__ void bn_grad(const T* dy, const T* x, const T* y, const float* mean, 
     if (last_block_to_arrive(arrivals)) finish_grad_sums(partials, C, dgamma, dbeta);
 }
 
-// One element of bn_backward_dx: dz (the masked gradient) and x of channel c -> dx.
+// One element of bn_backward_dx: dz (the masked gradient) and x of channel c -> dx. inv_count = 1 / m: a
+// multiplication instead of two divisions per element (a float division is a sequence of about ten
+// instructions, which made this memory-bound pass nearly instruction-bound in bf16); the same bits as the
+// divisions where m is a power of 2, as for every CIFAR ResNet activation at a power-of-2 batch.
 __device__ __forceinline__ float bn_input_grad(float dz, float x, int c, const float* mean, const float* invstd,
                                                const float* gamma, const float* dgamma, const float* dbeta,
-                                               float count)
+                                               float inv_count)
 {
     const float xhat = (x - mean[c]) * invstd[c];
-    return (dz - dbeta[c] / count - xhat * (dgamma[c] / count)) * (gamma[c] * invstd[c]);
+    return (dz - dbeta[c] * inv_count - xhat * (dgamma[c] * inv_count)) * (gamma[c] * invstd[c]);
 }
 
 // The elements [first, first + stride, ...) of bn_backward_dx (a grid-stride loop over packs, then the tail).
@@ -672,7 +738,7 @@ __device__ void input_grad_elements(const T* dy, const T* x, const T* y, const f
                                     T* dx, int n, int C, int inner, int m, int vec, int first, int stride)
 {
     constexpr int P = Pack<T>::size;
-    const float count = (float)m;
+    const float inv_count = 1.0f / (float)m;
     const int packs = pack_count<T>(n, vec);
     for (int j = first; j < packs; j += stride) {
         float g[P], v[P], out[P] = {};
@@ -687,7 +753,7 @@ __device__ void input_grad_elements(const T* dy, const T* x, const T* y, const f
             const bool passes = relu_passes<T, R>(out[k], [&] {
                 return bn_affine(v[k], mean[ck], invstd[ck], gamma[ck], beta[ck]);
             });
-            g[k] = bn_input_grad(passes ? g[k] : 0.0f, v[k], ck, mean, invstd, gamma, dgamma, dbeta, count);
+            g[k] = bn_input_grad(passes ? g[k] : 0.0f, v[k], ck, mean, invstd, gamma, dgamma, dbeta, inv_count);
         }
         store_pack(dx, j, g);
     }
@@ -698,7 +764,7 @@ __device__ void input_grad_elements(const T* dy, const T* x, const T* y, const f
             return bn_affine(xi, mean[c], invstd[c], gamma[c], beta[c]);
         });
         dx[i] = from_float<T>(bn_input_grad(passes ? to_float(dy[i]) : 0.0f, xi, c, mean, invstd, gamma, dgamma,
-                                            dbeta, count));
+                                            dbeta, inv_count));
     }
 }
 

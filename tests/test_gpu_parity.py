@@ -49,8 +49,8 @@ CONV = {"float32": 2e-5, "bfloat16": 1e-2}
 # in NHWC BatchNorm, the second one partly idle), 48 channels (NHWC BatchNorm reads 16-byte packs of
 # channels: 6 or 12 per row, not a power of two), 2064 channels (2 or 3 tiles of packs), 1 x 1 images
 # (NCHW is then laid out as NHWC, and read as such), and one large enough that BatchNorm splits every
-# channel into several slices of partial sums in both layouts and dtypes (NCHW bfloat16 reads
-# 16,384 / 8 packs per channel: 2 slices).
+# channel into several slices of partial sums in both layouts and dtypes on a GPU (NCHW bfloat16 reads
+# 16,384 / 8 packs per channel: 2 slices; the emulated GPU's 2 SMs give it 1).
 ACTIVATIONS = [(5, 3, 7, 7), (4, 16, 8, 8), (2, 64, 4, 4), (2, 260, 3, 3), (2, 48, 4, 4), (1, 2064, 2, 2),
                (32, 16, 1, 1), (16, 16, 32, 32)]
 

@@ -133,3 +133,16 @@ def test_cupy_backend_implements_the_whole_contract():
         assert hasattr(CupyBackend, name), f"CupyBackend lacks {name}"
         assert inspect.signature(getattr(CupyBackend, name)) == inspect.signature(member), name
     assert CupyBackend.name == "cupy"
+
+
+def test_batchnorm_constants_the_backend_mirrors_are_the_kernels():
+    """The backend sizes launches after constants of kernels/batchnorm.cu: the reductions' blocks (BN_THREADS,
+    for which slice_lanes spreads the finalize over every channel at once), how many an SM holds
+    (BN_BLOCKS_PER_SM, their launch bounds) and bn_sums_finalize's grid (_finalize_blocks mirrors slice_lanes)."""
+    from cupynet.backends import cupy_backend
+    source = (K.kernels_dir() / "batchnorm.cu").read_text()
+    for name in ("BN_THREADS", "BN_BLOCKS_PER_SM"):
+        assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
+    lanes = {16: 16, 32: 8, 64: 4, 3: 32, 48: 4, 200: 1, 2064: 1}      # slice_lanes(C), as the kernel computes it
+    for channels, per_channel in lanes.items():
+        assert cupy_backend._finalize_blocks(channels) == -(-channels * per_channel // 32), channels

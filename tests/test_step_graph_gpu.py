@@ -222,9 +222,11 @@ def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset
     """--conv-genstats: the convolutions before a BatchNorm also write its sums (where cuDNN has a genstats
     engine for the shape; the others run plain and their BatchNorm makes its own statistics). Captured steps
     repeat the eager ones bit for bit, and the run follows the plain one (only the statistics' rounding
-    differs, and on a GPU the fused graph's engine; bf16 steps drift apart from there: the mean losses
-    agree to 2% over the 12 steps on a GPU, 0.1% on the emulated one, where a wrong statistic would be off
-    by far more)."""
+    differs, and on a GPU the fused graph's engine; bf16 steps drift apart from there). On a GPU the mean
+    losses agree to 2%. On the emulated one the first five steps' mean loss moved by about 1e-4 (relative)
+    with the rounding, and by 2.4e-3 with every statistic 2% off (the count scaled in bn_apply_from_sums); the
+    next five's also carries where the rounding has led the bf16 run: a mere change of summation order in the
+    BatchNorm reductions moved the plain run's by 0.09%, and the two runs' apart by 0.13%."""
     settings = dict(BASE, data_format=layout, dtype=dtype, conv_genstats=True)
     eager_backend = make_backend(layout, dtype, conv_genstats=True)
     eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
@@ -243,7 +245,9 @@ def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset
     assert_identical(eager, captured)
     plain = train(TrainConfig(**dict(settings, conv_genstats=False), cuda_graph="off"), dataset,
                   make_backend(layout, dtype))
-    np.testing.assert_allclose(captured[3], plain[3], rtol=1e-3 if emulated else 2e-2)
+    first, later = (1e-3, 5e-3) if emulated else (2e-2, 2e-2)
+    np.testing.assert_allclose(captured[3][0], plain[3][0], rtol=first)
+    np.testing.assert_allclose(captured[3][1:], plain[3][1:], rtol=later)
 
 
 def test_the_warm_up_is_reported_once_at_the_first_replayed_step(dataset, tmp_path):

@@ -68,12 +68,17 @@ DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
 AUGMENT_PAD = 4                     # the reference's pad-4 crop: offsets in [0, 9)
 BN_THREADS = 256                    # threads per block of the BatchNorm partial sums
-FINALIZE_THREADS = 32               # bn_sums_finalize: one warp a block, adding
-FINALIZE_CHANNELS = 4               # channels a block adds per pass (batchnorm.cu's CHANNELS_PER_WARP)
+FINALIZE_THREADS = 32               # bn_sums_finalize: one warp a block
 HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
 MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
 PACK_BYTES = 16                     # what kernels move per load and store on their vector paths
 MIN_STEPS_PER_THREAD = 4            # a partial-sum thread reads at least this many elements or packs
+# The BatchNorm reductions' blocks per SM (batchnorm.cu's BN_BLOCKS_PER_SM, which bounds their registers so
+# that an SM holds that many): their grids are one wave. bn_grad in bf16 with the relu mask recomputed from x
+# needs about 80 registers a thread, so an SM holds 3 of its 256-thread blocks; 4 per SM left a quarter of the
+# grid to a second wave at batch 512. A constant, not each kernel's occupancy, so that the slices (and so the
+# bits of the sums) depend on the shapes and the GPU alone.
+BN_BLOCKS_PER_SM = 3
 MAX_DYNAMIC_SHARED_BYTES = 47 * 1024    # a launch may ask for 48 KB less the kernel's static __shared__
 
 
@@ -116,6 +121,16 @@ def _pack_elements(dtype):
 def _pack_aligned(arrays):
     """Whether every array starts on a pack boundary, as the kernels' 16-byte loads and stores need."""
     return all(array.data.ptr % PACK_BYTES == 0 for array in arrays)
+
+
+def _finalize_blocks(channels):
+    """Blocks of FINALIZE_THREADS that bn_sums_finalize needs to add every channel at once: batchnorm.cu's
+    slice_lanes(C) lanes per channel, the most (a power of 2, at most 32) with which BN_THREADS threads hold
+    every channel. Any grid gives the same sums (the kernel strides over its channels); this one, one pass."""
+    lanes = 32
+    while lanes > 1 and lanes * channels > BN_THREADS:
+        lanes //= 2
+    return -(-channels * lanes // FINALIZE_THREADS)
 
 
 def _i32(value):
@@ -461,7 +476,7 @@ class CupyBackend(LayoutMixin):
             tiles = -(-groups_per_row // cw) if nhwc else channels
             row_steps = -(-(m if nhwc else m // group) // rows)
             wanted = -(-row_steps // MIN_STEPS_PER_THREAD)
-            fill_gpu = max(1, 4 * self.kernels.sm_count // tiles)
+            fill_gpu = max(1, BN_BLOCKS_PER_SM * self.kernels.sm_count // tiles)
             slices = max(1, min(wanted, fill_gpu, MAX_SLICES))
             sums_per_thread = group if nhwc else 1          # NCHW adds a group's values before the tree
             plan = dict(cw=cw, grid=(tiles, slices), block=(cw * rows,), slices=slices, vec=int(group > 1),
@@ -583,7 +598,7 @@ class CupyBackend(LayoutMixin):
         self.kernels.launch(partials_kernel, (ctype(x.dtype), *more_types), plan["grid"], plan["block"],
                             (*args, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
-        self.kernels.launch("bn_sums_finalize", (), (-(-c // FINALIZE_CHANNELS),), (FINALIZE_THREADS,),
+        self.kernels.launch("bn_sums_finalize", (), (_finalize_blocks(c),), (FINALIZE_THREADS,),
                             (partials, _i32(plan["slices"]), _i32(c), sums))
         return sums
 
@@ -689,7 +704,7 @@ class CupyBackend(LayoutMixin):
     def batchnorm_backward_from_sums(self, dy, x, y, gamma, saved_mean, saved_invstd, sums, count,
                                      dx, dgamma, dbeta):
         """dbeta, dgamma <- sums; dx from sums covering `count` elements per channel, as NumpyBackend
-        (bn_backward_dx reads dgamma/dbeta and divides by count, exactly its fused-path use)."""
+        (bn_backward_dx reads dgamma/dbeta and scales them by 1/count, exactly its fused-path use)."""
         _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
                        dgamma=dgamma, dbeta=dbeta)
         _require_dtype(np.float64, sums=sums)

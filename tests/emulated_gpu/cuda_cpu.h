@@ -40,6 +40,7 @@
 // ------------------------------------------------------------------ qualifiers
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __host__
 #define __forceinline__ inline
@@ -50,8 +51,10 @@
 
 struct uint3 { unsigned int x = 0, y = 0, z = 0; };
 struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+struct float2 { float x, y; };
 struct double2 { double x, y; };
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 // Set by the scheduler before it resumes a thread (fibers of one OS thread share these variables).
