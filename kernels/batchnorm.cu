@@ -721,8 +721,8 @@ __global__ void bn_grad(const T* dy, const T* x, const T* y, const float* mean, 
 
 // One element of bn_backward_dx: dz (the masked gradient) and x of channel c -> dx. inv_count = 1 / m: a
 // multiplication instead of two divisions per element (a float division is a sequence of about ten
-// instructions, which made this memory-bound pass nearly instruction-bound in bf16); the same bits as the
-// divisions where m is a power of 2, as for every CIFAR ResNet activation at a power-of-2 batch.
+// instructions, 16 of them in the loop body of every 8-element bf16 pack); the same bits as the divisions where
+// m is a power of 2, as for every CIFAR ResNet activation at a power-of-2 batch.
 __device__ __forceinline__ float bn_input_grad(float dz, float x, int c, const float* mean, const float* invstd,
                                                const float* gamma, const float* dgamma, const float* dbeta,
                                                float inv_count)
