@@ -170,7 +170,7 @@ struct Scheduler {
     std::vector<char*> stacks;          // reused by every launch of this OS thread
     Barrier block;
     std::vector<Barrier> warps;
-    std::vector<unsigned long long> exchange;   // one 8-byte slot per thread, for shuffles
+    std::vector<unsigned long long> exchange;   // two 8-byte slots per thread, for shuffles (shuffle_down)
     std::vector<char> dynamic_shared;
     void* scheduler_sp = nullptr;
     int current = -1;
@@ -268,7 +268,7 @@ inline std::string run_block(void (*body)(void*), void* arg, int threads)
     s.block = Barrier{threads, 0, 0};
     s.warps.assign((threads + WARP - 1) / WARP, Barrier{});
     for (int t = 0; t < threads; ++t) ++s.warps[t / WARP].live;
-    s.exchange.assign(threads, 0ull);
+    s.exchange.assign(2 * threads, 0ull);
     for (int t = 0; t < threads; ++t) {
         Fiber& f = s.fibers[t];
         f.stack = s.stacks[t];
@@ -415,6 +415,10 @@ template <typename... A> std::string signature(void (*)(A...))
 // ------------------------------------------------------------------ warp shuffles
 
 // v from lane (lane + delta) of the same warp; own v when that lane is past the warp (CUDA's rule).
+// One rendezvous per shuffle: consecutive shuffles of a warp write alternate slots (the parity of the warp
+// barrier's generation, the same for every lane that arrives at one rendezvous), and a lane can only write a
+// slot again two rendezvous later, by which time every lane has read it (each reads right after the first
+// one completes, before it arrives at the next).
 template <typename T> T shuffle_down(T v, int delta)
 {
     static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
@@ -422,12 +426,14 @@ template <typename T> T shuffle_down(T v, int delta)
     const int t = s.current;
     const int lane = t % WARP;
     Barrier& warp = s.warps[t / WARP];
-    std::memcpy(&s.exchange[t], &v, sizeof(T));
+    const int slots = (int)(warp.generation & 1ull) * (int)s.fibers.size();
+    std::memcpy(&s.exchange[slots + t], &v, sizeof(T));
     arrive(warp, Wait::warp);
     T result = v;
     const int source = t + delta;
-    if (lane + delta < WARP && source < (int)s.fibers.size()) std::memcpy(&result, &s.exchange[source], sizeof(T));
-    arrive(warp, Wait::warp);           // nobody overwrites a slot before every lane has read
+    if (lane + delta < WARP && source < (int)s.fibers.size()) {
+        std::memcpy(&result, &s.exchange[slots + source], sizeof(T));
+    }
     return result;
 }
 
