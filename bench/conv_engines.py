@@ -23,7 +23,15 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
   * `split_k`: the weight gradients' split-K settings, (engine, SPLIT_K_SLC slices) pairs of the engines
     that expose the knob (conv_autotune.split_k_engines' order; up to --split-k-settings of them, more than
     the 8 cupynet's autotuner times with --conv-split-k), each built alone in a graph of its own, as cupynet
-    builds them.
+    builds them;
+  * `pixel_pairs`: in NHWC, the forward and data gradient of a 3x3 stride-1 convolution of at most
+    PAIR_MAX_CHANNELS channels in and out (stage 1's and the stem's) on the same bytes read as pixel pairs,
+    (N, H, W/2, 2C) to 2K channels. A 3x3 convolution of the original is exactly one of these, with a
+    2K x 3 x 3 x 2C kernel built from the K x 3 x 3 x C one (zero where a pair's taps fall outside the
+    window; the same padding, counted in pairs), so its time says what that rewrite could save where cuDNN's
+    engines for few channels are slow (on an H100, 2026-11-27: 21.7 us for stage 1's forward against 7.8 us
+    at stage 2, the same multiply-adds). Timed with random weights; building the paired kernel (a small pass
+    per step) is not counted.
 
 Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
 deterministic engine and the fastest of all: how much a better engine choice could still give. The per-step
@@ -55,6 +63,7 @@ from cupynet.errors import CupynetError, DeviceError                 # noqa: E40
 from cupynet.model import ResNet                                    # noqa: E402
 
 OPS = ("wgrad", "fprop", "dgrad")       # surveyed in this order: weight gradients cost the most (GPU notes)
+PAIR_MAX_CHANNELS = 16                  # pixel_pairs: where cuDNN's engines for few channels are slow
 HOST_SECONDS_PER_CALL = 60e-6           # a generous host cost of one execute (GPU notes: 9-45 us): sizes the hold
 
 
@@ -148,6 +157,12 @@ class Survey:
             dtypes = (self.backend.dtype, self.backend.dtype, output_dtype or self.backend.dtype)
             return graph, list(zip(tensors, shapes, dtypes))
         return describe
+
+    def paired(self, conv):
+        """describe() of the convolution on pixel pairs (the `pixel_pairs` variant): the image side read as
+        (N, H, W/2, 2C), 2K output channels, the same window, stride and padding."""
+        n, c, h, w, k, r, s = conv["dims"]
+        return self.plain(dict(conv, dims=(n, 2 * c, h, w // 2, 2 * k, r, s)))
 
     def fused(self, conv, prologue, genstats):
         """describe() of the convolution with BatchNorm fused into it, the cuDNN Frontend's patterns: a
@@ -372,23 +387,32 @@ def label(engine):
     return f"{engine['us']:.1f} [{engine['name']}{'; ' + ', '.join(notes) if notes else ''}]"
 
 
+def pixel_pairs_apply(conv, args):
+    """Whether the `pixel_pairs` variant is timed for this convolution (see the module docstring)."""
+    _, c, _, w, k, r, s = conv["dims"]
+    return (args.layout == "NHWC" and conv["op"] in ("fprop", "dgrad") and (r, s) == (3, 3) and conv["stride"] == 1
+            and conv["pad"] == 1 and w % 2 == 0 and max(c, k) <= PAIR_MAX_CHANNELS)
+
+
 # What else to time per operation: name -> a callable surveying it. bf16 weight gradients writing float32
 # would spare cupynet's conversion kernel; the fused patterns would spare BatchNorm passes; split-K settings
-# are what --conv-split-k adds to the autotuner's candidates.
+# are what --conv-split-k adds to the autotuner's candidates; pixel pairs, stage 1's slow narrow engines.
 def variants(survey, conv, args):
     def of(describe):
         return lambda: survey.survey(describe)
+    found = {}
     if conv["op"] == "wgrad":
-        found = {"scale_bias_relu": of(survey.fused(conv, prologue=True, genstats=False))}
+        found["scale_bias_relu"] = of(survey.fused(conv, prologue=True, genstats=False))
         if args.dtype == "bfloat16":
             found["float32_output"] = of(survey.plain(conv, survey.cudnn.data_type.FLOAT, np.float32))
         if args.split_k_settings:
             found["split_k"] = lambda: survey.split_k(conv)
-        return found
     if conv["op"] == "fprop":
-        return {"genstats": of(survey.fused(conv, prologue=False, genstats=True)),
-                "scale_bias_relu_genstats": of(survey.fused(conv, prologue=True, genstats=True))}
-    return {}
+        found["genstats"] = of(survey.fused(conv, prologue=False, genstats=True))
+        found["scale_bias_relu_genstats"] = of(survey.fused(conv, prologue=True, genstats=True))
+    if pixel_pairs_apply(conv, args):
+        found["pixel_pairs"] = of(survey.paired(conv))
+    return found
 
 
 def survey_convolution(survey, conv, args, totals):

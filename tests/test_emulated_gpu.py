@@ -225,6 +225,16 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     variants = {row["op"]: sorted(name for name, found in row["variants"].items() if found) for row in engines}
     assert variants == {"wgrad": ["float32_output", "scale_bias_relu", "split_k"], "dgrad": [],
                         "fprop": ["genstats", "scale_bias_relu_genstats"]}
+    # pixel pairs: timed for the forward and data gradient of the 3x3 stride-1 convolutions of at most 16
+    # channels (ResNet-8's stem and stage 1 here), and for no other
+    narrow = re.compile(r"C=(\d+) H=\d+ W=\d+ K=(\d+) 3x3 stride 1 pad 1$")
+    for row in engines:
+        match = narrow.search(row["conv"])
+        eligible = row["op"] != "wgrad" and match is not None and max(map(int, match.groups())) <= 16
+        paired = row["variants"].get("pixel_pairs")
+        assert eligible == (paired is not None), row["conv"]
+        assert not eligible or any("us" in engine for engine in paired), row
+    assert sum("pixel_pairs" in row["variants"] for row in engines) == 3, [row["conv"] for row in engines]
     for row in engines:       # the emulated cuDNN's split-K engines: one adds its slices in order, one by atomics
         if row["op"] == "wgrad":
             timed = {(e["name"].split(" (")[1], e["deterministic"]) for e in row["variants"]["split_k"] if "us" in e}
