@@ -37,7 +37,10 @@ which the GPU's kernels then do not read (they recompute the relu's mask from x)
 (--cuda-graph off): a replayed graph has no per-primitive calls to time; on a GPU the weight gradients run in
 order on the main stream's timeline (overlap_wgrad off), so each primitive's time is its own.
 roofline ms = bytes / peak; achieved GB/s = bytes / measured time; fraction of peak = achieved / peak
-(above 100% on the CPU: the arrays were still in cache, small ones often are).
+(above 100% on the CPU: the arrays were still in cache, small ones often are). On a GPU also per primitive
+and shape of its first array argument: the median call's kernel time (replayed alone) beside its roofline,
+which tells a fixed cost per call from a bandwidth limit (the 16 most expensive printed, all in the JSON's
+`by_shape`).
 The peak (`--peak-gbs`) defaults on the CPU to a measured `np.copyto` of 256 MB (read + write, best of 3);
 on a GPU pass the datasheet figure. Prints a table and writes JSON (`--json`, default
 bench/results/layers-<host>.json) with `environment()` of bench/layouts.py.
@@ -202,11 +205,12 @@ class PrimitiveProfiler:
                 for name, pairs in self.events.items()}
 
 
-def isolated_device_s(backend, calls, repeats, launches, l2="cold"):
-    """name -> device seconds per step of one step's `calls` [(name, method, args, kwargs)], each replayed
-    alone in a CUDA graph (see the module docstring). Runs last: the replays leave the state garbage."""
+def isolated_calls(backend, calls, repeats, launches, l2="cold"):
+    """[(name, shape, device seconds, bytes)] for each of one step's `calls` [(name, method, args, kwargs)],
+    each replayed alone in a CUDA graph (see the module docstring); shape: the first array argument's.
+    Runs last: the replays leave the state garbage."""
     import cupy
-    totals = defaultdict(float)
+    timed = []
     begin, end = cupy.cuda.Event(), cupy.cuda.Event()
     if l2 == "cold":
         cold = ColdL2Timer(backend, launches)
@@ -219,15 +223,45 @@ def isolated_device_s(backend, calls, repeats, launches, l2="cold"):
         graph = backend.capture(lambda: [method(*args, **kwargs) for _ in range(copies)])
         graph.launch()                                 # the first launch uploads the graph
         if l2 == "cold":
-            totals[name] += max(cold.seconds(graph) - overhead, 0.0)
-            continue
-        begin.record(backend.stream)
-        for _ in range(launches):
-            graph.launch()
-        end.record(backend.stream)
-        end.synchronize()
-        totals[name] += cupy.cuda.get_elapsed_time(begin, end) / 1000.0 / (repeats * launches)
+            seconds = max(cold.seconds(graph) - overhead, 0.0)
+        else:
+            begin.record(backend.stream)
+            for _ in range(launches):
+                graph.launch()
+            end.record(backend.stream)
+            end.synchronize()
+            seconds = cupy.cuda.get_elapsed_time(begin, end) / 1000.0 / (repeats * launches)
+        shape = next((tuple(arg.shape) for arg in args if hasattr(arg, "shape")), ())
+        timed.append((name, shape, seconds, bytes_moved(name, inspect.signature(method), args, kwargs)))
+    return timed
+
+
+def isolated_totals(timed):
+    """name -> device seconds per step, from isolated_calls' records."""
+    totals = defaultdict(float)
+    for name, _, seconds, _ in timed:
+        totals[name] += seconds
     return dict(totals)
+
+
+def shape_rows(timed, peak_gbs):
+    """Per primitive and shape of its first array argument: calls per step, the median call's kernel time and
+    its fraction of peak (bytes / time / peak), the most expensive first. What a per-primitive total hides:
+    whether a kernel's calls are bandwidth-bound or pay a fixed cost per call (BatchNorm at 16, 32 and 64
+    channels moves 4, 2 and 1 MB per call at batch 128 in bf16)."""
+    groups = defaultdict(list)
+    for name, shape, seconds, nbytes in timed:
+        groups[(name, shape)].append((seconds, nbytes))
+    rows = []
+    for (name, shape), records in groups.items():
+        seconds = statistics.median(s for s, _ in records)
+        nbytes = statistics.median(b for _, b in records)
+        achieved = nbytes / seconds / 1e9 if seconds else 0.0
+        rows.append({"primitive": name, "shape": list(shape), "calls_per_step": len(records),
+                     "median_us": round(1e6 * seconds, 2), "us_per_step": round(1e6 * sum(s for s, _ in records), 2),
+                     "bytes_per_call": int(nbytes), "roofline_us": round(1e6 * nbytes / (peak_gbs * 1e9), 2),
+                     "fraction_of_peak": round(achieved / peak_gbs, 4)})
+    return sorted(rows, key=lambda row: -row["us_per_step"])
 
 
 class ColdL2Timer:
@@ -257,8 +291,8 @@ class ColdL2Timer:
 
 
 def profile(args, dataset):
-    """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss, GPU kernel
-    seconds per primitive or None)."""
+    """Warm-up, then `args.steps` recorded steps; returns (profiler, step seconds, mean loss, the first timed
+    step's calls replayed alone (isolated_calls) or None on the CPU)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off",
                          bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
@@ -285,10 +319,10 @@ def profile(args, dataset):
     loss = trainer.take_mean_loss()
     if not np.isfinite(loss):
         raise RuntimeError(f"loss is {loss}: not profiling a broken step")
-    isolated = None
+    timed = None
     if profiler.gpu:
-        isolated = isolated_device_s(backend, first_step, args.isolate_repeats, args.isolate_launches, args.l2)
-    return profiler, step_s, loss, isolated
+        timed = isolated_calls(backend, first_step, args.isolate_repeats, args.isolate_launches, args.l2)
+    return profiler, step_s, loss, timed
 
 
 def rows_of(profiler, step_s, steps, peak_gbs, isolated=None):
@@ -309,6 +343,16 @@ def rows_of(profiler, step_s, steps, peak_gbs, isolated=None):
                      "roofline_ms": round(1000 * nbytes / (peak_gbs * 1e9), 4),
                      "achieved_gbs": round(achieved, 3), "fraction_of_peak": round(achieved / peak_gbs, 4)})
     return sorted(rows, key=lambda row: -(row["device_ms_per_step"] or row["ms_per_step"]))
+
+
+def print_shapes(rows, top):
+    print(f"kernel time per call (median, replayed alone) of the {min(top, len(rows))} most expensive primitive "
+          f"and shape pairs:")
+    print(f"{'primitive':<30} {'shape':<20} {'calls':>5} {'us/call':>8} {'roof us':>8} {'%peak':>6}")
+    for r in rows[:top]:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['primitive']:<30} {shape:<20} {r['calls_per_step']:>5} {r['median_us']:>8.2f} "
+              f"{r['roofline_us']:>8.2f} {r['fraction_of_peak']:>6.1%}")
 
 
 def print_table(rows, step_s):
@@ -351,9 +395,13 @@ def main(argv=None):
     print(f"{env.get('gpu', 'CPU')} | ResNet-{args.depth} batch {args.batch} {args.layout} {args.dtype} | "
           f"{args.steps} timed steps after {args.warmup} warm-up | peak {peak_gbs:.1f} GB/s "
           f"({'measured: np.copyto 256 MB' if measured else '--peak-gbs'})")
-    profiler, step_s, loss, isolated = profile(args, dataset)
+    profiler, step_s, loss, timed = profile(args, dataset)
+    isolated = None if timed is None else isolated_totals(timed)
     rows = rows_of(profiler, step_s, args.steps, peak_gbs, isolated)
     print_table(rows, step_s)
+    shapes = None if timed is None else shape_rows(timed, peak_gbs)
+    if shapes:
+        print_shapes(shapes, top=16)
     write_json(args.json or default_json("layers"),
                {"benchmark": "layers", "environment": env, "args": vars(args),
                 "peak_gbs": round(peak_gbs, 3), "peak_source": "measured np.copyto 256 MB" if measured else "flag",
@@ -361,7 +409,7 @@ def main(argv=None):
                               "augment primitives: only the gathered rows of images/labels/order",
                 "step_ms": round(1000 * step_s, 4), "mean_loss": round(loss, 4),
                 "kernel_ms_sum": None if isolated is None else round(sum(1000 * v for v in isolated.values()), 4),
-                "primitives": rows})
+                "primitives": rows, "by_shape": shapes})
 
 
 if __name__ == "__main__":

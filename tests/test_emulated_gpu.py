@@ -250,6 +250,13 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         assert layers["kernel_ms_sum"] > 0 and all(row["device_ms_per_step"] > 0 for row in timed_alone
                                                    if row["primitive"] not in near_empty), layers
         assert all(row["device_ms_per_step"] >= 0 for row in timed_alone), layers
+        # per shape: the same calls, split by their first array's shape (BatchNorm: one per stage at least)
+        for row in timed_alone:
+            split = [r for r in layers["by_shape"] if r["primitive"] == row["primitive"]]
+            assert sum(r["calls_per_step"] for r in split) == row["calls_per_step"], (row, split)
+            assert abs(sum(r["us_per_step"] for r in split) / 1000 - row["device_ms_per_step"]) < 1e-3, (row, split)
+        shapes = {tuple(r["shape"]) for r in layers["by_shape"] if r["primitive"] == "batchnorm_train_forward"}
+        assert {shape[1 if name == "layers" else 3] for shape in shapes} == {16, 32, 64}, shapes
 
 
 def test_conv_engines_past_its_time_still_reports_what_it_could_not_survey(tmp_path):
