@@ -247,8 +247,8 @@ def isolated_totals(timed):
 def shape_rows(timed, peak_gbs):
     """Per primitive and shape of its first array argument: calls per step, the median call's kernel time and
     its fraction of peak (bytes / time / peak), the most expensive first. What a per-primitive total hides:
-    whether a kernel's calls are bandwidth-bound or pay a fixed cost per call (BatchNorm at 16, 32 and 64
-    channels moves 4, 2 and 1 MB per call at batch 128 in bf16)."""
+    whether a kernel's calls are bandwidth-bound or pay a fixed cost per call (BatchNorm's activations at 16,
+    32 and 64 channels are 4, 2 and 1 MB at batch 128 in bf16)."""
     groups = defaultdict(list)
     for name, shape, seconds, nbytes in timed:
         groups[(name, shape)].append((seconds, nbytes))
