@@ -85,17 +85,6 @@ struct ChannelTile {
 // Channels one thread's group covers: V in NHWC, 1 in NCHW (a group of one channel's positions).
 template <int V> __device__ __forceinline__ int group_channels(int inner) { return inner == 1 ? V : 1; }
 
-// v[k] = the k-th element of the group starting at `offset` (a multiple of V), as float.
-template <int V, typename T>
-__device__ __forceinline__ void load_group(const T* x, int offset, float (&v)[V])
-{
-    if constexpr (V == 1) {
-        v[0] = to_float(x[offset]);
-    } else {
-        load_pack(x, offset / V, v);
-    }
-}
-
 // Calls visit(offset) for each group of the tile's channel(s) the thread reads: rows first(), first() +
 // step(), ... Unrolled so that several loads are in flight per thread.
 template <int V, typename Visit>

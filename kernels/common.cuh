@@ -133,6 +133,28 @@ __device__ __forceinline__ void store_pack(T* y, int j, const float (&v)[Pack<T>
     reinterpret_cast<uint4*>(y)[j] = raw;
 }
 
+// A group of V elements starting at `offset` (a multiple of V): one element (V = 1) or one 16-byte pack (V =
+// Pack<T>::size), for kernels whose body is written once for both (a template on V).
+template <int V, typename T>
+__device__ __forceinline__ void load_group(const T* x, int offset, float (&v)[V])
+{
+    if constexpr (V == 1) {
+        v[0] = to_float(x[offset]);
+    } else {
+        load_pack(x, offset / V, v);
+    }
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_group(T* y, int offset, const float (&v)[V])
+{
+    if constexpr (V == 1) {
+        y[offset] = from_float<T>(v[0]);
+    } else {
+        store_pack(y, offset / V, v);
+    }
+}
+
 // Number of whole packs a kernel handles as packs (0 when vec is 0).
 template <typename T> __device__ __forceinline__ int pack_count(int n, int vec)
 {
