@@ -56,6 +56,7 @@ class TrainConfig:
     conv_deterministic: bool = True          # GPU: only cuDNN engines that repeat their bits on every run
     conv_split_k: bool = False               # GPU: autotuning also times split-K settings of weight gradients
     conv_genstats: bool = False              # convolutions before BatchNorm also write its per-channel sums
+    conv_pixel_pairs: bool = False           # GPU, NHWC: stage 1's 3x3 convolutions on pixel pairs
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
@@ -181,6 +182,11 @@ def build_parser():
                             "engine's sums first; a convolution with no engine that passes runs as before. Statistics from "
                             "unshifted float32 sums; not with --sync-bn's layers; off by default until a GPU run "
                             "shows it faster")
+    model.add_argument("--conv-pixel-pairs", action=argparse.BooleanOptionalAction, default=d.conv_pixel_pairs,
+                       help="GPU, NHWC: stage 1's 3x3 convolutions (16 channels) run forward and data gradient as "
+                            "the same convolutions on pixel pairs (32 channels at half the width, a kernel built "
+                            "from the weights each step), where cuDNN's engines are faster; the same results up "
+                            "to the order of the sums; off by default until a GPU run shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "
@@ -302,6 +308,9 @@ def validate(config):
     if c.conv_genstats and not c.conv_autotune:
         raise ConfigError("--conv-genstats needs --conv-autotune: the autotuner runs each genstats engine again "
                           "before it is used, and drops one whose sums do not repeat")
+    if c.conv_pixel_pairs and c.data_format != "NHWC":
+        raise ConfigError("--conv-pixel-pairs needs --data-format NHWC: a pixel pair is two neighbouring "
+                          "pixels' channels, adjacent in memory only when channels come last")
     if c.conv_split_k and not c.conv_autotune:
         raise ConfigError("--conv-split-k needs --conv-autotune: split-K settings are candidates the autotuner "
                           "times (without it cuDNN's heuristic choice runs)")

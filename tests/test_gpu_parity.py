@@ -58,7 +58,7 @@ ACTIVATIONS = [(5, 3, 7, 7), (4, 16, 8, 8), (2, 64, 4, 4), (2, 260, 3, 3), (2, 4
 # --------------------------------------------------------------------------- backends and arrays
 
 
-def make_backend(layout, dtype, bn_launches=2):
+def make_backend(layout, dtype, bn_launches=2, pixel_pairs=False):
     """A fresh GPU backend; float32 runs strict fp32 convolutions so that parity can be tight. With one
     BatchNorm launch per pass, the weight gradients run in the serial order, so that the backward's one launch
     runs too (beside weight gradients on a side stream it takes two: CupyBackend._bn_one_launch_plan)."""
@@ -66,7 +66,7 @@ def make_backend(layout, dtype, bn_launches=2):
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(device_id=0, layout=layout, dtype=dtype, tf32=False, bn_launches=bn_launches,
-                       overlap_wgrad=bn_launches == 2)
+                       overlap_wgrad=bn_launches == 2, pixel_pairs=pixel_pairs)
 
 
 _BACKENDS = {}
@@ -204,12 +204,11 @@ def test_host_round_trip_zeros_fill_and_bf16_rounding(layout, dtype):
 CONVS = [(5, 3, 7, 7, 4, 3, 1), (4, 8, 8, 8, 16, 3, 2), (4, 8, 7, 7, 16, 3, 2), (4, 8, 8, 8, 16, 1, 2)]
 
 
-@params()
-@pytest.mark.parametrize("case", CONVS, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}".format(*c))
-def test_convolutions(layout, dtype, case):
+def check_forward_and_data_gradient(be, a, case):
+    """Runs the GPU's forward and data gradient of convolution `case` on random arrays and checks both against
+    the reference's (each must execute its cuDNN op). Returns the arrays (x, w, dy) and their exact values."""
     n, c, h, w, k, ksize, stride = case
-    be = backend(layout, dtype)
-    a = Arrays(be, seed=2)
+    dtype = be.dtype.name
     pad = ksize // 2
     ho, wo = (h + 2 * pad - ksize) // stride + 1, (w + 2 * pad - ksize) // stride + 1
     x, x_ref = a.activation(n, c, h, w)
@@ -231,6 +230,17 @@ def test_convolutions(layout, dtype, case):
     expected = ref.conv2d_backward_data(dy_ref, wt_ref, stride, pad, np.empty(x.shape))
     magnitude = ref.conv2d_backward_data(np.abs(dy_ref), np.abs(wt_ref), stride, pad, np.empty(x.shape))
     assert_bounded(a.get(dx), expected, CONV[dtype] * magnitude, what="dgrad")
+    return (x, x_ref), (wt, wt_ref), (dy, dy_ref)
+
+
+@params()
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}".format(*c))
+def test_convolutions(layout, dtype, case):
+    stride, pad = case[6], case[5] // 2
+    be = backend(layout, dtype)
+    a = Arrays(be, seed=2)
+    (x, x_ref), (wt, _), (dy, dy_ref) = check_forward_and_data_gradient(be, a, case)
+    ref = a.ref
 
     dw = a.nan(wt.shape, dtype=np.float32)          # a float32 gradient view, whatever the activations
     kernels = ("sum_rows",) if dtype == "bfloat16" else ()   # bf16: cuDNN writes bf16, a kernel widens it
@@ -239,6 +249,46 @@ def test_convolutions(layout, dtype, case):
     expected = ref.conv2d_backward_filter(x_ref, dy_ref, stride, pad, np.empty(wt.shape))
     magnitude = ref.conv2d_backward_filter(np.abs(x_ref), np.abs(dy_ref), stride, pad, np.empty(wt.shape))
     assert_bounded(a.get(dw), expected, CONV[dtype] * magnitude, what="wgrad")
+
+
+# (N, C, H, W, K, ksize, stride): stage 1's shape at a small size, 8 to 16 channels, and one the rewrite leaves alone
+PAIRED_CONVS = [(4, 16, 8, 8, 16, 3, 1), (3, 8, 5, 6, 16, 3, 1), (4, 16, 8, 8, 32, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PAIRED_CONVS, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}".format(*c))
+def test_convolutions_on_pixel_pairs(dtype, case):
+    """--conv-pixel-pairs: a 3x3 stride-1 convolution of few channels runs its forward and data gradient on
+    pixel pairs (cuDNN's graphs of 2C channels at half the width, after the pixel_pair_weights kernel) and
+    still matches the reference; a stride-2 one runs as before."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    from cupynet.backends.pixel_pairs import applies
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=False, pixel_pairs=True)
+    n, c, h, w, k, ksize, stride = case
+    paired = applies("NHWC", (n, h, w, c), (k, ksize, ksize, c), stride, ksize // 2)
+    assert paired == (stride == 1)
+    check_forward_and_data_gradient(be, Arrays(be, seed=5), case)
+    image_sides = {(key[0], key[2], key[4]) for key in be.conv.graph_calls}        # (op, C, W) of each graph run
+    expected = {(op, 2 * c, w // 2) if paired else (op, c, w) for op in ("fprop", "dgrad")}
+    assert image_sides == expected
+    assert be.kernels.launches["pixel_pair_weights"] == (2 if paired else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pixel_pair_weights_are_numpys(dtype):
+    """The kernel that builds the paired weights is a gather: bit for bit the NumPy twin's."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    from cupynet.backends.pixel_pairs import pixel_pair_weight
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, pixel_pairs=True)
+    a = Arrays(be, seed=6)
+    w, w_host = a.put(a.rng.standard_normal((16, 3, 3, 8)))
+    with be.device, be.stream:          # as a primitive would run it
+        paired = be.to_host(be._pixel_pair_weight(w))
+    np.testing.assert_array_equal(paired.astype(np.float64), pixel_pair_weight(w_host))
 
 
 @params()
@@ -1010,20 +1060,24 @@ def _model_pair(be, depth, x_nchw_host, labels_host, share_masks=False):
     return (loss, ref_loss, grads, ref.params.state_dict(flat=ref.params.grad_flat), state, ref.state.state_dict())
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout):
+@pytest.mark.parametrize("layout,pixel_pairs", [("NCHW", False), ("NHWC", False), ("NHWC", True)],
+                         ids=["NCHW", "NHWC", "NHWC-pixel_pairs"])
+def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, pixel_pairs):
     """Tolerances measured on the CPU analogue (NumpyBackend float32 vs float64, same model and data):
     loss 1.5e-7, worst gradient 4.7e-6 norm-relative, BN state 5e-7. We allow 1e-5 / 1e-4 / 1e-5:
     ~20x the float32-only difference, while a TF32 convolution (~3e-4 each) would not pass. The reference's
     backward takes the GPU's relu masks: this data has a pre-relu value 1.9e-6 from 0 (stage 2's last block
-    output; 1.1e-6 of its rms), which the H100's NCHW forward put below 0 and the reference above."""
-    be = make_backend(layout, "float32")
+    output; 1.1e-6 of its rms), which the H100's NCHW forward put below 0 and the reference above.
+    With --conv-pixel-pairs, stage 1's convolutions (16 channels at 16 x 16) run on pixel pairs."""
+    be = make_backend(layout, "float32", pixel_pairs=pixel_pairs)
     rng = np.random.default_rng(15)
     x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
     labels = rng.integers(0, 10, 8).astype(np.int32)
     launches = be.kernels.launches.copy()
     loss, ref_loss, grads, ref_grads, state, ref_state = _model_pair(be, 20, x, labels, share_masks=True)
     assert be.conv.executions["fprop"] > 0 and be.kernels.launches["bn_grad"] > launches["bn_grad"]
+    # stage 1's 6 convolutions, forward and data gradient
+    assert be.kernels.launches["pixel_pair_weights"] == (12 if pixel_pairs else 0)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for name, expected in ref_grads.items():
         error = np.linalg.norm(grads[name] - expected)

@@ -24,6 +24,9 @@ Streams and synchronisation
     also overlap each other (each stream has its own cuDNN workspace). With wgrad_chunks=K > 1 each
     weight gradient is K cuDNN calls over K slices of the batch, on consecutive side streams, summed once
     per step for every convolution (`sum_chunks`, in a fixed order: deterministic).
+    With pixel_pairs=True (--conv-pixel-pairs) stage 1's 3x3 forwards and data gradients run as the same
+    convolutions on pixel pairs (cupynet/backends/pixel_pairs.py), each after a small kernel that builds
+    the paired weights from the current ones.
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -60,7 +63,7 @@ try:                                # importable without CuPy, so CPU tests can 
 except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
-from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS
+from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, pixel_pairs
 from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.errors import DeviceError
@@ -133,6 +136,11 @@ def _finalize_blocks(channels):
     return -(-channels * lanes // FINALIZE_THREADS)
 
 
+def _pair_view(activation):
+    """An NHWC activation (N, H, W, C) read as pixel pairs (N, H, W/2, 2C): the same bytes (a view)."""
+    return activation.reshape(pixel_pairs.paired_shape(activation.shape))
+
+
 def _i32(value):
     return np.int32(value)
 
@@ -187,7 +195,7 @@ class CupyBackend(LayoutMixin):
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
-                 conv_genstats=False):
+                 conv_genstats=False, pixel_pairs=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -212,6 +220,8 @@ class CupyBackend(LayoutMixin):
         self.deterministic = bool(deterministic)  # only cuDNN engines that repeat their bits (cudnn_conv.py)
         self.split_k = bool(split_k)            # autotuning also times weight gradients' split-K settings
         self.conv_genstats = bool(conv_genstats)  # convolutions before BatchNorm also give its sums (layers.py)
+        # stage 1's 3x3 forwards and data gradients on pixel pairs (backends/pixel_pairs.py); NHWC only
+        self.pixel_pairs = bool(pixel_pairs) and layout == "NHWC"
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
         self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for
@@ -376,7 +386,11 @@ class CupyBackend(LayoutMixin):
 
     @_primitive
     def conv2d_forward(self, x, w, stride, pad, y):
-        """y = conv(x, w). x: activation; w: (K,C,R,S) | (K,R,S,C) in the activation dtype."""
+        """y = conv(x, w). x: activation; w: (K,C,R,S) | (K,R,S,C) in the activation dtype. With pixel_pairs
+        (--conv-pixel-pairs), a convolution that pixel_pairs.applies to runs on pixel pairs."""
+        if self._on_pixel_pairs(x, w, stride, pad):
+            self.conv.forward(_pair_view(x), self._pixel_pair_weight(w), 1, 1, _pair_view(y))
+            return y
         return self.conv.forward(x, w, stride, pad, y)
 
     @_primitive
@@ -384,13 +398,32 @@ class CupyBackend(LayoutMixin):
         """y = conv(x, w) and sums (2, K) float32 <- [sum(y), sum(y^2)] per channel, in one cuDNN graph (its
         genstats, --conv-genstats), as NumpyBackend. Returns False, with y written by the plain graph and
         sums not to be read, where cuDNN has no engine for the fused graph that passes this engine's rules
-        and the autotuner's checks (the caller's BatchNorm then makes its own statistics)."""
+        and the autotuner's checks (the caller's BatchNorm then makes its own statistics). Never on pixel
+        pairs: their sums would be per paired channel."""
         _require_dtype(np.float32, sums=sums)
         return self.conv.forward_with_stats(x, w, stride, pad, y, sums)
 
     @_primitive
     def conv2d_backward_data(self, dy, w, stride, pad, dx):
+        """dx = d(loss)/dx (on pixel pairs as conv2d_forward)."""
+        if self._on_pixel_pairs(dx, w, stride, pad):
+            self.conv.backward_data(_pair_view(dy), self._pixel_pair_weight(w), 1, 1, _pair_view(dx))
+            return dx
         return self.conv.backward_data(dy, w, stride, pad, dx)
+
+    def _on_pixel_pairs(self, image, w, stride, pad):
+        """Whether this convolution runs on pixel pairs: the option is on and the rewrite applies to it."""
+        return self.pixel_pairs and pixel_pairs.applies(self.layout, image.shape, w.shape, stride, pad)
+
+    def _pixel_pair_weight(self, w):
+        """The paired kernel of w (kernels/pixel_pairs.cu), built now into a scratch buffer. Built again for
+        each call, forward and data gradient, because w changes between steps; one buffer per shape serves
+        every convolution, since each call's build and use run in order on the main stream."""
+        paired = self._scratch("pixel_pairs", pixel_pairs.paired_weight_shape(w.shape), w.dtype)
+        k, r, _, c = w.shape
+        self._launch_1d("pixel_pair_weights", (ctype(w.dtype),), paired.size,
+                        (w, paired, _i32(k), _i32(r), _i32(c)))
+        return paired
 
     @_primitive
     def conv2d_backward_filter(self, x, dy, stride, pad, dw):

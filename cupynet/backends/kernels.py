@@ -71,6 +71,9 @@ KERNELS = {
         "shortcut_forward": _per_type(*ACTIVATION_TYPES),
         "shortcut_backward": _per_type(*ACTIVATION_TYPES),
     },
+    "pixel_pairs.cu": {
+        "pixel_pair_weights": _per_type(*ACTIVATION_TYPES),   # --conv-pixel-pairs: the paired kernel
+    },
     "pooling.cu": {
         "global_avgpool_forward": _per_type(*ACTIVATION_TYPES),
         "global_avgpool_backward": _per_type(*ACTIVATION_TYPES),
