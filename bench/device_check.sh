@@ -21,7 +21,9 @@
 #   step_options  the captured NHWC step over the step's options: (side streams for the weight gradients x
 #               batch chunks per weight gradient) pairs, deterministic cuDNN engines or not; bf16 and fp32
 #               at batch 128, bf16 at 512 (also with split-K settings); bf16 at 128 and 512 also at 1x1 with
-#               BatchNorm's statistics from the convolutions (--conv-genstats, any engine); one launch per BatchNorm pass at two
+#               BatchNorm's statistics from the convolutions (--conv-genstats, any engine); bf16 at 128 and 512
+#               and fp32 at 128 also at 1x1 with stage 1's convolutions on pixel pairs (--conv-pixel-pairs,
+#               deterministic engines); one launch per BatchNorm pass at two
 #               pairs, without and with genstats, deterministic engines or not; and the autotuner timing
 #               split-K settings of the weight gradients (--conv-split-k, deterministic engines) at two pairs
 #               (bf16, 128); each grid paced to its share of the stage and under its own timeout.
@@ -339,19 +341,26 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
-    # The defaults with genstats (any engine) come third, right after 1x1's two rows: a fused pair's forward
-    # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below)
+    # The defaults with genstats (any engine) come fourth, right after 1x1's other rows: a fused pair's forward
+    # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
+    # Stage 1's convolutions on pixel pairs (--conv-pixel-pairs) come second, right after the defaults, here, at
+    # fp32 and at batch 512: they differ from the defaults in that option alone (deterministic engines, no
+    # genstats, whose fused forwards never run paired), and a row this early is measured however the pacing
+    # cuts its grid (one --also row each: a dimension would double the grids). The shares stay as they were:
+    # each such row takes its grid's time from the last configurations, the most speculative.
     if seconds=$(seconds_until $((STAGE_LIMIT * 32 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
     if seconds=$(seconds_until $((STAGE_LIMIT * 44 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
     # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above), each
@@ -374,12 +383,14 @@ step_options() {
             --max-seconds "$seconds" --json "$OUT/step_options_split.json" || rc=1
     fi
     # batch 512: its 12 rows are likely more than its ~36 s (of a 150-s stage) already allow, so genstats, which
-    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without
+    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do pixel
+    # pairs: 1x1 with deterministic engines, without split-K, the grid's second row
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,8x8,16x16 --conv-deterministic on,off --conv-split-k off,on --warmup 5 --steps 10 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-split-k off --conv-genstats on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --conv-pixel-pairs on" \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc
@@ -464,10 +475,11 @@ if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200
     PEAK_GBS=4800
 fi
 # The bf16 step options that change which kernels run (not how the weight gradients are spread: layers.py times
-# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, and cuDNN engines that may add
-# in any order (genstats engines may all be such; the others' choice changes with it too).
-LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--no-conv-deterministic' \
-    <<< "${BEST_BF16:-}" | tr '\n' ' ')
+# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, stage 1 on pixel pairs (other
+# convolution shapes), and cuDNN engines that may add in any order (genstats engines may all be such; the others'
+# choice changes with it too).
+LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--conv-pixel-pairs' \
+    -e '--no-conv-deterministic' <<< "${BEST_BF16:-}" | tr '\n' ' ')
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" $LAYERS_OPTIONS --json "$OUT/layers.json"
 
@@ -535,8 +547,9 @@ def load(name):
         return None
 
 def extras(options):
-    """' + split-K + genstats': the options a row or run had on beyond streams, chunks and engines."""
-    return "".join(f" + {label}" for key, label in (("conv_split_k", "split-K"), ("conv_genstats", "genstats"))
+    """' + split-K + genstats + pixel pairs': the options a row or run had on beyond streams, chunks and engines."""
+    return "".join(f" + {label}" for key, label in (("conv_split_k", "split-K"), ("conv_genstats", "genstats"),
+                                                    ("conv_pixel_pairs", "pixel pairs"))
                    if options.get(key))
 
 def counts(label, report):
@@ -633,22 +646,29 @@ for (batch, layout, dtype), values in sorted(rows.items(), key=str):
 if not rows:
     print("  no throughput results")
 
+def run_options(args):
+    """'1 wgrad stream(s), 1 chunk(s), deterministic + genstats, 2 BN launch(es)': a run's step options."""
+    return (f"{args.get('wgrad_streams', 1)} wgrad stream(s), {args.get('wgrad_chunks', 1)} chunk(s), "
+            f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}{extras(args)}, "
+            f"{args.get('bn_launches', 2)} BN launch(es)")
+
 print("\ncupynet / PyTorch (vs_torch.py, one process; issue 6: >= 1.5x graphed, >= 4x eager at batch 128 bf16)")
 for name in VS_TORCH:
     report = load(name) or {}
     args = report.get("args", {})
-    options = (f"{args.get('wgrad_streams', 1)} wgrad stream(s), {args.get('wgrad_chunks', 1)} chunk(s), "
-               f"{'deterministic' if args.get('conv_deterministic', True) else 'any engine'}{extras(args)}, "
-               f"{args.get('bn_launches', 2)} BN launch(es)")
     for check in report.get("verification", []):
         if not check.get("passed"):
-            print(f"  {name}: {check.get('layout')} {check.get('dtype')} did NOT verify against PyTorch ({options}): "
-                  f"loss rel {check.get('loss_rel_error')}, grads rel {check.get('grad_rel_error')}, step rel "
-                  f"{check.get('step_rel_error')}; nothing timed")
+            print(f"  {name}: {check.get('layout')} {check.get('dtype')} did NOT verify against PyTorch "
+                  f"({run_options(args)}): loss rel {check.get('loss_rel_error')}, grads rel "
+                  f"{check.get('grad_rel_error')}, step rel {check.get('step_rel_error')}; nothing timed")
     for row in report.get("results", []):
         failed = "".join(f"; {name} failed: {error}" for name, error in row.get("errors", {}).items())
+        # the options as cupynet's timed run applied them where its row records them: pixel pairs asked for
+        # run in NHWC only, so an NCHW row says without
+        applied = {key: value for key, value in (row.get("cupynet") or {}).items() if key in args and value is not None}
         print(f"  batch {row.get('batch')} {row.get('layout')} {row.get('dtype'):<9} vs graphed "
-              f"{row.get('ratio_vs_torch_graph')}x, vs eager {row.get('ratio_vs_torch_eager')}x  ({options}){failed}")
+              f"{row.get('ratio_vs_torch_graph')}x, vs eager {row.get('ratio_vs_torch_eager')}x  "
+              f"({run_options(dict(args, **applied))}){failed}")
 
 layers = load("layers.json")
 if layers:
@@ -696,6 +716,8 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append("split-K settings")
     if accuracy["args"].get("conv_genstats"):
         options.append("genstats")
+    if accuracy["args"].get("conv_pixel_pairs"):
+        options.append("pixel pairs")
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in (accuracy.get("setup_phases") or {}).items())

@@ -92,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--conv-genstats", action="store_true",
                    help="convolutions before BatchNorm also write its sums (cuDNN's genstats; the GPU needs its "
                         "autotuner, on here): conv2d_forward_with_stats and batchnorm_train_from_sums rows")
+    p.add_argument("--conv-pixel-pairs", action="store_true",
+                   help="GPU, NHWC: stage 1's 3x3 forwards and data gradients run on pixel pairs (their calls' shapes "
+                        "stay the original's; each also builds the paired kernel)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
     p.add_argument("--steps", type=int, default=3, help="timed steps (per-primitive figures are per step)")
     p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: measured on CPU; "
@@ -296,10 +299,10 @@ def profile(args, dataset):
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off",
                          bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
-                         conv_deterministic=args.conv_deterministic)
+                         conv_deterministic=args.conv_deterministic, conv_pixel_pairs=args.conv_pixel_pairs)
     backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32,
                              bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
-                             deterministic=args.conv_deterministic)
+                             deterministic=args.conv_deterministic, pixel_pairs=args.conv_pixel_pairs)
     if hasattr(backend, "overlap_wgrad"):
         backend.overlap_wgrad = False                  # GPU: weight gradients in order, so each is timed alone
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods

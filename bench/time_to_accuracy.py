@@ -59,6 +59,8 @@ def parse_args(argv=None):
                    help="passed on to cupynet.train: the autotuner also times weight gradients' split-K settings")
     p.add_argument("--conv-genstats", action="store_true",
                    help="passed on to cupynet.train: convolutions before BatchNorm also give its per-channel sums")
+    p.add_argument("--conv-pixel-pairs", action="store_true",
+                   help="passed on to cupynet.train: stage 1's 3x3 convolutions run on pixel pairs (NHWC)")
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="CPU, built-in sample, ResNet-8, 2 epochs, float32")
@@ -99,6 +101,8 @@ def recipe_flags(args, model_dir):
         flags += ["--conv-split-k"]
     if args.conv_genstats:
         flags += ["--conv-genstats"]
+    if args.conv_pixel_pairs:
+        flags += ["--conv-pixel-pairs"]
     if not args.quick:
         flags += ["--data-dir", args.data_dir, "--batch-norm-decay", 0.997]
     else:

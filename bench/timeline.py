@@ -48,6 +48,9 @@ from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
 GPU_ACTIVITY = ("kernel", "gpu_memset", "gpu_memcpy")    # the Chrome trace's categories of GPU work
 MARKER = "cupynet_timeline_marker"
 CUDNN_DIRECTIONS = ("fprop", "dgrad", "wgrad")           # what cuDNN's kernel names say, where they say it
+# the step options the summary's title names: every one vs_torch.add_step_options gives (tests/test_timeline.py)
+STEP_OPTIONS = ("wgrad_streams", "wgrad_chunks", "bn_launches", "conv_deterministic", "conv_split_k", "conv_genstats",
+                "conv_pixel_pairs")
 
 
 # ----------------------------------------------------------------------------- the trace's arithmetic
@@ -293,8 +296,7 @@ def main(argv=None):
     if not np.isfinite(loss):
         print(f"timeline: error: the profiled steps' loss is {loss}", file=sys.stderr)
         return 1
-    options = {name: getattr(args, name) for name in ("wgrad_streams", "wgrad_chunks", "bn_launches",
-                                                      "conv_deterministic", "conv_split_k", "conv_genstats")}
+    options = {name: getattr(args, name) for name in STEP_OPTIONS}
     title = (f"ResNet-{args.depth}, batch {args.batch}, {args.layout} {args.dtype}, captured, "
              f"{', '.join(f'{k} {v}' for k, v in options.items())} | {args.steps} replays, mean loss {loss:.4f}")
     print_summary(summary, title)

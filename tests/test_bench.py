@@ -33,3 +33,18 @@ def test_layouts_rows_record_conv_genstats(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [row["conv_genstats"] for row in rows] == [False, True]
     assert all(row["genstats"] is None and row["images_per_sec"] > 0 for row in rows)
+
+
+def test_layouts_rows_record_conv_pixel_pairs_as_the_backend_ran_them(tmp_path):
+    """--conv-pixel-pairs off,on: two rows, each recording the backend's own setting, which the CPU's backend does
+    not have (GPU-only, like --conv-split-k): null in the JSON, "-" in the table, even where asked for."""
+    out = tmp_path / "layouts.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", "--layouts", "NHWC",
+                             "--conv-pixel-pairs", "off,on", "--json", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [row["conv_pixel_pairs"] for row in rows] == [None, None]
+    assert all(row["images_per_sec"] > 0 for row in rows)
+    header, *table = [line.split() for line in result.stdout.splitlines()[1:4]]
+    assert [line[header.index("px-pairs")] for line in table] == ["-", "-"], result.stdout

@@ -66,7 +66,7 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe"),
                                         ("--device", "x"), ("--wgrad-chunks", "17"), ("--conv-split-k", "on,sometimes"),
-                                        ("--conv-genstats", "off,maybe")])
+                                        ("--conv-genstats", "off,maybe"), ("--conv-pixel-pairs", "maybe")])
 def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", flag, value],
                             capture_output=True, text=True, timeout=60)
@@ -122,11 +122,12 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
         (1, 1, True, 44)
     chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2", "--wgrad-chunks", "2",
                                                  "--no-conv-deterministic", "--conv-init", "glorot_uniform",
-                                                 "--conv-split-k", "--conv-genstats"]), "M"))
+                                                 "--conv-split-k", "--conv-genstats", "--conv-pixel-pairs"]), "M"))
     assert (chosen.wgrad_streams, chosen.wgrad_chunks, chosen.conv_deterministic, chosen.train_steps) == \
         (2, 2, False, 122 * 351)
     assert (default.conv_split_k, chosen.conv_split_k) == (False, True)
     assert (default.conv_genstats, chosen.conv_genstats) == (False, True)
+    assert (default.conv_pixel_pairs, chosen.conv_pixel_pairs) == (False, True)
     assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
 
 
@@ -182,12 +183,12 @@ def stand_in_measure(layouts, seconds_of):
     calls = []
 
     def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=1, deterministic=True,
-                wgrad_chunks=1, bn_launches=2, split_k=False, genstats=False):
+                wgrad_chunks=1, bn_launches=2, split_k=False, genstats=False, pixel_pairs=False):
         seconds = seconds_of(len(calls))
         calls.append(seconds)
         time.sleep(seconds)
         return dict(layouts.configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks,
-                                          deterministic, split_k, bn_launches, genstats, args.device),
+                                          deterministic, split_k, bn_launches, genstats, pixel_pairs, args.device),
                     captured=False, images_per_sec=100.0, images_per_sec_min=99.0, images_per_sec_max=101.0,
                     step_ms=10.0)
     return measure
@@ -220,6 +221,21 @@ def test_layouts_varies_conv_genstats_fastest(tmp_path, monkeypatch):
                                                                             (2, True)]
 
 
+def test_layouts_varies_conv_pixel_pairs_after_genstats(tmp_path, monkeypatch):
+    """--conv-pixel-pairs off,on is a grid dimension, the last to vary (after genstats, given here in the other
+    order so that the two cannot be told apart by their values): each row with pixel pairs right after its twin
+    without, and measure is asked for it."""
+    layouts = layouts_module()
+    monkeypatch.setattr(layouts, "measure", stand_in_measure(layouts, lambda call: 0.0))
+    out = tmp_path / "layouts.json"
+    layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2", "--conv-genstats", "on,off",
+                  "--conv-pixel-pairs", "off,on", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["wgrad_chunks"], row["conv_genstats"], row["conv_pixel_pairs"]) for row in rows] == [
+        (1, True, False), (1, True, True), (1, False, False), (1, False, True),
+        (2, True, False), (2, True, True), (2, False, False), (2, False, True)]
+
+
 def test_layouts_runs_each_also_grids_configurations_where_the_product_puts_them(tmp_path, monkeypatch):
     """--also adds configurations to the grid, each once and beside those it differs from only in later
     dimensions (a genstats row right after its twin without), new values after the grid's own; flags it does not
@@ -236,8 +252,23 @@ def test_layouts_runs_each_also_grids_configurations_where_the_product_puts_them
     assert {(row["layout"], row["dtype"], row["batch"]) for row in rows} == {("NHWC", "float32", 8)}
 
 
+def test_layouts_runs_a_pixel_pairs_also_row_right_after_the_defaults(tmp_path, monkeypatch):
+    """The device check's rows: the default pair with pixel pairs (--also, deterministic engines) runs second,
+    right after the defaults, before the grid's other engines and a genstats --also row."""
+    layouts = layouts_module()
+    monkeypatch.setattr(layouts, "measure", stand_in_measure(layouts, lambda call: 0.0))
+    out = tmp_path / "layouts.json"
+    layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2", "--conv-deterministic", "on,off",
+                  "--also", "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on",
+                  "--also", "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["wgrad_chunks"], row["conv_deterministic"], row["conv_genstats"], row["conv_pixel_pairs"])
+            for row in rows] == [(1, True, False, False), (1, True, False, True), (1, False, False, False),
+                                 (1, False, True, False), (2, True, False, False), (2, False, False, False)]
+
+
 @pytest.mark.parametrize("also", ["--json x.json", "--also '--depths 8'", "--conv-genstats maybe", "--nope 1",
-                                  "'unclosed"])
+                                  "'unclosed", "--conv-pixel-pairs maybe"])
 def test_layouts_refuses_a_bad_also_grid_in_one_line(also):
     """--also takes grid flags only, checked like the grid's own when the arguments are parsed (where the device
     check's command test looks); a refusal names the --also argument."""
@@ -275,6 +306,20 @@ def test_layouts_reports_the_gpu_backends_genstats_counts(tmp_path):
     assert row["conv_genstats"] is True and isinstance(row["genstats"], dict), row
     assert set(row["genstats"]) <= {"fused", "unsupported", "not repeatable", "wrong sums"}, row
     assert all(n > 0 for n in row["genstats"].values()), row
+
+
+@pytest.mark.gpu
+def test_layouts_rows_record_the_gpu_backends_pixel_pairs(tmp_path):
+    """On the GPU (or the emulated one) a row records pixel pairs as the backend applied them: on in NHWC when
+    asked for, off in NCHW even when asked for (a pixel pair's channels are adjacent only when channels come
+    last), off when not asked for."""
+    layouts = layouts_module()
+    args = layouts.parse_args(["--device", "0", "--no-tf32", "--warmup", "1", "--steps", "1", "--repeats", "1"])
+    dataset = layouts.synthetic_dataset(num_train=32, num_test=8, seed=0)
+    rows = [layouts.measure(8, 8, layout, "float32", args, dataset, cuda_graph="off", pixel_pairs=asked)
+            for layout, asked in (("NHWC", True), ("NCHW", True), ("NHWC", False))]
+    assert [row["conv_pixel_pairs"] for row in rows] == [True, False, False], rows
+    assert all(row["images_per_sec"] > 0 for row in rows), rows
 
 
 def test_layouts_keeps_the_rows_measured_before_it_was_stopped(tmp_path, monkeypatch):
@@ -324,11 +369,12 @@ def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing
 
 
 def layouts_row(streams, chunks, deterministic, images_per_sec, dtype="bfloat16", batch=128, captured=True,
-                split_k=False, genstats=False):
+                split_k=False, genstats=False, pixel_pairs=False):
     """A row as bench/layouts.py writes it (the fields best_step_options.py reads)."""
     return {"depth": 44, "batch": batch, "layout": "NHWC", "dtype": dtype, "captured": captured,
             "wgrad_streams": streams, "wgrad_chunks": chunks, "conv_deterministic": deterministic,
-            "conv_split_k": split_k, "conv_genstats": genstats, "images_per_sec": images_per_sec}
+            "conv_split_k": split_k, "conv_genstats": genstats, "conv_pixel_pairs": pixel_pairs,
+            "images_per_sec": images_per_sec}
 
 
 def pick(tmp_path, rows, *args):
@@ -363,6 +409,20 @@ def test_best_step_options_picks_genstats_only_when_more_than_2_percent_faster(t
     faster = pick(tmp_path, [older_default, layouts_row(1, 1, False, 41000, genstats=True)])       # 2.5% faster
     assert faster.stdout.split() == ["--no-conv-deterministic", "--conv-genstats"]
     assert "statistics from the convolutions (genstats)" in faster.stderr
+
+
+def test_best_step_options_picks_pixel_pairs_only_when_more_than_2_percent_faster(tmp_path):
+    """A pixel-pairs row is chosen (with its other options) only when 2% faster than the defaults; a row written
+    before the option existed has no conv_pixel_pairs field and counts as off, so it is still the defaults'."""
+    older_default = layouts_row(1, 1, True, 40000)
+    del older_default["conv_pixel_pairs"]
+    within = pick(tmp_path, [older_default, layouts_row(1, 1, True, 40700, pixel_pairs=True)])     # 1.75% faster
+    assert within.returncode == 0 and within.stdout.strip() == "", within.stderr
+    faster = pick(tmp_path, [older_default, layouts_row(2, 2, True, 41000, pixel_pairs=True)])     # 2.5% faster
+    assert faster.stdout.split() == ["--wgrad-streams", "2", "--wgrad-chunks", "2", "--conv-pixel-pairs"]
+    assert "stage 1 convolutions on pixel pairs" in faster.stderr
+    both = pick(tmp_path, [older_default, layouts_row(1, 1, False, 42000, genstats=True, pixel_pairs=True)])
+    assert both.stdout.split() == ["--no-conv-deterministic", "--conv-genstats", "--conv-pixel-pairs"]
 
 
 def test_best_step_options_never_picks_a_failed_row(tmp_path):

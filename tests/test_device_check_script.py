@@ -131,6 +131,7 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     report["results"].append(dict(report["results"][0], conv_genstats=True,     # with genstats, and with it but
                                   genstats={"fused": 40, "unsupported": 3}))    # nothing counted (it did nothing)
     report["results"].append(dict(report["results"][0], conv_split_k=True, conv_genstats=True, genstats={}))
+    report["results"].append(dict(report["results"][0], wgrad_chunks=3, conv_pixel_pairs=True))   # pixel pairs
     report["not_measured"] = [dict(failed, wgrad_chunks=8)]
     (tmp_path / "step_options.json").write_text(json.dumps(report))
     (tmp_path / "layouts.json").write_text(json.dumps(report))
@@ -144,10 +145,18 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     (tmp_path / "vs_torch_fp32_defaults.json").write_text(json.dumps({
         "args": {}, "verification": [{"layout": "NCHW", "dtype": "float32", "passed": True}],
         "results": [{"batch": 128, "layout": "NCHW", "dtype": "float32", "ratio_vs_torch_graph": 1.6}]}))
-    (tmp_path / "accuracy.json").write_text(json.dumps({
-        "args": {"dtype": "bfloat16", "seed": 0, "conv_genstats": True}, "test_accuracy": 0.88, "wall_seconds": 140,
-        "train_seconds": 133, "images_per_sec": 41000, "setup_seconds": 6.9,
-        "setup_phases": {"data": 1.2, "backend": 4.5, "model": 1.2}, "warmup_seconds": 0.61}))
+    (tmp_path / "vs_torch_512.json").write_text(json.dumps({     # pixel pairs asked for: NCHW runs without
+        "args": {"conv_pixel_pairs": True}, "verification": [],
+        "results": [{"batch": 512, "layout": layout, "dtype": "bfloat16", "ratio_vs_torch_graph": ratio,
+                     "ratio_vs_torch_eager": 5.0, "cupynet": {"images_per_sec": 9.0, "conv_pixel_pairs": layout == "NHWC",
+                                 "conv_deterministic": True}}
+                    for layout, ratio in (("NHWC", 1.7), ("NCHW", 1.2))]}))
+    accuracy = {"args": {"dtype": "bfloat16", "seed": 0, "conv_genstats": True}, "test_accuracy": 0.88,
+                "wall_seconds": 140, "train_seconds": 133, "images_per_sec": 41000, "setup_seconds": 6.9,
+                "setup_phases": {"data": 1.2, "backend": 4.5, "model": 1.2}, "warmup_seconds": 0.61}
+    (tmp_path / "accuracy.json").write_text(json.dumps(accuracy))
+    (tmp_path / "accuracy_2.json").write_text(json.dumps(dict(accuracy, args={"dtype": "bfloat16", "seed": 1,
+                                                                              "conv_pixel_pairs": True})))
     sys.path.insert(0, str(REPO / "bench"))
     import timeline                                             # the timeline stage's JSON, from a made-up trace
     kernels = [("cupynet_timeline_marker", 0, 1), ("augment_train_batch", 10, 2), ("sm90_xmma_wgrad_x", 12, 30),
@@ -171,6 +180,10 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert re.search(r"-\s+\+ split-K \+ genstats, 2 BN launch\(es\):.*\[genstats nothing counted\]", result.stdout)
     assert "(1 wgrad stream(s), 1 chunk(s), any engine + genstats, 2 BN launch(es))" in result.stdout
     assert "time to accuracy (bfloat16, seed 0, genstats)" in result.stdout
+    assert re.search(r"3 chunk\(s\), -\s+\+ pixel pairs, 2 BN launch\(es\):\s+\d+", result.stdout)
+    assert "vs graphed 1.7x, vs eager 5.0x  (1 wgrad stream(s), 1 chunk(s), deterministic + pixel pairs" in result.stdout
+    assert "vs graphed 1.2x, vs eager 5.0x  (1 wgrad stream(s), 1 chunk(s), deterministic, 2 BN" in result.stdout
+    assert "time to accuracy (bfloat16, seed 1, pixel pairs)" in result.stdout
     assert ("vs_torch_fp32.json: NCHW float32 did NOT verify against PyTorch (4 wgrad stream(s), 1 chunk(s), "
             "deterministic, 2 BN launch(es)): loss rel 0.02") in result.stdout
     assert re.search(r"batch 128 NCHW float32\s+vs graphed 1.6x.*\(1 wgrad stream\(s\), 1 chunk", result.stdout)
@@ -226,6 +239,11 @@ def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
     assert [(run["seed"], run["wgrad_chunks"]) for run in runs] == [(0, 2), (3, 3), (4, 2)]
 
 
+def also_rows(argv):
+    """The --also grids of a layouts.py command line, each split into its words."""
+    return [argv[i + 1].split() for i, word in enumerate(argv) if word == "--also"]
+
+
 @needs_bash
 def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_path):
     """The step_options stage gives each layouts.py grid the time left until its share of the stage's limit
@@ -257,9 +275,17 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     assert runs[3][runs[3].index("--conv-split-k") + 1] == "on" and "--conv-deterministic" not in runs[3]
     assert runs[4][runs[4].index("--conv-split-k") + 1] == "off,on"      # batch 512: without split-K first
     # and one genstats row there (1x1, any engine), not the dimension, which would double the grid
-    also = runs[4][runs[4].index("--also") + 1].split()
-    assert "--conv-genstats" not in runs[4] and also == ["--wgrad-pairs", "1x1", "--conv-deterministic", "off",
-                                                         "--conv-split-k", "off", "--conv-genstats", "on"]
+    assert "--conv-genstats" not in runs[4] and also_rows(runs[4])[0] == [
+        "--wgrad-pairs", "1x1", "--conv-deterministic", "off", "--conv-split-k", "off", "--conv-genstats", "on"]
+    # pixel pairs: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair with deterministic
+    # engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K grids
+    pixel_pairs = [[row for row in also_rows(run) if "--conv-pixel-pairs" in row] for run in runs]
+    assert [len(rows) for rows in pixel_pairs] == [1, 1, 0, 0, 1]
+    assert all("--conv-pixel-pairs" not in run for run in runs)
+    for rows in pixel_pairs[:2]:
+        assert rows == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-pixel-pairs", "on"]]
+    assert pixel_pairs[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off",
+                               "--conv-pixel-pairs", "on"]]
 
     calls.unlink()
     short = dict(env, STAGE_LIMIT="38")       # 12, 16, 21 and 25 s for the first four (at least 10 each): they
@@ -303,18 +329,21 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
 # What the script's variables hold when its commands run: step options as best_step_options.py prints
 # them (every flag it can print, so that each must exist wherever it is passed), and one accuracy entry's flags.
 SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --bn-launches 1 "
-                              "--conv-genstats",
-                 "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --conv-genstats",
-                 "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k --conv-genstats",
+                              "--conv-genstats --conv-pixel-pairs",
+                 "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --conv-genstats "
+                              "--conv-pixel-pairs",
+                 "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k --conv-genstats "
+                             "--conv-pixel-pairs",
                  # what the script takes from BEST_BF16 (test_the_layers_stage_takes_the_kernel_changing_options)
-                 "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats",
+                 "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats --conv-pixel-pairs",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",
                  "files": "/out/step_options.json /out/step_options_bn.json",
                  # compare_with_torch's arguments
                  "dtype": "bfloat16", "batch": "128", "layouts": "NHWC,NCHW", "name": "vs_torch",
-                 "options": "--wgrad-streams 3 --no-conv-deterministic --conv-split-k --bn-launches 1 --conv-genstats"}
+                 "options": "--wgrad-streams 3 --no-conv-deterministic --conv-split-k --bn-launches 1 --conv-genstats "
+                            "--conv-pixel-pairs"}
 
 
 def script_python_commands():
@@ -337,11 +366,13 @@ def script_python_commands():
 @needs_bash
 def test_the_layers_stage_takes_the_kernel_changing_options():
     """The layers stage passes on those of the bf16 step options that change which kernels run (one-launch
-    BatchNorm, genstats, any cuDNN engine), whatever else the options hold, and nothing when they hold none."""
+    BatchNorm, genstats, pixel pairs, any cuDNN engine), whatever else the options hold, and nothing when they hold
+    none."""
     text = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())
     (line,) = [line for line in text.splitlines() if line.startswith("LAYERS_OPTIONS=")]
     for best, expected in ((SCRIPT_VALUES["BEST_BF16"], SCRIPT_VALUES["LAYERS_OPTIONS"]),
-                           ("--wgrad-streams 4 --conv-split-k", ""), ("", "")):
+                           ("--wgrad-streams 4 --conv-split-k", ""), ("", ""),
+                           ("--wgrad-streams 2 --conv-pixel-pairs", "--conv-pixel-pairs")):
         result = subprocess.run(["bash", "-c", f'set -u -o pipefail; {line}; echo "[$LAYERS_OPTIONS]"'],
                                 env=dict(os.environ, BEST_BF16=best), capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and result.stdout.strip() == f"[{expected} ]".replace("[ ]", "[]"), result
@@ -411,7 +442,8 @@ sys.exit(0 if passed and not timing_failed else 1)
 # compared again with the defaults; a run that verified but lost a timing, the defaults failing, options that
 # verify, and no options at all run once
 COMPARISONS = [("--conv-genstats", "unverified", 2, 1), ("--conv-genstats", "crash", 2, 1),
-               ("--conv-genstats", "timing", 1, 1), ("", "defaults_unverified", 1, 1),
+               ("--conv-genstats", "timing", 1, 1), ("--conv-pixel-pairs", "unverified", 2, 1),
+               ("", "defaults_unverified", 1, 1),
                ("--wgrad-streams 2", "verified", 1, 0), ("", "verified", 1, 0)]
 
 
