@@ -31,7 +31,14 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     window; the same padding, counted in pairs), so its time says what that rewrite could save where cuDNN's
     engines for few channels are slow (on an H100, 2026-11-27: 21.7 us for stage 1's forward against 7.8 us
     at stage 2, the same multiply-adds). Timed with random weights; building the paired kernel (a small pass
-    per step) is not counted.
+    per step) is not counted. cupynet runs this rewrite for stage 1 with --conv-pixel-pairs
+    (cupynet/backends/pixel_pairs.py; not for the stem);
+  * `padded_input`: the forward and weight gradient of a convolution of fewer than PADDED_CHANNELS input
+    channels (the stem's 3) with its input padded to PADDED_CHANNELS: zero channels would change neither the
+    output nor the real channels' weight gradient, and the time says whether cuDNN's engines for a multiple
+    of 8 channels beat those it takes for 3 (run 1: 22.9 us forward on a generic engine; 45.6 us for the
+    weight gradient, which ends the step). Not counted: padding the input (the augmentation kernel could
+    write it padded) and the weights.
 
 Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
 deterministic engine and the fastest of all: how much a better engine choice could still give. The per-step
@@ -64,6 +71,7 @@ from cupynet.model import ResNet                                    # noqa: E402
 
 OPS = ("wgrad", "fprop", "dgrad")       # surveyed in this order: weight gradients cost the most (GPU notes)
 PAIR_MAX_CHANNELS = 16                  # pixel_pairs: where cuDNN's engines for few channels are slow
+PADDED_CHANNELS = 8                     # padded_input: the stem's 3 image channels as a multiple of 8
 HOST_SECONDS_PER_CALL = 60e-6           # a generous host cost of one execute (GPU notes: 9-45 us): sizes the hold
 
 
@@ -163,6 +171,12 @@ class Survey:
         (N, H, W/2, 2C), 2K output channels, the same window, stride and padding."""
         n, c, h, w, k, r, s = conv["dims"]
         return self.plain(dict(conv, dims=(n, 2 * c, h, w // 2, 2 * k, r, s)))
+
+    def padded(self, conv):
+        """describe() of the convolution with its input channels padded to PADDED_CHANNELS (the
+        `padded_input` variant)."""
+        n, c, h, w, k, r, s = conv["dims"]
+        return self.plain(dict(conv, dims=(n, PADDED_CHANNELS, h, w, k, r, s)))
 
     def fused(self, conv, prologue, genstats):
         """describe() of the convolution with BatchNorm fused into it, the cuDNN Frontend's patterns: a
@@ -412,6 +426,8 @@ def variants(survey, conv, args):
         found["scale_bias_relu_genstats"] = of(survey.fused(conv, prologue=True, genstats=True))
     if pixel_pairs_apply(conv, args):
         found["pixel_pairs"] = of(survey.paired(conv))
+    if conv["op"] != "dgrad" and conv["dims"][1] < PADDED_CHANNELS:
+        found["padded_input"] = of(survey.padded(conv))
     return found
 
 

@@ -235,6 +235,11 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         assert eligible == (paired is not None), row["conv"]
         assert not eligible or any("us" in engine for engine in paired), row
     assert sum("pixel_pairs" in row["variants"] for row in engines) == 3, [row["conv"] for row in engines]
+    # the input padded to 8 channels: timed for the stem's forward and weight gradient (3 channels in), no other
+    padded = {row["conv"]: row["variants"]["padded_input"] for row in engines if "padded_input" in row["variants"]}
+    stem = {row["conv"] for row in engines if " C=3 " in row["conv"] and row["op"] != "dgrad"}
+    assert set(padded) == stem and len(stem) == 2, padded
+    assert all(any("us" in engine for engine in found) for found in padded.values()), padded
     for row in engines:       # the emulated cuDNN's split-K engines: one adds its slices in order, one by atomics
         if row["op"] == "wgrad":
             timed = {(e["name"].split(" (")[1], e["deterministic"]) for e in row["variants"]["split_k"] if "us" in e}
