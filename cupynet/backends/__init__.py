@@ -87,8 +87,9 @@ def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_stream
     tf32, autotune (time cuDNN's candidate engines, keep the fastest), wgrad_streams (side streams the
     weight gradients take in turn), deterministic (only cuDNN engines that repeat their bits), bn_launches
     (per BatchNorm pass), split_k (the autotuner also times split-K settings of the weight gradients'
-    engines) and pixel_pairs (stage 1's convolutions on pixel pairs, NHWC) concern the GPU only; wgrad_chunks (weight gradients per slice of the batch, then summed) and
-    conv_genstats (convolutions before BatchNorm also give its sums) both."""
+    engines) and pixel_pairs (stage 1's convolutions on pixel pairs, NHWC) concern the GPU only;
+    wgrad_chunks (weight gradients per slice of the batch, then summed) and conv_genstats (convolutions
+    before BatchNorm also give its sums) both."""
     check_dtype(device, dtype)
     if device == "cpu":
         from cupynet.backends.numpy_backend import NumpyBackend
