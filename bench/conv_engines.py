@@ -24,15 +24,19 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     that expose the knob (conv_autotune.split_k_engines' order; up to --split-k-settings of them, more than
     the 8 cupynet's autotuner times with --conv-split-k), each built alone in a graph of its own, as cupynet
     builds them;
-  * `pixel_pairs`: in NHWC, the forward and data gradient of a 3x3 stride-1 convolution of at most
-    PAIR_MAX_CHANNELS channels in and out (stage 1's and the stem's) on the same bytes read as pixel pairs,
-    (N, H, W/2, 2C) to 2K channels. A 3x3 convolution of the original is exactly one of these, with a
-    2K x 3 x 3 x 2C kernel built from the K x 3 x 3 x C one (zero where a pair's taps fall outside the
-    window; the same padding, counted in pairs), so its time says what that rewrite could save where cuDNN's
-    engines for few channels are slow (on an H100, 2026-11-27: 21.7 us for stage 1's forward against 7.8 us
-    at stage 2, the same multiply-adds). Timed with random weights; building the paired kernel (a small pass
-    per step) is not counted. cupynet runs this rewrite for stage 1 with --conv-pixel-pairs
-    (cupynet/backends/pixel_pairs.py; not for the stem);
+  * `pixel_pairs`: in NHWC, a 3x3 stride-1 convolution of at most PAIR_MAX_CHANNELS channels in and out
+    (stage 1's and the stem's) on the same bytes read as pixel pairs, (N, H, W/2, 2C) to 2K channels. A 3x3
+    convolution of the original is exactly one of these, with a 2K x 3 x 3 x 2C kernel built from the
+    K x 3 x 3 x C one (zero where a pair's taps fall outside the window; the same padding, counted in pairs),
+    so its time says what that rewrite could save where cuDNN's engines for few channels are slow (on an
+    H100, 2026-11-27: 21.7 us for stage 1's forward against 7.8 us at stage 2, the same multiply-adds).
+    Forward and data gradient: cupynet runs them so with --conv-pixel-pairs (cupynet/backends/pixel_pairs.py,
+    stage 1 only). Weight gradient: the paired kernel's gradient, whose pieces a small pass would add back
+    into the original's (not built). Timed with random weights; building the paired kernel and adding the
+    gradient back (small passes) are not counted;
+  * `pixel_octets`: the same rewrite with groups of 8 pixels, for a convolution of fewer than
+    PADDED_CHANNELS input channels (the stem: 24 channels in, 128 out, 8 times the multiply-adds, a shape
+    cuDNN's fast engines take); forward and weight gradient (not built);
   * `padded_input`: the forward and weight gradient of a convolution of fewer than PADDED_CHANNELS input
     channels (the stem's 3) with its input padded to PADDED_CHANNELS: zero channels would change neither the
     output nor the real channels' weight gradient, and the time says whether cuDNN's engines for a multiple
@@ -72,6 +76,7 @@ from cupynet.model import ResNet                                    # noqa: E402
 OPS = ("wgrad", "fprop", "dgrad")       # surveyed in this order: weight gradients cost the most (GPU notes)
 PAIR_MAX_CHANNELS = 16                  # pixel_pairs: where cuDNN's engines for few channels are slow
 PADDED_CHANNELS = 8                     # padded_input: the stem's 3 image channels as a multiple of 8
+PIXEL_GROUPS = {"pixel_pairs": 2, "pixel_octets": 8}     # variant -> pixels read as one (module docstring)
 HOST_SECONDS_PER_CALL = 60e-6           # a generous host cost of one execute (GPU notes: 9-45 us): sizes the hold
 
 
@@ -166,11 +171,12 @@ class Survey:
             return graph, list(zip(tensors, shapes, dtypes))
         return describe
 
-    def paired(self, conv):
-        """describe() of the convolution on pixel pairs (the `pixel_pairs` variant): the image side read as
-        (N, H, W/2, 2C), 2K output channels, the same window, stride and padding."""
+    def grouped(self, conv, group):
+        """describe() of the convolution on groups of `group` pixels (the `pixel_pairs` and `pixel_octets`
+        variants): the image side read as (N, H, W/group, group*C), group*K output channels, the same window,
+        stride and padding."""
         n, c, h, w, k, r, s = conv["dims"]
-        return self.plain(dict(conv, dims=(n, 2 * c, h, w // 2, 2 * k, r, s)))
+        return self.plain(dict(conv, dims=(n, group * c, h, w // group, group * k, r, s)))
 
     def padded(self, conv):
         """describe() of the convolution with its input channels padded to PADDED_CHANNELS (the
@@ -401,16 +407,20 @@ def label(engine):
     return f"{engine['us']:.1f} [{engine['name']}{'; ' + ', '.join(notes) if notes else ''}]"
 
 
-def pixel_pairs_apply(conv, args):
-    """Whether the `pixel_pairs` variant is timed for this convolution (see the module docstring)."""
+def pixel_groups_apply(conv, args, group):
+    """Whether the `pixel_pairs` (group 2) or `pixel_octets` (group 8) variant is timed for this convolution
+    (see the module docstring): NHWC, 3x3, stride 1, padding 1, a width the group divides; pairs where neither
+    side has more than PAIR_MAX_CHANNELS channels, octets where the input has fewer than PADDED_CHANNELS."""
     _, c, _, w, k, r, s = conv["dims"]
-    return (args.layout == "NHWC" and conv["op"] in ("fprop", "dgrad") and (r, s) == (3, 3) and conv["stride"] == 1
-            and conv["pad"] == 1 and w % 2 == 0 and max(c, k) <= PAIR_MAX_CHANNELS)
+    fits = (args.layout == "NHWC" and (r, s) == (3, 3) and conv["stride"] == 1 and conv["pad"] == 1
+            and w % group == 0)
+    return fits and (max(c, k) <= PAIR_MAX_CHANNELS if group == 2 else c < PADDED_CHANNELS)
 
 
 # What else to time per operation: name -> a callable surveying it. bf16 weight gradients writing float32
 # would spare cupynet's conversion kernel; the fused patterns would spare BatchNorm passes; split-K settings
-# are what --conv-split-k adds to the autotuner's candidates; pixel pairs, stage 1's slow narrow engines.
+# are what --conv-split-k adds to the autotuner's candidates; pixel groups and the padded input, the slow
+# engines for few channels.
 def variants(survey, conv, args):
     def of(describe):
         return lambda: survey.survey(describe)
@@ -424,8 +434,9 @@ def variants(survey, conv, args):
     if conv["op"] == "fprop":
         found["genstats"] = of(survey.fused(conv, prologue=False, genstats=True))
         found["scale_bias_relu_genstats"] = of(survey.fused(conv, prologue=True, genstats=True))
-    if pixel_pairs_apply(conv, args):
-        found["pixel_pairs"] = of(survey.paired(conv))
+    for name, group in PIXEL_GROUPS.items():
+        if pixel_groups_apply(conv, args, group):
+            found[name] = of(survey.grouped(conv, group))
     if conv["op"] != "dgrad" and conv["dims"][1] < PADDED_CHANNELS:
         found["padded_input"] = of(survey.padded(conv))
     return found

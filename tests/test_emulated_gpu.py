@@ -225,21 +225,24 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     variants = {row["op"]: sorted(name for name, found in row["variants"].items() if found) for row in engines}
     assert variants == {"wgrad": ["float32_output", "scale_bias_relu", "split_k"], "dgrad": [],
                         "fprop": ["genstats", "scale_bias_relu_genstats"]}
-    # pixel pairs: timed for the forward and data gradient of the 3x3 stride-1 convolutions of at most 16
-    # channels (ResNet-8's stem and stage 1 here), and for no other
+    # pixel pairs: timed for the 3x3 stride-1 convolutions of at most 16 channels (ResNet-8's stem and stage
+    # 1 here: the stem's forward and weight gradient, stage 1's three), and for no other
     narrow = re.compile(r"C=(\d+) H=\d+ W=\d+ K=(\d+) 3x3 stride 1 pad 1$")
     for row in engines:
         match = narrow.search(row["conv"])
-        eligible = row["op"] != "wgrad" and match is not None and max(map(int, match.groups())) <= 16
+        eligible = match is not None and max(map(int, match.groups())) <= 16
         paired = row["variants"].get("pixel_pairs")
         assert eligible == (paired is not None), row["conv"]
         assert not eligible or any("us" in engine for engine in paired), row
-    assert sum("pixel_pairs" in row["variants"] for row in engines) == 3, [row["conv"] for row in engines]
-    # the input padded to 8 channels: timed for the stem's forward and weight gradient (3 channels in), no other
-    padded = {row["conv"]: row["variants"]["padded_input"] for row in engines if "padded_input" in row["variants"]}
-    stem = {row["conv"] for row in engines if " C=3 " in row["conv"] and row["op"] != "dgrad"}
-    assert set(padded) == stem and len(stem) == 2, padded
-    assert all(any("us" in engine for engine in found) for found in padded.values()), padded
+    assert sum("pixel_pairs" in row["variants"] for row in engines) == 5, [row["conv"] for row in engines]
+    # the input padded to 8 channels, and groups of 8 pixels: timed for the stem's forward and weight gradient
+    # (3 channels in), and for no other
+    stem = {row["conv"] for row in engines if " C=3 " in row["conv"]}
+    assert len(stem) == 2, stem
+    for variant in ("padded_input", "pixel_octets"):
+        found = {row["conv"]: row["variants"][variant] for row in engines if variant in row["variants"]}
+        assert set(found) == stem, (variant, found)
+        assert all(any("us" in engine for engine in timed) for timed in found.values()), (variant, found)
     for row in engines:       # the emulated cuDNN's split-K engines: one adds its slices in order, one by atomics
         if row["op"] == "wgrad":
             timed = {(e["name"].split(" (")[1], e["deterministic"]) for e in row["variants"]["split_k"] if "us" in e}
