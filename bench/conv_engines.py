@@ -70,11 +70,11 @@ from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, SettingRefused,
                                             split_k_engines)
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
+from cupynet.backends.pixel_pairs import PAIR_MAX_CHANNELS          # noqa: E402
 from cupynet.errors import CupynetError, DeviceError                 # noqa: E402
 from cupynet.model import ResNet                                    # noqa: E402
 
 OPS = ("wgrad", "fprop", "dgrad")       # surveyed in this order: weight gradients cost the most (GPU notes)
-PAIR_MAX_CHANNELS = 16                  # pixel_pairs: where cuDNN's engines for few channels are slow
 PADDED_CHANNELS = 8                     # padded_input: the stem's 3 image channels as a multiple of 8
 PIXEL_GROUPS = {"pixel_pairs": 2, "pixel_octets": 8}     # variant -> pixels read as one (module docstring)
 HOST_SECONDS_PER_CALL = 60e-6           # a generous host cost of one execute (GPU notes: 9-45 us): sizes the hold

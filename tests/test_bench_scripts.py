@@ -399,28 +399,28 @@ def test_best_step_options_picks_the_fastest_captured_row_of_the_dtype_and_batch
     assert split.stdout.split() == ["--conv-split-k"] and "with split-K settings" in split.stderr
 
 
-def test_best_step_options_picks_genstats_only_when_more_than_2_percent_faster(tmp_path):
-    """A genstats row is chosen (with its other options) only when 2% faster than the defaults; a row written
-    before the option existed has no conv_genstats field and counts as off, so it is still the defaults'."""
+@pytest.mark.parametrize("option,faster_pair,deterministic,flags,why", [
+    ("genstats", (1, 1), False, ["--no-conv-deterministic", "--conv-genstats"],
+     "statistics from the convolutions (genstats)"),
+    ("pixel_pairs", (2, 2), True, ["--wgrad-streams", "2", "--wgrad-chunks", "2", "--conv-pixel-pairs"],
+     "stage 1 convolutions on pixel pairs"),
+])
+def test_best_step_options_picks_an_option_only_when_more_than_2_percent_faster(tmp_path, option, faster_pair,
+                                                                                deterministic, flags, why):
+    """A genstats or pixel-pairs row is chosen (with its other options) only when 2% faster than the defaults; a
+    row written before the option existed has no field for it and counts as off, so it is still the defaults'."""
     older_default = layouts_row(1, 1, True, 40000)
-    del older_default["conv_genstats"]
-    within = pick(tmp_path, [older_default, layouts_row(1, 1, True, 40700, genstats=True)])        # 1.75% faster
+    del older_default[f"conv_{option}"]
+    within = pick(tmp_path, [older_default, layouts_row(1, 1, True, 40700, **{option: True})])        # 1.75% faster
     assert within.returncode == 0 and within.stdout.strip() == "", within.stderr
-    faster = pick(tmp_path, [older_default, layouts_row(1, 1, False, 41000, genstats=True)])       # 2.5% faster
-    assert faster.stdout.split() == ["--no-conv-deterministic", "--conv-genstats"]
-    assert "statistics from the convolutions (genstats)" in faster.stderr
+    faster = pick(tmp_path, [older_default, layouts_row(*faster_pair, deterministic, 41000, **{option: True})])  # 2.5%
+    assert faster.stdout.split() == flags
+    assert why in faster.stderr
 
 
-def test_best_step_options_picks_pixel_pairs_only_when_more_than_2_percent_faster(tmp_path):
-    """A pixel-pairs row is chosen (with its other options) only when 2% faster than the defaults; a row written
-    before the option existed has no conv_pixel_pairs field and counts as off, so it is still the defaults'."""
+def test_best_step_options_picks_genstats_and_pixel_pairs_together(tmp_path):
     older_default = layouts_row(1, 1, True, 40000)
     del older_default["conv_pixel_pairs"]
-    within = pick(tmp_path, [older_default, layouts_row(1, 1, True, 40700, pixel_pairs=True)])     # 1.75% faster
-    assert within.returncode == 0 and within.stdout.strip() == "", within.stderr
-    faster = pick(tmp_path, [older_default, layouts_row(2, 2, True, 41000, pixel_pairs=True)])     # 2.5% faster
-    assert faster.stdout.split() == ["--wgrad-streams", "2", "--wgrad-chunks", "2", "--conv-pixel-pairs"]
-    assert "stage 1 convolutions on pixel pairs" in faster.stderr
     both = pick(tmp_path, [older_default, layouts_row(1, 1, False, 42000, genstats=True, pixel_pairs=True)])
     assert both.stdout.split() == ["--no-conv-deterministic", "--conv-genstats", "--conv-pixel-pairs"]
 
