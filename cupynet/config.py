@@ -57,6 +57,7 @@ class TrainConfig:
     conv_split_k: bool = False               # GPU: autotuning also times split-K settings of weight gradients
     conv_genstats: bool = False              # convolutions before BatchNorm also write its per-channel sums
     conv_pixel_pairs: bool = False           # GPU, NHWC: stage 1's 3x3 convolutions on pixel pairs
+    residual_grad_sums: bool = False         # a residual block's input-gradient add also reduces BatchNorm's sums
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
@@ -187,6 +188,13 @@ def build_parser():
                             "the same convolutions on pixel pairs (32 channels at half the width, a kernel built "
                             "from the weights each step), where cuDNN's engines are faster; the same results up "
                             "to the order of the sums; off by default until a GPU run shows it faster")
+    model.add_argument("--residual-grad-sums", action=argparse.BooleanOptionalAction, default=d.residual_grad_sums,
+                       help="block v1: the kernel that adds up a residual block's input gradient (main path plus "
+                            "identity shortcut) also reduces the gradient sums of the BatchNorm that gradient "
+                            "flows into next (the previous block's last one, or the stem's), in the same pass: "
+                            "that BatchNorm's backward skips its own reduction (one launch and one read of three "
+                            "activations fewer, 19 times per ResNet-44 step); the same results; not for --sync-bn's "
+                            "layers; off by default until a GPU run shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "
@@ -311,6 +319,12 @@ def validate(config):
     if c.conv_pixel_pairs and c.data_format != "NHWC":
         raise ConfigError("--conv-pixel-pairs needs --data-format NHWC: a pixel pair is two neighbouring "
                           "pixels' channels, adjacent in memory only when channels come last")
+    if c.residual_grad_sums and c.block != "v1":
+        raise ConfigError(f"--residual-grad-sums needs --block v1: only a post-activation block adds up its input "
+                          f"gradient in a kernel of its own (--block {c.block}'s blocks end in a plain add)")
+    if c.residual_grad_sums and c.sync_bn and workers > 1:
+        raise ConfigError("--residual-grad-sums cannot take over --sync-bn's gradient sums: each BatchNorm "
+                          "all-reduces its own between its two halves")
     if c.conv_split_k and not c.conv_autotune:
         raise ConfigError("--conv-split-k needs --conv-autotune: split-K settings are candidates the autotuner "
                           "times (without it cuDNN's heuristic choice runs)")

@@ -103,6 +103,7 @@ class BatchNorm(Layer):
         self.beta = params.add(f"{name}/beta", (channels,), init=zeros_init)
         self.moving_mean = state.add(f"{name}/moving_mean", (channels,), init=zeros_init)
         self.moving_var = state.add(f"{name}/moving_variance", (channels,), init=ones_init)
+        self._gradient_with_sums = None     # the output gradient whose sums add_output_gradient took, until backward
 
     def forward(self, x, train, residual=None, sums=None):
         """sums: (2, C) float32 [sum(x), sum(x^2)] per channel, written by the convolution that made x
@@ -155,13 +156,34 @@ class BatchNorm(Layer):
         """Elements per channel in this replica's activation (N * H * W)."""
         return x.size // self.channels
 
+    def add_output_gradient(self, dy, y, addend, dx):
+        """dx = addend + dy * (y > 0): the gradient of this layer's output, written by the layer after it (a
+        post-activation block adding up its input gradient), which also reduces this layer's dgamma and dbeta
+        from it in the same pass (--residual-grad-sums); backward(dx) then only computes the input gradient.
+        Not with a communicator (sync BN all-reduces the sums between the two halves)."""
+        if self.comm is not None:
+            raise ValueError(f"{self.name}: sync BN's gradient sums are all-reduced, not taken by the layer after")
+        mask = self._relu_mask()
+        self.be.relu_backward_add_bn_grad(dy, y, addend, dx, self.x, self.gamma.value, self.saved_mean,
+                                          self.saved_invstd, self.gamma.grad, self.beta.grad, bn_y=mask["y"],
+                                          beta=mask["beta"])
+        self._gradient_with_sums = dx
+        return dx
+
+    def _relu_mask(self):
+        """What the backward's fused relu needs: the output y, and beta where the mask may be recomputed from x."""
+        return dict(y=self.y if self.relu else None, beta=self.beta.value if self.relu_of_bn_alone else None)
+
     def backward(self, dy):
         dx = self.buffer("dx", self.x.shape)
+        if self._gradient_with_sums is dy:      # add_output_gradient reduced dgamma, dbeta from this very array
+            self._gradient_with_sums = None
+            return self.be.batchnorm_backward_dx(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
+                                                 self.gamma.grad, self.beta.grad, dx, **self._relu_mask())
         y = self.y if self.relu else None
         if self.comm is None:
-            beta = self.beta.value if self.relu_of_bn_alone else None
             return self.be.batchnorm_backward(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
-                                              dx, self.gamma.grad, self.beta.grad, y=y, beta=beta)
+                                              dx, self.gamma.grad, self.beta.grad, **self._relu_mask())
         # Why the MEAN of the sums with the LOCAL count. S workers, shard r of m elements per channel,
         # M = S * m. The global loss is L = (1/S) sum_r L_r (L_r: the mean over shard r), but replica r
         # back-propagates dy_r = dL_r/dy = S * dL/dy: every replica works at S times the global gradient,

@@ -51,6 +51,8 @@ class BasicBlockV1(Layer):
     so bn2's output is never written and read back by a separate add. Backward, bn2 masks dy by that
     ReLU, and the input's gradient is the main path's plus dy masked by the same ReLU (the shortcut
     path's), added in one pass: through the identity, or through the option-A shortcut's adjoint.
+    With `input_bn` (the BatchNorm whose output is this block's input, set by ResNet under
+    --residual-grad-sums) the identity's pass also reduces that BatchNorm's gradient sums.
     """
 
     def __init__(self, be, params, state, name, cin, cout, stride, bn):
@@ -60,6 +62,7 @@ class BasicBlockV1(Layer):
         self.conv2 = Conv2d(be, params, f"{name}/conv2", cout, cout, 3, 1)
         self.bn2 = BatchNorm(be, params, state, f"{name}/bn2", cout, relu=True, **bn)   # relu after the sum
         self.shortcut = ShortcutA(be, f"{name}/shortcut", cin, cout, stride) if (cin, stride) != (cout, 1) else None
+        self.input_bn = None
 
     def forward(self, x, train):
         h = conv_batchnorm(self.conv1, self.bn1, x, train)
@@ -70,9 +73,11 @@ class BasicBlockV1(Layer):
         y = self.bn2.y                                          # the block's output
         dh = self.conv2.backward(self.bn2.backward(dy))         # bn2 masks dy by the final relu
         dx = self.conv1.backward(self.bn1.backward(dh))
-        if self.shortcut is None:
-            return self.be.relu_backward_add(dy, y, dx, dx)     # dx + dy * (y > 0)
-        return self.shortcut.backward_into(dy, dx, relu_output=y)   # dx + shortcut'(dy * (y > 0))
+        if self.shortcut is not None:
+            return self.shortcut.backward_into(dy, dx, relu_output=y)   # dx + shortcut'(dy * (y > 0))
+        if self.input_bn is not None:
+            return self.input_bn.add_output_gradient(dy, y, dx, dx)     # and input_bn's sums of it
+        return self.be.relu_backward_add(dy, y, dx, dx)     # dx + dy * (y > 0)
 
 
 class BasicBlockV2(Layer):
@@ -169,6 +174,16 @@ class ResNet:
         self.layers.append(GlobalAvgPool(be, "pool"))
         self.layers.append(Dense(be, self.params, "logits", channels, num_classes))
         self.loss_layer = SoftmaxCrossEntropy(be, "loss")
+        if post_activation and be.residual_grad_sums and bn_comm is None:
+            self._give_blocks_their_input_bn()
+
+    def _give_blocks_their_input_bn(self):
+        """--residual-grad-sums: each v1 block with an identity shortcut adds up its input gradient in a kernel
+        that also reduces the gradient sums of the BatchNorm that made its input (the previous block's last, or
+        the stem's), which then skips that pass (19 of ResNet-44's 43 BatchNorms)."""
+        for before, block in zip(self.layers, self.layers[1:]):
+            if isinstance(block, BasicBlockV1) and block.shortcut is None:
+                block.input_bn = before.bn if isinstance(before, ConvBN) else before.bn2
 
     @property
     def architecture(self):

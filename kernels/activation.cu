@@ -28,9 +28,6 @@ __global__ void relu_forward(const T* x, T* y, int n, int vec)
     for (int i = packs * P + first_index(); i < n; i += grid_stride()) y[i] = from_float<T>(relu(to_float(x[i])));
 }
 
-// The gradient through a relu whose output was `out` (exact: g is only passed on or zeroed).
-__device__ __forceinline__ float relu_grad(float g, float out) { return out > 0.0f ? g : 0.0f; }
-
 // dx = dy where the relu output y is positive, else 0
 template <typename T>
 __global__ void relu_backward(const T* dy, const T* y, T* dx, int n, int vec)

@@ -22,6 +22,9 @@
  *   bn_grad            sum(dz) and sum(dz * xhat) in one pass, same partials layout; its last block
  *                      writes dbeta = sum(dz), dgamma = sum(dz * xhat);
  *   bn_backward_dx     dx = gamma * invstd * (dz - dbeta/m - xhat * dgamma/m).
+ * With --residual-grad-sums, the kernel that writes a post-activation block's input gradient
+ * (relu_backward_add_bn_grad: residual_add's sum, then bn_grad's reductions of it) does bn_grad's work for the
+ * BatchNorm that gradient flows into next, which then runs bn_backward_dx alone.
  * Finalizing in the reduction's last block instead of in a launch of its own saves two launches per
  * BatchNorm and step (86 in ResNet-44): a captured step is a chain of small dependent kernels, each
  * paying a launch gap and a ramp-up and drain of the GPU.
@@ -631,9 +634,11 @@ __global__ void bn_stats_apply(const T* x, const T* residual, T* y, int C, int i
 // ------------------------------------------------------------------ backward
 
 // One block's partial sums of dz and dz * xhat per channel (both reductions of the backward pass in
-// one read of dy, x and, with a fused relu whose mask comes from the output, y).
-template <int V, typename T, int R>
-__device__ void grad_tile(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
+// one read of the gradient, x and, with a fused relu whose mask comes from the output, y). gradient(offset, g)
+// fills g with the V gradient values of the group at `offset`: loaded from dy (bn_grad), or computed and
+// written by the kernel that makes them (relu_backward_add_bn_grad).
+template <int V, typename T, int R, typename Gradient>
+__device__ void grad_tile(Gradient gradient, const T* x, const T* y, const float* mean, const float* invstd,
                           const float* gamma, const float* beta, const ChannelTile& t, int C, int inner, int m,
                           float* partials)
 {
@@ -646,7 +651,7 @@ __device__ void grad_tile(const T* dy, const T* x, const T* y, const float* mean
     }
     for_each_group<V>(t, C, inner, m, [&](int offset) {
         float g[V], v[V], out[V] = {};
-        load_group<V>(dy, offset, g);
+        gradient(offset, g);
         load_group<V>(x, offset, v);
         if constexpr (R == RELU_FROM_OUTPUT) load_group<V>(y, offset, out);
 #pragma unroll
@@ -662,7 +667,7 @@ __device__ void grad_tile(const T* dy, const T* x, const T* y, const float* mean
     store_tile_sums<V>(sum_dz, sum_dz_xhat, t, C, inner, partials);
 }
 
-// grad_tile with groups of a 16-byte pack (vec = 1) or of one element.
+// grad_tile of the gradient dy, with groups of a 16-byte pack (vec = 1) or of one element.
 template <typename T, int R>
 __device__ void grad_partials(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                               const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
@@ -670,10 +675,11 @@ __device__ void grad_partials(const T* dy, const T* x, const T* y, const float* 
 {
     if (vec) {
         constexpr int V = Pack<T>::size;
-        grad_tile<V, T, R>(dy, x, y, mean, invstd, gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner,
-                           m, partials);
+        grad_tile<V, T, R>([&](int offset, float (&g)[V]) { load_group<V>(dy, offset, g); }, x, y, mean, invstd,
+                           gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner, m, partials);
     } else {
-        grad_tile<1, T, R>(dy, x, y, mean, invstd, gamma, beta, ChannelTile(cw, 1), C, inner, m, partials);
+        grad_tile<1, T, R>([&](int offset, float (&g)[1]) { load_group<1>(dy, offset, g); }, x, y, mean, invstd,
+                           gamma, beta, ChannelTile(cw, 1), C, inner, m, partials);
     }
 }
 
@@ -705,6 +711,49 @@ __global__ void bn_grad(const T* dy, const T* x, const T* y, const float* mean, 
                         unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
 {
     grad_partials<T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
+    if (last_block_to_arrive(arrivals)) finish_grad_sums(partials, C, dgamma, dbeta);
+}
+
+// A post-activation block's input gradient and the gradient sums of the BatchNorm it flows into, in one pass
+// (--residual-grad-sums): dx = addend + relu_grad(dy, out), exactly as residual_add writes it (masked = 1), and
+// bn_grad's reductions of dx, rounded to T as bn_grad would read it back, for the BatchNorm whose input was x
+// (its relu's mask from y or recomputed from x, as bn_grad's). The two kernels' work, with one read of dx, x
+// and y fewer and one launch fewer; the same tiling as bn_grad (so the same partial sums, and the same bits,
+// where both take the same plan): every element lies in exactly one thread's groups, so dx may alias addend.
+template <int V, typename T, int R>
+__device__ void add_grad_tile(const T* dy, const T* out, const T* addend, T* dx, const T* x, const T* y,
+                              const float* mean, const float* invstd, const float* gamma, const float* beta, int C,
+                              int inner, int m, int cw, float* partials)
+{
+    grad_tile<V, T, R>(
+        [&](int offset, float (&g)[V]) {
+            float d[V], o[V];
+            load_group<V>(dy, offset, d);
+            load_group<V>(out, offset, o);
+            load_group<V>(addend, offset, g);
+#pragma unroll
+            for (int k = 0; k < V; ++k) g[k] = to_float(from_float<T>(g[k] + relu_grad(d[k], o[k])));
+            store_group<V>(dx, offset, g);
+        },
+        x, y, mean, invstd, gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner, m, partials);
+}
+
+// dy, out: the block's output gradient and output; addend: its main path's input gradient; dx: the block's input
+// gradient (may be addend). x, y, mean, invstd, gamma, beta: the BatchNorm's, as bn_grad's; its last block writes
+// dbeta and dgamma. Geometry and arrivals as bn_grad.
+template <typename T, int R>
+BN_REDUCTION_BOUNDS
+__global__ void relu_backward_add_bn_grad(const T* dy, const T* out, const T* addend, T* dx, const T* x, const T* y,
+                                          const float* mean, const float* invstd, const float* gamma,
+                                          const float* beta, int C, int inner, int m, int cw, float* partials,
+                                          unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
+{
+    if (vec) {
+        add_grad_tile<Pack<T>::size, T, R>(dy, out, addend, dx, x, y, mean, invstd, gamma, beta, C, inner, m, cw,
+                                           partials);
+    } else {
+        add_grad_tile<1, T, R>(dy, out, addend, dx, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials);
+    }
     if (last_block_to_arrive(arrivals)) finish_grad_sums(partials, C, dgamma, dbeta);
 }
 

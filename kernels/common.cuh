@@ -36,6 +36,9 @@ __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff)
 // relu that keeps NaN visible (NumPy's maximum(v, 0) does too): NaN < 0 is false.
 __device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }
 
+// The gradient through a relu whose output was `out` (exact: g is only passed on or zeroed).
+__device__ __forceinline__ float relu_grad(float g, float out) { return out > 0.0f ? g : 0.0f; }
+
 // The GPU's global nanosecond timer (the emulated GPU reads the host's steady clock instead).
 __device__ __forceinline__ unsigned long long global_time_ns()
 {

@@ -58,15 +58,16 @@ ACTIVATIONS = [(5, 3, 7, 7), (4, 16, 8, 8), (2, 64, 4, 4), (2, 260, 3, 3), (2, 4
 # --------------------------------------------------------------------------- backends and arrays
 
 
-def make_backend(layout, dtype, bn_launches=2, pixel_pairs=False):
+def make_backend(layout, dtype, bn_launches=2, **options):
     """A fresh GPU backend; float32 runs strict fp32 convolutions so that parity can be tight. With one
     BatchNorm launch per pass, the weight gradients run in the serial order, so that the backward's one launch
-    runs too (beside weight gradients on a side stream it takes two: CupyBackend._bn_one_launch_plan)."""
+    runs too (beside weight gradients on a side stream it takes two: CupyBackend._bn_one_launch_plan).
+    options: CupyBackend's step options (pixel_pairs, residual_grad_sums)."""
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(device_id=0, layout=layout, dtype=dtype, tf32=False, bn_launches=bn_launches,
-                       overlap_wgrad=bn_launches == 2, pixel_pairs=pixel_pairs)
+                       overlap_wgrad=bn_launches == 2, **options)
 
 
 _BACKENDS = {}
@@ -565,6 +566,75 @@ def test_batchnorm_backward(layout, dtype, shape, mask, launches):
     assert_close(a.get(dx), expected_dx, REDUCTION[dtype], scale=rms(expected_dx), what="dx")
 
 
+@params()
+@pytest.mark.parametrize("shape", ACTIVATIONS, ids=lambda s: "N{}C{}H{}W{}".format(*s))
+@pytest.mark.parametrize("mask", list(RELU_MASKS))
+def test_relu_backward_add_bn_grad_is_the_two_kernels_in_one(layout, dtype, shape, mask):
+    """--residual-grad-sums: relu_backward_add_bn_grad writes a block's input gradient as relu_backward_add does
+    and the next BatchNorm's dgamma, dbeta as its batchnorm_backward would (bn_grad's tiling: the same bits), in
+    place as the model runs it (dx is the addend); batchnorm_backward_dx then gives batchnorm_backward's dx. All
+    of it against the float64 reference too."""
+    relu, from_x = RELU_MASKS[mask]
+    be = backend(layout, dtype)
+    a = Arrays(be, seed=15)
+    c = shape[1]
+    x, x_ref = a.activation(*shape, scale=1.5, offset=1.0)           # the BatchNorm's input ...
+    gamma, gamma_ref = a.vector(c)
+    beta, _ = a.vector(c, -0.5, 0.5)
+    saved_mean, saved_invstd, y = a.nan((c,), np.float32), a.nan((c,), np.float32), a.nan(x.shape)
+    be.batchnorm_train_forward(x, gamma, beta, a.vector(c)[0], a.vector(c)[0], 0.9, 1e-5, y, saved_mean,
+                               saved_invstd, relu=relu)                # ... and output, the block's input
+    mean_ref, invstd_ref, y_ref = a.get(saved_mean), a.get(saved_invstd), a.get(y)
+    dy, dy_ref = a.activation(*shape)                                  # the block's output gradient,
+    out, out_ref = a.activation(*shape)                                # its output (relu: where > 0),
+    addend, addend_ref = a.activation(*shape)                          # its main path's input gradient
+    mask_args = dict(y=y if relu else None, beta=beta if from_x else None)
+
+    plain_dx = be.relu_backward_add(dy, out, addend, a.nan(x.shape))
+    plain = batchnorm_backward_with(be, a, mask, plain_dx, x, gamma, beta, saved_mean, saved_invstd, y)
+    dx, dgamma, dbeta = a.nan(x.shape), a.nan((c,), np.float32), a.nan((c,), np.float32)
+    be.copy_into(dx, addend)
+    with fast_path(be, kernels=("relu_backward_add_bn_grad",)):
+        be.relu_backward_add_bn_grad(dy, out, dx, dx, x, gamma, saved_mean, saved_invstd, dgamma, dbeta,
+                                     bn_y=mask_args["y"], beta=mask_args["beta"])
+    bn_dx = a.nan(x.shape)
+    with fast_path(be, kernels=("bn_backward_dx",)):
+        be.batchnorm_backward_dx(dx, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, bn_dx, **mask_args)
+    for got, want in zip((dx, dgamma, dbeta, bn_dx), (plain_dx,) + plain[1:] + plain[:1]):
+        np.testing.assert_array_equal(be.to_host(got).view(np.uint8), be.to_host(want).view(np.uint8))
+
+    expected_dx = addend_ref + dy_ref * (out_ref > 0)
+    assert_close(a.get(dx), expected_dx, ELEMENTWISE[dtype], what="dx")
+    dx_ref = a.get(dx)                                    # the sums are of what the GPU wrote, as rounded
+    expected_dgamma, expected_dbeta = np.empty(c), np.empty(c)
+    a.ref.relu_backward_add_bn_grad(dy_ref, out_ref, addend_ref, np.empty(x_ref.shape), x_ref, gamma_ref, mean_ref,
+                                    invstd_ref, expected_dgamma, expected_dbeta, bn_y=y_ref if relu else None)
+    pc = (lambda v: v.reshape(1, -1, 1, 1)) if layout == "NCHW" else (lambda v: v)
+    dz = dx_ref * (y_ref > 0) if relu else dx_ref
+    xhat = (x_ref - pc(mean_ref)) * pc(invstd_ref)
+    f32 = REDUCTION["float32"]
+    # dbeta, dgamma from the float64 reference's own dx: it differs from the GPU's by dx's rounding
+    tolerance = f32 + (ELEMENTWISE[dtype] if dtype == "bfloat16" else 0.0)
+    assert_close(a.get(dbeta), expected_dbeta, tolerance, scale=np.abs(dz).sum(axis=channel_axes(layout)),
+                 what="dbeta")
+    assert_close(a.get(dgamma), expected_dgamma, tolerance,
+                 scale=np.abs(dz * xhat).sum(axis=channel_axes(layout)), what="dgamma")
+
+
+def test_relu_backward_add_bn_grad_refuses_a_gradient_over_its_other_operands():
+    """dx may be the addend (the model adds in place), never an array the pass still reads elsewhere."""
+    be = backend("NHWC", "float32")
+    a = Arrays(be, seed=16)
+    x, _ = a.activation(2, 8, 4, 4)
+    dy, _ = a.activation(2, 8, 4, 4)
+    vectors = [a.vector(8)[0] for _ in range(4)]
+    with pytest.raises(ValueError, match="dx shares memory with bn_x"):
+        be.relu_backward_add_bn_grad(dy, dy, dy, x, x, *vectors[:3], a.nan((8,), np.float32), vectors[3])
+    with pytest.raises(ValueError, match="y .* for a gradient of"):
+        be.relu_backward_add_bn_grad(dy, a.nan((2, 4, 4, 4)), dy, a.nan(x.shape), x, *vectors[:3],
+                                     a.nan((8,), np.float32), vectors[3])
+
+
 def first_of_each_channel(layout, a):
     """The first element of every channel (image 0, row 0, column 0) of an activation in `layout`."""
     return a[0, :, 0, 0] if layout == "NCHW" else a[0, 0, 0, :]
@@ -1060,16 +1130,18 @@ def _model_pair(be, depth, x_nchw_host, labels_host, share_masks=False):
     return (loss, ref_loss, grads, ref.params.state_dict(flat=ref.params.grad_flat), state, ref.state.state_dict())
 
 
-@pytest.mark.parametrize("layout,pixel_pairs", [("NCHW", False), ("NHWC", False), ("NHWC", True)],
-                         ids=["NCHW", "NHWC", "NHWC-pixel_pairs"])
-def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, pixel_pairs):
+@pytest.mark.parametrize("layout,option", [("NCHW", None), ("NHWC", None), ("NHWC", "pixel_pairs"),
+                                           ("NCHW", "residual_grad_sums"), ("NHWC", "residual_grad_sums")],
+                         ids=lambda v: v or "")
+def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, option):
     """Tolerances measured on the CPU analogue (NumpyBackend float32 vs float64, same model and data):
     loss 1.5e-7, worst gradient 4.7e-6 norm-relative, BN state 5e-7. We allow 1e-5 / 1e-4 / 1e-5:
     ~20x the float32-only difference, while a TF32 convolution (~3e-4 each) would not pass. The reference's
     backward takes the GPU's relu masks: this data has a pre-relu value 1.9e-6 from 0 (stage 2's last block
     output; 1.1e-6 of its rms), which the H100's NCHW forward put below 0 and the reference above.
-    With --conv-pixel-pairs, stage 1's convolutions (16 channels at 16 x 16) run on pixel pairs."""
-    be = make_backend(layout, "float32", pixel_pairs=pixel_pairs)
+    With --conv-pixel-pairs, stage 1's convolutions (16 channels at 16 x 16) run on pixel pairs; with
+    --residual-grad-sums, 7 blocks' input gradients also give the BatchNorm before them its sums."""
+    be = make_backend(layout, "float32", **({option: True} if option else {}))
     rng = np.random.default_rng(15)
     x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
     labels = rng.integers(0, 10, 8).astype(np.int32)
@@ -1077,7 +1149,9 @@ def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, pix
     loss, ref_loss, grads, ref_grads, state, ref_state = _model_pair(be, 20, x, labels, share_masks=True)
     assert be.conv.executions["fprop"] > 0 and be.kernels.launches["bn_grad"] > launches["bn_grad"]
     # stage 1's 6 convolutions, forward and data gradient
-    assert be.kernels.launches["pixel_pair_weights"] == (12 if pixel_pairs else 0)
+    assert be.kernels.launches["pixel_pair_weights"] == (12 if option == "pixel_pairs" else 0)
+    # the blocks with an identity shortcut: stage 1's 3, and 2 in each later stage
+    assert be.kernels.launches["relu_backward_add_bn_grad"] == (7 if option == "residual_grad_sums" else 0)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for name, expected in ref_grads.items():
         error = np.linalg.norm(grads[name] - expected)

@@ -199,6 +199,45 @@ def test_batchnorm_statistics_from_the_convolutions_sums_train_as_before(block, 
     assert be.calls["batchnorm_train_forward"] == batchnorms - pairs
 
 
+# (block, depth, blocks whose input gradient also gives the sums of the BatchNorm before them): v1 each block
+# with an identity shortcut (ResNet-20: stages of 3, the first block of stages 2 and 3 downsamples); none in
+# the pre-activation nets, whose blocks end in a plain sum
+RESIDUAL_SUMS = [("v1", 20, 7), ("v2", 8, 0), ("bottleneck", 11, 0)]
+
+
+@pytest.mark.parametrize("block,depth,fused", RESIDUAL_SUMS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_batchnorm_gradient_sums_from_the_residual_add_train_exactly_as_before(block, depth, fused, layout):
+    """--residual-grad-sums on the reference: a v1 block adding up its input gradient also reduces the
+    gradient sums of the BatchNorm that made its input (the stem's, or the previous block's last), which then
+    only computes its input gradient. The same arithmetic in another order of calls: in float64 the same bits."""
+    def run(residual_grad_sums):
+        be = NumpyBackend(layout, "float64", residual_grad_sums=residual_grad_sums)
+        model = ResNet(be, depth, block)
+        model.init(np.random.default_rng(0))
+        x = np.random.default_rng(1).standard_normal(be.activation_shape(4, 3, 32, 32))
+        loss = float(model.forward_backward(x, np.arange(4, dtype=np.int32)))
+        batchnorms = sum(name.endswith("/gamma") for name in model.params.params)
+        return loss, model.params.grad_flat.copy(), be.calls, batchnorms
+
+    loss, grads, calls, batchnorms = run(True)
+    plain_loss, plain_grads, plain_calls, _ = run(False)
+    assert loss == plain_loss
+    np.testing.assert_array_equal(grads, plain_grads)
+    assert calls["relu_backward_add_bn_grad"] == calls["batchnorm_backward_dx"] == fused
+    assert calls["batchnorm_backward"] == batchnorms - fused
+    assert calls["relu_backward_add"] == plain_calls["relu_backward_add"] - fused
+    assert plain_calls["relu_backward_add_bn_grad"] == plain_calls["batchnorm_backward_dx"] == 0
+
+
+def test_sync_batchnorm_keeps_its_own_gradient_sums():
+    """Sync BN all-reduces its gradient sums between its two halves: no block takes them over."""
+    be = NumpyBackend("NHWC", "float64", residual_grad_sums=True)
+    model = ResNet(be, 20, bn_comm=object())
+    assert all(getattr(layer, "input_bn", None) is None for layer in model.layers)
+    assert sum(getattr(layer, "input_bn", None) is not None for layer in ResNet(be, 20).layers) == 7
+
+
 class MaskRecordingBackend(NumpyBackend):
     """The NumPy backend, noting for each BatchNorm training forward whether it ended in a relu with no residual
     before it, and for each backward whether the layer offered the relu's mask from x (beta)."""
@@ -215,12 +254,22 @@ class MaskRecordingBackend(NumpyBackend):
         self.offered[id(x)] = beta is not None
         return super().batchnorm_backward(dy, x, *args, y=y, beta=beta, **kwargs)
 
+    def relu_backward_add_bn_grad(self, dy, y, addend, dx, bn_x, *args, bn_y=None, beta=None):
+        self.offered[id(bn_x)] = beta is not None
+        return super().relu_backward_add_bn_grad(dy, y, addend, dx, bn_x, *args, bn_y=bn_y, beta=beta)
+
+    def batchnorm_backward_dx(self, dy, x, *args, y=None, beta=None):
+        assert self.offered[id(x)] == (beta is not None)     # as relu_backward_add_bn_grad was offered
+        return super().batchnorm_backward_dx(dy, x, *args, y=y, beta=beta)
+
 
 @pytest.mark.parametrize("block,depth", [("v1", 8), ("v2", 8), ("bottleneck", 11)])
-def test_batchnorm_backward_gets_beta_exactly_where_no_residual_preceded_its_relu(block, depth):
+@pytest.mark.parametrize("residual_grad_sums", [False, True], ids=["", "residual_grad_sums"])
+def test_batchnorm_backward_gets_beta_exactly_where_no_residual_preceded_its_relu(block, depth, residual_grad_sums):
     """The GPU recomputes a fused relu's mask from x when the layer passes beta: right only where the relu
-    followed BatchNorm alone (y > 0 exactly where the normalized x is), wrong after a residual sum."""
-    be = MaskRecordingBackend("NHWC", "float32")
+    followed BatchNorm alone (y > 0 exactly where the normalized x is), wrong after a residual sum. The same
+    when a block's input gradient also reduces the BatchNorm before it (--residual-grad-sums)."""
+    be = MaskRecordingBackend("NHWC", "float32", residual_grad_sums=residual_grad_sums)
     model = ResNet(be, depth, block)
     model.init(np.random.default_rng(0))
     model.forward_backward(np.zeros(be.activation_shape(2, 3, 32, 32), np.float32), np.zeros(2, dtype=np.int32))

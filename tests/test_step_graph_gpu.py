@@ -32,13 +32,13 @@ def dataset():
 
 
 def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False,
-                 conv_genstats=False, pixel_pairs=False):
+                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks,
                        bn_launches=bn_launches, split_k=split_k, conv_genstats=conv_genstats,
-                       pixel_pairs=pixel_pairs)
+                       pixel_pairs=pixel_pairs, residual_grad_sums=residual_grad_sums)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):
@@ -276,6 +276,22 @@ def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, dtyp
     paired, unpaired = (np.concatenate([state[name].ravel() for name in names]).astype(np.float64)
                         for state in (captured[1], plain[1]))
     assert np.linalg.norm(paired - unpaired) <= 0.02 * np.linalg.norm(unpaired)
+
+
+@pytest.mark.parametrize("layout,dtype", [("NHWC", "bfloat16"), ("NCHW", "float32")])
+def test_residual_grad_sums_captured_equal_the_plain_eager_steps(dataset, layout, dtype):
+    """--residual-grad-sums: a block's input-gradient add also reduces the gradient sums of the BatchNorm before
+    it (the stem's, or the previous block's second), in bn_grad's tiling, so the same partial sums in the same
+    order: captured steps equal the plain eager ones bit for bit. ResNet-8's one such block takes the stem's
+    (test_gpu_parity's ResNet-20 has blocks taking the previous block's too)."""
+    settings = dict(BASE, data_format=layout, dtype=dtype)
+    plain = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend(layout, dtype))
+    backend = make_backend(layout, dtype, residual_grad_sums=True)
+    captured = train(TrainConfig(**settings, cuda_graph="on", residual_grad_sums=True), dataset, backend)
+    assert captured[0].runner.captured
+    # once per eager warm-up step; the recording's launch is replayed, not counted again
+    assert backend.kernels.launches["relu_backward_add_bn_grad"] >= 1
+    assert_identical(plain, captured)
 
 
 def test_the_warm_up_is_reported_once_at_the_first_replayed_step(dataset, tmp_path):

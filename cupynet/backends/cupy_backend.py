@@ -195,7 +195,7 @@ class CupyBackend(LayoutMixin):
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
-                 conv_genstats=False, pixel_pairs=False):
+                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -222,6 +222,8 @@ class CupyBackend(LayoutMixin):
         self.conv_genstats = bool(conv_genstats)  # convolutions before BatchNorm also give its sums (layers.py)
         # stage 1's 3x3 forwards and data gradients on pixel pairs (backends/pixel_pairs.py); NHWC only
         self.pixel_pairs = bool(pixel_pairs) and layout == "NHWC"
+        # a residual block's input-gradient add also reduces the next BatchNorm's gradient sums (layers.py)
+        self.residual_grad_sums = bool(residual_grad_sums)
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
         self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for
@@ -719,9 +721,63 @@ class CupyBackend(LayoutMixin):
                              _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
                              dgamma, dbeta, _i32(plan["vec"])),
                             shared_mem=plan["shared_mem"])
+        return self._bn_backward_dx(dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused,
+                                    dgamma, dbeta, dx, m)
+
+    def _bn_backward_dx(self, dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused, dgamma,
+                        dbeta, dx, count):
+        """bn_backward_dx: dx from dgamma and dbeta, the sums over `count` elements per channel (relu, y_or_unused,
+        beta_or_unused as _relu_operands gives them)."""
+        c, inner, _ = self._channel_geometry(x, gamma.size)
+        n = _count(x)
+        read = (dy, x) if y_or_unused is dy else (dy, x, y_or_unused)
         self._launch_packed("bn_backward_dx", x.dtype, n, read + (dx,),
                             (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused, dgamma, dbeta, dx,
-                             _i32(n), _i32(c), _i32(inner), _i32(m)), more_types=(relu,))
+                             _i32(n), _i32(c), _i32(inner), _i32(count)), more_types=(relu,))
+        return dx
+
+    @_primitive
+    def batchnorm_backward_dx(self, dy, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, y=None, beta=None):
+        """The rest of batchnorm_backward once dgamma and dbeta hold its sums (relu_backward_add_bn_grad wrote them
+        with the gradient dy): dx alone, one launch (bn_backward_dx). y and beta as batchnorm_backward's."""
+        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
+                       dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
+        if beta is not None and y is None:
+            raise ValueError("batchnorm_backward_dx: beta (the relu's mask from x) without y (a fused relu)")
+        _same_dtype(x, dy=dy, dx=dx, **_present(y=y))
+        _, _, m = self._channel_geometry(x, gamma.size)
+        relu, y_or_unused, beta_or_unused = _relu_operands(y, beta, dy, gamma)
+        return self._bn_backward_dx(dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused,
+                                    dgamma, dbeta, dx, m)
+
+    @_primitive
+    def relu_backward_add_bn_grad(self, dy, y, addend, dx, bn_x, gamma, saved_mean, saved_invstd, dgamma, dbeta,
+                                  bn_y=None, beta=None):
+        """dx = relu_backward_add(dy, y, addend), and in the same pass the dgamma and dbeta that
+        batchnorm_backward(dx, bn_x, gamma, saved_mean, saved_invstd, ..., y=bn_y, beta=beta) would write: the sums
+        of the BatchNorm whose output's gradient dx is (--residual-grad-sums); batchnorm_backward_dx then finishes
+        that BatchNorm's backward. One launch, relu_backward_add_bn_grad, in bn_grad's tiling. dx may be addend,
+        and no other operand."""
+        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
+                       dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
+        if beta is not None and bn_y is None:
+            raise ValueError("relu_backward_add_bn_grad: beta (the relu's mask from x) without bn_y (a fused relu)")
+        _same_dtype(bn_x, dy=dy, y=y, addend=addend, dx=dx, **_present(bn_y=bn_y))
+        operands = dict(dy=dy, y=y, addend=addend, bn_x=bn_x, **_present(bn_y=bn_y))
+        for name, array in operands.items():
+            if array.shape != dx.shape:
+                raise ValueError(f"relu_backward_add_bn_grad: {name} {array.shape} for a gradient of {dx.shape}")
+            if name != "addend" and _overlap(array, dx):
+                raise ValueError(f"relu_backward_add_bn_grad: dx shares memory with {name} (only addend may be dx)")
+        c, inner, m = self._channel_geometry(bn_x, gamma.size)
+        relu, y_or_unused, beta_or_unused = _relu_operands(bn_y, beta, dy, gamma)
+        read = (dy, y, addend, dx, bn_x) + (() if y_or_unused is dy else (bn_y,))
+        plan, partials = self._bn_partials(bn_x, c, m, inner, read)
+        self.kernels.launch("relu_backward_add_bn_grad", (ctype(bn_x.dtype), relu), plan["grid"], plan["block"],
+                            (dy, y, addend, dx, bn_x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused,
+                             _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
+                             dgamma, dbeta, _i32(plan["vec"])),
+                            shared_mem=plan["shared_mem"])
         return dx
 
     @_primitive
@@ -742,14 +798,11 @@ class CupyBackend(LayoutMixin):
                        dgamma=dgamma, dbeta=dbeta)
         _require_dtype(np.float64, sums=sums)
         _same_dtype(x, **_present(dy=dy, dx=dx, y=y))
-        c, inner, _ = self._channel_geometry(x, gamma.size)
-        n = _count(x)
+        c, _, _ = self._channel_geometry(x, gamma.size)
         self._launch_1d("bn_grad_from_sums", (), c, (sums, _i32(c), dgamma, dbeta))
         relu, y_or_unused, unused = _relu_operands(y, None, dy, gamma)
-        self._launch_packed("bn_backward_dx", x.dtype, n, (dy, x, y_or_unused, dx),
-                            (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, unused, dgamma, dbeta, dx, _i32(n),
-                             _i32(c), _i32(inner), _i32(count)), more_types=(relu,))
-        return dx
+        return self._bn_backward_dx(dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, unused, dgamma, dbeta,
+                                    dx, count)
 
     # ----------------------------------------------------------------- elementwise
 

@@ -66,6 +66,8 @@ KERNELS = {
         "bn_backward_dx": [(t, r) for t in ACTIVATION_TYPES for r in RELU_MASKS],
         "bn_stats_apply": _per_type(*ACTIVATION_TYPES),       # one-launch passes (--bn-launches 1)
         "bn_grad_dx": [(t, r) for t in ACTIVATION_TYPES for r in RELU_MASKS],
+        # a block's input gradient and the next BatchNorm's gradient sums in one pass (--residual-grad-sums)
+        "relu_backward_add_bn_grad": [(t, r) for t in ACTIVATION_TYPES for r in RELU_MASKS],
     },
     "shortcut.cu": {
         "shortcut_forward": _per_type(*ACTIVATION_TYPES),

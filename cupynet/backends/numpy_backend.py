@@ -28,7 +28,7 @@ class NumpyBackend(LayoutMixin):
     name = "numpy"
     xp = np
 
-    def __init__(self, layout="NHWC", dtype="float32", wgrad_chunks=1, conv_genstats=False):
+    def __init__(self, layout="NHWC", dtype="float32", wgrad_chunks=1, conv_genstats=False, residual_grad_sums=False):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if not (isinstance(wgrad_chunks, int) and wgrad_chunks >= 1):
@@ -40,6 +40,9 @@ class NumpyBackend(LayoutMixin):
         # convolutions before BatchNorm also give its sums (the GPU's --conv-genstats, a cuDNN fusion; here the
         # reference that path is checked against)
         self.conv_genstats = bool(conv_genstats)
+        # a residual block's input-gradient add also reduces the next BatchNorm's gradient sums (layers.py,
+        # --residual-grad-sums; the GPU saves a pass, here it checks the model's wiring of it)
+        self.residual_grad_sums = bool(residual_grad_sums)
         self.dtype = np.dtype(dtype)        # activations and weights
         self.param_dtype = np.dtype(dtype)  # master parameters, gradients, optimizer state
         self.calls = Counter()
@@ -345,6 +348,30 @@ class NumpyBackend(LayoutMixin):
         dbeta[...] = db
         dgamma[...] = dg
         return self._bn_input_grad(dz, xhat, db, dg, m, gamma, saved_invstd, dx)
+
+    def batchnorm_backward_dx(self, dy, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, y=None, beta=None):
+        """The rest of batchnorm_backward once dgamma and dbeta hold its sums (relu_backward_add_bn_grad wrote
+        them with the gradient dy): dx = gamma * invstd * (dz - dbeta / m - xhat * dgamma / m)."""
+        if beta is not None and y is None:
+            raise ValueError("batchnorm_backward_dx: beta (the relu's mask from x) without y (a fused relu)")
+        self.calls["batchnorm_backward_dx"] += 1
+        dz, xhat = self._bn_grad_terms(dy, x, y, saved_mean, saved_invstd)
+        return self._bn_input_grad(dz, xhat, dbeta, dgamma, x.size // gamma.size, gamma, saved_invstd, dx)
+
+    def relu_backward_add_bn_grad(self, dy, y, addend, dx, bn_x, gamma, saved_mean, saved_invstd, dgamma, dbeta,
+                                  bn_y=None, beta=None):
+        """dx = relu_backward_add(dy, y, addend), then the dgamma and dbeta that batchnorm_backward(dx, bn_x,
+        gamma, saved_mean, saved_invstd, ..., y=bn_y, beta=beta) would write: a post-activation block's input
+        gradient and the sums of the BatchNorm it flows into next, which the GPU takes in one pass
+        (--residual-grad-sums); batchnorm_backward_dx then finishes that BatchNorm's backward."""
+        if beta is not None and bn_y is None:
+            raise ValueError("relu_backward_add_bn_grad: beta (the relu's mask from x) without bn_y (a fused relu)")
+        self.calls["relu_backward_add_bn_grad"] += 1
+        np.add(addend, dy * (y > 0), out=dx)
+        dz, xhat = self._bn_grad_terms(dx, bn_x, bn_y, saved_mean, saved_invstd)
+        dbeta[...] = self._channel_sum(dz)
+        dgamma[...] = self._channel_dot(dz, xhat)
+        return dx
 
     def batchnorm_backward_sums(self, dy, x, y, saved_mean, saved_invstd, sums):
         """First half of a split batchnorm_backward: sums (2, C) float64 <- [sum(dz), sum(dz * xhat)]
