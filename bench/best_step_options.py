@@ -4,12 +4,13 @@
     --wgrad-streams 2 --wgrad-chunks 2              (stdout: flags for cupynet.train, vs_torch.py, time_to_accuracy.py)
 
 Reads the rows of `bench/layouts.py --json` files (grids over --wgrad-streams/--wgrad-chunks pairs,
---conv-deterministic, --conv-split-k, --bn-launches, --conv-genstats and --conv-pixel-pairs), keeps the captured
-ones of the given dtype, batch and layout (not those that failed), and prints the flags of the fastest. The defaults
-(1 stream, 1 chunk, deterministic engines, no split-K settings, 2 BatchNorm launches, no genstats, no pixel pairs)
-win unless the fastest row beats them by more than --min-gain (default 2%): a difference inside the windows' spread
-is not worth leaving the defaults for. Prints nothing for the defaults. Why it chose, with both figures, goes to stderr;
-so does a file that could not be read, when another could.
+--conv-deterministic, --conv-split-k, --bn-launches, --conv-genstats, --conv-pixel-pairs and --residual-grad-sums),
+keeps the captured ones of the given dtype, batch and layout (not those that failed), and prints the flags of the
+fastest. The defaults (1 stream, 1 chunk, deterministic engines, no split-K settings, 2 BatchNorm launches, no
+genstats, no pixel pairs, no gradient sums in the residual add) win unless the fastest row beats them by more
+than --min-gain (default 2%): a difference inside the windows' spread is not worth leaving the defaults for. Prints
+nothing for the defaults. Why it chose, with both figures, goes to stderr; so does a file that could not be read,
+when another could.
 bench/device_check.sh uses it to run the accuracy and the PyTorch comparison with the options its own
 step_options stage found fastest, in the same device call.
 
@@ -24,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupynet.backends import BN_LAUNCHES, WGRAD_CHUNKS, WGRAD_STREAMS   # noqa: E402
 
-# (wgrad_streams, wgrad_chunks, conv_deterministic, conv_split_k, bn_launches, conv_genstats, conv_pixel_pairs)
-DEFAULT_OPTIONS = (WGRAD_STREAMS, WGRAD_CHUNKS, True, False, BN_LAUNCHES, False, False)
+# (wgrad_streams, wgrad_chunks, conv_deterministic, conv_split_k, bn_launches, conv_genstats, conv_pixel_pairs,
+#  residual_grad_sums)
+DEFAULT_OPTIONS = (WGRAD_STREAMS, WGRAD_CHUNKS, True, False, BN_LAUNCHES, False, False, False)
 
 
 def parse_args(argv=None):
@@ -43,11 +45,11 @@ def parse_args(argv=None):
 
 
 def options_of(row):
-    """(wgrad_streams, wgrad_chunks, conv_deterministic, conv_split_k, bn_launches, conv_genstats, conv_pixel_pairs)
-    of a layouts.py row (older rows lack the later fields: they ran the defaults)."""
+    """(wgrad_streams, wgrad_chunks, conv_deterministic, conv_split_k, bn_launches, conv_genstats, conv_pixel_pairs,
+    residual_grad_sums) of a layouts.py row (older rows lack the later fields: they ran the defaults)."""
     return (row.get("wgrad_streams") or 1, row.get("wgrad_chunks") or 1, row.get("conv_deterministic", True),
             bool(row.get("conv_split_k")), row.get("bn_launches") or BN_LAUNCHES, bool(row.get("conv_genstats")),
-            bool(row.get("conv_pixel_pairs")))
+            bool(row.get("conv_pixel_pairs")), bool(row.get("residual_grad_sums")))
 
 
 def choose(rows, dtype, batch, layout, min_gain):
@@ -66,7 +68,7 @@ def choose(rows, dtype, batch, layout, min_gain):
 
 def flags(options):
     """The command-line flags that select `options` (nothing for a default)."""
-    streams, chunks, deterministic, split_k, bn_launches, genstats, pixel_pairs = options
+    streams, chunks, deterministic, split_k, bn_launches, genstats, pixel_pairs, residual_sums = options
     out = []
     if streams != WGRAD_STREAMS:
         out += ["--wgrad-streams", str(streams)]
@@ -82,15 +84,18 @@ def flags(options):
         out += ["--conv-genstats"]
     if pixel_pairs:
         out += ["--conv-pixel-pairs"]
+    if residual_sums:
+        out += ["--residual-grad-sums"]
     return out
 
 
 def describe(options):
-    streams, chunks, deterministic, split_k, bn_launches, genstats, pixel_pairs = options
+    streams, chunks, deterministic, split_k, bn_launches, genstats, pixel_pairs, residual_sums = options
     return (f"{streams} stream(s), {chunks} chunk(s), {'deterministic' if deterministic else 'any'} engines"
             f"{' with split-K settings' if split_k else ''}, {bn_launches} BatchNorm launch(es)"
             f"{', statistics from the convolutions (genstats)' if genstats else ''}"
-            f"{', stage 1 convolutions on pixel pairs' if pixel_pairs else ''}")
+            f"{', stage 1 convolutions on pixel pairs' if pixel_pairs else ''}"
+            f"{', BatchNorm gradient sums in the residual add' if residual_sums else ''}")
 
 
 def main(argv=None):

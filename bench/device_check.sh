@@ -23,7 +23,8 @@
 #               at batch 128, bf16 at 512 (also with split-K settings); bf16 at 128 and 512 also at 1x1 with
 #               BatchNorm's statistics from the convolutions (--conv-genstats, any engine); bf16 at 128 and 512
 #               and fp32 at 128 also at 1x1 with stage 1's convolutions on pixel pairs (--conv-pixel-pairs,
-#               deterministic engines); one launch per BatchNorm pass at two
+#               deterministic engines) and at 1x1 with BatchNorm's gradient sums in the residual adds
+#               (--residual-grad-sums, deterministic engines); one launch per BatchNorm pass at two
 #               pairs, without and with genstats, deterministic engines or not; and the autotuner timing
 #               split-K settings of the weight gradients (--conv-split-k, deterministic engines) at two pairs
 #               (bf16, 128); each grid paced to its share of the stage and under its own timeout.
@@ -341,19 +342,22 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
-    # The defaults with genstats (any engine) come fourth, right after 1x1's other rows: a fused pair's forward
+    # The defaults with genstats (any engine) come fifth, right after 1x1's other rows: a fused pair's forward
     # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
-    # Stage 1's convolutions on pixel pairs (--conv-pixel-pairs) come second, right after the defaults, here, at
-    # fp32 and at batch 512: they differ from the defaults in that option alone (deterministic engines, no
-    # genstats, whose fused forwards never run paired), and a row this early is measured however the pacing
-    # cuts its grid (one --also row each: a dimension would double the grids). The shares stay as they were:
-    # each such row takes its grid's time from the last configurations, the most speculative.
+    # BatchNorm's gradient sums in the residual adds (--residual-grad-sums) and stage 1's convolutions on pixel
+    # pairs (--conv-pixel-pairs) come second and third, right after the defaults (the later dimension varies
+    # faster), here, at fp32 and at batch 512: each differs from the defaults in that option alone
+    # (deterministic engines, no genstats, whose fused forwards never run paired), and a row this early is
+    # measured however the pacing cuts its grid (one --also row each: a dimension would double the grids). The
+    # shares stay as they were: each such row takes its grid's time from the last configurations, the most
+    # speculative.
     if seconds=$(seconds_until $((STAGE_LIMIT * 32 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
     if seconds=$(seconds_until $((STAGE_LIMIT * 44 / 100)) "$start"); then
@@ -361,6 +365,7 @@ step_options() {
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
     # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above), each
@@ -383,14 +388,15 @@ step_options() {
             --max-seconds "$seconds" --json "$OUT/step_options_split.json" || rc=1
     fi
     # batch 512: its 12 rows are likely more than its ~36 s (of a 150-s stage) already allow, so genstats, which
-    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do pixel
-    # pairs: 1x1 with deterministic engines, without split-K, the grid's second row
+    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do residual
+    # grad sums and pixel pairs: 1x1 with deterministic engines, without split-K, the grid's second and third rows
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,8x8,16x16 --conv-deterministic on,off --conv-split-k off,on --warmup 5 --steps 10 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-split-k off --conv-genstats on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --conv-pixel-pairs on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --residual-grad-sums on" \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc
@@ -476,10 +482,10 @@ if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200
 fi
 # The bf16 step options that change which kernels run (not how the weight gradients are spread: layers.py times
 # every call alone): the one-launch BatchNorm passes, the convolutions' genstats, stage 1 on pixel pairs (other
-# convolution shapes), and cuDNN engines that may add in any order (genstats engines may all be such; the others'
-# choice changes with it too).
+# convolution shapes), BatchNorm's gradient sums in the residual adds (one reduction fewer per block), and cuDNN
+# engines that may add in any order (genstats engines may all be such; the others' choice changes with it too).
 LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--conv-pixel-pairs' \
-    -e '--no-conv-deterministic' <<< "${BEST_BF16:-}" | tr '\n' ' ')
+    -e '--residual-grad-sums' -e '--no-conv-deterministic' <<< "${BEST_BF16:-}" | tr '\n' ' ')
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" $LAYERS_OPTIONS --json "$OUT/layers.json"
 
@@ -549,7 +555,8 @@ def load(name):
 def extras(options):
     """' + split-K + genstats + pixel pairs': the options a row or run had on beyond streams, chunks and engines."""
     return "".join(f" + {label}" for key, label in (("conv_split_k", "split-K"), ("conv_genstats", "genstats"),
-                                                    ("conv_pixel_pairs", "pixel pairs"))
+                                                    ("conv_pixel_pairs", "pixel pairs"),
+                                                    ("residual_grad_sums", "residual grad sums"))
                    if options.get(key))
 
 def counts(label, report):
@@ -718,6 +725,8 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append("genstats")
     if accuracy["args"].get("conv_pixel_pairs"):
         options.append("pixel pairs")
+    if accuracy["args"].get("residual_grad_sums"):
+        options.append("residual grad sums")
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in (accuracy.get("setup_phases") or {}).items())

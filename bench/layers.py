@@ -32,8 +32,9 @@ one rule: every array argument is moved once, inputs read + outputs written = th
 arguments' nbytes (an in-place argument counts once). It is the compulsory traffic, a lower bound: scratch
 such as NumPy's im2col matrix is not counted. Two exceptions keep it honest: the augment primitives gather
 only the batch's rows of the whole split (and of the epoch's order) they are handed, so `images`, `labels`
-and `order` count one row per image of the batch; and `batchnorm_backward` given `beta` does not count `y`,
-which the GPU's kernels then do not read (they recompute the relu's mask from x). Steps run eagerly
+and `order` count one row per image of the batch; and `batchnorm_backward` (or `batchnorm_backward_dx`, or
+`relu_backward_add_bn_grad`, under --residual-grad-sums) given `beta` does not count the relu's output (`y`,
+`bn_y`), which the GPU's kernels then do not read (they recompute the relu's mask from x). Steps run eagerly
 (--cuda-graph off): a replayed graph has no per-primitive calls to time; on a GPU the weight gradients run in
 order on the main stream's timeline (overlap_wgrad off), so each primitive's time is its own.
 roofline ms = bytes / peak; achieved GB/s = bytes / measured time; fraction of peak = achieved / peak
@@ -68,7 +69,9 @@ from cupynet.trainer import Trainer                                         # no
 PEAK_COPY_BYTES = 256 * 2 ** 20
 # Arguments that index into a larger array: only the gathered rows are moved (see the docstring).
 GATHERED = {"augment_batch": ("images", "labels"), "augment_train_batch": ("images", "labels", "order")}
-UNREAD = {"batchnorm_backward": ("beta", "y")}     # given the first argument, the second is not read
+# given the first argument, the second is not read
+UNREAD = {"batchnorm_backward": ("beta", "y"), "batchnorm_backward_dx": ("beta", "y"),
+          "relu_backward_add_bn_grad": ("beta", "bn_y")}
 # Not shimmed: shape arithmetic (no device work) and synchronize (the step timer's own wait).
 NOT_PRIMITIVES = {name for name in dir(LayoutMixin) if not name.startswith("_")} | {"synchronize"}
 # Host copies: a CUDA graph cannot record them, so they get no isolated device time.
@@ -95,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--conv-pixel-pairs", action="store_true",
                    help="GPU, NHWC: stage 1's 3x3 forwards and data gradients run on pixel pairs (their calls' shapes "
                         "stay the original's; each also builds the paired kernel)")
+    p.add_argument("--residual-grad-sums", action="store_true",
+                   help="v1 blocks: the residual input-gradient add also reduces the gradient sums of the BatchNorm "
+                        "it flows into next, whose backward then skips its own reduction")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
     p.add_argument("--steps", type=int, default=3, help="timed steps (per-primitive figures are per step)")
     p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: measured on CPU; "
@@ -299,10 +305,12 @@ def profile(args, dataset):
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off",
                          bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
-                         conv_deterministic=args.conv_deterministic, conv_pixel_pairs=args.conv_pixel_pairs)
+                         conv_deterministic=args.conv_deterministic, conv_pixel_pairs=args.conv_pixel_pairs,
+                         residual_grad_sums=args.residual_grad_sums)
     backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32,
                              bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
-                             deterministic=args.conv_deterministic, pixel_pairs=args.conv_pixel_pairs)
+                             deterministic=args.conv_deterministic, pixel_pairs=args.conv_pixel_pairs,
+                             residual_grad_sums=args.residual_grad_sums)
     if hasattr(backend, "overlap_wgrad"):
         backend.overlap_wgrad = False                  # GPU: weight gradients in order, so each is timed alone
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods

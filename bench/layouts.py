@@ -24,8 +24,10 @@ turn, `--wgrad-chunks`: over how many slices of the batch each weight gradient i
 `--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen,
 `--conv-split-k off,on` (GPU): whether the autotuner also times split-K settings of the weight gradients'
 engines, `--bn-launches 2,1` (GPU): kernel launches per BatchNorm pass, `--conv-genstats off,on`: whether
-convolutions before BatchNorm also give its statistics (cuDNN's genstats on the GPU), and `--conv-pixel-pairs
-off,on` (GPU, NHWC): whether stage 1's 3x3 convolutions run on pixel pairs (cupynet/backends/pixel_pairs.py).
+convolutions before BatchNorm also give its statistics (cuDNN's genstats on the GPU), `--conv-pixel-pairs
+off,on` (GPU, NHWC): whether stage 1's 3x3 convolutions run on pixel pairs (cupynet/backends/pixel_pairs.py),
+and `--residual-grad-sums off,on`: whether the kernel that adds a residual block's input gradient also reduces
+the gradient sums of the BatchNorm that gradient flows into next, which then skips its own reduction (v1 blocks).
 A row records each option as its backend applied it: null (the table's "-") where the backend has no such
 option (the CPU's GPU-only ones), pixel pairs off in NCHW even where asked for.
 
@@ -50,6 +52,8 @@ more without a process of their own, whose start-up costs as much as several con
         --wgrad-pairs 1x1,8x8 --also "--wgrad-pairs 1x1 --conv-genstats on"    # 1x1, 1x1 + genstats, 8x8
     python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
         --wgrad-pairs 1x1,4x4 --also "--wgrad-pairs 1x1 --conv-pixel-pairs on"   # 1x1, 1x1 + pixel pairs, 4x4
+    python bench/layouts.py --device 0 --depths 44 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
+        --wgrad-pairs 1x1 --residual-grad-sums off,on                          # 1x1, 1x1 + residual grad sums
 """
 import argparse
 import gc
@@ -80,9 +84,10 @@ from cupynet.trainer import Trainer                                # noqa: E402
 
 # the flags that name a grid's configurations (what --also may give), as argparse's names
 GRID_FLAGS = ("depths", "batches", "layouts", "dtypes", "cuda_graph", "wgrad_streams", "wgrad_chunks", "wgrad_pairs",
-              "bn_launches", "conv_deterministic", "conv_split_k", "conv_genstats", "conv_pixel_pairs")
+              "bn_launches", "conv_deterministic", "conv_split_k", "conv_genstats", "conv_pixel_pairs",
+              "residual_grad_sums")
 # the grid's on/off dimensions, as argparse's names
-ON_OFF_FLAGS = ("conv_deterministic", "conv_split_k", "conv_genstats", "conv_pixel_pairs")
+ON_OFF_FLAGS = ("conv_deterministic", "conv_split_k", "conv_genstats", "conv_pixel_pairs", "residual_grad_sums")
 
 
 def build_parser():
@@ -115,6 +120,9 @@ def build_parser():
     p.add_argument("--conv-pixel-pairs", default="off",
                    help="GPU, comma-separated on/off: stage 1's 3x3 convolutions run on pixel pairs (NHWC only: "
                         "an NCHW row runs without, and says so; off, the default)")
+    p.add_argument("--residual-grad-sums", default="off",
+                   help="comma-separated on/off: v1 blocks' residual input-gradient add also reduces the gradient "
+                        "sums of the BatchNorm it flows into next, which skips its own reduction (off, the default)")
     p.add_argument("--also", action="append", default=[], metavar="FLAGS",
                    help="grid flags as one argument (e.g. \"--wgrad-pairs 1x1 --conv-genstats on\"; those not given "
                         "keep this grid's values): their configurations too, each where the product of every value "
@@ -188,14 +196,16 @@ def dimensions(args):
              else list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks))))
     return [ints(args.depths), ints(args.batches), args.layouts.split(","), args.dtypes.split(","),
             args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic), on_off(args.conv_split_k),
-            ints(args.bn_launches), on_off(args.conv_genstats), on_off(args.conv_pixel_pairs)]
+            ints(args.bn_launches), on_off(args.conv_genstats), on_off(args.conv_pixel_pairs),
+            on_off(args.residual_grad_sums)]
 
 
 def grid(args):
     """The configurations to measure, in order: the product of args' dimensions and of each --also grid's, each
     configuration once, where the product of every dimension's values (args' first) puts it, so an --also
     configuration runs beside those it differs from in its last dimensions. Each is (depth, batch, layout,
-    dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k, bn_launches, genstats, pixel_pairs)."""
+    dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k, bn_launches, genstats, pixel_pairs,
+    residual_grad_sums)."""
     grids = [dimensions(args)] + [dimensions(also_args(args, text)) for text in args.also]
     values = [list(dict.fromkeys(itertools.chain(*column))) for column in zip(*grids)]
     wanted = {point for dims in grids for point in itertools.product(*dims)}
@@ -309,13 +319,14 @@ def device_of(text):
 
 def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS,
             deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES, split_k=False, genstats=False,
-            pixel_pairs=False):
+            pixel_pairs=False, residual_grad_sums=False):
     """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
                          synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
                          conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks, bn_launches=bn_launches,
-                         conv_split_k=split_k, conv_genstats=genstats, conv_pixel_pairs=pixel_pairs)
+                         conv_split_k=split_k, conv_genstats=genstats, conv_pixel_pairs=pixel_pairs,
+                         residual_grad_sums=residual_grad_sums)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
     backend = build_backend(config, device_of(args.device))     # every option as training builds it
     trainer = Trainer(config, dataset, backend)
@@ -345,6 +356,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
             "conv_deterministic": getattr(backend, "deterministic", None),
             "conv_split_k": getattr(backend, "split_k", None), "conv_genstats": backend.conv_genstats,
             "conv_pixel_pairs": getattr(backend, "pixel_pairs", None),
+            "residual_grad_sums": getattr(backend, "residual_grad_sums", None),
             "wgrad_chunks": backend.wgrad_chunks, "bn_launches": getattr(backend, "bn_launches", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),
@@ -390,10 +402,10 @@ def on_off(text):
 
 def print_row(row):
     form = {True: "graph", False: "eager"}.get(row.get("captured"), row["cuda_graph"])
-    det, split, genstats, pairs = ({True: "on", False: "off", None: "-"}[row.get(name)] for name in ON_OFF_FLAGS)
+    det, split, genstats, pairs, sums = ({True: "on", False: "off", None: "-"}[row.get(name)] for name in ON_OFF_FLAGS)
     head = (f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
             f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {split:>5} "
-            f"{row.get('bn_launches') or '-':>3} {genstats:>8} {pairs:>8}")
+            f"{row.get('bn_launches') or '-':>3} {genstats:>8} {pairs:>8} {sums:>8}")
     if "error" in row:
         print(f"{head} failed: {row['error']}", flush=True)
         return
@@ -402,12 +414,12 @@ def print_row(row):
 
 
 def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k,
-                  bn_launches, genstats, pixel_pairs, device):
+                  bn_launches, genstats, pixel_pairs, residual_grad_sums, device):
     """The fields that name one grid point (a row without figures: failed or not measured)."""
     return {"device": device, "depth": depth, "batch": batch, "layout": layout, "dtype": dtype,
             "cuda_graph": cuda_graph, "wgrad_streams": wgrad_streams, "wgrad_chunks": wgrad_chunks,
             "conv_deterministic": deterministic, "conv_split_k": split_k, "bn_launches": bn_launches,
-            "conv_genstats": genstats, "conv_pixel_pairs": pixel_pairs}
+            "conv_genstats": genstats, "conv_pixel_pairs": pixel_pairs, "residual_grad_sums": residual_grad_sums}
 
 
 def one_line(error):
@@ -460,7 +472,8 @@ def main(argv=None):
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
     print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} "
-          f"{'split':>5} {'bn':>3} {'genstats':>8} {'px-pairs':>8} {'img/s':>9} {'min':>9} {'max':>9} {'ms/step':>9}")
+          f"{'split':>5} {'bn':>3} {'genstats':>8} {'px-pairs':>8} {'res-sums':>8} {'img/s':>9} {'min':>9} {'max':>9} "
+          f"{'ms/step':>9}")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     rows, durations = [], []
@@ -474,10 +487,11 @@ def main(argv=None):
             break
         began = time.perf_counter()
         try:
-            depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn, genstats, pairs = point
+            (depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn, genstats, pairs,
+             sums) = point
             row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph=cuda_graph, wgrad_streams=streams,
                           deterministic=deterministic, wgrad_chunks=chunks, bn_launches=bn, split_k=split_k,
-                          genstats=genstats, pixel_pairs=pairs)
+                          genstats=genstats, pixel_pairs=pairs, residual_grad_sums=sums)
         except ConfigError:
             raise                          # flags cupynet refuses: the whole grid is wrong
         except Exception as error:         # a run-time failure of this configuration (out of memory, a CUDA or

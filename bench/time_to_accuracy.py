@@ -61,6 +61,8 @@ def parse_args(argv=None):
                    help="passed on to cupynet.train: convolutions before BatchNorm also give its per-channel sums")
     p.add_argument("--conv-pixel-pairs", action="store_true",
                    help="passed on to cupynet.train: stage 1's 3x3 convolutions run on pixel pairs (NHWC)")
+    p.add_argument("--residual-grad-sums", action="store_true",
+                   help="passed on to cupynet.train: residual input-gradient adds also reduce BatchNorm's sums")
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="CPU, built-in sample, ResNet-8, 2 epochs, float32")
@@ -103,6 +105,8 @@ def recipe_flags(args, model_dir):
         flags += ["--conv-genstats"]
     if args.conv_pixel_pairs:
         flags += ["--conv-pixel-pairs"]
+    if args.residual_grad_sums:
+        flags += ["--residual-grad-sums"]
     if not args.quick:
         flags += ["--data-dir", args.data_dir, "--batch-norm-decay", 0.997]
     else:

@@ -50,7 +50,7 @@ MARKER = "cupynet_timeline_marker"
 CUDNN_DIRECTIONS = ("fprop", "dgrad", "wgrad")           # what cuDNN's kernel names say, where they say it
 # the step options the summary's title names: every one vs_torch.add_step_options gives (tests/test_timeline.py)
 STEP_OPTIONS = ("wgrad_streams", "wgrad_chunks", "bn_launches", "conv_deterministic", "conv_split_k", "conv_genstats",
-                "conv_pixel_pairs")
+                "conv_pixel_pairs", "residual_grad_sums")
 
 
 # ----------------------------------------------------------------------------- the trace's arithmetic

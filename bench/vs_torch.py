@@ -137,6 +137,8 @@ def add_step_options(p):
                    help="cupynet's convolutions before BatchNorm also give its per-channel sums (cuDNN's genstats)")
     p.add_argument("--conv-pixel-pairs", action="store_true",
                    help="cupynet's stage-1 3x3 convolutions run on pixel pairs (NHWC only: its NCHW runs without)")
+    p.add_argument("--residual-grad-sums", action="store_true",
+                   help="cupynet's residual input-gradient adds also reduce the next BatchNorm's gradient sums")
 
 
 def step_options_problem(args):
@@ -229,7 +231,8 @@ def cupynet_config(args, layout, dtype):
                        synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic,
                        wgrad_streams=args.wgrad_streams, wgrad_chunks=args.wgrad_chunks,
                        bn_launches=args.bn_launches, conv_split_k=args.conv_split_k,
-                       conv_genstats=args.conv_genstats, conv_pixel_pairs=args.conv_pixel_pairs)
+                       conv_genstats=args.conv_genstats, conv_pixel_pairs=args.conv_pixel_pairs,
+                       residual_grad_sums=args.residual_grad_sums)
 
 
 def cupynet_trainer(args, layout, dtype, dataset):
@@ -556,7 +559,8 @@ def benchmark_row(torch, args, layout, dtype, dataset, device):
                                                       bn_launches=args.bn_launches,
                                                       split_k=args.conv_split_k,
                                                       genstats=args.conv_genstats,
-                                                      pixel_pairs=args.conv_pixel_pairs))
+                                                      pixel_pairs=args.conv_pixel_pairs,
+                                                      residual_grad_sums=args.residual_grad_sums))
     row = {"depth": args.depth, "batch": args.batch, "layout": layout, "dtype": dtype,
            "precision": precision(device, dtype, args.tf32), "torch_eager": eager, "torch_graph": graph,
            "cupynet": ours, "ratio_vs_torch_eager": ratio(ours, eager), "ratio_vs_torch_graph": ratio(ours, graph)}

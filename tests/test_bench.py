@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,16 +37,21 @@ def test_layouts_rows_record_conv_genstats(tmp_path):
     assert all(row["genstats"] is None and row["images_per_sec"] > 0 for row in rows)
 
 
-def test_layouts_rows_record_conv_pixel_pairs_as_the_backend_ran_them(tmp_path):
-    """--conv-pixel-pairs off,on: two rows, each recording the backend's own setting, which the CPU's backend does
-    not have (GPU-only, like --conv-split-k): null in the JSON, "-" in the table, even where asked for."""
+@pytest.mark.parametrize("field,column,recorded,shown", [
+    ("conv_pixel_pairs", "px-pairs", [None, None], ["-", "-"]),
+    ("residual_grad_sums", "res-sums", [False, True], ["off", "on"]),
+])
+def test_layouts_rows_record_an_option_as_the_backend_ran_it(tmp_path, field, column, recorded, shown):
+    """--conv-pixel-pairs / --residual-grad-sums off,on: two rows, each recording the backend's own setting. The
+    CPU's backend has no pixel pairs (GPU-only, like --conv-split-k): null in the JSON, "-" in the table, even where
+    asked for; it has residual grad sums (both backends do): off, then on."""
     out = tmp_path / "layouts.json"
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", "--layouts", "NHWC",
-                             "--conv-pixel-pairs", "off,on", "--json", str(out)], capture_output=True, text=True,
-                            timeout=300)
+                             f"--{field.replace('_', '-')}", "off,on", "--json", str(out)], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [row["conv_pixel_pairs"] for row in rows] == [None, None]
+    assert [row[field] for row in rows] == recorded
     assert all(row["images_per_sec"] > 0 for row in rows)
     header, *table = [line.split() for line in result.stdout.splitlines()[1:4]]
-    assert [line[header.index("px-pairs")] for line in table] == ["-", "-"], result.stdout
+    assert [line[header.index(column)] for line in table] == shown, result.stdout

@@ -66,7 +66,8 @@ def test_scaling_quick_reports_efficiency_and_all_reduce(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--wgrad-streams", "x"), ("--depths", "8,y"), ("--conv-deterministic", "maybe"),
                                         ("--device", "x"), ("--wgrad-chunks", "17"), ("--conv-split-k", "on,sometimes"),
-                                        ("--conv-genstats", "off,maybe"), ("--conv-pixel-pairs", "maybe")])
+                                        ("--conv-genstats", "off,maybe"), ("--conv-pixel-pairs", "maybe"),
+                                        ("--residual-grad-sums", "on,maybe")])
 def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", flag, value],
                             capture_output=True, text=True, timeout=60)
@@ -122,12 +123,14 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
         (1, 1, True, 44)
     chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2", "--wgrad-chunks", "2",
                                                  "--no-conv-deterministic", "--conv-init", "glorot_uniform",
-                                                 "--conv-split-k", "--conv-genstats", "--conv-pixel-pairs"]), "M"))
+                                                 "--conv-split-k", "--conv-genstats", "--conv-pixel-pairs",
+                                                 "--residual-grad-sums"]), "M"))
     assert (chosen.wgrad_streams, chosen.wgrad_chunks, chosen.conv_deterministic, chosen.train_steps) == \
         (2, 2, False, 122 * 351)
     assert (default.conv_split_k, chosen.conv_split_k) == (False, True)
     assert (default.conv_genstats, chosen.conv_genstats) == (False, True)
     assert (default.conv_pixel_pairs, chosen.conv_pixel_pairs) == (False, True)
+    assert (default.residual_grad_sums, chosen.residual_grad_sums) == (False, True)
     assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
 
 
@@ -183,12 +186,14 @@ def stand_in_measure(layouts, seconds_of):
     calls = []
 
     def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=1, deterministic=True,
-                wgrad_chunks=1, bn_launches=2, split_k=False, genstats=False, pixel_pairs=False):
+                wgrad_chunks=1, bn_launches=2, split_k=False, genstats=False, pixel_pairs=False,
+                residual_grad_sums=False):
         seconds = seconds_of(len(calls))
         calls.append(seconds)
         time.sleep(seconds)
         return dict(layouts.configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks,
-                                          deterministic, split_k, bn_launches, genstats, pixel_pairs, args.device),
+                                          deterministic, split_k, bn_launches, genstats, pixel_pairs,
+                                          residual_grad_sums, args.device),
                     captured=False, images_per_sec=100.0, images_per_sec_min=99.0, images_per_sec_max=101.0,
                     step_ms=10.0)
     return measure
@@ -221,17 +226,20 @@ def test_layouts_varies_conv_genstats_fastest(tmp_path, monkeypatch):
                                                                             (2, True)]
 
 
-def test_layouts_varies_conv_pixel_pairs_after_genstats(tmp_path, monkeypatch):
-    """--conv-pixel-pairs off,on is a grid dimension, the last to vary (after genstats, given here in the other
-    order so that the two cannot be told apart by their values): each row with pixel pairs right after its twin
-    without, and measure is asked for it."""
+@pytest.mark.parametrize("earlier,later", [("conv_genstats", "conv_pixel_pairs"),
+                                           ("conv_pixel_pairs", "residual_grad_sums")])
+def test_layouts_varies_an_option_after_the_one_before(tmp_path, monkeypatch, earlier, later):
+    """--conv-pixel-pairs off,on is a grid dimension varying after genstats, and --residual-grad-sums off,on one
+    varying after pixel pairs, the last (the earlier given here in the other order so that the two cannot be told
+    apart by their values): each row with the later option right after its twin without, and measure is asked
+    for it."""
     layouts = layouts_module()
     monkeypatch.setattr(layouts, "measure", stand_in_measure(layouts, lambda call: 0.0))
     out = tmp_path / "layouts.json"
-    layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2", "--conv-genstats", "on,off",
-                  "--conv-pixel-pairs", "off,on", "--json", str(out)])
+    layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2", f"--{earlier.replace('_', '-')}",
+                  "on,off", f"--{later.replace('_', '-')}", "off,on", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [(row["wgrad_chunks"], row["conv_genstats"], row["conv_pixel_pairs"]) for row in rows] == [
+    assert [(row["wgrad_chunks"], row[earlier], row[later]) for row in rows] == [
         (1, True, False), (1, True, True), (1, False, False), (1, False, True),
         (2, True, False), (2, True, True), (2, False, False), (2, False, True)]
 
@@ -252,23 +260,27 @@ def test_layouts_runs_each_also_grids_configurations_where_the_product_puts_them
     assert {(row["layout"], row["dtype"], row["batch"]) for row in rows} == {("NHWC", "float32", 8)}
 
 
-def test_layouts_runs_a_pixel_pairs_also_row_right_after_the_defaults(tmp_path, monkeypatch):
-    """The device check's rows: the default pair with pixel pairs (--also, deterministic engines) runs second,
-    right after the defaults, before the grid's other engines and a genstats --also row."""
+def test_layouts_runs_residual_grad_sums_and_pixel_pairs_also_rows_right_after_the_defaults(tmp_path, monkeypatch):
+    """The device check's rows: the default pair with residual grad sums, then with pixel pairs (--also each,
+    deterministic engines) run second and third, right after the defaults, before the grid's other engines and a
+    genstats --also row."""
     layouts = layouts_module()
     monkeypatch.setattr(layouts, "measure", stand_in_measure(layouts, lambda call: 0.0))
     out = tmp_path / "layouts.json"
     layouts.main(["--quick", "--layouts", "NHWC", "--wgrad-pairs", "1x1,1x2", "--conv-deterministic", "on,off",
                   "--also", "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on",
-                  "--also", "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on", "--json", str(out)])
+                  "--also", "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on",
+                  "--also", "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [(row["wgrad_chunks"], row["conv_deterministic"], row["conv_genstats"], row["conv_pixel_pairs"])
-            for row in rows] == [(1, True, False, False), (1, True, False, True), (1, False, False, False),
-                                 (1, False, True, False), (2, True, False, False), (2, False, False, False)]
+    assert [(row["wgrad_chunks"], row["conv_deterministic"], row["conv_genstats"], row["conv_pixel_pairs"],
+             row["residual_grad_sums"]) for row in rows] == [
+        (1, True, False, False, False), (1, True, False, False, True), (1, True, False, True, False),
+        (1, False, False, False, False), (1, False, True, False, False), (2, True, False, False, False),
+        (2, False, False, False, False)]
 
 
 @pytest.mark.parametrize("also", ["--json x.json", "--also '--depths 8'", "--conv-genstats maybe", "--nope 1",
-                                  "'unclosed", "--conv-pixel-pairs maybe"])
+                                  "'unclosed", "--conv-pixel-pairs maybe", "--residual-grad-sums maybe"])
 def test_layouts_refuses_a_bad_also_grid_in_one_line(also):
     """--also takes grid flags only, checked like the grid's own when the arguments are parsed (where the device
     check's command test looks); a refusal names the --also argument."""
@@ -309,16 +321,18 @@ def test_layouts_reports_the_gpu_backends_genstats_counts(tmp_path):
 
 
 @pytest.mark.gpu
-def test_layouts_rows_record_the_gpu_backends_pixel_pairs(tmp_path):
-    """On the GPU (or the emulated one) a row records pixel pairs as the backend applied them: on in NHWC when
-    asked for, off in NCHW even when asked for (a pixel pair's channels are adjacent only when channels come
-    last), off when not asked for."""
+@pytest.mark.parametrize("option,field,recorded", [("pixel_pairs", "conv_pixel_pairs", [True, False, False]),
+                                                   ("residual_grad_sums", "residual_grad_sums", [True, True, False])])
+def test_layouts_rows_record_the_gpu_backends_option(tmp_path, option, field, recorded):
+    """On the GPU (or the emulated one) a row records an option as the backend applied it: pixel pairs on in NHWC
+    when asked for, off in NCHW even when asked for (a pixel pair's channels are adjacent only when channels come
+    last); residual grad sums on in either layout when asked for; each off when not asked for."""
     layouts = layouts_module()
     args = layouts.parse_args(["--device", "0", "--no-tf32", "--warmup", "1", "--steps", "1", "--repeats", "1"])
     dataset = layouts.synthetic_dataset(num_train=32, num_test=8, seed=0)
-    rows = [layouts.measure(8, 8, layout, "float32", args, dataset, cuda_graph="off", pixel_pairs=asked)
+    rows = [layouts.measure(8, 8, layout, "float32", args, dataset, cuda_graph="off", **{option: asked})
             for layout, asked in (("NHWC", True), ("NCHW", True), ("NHWC", False))]
-    assert [row["conv_pixel_pairs"] for row in rows] == [True, False, False], rows
+    assert [row[field] for row in rows] == recorded, rows
     assert all(row["images_per_sec"] > 0 for row in rows), rows
 
 
@@ -369,12 +383,12 @@ def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing
 
 
 def layouts_row(streams, chunks, deterministic, images_per_sec, dtype="bfloat16", batch=128, captured=True,
-                split_k=False, genstats=False, pixel_pairs=False):
+                split_k=False, genstats=False, pixel_pairs=False, residual_grad_sums=False):
     """A row as bench/layouts.py writes it (the fields best_step_options.py reads)."""
     return {"depth": 44, "batch": batch, "layout": "NHWC", "dtype": dtype, "captured": captured,
             "wgrad_streams": streams, "wgrad_chunks": chunks, "conv_deterministic": deterministic,
             "conv_split_k": split_k, "conv_genstats": genstats, "conv_pixel_pairs": pixel_pairs,
-            "images_per_sec": images_per_sec}
+            "residual_grad_sums": residual_grad_sums, "images_per_sec": images_per_sec}
 
 
 def pick(tmp_path, rows, *args):
@@ -399,18 +413,21 @@ def test_best_step_options_picks_the_fastest_captured_row_of_the_dtype_and_batch
     assert split.stdout.split() == ["--conv-split-k"] and "with split-K settings" in split.stderr
 
 
-@pytest.mark.parametrize("option,faster_pair,deterministic,flags,why", [
-    ("genstats", (1, 1), False, ["--no-conv-deterministic", "--conv-genstats"],
+@pytest.mark.parametrize("option,field,faster_pair,deterministic,flags,why", [
+    ("genstats", "conv_genstats", (1, 1), False, ["--no-conv-deterministic", "--conv-genstats"],
      "statistics from the convolutions (genstats)"),
-    ("pixel_pairs", (2, 2), True, ["--wgrad-streams", "2", "--wgrad-chunks", "2", "--conv-pixel-pairs"],
-     "stage 1 convolutions on pixel pairs"),
+    ("pixel_pairs", "conv_pixel_pairs", (2, 2), True,
+     ["--wgrad-streams", "2", "--wgrad-chunks", "2", "--conv-pixel-pairs"], "stage 1 convolutions on pixel pairs"),
+    ("residual_grad_sums", "residual_grad_sums", (4, 1), True, ["--wgrad-streams", "4", "--residual-grad-sums"],
+     "BatchNorm gradient sums in the residual add"),
 ])
-def test_best_step_options_picks_an_option_only_when_more_than_2_percent_faster(tmp_path, option, faster_pair,
+def test_best_step_options_picks_an_option_only_when_more_than_2_percent_faster(tmp_path, option, field, faster_pair,
                                                                                 deterministic, flags, why):
-    """A genstats or pixel-pairs row is chosen (with its other options) only when 2% faster than the defaults; a
-    row written before the option existed has no field for it and counts as off, so it is still the defaults'."""
+    """A genstats, pixel-pairs or residual-grad-sums row is chosen (with its other options) only when 2% faster
+    than the defaults; a row written before the option existed has no field for it and counts as off, so it is
+    still the defaults'."""
     older_default = layouts_row(1, 1, True, 40000)
-    del older_default[f"conv_{option}"]
+    del older_default[field]
     within = pick(tmp_path, [older_default, layouts_row(1, 1, True, 40700, **{option: True})])        # 1.75% faster
     assert within.returncode == 0 and within.stdout.strip() == "", within.stderr
     faster = pick(tmp_path, [older_default, layouts_row(*faster_pair, deterministic, 41000, **{option: True})])  # 2.5%
@@ -418,11 +435,13 @@ def test_best_step_options_picks_an_option_only_when_more_than_2_percent_faster(
     assert why in faster.stderr
 
 
-def test_best_step_options_picks_genstats_and_pixel_pairs_together(tmp_path):
+def test_best_step_options_picks_genstats_pixel_pairs_and_residual_grad_sums_together(tmp_path):
     older_default = layouts_row(1, 1, True, 40000)
-    del older_default["conv_pixel_pairs"]
-    both = pick(tmp_path, [older_default, layouts_row(1, 1, False, 42000, genstats=True, pixel_pairs=True)])
-    assert both.stdout.split() == ["--no-conv-deterministic", "--conv-genstats", "--conv-pixel-pairs"]
+    del older_default["conv_pixel_pairs"], older_default["residual_grad_sums"]
+    every = pick(tmp_path, [older_default, layouts_row(1, 1, False, 42000, genstats=True, pixel_pairs=True,
+                                                       residual_grad_sums=True)])
+    assert every.stdout.split() == ["--no-conv-deterministic", "--conv-genstats", "--conv-pixel-pairs",
+                                    "--residual-grad-sums"]
 
 
 def test_best_step_options_never_picks_a_failed_row(tmp_path):
@@ -451,13 +470,18 @@ def test_best_step_options_refuses_unusable_results_in_one_line(tmp_path, conten
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-def test_layers_counts_y_of_a_batchnorm_backward_only_where_it_is_read():
-    """bench/layers.py's byte rule: a BatchNorm backward given beta recomputes its relu's mask from x on the GPU,
-    so y is not traffic; without beta y is read."""
-    signature = inspect.signature(NumpyBackend.batchnorm_backward)
+@pytest.mark.parametrize("name", ["batchnorm_backward", "batchnorm_backward_dx", "relu_backward_add_bn_grad"])
+def test_layers_counts_the_relu_output_of_a_batchnorm_backward_only_where_it_is_read(name):
+    """bench/layers.py's byte rule: a BatchNorm backward (or the part of one a residual add takes over) given
+    beta recomputes its relu's mask from x on the GPU, so the relu's output is not traffic; without beta it is
+    read."""
+    signature = inspect.signature(getattr(NumpyBackend, name))
     activation, vector = np.zeros((2, 4, 4, 8), np.float32), np.zeros(8, np.float32)
-    args = (None, activation, activation, vector, vector, vector, activation, vector, vector)  # self, dy, x, ...
-    plain = bytes_moved("batchnorm_backward", signature, args, {"y": activation})
-    from_x = bytes_moved("batchnorm_backward", signature, args, {"y": activation, "beta": vector})
-    assert plain == 4 * activation.nbytes + 5 * vector.nbytes
+    per_channel = {"gamma", "beta", "saved_mean", "saved_invstd", "dgamma", "dbeta"}
+    arrays = {arg: vector if arg in per_channel else activation for arg in signature.parameters
+              if arg not in ("self", "beta")}
+    vectors = len(per_channel & arrays.keys())
+    plain = bytes_moved(name, signature, (None,), arrays)
+    from_x = bytes_moved(name, signature, (None,), dict(arrays, beta=vector))
+    assert plain == (len(arrays) - vectors) * activation.nbytes + vectors * vector.nbytes
     assert from_x == plain - activation.nbytes + vector.nbytes

@@ -132,12 +132,13 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
                                   genstats={"fused": 40, "unsupported": 3}))    # nothing counted (it did nothing)
     report["results"].append(dict(report["results"][0], conv_split_k=True, conv_genstats=True, genstats={}))
     report["results"].append(dict(report["results"][0], wgrad_chunks=3, conv_pixel_pairs=True))   # pixel pairs
+    report["results"].append(dict(report["results"][0], wgrad_chunks=5, residual_grad_sums=True))  # residual sums
     report["not_measured"] = [dict(failed, wgrad_chunks=8)]
     (tmp_path / "step_options.json").write_text(json.dumps(report))
     (tmp_path / "layouts.json").write_text(json.dumps(report))
     (tmp_path / "best_options.txt").write_text("bf16_128: --wgrad-chunks 2\n")
     (tmp_path / "vs_torch.json").write_text(json.dumps({         # the options a comparison and an accuracy run had
-        "args": {"conv_genstats": True, "conv_deterministic": False},
+        "args": {"conv_genstats": True, "conv_deterministic": False, "residual_grad_sums": True},
         "results": [{"batch": 128, "layout": "NHWC", "dtype": "bfloat16", "ratio_vs_torch_graph": 1.4}]}))
     (tmp_path / "vs_torch_fp32.json").write_text(json.dumps({    # options that did not verify, then the defaults
         "args": {"wgrad_streams": 4}, "results": [],
@@ -155,8 +156,9 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
                 "wall_seconds": 140, "train_seconds": 133, "images_per_sec": 41000, "setup_seconds": 6.9,
                 "setup_phases": {"data": 1.2, "backend": 4.5, "model": 1.2}, "warmup_seconds": 0.61}
     (tmp_path / "accuracy.json").write_text(json.dumps(accuracy))
-    (tmp_path / "accuracy_2.json").write_text(json.dumps(dict(accuracy, args={"dtype": "bfloat16", "seed": 1,
-                                                                              "conv_pixel_pairs": True})))
+    for seed, option in ((1, "conv_pixel_pairs"), (2, "residual_grad_sums")):
+        args = {"dtype": "bfloat16", "seed": seed, option: True}
+        (tmp_path / f"accuracy_{seed + 1}.json").write_text(json.dumps(dict(accuracy, args=args)))
     sys.path.insert(0, str(REPO / "bench"))
     import timeline                                             # the timeline stage's JSON, from a made-up trace
     kernels = [("cupynet_timeline_marker", 0, 1), ("augment_train_batch", 10, 2), ("sm90_xmma_wgrad_x", 12, 30),
@@ -178,12 +180,15 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert re.search(r"-\s+\+ split-K, 2 BN launch\(es\):.*\[split-K tried 21, built 14, chosen 5\]", result.stdout)
     assert re.search(r"-\s+\+ genstats, 2 BN launch\(es\):.*\[genstats fused 40, unsupported 3\]", result.stdout)
     assert re.search(r"-\s+\+ split-K \+ genstats, 2 BN launch\(es\):.*\[genstats nothing counted\]", result.stdout)
-    assert "(1 wgrad stream(s), 1 chunk(s), any engine + genstats, 2 BN launch(es))" in result.stdout
+    assert "(1 wgrad stream(s), 1 chunk(s), any engine + genstats + residual grad sums, 2 BN launch(es))" \
+        in result.stdout
     assert "time to accuracy (bfloat16, seed 0, genstats)" in result.stdout
     assert re.search(r"3 chunk\(s\), -\s+\+ pixel pairs, 2 BN launch\(es\):\s+\d+", result.stdout)
     assert "vs graphed 1.7x, vs eager 5.0x  (1 wgrad stream(s), 1 chunk(s), deterministic + pixel pairs" in result.stdout
     assert "vs graphed 1.2x, vs eager 5.0x  (1 wgrad stream(s), 1 chunk(s), deterministic, 2 BN" in result.stdout
     assert "time to accuracy (bfloat16, seed 1, pixel pairs)" in result.stdout
+    assert re.search(r"5 chunk\(s\), -\s+\+ residual grad sums, 2 BN launch\(es\):\s+\d+", result.stdout)
+    assert "time to accuracy (bfloat16, seed 2, residual grad sums)" in result.stdout
     assert ("vs_torch_fp32.json: NCHW float32 did NOT verify against PyTorch (4 wgrad stream(s), 1 chunk(s), "
             "deterministic, 2 BN launch(es)): loss rel 0.02") in result.stdout
     assert re.search(r"batch 128 NCHW float32\s+vs graphed 1.6x.*\(1 wgrad stream\(s\), 1 chunk", result.stdout)
@@ -277,15 +282,19 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # and one genstats row there (1x1, any engine), not the dimension, which would double the grid
     assert "--conv-genstats" not in runs[4] and also_rows(runs[4])[0] == [
         "--wgrad-pairs", "1x1", "--conv-deterministic", "off", "--conv-split-k", "off", "--conv-genstats", "on"]
-    # pixel pairs: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair with deterministic
-    # engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K grids
-    pixel_pairs = [[row for row in also_rows(run) if "--conv-pixel-pairs" in row] for run in runs]
-    assert [len(rows) for rows in pixel_pairs] == [1, 1, 0, 0, 1]
-    assert all("--conv-pixel-pairs" not in run for run in runs)
-    for rows in pixel_pairs[:2]:
-        assert rows == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-pixel-pairs", "on"]]
-    assert pixel_pairs[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off",
-                               "--conv-pixel-pairs", "on"]]
+    # pixel pairs and residual grad sums: one row each at bf16 and fp32 batch 128 and at batch 512, the default
+    # pair with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
+    # grids; the residual grad sums row right after the pixel-pairs one
+    for flag in ("--conv-pixel-pairs", "--residual-grad-sums"):
+        rows = [[row for row in also_rows(run) if flag in row] for run in runs]
+        assert [len(found) for found in rows] == [1, 1, 0, 0, 1], flag
+        assert all(flag not in run for run in runs)
+        for found in rows[:2]:
+            assert found == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", flag, "on"]]
+        assert rows[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off", flag, "on"]]
+    for run in (runs[0], runs[1], runs[4]):
+        options = [row[-2] for row in also_rows(run)]
+        assert options.index("--residual-grad-sums") == options.index("--conv-pixel-pairs") + 1, options
 
     calls.unlink()
     short = dict(env, STAGE_LIMIT="38")       # 12, 16, 21 and 25 s for the first four (at least 10 each): they
@@ -329,13 +338,14 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
 # What the script's variables hold when its commands run: step options as best_step_options.py prints
 # them (every flag it can print, so that each must exist wherever it is passed), and one accuracy entry's flags.
 SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --bn-launches 1 "
-                              "--conv-genstats --conv-pixel-pairs",
+                              "--conv-genstats --conv-pixel-pairs --residual-grad-sums",
                  "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --conv-genstats "
-                              "--conv-pixel-pairs",
+                              "--conv-pixel-pairs --residual-grad-sums",
                  "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k --conv-genstats "
-                             "--conv-pixel-pairs",
+                             "--conv-pixel-pairs --residual-grad-sums",
                  # what the script takes from BEST_BF16 (test_the_layers_stage_takes_the_kernel_changing_options)
-                 "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats --conv-pixel-pairs",
+                 "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats --conv-pixel-pairs "
+                                   "--residual-grad-sums",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",
@@ -343,7 +353,7 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                  # compare_with_torch's arguments
                  "dtype": "bfloat16", "batch": "128", "layouts": "NHWC,NCHW", "name": "vs_torch",
                  "options": "--wgrad-streams 3 --no-conv-deterministic --conv-split-k --bn-launches 1 --conv-genstats "
-                            "--conv-pixel-pairs"}
+                            "--conv-pixel-pairs --residual-grad-sums"}
 
 
 def script_python_commands():
@@ -366,13 +376,14 @@ def script_python_commands():
 @needs_bash
 def test_the_layers_stage_takes_the_kernel_changing_options():
     """The layers stage passes on those of the bf16 step options that change which kernels run (one-launch
-    BatchNorm, genstats, pixel pairs, any cuDNN engine), whatever else the options hold, and nothing when they hold
-    none."""
+    BatchNorm, genstats, pixel pairs, residual grad sums, any cuDNN engine), whatever else the options hold, and
+    nothing when they hold none."""
     text = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())
     (line,) = [line for line in text.splitlines() if line.startswith("LAYERS_OPTIONS=")]
     for best, expected in ((SCRIPT_VALUES["BEST_BF16"], SCRIPT_VALUES["LAYERS_OPTIONS"]),
                            ("--wgrad-streams 4 --conv-split-k", ""), ("", ""),
-                           ("--wgrad-streams 2 --conv-pixel-pairs", "--conv-pixel-pairs")):
+                           ("--wgrad-streams 2 --conv-pixel-pairs", "--conv-pixel-pairs"),
+                           ("--wgrad-chunks 2 --residual-grad-sums", "--residual-grad-sums")):
         result = subprocess.run(["bash", "-c", f'set -u -o pipefail; {line}; echo "[$LAYERS_OPTIONS]"'],
                                 env=dict(os.environ, BEST_BF16=best), capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and result.stdout.strip() == f"[{expected} ]".replace("[ ]", "[]"), result
@@ -423,7 +434,7 @@ args = sys.argv[1:]
 with open("calls.txt", "a") as f:
     print(" ".join(args), file=f)
 mode = os.environ["FAKE_MODE"]          # how a run with options other than the defaults ends
-defaults = not any(arg.startswith("--wgrad") or arg.startswith("--conv") for arg in args)
+defaults = not any(arg.startswith(("--wgrad", "--conv", "--residual")) for arg in args)
 if mode == "crash" and not defaults:
     sys.exit("Traceback: killed before writing a report")
 passed = defaults or mode != "unverified"
@@ -443,7 +454,7 @@ sys.exit(0 if passed and not timing_failed else 1)
 # verify, and no options at all run once
 COMPARISONS = [("--conv-genstats", "unverified", 2, 1), ("--conv-genstats", "crash", 2, 1),
                ("--conv-genstats", "timing", 1, 1), ("--conv-pixel-pairs", "unverified", 2, 1),
-               ("", "defaults_unverified", 1, 1),
+               ("--residual-grad-sums", "unverified", 2, 1), ("", "defaults_unverified", 1, 1),
                ("--wgrad-streams 2", "verified", 1, 0), ("", "verified", 1, 0)]
 
 

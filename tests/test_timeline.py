@@ -143,16 +143,18 @@ def test_bad_flags_get_one_line_and_exit_2(argv, message):
 
 
 def test_the_title_names_every_step_option_and_the_parser_takes_each():
-    """The profiled run's title names each step option bench/vs_torch.py gives (pixel pairs, genstats, split-K
-    included): an option added there but not here would be profiled without the title saying so."""
+    """The profiled run's title names each step option bench/vs_torch.py gives (residual grad sums, pixel pairs,
+    genstats, split-K included): an option added there but not here would be profiled without the title saying
+    so."""
     import argparse
     parser = argparse.ArgumentParser()
     timeline.vs_torch.add_step_options(parser)
     given = {action.dest for action in parser._actions} - {"help"}
     assert set(timeline.STEP_OPTIONS) == given
-    args = timeline.parse_args(["--conv-pixel-pairs", "--conv-genstats", "--conv-split-k"])
-    assert (args.conv_pixel_pairs, args.conv_genstats, args.conv_split_k) == (True, True, True)
-    assert timeline.parse_args([]).conv_pixel_pairs is False
+    args = timeline.parse_args(["--residual-grad-sums", "--conv-pixel-pairs", "--conv-genstats", "--conv-split-k"])
+    assert (args.residual_grad_sums, args.conv_pixel_pairs, args.conv_genstats, args.conv_split_k) == (True,) * 4
+    defaults = timeline.parse_args([])
+    assert (defaults.residual_grad_sums, defaults.conv_pixel_pairs) == (False, False)
 
 
 def test_without_pytorch_the_script_says_skipped_and_exits_0():

@@ -195,9 +195,9 @@ def test_bad_flags_exit_with_one_line(tmp_path, args, flag):
 
 
 def test_the_step_options_reach_both_of_cupynets_runs(monkeypatch):
-    """--conv-split-k, --conv-genstats, --conv-pixel-pairs and --no-conv-deterministic reach the cupynet run checked
-    against PyTorch (cupynet_config) and the timed one (layouts.measure); without them, both run the defaults. No
-    PyTorch needed: its timing is a stand-in here."""
+    """--conv-split-k, --conv-genstats, --conv-pixel-pairs, --residual-grad-sums and --no-conv-deterministic reach
+    the cupynet run checked against PyTorch (cupynet_config) and the timed one (layouts.measure); without them, both
+    run the defaults. No PyTorch needed: its timing is a stand-in here."""
     sys.path.insert(0, os.path.join(REPO, "bench"))
     import vs_torch
     timed = []
@@ -208,14 +208,14 @@ def test_the_step_options_reach_both_of_cupynets_runs(monkeypatch):
 
     monkeypatch.setattr(vs_torch.layouts, "measure", measure)
     monkeypatch.setattr(vs_torch, "torch_form", lambda *args: {"images_per_sec": 1.0})
-    for flags, expected in (([], (False, False, True, False)),
-                            (["--conv-split-k", "--conv-genstats", "--no-conv-deterministic", "--conv-pixel-pairs"],
-                             (True, True, False, True))):
+    for flags, expected in (([], (False, False, True, False, False)),
+                            (["--conv-split-k", "--conv-genstats", "--no-conv-deterministic", "--conv-pixel-pairs",
+                              "--residual-grad-sums"], (True, True, False, True, True))):
         args = vs_torch.parse_args(flags)
         config = vs_torch.cupynet_config(args, "NHWC", "float32")
-        assert (config.conv_split_k, config.conv_genstats, config.conv_deterministic, config.conv_pixel_pairs) \
-            == expected
+        assert (config.conv_split_k, config.conv_genstats, config.conv_deterministic, config.conv_pixel_pairs,
+                config.residual_grad_sums) == expected
         row = vs_torch.benchmark_row(None, args, "NHWC", "float32", None, type("Device", (), {"type": "cpu"}))
         assert row["ratio_vs_torch_eager"] == 2.0
-        assert (timed[-1]["split_k"], timed[-1]["genstats"], timed[-1]["deterministic"], timed[-1]["pixel_pairs"]) \
-            == expected
+        assert tuple(timed[-1][name] for name in ("split_k", "genstats", "deterministic", "pixel_pairs",
+                                                  "residual_grad_sums")) == expected
