@@ -180,10 +180,10 @@ class BatchNorm(Layer):
             self._gradient_with_sums = None
             return self.be.batchnorm_backward_dx(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
                                                  self.gamma.grad, self.beta.grad, dx, **self._relu_mask())
-        y = self.y if self.relu else None
         if self.comm is None:
             return self.be.batchnorm_backward(dy, self.x, self.gamma.value, self.saved_mean, self.saved_invstd,
                                               dx, self.gamma.grad, self.beta.grad, **self._relu_mask())
+        y = self.y if self.relu else None        # sync BN's kernels read the relu's mask from y
         # Why the MEAN of the sums with the LOCAL count. S workers, shard r of m elements per channel,
         # M = S * m. The global loss is L = (1/S) sum_r L_r (L_r: the mean over shard r), but replica r
         # back-propagates dy_r = dL_r/dy = S * dL/dy: every replica works at S times the global gradient,
