@@ -19,7 +19,7 @@ CPU with perf_counter.
 `--cuda-graph` is a grid dimension too: `off` times the eager step (every primitive launched from
 Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_graph.py), `auto` what
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
-So are the step's options: `--wgrad-streams` (GPU): how many side streams the weight gradients take in
+So are the step's options (bench/step_options.py): `--wgrad-streams` (GPU): how many side streams the weight gradients take in
 turn, `--wgrad-chunks`: over how many slices of the batch each weight gradient is computed side by side,
 `--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen,
 `--conv-split-k off,on` (GPU): whether the autotuner also times split-K settings of the weight gradients'
@@ -71,9 +71,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import step_options                                   # noqa: E402
 from cupynet import __version__                                   # noqa: E402
-from cupynet.backends import (BN_LAUNCHES, MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS,  # noqa: E402
-                              WGRAD_STREAMS, check_devices)
+from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, check_devices   # noqa: E402
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import ConfigError, CupynetError               # noqa: E402
@@ -82,12 +82,12 @@ from cupynet.train import build_backend                            # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
 
 
+# The step options' grid dimensions: wgrad streams and chunks are one, their pairs (--wgrad-pairs, or the product
+# of the two lists); each other option is one, a list of its values (on/off for a switch).
+PAIRED = ("wgrad_streams", "wgrad_chunks")
+UNPAIRED = [option for option in step_options.OPTIONS if option.name not in PAIRED]
 # the flags that name a grid's configurations (what --also may give), as argparse's names
-GRID_FLAGS = ("depths", "batches", "layouts", "dtypes", "cuda_graph", "wgrad_streams", "wgrad_chunks", "wgrad_pairs",
-              "bn_launches", "conv_deterministic", "conv_split_k", "conv_genstats", "conv_pixel_pairs",
-              "residual_grad_sums")
-# the grid's on/off dimensions, as argparse's names
-ON_OFF_FLAGS = ("conv_deterministic", "conv_split_k", "conv_genstats", "conv_pixel_pairs", "residual_grad_sums")
+GRID_FLAGS = ("depths", "batches", "layouts", "dtypes", "cuda_graph", "wgrad_pairs", *step_options.NAMES)
 
 
 def build_parser():
@@ -99,30 +99,14 @@ def build_parser():
     p.add_argument("--cuda-graph", default="auto", help="comma-separated: auto, off (eager), on (captured)")
     p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
-    p.add_argument("--wgrad-streams", default=str(WGRAD_STREAMS),
-                   help="GPU, comma-separated: side streams the weight gradients take in turn")
-    p.add_argument("--wgrad-chunks", default=str(WGRAD_CHUNKS),
-                   help="comma-separated: slices of the batch each weight gradient is computed over, then summed")
+    for option in step_options.OPTIONS:
+        default = {True: "on", False: "off"}[option.default] if option.on_off else str(option.default)
+        p.add_argument(option.flag, default=default,
+                       help=f"comma-separated{' on/off' * option.on_off} (default {default}): {option.help}")
     p.add_argument("--wgrad-pairs", help="GPU, comma-separated STREAMSxCHUNKS pairs (e.g. 1x1,4x4): these "
                    "(--wgrad-streams, --wgrad-chunks) pairs instead of the product of those two lists")
     p.add_argument("--max-seconds", type=float, help="start no configuration that would end past this many "
                    "seconds from the start (judged by 1.5x the longest so far)")
-    p.add_argument("--bn-launches", default=str(BN_LAUNCHES),
-                   help="GPU, comma-separated 1/2: kernel launches per BatchNorm pass")
-    p.add_argument("--conv-deterministic", default="on",
-                   help="GPU, comma-separated on/off: only cuDNN engines that repeat their bits (on, the default)")
-    p.add_argument("--conv-split-k", default="off",
-                   help="GPU, comma-separated on/off: the autotuner also times split-K settings of the weight "
-                        "gradients' cuDNN engines (off, the default)")
-    p.add_argument("--conv-genstats", default="off",
-                   help="comma-separated on/off: convolutions before BatchNorm also give its per-channel sums "
-                        "(cuDNN's genstats on the GPU; off, the default)")
-    p.add_argument("--conv-pixel-pairs", default="off",
-                   help="GPU, comma-separated on/off: stage 1's 3x3 convolutions run on pixel pairs (NHWC only: "
-                        "an NCHW row runs without, and says so; off, the default)")
-    p.add_argument("--residual-grad-sums", default="off",
-                   help="comma-separated on/off: v1 blocks' residual input-gradient add also reduces the gradient "
-                        "sums of the BatchNorm it flows into next, which skips its own reduction (off, the default)")
     p.add_argument("--also", action="append", default=[], metavar="FLAGS",
                    help="grid flags as one argument (e.g. \"--wgrad-pairs 1x1 --conv-genstats on\"; those not given "
                         "keep this grid's values): their configurations too, each where the product of every value "
@@ -164,11 +148,12 @@ def check(fail, args):
             fail(f"--wgrad-pairs: {error}")
     if args.max_seconds is not None and not args.max_seconds > 0:
         fail(f"--max-seconds must be positive, got {args.max_seconds}")
-    if any(value not in ("1", "2") for value in args.bn_launches.split(",")):
-        fail(f"--bn-launches: a comma-separated list of 1 and 2, got {args.bn_launches!r}")
-    for flag in ON_OFF_FLAGS:
-        if any(value not in ("on", "off") for value in getattr(args, flag).split(",")):
-            fail(f"--{flag.replace('_', '-')}: a comma-separated list of on/off, got {getattr(args, flag)!r}")
+    for option in UNPAIRED:
+        allowed = ("on", "off") if option.on_off else tuple(str(value) for value in option.choices or ())
+        text = getattr(args, option.name)
+        if allowed and any(value not in allowed for value in text.split(",")):
+            fail(f"{option.flag}: a comma-separated list of {'on/off' if option.on_off else ' and '.join(allowed)}, "
+                 f"got {text!r}")
 
 
 def also_args(args, text):
@@ -195,21 +180,21 @@ def dimensions(args):
     pairs = (parse_pairs(args.wgrad_pairs) if args.wgrad_pairs is not None
              else list(itertools.product(ints(args.wgrad_streams), ints(args.wgrad_chunks))))
     return [ints(args.depths), ints(args.batches), args.layouts.split(","), args.dtypes.split(","),
-            args.cuda_graph.split(","), pairs, on_off(args.conv_deterministic), on_off(args.conv_split_k),
-            ints(args.bn_launches), on_off(args.conv_genstats), on_off(args.conv_pixel_pairs),
-            on_off(args.residual_grad_sums)]
+            args.cuda_graph.split(","), pairs,
+            *[(on_off if option.on_off else ints)(getattr(args, option.name)) for option in UNPAIRED]]
 
 
 def grid(args):
     """The configurations to measure, in order: the product of args' dimensions and of each --also grid's, each
     configuration once, where the product of every dimension's values (args' first) puts it, so an --also
     configuration runs beside those it differs from in its last dimensions. Each is (depth, batch, layout,
-    dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k, bn_launches, genstats, pixel_pairs,
-    residual_grad_sums)."""
+    dtype, cuda_graph, {step option: value})."""
     grids = [dimensions(args)] + [dimensions(also_args(args, text)) for text in args.also]
     values = [list(dict.fromkeys(itertools.chain(*column))) for column in zip(*grids)]
     wanted = {point for dims in grids for point in itertools.product(*dims)}
-    return [(*point[:5], *point[5], *point[6:]) for point in itertools.product(*values) if point in wanted]
+    names = (*PAIRED, *(option.name for option in UNPAIRED))
+    return [(*point[:5], dict(zip(names, (*point[5], *point[6:])))) for point in itertools.product(*values)
+            if point in wanted]
 
 
 def parse_pairs(text):
@@ -317,16 +302,12 @@ def device_of(text):
     return "cpu" if text == "cpu" else int(text)
 
 
-def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=WGRAD_STREAMS,
-            deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES, split_k=False, genstats=False,
-            pixel_pairs=False, residual_grad_sums=False):
-    """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto)."""
+def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, **options):
+    """Images/s of one configuration; cuda_graph: auto | on | off (default: args.cuda_graph, else auto); options:
+    step options by name (bench/step_options.py), TrainConfig's default for any not given."""
     cuda_graph = cuda_graph or getattr(args, "cuda_graph", None) or "auto"
     config = TrainConfig(num_layers=depth, train_batch_size=batch, data_format=layout, dtype=dtype,
-                         synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, wgrad_streams=wgrad_streams,
-                         conv_deterministic=deterministic, wgrad_chunks=wgrad_chunks, bn_launches=bn_launches,
-                         conv_split_k=split_k, conv_genstats=genstats, conv_pixel_pairs=pixel_pairs,
-                         residual_grad_sums=residual_grad_sums)
+                         synthetic=True, tf32=args.tf32, cuda_graph=cuda_graph, **options)
     release_cached_memory(args.device)           # the row's memory figure counts this row's arrays only
     backend = build_backend(config, device_of(args.device))     # every option as training builds it
     trainer = Trainer(config, dataset, backend)
@@ -349,6 +330,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_s
     launches = launch_count(backend) - launches_before if launches_before is not None else None
     kernels_per_step = launches / (args.repeats * args.steps) if launches is not None and not trainer.runner.captured \
         else None        # a replayed step launches its graph once: its kernels are counted while recording only
+    # each step option as the backend applied it: null where it has no such option, pixel pairs off in NCHW
     return {"backend": backend.name, "device": args.device, "depth": depth, "batch": batch, "layout": layout,
             "dtype": dtype, "cuda_graph": cuda_graph, "captured": trainer.runner.captured,
             "conv_autotune": getattr(backend, "autotune", None),
@@ -402,10 +384,8 @@ def on_off(text):
 
 def print_row(row):
     form = {True: "graph", False: "eager"}.get(row.get("captured"), row["cuda_graph"])
-    det, split, genstats, pairs, sums = ({True: "on", False: "off", None: "-"}[row.get(name)] for name in ON_OFF_FLAGS)
-    head = (f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} "
-            f"{row['wgrad_streams'] or '-':>5} {row['wgrad_chunks']:>6} {det:>4} {split:>5} "
-            f"{row.get('bn_launches') or '-':>3} {genstats:>8} {pairs:>8} {sums:>8}")
+    head = (f"{row['depth']:>5} {row['batch']:>5} {row['layout']:>6} {row['dtype']:>8} {form:>8} " +
+            " ".join(f"{cell(option, row.get(option.name)):>{option.width}}" for option in step_options.OPTIONS))
     if "error" in row:
         print(f"{head} failed: {row['error']}", flush=True)
         return
@@ -413,13 +393,17 @@ def print_row(row):
           f"{row['images_per_sec_max']:>9.1f} {row['step_ms']:>9.1f}", flush=True)
 
 
-def configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks, deterministic, split_k,
-                  bn_launches, genstats, pixel_pairs, residual_grad_sums, device):
+def cell(option, value):
+    """A step option's value in the table: on/off for a switch, else the number; "-" for null (no such option)."""
+    if option.on_off:
+        return {True: "on", False: "off", None: "-"}[value]
+    return value or "-"
+
+
+def configuration(depth, batch, layout, dtype, cuda_graph, options, device):
     """The fields that name one grid point (a row without figures: failed or not measured)."""
     return {"device": device, "depth": depth, "batch": batch, "layout": layout, "dtype": dtype,
-            "cuda_graph": cuda_graph, "wgrad_streams": wgrad_streams, "wgrad_chunks": wgrad_chunks,
-            "conv_deterministic": deterministic, "conv_split_k": split_k, "bn_launches": bn_launches,
-            "conv_genstats": genstats, "conv_pixel_pairs": pixel_pairs, "residual_grad_sums": residual_grad_sums}
+            "cuda_graph": cuda_graph, **options}
 
 
 def one_line(error):
@@ -471,9 +455,9 @@ def main(argv=None):
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | cupynet {env['cupynet']} ({env['git_commit']}) | numpy {env['numpy']} | {env['cpu']}, "
           f"{env['cpu_count']} cores | {args.repeats} windows x {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} {'wgrad':>5} {'chunks':>6} {'det':>4} "
-          f"{'split':>5} {'bn':>3} {'genstats':>8} {'px-pairs':>8} {'res-sums':>8} {'img/s':>9} {'min':>9} {'max':>9} "
-          f"{'ms/step':>9}")
+    print(f"{'depth':>5} {'batch':>5} {'layout':>6} {'dtype':>8} {'step':>8} " +
+          "".join(f"{option.column:>{option.width}} " for option in step_options.OPTIONS) +
+          f"{'img/s':>9} {'min':>9} {'max':>9} {'ms/step':>9}")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"layouts-{platform.node() or 'host'}.json")
     rows, durations = [], []
@@ -487,11 +471,8 @@ def main(argv=None):
             break
         began = time.perf_counter()
         try:
-            (depth, batch, layout, dtype, cuda_graph, streams, chunks, deterministic, split_k, bn, genstats, pairs,
-             sums) = point
-            row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph=cuda_graph, wgrad_streams=streams,
-                          deterministic=deterministic, wgrad_chunks=chunks, bn_launches=bn, split_k=split_k,
-                          genstats=genstats, pixel_pairs=pairs, residual_grad_sums=sums)
+            depth, batch, layout, dtype, cuda_graph, options = point
+            row = measure(depth, batch, layout, dtype, args, dataset, cuda_graph=cuda_graph, **options)
         except ConfigError:
             raise                          # flags cupynet refuses: the whole grid is wrong
         except Exception as error:         # a run-time failure of this configuration (out of memory, a CUDA or

@@ -45,8 +45,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)          # bench/layouts.py (which puts the repository on sys.path) and torch_resnet.py
 
 import layouts                                                     # noqa: E402
-from cupynet.backends import (BN_LAUNCHES, MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS,  # noqa: E402
-                              WGRAD_STREAMS, check_dtype, gpu_problem)
+from bench import step_options                                     # noqa: E402
+from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, check_dtype, gpu_problem   # noqa: E402
 from cupynet.config import TrainConfig                             # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import ConfigError, CupynetError               # noqa: E402
@@ -121,24 +121,10 @@ def csv_of(allowed):
 
 
 def add_step_options(p):
-    """cupynet's step options (what bench/best_step_options.py prints), as training spells them."""
-    p.add_argument("--wgrad-streams", type=int, default=WGRAD_STREAMS,
-                   help="cupynet: side streams its weight gradients take in turn")
-    p.add_argument("--wgrad-chunks", type=int, default=WGRAD_CHUNKS,
-                   help="cupynet: slices of the batch each weight gradient is computed over, then summed")
-    p.add_argument("--bn-launches", type=int, choices=(1, 2), default=BN_LAUNCHES,
-                   help="cupynet: kernel launches per BatchNorm pass")
-    p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
-                   help="cupynet may also pick cuDNN engines that add in a varying order (PyTorch, with "
-                        "cudnn.benchmark and without cudnn.deterministic, always may)")
-    p.add_argument("--conv-split-k", action="store_true",
-                   help="cupynet's autotuner also times split-K settings of its weight gradients' cuDNN engines")
-    p.add_argument("--conv-genstats", action="store_true",
-                   help="cupynet's convolutions before BatchNorm also give its per-channel sums (cuDNN's genstats)")
-    p.add_argument("--conv-pixel-pairs", action="store_true",
-                   help="cupynet's stage-1 3x3 convolutions run on pixel pairs (NHWC only: its NCHW runs without)")
-    p.add_argument("--residual-grad-sums", action="store_true",
-                   help="cupynet's residual input-gradient adds also reduce the next BatchNorm's gradient sums")
+    """cupynet's step options (what bench/best_step_options.py prints), as training spells them. PyTorch's side
+    always runs as --no-conv-deterministic allows (cudnn.benchmark without cudnn.deterministic); cupynet's NCHW
+    runs go without --conv-pixel-pairs (its rows record it off)."""
+    step_options.add_flags(p, help_prefix="cupynet: ")
 
 
 def step_options_problem(args):
@@ -228,11 +214,7 @@ def precision(device, dtype, tf32):
 
 def cupynet_config(args, layout, dtype):
     return TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=layout, dtype=dtype,
-                       synthetic=True, tf32=args.tf32, conv_deterministic=args.conv_deterministic,
-                       wgrad_streams=args.wgrad_streams, wgrad_chunks=args.wgrad_chunks,
-                       bn_launches=args.bn_launches, conv_split_k=args.conv_split_k,
-                       conv_genstats=args.conv_genstats, conv_pixel_pairs=args.conv_pixel_pairs,
-                       residual_grad_sums=args.residual_grad_sums)
+                       synthetic=True, tf32=args.tf32, **step_options.config_kwargs(args))
 
 
 def cupynet_trainer(args, layout, dtype, dataset):
@@ -553,14 +535,7 @@ def benchmark_row(torch, args, layout, dtype, dataset, device):
         if device.type == "cuda" else None
     # timed with the step options that were verified against PyTorch (cupynet_trainer)
     ours = attempt("cupynet", lambda: layouts.measure(args.depth, args.batch, layout, dtype, args, dataset,
-                                                      wgrad_streams=args.wgrad_streams,
-                                                      deterministic=args.conv_deterministic,
-                                                      wgrad_chunks=args.wgrad_chunks,
-                                                      bn_launches=args.bn_launches,
-                                                      split_k=args.conv_split_k,
-                                                      genstats=args.conv_genstats,
-                                                      pixel_pairs=args.conv_pixel_pairs,
-                                                      residual_grad_sums=args.residual_grad_sums))
+                                                      **step_options.config_kwargs(args)))
     row = {"depth": args.depth, "batch": args.batch, "layout": layout, "dtype": dtype,
            "precision": precision(device, dtype, args.tf32), "torch_eager": eager, "torch_graph": graph,
            "cupynet": ours, "ratio_vs_torch_eager": ratio(ours, eager), "ratio_vs_torch_graph": ratio(ours, graph)}

@@ -185,15 +185,11 @@ def stand_in_measure(layouts, seconds_of):
     and bookkeeping are what these tests look at (real configurations would make their timing a lottery)."""
     calls = []
 
-    def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, wgrad_streams=1, deterministic=True,
-                wgrad_chunks=1, bn_launches=2, split_k=False, genstats=False, pixel_pairs=False,
-                residual_grad_sums=False):
+    def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, **options):
         seconds = seconds_of(len(calls))
         calls.append(seconds)
         time.sleep(seconds)
-        return dict(layouts.configuration(depth, batch, layout, dtype, cuda_graph, wgrad_streams, wgrad_chunks,
-                                          deterministic, split_k, bn_launches, genstats, pixel_pairs,
-                                          residual_grad_sums, args.device),
+        return dict(layouts.configuration(depth, batch, layout, dtype, cuda_graph, options, args.device),
                     captured=False, images_per_sec=100.0, images_per_sec_min=99.0, images_per_sec_max=101.0,
                     step_ms=10.0)
     return measure
@@ -314,14 +310,14 @@ def test_layouts_reports_the_gpu_backends_genstats_counts(tmp_path):
     layouts = layouts_module()
     args = layouts.parse_args(["--device", "0", "--no-tf32", "--warmup", "1", "--steps", "1", "--repeats", "1"])
     dataset = layouts.synthetic_dataset(num_train=32, num_test=8, seed=0)
-    row = layouts.measure(8, 8, "NHWC", "float32", args, dataset, cuda_graph="off", genstats=True)
+    row = layouts.measure(8, 8, "NHWC", "float32", args, dataset, cuda_graph="off", conv_genstats=True)
     assert row["conv_genstats"] is True and isinstance(row["genstats"], dict), row
     assert set(row["genstats"]) <= {"fused", "unsupported", "not repeatable", "wrong sums"}, row
     assert all(n > 0 for n in row["genstats"].values()), row
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("option,field,recorded", [("pixel_pairs", "conv_pixel_pairs", [True, False, False]),
+@pytest.mark.parametrize("option,field,recorded", [("conv_pixel_pairs", "conv_pixel_pairs", [True, False, False]),
                                                    ("residual_grad_sums", "residual_grad_sums", [True, True, False])])
 def test_layouts_rows_record_the_gpu_backends_option(tmp_path, option, field, recorded):
     """On the GPU (or the emulated one) a row records an option as the backend applied it: pixel pairs on in NHWC
@@ -485,3 +481,23 @@ def test_layers_counts_the_relu_output_of_a_batchnorm_backward_only_where_it_is_
     from_x = bytes_moved(name, signature, (None,), dict(arrays, beta=vector))
     assert plain == (len(arrays) - vectors) * activation.nbytes + vectors * vector.nbytes
     assert from_x == plain - activation.nbytes + vector.nbytes
+
+
+def test_each_step_option_is_a_train_flag_recorded_in_every_layouts_row():
+    """bench/step_options.py's table: each option's flags (what best_step_options prints and time_to_accuracy
+    passes on) select it in cupynet.train, a switch off by default has the summary's label, and a layouts.py row,
+    failed or measured, has a field for each (best_step_options reads them)."""
+    from bench import step_options
+    from cupynet.config import parse_args as train_args
+    for option in step_options.OPTIONS:
+        value = not option.default if option.on_off else \
+            next(value for value in option.choices or [option.default + 1] if value != option.default)
+        assert getattr(train_args(step_options.flags({option.name: value})), option.name) == value, option
+        assert bool(option.label) == (option.on_off and not option.default), option
+    layouts = layouts_module()
+    args = layouts.parse_args(["--quick", "--layouts", "NHWC"])
+    (point,) = layouts.grid(args)
+    assert set(layouts.configuration(*point, device="cpu")) >= set(step_options.NAMES)
+    row = layouts.measure(*point[:4], args, layouts.synthetic_dataset(num_train=16, num_test=8, seed=0),
+                          cuda_graph=point[4], **point[5])
+    assert set(row) >= set(step_options.NAMES), row

@@ -217,5 +217,5 @@ def test_the_step_options_reach_both_of_cupynets_runs(monkeypatch):
                 config.residual_grad_sums) == expected
         row = vs_torch.benchmark_row(None, args, "NHWC", "float32", None, type("Device", (), {"type": "cpu"}))
         assert row["ratio_vs_torch_eager"] == 2.0
-        assert tuple(timed[-1][name] for name in ("split_k", "genstats", "deterministic", "pixel_pairs",
-                                                  "residual_grad_sums")) == expected
+        assert tuple(timed[-1][name] for name in ("conv_split_k", "conv_genstats", "conv_deterministic",
+                                                  "conv_pixel_pairs", "residual_grad_sums")) == expected
