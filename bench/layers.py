@@ -42,6 +42,11 @@ roofline ms = bytes / peak; achieved GB/s = bytes / measured time; fraction of p
 and shape of its first array argument: the median call's kernel time (replayed alone) beside its roofline,
 which tells a fixed cost per call from a bandwidth limit (the 16 most expensive printed, all in the JSON's
 `by_shape`).
+The step options that change which kernels run are cupynet.train's flags (bench/step_options.py; not those that
+spread the weight gradients): `--bn-launches 1` gives bn_stats_apply and bn_grad_dx rows, `--conv-genstats`
+conv2d_forward_with_stats and batchnorm_train_from_sums rows (the GPU needs its autotuner, on here),
+`--conv-pixel-pairs` keeps its calls' shapes the original's (each also builds the paired kernel), and
+`--no-conv-deterministic` is there because the step options may say so (genstats engines may all be such).
 The peak (`--peak-gbs`) defaults on the CPU to a measured `np.copyto` of 256 MB (read + write, best of 3);
 on a GPU pass the datasheet figure. Prints a table and writes JSON (`--json`, default
 bench/results/layers-<host>.json) with `environment()` of bench/layouts.py.
@@ -59,11 +64,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import step_options                                             # noqa: E402
 from bench.layouts import CudaEventTimer, WallTimer, device_of, environment, replace_json   # noqa: E402
-from cupynet.backends import BN_LAUNCHES, check_devices, create_backend   # noqa: E402
+from cupynet.backends import check_devices                                  # noqa: E402
 from cupynet.backends.layout import LayoutMixin                             # noqa: E402
 from cupynet.config import TrainConfig                                      # noqa: E402
 from cupynet.data import synthetic_dataset                                  # noqa: E402
+from cupynet.train import build_backend                                     # noqa: E402
 from cupynet.trainer import Trainer                                         # noqa: E402
 
 PEAK_COPY_BYTES = 256 * 2 ** 20
@@ -77,6 +84,10 @@ NOT_PRIMITIVES = {name for name in dir(LayoutMixin) if not name.startswith("_")}
 # Host copies: a CUDA graph cannot record them, so they get no isolated device time.
 HOST_COPIES = {"to_host", "from_host", "upload_into"}
 L2_FLUSH_BYTES_UNKNOWN_L2 = 256 * 2 ** 20     # --l2 cold writes 4x the L2 cache before each timed launch, or this
+# The step options taken (cupynet.train's flags): those that change which kernels run, not those that spread the
+# weight gradients (over streams, chunks, split-K slices), which run in order here, each timed alone.
+OPTIONS = [option for option in step_options.OPTIONS
+           if option.name not in ("wgrad_streams", "wgrad_chunks", "conv_split_k")]
 
 
 def parse_args(argv=None):
@@ -87,20 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
-    p.add_argument("--bn-launches", type=int, choices=(1, 2), default=BN_LAUNCHES,
-                   help="GPU: kernel launches per BatchNorm pass (1: bn_stats_apply and bn_grad_dx)")
-    p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
-                   help="GPU: cuDNN engines that add in a varying order may be chosen too (as the step options may "
-                        "say: genstats engines may all be such)")
-    p.add_argument("--conv-genstats", action="store_true",
-                   help="convolutions before BatchNorm also write its sums (cuDNN's genstats; the GPU needs its "
-                        "autotuner, on here): conv2d_forward_with_stats and batchnorm_train_from_sums rows")
-    p.add_argument("--conv-pixel-pairs", action="store_true",
-                   help="GPU, NHWC: stage 1's 3x3 forwards and data gradients run on pixel pairs (their calls' shapes "
-                        "stay the original's; each also builds the paired kernel)")
-    p.add_argument("--residual-grad-sums", action="store_true",
-                   help="v1 blocks: the residual input-gradient add also reduces the gradient sums of the BatchNorm "
-                        "it flows into next, whose backward then skips its own reduction")
+    step_options.add_flags(p, OPTIONS)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
     p.add_argument("--steps", type=int, default=3, help="timed steps (per-primitive figures are per step)")
     p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: measured on CPU; "
@@ -304,13 +302,8 @@ def profile(args, dataset):
     step's calls replayed alone (isolated_calls) or None on the CPU)."""
     config = TrainConfig(num_layers=args.depth, train_batch_size=args.batch, data_format=args.layout,
                          dtype=args.dtype, synthetic=True, tf32=args.tf32, cuda_graph="off",
-                         bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
-                         conv_deterministic=args.conv_deterministic, conv_pixel_pairs=args.conv_pixel_pairs,
-                         residual_grad_sums=args.residual_grad_sums)
-    backend = create_backend(device_of(args.device), args.layout, args.dtype, args.tf32,
-                             bn_launches=args.bn_launches, conv_genstats=args.conv_genstats,
-                             deterministic=args.conv_deterministic, pixel_pairs=args.conv_pixel_pairs,
-                             residual_grad_sums=args.residual_grad_sums)
+                         **step_options.config_kwargs(args, OPTIONS))
+    backend = build_backend(config, device_of(args.device))
     if hasattr(backend, "overlap_wgrad"):
         backend.overlap_wgrad = False                  # GPU: weight gradients in order, so each is timed alone
     profiler = PrimitiveProfiler(backend)              # before the Trainer: layers may keep bound methods

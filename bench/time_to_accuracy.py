@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import step_options                            # noqa: E402
 from bench.layouts import environment, replace_json       # noqa: E402
 from cupynet.config import parse_args as parse_train_args  # noqa: E402
 from cupynet.errors import CupynetError                    # noqa: E402
@@ -47,22 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--data-format", default="NHWC")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wgrad-streams", type=int, help="passed on to cupynet.train (default: its default)")
-    p.add_argument("--wgrad-chunks", type=int, help="passed on to cupynet.train (default: its default)")
-    p.add_argument("--bn-launches", type=int, choices=(1, 2),
-                   help="passed on to cupynet.train: kernel launches per BatchNorm pass (default: its default)")
+    # the step options, passed on to cupynet.train where given (a number not given: None, cupynet.train's default)
+    step_options.add_flags(p, help_prefix="passed on to cupynet.train: ", ints_unset=True)
     p.add_argument("--conv-init", choices=tuple(CONV_INITS),
                    help="passed on to cupynet.train: how convolution weights start (default: its default)")
-    p.add_argument("--no-conv-deterministic", dest="conv_deterministic", action="store_false",
-                   help="passed on to cupynet.train: cuDNN engines that add in a varying order may be chosen")
-    p.add_argument("--conv-split-k", action="store_true",
-                   help="passed on to cupynet.train: the autotuner also times weight gradients' split-K settings")
-    p.add_argument("--conv-genstats", action="store_true",
-                   help="passed on to cupynet.train: convolutions before BatchNorm also give its per-channel sums")
-    p.add_argument("--conv-pixel-pairs", action="store_true",
-                   help="passed on to cupynet.train: stage 1's 3x3 convolutions run on pixel pairs (NHWC)")
-    p.add_argument("--residual-grad-sums", action="store_true",
-                   help="passed on to cupynet.train: residual input-gradient adds also reduce BatchNorm's sums")
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="CPU, built-in sample, ResNet-8, 2 epochs, float32")
@@ -89,24 +78,9 @@ def recipe_flags(args, model_dir):
              "--lr-boundaries", f"{args.epochs * 0.5:g},{args.epochs * 0.75:g}", "--train-steps", steps,
              "--seed", args.seed, "--log-interval", args.log_interval, "--checkpoint-interval", steps,
              "--eval-on", "test", "--model-dir", model_dir]
-    if args.wgrad_streams is not None:
-        flags += ["--wgrad-streams", args.wgrad_streams]
-    if args.wgrad_chunks is not None:
-        flags += ["--wgrad-chunks", args.wgrad_chunks]
-    if args.bn_launches is not None:
-        flags += ["--bn-launches", args.bn_launches]
+    flags += step_options.flags(vars(args))
     if args.conv_init is not None:
         flags += ["--conv-init", args.conv_init]
-    if not args.conv_deterministic:
-        flags += ["--no-conv-deterministic"]
-    if args.conv_split_k:
-        flags += ["--conv-split-k"]
-    if args.conv_genstats:
-        flags += ["--conv-genstats"]
-    if args.conv_pixel_pairs:
-        flags += ["--conv-pixel-pairs"]
-    if args.residual_grad_sums:
-        flags += ["--residual-grad-sums"]
     if not args.quick:
         flags += ["--data-dir", args.data_dir, "--batch-norm-decay", 0.997]
     else:

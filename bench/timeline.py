@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import layouts                                                     # noqa: E402
 import vs_torch                                                    # noqa: E402
+from bench import step_options                                     # noqa: E402
 from cupynet.backends.kernels import KERNEL_FILES                  # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
@@ -48,9 +49,9 @@ from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
 GPU_ACTIVITY = ("kernel", "gpu_memset", "gpu_memcpy")    # the Chrome trace's categories of GPU work
 MARKER = "cupynet_timeline_marker"
 CUDNN_DIRECTIONS = ("fprop", "dgrad", "wgrad")           # what cuDNN's kernel names say, where they say it
-# the step options the summary's title names: every one vs_torch.add_step_options gives (tests/test_timeline.py)
-STEP_OPTIONS = ("wgrad_streams", "wgrad_chunks", "bn_launches", "conv_deterministic", "conv_split_k", "conv_genstats",
-                "conv_pixel_pairs", "residual_grad_sums")
+# the step options the summary's title names, the numbers first: every one vs_torch.add_step_options gives
+# (tests/test_timeline.py)
+STEP_OPTIONS = tuple(option.name for option in sorted(step_options.OPTIONS, key=lambda option: option.on_off))
 
 
 # ----------------------------------------------------------------------------- the trace's arithmetic
