@@ -544,6 +544,12 @@ import json, os, re, sys
 import xml.etree.ElementTree as ET
 
 out = os.environ["OUT"]
+try:        # the step options' switches that are off by default, as the summary names them when on
+    from bench.step_options import OPTIONS
+    SWITCHES = [(option.name, option.label) for option in OPTIONS if option.label]
+except Exception as error:      # a tree that cannot import it still gets the rest of its summary
+    SWITCHES = []
+    print(f"(no step option labels: {type(error).__name__}: {error})")
 
 def load(name):
     try:
@@ -554,10 +560,7 @@ def load(name):
 
 def extras(options):
     """' + split-K + genstats + pixel pairs': the options a row or run had on beyond streams, chunks and engines."""
-    return "".join(f" + {label}" for key, label in (("conv_split_k", "split-K"), ("conv_genstats", "genstats"),
-                                                    ("conv_pixel_pairs", "pixel pairs"),
-                                                    ("residual_grad_sums", "residual grad sums"))
-                   if options.get(key))
+    return "".join(f" + {label}" for key, label in SWITCHES if options.get(key))
 
 def counts(label, report):
     """'  [split-K tried 21, built 14]': what an option did in a row (its report; None: the option was off)."""
@@ -719,14 +722,7 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append(f"conv init {accuracy['args']['conv_init']}")
     if accuracy["args"].get("conv_deterministic") is False:
         options.append("any cuDNN engine")
-    if accuracy["args"].get("conv_split_k"):
-        options.append("split-K settings")
-    if accuracy["args"].get("conv_genstats"):
-        options.append("genstats")
-    if accuracy["args"].get("conv_pixel_pairs"):
-        options.append("pixel pairs")
-    if accuracy["args"].get("residual_grad_sums"):
-        options.append("residual grad sums")
+    options += [label for key, label in SWITCHES if accuracy["args"].get(key)]
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in (accuracy.get("setup_phases") or {}).items())
