@@ -19,15 +19,10 @@ CPU with perf_counter.
 `--cuda-graph` is a grid dimension too: `off` times the eager step (every primitive launched from
 Python), `on` the step recorded once as a CUDA graph and replayed (cupynet/step_graph.py), `auto` what
 training does by default (captured on a GPU, eager on the CPU). Warm-up always covers the recording.
-So are the step's options (bench/step_options.py): `--wgrad-streams` (GPU): how many side streams the weight gradients take in
-turn, `--wgrad-chunks`: over how many slices of the batch each weight gradient is computed side by side,
-`--conv-deterministic on,off` (GPU): whether cuDNN engines that add in a varying order may be chosen,
-`--conv-split-k off,on` (GPU): whether the autotuner also times split-K settings of the weight gradients'
-engines, `--bn-launches 2,1` (GPU): kernel launches per BatchNorm pass, `--conv-genstats off,on`: whether
-convolutions before BatchNorm also give its statistics (cuDNN's genstats on the GPU), `--conv-pixel-pairs
-off,on` (GPU, NHWC): whether stage 1's 3x3 convolutions run on pixel pairs (cupynet/backends/pixel_pairs.py),
-and `--residual-grad-sums off,on`: whether the kernel that adds a residual block's input gradient also reduces
-the gradient sums of the BatchNorm that gradient flows into next, which then skips its own reduction (v1 blocks).
+So is each of the step options (bench/step_options.py: cupynet.train's flags that change how its step runs on the
+GPU; their help says what each does), as a comma-separated list of its values: `--wgrad-streams 1,2`,
+`--wgrad-chunks 1,2`, `--bn-launches 2,1`, and on/off for a switch: `--conv-deterministic on,off`,
+`--conv-genstats off,on`, ... (`python bench/layouts.py --help` lists them).
 A row records each option as its backend applied it: null (the table's "-") where the backend has no such
 option (the CPU's GPU-only ones), pixel pairs off in NCHW even where asked for.
 

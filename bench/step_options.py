@@ -1,17 +1,14 @@
 """The step options, declared once: the flags of `python -m cupynet.train` that change how a training step runs
-on the GPU (how its work is spread, which kernels do it), not what it learns, which bench/device_check.sh times
-to pick the fastest.
+on the GPU (not what it learns), which bench/device_check.sh times to pick the fastest.
 
-OPTIONS lists them in the order every script gives them; each is named by its TrainConfig field, which is also
-its field in bench/layouts.py's rows and its argparse dest everywhere, and takes its flag (spelling, help,
-choices) from cupynet.train's parser and its default from TrainConfig. The benchmarks derive from it:
-  * bench/layouts.py: a grid dimension per option (the first two, wgrad streams and chunks, also as
-    --wgrad-pairs), each row's fields, measure's keyword arguments, the table's columns;
-  * bench/best_step_options.py: a row's options by name, the flags that select them (`flags`), `describe`;
-  * bench/vs_torch.py (and timeline.py through it), bench/layers.py, bench/time_to_accuracy.py: the flags as
-    cupynet.train spells them (`add_flags`), TrainConfig's keyword arguments (`config_kwargs`) or the flags to
-    pass on (`flags`);
-  * bench/device_check.sh's summary: the label of each switch that is off by default.
+Each is named by its TrainConfig field, which is also its field in bench/layouts.py's rows and its argparse dest
+everywhere; its flag (spelling, help, choices) is cupynet.train's and its default TrainConfig's. From OPTIONS, in
+its order, the benchmarks derive:
+  * layouts.py: its grid dimensions (wgrad streams and chunks also as --wgrad-pairs), row fields, table columns;
+  * best_step_options.py: a row's options by name, the flags that select them (`flags`), `describe`;
+  * vs_torch.py (timeline.py), layers.py, time_to_accuracy.py: their flags (`add_flags`), then TrainConfig's
+    arguments (`config_kwargs`) or the flags passed on (`flags`);
+  * device_check.sh's summary: the labels of the switches that are off by default.
 Adding an on/off option takes one StepOption here, then its rows in device_check.sh's measurement plan and the
 line of layouts.measure's row that records it as the backend applied it (tests/test_bench_scripts.py checks that
 each option has a flag cupynet.train takes, a field in the rows and, off by default, a label).
