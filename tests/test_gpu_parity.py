@@ -566,8 +566,13 @@ def test_batchnorm_backward(layout, dtype, shape, mask, launches):
     assert_close(a.get(dx), expected_dx, REDUCTION[dtype], scale=rms(expected_dx), what="dx")
 
 
+# ACTIVATIONS but 2064 channels: its NCHW grid (a block per channel) costs the emulated GPU about 1.7 s a case, 20
+# times the others, and tiles nothing the others do not (260 channels take two tiles in bf16 NHWC)
+FUSED_ADD_SHAPES = [shape for shape in ACTIVATIONS if shape != (1, 2064, 2, 2)]
+
+
 @params()
-@pytest.mark.parametrize("shape", ACTIVATIONS, ids=lambda s: "N{}C{}H{}W{}".format(*s))
+@pytest.mark.parametrize("shape", FUSED_ADD_SHAPES, ids=lambda s: "N{}C{}H{}W{}".format(*s))
 @pytest.mark.parametrize("mask", list(RELU_MASKS))
 def test_relu_backward_add_bn_grad_is_the_two_kernels_in_one(layout, dtype, shape, mask):
     """--residual-grad-sums: relu_backward_add_bn_grad writes a block's input gradient as relu_backward_add does
