@@ -247,8 +247,13 @@ def test_cupynet_and_its_torch_twin_train_alike_step_after_step(torch):
     optimizer.set_learning_rate(0.1)
     twin = ResNetV1(depth, bn_momentum=1 - decay).double()
     copy_weights(model, twin)                     # float32 on the way: cupynet takes the rounded values back
-    twin_state = {name: (t.detach().numpy().T if name == DENSE_WEIGHT else t.detach().numpy())
-                  for name, t in twin_tensors(twin).items()}
+
+    def twin_arrays():
+        """The twin's tensors in float64, named and shaped as cupynet's."""
+        return {name: (t.detach().numpy().T if name == DENSE_WEIGHT else t.detach().numpy())
+                for name, t in twin_tensors(twin).items()}
+
+    twin_state = twin_arrays()
     model.params.load_state_dict({name: twin_state[name] for name in model.params.state_dict()})
     model.state.load_state_dict({name: twin_state[name] for name in model.state.state_dict()})
     torch_sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -257,8 +262,7 @@ def test_cupynet_and_its_torch_twin_train_alike_step_after_step(torch):
 
     def difference():
         ours = {**model.params.state_dict(), **model.state.state_dict()}
-        theirs = {name: (t.detach().numpy().T if name == DENSE_WEIGHT else t.detach().numpy())
-                  for name, t in twin_tensors(twin).items()}
+        theirs = twin_arrays()
         return max(np.linalg.norm(ours[name] - theirs[name]) / np.linalg.norm(ours[name]) for name in ours)
 
     for step in range(steps):
