@@ -65,7 +65,7 @@ except ImportError:                 # pragma: no cover - depends on the machine
 
 from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, pixel_pairs
 from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
-from cupynet.backends.layout import LAYOUTS, LayoutMixin
+from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
@@ -185,6 +185,13 @@ def _relu_operands(y, beta, dy, gamma):
     if beta is not None:
         return RELU_FROM_INPUT, dy, beta
     return RELU_FROM_OUTPUT, y, gamma
+
+
+def _check_bn_grad_operands(primitive, gamma, saved_mean, saved_invstd, dgamma, dbeta, y, beta, y_name="y"):
+    """A BatchNorm backward's per-channel arrays are float32, and beta (the relu's mask from x) comes with y."""
+    _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
+                   dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
+    check_relu_mask(primitive, y, beta, y_name)
 
 
 class CupyBackend(LayoutMixin):
@@ -695,10 +702,7 @@ class CupyBackend(LayoutMixin):
         bn_launches=1 one, bn_grad_dx, where the GPU holds the capped grid and no weight gradient runs beside
         it (else the two: see _bn_one_launch_plan).
         """
-        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
-                       dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
-        if beta is not None and y is None:
-            raise ValueError("batchnorm_backward: beta (the relu's mask from x) without y (a fused relu)")
+        _check_bn_grad_operands("batchnorm_backward", gamma, saved_mean, saved_invstd, dgamma, dbeta, y, beta)
         _same_dtype(x, dy=dy, dx=dx, **_present(y=y))
         c, inner, m = self._channel_geometry(x, gamma.size)
         n = _count(x)
@@ -740,10 +744,7 @@ class CupyBackend(LayoutMixin):
     def batchnorm_backward_dx(self, dy, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, y=None, beta=None):
         """The rest of batchnorm_backward once dgamma and dbeta hold its sums (relu_backward_add_bn_grad wrote them
         with the gradient dy): dx alone, one launch (bn_backward_dx). y and beta as batchnorm_backward's."""
-        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
-                       dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
-        if beta is not None and y is None:
-            raise ValueError("batchnorm_backward_dx: beta (the relu's mask from x) without y (a fused relu)")
+        _check_bn_grad_operands("batchnorm_backward_dx", gamma, saved_mean, saved_invstd, dgamma, dbeta, y, beta)
         _same_dtype(x, dy=dy, dx=dx, **_present(y=y))
         _, _, m = self._channel_geometry(x, gamma.size)
         relu, y_or_unused, beta_or_unused = _relu_operands(y, beta, dy, gamma)
@@ -758,10 +759,8 @@ class CupyBackend(LayoutMixin):
         of the BatchNorm whose output's gradient dx is (--residual-grad-sums); batchnorm_backward_dx then finishes
         that BatchNorm's backward. One launch, relu_backward_add_bn_grad, in bn_grad's tiling. dx may be addend,
         and no other operand."""
-        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
-                       dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
-        if beta is not None and bn_y is None:
-            raise ValueError("relu_backward_add_bn_grad: beta (the relu's mask from x) without bn_y (a fused relu)")
+        _check_bn_grad_operands("relu_backward_add_bn_grad", gamma, saved_mean, saved_invstd, dgamma, dbeta, bn_y,
+                                beta, y_name="bn_y")
         _same_dtype(bn_x, dy=dy, y=y, addend=addend, dx=dx, **_present(bn_y=bn_y))
         operands = dict(dy=dy, y=y, addend=addend, bn_x=bn_x, **_present(bn_y=bn_y))
         for name, array in operands.items():

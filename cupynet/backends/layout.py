@@ -5,10 +5,17 @@ NHWC (what cuDNN wants for each layout); checkpoints store weights canonically a
 transposed views, valid on NumPy and CuPy arrays alike. A backend mixes this in and sets `self.layout`.
 
 Also here, because both backends split a weight gradient the same way: `weight_gradient_parts` (a batch
-cut into chunks, --wgrad-chunks).
+cut into chunks, --wgrad-chunks); and because both check a BatchNorm backward's relu operands the same way:
+`check_relu_mask`.
 """
 
 LAYOUTS = ("NCHW", "NHWC")
+
+
+def check_relu_mask(primitive, y, beta, y_name="y"):
+    """A BatchNorm backward's fused relu: beta (its mask recomputed from x) only with y (the relu's output)."""
+    if beta is not None and y is None:
+        raise ValueError(f"{primitive}: beta (the relu's mask from x) without {y_name} (a fused relu)")
 
 
 class LayoutMixin:

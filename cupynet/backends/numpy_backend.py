@@ -18,7 +18,7 @@ from collections import Counter
 
 import numpy as np
 
-from cupynet.backends.layout import LAYOUTS, LayoutMixin
+from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
 from cupynet.sampling import crop_flip_draws
 
 
@@ -338,8 +338,7 @@ class NumpyBackend(LayoutMixin):
         added before the relu) lets a backend recompute that mask from x instead of reading y; the GPU does,
         with its forward's rounding. Here the mask is always y > 0: the same mask, and this is the reference.
         """
-        if beta is not None and y is None:
-            raise ValueError("batchnorm_backward: beta (the relu's mask from x) without y (a fused relu)")
+        check_relu_mask("batchnorm_backward", y, beta)
         self.calls["batchnorm_backward"] += 1
         m = x.size // gamma.size
         dz, xhat = self._bn_grad_terms(dy, x, y, saved_mean, saved_invstd)
@@ -352,8 +351,7 @@ class NumpyBackend(LayoutMixin):
     def batchnorm_backward_dx(self, dy, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, y=None, beta=None):
         """The rest of batchnorm_backward once dgamma and dbeta hold its sums (relu_backward_add_bn_grad wrote
         them with the gradient dy): dx = gamma * invstd * (dz - dbeta / m - xhat * dgamma / m)."""
-        if beta is not None and y is None:
-            raise ValueError("batchnorm_backward_dx: beta (the relu's mask from x) without y (a fused relu)")
+        check_relu_mask("batchnorm_backward_dx", y, beta)
         self.calls["batchnorm_backward_dx"] += 1
         dz, xhat = self._bn_grad_terms(dy, x, y, saved_mean, saved_invstd)
         return self._bn_input_grad(dz, xhat, dbeta, dgamma, x.size // gamma.size, gamma, saved_invstd, dx)
@@ -364,8 +362,7 @@ class NumpyBackend(LayoutMixin):
         gamma, saved_mean, saved_invstd, ..., y=bn_y, beta=beta) would write: a post-activation block's input
         gradient and the sums of the BatchNorm it flows into next, which the GPU takes in one pass
         (--residual-grad-sums); batchnorm_backward_dx then finishes that BatchNorm's backward."""
-        if beta is not None and bn_y is None:
-            raise ValueError("relu_backward_add_bn_grad: beta (the relu's mask from x) without bn_y (a fused relu)")
+        check_relu_mask("relu_backward_add_bn_grad", bn_y, beta, y_name="bn_y")
         self.calls["relu_backward_add_bn_grad"] += 1
         np.add(addend, dy * (y > 0), out=dx)
         dz, xhat = self._bn_grad_terms(dx, bn_x, bn_y, saved_mean, saved_invstd)
