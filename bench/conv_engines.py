@@ -31,9 +31,9 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     so its time says what that rewrite could save where cuDNN's engines for few channels are slow (on an
     H100, 2026-11-27: 21.7 us for stage 1's forward against 7.8 us at stage 2, the same multiply-adds).
     Forward and data gradient: cupynet runs them so with --conv-pixel-pairs (cupynet/backends/pixel_pairs.py,
-    stage 1 only). Weight gradient: the paired kernel's gradient, whose pieces a small pass would add back
-    into the original's (not built). Timed with random weights; building the paired kernel and adding the
-    gradient back (small passes) are not counted;
+    stage 1 only). Weight gradient: the paired kernel's gradient, whose two places per weight a small pass
+    adds back into the original's (--wgrad-pixel-pairs). Timed with random weights; building the paired kernel
+    and adding the gradient back (small passes) are not counted;
   * `pixel_octets`: the same rewrite with groups of 8 pixels, for a convolution of fewer than
     PADDED_CHANNELS input channels (the stem: 24 channels in, 128 out, 8 times the multiply-adds, a shape
     cuDNN's fast engines take); forward and weight gradient (not built);

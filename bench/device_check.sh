@@ -23,6 +23,7 @@
 #               at batch 128, bf16 at 512 (also with split-K settings); bf16 at 128 and 512 also at 1x1 with
 #               BatchNorm's statistics from the convolutions (--conv-genstats, any engine); bf16 at 128 and 512
 #               and fp32 at 128 also at 1x1 with stage 1's convolutions on pixel pairs (--conv-pixel-pairs,
+#               deterministic engines), at 1x1 with their weight gradients on pixel pairs (--wgrad-pixel-pairs,
 #               deterministic engines) and at 1x1 with BatchNorm's gradient sums in the residual adds
 #               (--residual-grad-sums, deterministic engines); one launch per BatchNorm pass at two
 #               pairs, without and with genstats, deterministic engines or not; and the autotuner timing
@@ -344,8 +345,9 @@ step_options() {
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
     # The defaults with genstats (any engine) come fifth, right after 1x1's other rows: a fused pair's forward
     # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
-    # BatchNorm's gradient sums in the residual adds (--residual-grad-sums) and stage 1's convolutions on pixel
-    # pairs (--conv-pixel-pairs) come second and third, right after the defaults (the later dimension varies
+    # Stage 1's convolutions on pixel pairs (--conv-pixel-pairs), their weight gradients so (--wgrad-pixel-pairs)
+    # and BatchNorm's gradient sums in the residual adds (--residual-grad-sums) come right after the defaults
+    # (the later dimension varies
     # faster), here, at fp32 and at batch 512: each differs from the defaults in that option alone
     # (deterministic engines, no genstats, whose fused forwards never run paired), and a row this early is
     # measured however the pacing cuts its grid (one --also row each: a dimension would double the grids). The
@@ -357,6 +359,7 @@ step_options() {
             --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --wgrad-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
@@ -365,6 +368,7 @@ step_options() {
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --wgrad-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
@@ -388,14 +392,16 @@ step_options() {
             --max-seconds "$seconds" --json "$OUT/step_options_split.json" || rc=1
     fi
     # batch 512: its 12 rows are likely more than its ~36 s (of a 150-s stage) already allow, so genstats, which
-    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do residual
-    # grad sums and pixel pairs: 1x1 with deterministic engines, without split-K, the grid's second and third rows
+    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do pixel
+    # pairs (forward and data gradient; weight gradient) and residual grad sums: 1x1 with deterministic engines,
+    # without split-K, the grid's second to fourth rows
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,8x8,16x16 --conv-deterministic on,off --conv-split-k off,on --warmup 5 --steps 10 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-split-k off --conv-genstats on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --conv-pixel-pairs on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --wgrad-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --residual-grad-sums on" \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
@@ -481,11 +487,11 @@ if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200
     PEAK_GBS=4800
 fi
 # The bf16 step options that change which kernels run (not how the weight gradients are spread: layers.py times
-# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, stage 1 on pixel pairs (other
-# convolution shapes), BatchNorm's gradient sums in the residual adds (one reduction fewer per block), and cuDNN
+# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, stage 1 on pixel pairs, also
+# its weight gradients (other convolution shapes), BatchNorm's gradient sums in the residual adds (one reduction fewer per block), and cuDNN
 # engines that may add in any order (genstats engines may all be such; the others' choice changes with it too).
 LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--conv-pixel-pairs' \
-    -e '--residual-grad-sums' -e '--no-conv-deterministic' <<< "${BEST_BF16:-}" | tr '\n' ' ')
+    -e '--wgrad-pixel-pairs' -e '--residual-grad-sums' -e '--no-conv-deterministic' <<< "${BEST_BF16:-}" | tr '\n' ' ')
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" $LAYERS_OPTIONS --json "$OUT/layers.json"
 

@@ -80,6 +80,8 @@ OPTIONS = (
                label="genstats"),
     StepOption("conv_pixel_pairs", column="px-pairs", width=8, phrase=", stage 1 convolutions on pixel pairs",
                label="pixel pairs"),
+    StepOption("wgrad_pixel_pairs", column="wg-pairs", width=8, phrase=", stage 1 weight gradients on pixel pairs",
+               label="wgrad pixel pairs"),
     StepOption("residual_grad_sums", column="res-sums", width=8, phrase=", BatchNorm gradient sums in the residual add",
                label="residual grad sums"),
 )

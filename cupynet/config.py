@@ -57,6 +57,7 @@ class TrainConfig:
     conv_split_k: bool = False               # GPU: autotuning also times split-K settings of weight gradients
     conv_genstats: bool = False              # convolutions before BatchNorm also write its per-channel sums
     conv_pixel_pairs: bool = False           # GPU, NHWC: stage 1's 3x3 convolutions on pixel pairs
+    wgrad_pixel_pairs: bool = False          # GPU, NHWC: and their weight gradients
     residual_grad_sums: bool = False         # a residual block's input-gradient add also reduces BatchNorm's sums
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
@@ -188,6 +189,12 @@ def build_parser():
                             "the same convolutions on pixel pairs (32 channels at half the width, a kernel built "
                             "from the weights each step), where cuDNN's engines are faster; the same results up "
                             "to the order of the sums; off by default until a GPU run shows it faster")
+    model.add_argument("--wgrad-pixel-pairs", action=argparse.BooleanOptionalAction, default=d.wgrad_pixel_pairs,
+                       help="GPU, NHWC: the weight gradients of stage 1's 3x3 convolutions run on pixel pairs too "
+                            "(with or without --conv-pixel-pairs): cuDNN's weight gradient of the paired "
+                            "convolution, folded back by a small kernel (each weight's two places added); the same "
+                            "gradients up to rounding (in bfloat16, two rounded halves); off by default until a "
+                            "GPU run shows it faster")
     model.add_argument("--residual-grad-sums", action=argparse.BooleanOptionalAction, default=d.residual_grad_sums,
                        help="block v1: the kernel that adds up a residual block's input gradient (main path plus "
                             "identity shortcut) also reduces the gradient sums of the BatchNorm that gradient "
@@ -316,9 +323,10 @@ def validate(config):
     if c.conv_genstats and not c.conv_autotune:
         raise ConfigError("--conv-genstats needs --conv-autotune: the autotuner runs each genstats engine again "
                           "before it is used, and drops one whose sums do not repeat")
-    if c.conv_pixel_pairs and c.data_format != "NHWC":
-        raise ConfigError("--conv-pixel-pairs needs --data-format NHWC: a pixel pair is two neighbouring "
-                          "pixels' channels, adjacent in memory only when channels come last")
+    for flag, on in (("--conv-pixel-pairs", c.conv_pixel_pairs), ("--wgrad-pixel-pairs", c.wgrad_pixel_pairs)):
+        if on and c.data_format != "NHWC":
+            raise ConfigError(f"{flag} needs --data-format NHWC: a pixel pair is two neighbouring pixels' "
+                              f"channels, adjacent in memory only when channels come last")
     if c.residual_grad_sums and c.block != "v1":
         raise ConfigError(f"--residual-grad-sums needs --block v1: only a post-activation block adds up its input "
                           f"gradient in a kernel of its own (--block {c.block}'s blocks end in a plain add)")

@@ -1,7 +1,8 @@
 /*
- * kernels/pixel_pairs.cu: the kernel of a narrow 3x3 convolution rewritten on pixel pairs (--conv-pixel-pairs;
- * the rewrite and why: cupynet/backends/pixel_pairs.py). NumPy twin: pixel_pairs.pixel_pair_weight.
- * Loaded by cupynet/backends/kernels.py; syntax-checked on CPU by tests/test_kernels_compile.py.
+ * kernels/pixel_pairs.cu: narrow 3x3 convolutions rewritten on pixel pairs: the paired kernel
+ * (--conv-pixel-pairs) and the paired weight gradient folded back (--wgrad-pixel-pairs). The rewrite and why:
+ * cupynet/backends/pixel_pairs.py, where the NumPy twins are. Loaded by cupynet/backends/kernels.py;
+ * syntax-checked on CPU by tests/test_kernels_compile.py.
  */
 #include "common.cuh"
 
@@ -21,5 +22,29 @@ __global__ void pixel_pair_weights(const T* w, T* paired, int K, int R, int C)
         const int q = qc / C, c = qc - q * C;
         const int s = 2 * j + q - p - 1;
         paired[i] = (s >= 0 && s <= 2) ? w[((k * R + r) * 3 + s) * C + c] : from_float<T>(0.0f);
+    }
+}
+
+// The weight gradient of a convolution run on pixel pairs, folded back (--wgrad-pixel-pairs):
+// d_paired: (2K, R, 3, 2C) KRSC, cuDNN's weight gradient of the paired convolution -> dw: (K, R, 3, C) KRSC,
+// dw[k, r, s, c] = d_paired[k, r, j0, q0*C + c] + d_paired[K + k, r, j1, q1*C + c], the two places where
+// pixel_pair_weights put w[k, r, s, c] (2j + q - p - 1 = s for output pixel p = 0 and 1), added in float32
+// (NumPy twin: pixel_pairs.pixel_pair_weight_gradient). One thread per weight (2,304 at 16 channels).
+template <typename TIn, typename TOut>
+__global__ void pixel_pair_weight_gradient(const TIn* d_paired, TOut* dw, int K, int R, int C)
+{
+    const int total = K * R * 3 * C;
+    for (int i = first_index(); i < total; i += grid_stride()) {
+        const int c = i % C;
+        const int s = (i / C) % 3;
+        const int r = (i / (3 * C)) % R;
+        const int k = i / (3 * C * R);
+        float sum = 0.0f;
+        for (int p = 0; p < 2; ++p) {
+            const int q = (s + p + 1) & 1;          // the input pixel of the pair: s + p + 1 - q is even
+            const int j = (s + p + 1 - q) / 2;      // the pair column, 0..2
+            sum += to_float(d_paired[(((p * K + k) * R + r) * 3 + j) * 2 * C + q * C + c]);
+        }
+        dw[i] = from_float<TOut>(sum);
     }
 }

@@ -244,6 +244,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--conv-split-k", "--no-conv-autotune"], ["--conv-split-k", "--conv-autotune"]),
     (["--conv-genstats", "--no-conv-autotune"], ["--conv-genstats", "--conv-autotune"]),
     (["--conv-pixel-pairs", "--data-format", "NCHW"], ["--conv-pixel-pairs", "NHWC"]),
+    (["--wgrad-pixel-pairs", "--data-format", "NCHW"], ["--wgrad-pixel-pairs", "NHWC"]),
     (["--residual-grad-sums", "--block", "v2"], ["--residual-grad-sums", "--block v1"]),
     (["--residual-grad-sums", "--sync-bn", "--gpus", "cpu,cpu"], ["--residual-grad-sums", "--sync-bn"]),
 ])

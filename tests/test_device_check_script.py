@@ -282,10 +282,10 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # and one genstats row there (1x1, any engine), not the dimension, which would double the grid
     assert "--conv-genstats" not in runs[4] and also_rows(runs[4])[0] == [
         "--wgrad-pairs", "1x1", "--conv-deterministic", "off", "--conv-split-k", "off", "--conv-genstats", "on"]
-    # pixel pairs and residual grad sums: one row each at bf16 and fp32 batch 128 and at batch 512, the default
-    # pair with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
-    # grids; the residual grad sums row right after the pixel-pairs one
-    for flag in ("--conv-pixel-pairs", "--residual-grad-sums"):
+    # pixel pairs (forward and data gradient; weight gradient) and residual grad sums: one row each at bf16 and
+    # fp32 batch 128 and at batch 512, the default pair with deterministic engines (the defaults' twin), never the
+    # dimension; none in the BatchNorm and split-K grids; in that order, one right after the other
+    for flag in ("--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums"):
         rows = [[row for row in also_rows(run) if flag in row] for run in runs]
         assert [len(found) for found in rows] == [1, 1, 0, 0, 1], flag
         assert all(flag not in run for run in runs)
@@ -294,7 +294,8 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
         assert rows[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off", flag, "on"]]
     for run in (runs[0], runs[1], runs[4]):
         options = [row[-2] for row in also_rows(run)]
-        assert options.index("--residual-grad-sums") == options.index("--conv-pixel-pairs") + 1, options
+        first = options.index("--conv-pixel-pairs")
+        assert options[first:first + 3] == ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums"]
 
     calls.unlink()
     short = dict(env, STAGE_LIMIT="38")       # 12, 16, 21 and 25 s for the first four (at least 10 each): they

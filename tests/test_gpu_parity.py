@@ -259,22 +259,34 @@ PAIRED_CONVS = [(4, 16, 8, 8, 16, 3, 1), (3, 8, 5, 6, 16, 3, 1), (4, 16, 8, 8, 3
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", PAIRED_CONVS, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}".format(*c))
 def test_convolutions_on_pixel_pairs(dtype, case):
-    """--conv-pixel-pairs: a 3x3 stride-1 convolution of few channels runs its forward and data gradient on
-    pixel pairs (cuDNN's graphs of 2C channels at half the width, after the pixel_pair_weights kernel) and
-    still matches the reference; a stride-2 one runs as before."""
+    """--conv-pixel-pairs and --wgrad-pixel-pairs: a 3x3 stride-1 convolution of few channels runs its forward,
+    data gradient and weight gradient on pixel pairs (cuDNN's graphs of 2C channels at half the width, after
+    the pixel_pair_weights kernel, or before the pixel_pair_weight_gradient kernel) and still matches the
+    reference, the weight gradient into a float32 view and into one of the activation dtype; a stride-2 one runs
+    as before."""
     from cupynet.backends.cupy_backend import CupyBackend
     from cupynet.backends.pixel_pairs import applies
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
-    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=False, pixel_pairs=True)
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=False, pixel_pairs=True, wgrad_pixel_pairs=True)
     n, c, h, w, k, ksize, stride = case
     paired = applies("NHWC", (n, h, w, c), (k, ksize, ksize, c), stride, ksize // 2)
     assert paired == (stride == 1)
-    check_forward_and_data_gradient(be, Arrays(be, seed=5), case)
+    a = Arrays(be, seed=5)
+    (x, x_ref), (wt, _), (dy, dy_ref) = check_forward_and_data_gradient(be, a, case)
+    expected = a.ref.conv2d_backward_filter(x_ref, dy_ref, stride, 1, np.empty(wt.shape))
+    magnitude = a.ref.conv2d_backward_filter(np.abs(x_ref), np.abs(dy_ref), stride, 1, np.empty(wt.shape))
+    for dw_dtype in {np.dtype(np.float32), be.dtype}:
+        dw = a.nan(wt.shape, dtype=dw_dtype)
+        be.conv2d_backward_filter(x, dy, stride, 1, dw)
+        be.wait_for_gradients()
+        # in bf16 the two halves are rounded before they are added (and the sum again into a bf16 view)
+        assert_bounded(a.get(dw), expected, CONV[dtype] * magnitude, what=f"wgrad into {dw_dtype}")
     image_sides = {(key[0], key[2], key[4]) for key in be.conv.graph_calls}        # (op, C, W) of each graph run
-    expected = {(op, 2 * c, w // 2) if paired else (op, c, w) for op in ("fprop", "dgrad")}
-    assert image_sides == expected
+    assert image_sides == {(op, 2 * c, w // 2) if paired else (op, c, w) for op in ("fprop", "dgrad", "wgrad")}
     assert be.kernels.launches["pixel_pair_weights"] == (2 if paired else 0)
+    folds = len({np.dtype(np.float32), be.dtype})
+    assert be.kernels.launches["pixel_pair_weight_gradient"] == (folds if paired else 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -290,6 +302,25 @@ def test_pixel_pair_weights_are_numpys(dtype):
     with be.device, be.stream:          # as a primitive would run it
         paired = be.to_host(be._pixel_pair_weight(w))
     np.testing.assert_array_equal(paired.astype(np.float64), pixel_pair_weight(w_host))
+
+
+@pytest.mark.parametrize("io_dtype,dw_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
+                                               ("bfloat16", "float32")])
+def test_pixel_pair_weight_gradients_fold_as_numpys(io_dtype, dw_dtype):
+    """The kernel that folds a paired weight gradient back adds each weight's two places in float32: bit for bit
+    the NumPy twin's, rounded to the gradient's dtype."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    from cupynet.backends.pixel_pairs import pixel_pair_weight_gradient
+    if "bfloat16" in (io_dtype, dw_dtype):
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=io_dtype, wgrad_pixel_pairs=True)
+    a = Arrays(be, seed=7)
+    d_paired, d_paired_host = a.put(a.rng.standard_normal((32, 3, 3, 16)))
+    dw = a.nan((16, 3, 3, 8), dtype=be._as_dtype(dw_dtype))
+    with be.device, be.stream:          # as a primitive would run it
+        folded = be.to_host(be._fold_pixel_pair_gradient(d_paired, dw))
+    twin = pixel_pair_weight_gradient(d_paired_host.astype(be.dtype)).astype(folded.dtype)
+    np.testing.assert_array_equal(folded.astype(np.float64), twin.astype(np.float64))
 
 
 @params()
@@ -1136,7 +1167,8 @@ def _model_pair(be, depth, x_nchw_host, labels_host, share_masks=False):
 
 
 @pytest.mark.parametrize("layout,option", [("NCHW", None), ("NHWC", None), ("NHWC", "pixel_pairs"),
-                                           ("NCHW", "residual_grad_sums"), ("NHWC", "residual_grad_sums")],
+                                           ("NHWC", "wgrad_pixel_pairs"), ("NCHW", "residual_grad_sums"),
+                                           ("NHWC", "residual_grad_sums")],
                          ids=lambda v: v or "")
 def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, option):
     """Tolerances measured on the CPU analogue (NumpyBackend float32 vs float64, same model and data):
@@ -1144,7 +1176,8 @@ def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, opt
     ~20x the float32-only difference, while a TF32 convolution (~3e-4 each) would not pass. The reference's
     backward takes the GPU's relu masks: this data has a pre-relu value 1.9e-6 from 0 (stage 2's last block
     output; 1.1e-6 of its rms), which the H100's NCHW forward put below 0 and the reference above.
-    With --conv-pixel-pairs, stage 1's convolutions (16 channels at 16 x 16) run on pixel pairs; with
+    With --conv-pixel-pairs, stage 1's convolutions (16 channels at 16 x 16) run on pixel pairs (with
+    --wgrad-pixel-pairs, their weight gradients); with
     --residual-grad-sums, 7 blocks' input gradients also give the BatchNorm before them its sums."""
     be = make_backend(layout, "float32", **({option: True} if option else {}))
     rng = np.random.default_rng(15)
@@ -1155,6 +1188,7 @@ def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, opt
     assert be.conv.executions["fprop"] > 0 and be.kernels.launches["bn_grad"] > launches["bn_grad"]
     # stage 1's 6 convolutions, forward and data gradient
     assert be.kernels.launches["pixel_pair_weights"] == (12 if option == "pixel_pairs" else 0)
+    assert be.kernels.launches["pixel_pair_weight_gradient"] == (6 if option == "wgrad_pixel_pairs" else 0)
     # the blocks with an identity shortcut: stage 1's 3, and 2 in each later stage
     assert be.kernels.launches["relu_backward_add_bn_grad"] == (7 if option == "residual_grad_sums" else 0)
     assert loss == pytest.approx(ref_loss, rel=1e-5)

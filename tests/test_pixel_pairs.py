@@ -1,8 +1,9 @@
 """The pixel-pair rewrite (cupynet/backends/pixel_pairs.py) against the NumPy backend's own convolutions.
 
 A 3x3 stride-1 convolution of NHWC activations, read as pixel pairs with the paired kernel, must be the same
-convolution: forward and data gradient, in float64 to rounding. The GPU backend's kernel that builds the
-paired kernel is checked against `pixel_pair_weight` in tests/test_gpu_parity.py.
+convolution: forward, data gradient and (folded back) weight gradient, in float64 to rounding. The GPU backend's kernel that builds the
+paired kernel and the one that folds the paired weight gradient are checked against their NumPy twins in
+tests/test_gpu_parity.py.
 """
 import numpy as np
 import pytest
@@ -35,6 +36,12 @@ def test_a_convolution_on_pixel_pairs_is_the_convolution(cin, cout, width):
     be.conv2d_backward_data(paired(dy), w_pairs, 1, 1, dx_pairs)
     np.testing.assert_allclose(dx_pairs.reshape(dx.shape), dx, rtol=1e-12, atol=1e-12)
 
+    # the weight gradient: the paired convolution's, each weight's two places added
+    dw, dw_pairs = be.empty(w.shape), be.empty(w_pairs.shape)
+    be.conv2d_backward_filter(x, dy, 1, 1, dw)
+    be.conv2d_backward_filter(paired(x), paired(dy), 1, 1, dw_pairs)
+    np.testing.assert_allclose(pixel_pairs.pixel_pair_weight_gradient(dw_pairs), dw, rtol=1e-12, atol=1e-12)
+
 
 def test_the_paired_kernel_places_each_tap_where_its_pixels_meet():
     """Output pixel 2x + p reads input pixel 2(x + j - 1) + q through tap 2j + q - p - 1: spelled out."""
@@ -44,6 +51,18 @@ def test_the_paired_kernel_places_each_tap_where_its_pixels_meet():
     np.testing.assert_array_equal(w_pairs[0], [[0, 1], [2, 3], [0, 0]])
     # right output pixel: its own pair taps 1 and 2, the pair to the right its left pixel (tap 3)
     np.testing.assert_array_equal(w_pairs[1], [[0, 0], [1, 2], [3, 0]])
+
+
+def test_folding_the_paired_kernel_back_counts_each_weight_twice():
+    """Each weight sits at two places of the paired kernel: folding the kernel itself gives 2w exactly, and a
+    gradient with a one at a single place gives that place's weight a one."""
+    w = np.random.default_rng(3).standard_normal((8, 3, 3, 16))
+    np.testing.assert_array_equal(pixel_pairs.pixel_pair_weight_gradient(pixel_pairs.pixel_pair_weight(w)), 2 * w)
+    one = np.zeros((16, 3, 3, 32))
+    one[8 + 2, 1, 2, 5] = 1.0              # output pixel 1, channel 2; the pair to the right; its left pixel, channel 5
+    expected = np.zeros((8, 3, 3, 16))
+    expected[2, 1, 2, 5] = 1.0             # tap 2j + q - p - 1 = 4 + 0 - 1 - 1 = 2
+    np.testing.assert_array_equal(pixel_pairs.pixel_pair_weight_gradient(one), expected)
 
 
 @pytest.mark.parametrize("layout,x_shape,w_shape,stride,pad,expected", [

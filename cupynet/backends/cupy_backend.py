@@ -26,7 +26,8 @@ Streams and synchronisation
     per step for every convolution (`sum_chunks`, in a fixed order: deterministic).
     With pixel_pairs=True (--conv-pixel-pairs) stage 1's 3x3 forwards and data gradients run as the same
     convolutions on pixel pairs (cupynet/backends/pixel_pairs.py), each after a small kernel that builds
-    the paired weights from the current ones.
+    the paired weights from the current ones; with wgrad_pixel_pairs=True (--wgrad-pixel-pairs) their weight
+    gradients do, each followed by a small kernel that folds the paired gradient back.
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -202,7 +203,7 @@ class CupyBackend(LayoutMixin):
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
-                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False):
+                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -229,6 +230,7 @@ class CupyBackend(LayoutMixin):
         self.conv_genstats = bool(conv_genstats)  # convolutions before BatchNorm also give its sums (layers.py)
         # stage 1's 3x3 forwards and data gradients on pixel pairs (backends/pixel_pairs.py); NHWC only
         self.pixel_pairs = bool(pixel_pairs) and layout == "NHWC"
+        self.wgrad_pixel_pairs = bool(wgrad_pixel_pairs) and layout == "NHWC"     # and their weight gradients
         # a residual block's input-gradient add also reduces the next BatchNorm's gradient sums (layers.py)
         self.residual_grad_sums = bool(residual_grad_sums)
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
@@ -468,12 +470,25 @@ class CupyBackend(LayoutMixin):
         return dw
 
     def _weight_gradient(self, x, dy, stride, pad, dw, lane):
-        """cuDNN wgrad [into the lane's bf16 scratch, then converted] on the current stream (side stream `lane`)."""
+        """cuDNN wgrad [into the lane's bf16 scratch, then converted] on the current stream (side stream `lane`);
+        with wgrad_pixel_pairs, where the rewrite applies, on pixel pairs into the lane's scratch, then folded."""
+        if self.wgrad_pixel_pairs and pixel_pairs.applies(self.layout, x.shape, dw.shape, stride, pad):
+            d_paired = self._scratch(f"pixel_pairs_wgrad{lane}", pixel_pairs.paired_weight_shape(dw.shape), self.dtype)
+            self.conv.backward_filter(_pair_view(x), _pair_view(dy), 1, 1, d_paired, lane)
+            return self._fold_pixel_pair_gradient(d_paired, dw)
         if dw.dtype == self.dtype:
             return self.conv.backward_filter(x, dy, stride, pad, dw, lane)
         dw_io = self._scratch(f"wgrad{lane}", dw.shape, self.dtype)    # one per side stream: they run side by side
         self.conv.backward_filter(x, dy, stride, pad, dw_io, lane)
         self._convert(dw_io, dw)
+        return dw
+
+    def _fold_pixel_pair_gradient(self, d_paired, dw):
+        """dw (K, R, 3, C), any activation dtype <- the paired weight gradient d_paired (2K, R, 3, 2C) folded back:
+        each weight's two places added (kernels/pixel_pairs.cu)."""
+        k, r, _, c = dw.shape
+        self._launch_1d("pixel_pair_weight_gradient", (ctype(d_paired.dtype), ctype(dw.dtype)), dw.size,
+                        (d_paired, dw, _i32(k), _i32(r), _i32(c)))
         return dw
 
     @_primitive

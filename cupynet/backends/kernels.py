@@ -75,6 +75,8 @@ KERNELS = {
     },
     "pixel_pairs.cu": {
         "pixel_pair_weights": _per_type(*ACTIVATION_TYPES),   # --conv-pixel-pairs: the paired kernel
+        # --wgrad-pixel-pairs: (cuDNN's io type, the gradient's): bf16 or float32 gradients in bf16 runs
+        "pixel_pair_weight_gradient": [(BF16, BF16), (BF16, FLOAT), (FLOAT, FLOAT)],
     },
     "pooling.cu": {
         "global_avgpool_forward": _per_type(*ACTIVATION_TYPES),

@@ -18,13 +18,21 @@ p and q say which pixel of its pair the output and the input are (0 left, 1 righ
 2(x + j - 1) + q, which is tap s of the original window. Half of the paired kernel is zeros, so the rewrite
 does twice the multiply-adds; the zero padding of the pairs is the original's (the pixel left of column 0 and
 right of column W-1). The data gradient is likewise the data gradient of the paired convolution with the same
-paired kernel. Weight gradients stay on the original shapes: x and dy are not rewritten, so they run as
-before.
+paired kernel.
+
+The weight gradient (--wgrad-pixel-pairs, a switch of its own: cuDNN's weight-gradient engines are another
+matter): each weight sits twice in the paired kernel, once per output pixel p of a pair, so its gradient is
+the sum of the paired convolution's weight gradient at those two places,
+
+    dw[k, r, s, c] = sum over p of d_paired[p*K + k, r, j, q*C + c]    where 2j + q - p - 1 = s
+
+(the paired gradient's other half, at the zeros, is computed and dropped: twice the multiply-adds again).
 
 The GPU backend builds the paired kernel from the current weights (kernels/pixel_pairs.cu) before each
-forward and data gradient that runs paired: a pass over 2K x 3 x 3 x 2C values (9,216 at 16 channels).
-`pixel_pair_weight` here is its NumPy twin, and `tests/test_pixel_pairs.py` checks the rewrite itself
-against the NumPy backend's convolutions.
+forward and data gradient that runs paired, a pass over 2K x 3 x 3 x 2C values (9,216 at 16 channels), and
+folds each paired weight gradient back the same way. `pixel_pair_weight` and `pixel_pair_weight_gradient`
+here are their NumPy twins, and `tests/test_pixel_pairs.py` checks the rewrite itself against the NumPy
+backend's convolutions.
 """
 import numpy as np
 
@@ -58,16 +66,37 @@ def paired_weight_shape(w_shape):
     return (2 * k, r, 3, 2 * c)
 
 
+def _places(k, c):
+    """Every place of the paired kernel that holds a weight, output pixel p = 0's first: (tap s, pair column
+    j, the output rows p*K.., the input columns q*C..), where output pixel p reads input pixel q of pair
+    column j through tap s = 2j + q - p - 1."""
+    for p in range(2):
+        for q in range(2):
+            for j in range(3):
+                tap = 2 * j + q - p - 1
+                if 0 <= tap <= 2:
+                    yield tap, j, slice(p * k, (p + 1) * k), slice(q * c, (q + 1) * c)
+
+
 def pixel_pair_weight(w):
     """The paired kernel (2K, R, 3, 2C) of a KRSC weight (K, R, 3, C), NumPy (see the module docstring)."""
     k, r, s, c = w.shape
     if s != 3:
         raise ValueError(f"pixel pairs need a 3-wide window, got a weight of shape {w.shape}")
     paired = np.zeros(paired_weight_shape(w.shape), dtype=w.dtype)
-    for p in range(2):
-        for q in range(2):
-            for j in range(3):
-                tap = 2 * j + q - p - 1
-                if 0 <= tap <= 2:
-                    paired[p * k:(p + 1) * k, :, j, q * c:(q + 1) * c] = w[:, :, tap, :]
+    for tap, j, outputs, inputs in _places(k, c):
+        paired[outputs, :, j, inputs] = w[:, :, tap, :]
     return paired
+
+
+def pixel_pair_weight_gradient(d_paired):
+    """The weight gradient (K, R, 3, C) that a paired convolution's weight gradient (2K, R, 3, 2C) folds back
+    to: each weight's two places added, in float32 as the GPU kernel adds them (float64 input: in float64)."""
+    two_k, r, s, two_c = d_paired.shape
+    if s != 3 or two_k % 2 or two_c % 2:
+        raise ValueError(f"not a paired weight gradient: shape {d_paired.shape}")
+    total = np.float64 if d_paired.dtype == np.float64 else np.float32
+    dw = np.zeros((two_k // 2, r, 3, two_c // 2), dtype=total)
+    for tap, j, outputs, inputs in _places(two_k // 2, two_c // 2):
+        dw[:, :, tap, :] += d_paired[outputs, :, j, inputs].astype(total)
+    return dw
