@@ -341,18 +341,20 @@ seconds_until() {   # seconds_until OFFSET START [LEAST]: seconds left until OFF
 
 step_options() {
     local start=$SECONDS rc=0 seconds
+    # the switches that are off by default and not yet measured on a GPU, all at once (the combined rows below)
+    local switches="--conv-pixel-pairs on --wgrad-pixel-pairs on --residual-grad-sums on --stream-priorities on"
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
     # The defaults with genstats (any engine) come fifth, right after 1x1's other rows: a fused pair's forward
     # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
-    # Stage 1's convolutions on pixel pairs (--conv-pixel-pairs), their weight gradients so (--wgrad-pixel-pairs)
-    # and BatchNorm's gradient sums in the residual adds (--residual-grad-sums) come right after the defaults
-    # (the later dimension varies
-    # faster), here, at fp32 and at batch 512: each differs from the defaults in that option alone
-    # (deterministic engines, no genstats, whose fused forwards never run paired), and a row this early is
-    # measured however the pacing cuts its grid (one --also row each: a dimension would double the grids). The
-    # shares stay as they were: each such row takes its grid's time from the last configurations, the most
-    # speculative.
+    # The switches not yet measured on a GPU (pixel pairs for stage 1's forwards and data gradients, and for its
+    # weight gradients; BatchNorm's gradient sums in the residual adds; the main stream's priority over the side
+    # streams') get one --also row each right after the defaults' (a dimension would double the grids), here, at
+    # fp32 and at batch 512: each differs from the defaults in that option alone (deterministic engines, no
+    # genstats, whose fused forwards never run paired), and a row this early is measured however the pacing cuts
+    # its grid. bf16 then has all four at once with the pair and engines run 1 found fastest (4x1, any engine):
+    # best_step_options.py picks one row, so a combination counts only as a row of its own. The shares stay as
+    # they were: these rows take their grid's time from the last configurations, the most speculative.
     if seconds=$(seconds_until $((STAGE_LIMIT * 32 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
@@ -361,6 +363,8 @@ step_options() {
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --wgrad-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --stream-priorities on" \
+            --also "--wgrad-pairs 4x1 --conv-deterministic off $switches" \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
     if seconds=$(seconds_until $((STAGE_LIMIT * 44 / 100)) "$start"); then
@@ -370,6 +374,7 @@ step_options() {
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --wgrad-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --stream-priorities on" \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
     # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above), each
@@ -393,8 +398,9 @@ step_options() {
     fi
     # batch 512: its 12 rows are likely more than its ~36 s (of a 150-s stage) already allow, so genstats, which
     # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do pixel
-    # pairs (forward and data gradient; weight gradient) and residual grad sums: 1x1 with deterministic engines,
-    # without split-K, the grid's second to fourth rows
+    # pairs (forward and data gradient; weight gradient), residual grad sums and stream priorities: 1x1 with
+    # deterministic engines, without split-K, the grid's third to sixth rows; then the four at once (4x1, any
+    # engine)
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
@@ -403,6 +409,8 @@ step_options() {
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --conv-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --wgrad-pixel-pairs on" \
             --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --residual-grad-sums on" \
+            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --stream-priorities on" \
+            --also "--wgrad-pairs 4x1 --conv-deterministic off --conv-split-k off $switches" \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc

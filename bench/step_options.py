@@ -84,6 +84,8 @@ OPTIONS = (
                label="wgrad pixel pairs"),
     StepOption("residual_grad_sums", column="res-sums", width=8, phrase=", BatchNorm gradient sums in the residual add",
                label="residual grad sums"),
+    StepOption("stream_priorities", column="prio", width=4, phrase=", the main stream first",
+               label="stream priorities"),
 )
 NAMES = tuple(option.name for option in OPTIONS)
 DEFAULTS = {option.name: option.default for option in OPTIONS}

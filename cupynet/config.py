@@ -60,6 +60,7 @@ class TrainConfig:
     wgrad_pixel_pairs: bool = False          # GPU, NHWC: and their weight gradients
     residual_grad_sums: bool = False         # a residual block's input-gradient add also reduces BatchNorm's sums
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
+    stream_priorities: bool = False          # GPU: the main stream before the weight gradients' side streams
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
@@ -202,6 +203,12 @@ def build_parser():
                             "that BatchNorm's backward skips its own reduction (one launch and one read of three "
                             "activations fewer, 19 times per ResNet-44 step); the same results; not for --sync-bn's "
                             "layers; off by default until a GPU run shows it faster")
+    model.add_argument("--stream-priorities", action=argparse.BooleanOptionalAction, default=d.stream_priorities,
+                       help="GPU: the main stream (forward, data gradients, BatchNorm: the step's critical path) at "
+                            "the device's highest priority and the weight gradients' side streams at its lowest, "
+                            "so that free SMs take the main chain's waiting blocks first; the captured step keeps "
+                            "them (its graph instantiated with per-node priorities through the CUDA driver); the "
+                            "same results; off by default until a GPU run shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "

@@ -60,7 +60,7 @@ def build_backend(config, device):
     return create_backend(device, config.data_format, config.dtype, config.tf32, config.conv_autotune,
                           config.wgrad_streams, config.conv_deterministic, config.wgrad_chunks, config.bn_launches,
                           config.conv_split_k, config.conv_genstats, config.conv_pixel_pairs,
-                          config.residual_grad_sums, config.wgrad_pixel_pairs)
+                          config.residual_grad_sums, config.wgrad_pixel_pairs, config.stream_priorities)
 
 
 def make_group(config, devices):

@@ -282,11 +282,12 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # and one genstats row there (1x1, any engine), not the dimension, which would double the grid
     assert "--conv-genstats" not in runs[4] and also_rows(runs[4])[0] == [
         "--wgrad-pairs", "1x1", "--conv-deterministic", "off", "--conv-split-k", "off", "--conv-genstats", "on"]
-    # pixel pairs (forward and data gradient; weight gradient) and residual grad sums: one row each at bf16 and
-    # fp32 batch 128 and at batch 512, the default pair with deterministic engines (the defaults' twin), never the
-    # dimension; none in the BatchNorm and split-K grids; in that order, one right after the other
-    for flag in ("--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums"):
-        rows = [[row for row in also_rows(run) if flag in row] for run in runs]
+    # the switches not yet measured: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair
+    # with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
+    # grids; in this order, one right after the other
+    switches = ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--stream-priorities"]
+    for flag in switches:
+        rows = [[row for row in also_rows(run) if flag in row and len(row) <= 8] for run in runs]
         assert [len(found) for found in rows] == [1, 1, 0, 0, 1], flag
         assert all(flag not in run for run in runs)
         for found in rows[:2]:
@@ -294,9 +295,13 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
         assert rows[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off", flag, "on"]]
     for run in (runs[0], runs[1], runs[4]):
         options = [row[-2] for row in also_rows(run)]
-        first = options.index("--conv-pixel-pairs")
-        assert options[first:first + 3] == ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums"]
-
+        first = options.index(switches[0])
+        assert options[first:first + 4] == switches
+    # then, at bf16 (batch 128 and 512), the four at once with 4 streams and any engine: the grid's last row
+    for run, split in ((runs[0], []), (runs[4], ["--conv-split-k", "off"])):
+        assert also_rows(run)[-1] == ["--wgrad-pairs", "4x1", "--conv-deterministic", "off", *split,
+                                      *[word for flag in switches for word in (flag, "on")]]
+    assert all(len(row) <= 8 for row in also_rows(runs[1]))
     calls.unlink()
     short = dict(env, STAGE_LIMIT="38")       # 12, 16, 21 and 25 s for the first four (at least 10 each): they
     result = subprocess.run(["bash", "-c", program], cwd=REPO, env=short,    # run; batch 512's needs 25 s and
@@ -354,7 +359,9 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                  # compare_with_torch's arguments
                  "dtype": "bfloat16", "batch": "128", "layouts": "NHWC,NCHW", "name": "vs_torch",
                  "options": "--wgrad-streams 3 --no-conv-deterministic --conv-split-k --bn-launches 1 --conv-genstats "
-                            "--conv-pixel-pairs --residual-grad-sums"}
+                            "--conv-pixel-pairs --residual-grad-sums",
+                 # step_options' combined rows: the script's own value
+                 "switches": re.search(r'local switches="([^"]*)"', SCRIPT.read_text()).group(1)}
 
 
 def script_python_commands():

@@ -58,3 +58,20 @@ def test_without_capture_every_step_runs_eagerly():
 def test_capture_needs_a_backend_that_can_record():
     with pytest.raises(ValueError, match="GPU backend"):
         StepRunner(NumpyBackend("NHWC", "float32"), capture=True)
+
+
+def test_the_node_priority_graph_needs_the_cuda_driver_and_says_so_in_one_line():
+    """--stream-priorities instantiates the captured step through the driver library (backends/node_priorities.py):
+    where it cannot be loaded (this CPU machine), a one-line DeviceError that names the option and the library;
+    where it can, the function it calls is declared with its C signature."""
+    import ctypes
+
+    from cupynet.backends import node_priorities
+    from cupynet.errors import DeviceError
+    try:
+        library = node_priorities.driver()
+    except DeviceError as error:
+        message = str(error)
+        assert "--stream-priorities" in message and "libcuda.so.1" in message and "\n" not in message
+    else:
+        assert library.cuGraphInstantiateWithFlags.restype is ctypes.c_int

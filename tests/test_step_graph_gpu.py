@@ -32,14 +32,15 @@ def dataset():
 
 
 def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False,
-                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False):
+                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
+                 stream_priorities=False):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks,
                        bn_launches=bn_launches, split_k=split_k, conv_genstats=conv_genstats,
                        pixel_pairs=pixel_pairs, residual_grad_sums=residual_grad_sums,
-                       wgrad_pixel_pairs=wgrad_pixel_pairs)
+                       wgrad_pixel_pairs=wgrad_pixel_pairs, stream_priorities=stream_priorities)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):
@@ -295,6 +296,30 @@ def test_residual_grad_sums_captured_equal_the_plain_eager_steps(dataset, layout
     assert captured[0].runner.captured
     # once per eager warm-up step; the recording's launch is replayed, not counted again
     assert backend.kernels.launches["relu_backward_add_bn_grad"] >= 1
+    assert_identical(plain, captured)
+
+
+def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset):
+    """--stream-priorities: the main stream at a higher priority than the two weight-gradient side streams; eager
+    steps with them, and captured ones (the graph instantiated again with per-node priorities through the
+    driver), equal the plain eager steps bit for bit. The emulated GPU has streams with priorities but no CUDA
+    driver library: there the captured half skips."""
+    from cupynet.backends.node_priorities import driver
+    from cupynet.errors import DeviceError
+    settings = dict(BASE, wgrad_streams=2)
+    plain = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend("NHWC", "float32", wgrad_streams=2))
+    backend = make_backend("NHWC", "float32", wgrad_streams=2, stream_priorities=True)
+    assert all(backend.stream.priority < side.priority for side in backend.side_streams)
+    eager = train(TrainConfig(**settings, cuda_graph="off", stream_priorities=True), dataset, backend)
+    assert_identical(plain, eager)
+    try:
+        driver()
+    except DeviceError as error:
+        pytest.skip(f"the captured step with per-node priorities needs the CUDA driver library: {error}")
+    backend = make_backend("NHWC", "float32", wgrad_streams=2, stream_priorities=True)
+    captured = train(TrainConfig(**settings, cuda_graph="on", stream_priorities=True), dataset, backend)
+    runner = captured[0].runner
+    assert runner.captured and runner.graph._executable is not None
     assert_identical(plain, captured)
 
 

@@ -28,6 +28,8 @@ Streams and synchronisation
     convolutions on pixel pairs (cupynet/backends/pixel_pairs.py), each after a small kernel that builds
     the paired weights from the current ones; with wgrad_pixel_pairs=True (--wgrad-pixel-pairs) their weight
     gradients do, each followed by a small kernel that folds the paired gradient back.
+    With stream_priorities=True (--stream-priorities) the main stream runs at the device's highest priority and
+    the side streams at its lowest, in eager steps and in the captured one (cupynet/backends/node_priorities.py).
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -55,6 +57,7 @@ float32: `tf32=True` lets cuDNN use TF32 tensor cores (~1e-3 relative error per 
     `tf32=False` keeps convolutions strict fp32 (the parity tests use it).
 """
 import functools
+import weakref
 from collections import Counter
 
 import numpy as np
@@ -65,6 +68,7 @@ except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
 from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, pixel_pairs
+from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, instantiate_with_node_priorities
 from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
 from cupynet.errors import DeviceError
@@ -203,7 +207,8 @@ class CupyBackend(LayoutMixin):
 
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
-                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False):
+                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
+                 stream_priorities=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -234,6 +239,8 @@ class CupyBackend(LayoutMixin):
         # a residual block's input-gradient add also reduces the next BatchNorm's gradient sums (layers.py)
         self.residual_grad_sums = bool(residual_grad_sums)
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
+        # the main stream at the highest priority, the side streams at the lowest (backends/node_priorities.py)
+        self.stream_priorities = bool(stream_priorities)
         self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for
         self._wgrad_turn = 0                    # the next weight gradient's side stream (in turn, per step)
@@ -244,8 +251,10 @@ class CupyBackend(LayoutMixin):
         self.device = cupy.cuda.Device(device_id)
         self.device.use()
         with self.device:
-            self.stream = cupy.cuda.Stream(non_blocking=True)
-            self.side_streams = [cupy.cuda.Stream(non_blocking=True)    # weight gradients (see below)
+            main, side = (dict(priority=HIGHEST_PRIORITY), dict(priority=LOWEST_PRIORITY)) if stream_priorities \
+                else ({}, {})
+            self.stream = cupy.cuda.Stream(non_blocking=True, **main)
+            self.side_streams = [cupy.cuda.Stream(non_blocking=True, **side)    # weight gradients (see below)
                                  for _ in range(wgrad_streams)]
             self._fork = cupy.cuda.Event(block=False, disable_timing=True)
             self._join = cupy.cuda.Event(block=False, disable_timing=True)
@@ -1090,7 +1099,7 @@ class CupyBackend(LayoutMixin):
                 self._abandon_capture()
                 raise
             graph = self.stream.end_capture()
-        return CapturedGraph(graph, pool, self)
+            return CapturedGraph(graph, pool, self)
 
     def _abandon_capture(self):
         """End a capture that failed part-way; its error is the one worth reporting, not this one's."""
@@ -1101,16 +1110,25 @@ class CupyBackend(LayoutMixin):
 
 
 class CapturedGraph:
-    """A recorded CUDA graph, the memory pool its captured allocations came from, and its backend."""
+    """A recorded CUDA graph, the memory pool its captured allocations came from, and its backend. With the
+    backend's stream_priorities, the graph instantiated again so that its kernels keep their streams' priorities
+    (backends/node_priorities.py); made inside the backend's device."""
 
     def __init__(self, graph, pool, backend):
         self.graph = graph
         self.pool = pool            # kept alive with the graph: its blocks are baked into the graph
         self.backend = backend
         self.launches = 0
+        self._executable = None     # the node-priority instantiation, launched instead of CuPy's
+        if backend.stream_priorities:
+            self._executable = instantiate_with_node_priorities(graph.graph)
+            weakref.finalize(self, cupy.cuda.runtime.graphExecDestroy, self._executable)
 
     def launch(self):
         """Replay the recorded work on the backend's stream (enqueued; nothing waits)."""
         with self.backend.device:
-            self.graph.launch(stream=self.backend.stream)
+            if self._executable is None:
+                self.graph.launch(stream=self.backend.stream)
+            else:
+                cupy.cuda.runtime.graphLaunch(self._executable, self.backend.stream.ptr)
         self.launches += 1

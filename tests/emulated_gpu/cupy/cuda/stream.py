@@ -39,6 +39,7 @@ _BY_POINTER = weakref.WeakValueDictionary()
 _STREAM_REFS = []
 _STREAM_REFS_LOCK = threading.Lock()
 LOCK_RETRY_S = 0.001                   # how often a thread waiting for a stream's lock looks again
+LEAST_PRIORITY, GREATEST_PRIORITY = 0, -5
 
 
 class _Capture:
@@ -55,10 +56,13 @@ class Stream:
 
     null = None                         # set below
 
-    def __init__(self, null=False, non_blocking=False, ptds=False):
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         self.ptr = 0 if null else next(_pointers)
         self.device_id = -1 if null else _current_device()      # as CuPy: the device it was created on
         self.non_blocking = non_blocking
+        # recorded, not honoured (the emulation runs one piece of work at a time); clamped to an H100's range as
+        # CUDA clamps it (cudaDeviceGetStreamPriorityRange: least 0, greatest -5)
+        self.priority = min(max(int(priority or 0), GREATEST_PRIORITY), LEAST_PRIORITY)
         self._capture = None
         self._sequence = 0              # work enqueued while capturing, to tell which event follows it
         self._unjoined = False
