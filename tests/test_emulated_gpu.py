@@ -73,6 +73,7 @@ def libasan():
 
 
 LIBASAN = libasan()
+DRIVER_STUB_DIR = _kernel_runner().build_driver_stub() if PROBLEM is None else None
 
 
 def emulated_env(devices=1, sanitize=False):
@@ -81,6 +82,8 @@ def emulated_env(devices=1, sanitize=False):
         env.update(CUPYNET_EMULATOR_SANITIZE="1", LD_PRELOAD=LIBASAN, ASAN_OPTIONS="detect_leaks=0")
     env["PYTHONPATH"] = os.pathsep.join([str(EMULATOR), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["CUPYNET_EMULATED_GPUS"] = str(devices)
+    # libcuda.so.1 with the one driver function cupynet calls itself (emulated_gpu/cuda_driver_stub.cpp)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(DRIVER_STUB_DIR)] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
     env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"     # the files run side by side
     return env
 

@@ -302,8 +302,9 @@ def test_residual_grad_sums_captured_equal_the_plain_eager_steps(dataset, layout
 def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset):
     """--stream-priorities: the main stream at a higher priority than the two weight-gradient side streams; eager
     steps with them, and captured ones (the graph instantiated again with per-node priorities through the
-    driver), equal the plain eager steps bit for bit. The emulated GPU has streams with priorities but no CUDA
-    driver library: there the captured half skips."""
+    driver), equal the plain eager steps bit for bit. On the emulated GPU (which records priorities, not schedules
+    by them) the driver library is tests/emulated_gpu/cuda_driver_stub.cpp, which refuses any flags but per-node
+    priorities; the captured half skips where no driver library is on the library path."""
     from cupynet.backends.node_priorities import driver
     from cupynet.errors import DeviceError
     settings = dict(BASE, wgrad_streams=2)

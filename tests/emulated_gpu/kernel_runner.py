@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 HEADER = Path(__file__).resolve().parent / "cuda_cpu.h"
+DRIVER_STUB = Path(__file__).resolve().parent / "cuda_driver_stub.cpp"
 COMPILER = os.environ.get("CXX", "g++")
 FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-fno-strict-aliasing")
 # $CUPYNET_EMULATOR_SANITIZE=1: kernels built with AddressSanitizer, so a read or write past the end of an
@@ -100,13 +101,25 @@ def build_library(code, name_expressions):
     flags = _flags()
     source = "\n".join([f'#include "{HEADER}"', cpu_source(code), _wrappers(name_expressions), ""])
     key = hashlib.sha256((source + HEADER.read_text() + " ".join(flags)).encode()).hexdigest()[:24]
-    cache = _cache_dir()
-    library = cache / f"kernels-{key}.so"
+    return _build(source, flags, _cache_dir() / f"kernels-{key}.so", "the kernels")
+
+
+def build_driver_stub():
+    """The folder of libcuda.so.1 built from cuda_driver_stub.cpp (the driver function cupynet calls itself), for
+    the emulated GPU's LD_LIBRARY_PATH (compiled once, then cached)."""
+    source = DRIVER_STUB.read_text()
+    key = hashlib.sha256((source + " ".join(FLAGS)).encode()).hexdigest()[:24]
+    library = _build(source, FLAGS, _cache_dir() / f"driver-{key}" / "libcuda.so.1", "the driver stub")
+    return library.parent
+
+
+def _build(source, flags, library, what):
+    """Compile `source` into the shared library `library`, unless it is there already."""
     with _BUILD_LOCK:
         if library.is_file():
             return library
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as work:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as work:
             source_file = Path(work) / "module.cpp"
             source_file.write_text(source)
             output = Path(work) / "module.so"
@@ -115,7 +128,7 @@ def build_library(code, name_expressions):
             result = subprocess.run([COMPILER, *flags, str(source_file), "-o", str(output)],
                                     capture_output=True, text=True, env=env)
             if result.returncode != 0:
-                raise KernelError(f"g++ could not compile the kernels for the CPU:\n{result.stderr[-4000:]}")
+                raise KernelError(f"g++ could not compile {what} for the CPU:\n{result.stderr[-4000:]}")
             os.replace(output, library)
     return library
 

@@ -52,3 +52,12 @@ def deviceSynchronize():
 
 def memGetInfo():
     return (15 << 30, 16 << 30)
+
+
+def graphLaunch(graph_exec, stream):
+    from cupy.cuda.stream import launch_graph_handle
+    launch_graph_handle(graph_exec, stream)
+
+
+def graphExecDestroy(graph_exec):
+    """Nothing to free: an emulated executable is its graph's handle, and the graph is a Python object."""

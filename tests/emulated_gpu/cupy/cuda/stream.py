@@ -367,10 +367,14 @@ def get_elapsed_time(start, end):
 
 
 class Graph:
-    """A recorded capture: launch() runs its work again, in order, with the arguments it was recorded with."""
+    """A recorded capture: launch() runs its work again, in order, with the arguments it was recorded with.
+    `graph` is its handle (CuPy's cudaGraph_t), which the emulated driver's cuGraphInstantiateWithFlags returns as
+    the executable that runtime.graphLaunch launches (launch_graph_handle)."""
 
     def __init__(self, operations):
         self.operations = list(operations)
+        self.graph = next(_pointers)
+        _GRAPHS[self.graph] = self
 
     def launch(self, stream=None):
         stream = stream if stream is not None else get_current_stream()
@@ -387,3 +391,15 @@ class Graph:
 
     def upload(self, stream=None):
         pass
+
+
+_GRAPHS = weakref.WeakValueDictionary()      # handle -> Graph
+
+
+def launch_graph_handle(handle, stream_ptr):
+    """runtime.graphLaunch: the graph of `handle` (an executable is its graph's handle here) on the stream of
+    `stream_ptr`."""
+    graph, stream = _GRAPHS.get(handle), _BY_POINTER.get(stream_ptr)
+    if graph is None or stream is None:
+        raise EmulationError(f"cudaErrorInvalidResourceHandle: graphLaunch({handle:#x}, {stream_ptr:#x})")
+    graph.launch(stream)
