@@ -58,6 +58,9 @@ mkdir -p "$OUT_DIR"
 echo "rehearsal: $COPY (shrunk device_check.sh), output $OUT_DIR"
 cd "$COPY"
 SHORT_RUN="--num-layers 8 --epochs 0.05"
+# the emulated GPU's libcuda.so.1: the driver function --stream-priorities calls (tests/emulated_gpu/cuda_driver_stub.cpp)
+DRIVER_STUB=$(cd tests/emulated_gpu && python3 -c "import kernel_runner; print(kernel_runner.build_driver_stub())")
+LD_LIBRARY_PATH="$DRIVER_STUB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
 PYTHONPATH="$COPY/tests/emulated_gpu${PYTHONPATH:+:$PYTHONPATH}" CUPYNET_EMULATED_GPUS=1 OUT="$OUT_DIR" \
     DEVICE_CHECK_SKIP="${DEVICE_CHECK_SKIP-install,gpu_tests}" DEVICE_CHECK_ACCURACY="${DEVICE_CHECK_ACCURACY-1}" \
     DEVICE_CHECK_ACCURACY_ARGS="${DEVICE_CHECK_ACCURACY_ARGS-"$SHORT_RUN --seed 0;$SHORT_RUN --seed 1"}" \
