@@ -68,9 +68,9 @@ except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
 from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, pixel_pairs
-from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, instantiate_with_node_priorities
 from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
+from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, instantiate_with_node_priorities
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
@@ -1122,7 +1122,8 @@ class CapturedGraph:
         self._executable = None     # the node-priority instantiation, launched instead of CuPy's
         if backend.stream_priorities:
             self._executable = instantiate_with_node_priorities(graph.graph)
-            weakref.finalize(self, cupy.cuda.runtime.graphExecDestroy, self._executable)
+            # freed with this object; at exit the process's end frees it (CUDA may be shutting down by then)
+            weakref.finalize(self, cupy.cuda.runtime.graphExecDestroy, self._executable).atexit = False
 
     def launch(self):
         """Replay the recorded work on the backend's stream (enqueued; nothing waits)."""
