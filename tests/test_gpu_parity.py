@@ -284,9 +284,32 @@ def test_convolutions_on_pixel_pairs(dtype, case):
         assert_bounded(a.get(dw), expected, CONV[dtype] * magnitude, what=f"wgrad into {dw_dtype}")
     image_sides = {(key[0], key[2], key[4]) for key in be.conv.graph_calls}        # (op, C, W) of each graph run
     assert image_sides == {(op, 2 * c, w // 2) if paired else (op, c, w) for op in ("fprop", "dgrad", "wgrad")}
-    assert be.kernels.launches["pixel_pair_weights"] == (2 if paired else 0)
+    # the forward built the paired kernel, and the data gradient of the same pass took it
+    assert be.kernels.launches["pixel_pair_weights"] == (1 if paired else 0)
     folds = len({np.dtype(np.float32), be.dtype})
     assert be.kernels.launches["pixel_pair_weight_gradient"] == (folds if paired else 0)
+
+
+def test_a_data_gradient_pairs_the_current_weights_where_no_forward_of_its_pass_did():
+    """The paired kernel a forward builds serves its layer's data gradient until the pass ends
+    (wait_for_gradients); after that, with new weights, the data gradient alone builds the kernel again, and
+    matches the reference for the new weights, not the old ones."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    be = CupyBackend(device_id=0, layout="NHWC", dtype="float32", tf32=False, pixel_pairs=True)
+    a = Arrays(be, seed=8)
+    case = (2, 16, 6, 6, 16, 3, 1)
+    (x, _), (wt, _), (dy, dy_ref) = check_forward_and_data_gradient(be, a, case)
+    assert be.kernels.launches["pixel_pair_weights"] == 1
+    be.wait_for_gradients()                 # the end of the pass: the optimizer would change the weights next
+    new_weights = a.rng.standard_normal(wt.shape) * 0.3
+    be.upload_into(wt, new_weights.astype(np.float32))
+    new_ref = a.get(wt)
+    dx = a.nan(x.shape)
+    be.conv2d_backward_data(dy, wt, 1, 1, dx)
+    assert be.kernels.launches["pixel_pair_weights"] == 2
+    expected = a.ref.conv2d_backward_data(dy_ref, new_ref, 1, 1, np.empty(x.shape))
+    magnitude = a.ref.conv2d_backward_data(np.abs(dy_ref), np.abs(new_ref), 1, 1, np.empty(x.shape))
+    assert_bounded(a.get(dx), expected, CONV["float32"] * magnitude, what="dgrad with the new weights")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -300,7 +323,7 @@ def test_pixel_pair_weights_are_numpys(dtype):
     a = Arrays(be, seed=6)
     w, w_host = a.put(a.rng.standard_normal((16, 3, 3, 8)))
     with be.device, be.stream:          # as a primitive would run it
-        paired = be.to_host(be._pixel_pair_weight(w))
+        paired = be.to_host(be._pixel_pair_weight(w, reuse=False))
     np.testing.assert_array_equal(paired.astype(np.float64), pixel_pair_weight(w_host))
 
 
@@ -1186,8 +1209,8 @@ def test_resnet20_loss_and_every_gradient_match_numpy_at_strict_fp32(layout, opt
     launches = be.kernels.launches.copy()
     loss, ref_loss, grads, ref_grads, state, ref_state = _model_pair(be, 20, x, labels, share_masks=True)
     assert be.conv.executions["fprop"] > 0 and be.kernels.launches["bn_grad"] > launches["bn_grad"]
-    # stage 1's 6 convolutions, forward and data gradient
-    assert be.kernels.launches["pixel_pair_weights"] == (12 if option == "pixel_pairs" else 0)
+    # stage 1's 6 convolutions, built by each forward, taken by each data gradient
+    assert be.kernels.launches["pixel_pair_weights"] == (6 if option == "pixel_pairs" else 0)
     assert be.kernels.launches["pixel_pair_weight_gradient"] == (6 if option == "wgrad_pixel_pairs" else 0)
     # the blocks with an identity shortcut: stage 1's 3, and 2 in each later stage
     assert be.kernels.launches["relu_backward_add_bn_grad"] == (7 if option == "residual_grad_sums" else 0)

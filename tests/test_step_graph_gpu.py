@@ -256,22 +256,24 @@ def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, dtype):
     """--conv-pixel-pairs: stage 1's convolutions run on pixel pairs, their paired weights built from the
-    current weights before each forward and data gradient (inside the captured step, and before each
-    evaluation's forward). Captured steps repeat the eager ones bit for bit, and the run follows the plain one:
-    the same convolutions, summed in another order. After the 12 steps, the parameters as one vector: on the
-    emulated GPU the bf16 runs were identical, and the float32 ones 0 to 0.0038 apart (relative norm; from
-    process to process its autotuner may pick a TF32 engine or a plain float32 one); with a paired kernel that
-    swapped the pixels of a pair, 0.048 apart."""
+    current weights before each forward (inside the captured step, and before each evaluation's forward) and
+    taken by the data gradients; --wgrad-pixel-pairs: their weight gradients too. Captured steps repeat the
+    eager ones bit for bit, and the run follows the plain one: the same convolutions, summed in another order
+    (and in bf16 the paired weight gradient's halves rounded before they are added). After the 12 steps, the
+    parameters as one vector, on the emulated GPU: 0.0035 (float32) and 0.0049 (bf16) apart, relative norm
+    (with the forward switch alone the bf16 runs were identical; from process to process the float32
+    autotuner may pick a TF32 engine or a plain one); with a paired kernel that swapped the pixels of a
+    pair, 0.048 apart, and with a fold that read the wrong pixel of each pair, 0.029."""
     settings = dict(BASE, dtype=dtype, conv_pixel_pairs=True, wgrad_pixel_pairs=True)
     eager_backend = make_backend("NHWC", dtype, pixel_pairs=True, wgrad_pixel_pairs=True)
     eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
     backend = make_backend("NHWC", dtype, pixel_pairs=True, wgrad_pixel_pairs=True)
     captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
     assert captured[0].runner.captured
-    # ResNet-8's stage 1 has two convolutions: their forwards and data gradients at each step, and their
-    # forwards for each evaluation batch (2 evaluations of 24 test images in batches of 16); their weight
-    # gradients at each step
-    assert eager_backend.kernels.launches["pixel_pair_weights"] == 2 * 2 * STEPS + 2 * 2 * 2
+    # ResNet-8's stage 1 has two convolutions: their paired kernels built by their forwards at each step (their
+    # data gradients take them) and for each evaluation batch (2 evaluations of 24 test images in batches of 16);
+    # their weight gradients folded at each step
+    assert eager_backend.kernels.launches["pixel_pair_weights"] == 2 * STEPS + 2 * 2 * 2
     assert eager_backend.kernels.launches["pixel_pair_weight_gradient"] == 2 * STEPS
     assert_identical(eager, captured)
     plain = train(TrainConfig(**dict(settings, conv_pixel_pairs=False, wgrad_pixel_pairs=False), cuda_graph="off"),

@@ -244,6 +244,7 @@ class CupyBackend(LayoutMixin):
         self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for
         self._wgrad_turn = 0                    # the next weight gradient's side stream (in turn, per step)
+        self._pairs_built = set()               # weights whose paired kernel a forward built in this pass
         self.calls = Counter()
         self._scratch_buffers = {}
         self._bn_plans = {}
@@ -409,7 +410,7 @@ class CupyBackend(LayoutMixin):
         """y = conv(x, w). x: activation; w: (K,C,R,S) | (K,R,S,C) in the activation dtype. With pixel_pairs
         (--conv-pixel-pairs), a convolution that pixel_pairs.applies to runs on pixel pairs."""
         if self._on_pixel_pairs(x, w, stride, pad):
-            self.conv.forward(_pair_view(x), self._pixel_pair_weight(w), 1, 1, _pair_view(y))
+            self.conv.forward(_pair_view(x), self._pixel_pair_weight(w, reuse=False), 1, 1, _pair_view(y))
             return y
         return self.conv.forward(x, w, stride, pad, y)
 
@@ -427,7 +428,7 @@ class CupyBackend(LayoutMixin):
     def conv2d_backward_data(self, dy, w, stride, pad, dx):
         """dx = d(loss)/dx (on pixel pairs as conv2d_forward)."""
         if self._on_pixel_pairs(dx, w, stride, pad):
-            self.conv.backward_data(_pair_view(dy), self._pixel_pair_weight(w), 1, 1, _pair_view(dx))
+            self.conv.backward_data(_pair_view(dy), self._pixel_pair_weight(w, reuse=True), 1, 1, _pair_view(dx))
             return dx
         return self.conv.backward_data(dy, w, stride, pad, dx)
 
@@ -435,14 +436,17 @@ class CupyBackend(LayoutMixin):
         """Whether this convolution runs on pixel pairs: the option is on and the rewrite applies to it."""
         return self.pixel_pairs and pixel_pairs.applies(self.layout, image.shape, w.shape, stride, pad)
 
-    def _pixel_pair_weight(self, w):
-        """The paired kernel of w (kernels/pixel_pairs.cu), built now into a scratch buffer. Built again for
-        each call, forward and data gradient, because w changes between steps; one buffer per shape serves
-        every convolution, since each call's build and use run in order on the main stream."""
-        paired = self._scratch("pixel_pairs", pixel_pairs.paired_weight_shape(w.shape), w.dtype)
-        k, r, _, c = w.shape
-        self._launch_1d("pixel_pair_weights", (ctype(w.dtype),), paired.size,
-                        (w, paired, _i32(k), _i32(r), _i32(c)))
+    def _pixel_pair_weight(self, w, reuse):
+        """The paired kernel of w (kernels/pixel_pairs.cu), in a buffer of w's own. A forward builds it (w changes
+        between steps); a data gradient (reuse) takes the one its layer's forward built in the same pass, since w
+        does not change between a layer's forward and its backward (the optimizer runs after wait_for_gradients,
+        which ends the pass), and builds it only where no forward did: one launch per convolution and step."""
+        paired = self._scratch(("pixel_pairs", w.data.ptr), pixel_pairs.paired_weight_shape(w.shape), w.dtype)
+        if not (reuse and w.data.ptr in self._pairs_built):
+            k, r, _, c = w.shape
+            self._launch_1d("pixel_pair_weights", (ctype(w.dtype),), paired.size,
+                            (w, paired, _i32(k), _i32(r), _i32(c)))
+            self._pairs_built.add(w.data.ptr)
         return paired
 
     @_primitive
@@ -509,6 +513,7 @@ class CupyBackend(LayoutMixin):
         """
         self._join_side_stream()
         self._wgrad_turn = 0
+        self._pairs_built.clear()       # the optimizer may change the weights next: pair them again
 
     # ----------------------------------------------------------------- batch normalization
 

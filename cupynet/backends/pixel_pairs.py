@@ -29,7 +29,7 @@ the sum of the paired convolution's weight gradient at those two places,
 (the paired gradient's other half, at the zeros, is computed and dropped: twice the multiply-adds again).
 
 The GPU backend builds the paired kernel from the current weights (kernels/pixel_pairs.cu) before each
-forward and data gradient that runs paired, a pass over 2K x 3 x 3 x 2C values (9,216 at 16 channels), and
+forward that runs paired, for its data gradient too, a pass over 2K x 3 x 3 x 2C values (9,216 at 16 channels), and
 folds each paired weight gradient back the same way. `pixel_pair_weight` and `pixel_pair_weight_gradient`
 here are their NumPy twins, and `tests/test_pixel_pairs.py` checks the rewrite itself against the NumPy
 backend's convolutions.
