@@ -947,10 +947,13 @@ def test_global_avgpool(layout, dtype, shape):
 
 
 @params(layouts=("NHWC",))
-def test_dense_forward_and_backward(layout, dtype):
+@pytest.mark.parametrize("n", [5, 70], ids=lambda n: f"N{n}")
+def test_dense_forward_and_backward(layout, dtype, n):
+    """The dense layer's kernels sum each output over a warp's lanes: 64 inputs (two terms a lane), and a batch of
+    5 (most lanes idle) or 70 (three rounds, the last partial) for the parameter gradients."""
     be = backend(layout, dtype)
     a = Arrays(be, seed=9)
-    n, cin, cout = 5, 64, 10
+    cin, cout = 64, 10
     x, x_ref = a.put(a.rng.standard_normal((n, cin)))
     w, w_ref = a.put(a.rng.standard_normal((cin, cout)) * 0.2, dtype=np.float32)   # float32 master weights
     b, b_ref = a.put(a.rng.standard_normal(cout), dtype=np.float32)

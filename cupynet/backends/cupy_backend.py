@@ -78,6 +78,7 @@ AUGMENT_PAD = 4                     # the reference's pad-4 crop: offsets in [0,
 BN_THREADS = 256                    # threads per block of the BatchNorm partial sums
 FINALIZE_THREADS = 32               # bn_sums_finalize: one warp a block
 HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
+WARP = 32                           # threads per warp: the dense layer's kernels sum each output in one
 MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
 PACK_BYTES = 16                     # what kernels move per load and store on their vector paths
 MIN_STEPS_PER_THREAD = 4            # a partial-sum thread reads at least this many elements or packs
@@ -930,7 +931,7 @@ class CupyBackend(LayoutMixin):
         _same_dtype(x, y=y)
         rows, cin = x.shape
         cout = w.shape[1]
-        self._launch_1d("dense_forward", (ctype(x.dtype),), rows * cout,
+        self._launch_1d("dense_forward", (ctype(x.dtype),), rows * cout * WARP,      # a warp per output
                         (x, w, b, y, _i32(rows), _i32(cin), _i32(cout)))
         return y
 
@@ -943,7 +944,7 @@ class CupyBackend(LayoutMixin):
         cout = w.shape[1]
         t = (ctype(x.dtype),)
         self._launch_1d("dense_backward_data", t, rows * cin, (dy, w, dx, _i32(rows), _i32(cin), _i32(cout)))
-        self._launch_1d("dense_backward_params", t, cin * cout + cout,
+        self._launch_1d("dense_backward_params", t, (cin * cout + cout) * WARP,     # a warp per output
                         (x, dy, dw, db, _i32(rows), _i32(cin), _i32(cout)))
         return dx
 
