@@ -341,8 +341,15 @@ seconds_until() {   # seconds_until OFFSET START [LEAST]: seconds left until OFF
 
 step_options() {
     local start=$SECONDS rc=0 seconds
-    # the switches that are off by default and not yet measured on a GPU, all at once (the combined rows below)
-    local switches="--conv-pixel-pairs on --wgrad-pixel-pairs on --residual-grad-sums on --stream-priorities on"
+    # the switches that are off by default and not yet measured on a GPU (see below): a row each, the defaults'
+    # twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one row
+    local switches=(--conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums --stream-priorities)
+    local alone=() alone_512=() together="" flag
+    for flag in "${switches[@]}"; do
+        alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $flag on")
+        alone_512+=(--also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off $flag on")
+        together+=" $flag on"
+    done
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
     # The defaults with genstats (any engine) come fifth, right after 1x1's other rows: a fused pair's forward
@@ -360,21 +367,14 @@ step_options() {
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1,2x1,8x4,16x16 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-genstats on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --wgrad-pixel-pairs on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --stream-priorities on" \
-            --also "--wgrad-pairs 4x1 --conv-deterministic off $switches" \
+            "${alone[@]}" --also "--wgrad-pairs 4x1 --conv-deterministic off$together" \
             --max-seconds "$seconds" --json "$OUT/step_options.json" || rc=1
     fi
     if seconds=$(seconds_until $((STAGE_LIMIT * 44 / 100)) "$start"); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 128 --layouts NHWC --dtypes float32 --cuda-graph on \
             --wgrad-pairs 1x1,4x4,8x8,4x1 --conv-deterministic on,off --warmup 5 --steps 20 --repeats 5 \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-pixel-pairs on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --wgrad-pixel-pairs on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --residual-grad-sums on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --stream-priorities on" \
+            "${alone[@]}" \
             --max-seconds "$seconds" --json "$OUT/step_options_fp32.json" || rc=1
     fi
     # one launch per BatchNorm pass, at the default pair and at 8 x 8 (beside the same pairs' rows above), each
@@ -406,11 +406,7 @@ step_options() {
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \
             --wgrad-pairs 1x1,8x8,16x16 --conv-deterministic on,off --conv-split-k off,on --warmup 5 --steps 10 --repeats 5 \
             --also "--wgrad-pairs 1x1 --conv-deterministic off --conv-split-k off --conv-genstats on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --conv-pixel-pairs on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --wgrad-pixel-pairs on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --residual-grad-sums on" \
-            --also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off --stream-priorities on" \
-            --also "--wgrad-pairs 4x1 --conv-deterministic off --conv-split-k off $switches" \
+            "${alone_512[@]}" --also "--wgrad-pairs 4x1 --conv-deterministic off --conv-split-k off$together" \
             --max-seconds "$seconds" --json "$OUT/step_options_512.json" || rc=1
     fi
     return $rc
