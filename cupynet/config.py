@@ -132,6 +132,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {default})"
 
 
+def add_switch(group, field, help):
+    """An on/off flag for the TrainConfig field `field`: --field-name and --no-field-name, its default TrainConfig's."""
+    group.add_argument("--" + field.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                       default=getattr(TrainConfig(), field), help=help)
+
+
 def build_parser():
     d = TrainConfig()
     p = _Parser(prog="python -m cupynet.train", description=__doc__.split("\n\n")[0],
@@ -160,55 +166,55 @@ def build_parser():
     model.add_argument("--data-format", type=_layout, default=d.data_format, help="memory layout: NCHW or NHWC")
     model.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                        help="compute precision: float32, float64 (CPU only), bfloat16 (GPU only, float32 master weights)")
-    model.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32,
-                       help="GPU float32 convolutions may use TF32 tensor cores (--no-tf32: strict float32)")
+    add_switch(model, "tf32",
+               help="GPU float32 convolutions may use TF32 tensor cores (--no-tf32: strict float32)")
     model.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=d.cuda_graph,
                        help="record the whole GPU training step once as a CUDA graph and replay it each step "
                             "(auto: on for GPU workers unless --reduce host; results are identical either way with "
                             "--conv-deterministic, the default)")
-    model.add_argument("--conv-autotune", action=argparse.BooleanOptionalAction, default=d.conv_autotune,
-                       help="GPU: time cuDNN's candidate engines for each convolution on first use (up to 8 of its "
-                            "heuristics' list) and keep the fastest (--no-conv-autotune: the heuristics' first "
-                            "choice, identical across processes)")
-    model.add_argument("--conv-deterministic", action=argparse.BooleanOptionalAction, default=d.conv_deterministic,
-                       help="GPU: only cuDNN engines that give the same bits on every run, so reruns, resumes and "
-                            "the captured step repeat exactly (--no-conv-deterministic: engines that add in a "
-                            "varying order too, as PyTorch's default)")
-    model.add_argument("--conv-split-k", action=argparse.BooleanOptionalAction, default=d.conv_split_k,
-                       help="GPU, with --conv-autotune: also time split-K settings of each weight gradient's cuDNN "
-                            "engines (the sum over the batch cut into 2-64 slices: more of the GPU busy at 16-64 "
-                            "channels; off by default until a GPU run shows it faster)")
-    model.add_argument("--conv-genstats", action=argparse.BooleanOptionalAction, default=d.conv_genstats,
-                       help="GPU: each convolution that feeds a BatchNorm also writes the per-channel sum and sum "
-                            "of squares of its output (cuDNN's genstats, one fused graph), so BatchNorm's statistics "
-                            "skip their own pass over the activation; needs --conv-autotune, which checks each such "
-                            "engine's sums first; a convolution with no engine that passes runs as before. Statistics from "
-                            "unshifted float32 sums; not with --sync-bn's layers; off by default until a GPU run "
-                            "shows it faster")
-    model.add_argument("--conv-pixel-pairs", action=argparse.BooleanOptionalAction, default=d.conv_pixel_pairs,
-                       help="GPU, NHWC: stage 1's 3x3 convolutions (16 channels) run forward and data gradient as "
-                            "the same convolutions on pixel pairs (32 channels at half the width, a kernel built "
-                            "from the weights each step), where cuDNN's engines are faster; the same results up "
-                            "to the order of the sums; off by default until a GPU run shows it faster")
-    model.add_argument("--wgrad-pixel-pairs", action=argparse.BooleanOptionalAction, default=d.wgrad_pixel_pairs,
-                       help="GPU, NHWC: the weight gradients of stage 1's 3x3 convolutions run on pixel pairs too "
-                            "(with or without --conv-pixel-pairs): cuDNN's weight gradient of the paired "
-                            "convolution, folded back by a small kernel (each weight's two places added); the same "
-                            "gradients up to rounding (in bfloat16, two rounded halves); off by default until a "
-                            "GPU run shows it faster")
-    model.add_argument("--residual-grad-sums", action=argparse.BooleanOptionalAction, default=d.residual_grad_sums,
-                       help="block v1: the kernel that adds up a residual block's input gradient (main path plus "
-                            "identity shortcut) also reduces the gradient sums of the BatchNorm that gradient "
-                            "flows into next (the previous block's last one, or the stem's), in the same pass: "
-                            "that BatchNorm's backward skips its own reduction (one launch and one read of three "
-                            "activations fewer, 19 times per ResNet-44 step); the same results; not for --sync-bn's "
-                            "layers; off by default until a GPU run shows it faster")
-    model.add_argument("--stream-priorities", action=argparse.BooleanOptionalAction, default=d.stream_priorities,
-                       help="GPU: the main stream (forward, data gradients, BatchNorm: the step's critical path) at "
-                            "the device's highest priority and the weight gradients' side streams at its lowest, "
-                            "so that free SMs take the main chain's waiting blocks first; the captured step keeps "
-                            "them (its graph instantiated with per-node priorities through the CUDA driver); the "
-                            "same results; off by default until a GPU run shows it faster")
+    add_switch(model, "conv_autotune",
+               help="GPU: time cuDNN's candidate engines for each convolution on first use (up to 8 of its "
+                    "heuristics' list) and keep the fastest (--no-conv-autotune: the heuristics' first "
+                    "choice, identical across processes)")
+    add_switch(model, "conv_deterministic",
+               help="GPU: only cuDNN engines that give the same bits on every run, so reruns, resumes and "
+                    "the captured step repeat exactly (--no-conv-deterministic: engines that add in a "
+                    "varying order too, as PyTorch's default)")
+    add_switch(model, "conv_split_k",
+               help="GPU, with --conv-autotune: also time split-K settings of each weight gradient's cuDNN "
+                    "engines (the sum over the batch cut into 2-64 slices: more of the GPU busy at 16-64 "
+                    "channels; off by default until a GPU run shows it faster)")
+    add_switch(model, "conv_genstats",
+               help="GPU: each convolution that feeds a BatchNorm also writes the per-channel sum and sum "
+                    "of squares of its output (cuDNN's genstats, one fused graph), so BatchNorm's statistics "
+                    "skip their own pass over the activation; needs --conv-autotune, which checks each such "
+                    "engine's sums first; a convolution with no engine that passes runs as before. Statistics from "
+                    "unshifted float32 sums; not with --sync-bn's layers; off by default until a GPU run "
+                    "shows it faster")
+    add_switch(model, "conv_pixel_pairs",
+               help="GPU, NHWC: stage 1's 3x3 convolutions (16 channels) run forward and data gradient as "
+                    "the same convolutions on pixel pairs (32 channels at half the width, a kernel built "
+                    "from the weights each step), where cuDNN's engines are faster; the same results up "
+                    "to the order of the sums; off by default until a GPU run shows it faster")
+    add_switch(model, "wgrad_pixel_pairs",
+               help="GPU, NHWC: the weight gradients of stage 1's 3x3 convolutions run on pixel pairs too "
+                    "(with or without --conv-pixel-pairs): cuDNN's weight gradient of the paired "
+                    "convolution, folded back by a small kernel (each weight's two places added); the same "
+                    "gradients up to rounding (in bfloat16, two rounded halves); off by default until a "
+                    "GPU run shows it faster")
+    add_switch(model, "residual_grad_sums",
+               help="block v1: the kernel that adds up a residual block's input gradient (main path plus "
+                    "identity shortcut) also reduces the gradient sums of the BatchNorm that gradient "
+                    "flows into next (the previous block's last one, or the stem's), in the same pass: "
+                    "that BatchNorm's backward skips its own reduction (one launch and one read of three "
+                    "activations fewer, 19 times per ResNet-44 step); the same results; not for --sync-bn's "
+                    "layers; off by default until a GPU run shows it faster")
+    add_switch(model, "stream_priorities",
+               help="GPU: the main stream (forward, data gradients, BatchNorm: the step's critical path) at "
+                    "the device's highest priority and the weight gradients' side streams at its lowest, "
+                    "so that free SMs take the main chain's waiting blocks first; the captured step keeps "
+                    "them (its graph instantiated with per-node priorities through the CUDA driver); the "
+                    "same results; off by default until a GPU run shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "

@@ -57,10 +57,12 @@ def check_cuda_graph(config, devices):
 
 
 def build_backend(config, device):
-    return create_backend(device, config.data_format, config.dtype, config.tf32, config.conv_autotune,
-                          config.wgrad_streams, config.conv_deterministic, config.wgrad_chunks, config.bn_launches,
-                          config.conv_split_k, config.conv_genstats, config.conv_pixel_pairs,
-                          config.residual_grad_sums, config.wgrad_pixel_pairs, config.stream_priorities)
+    return create_backend(device, config.data_format, config.dtype, tf32=config.tf32, autotune=config.conv_autotune,
+                          wgrad_streams=config.wgrad_streams, deterministic=config.conv_deterministic,
+                          wgrad_chunks=config.wgrad_chunks, bn_launches=config.bn_launches, split_k=config.conv_split_k,
+                          conv_genstats=config.conv_genstats, pixel_pairs=config.conv_pixel_pairs,
+                          residual_grad_sums=config.residual_grad_sums, wgrad_pixel_pairs=config.wgrad_pixel_pairs,
+                          stream_priorities=config.stream_priorities)
 
 
 def make_group(config, devices):
