@@ -69,6 +69,15 @@
 #define BN_BLOCKS_PER_SM 3
 #define BN_REDUCTION_BOUNDS __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 
+// Groups a partial-sum thread loads before it adds them (for_each_group): the statistics read one array, the
+// gradient sums two or three (grad_tile takes one group at a time where it reads more); as many as the registers
+// BN_REDUCTION_BOUNDS allows hold without spilling.
+#define STATS_GROUPS_IN_FLIGHT 4
+#define GRAD_GROUPS_IN_FLIGHT 2
+// Slices of the partial sums a finalizing lane loads before it adds them (sum_partials): two loads each. A
+// finalize is a chain that waits on L2's latency, not its bandwidth.
+#define PARTIAL_SLICES_IN_FLIGHT 8
+
 // One thread's place in a partial-sum tile (see the file comment).
 struct ChannelTile {
     int cw;     // groups per block row
@@ -88,17 +97,57 @@ struct ChannelTile {
 // Channels one thread's group covers: V in NHWC, 1 in NCHW (a group of one channel's positions).
 template <int V> __device__ __forceinline__ int group_channels(int inner) { return inner == 1 ? V : 1; }
 
-// Calls visit(offset) for each group of the tile's channel(s) the thread reads: rows first(), first() +
-// step(), ... Unrolled so that several loads are in flight per thread.
-template <int V, typename Visit>
-__device__ __forceinline__ void for_each_group(const ChannelTile& t, int C, int inner, int m, Visit visit)
+// The values a thread loads for one group: N arrays' V elements each, kept as loaded (type T) until used, so
+// that a bfloat16 pack waits in 4 registers rather than the 8 of its floats.
+template <typename T, int V, int N>
+struct GroupValues {
+    alignas(16) T a[N][V];
+
+    // a[i] = the group at `offset` of x: one element, or one 16-byte load (V = Pack<T>::size).
+    __device__ __forceinline__ void load(int i, const T* x, int offset)
+    {
+        if constexpr (V == 1) {
+            a[i][0] = x[offset];
+        } else {
+            *reinterpret_cast<uint4*>(a[i]) = reinterpret_cast<const uint4*>(x)[offset / V];
+        }
+    }
+
+    __device__ __forceinline__ float at(int i, int k) const { return to_float(a[i][k]); }
+};
+
+// For k = first, first + step, ... < end, in that order: use(place(k), load(place(k))). The k go U at a time: the
+// U places, then the U loads, then the U uses, so that U loads are in flight at once and the sums a use adds
+// are the same, bit for bit, as one k at a time. (A plain unrolled loop tests the bound before each load, and
+// the compiler does not move a load above that test: its SASS was one load, the arithmetic on it, a branch,
+// the next load, each load waiting out the memory's latency. The places come first so that no branch of
+// theirs falls between the loads either.) The last k, fewer than U, go one at a time.
+template <int U, typename Place, typename Load, typename Use>
+__device__ __forceinline__ void in_batches(int first, int end, int step, Place place, Load load, Use use)
+{
+    int k = first;
+    for (; k + (U - 1) * step < end; k += U * step) {
+        int at[U];
+        decltype(load(0)) values[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) at[u] = place(k + u * step);
+#pragma unroll
+        for (int u = 0; u < U; ++u) values[u] = load(at[u]);
+#pragma unroll
+        for (int u = 0; u < U; ++u) use(at[u], values[u]);
+    }
+    for (; k < end; k += step) use(place(k), load(place(k)));
+}
+
+// The thread's groups of the tile's channel(s), rows first(), first() + step(), ..., U at a time (in_batches):
+// load(offset) reads what a group needs (a GroupValues), use(offset, values) does its arithmetic (and any store).
+template <int V, int U, typename Load, typename Use>
+__device__ __forceinline__ void for_each_group(const ChannelTile& t, int C, int inner, int m, Load load, Use use)
 {
     if (t.c >= C) return;
     const int groups = inner == 1 ? m : m / V;     // per channel (NCHW: inner % V == 0)
-#pragma unroll 4
-    for (int k = t.first(); k < groups; k += t.step()) {
-        visit(inner == 1 ? k * C + t.c : channel_element(k * V, t.c, C, inner));
-    }
+    const auto offset = [&](int k) { return inner == 1 ? k * C + t.c : channel_element(k * V, t.c, C, inner); };
+    in_batches<U>(t.first(), groups, t.step(), offset, load, use);
 }
 
 // Per-channel value of the k-th element of the thread's group: values[c + k] in NHWC, values[c] in NCHW.
@@ -197,11 +246,13 @@ __device__ double2 sum_partials(const float* partials, int slices, int C, int c,
 {
     double a = 0.0, b = 0.0;
     if (c < C) {
-#pragma unroll 8     // up to 16 loads in flight per lane: a finalize waits on L2 latency, not bandwidth
-        for (int p = j; p < slices; p += lanes) {
-            a += __ldcg(partials + p * C + c);
-            b += __ldcg(partials + (slices + p) * C + c);
-        }
+        in_batches<PARTIAL_SLICES_IN_FLIGHT>(
+            j, slices, lanes, [](int p) { return p; },
+            [&](int p) { return make_float2(__ldcg(partials + p * C + c), __ldcg(partials + (slices + p) * C + c)); },
+            [&](int, float2 sums) {
+                a += sums.x;
+                b += sums.y;
+            });
     }
     return make_double2(warp_sum(a, lanes), warp_sum(b, lanes));
 }
@@ -308,9 +359,17 @@ __device__ __forceinline__ int flat_grid_stride() { return gridDim.x * gridDim.y
 // BatchNorm's output before any residual and relu: x normalized, scaled, shifted, as
 // fmaf(x - mean, gamma * invstd, beta) with every rounding explicit, so the forward and a backward that
 // recomputes it (relu_passes) give the same bits whatever the compiler contracts elsewhere.
+__device__ __forceinline__ float bn_affine_scaled(float x, float mean, float scale, float beta)
+{
+    return fmaf(__fsub_rn(x, mean), scale, beta);
+}
+
+// scale = gamma * invstd, rounded as bn_affine_scaled's callers round it once per channel.
+__device__ __forceinline__ float bn_scale(float gamma, float invstd) { return __fmul_rn(gamma, invstd); }
+
 __device__ __forceinline__ float bn_affine(float x, float mean, float invstd, float gamma, float beta)
 {
-    return fmaf(__fsub_rn(x, mean), __fmul_rn(gamma, invstd), beta);
+    return bn_affine_scaled(x, mean, bn_scale(gamma, invstd), beta);
 }
 
 // The backward's fused relu, a template argument R of its kernels (so each mode gets only the registers
@@ -351,12 +410,15 @@ __device__ void shifted_stats_tile(const T* x, const float (&shift)[V], const Ch
                                    int m, float* partials)
 {
     float sum[V] = {}, sum_sq[V] = {};
-    for_each_group<V>(t, C, inner, m, [&](int offset) {
-        float v[V];
-        load_group<V>(x, offset, v);
+    const auto load = [&](int offset) {
+        GroupValues<T, V, 1> values;
+        values.load(0, x, offset);
+        return values;
+    };
+    for_each_group<V, STATS_GROUPS_IN_FLIGHT>(t, C, inner, m, load, [&](int, const GroupValues<T, V, 1>& values) {
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const float d = v[k] - shift[k];
+            const float d = values.at(0, k) - shift[k];
             sum[k] += d;
             sum_sq[k] = fmaf(d, d, sum_sq[k]);
         }
@@ -634,52 +696,74 @@ __global__ void bn_stats_apply(const T* x, const T* residual, T* y, int C, int i
 // ------------------------------------------------------------------ backward
 
 // One block's partial sums of dz and dz * xhat per channel (both reductions of the backward pass in
-// one read of the gradient, x and, with a fused relu whose mask comes from the output, y). gradient(offset, g)
-// fills g with the V gradient values of the group at `offset`: loaded from dy (bn_grad), or computed and
+// one read of the gradient, x and, with a fused relu whose mask comes from the output, y). The gradient is
+// G arrays' values: load_gradient(offset, values) loads them into values.a[0, G), and make_gradient(offset,
+// values, g) fills g with the group's V gradient values from them: dy itself (bn_grad), or computed and
 // written by the kernel that makes them (relu_backward_add_bn_grad).
-template <int V, typename T, int R, typename Gradient>
-__device__ void grad_tile(Gradient gradient, const T* x, const T* y, const float* mean, const float* invstd,
-                          const float* gamma, const float* beta, const ChannelTile& t, int C, int inner, int m,
-                          float* partials)
+template <int V, typename T, int R, int G, typename LoadGradient, typename MakeGradient>
+__device__ void grad_tile(LoadGradient load_gradient, MakeGradient make_gradient, const T* x, const T* y,
+                          const float* mean, const float* invstd, const float* gamma, const float* beta,
+                          const ChannelTile& t, int C, int inner, int m, float* partials)
 {
-    float mu[V], is[V], ga[V] = {}, be[V] = {}, sum_dz[V] = {}, sum_dz_xhat[V] = {};
+    constexpr int X = G, Y = G + 1, N = R == RELU_FROM_OUTPUT ? G + 2 : G + 1;    // where x and y go
+    // Groups in flight: with three gradient arrays (and x, maybe y) one group's loads are already four or five.
+    constexpr int U = G == 1 ? GRAD_GROUPS_IN_FLIGHT : 1;
+    float mu[V], is[V], scale[V] = {}, be[V] = {}, sum_dz[V] = {}, sum_dz_xhat[V] = {};
     group_values<V>(mean, t, C, inner, mu);
     group_values<V>(invstd, t, C, inner, is);
-    if constexpr (R == RELU_FROM_INPUT) {
-        group_values<V>(gamma, t, C, inner, ga);
+    if constexpr (R == RELU_FROM_INPUT) {       // gamma * invstd once per channel: V registers fewer than gamma's
+        group_values<V>(gamma, t, C, inner, scale);
+#pragma unroll
+        for (int k = 0; k < V; ++k) scale[k] = bn_scale(scale[k], is[k]);
         group_values<V>(beta, t, C, inner, be);
     }
-    for_each_group<V>(t, C, inner, m, [&](int offset) {
-        float g[V], v[V], out[V] = {};
-        gradient(offset, g);
-        load_group<V>(x, offset, v);
-        if constexpr (R == RELU_FROM_OUTPUT) load_group<V>(y, offset, out);
+    const auto load = [&](int offset) {
+        GroupValues<T, V, N> values;
+        load_gradient(offset, values);
+        values.load(X, x, offset);
+        if constexpr (R == RELU_FROM_OUTPUT) values.load(Y, y, offset);
+        return values;
+    };
+    for_each_group<V, U>(t, C, inner, m, load, [&](int offset, const GroupValues<T, V, N>& values) {
+        float g[V];
+        make_gradient(offset, values, g);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const bool passes = relu_passes<T, R>(out[k], [&] {
-                return bn_affine(v[k], mu[k], is[k], ga[k], be[k]);
+            const float v = values.at(X, k);
+            const bool passes = relu_passes<T, R>(R == RELU_FROM_OUTPUT ? values.at(N - 1, k) : 0.0f, [&] {
+                return bn_affine_scaled(v, mu[k], scale[k], be[k]);
             });
             const float dz = passes ? g[k] : 0.0f;
             sum_dz[k] += dz;
-            sum_dz_xhat[k] = fmaf(dz, (v[k] - mu[k]) * is[k], sum_dz_xhat[k]);
+            sum_dz_xhat[k] = fmaf(dz, (v - mu[k]) * is[k], sum_dz_xhat[k]);
         }
     });
     store_tile_sums<V>(sum_dz, sum_dz_xhat, t, C, inner, partials);
 }
 
 // grad_tile of the gradient dy, with groups of a 16-byte pack (vec = 1) or of one element.
+template <int V, typename T, int R>
+__device__ void dy_grad_tile(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
+                             const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials)
+{
+    grad_tile<V, T, R, 1>(
+        [&](int offset, auto& values) { values.load(0, dy, offset); },
+        [&](int, const auto& values, float (&g)[V]) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) g[k] = values.at(0, k);
+        },
+        x, y, mean, invstd, gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner, m, partials);
+}
+
 template <typename T, int R>
 __device__ void grad_partials(const T* dy, const T* x, const T* y, const float* mean, const float* invstd,
                               const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                               int vec)
 {
     if (vec) {
-        constexpr int V = Pack<T>::size;
-        grad_tile<V, T, R>([&](int offset, float (&g)[V]) { load_group<V>(dy, offset, g); }, x, y, mean, invstd,
-                           gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner, m, partials);
+        dy_grad_tile<Pack<T>::size, T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials);
     } else {
-        grad_tile<1, T, R>([&](int offset, float (&g)[1]) { load_group<1>(dy, offset, g); }, x, y, mean, invstd,
-                           gamma, beta, ChannelTile(cw, 1), C, inner, m, partials);
+        dy_grad_tile<1, T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials);
     }
 }
 
@@ -725,14 +809,17 @@ __device__ void add_grad_tile(const T* dy, const T* out, const T* addend, T* dx,
                               const float* mean, const float* invstd, const float* gamma, const float* beta, int C,
                               int inner, int m, int cw, float* partials)
 {
-    grad_tile<V, T, R>(
-        [&](int offset, float (&g)[V]) {
-            float d[V], o[V];
-            load_group<V>(dy, offset, d);
-            load_group<V>(out, offset, o);
-            load_group<V>(addend, offset, g);
+    grad_tile<V, T, R, 3>(
+        [&](int offset, auto& values) {
+            values.load(0, dy, offset);
+            values.load(1, out, offset);
+            values.load(2, addend, offset);
+        },
+        [&](int offset, const auto& values, float (&g)[V]) {
 #pragma unroll
-            for (int k = 0; k < V; ++k) g[k] = to_float(from_float<T>(g[k] + relu_grad(d[k], o[k])));
+            for (int k = 0; k < V; ++k) {
+                g[k] = to_float(from_float<T>(values.at(2, k) + relu_grad(values.at(0, k), values.at(1, k))));
+            }
             store_group<V>(dx, offset, g);
         },
         x, y, mean, invstd, gamma, beta, ChannelTile(cw, group_channels<V>(inner)), C, inner, m, partials);

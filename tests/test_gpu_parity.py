@@ -397,8 +397,12 @@ TAILS = {"plain": (False, False), "relu": (True, False), "residual_relu": (True,
 @pytest.mark.parametrize("tail", list(TAILS))
 @pytest.mark.parametrize("launches", [2, 1], ids=["2launches", "1launch"])
 def test_batchnorm_train_forward(layout, dtype, shape, tail, launches):
+    check_batchnorm_train_forward(backend(layout, dtype, launches), dtype, shape, tail)
+
+
+def check_batchnorm_train_forward(be, dtype, shape, tail):
+    """batchnorm_train_forward with a TAILS tail against the NumPy twin."""
     relu, with_residual = TAILS[tail]
-    be = backend(layout, dtype, launches)
     a = Arrays(be, seed=3)
     c = shape[1]
     x, x_ref = a.activation(*shape, scale=2.0, offset=3.0)    # |mean| > std: tests the shifted sums
@@ -588,8 +592,13 @@ def batchnorm_backward_with(be, a, mask, dy, x, gamma, beta, saved_mean, saved_i
 @pytest.mark.parametrize("mask", list(RELU_MASKS))
 @pytest.mark.parametrize("launches", [2, 1], ids=["2launches", "1launch"])
 def test_batchnorm_backward(layout, dtype, shape, mask, launches):
+    check_batchnorm_backward(backend(layout, dtype, launches), layout, dtype, shape, mask)
+
+
+def check_batchnorm_backward(be, layout, dtype, shape, mask):
+    """batchnorm_backward with a RELU_MASKS mask against the NumPy twin (and, for relu_from_x, bit for bit
+    against the mask read from y)."""
     relu, from_x = RELU_MASKS[mask]
-    be = backend(layout, dtype, launches)
     a = Arrays(be, seed=5)
     c = shape[1]
     x, x_ref = a.activation(*shape, scale=1.5, offset=1.0)
@@ -618,6 +627,34 @@ def test_batchnorm_backward(layout, dtype, shape, mask, launches):
     assert_close(a.get(dgamma), expected_dgamma, f32, scale=np.abs(dz * xhat).sum(axis=channel_axes(layout)),
                  what="dgamma")
     assert_close(a.get(dx), expected_dx, REDUCTION[dtype], scale=rms(expected_dx), what="dx")
+
+
+# batchnorm.cu's PARTIAL_SLICES_IN_FLIGHT and slice_lanes(): a finalizing lane loads that many slices of the partial
+# sums at once, and a channel has slice_lanes(C) lanes.
+PARTIAL_SLICES_IN_FLIGHT = 8
+
+
+def slice_lanes(channels):
+    lanes = 32
+    while lanes > 1 and lanes * channels > 256:
+        lanes //= 2
+    return lanes
+
+
+@params(layouts=["NHWC"])
+@pytest.mark.parametrize("shape", [(8, 64, 32, 32), (16, 256, 8, 8)], ids=lambda s: "N{}C{}H{}W{}".format(*s))
+def test_batchnorm_sums_of_many_slices(monkeypatch, layout, dtype, shape):
+    """Reductions whose finalize adds each channel's partial sums in whole batches of PARTIAL_SLICES_IN_FLIGHT
+    per lane, and more: the emulated GPU is given 32 SMs for it (2 leave too few slices; a real GPU has its
+    own, and this many slices at 32 or more), forward and backward against the NumPy twin."""
+    monkeypatch.setenv("CUPYNET_EMULATED_SMS", "32")
+    be = make_backend(layout, dtype)
+    n, c, h, w = shape
+    plan = be._bn_plan(c, n * h * w, 16 // np.dtype(be.dtype).itemsize, 1)
+    assert plan["slices"] >= 2 * PARTIAL_SLICES_IN_FLIGHT * slice_lanes(c), plan
+    check_batchnorm_train_forward(be, dtype, shape, "relu")
+    for mask in RELU_MASKS:
+        check_batchnorm_backward(be, layout, dtype, shape, mask)
 
 
 # ACTIVATIONS but 2064 channels: its NCHW grid (a block per channel) costs the emulated GPU about 1.7 s a case, 20
