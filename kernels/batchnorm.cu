@@ -708,10 +708,14 @@ __device__ void grad_tile(LoadGradient load_gradient, MakeGradient make_gradient
     constexpr int X = G, Y = G + 1, N = R == RELU_FROM_OUTPUT ? G + 2 : G + 1;    // where x and y go
     // Groups in flight: with three gradient arrays (and x, maybe y) one group's loads are already four or five.
     constexpr int U = G == 1 ? GRAD_GROUPS_IN_FLIGHT : 1;
-    float mu[V], is[V], scale[V] = {}, be[V] = {}, sum_dz[V] = {}, sum_dz_xhat[V] = {};
+    // sum(dz * xhat) = invstd * sum(dz * (x - mean)): the loop adds the latter and the tile multiplies once at
+    // the end, so that invstd takes no registers during the loop (with the relu mask from x a thread already
+    // holds 3 x V per-channel values, and the registers left decide how many groups' loads are in flight).
+    float mu[V], scale[V] = {}, be[V] = {}, sum_dz[V] = {}, sum_dz_xc[V] = {};
     group_values<V>(mean, t, C, inner, mu);
-    group_values<V>(invstd, t, C, inner, is);
-    if constexpr (R == RELU_FROM_INPUT) {       // gamma * invstd once per channel: V registers fewer than gamma's
+    if constexpr (R == RELU_FROM_INPUT) {
+        float is[V];
+        group_values<V>(invstd, t, C, inner, is);
         group_values<V>(gamma, t, C, inner, scale);
 #pragma unroll
         for (int k = 0; k < V; ++k) scale[k] = bn_scale(scale[k], is[k]);
@@ -735,9 +739,13 @@ __device__ void grad_tile(LoadGradient load_gradient, MakeGradient make_gradient
             });
             const float dz = passes ? g[k] : 0.0f;
             sum_dz[k] += dz;
-            sum_dz_xhat[k] = fmaf(dz, (v - mu[k]) * is[k], sum_dz_xhat[k]);
+            sum_dz_xc[k] = fmaf(dz, v - mu[k], sum_dz_xc[k]);
         }
     });
+    float is[V], sum_dz_xhat[V];
+    group_values<V>(invstd, t, C, inner, is);
+#pragma unroll
+    for (int k = 0; k < V; ++k) sum_dz_xhat[k] = sum_dz_xc[k] * is[k];
     store_tile_sums<V>(sum_dz, sum_dz_xhat, t, C, inner, partials);
 }
 
