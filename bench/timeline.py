@@ -14,10 +14,13 @@ replays are timed without the profiler, with CUDA events: what profiling costs t
     chain), and how long both run at once, which says which chain bounds the step (by role, not by stream: in
     a replay CUPTI reports the streams the graph's executor chose, not those the work was recorded on);
   * the kernels by time, grouped: cupynet's own (kernels/*.cu, by name) and cuDNN's by direction where its
-    kernel names say it (fprop, dgrad, wgrad), then each kernel name.
+    kernel names say it (fprop, dgrad, wgrad), then each kernel name;
+  * the gaps between consecutive work on one stream, by what ends and what starts (a memset, a copy, one of
+    our kernels, one of cuDNN's): the latency of the graph's dependencies, which differs by the kind of node.
 The step options are bench/vs_torch.py's flags (bench/best_step_options.py prints them). Writes JSON (`--json`,
 default bench/results/timeline-<host>.json) and, with `--trace`, the profiler's Chrome trace of the whole run
-(chrome://tracing or ui.perfetto.dev; gzip-compressed when the name ends in .gz).
+(chrome://tracing or ui.perfetto.dev; gzip-compressed when the name ends in .gz). `--from-trace T.json.gz` reads
+such a trace again instead (no GPU, no PyTorch), with --steps the replays it holds, and prints its summary.
 Needs a GPU, and PyTorch with CUDA for its profiler (a benchmark may use PyTorch where it is importable; cupynet
 never depends on it): without PyTorch it prints one "skipped" line and exits 0, as vs_torch.py does.
 """
@@ -49,6 +52,7 @@ from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
 GPU_ACTIVITY = ("kernel", "gpu_memset", "gpu_memcpy")    # the Chrome trace's categories of GPU work
 MARKER = "cupynet_timeline_marker"
 CUDNN_DIRECTIONS = ("fprop", "dgrad", "wgrad")           # what cuDNN's kernel names say, where they say it
+GAP_LIMIT_US = 50       # a longer gap between two nodes on one stream is a wait for other streams' work
 # the step options the summary's title names, the numbers first: every one vs_torch.add_step_options gives
 # (tests/test_timeline.py)
 STEP_OPTIONS = tuple(option.name for option in sorted(step_options.OPTIONS, key=lambda option: option.on_off))
@@ -90,6 +94,33 @@ def group_of(name, ours):
         if direction in lower:
             return f"cuDNN {direction}"
     return "cuDNN and other"
+
+
+def kind_of(name, ours):
+    """What a GPU event is, for the gaps: 'memset', 'copy', 'cupynet' (kernels/*.cu) or 'cuDNN' (every other
+    kernel: cuDNN's, and CuPy's, which a step has none of)."""
+    if name.startswith("Memset"):
+        return "memset"
+    if name.startswith("Memcpy"):
+        return "copy"
+    return "cupynet" if base_name(name) in ours else "cuDNN"
+
+
+def stream_gaps(window, steps, ours):
+    """The gaps between consecutive work on each stream, by what ends and what starts: [{"after", "before",
+    "per_step", "median_us", "us_per_step"}], the most time per step first. Gaps over GAP_LIMIT_US are waits for
+    other streams' work, and left out."""
+    by_stream, gaps = defaultdict(list), defaultdict(list)
+    for event in window:
+        by_stream[event[1]].append(event)
+    for events in by_stream.values():
+        for (name, _, _, end), (next_name, _, start, _) in zip(events, events[1:]):
+            if start - end <= GAP_LIMIT_US:
+                gaps[(kind_of(name, ours), kind_of(next_name, ours))].append(start - end)
+    rows = [{"after": after, "before": before, "per_step": round(len(times) / steps, 2),
+             "median_us": round(statistics.median(times), 2), "us_per_step": round(sum(times) / steps, 2)}
+            for (after, before), times in gaps.items()]
+    return sorted(rows, key=lambda row: -row["us_per_step"])
 
 
 def busy_time(intervals):
@@ -154,7 +185,7 @@ def summarize(events, steps, ours, top=30):
             "chains_overlap_us": round(sum(chain_busy.values()) - busy, 2),
             "executor_streams": len({stream for _, stream, _, _ in window}),
             "groups": {group: round(total / steps, 2) for group, total in sorted(by_group.items(), key=lambda g: -g[1])},
-            "kernels": kernels[:top], "kernel_names": len(kernels)}
+            "kernels": kernels[:top], "kernel_names": len(kernels), "gaps": stream_gaps(window, steps, ours)}
 
 
 def print_summary(summary, title):
@@ -174,6 +205,11 @@ def print_summary(summary, title):
     for row in summary["kernels"]:
         name = row["name"] if len(row["name"]) <= 100 else row["name"][:97] + "..."
         print(f"{row['us_per_step']:9.1f} {row['calls_per_step']:6.1f} {row['median_us']:10.2f}  {name}")
+    print(f"gaps between consecutive work on one stream (up to {GAP_LIMIT_US} us), by what ends -> what starts:")
+    print(f"{'us/step':>9} {'gaps':>6} {'median us':>10}")
+    for row in summary["gaps"]:
+        print(f"{row['us_per_step']:9.1f} {row['per_step']:6.1f} {row['median_us']:10.2f}  "
+              f"{row['after']} -> {row['before']}")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -194,6 +230,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=30, help="kernels listed")
     p.add_argument("--json", help="output file (default bench/results/timeline-<host>.json)")
     p.add_argument("--trace", help="also write the profiler's Chrome trace here (.gz: compressed)")
+    p.add_argument("--from-trace", help="summarize this saved trace (.gz: compressed) instead of profiling: no GPU "
+                                        "needed; --steps: the replays it holds")
     args = p.parse_args(argv)
     problem = vs_torch.step_options_problem(args)
     if not args.device.isdigit():
@@ -269,8 +307,26 @@ def write_trace(source, target):
     os.replace(target + ".tmp", target)
 
 
+def summarize_saved(args):
+    """--from-trace: the summary of a trace written by an earlier run (its --trace)."""
+    try:
+        with (gzip.open if args.from_trace.endswith(".gz") else open)(args.from_trace, "rt") as file:
+            trace = json.load(file)
+        summary = summarize(gpu_events(trace), args.steps, set(KERNEL_FILES), args.top)
+    except (OSError, ValueError) as error:      # missing, not gzip, not JSON, no markers
+        print(f"timeline: error: {args.from_trace}: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print_summary(summary, f"{args.from_trace}: {args.steps} replays")
+    if args.json:
+        layouts.replace_json(args.json, {"benchmark": "timeline", "from_trace": args.from_trace, **summary})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_trace:
+        return summarize_saved(args)
     torch, problem = vs_torch.import_torch()
     if torch is None:
         print(f"timeline: skipped: PyTorch is not importable ({problem}); its profiler records the kernels")

@@ -93,7 +93,7 @@ def test_the_summary_of_two_steps_between_the_markers():
 
 def test_the_chains_are_told_apart_by_role_not_by_the_streams_a_replay_reports():
     """A graph's executor runs each replay's kernels on streams of its choosing: the same step spread over six
-    stream ids gives the same figures, the streams only counted."""
+    stream ids gives the same figures, the streams only counted (and the gaps, which are per stream)."""
     trace = two_steps()
     for number, event in enumerate(trace["traceEvents"]):
         if "args" in event and event["name"] != timeline.MARKER:
@@ -101,8 +101,54 @@ def test_the_chains_are_told_apart_by_role_not_by_the_streams_a_replay_reports()
     spread = timeline.summarize(timeline.gpu_events(trace), 2, OURS)
     plain = timeline.summarize(timeline.gpu_events(two_steps()), 2, OURS)
     assert spread["executor_streams"] == 6
-    assert {key: value for key, value in spread.items() if key != "executor_streams"} == \
-        {key: value for key, value in plain.items() if key != "executor_streams"}
+    assert {key: value for key, value in spread.items() if key not in ("executor_streams", "gaps")} == \
+        {key: value for key, value in plain.items() if key not in ("executor_streams", "gaps")}
+
+
+def test_gaps_on_each_stream_go_by_what_ends_and_what_starts():
+    """The latency between a graph's dependent nodes: per stream, the gap from each piece of work to the next,
+    grouped by their kinds (a memset, one of our kernels, one of cuDNN's); a gap over GAP_LIMIT_US is a wait
+    for another stream and left out; streams are not mixed."""
+    window = timeline.gpu_events({"traceEvents": [
+        kernel("void bn_apply<float>(float const*)", 7, 0, 10),
+        kernel("Memset (Device)", 7, 14, 1, cat="gpu_memset"),                  # cupynet -> memset: 4 us
+        kernel("sm90_xmma_dgrad_implicit_gemm_bf16", 7, 28, 10),                # memset -> cuDNN: 13 us
+        kernel("_Z7bn_gradI13__nv_bfloat16EvPKT_", 7, 38.5, 5),                 # cuDNN -> cupynet: 0.5 us
+        kernel("void bn_apply<float>(float const*)", 7, 143.5, 5),              # 100 us: a wait, left out
+        kernel("Memset (Device)", 9, 1, 1, cat="gpu_memset"),
+        kernel("Memset (Device)", 9, 5, 1, cat="gpu_memset"),                   # memset -> memset: 3 us
+        kernel("sm90_xmma_wgrad_implicit_gemm_bf16", 9, 9, 30),                 # memset -> cuDNN: 3 us
+        kernel("Memcpy DtoD (Device -> Device)", 9, 39.5, 1, cat="gpu_memcpy")]})   # cuDNN -> copy: 0.5 us
+    assert timeline.stream_gaps(window, 2, OURS) == [
+        {"after": "memset", "before": "cuDNN", "per_step": 1, "median_us": 8, "us_per_step": 8},
+        {"after": "cupynet", "before": "memset", "per_step": 0.5, "median_us": 4, "us_per_step": 2},
+        {"after": "memset", "before": "memset", "per_step": 0.5, "median_us": 3, "us_per_step": 1.5},
+        {"after": "cuDNN", "before": "cupynet", "per_step": 0.5, "median_us": 0.5, "us_per_step": 0.25},
+        {"after": "cuDNN", "before": "copy", "per_step": 0.5, "median_us": 0.5, "us_per_step": 0.25}]
+    # two_steps: back to back on stream 7 but for the 38 us from a dgrad to the next step's augmentation; its
+    # wgrads on stream 9 are 60 us apart (a wait)
+    assert timeline.summarize(timeline.gpu_events(two_steps()), 2, OURS)["gaps"] == [
+        {"after": "cuDNN", "before": "cupynet", "per_step": 1.5, "median_us": 0, "us_per_step": 19},
+        {"after": "cupynet", "before": "cuDNN", "per_step": 2, "median_us": 0, "us_per_step": 0},
+        {"after": "cupynet", "before": "cupynet", "per_step": 1, "median_us": 0, "us_per_step": 0}]
+
+
+def test_a_saved_trace_is_summarized_without_a_gpu(tmp_path):
+    """--from-trace: an earlier run's trace read again (compressed or not), no GPU or PyTorch needed; a file that
+    is missing or not a trace gets one line and exit 2."""
+    import gzip
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as file:
+        json.dump(two_steps(), file)
+    result = run("--from-trace", str(path), "--steps", "2", "--json", str(tmp_path / "t.json"))
+    assert result.returncode == 0, result.stderr
+    assert "period 100.0 us" in result.stdout and "cupynet -> cuDNN" in result.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["period_us"] == 100
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad in (tmp_path / "missing.json.gz", tmp_path / "bad.json"):
+        result = run("--from-trace", str(bad))
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert str(bad) in result.stderr
 
 
 def test_without_two_markers_there_is_no_timeline():
