@@ -336,6 +336,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, **optio
             "wgrad_pixel_pairs": getattr(backend, "wgrad_pixel_pairs", None),
             "residual_grad_sums": getattr(backend, "residual_grad_sums", None),
             "stream_priorities": getattr(backend, "stream_priorities", None),
+            "conv_tune_in_graph": getattr(backend, "tune_in_graph", None),
             "wgrad_chunks": backend.wgrad_chunks, "bn_launches": getattr(backend, "bn_launches", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),

@@ -86,6 +86,8 @@ OPTIONS = (
                label="residual grad sums"),
     StepOption("stream_priorities", column="prio", width=4, phrase=", the main stream first",
                label="stream priorities"),
+    StepOption("conv_tune_in_graph", column="in-graph", width=8, phrase=", engines timed in a graph",
+               label="engines timed in a graph"),
 )
 NAMES = tuple(option.name for option in OPTIONS)
 DEFAULTS = {option.name: option.default for option in OPTIONS}

@@ -61,6 +61,7 @@ class TrainConfig:
     residual_grad_sums: bool = False         # a residual block's input-gradient add also reduces BatchNorm's sums
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     stream_priorities: bool = False          # GPU: the main stream before the weight gradients' side streams
+    conv_tune_in_graph: bool = False         # GPU: the autotuner times each engine replayed from a CUDA graph
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
@@ -215,6 +216,11 @@ def build_parser():
                     "so that free SMs take the main chain's waiting blocks first; the captured step keeps "
                     "them (its graph instantiated with per-node priorities through the CUDA driver); the "
                     "same results; off by default until a GPU run shows it faster")
+    add_switch(model, "conv_tune_in_graph",
+               help="GPU, with --conv-autotune: time each candidate cuDNN engine replayed from a recorded CUDA "
+                    "graph, as the captured step runs it, instead of enqueued eagerly: in a graph, cuDNN's "
+                    "own memsets (an engine zeroing its workspace) are memset nodes, which an H100 trace showed "
+                    "3-13 us slow to follow (0.42 us between two kernels); off by default until a GPU run shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "
@@ -349,6 +355,9 @@ def validate(config):
     if c.conv_split_k and not c.conv_autotune:
         raise ConfigError("--conv-split-k needs --conv-autotune: split-K settings are candidates the autotuner "
                           "times (without it cuDNN's heuristic choice runs)")
+    if c.conv_tune_in_graph and not c.conv_autotune:
+        raise ConfigError("--conv-tune-in-graph needs --conv-autotune: it is how the autotuner times the engines "
+                          "(without it cuDNN's heuristic choice runs)")
     _validate_schedule(c)
     if c.validation_size is not None and c.validation_size < 0:
         raise ConfigError(f"--validation-size must be >= 0, got {c.validation_size}")

@@ -243,6 +243,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--train-batch-size", "4", "--wgrad-chunks", "8"], ["--wgrad-chunks 8", "4 images"]),
     (["--conv-split-k", "--no-conv-autotune"], ["--conv-split-k", "--conv-autotune"]),
     (["--conv-genstats", "--no-conv-autotune"], ["--conv-genstats", "--conv-autotune"]),
+    (["--conv-tune-in-graph", "--no-conv-autotune"], ["--conv-tune-in-graph", "--conv-autotune"]),
     (["--conv-pixel-pairs", "--data-format", "NCHW"], ["--conv-pixel-pairs", "NHWC"]),
     (["--wgrad-pixel-pairs", "--data-format", "NCHW"], ["--wgrad-pixel-pairs", "NHWC"]),
     (["--residual-grad-sums", "--block", "v2"], ["--residual-grad-sums", "--block v1"]),

@@ -67,18 +67,21 @@ def test_engine_ids_come_from_plan_names_in_order_without_repeats():
     assert engine_ids(candidate.name for candidate in candidates) == [12, 0]
 
 
-def test_choices_saved_before_the_key_said_split_k_are_adopted_with_it_off(monkeypatch):
-    """A checkpoint written before split-K settings existed has 14-element keys; they are the same
-    convolutions with split-K off, so a resume on the same GPU and cuDNN still adopts its engines."""
+def test_choices_saved_before_the_key_said_split_k_or_tune_in_graph_are_adopted_with_them_off(monkeypatch):
+    """A checkpoint written before split-K settings existed has 14-element keys, one written before engines
+    could be timed in a graph 15-element keys; they are the same convolutions with those switches off, so a
+    resume on the same GPU and cuDNN still adopts its engines."""
     environment = {"gpu": "H100", "cudnn": 91900}
     monkeypatch.setattr(conv_autotune, "_environment", lambda device_id: environment)
     conv_autotune.forget_choices()
-    old = ["wgrad", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True]
-    new = ["wgrad", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True, True]
+    oldest = ["wgrad", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True]
+    old = ["wgrad", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True, True]
+    new = ["fprop", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True, False, True]
     assert conv_autotune.import_choices({"environment": environment,
-                                         "choices": [[old, 3], [new, ["split_k", 7, 16]]]}, 0) == 2
-    assert conv_autotune.export_choices(0)["choices"] == [[old + [False], 3], [new, ["split_k", 7, 16]]]
-    assert conv_autotune._CHOICES[(0, tuple(new))] == ("split_k", 7, 16)
+                                         "choices": [[oldest, 3], [old, ["split_k", 7, 16]], [new, 2]]}, 0) == 3
+    assert conv_autotune.export_choices(0)["choices"] == [[new, 2], [oldest + [False, False], 3],
+                                                          [old + [False], ["split_k", 7, 16]]]
+    assert conv_autotune._CHOICES[(0, tuple(old + [False]))] == ("split_k", 7, 16)
     conv_autotune.forget_choices()
 
 
@@ -88,7 +91,7 @@ def test_saved_entries_that_are_not_choices_are_left_out(monkeypatch):
     environment = {"gpu": "H100", "cudnn": 91900}
     monkeypatch.setattr(conv_autotune, "_environment", lambda device_id: environment)
     conv_autotune.forget_choices()
-    key = ["fprop", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True, False]
+    key = ["fprop", 128, 16, 32, 32, 16, 3, 3, 1, 1, "NHWC", "bfloat16", False, True, False, False]
     entries = [[key, "3"], [key, ["split_k", 7]], [key, ["split_k", "7", 16]], [key, 2.0], [key], 5,
                [key, ["split_k", 7, 16]]]
     assert conv_autotune.import_choices({"environment": environment, "choices": entries}, 0) == 1

@@ -443,6 +443,77 @@ def test_timed_work_is_measured_behind_a_hold_of_the_stream():
     assert holds and holds[0] == HOLD_SECONDS
 
 
+def test_work_timed_in_a_graph_is_recorded_then_timed_as_its_replay():
+    """captured_milliseconds (--conv-tune-in-graph's timer) records the timed work as a CUDA graph, without
+    running it, and times the graph's replay behind the hold (here a 3 ms hold standing for the work); work that
+    raises while recorded ends the capture and its error goes on."""
+    from cupynet.backends.conv_autotune import HOLD_SECONDS, captured_milliseconds
+    from cupynet.backends.cupy_backend import CupyBackend
+    be = CupyBackend(device_id=0, layout="NHWC", dtype="float32")
+    recorded = []
+
+    def enqueue():
+        recorded.append(be.stream.is_capturing())
+        be.hold_stream(0.003)
+
+    with be.device, be.stream:
+        milliseconds = captured_milliseconds(cupy, be.stream, be.hold_stream, enqueue)
+        assert recorded == [True] and not be.stream.is_capturing()
+        assert 2.9 <= milliseconds < 3.0 + 1000 * HOLD_SECONDS, milliseconds
+
+        def fails():
+            be.hold_stream(0.001)
+            raise ValueError("an engine that cannot run here")
+        with pytest.raises(ValueError, match="cannot run here"):
+            captured_milliseconds(cupy, be.stream, be.hold_stream, fails)
+        assert not be.stream.is_capturing()
+        be.stream.synchronize()         # nothing of the failed capture is left to run
+
+
+def test_engines_timed_in_a_graph_are_chosen_apart_and_compute_the_same(monkeypatch):
+    """tune_in_graph=True (--conv-tune-in-graph): every candidate is timed by captured_milliseconds, the choice is
+    kept under a key of its own (a choice timed eagerly is not taken for it), and the chosen engines compute
+    what the heuristics' choice does. Strict fp32: every engine is within RTOL. On a stream of its own, as the
+    backend's: CUDA records nothing from the legacy null stream."""
+    import cudnn
+    from cupynet.backends import conv_autotune
+    conv_autotune.forget_choices()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=stream.ptr)
+    timed = []
+
+    def timer(*args):
+        timed.append(1)
+        return captured(*args)
+    captured = conv_autotune.captured_milliseconds
+    monkeypatch.setattr(conv_autotune, "captured_milliseconds", timer)
+    prec = Precision("strict")
+    with stream:
+        eager = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True, autotune=True)
+        in_graph = CudnnConv(handle, "NHWC", prec.io_dtype, strict_fp32=True, autotune=True, tune_in_graph=True)
+        x, wt, dy, (y, dx, dw) = _block_arrays("NHWC", prec)
+        _, _, _, (y_graph, dx_graph, dw_graph) = _block_arrays("NHWC", prec)
+        eager.forward(x, wt, 1, 1, y)
+        eager.backward_data(dy, wt, 1, 1, dx)
+        eager.backward_filter(x, dy, 1, 1, dw)
+        assert not timed
+        in_graph.forward(x, wt, 1, 1, y_graph)
+        in_graph.backward_data(dy, wt, 1, 1, dx_graph)
+        in_graph.backward_filter(x, dy, 1, 1, dw_graph)
+        stream.synchronize()
+    cudnn.destroy_handle(handle)
+    entries = list(in_graph._graphs.values())
+    assert len(timed) == sum(len(entry.candidates) for entry in entries) > 3
+    assert all(entry.key[-1] is True and entry.chosen is not None for entry in entries)
+    assert all(entry.key[-1] is False for entry in eager._graphs.values())
+    for got, ref in ((y_graph, y), (dx_graph, dx), (dw_graph, dw)):
+        ref_host = prec.to_host(ref)
+        np.testing.assert_allclose(prec.to_host(got), ref_host, rtol=0,
+                                   atol=RTOL["strict"] * 10 * np.max(np.abs(ref_host)))
+    conv_autotune.forget_choices()
+
+
 def test_a_convolution_only_reduced_precision_engines_support_still_runs(handle, monkeypatch):
     """Should cuDNN offer nothing but engines with reduced-precision sums for some convolution, cupynet plans
     it again allowing them (a run that stops is worse than one sum in lower precision) and says so in

@@ -285,7 +285,8 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # the switches not yet measured: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair
     # with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
     # grids; in this order, one right after the other
-    switches = ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--stream-priorities"]
+    switches = ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--stream-priorities",
+                "--conv-tune-in-graph"]
     for flag in switches:
         rows = [[row for row in also_rows(run) if flag in row and len(row) <= 8] for run in runs]
         assert [len(found) for found in rows] == [1, 1, 0, 0, 1], flag
@@ -296,8 +297,8 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     for run in (runs[0], runs[1], runs[4]):
         options = [row[-2] for row in also_rows(run)]
         first = options.index(switches[0])
-        assert options[first:first + 4] == switches
-    # then, at bf16 (batch 128 and 512), the four at once with 4 streams and any engine: the grid's last row
+        assert options[first:first + len(switches)] == switches
+    # then, at bf16 (batch 128 and 512), all of them at once with 4 streams and any engine: the grid's last row
     for run, split in ((runs[0], []), (runs[4], ["--conv-split-k", "off"])):
         assert also_rows(run)[-1] == ["--wgrad-pairs", "4x1", "--conv-deterministic", "off", *split,
                                       *[word for flag in switches for word in (flag, "on")]]

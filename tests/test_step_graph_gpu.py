@@ -33,14 +33,15 @@ def dataset():
 
 def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
-                 stream_priorities=False):
+                 stream_priorities=False, tune_in_graph=False):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
     return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks,
                        bn_launches=bn_launches, split_k=split_k, conv_genstats=conv_genstats,
                        pixel_pairs=pixel_pairs, residual_grad_sums=residual_grad_sums,
-                       wgrad_pixel_pairs=wgrad_pixel_pairs, stream_priorities=stream_priorities)
+                       wgrad_pixel_pairs=wgrad_pixel_pairs, stream_priorities=stream_priorities,
+                       tune_in_graph=tune_in_graph)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):
@@ -324,6 +325,23 @@ def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset
     runner = captured[0].runner
     assert runner.captured and runner.graph._executable is not None
     assert_identical(plain, captured)
+
+
+def test_engines_timed_in_a_graph_train_as_eager_steps_with_them(dataset):
+    """--conv-tune-in-graph: during the warm-up the autotuner records each candidate's runs in a graph of their
+    own, on the main stream and on the weight gradients' two side streams, before the step itself is recorded;
+    the captured steps equal eager steps with the same switch bit for bit (the same engines: a choice is kept
+    per key, and these keys are their own)."""
+    from cupynet.backends import conv_autotune
+    settings = dict(BASE, wgrad_streams=2, conv_tune_in_graph=True)
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset,
+                  make_backend("NHWC", "float32", wgrad_streams=2, tune_in_graph=True))
+    keys = [key for _, key in conv_autotune._CHOICES if key[-1] is True]
+    assert {key[0] for key in keys} == {"fprop", "dgrad", "wgrad"}
+    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset,
+                     make_backend("NHWC", "float32", wgrad_streams=2, tune_in_graph=True))
+    assert captured[0].runner.captured
+    assert_identical(eager, captured)
 
 
 def test_the_warm_up_is_reported_once_at_the_first_replayed_step(dataset, tmp_path):

@@ -39,6 +39,17 @@ catches a reordering engine only now and then (the GPU tests' captured-equals-ea
 check there). A choice is then ("split_k", engine id, slices) instead of a plan index, and
 checkpoints carry it the same way.
 
+Timing inside a CUDA graph (in_graph=True, `--conv-tune-in-graph`). The step runs its convolutions replayed from
+one captured graph, where cuDNN's own memsets (a split-K or stream-K engine zeroing its workspace or a counter)
+are memset nodes: in the replays of a captured step on an H100 (2026-11-27, run 1, batch 128; `bench/timeline.py
+--from-trace`) one node followed another on a stream in a median 0.42-0.54 us where both were kernels, but a
+memset took 3.68 us to follow a kernel and 3.42 us another memset, a kernel 3.18 us to follow a memset, and
+on the backward's main chain the strided data gradient 13.45 us (at least 12.0) to follow its 4-byte memset,
+twice a step, with the GPU otherwise idle. Timed eagerly, an engine with a
+memset pays none of that. With in_graph, each candidate's TIMED_RUNS runs are recorded once as a graph and the
+replay of that graph is what is timed (behind the hold, as above): each engine pays what it will pay in the step.
+An engine whose runs cannot be recorded is left out, as one that cannot run.
+
 Frontend calls used (nvidia-cudnn-frontend 1.22-1.26, names read in the 1.22.1 wheel):
 `get_execution_plan_count()`, `build_plan_at_index(i)` (raises for a deselected or unsupported index),
 `get_workspace_size_plan_at_index(i)`, `execute_plan_at_index(variant_pack, workspace, i, handle=)`,
@@ -63,7 +74,10 @@ MAX_SPLIT_K_ENGINES = 2                  # engines those settings are shared amo
 MAX_SPLIT_K_SLICES = 64                  # a 128-image batch's 8x8 maps still give each slice 128 positions
 REPEAT_CHECK_RUNS = 3                    # runs compared with the first before a split-K setting is timed
 SPLIT_K = "split_k"                      # a choice ("split_k", engine id, slices), beside plain plan indices
-KEY_LENGTH_BEFORE_SPLIT_K = 14           # a checkpoint's keys from before the key said split_k: it was off
+# A graph key's length (cudnn_conv.py): a checkpoint's shorter keys are from before the key said split_k (14
+# elements) or tune_in_graph (15), switches that were off then; they are read with those set to False
+KEY_LENGTH = 16
+OLDEST_KEY_LENGTH = 14
 
 _CHOICES = {}                            # (device id, graph key) -> choice: a plan index or a split-K setting
 _LOCK = threading.Lock()
@@ -245,14 +259,15 @@ def _runtime_compiled(graph, index, note):
 
 
 def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_bits=None,
-                run_errors=(RuntimeError, ValueError)):
+                run_errors=(RuntimeError, ValueError), in_graph=False):
     """The Candidate to execute for graph `key`: the process-wide choice, or the fastest, timed now.
 
     pointers: the real arrays' addresses, in the order of each candidate's tensors; the timed runs write
     the output array, which the caller's execution then overwrites. repeats_its_bits(run): whether further
     calls of run() write the output bits its last call wrote (True), else False or why not; a candidate with
     repeat_check (a split-K setting, an fprop with genstats) that fails it is dropped before it is timed. run_errors: what an engine that built may raise when it runs
-    (it is then left out); the cuDNN Frontend's own not-supported error is not a RuntimeError.
+    (it is then left out); the cuDNN Frontend's own not-supported error is not a RuntimeError. in_graph: time
+    each candidate replayed from a recorded graph (captured_milliseconds) instead of enqueued eagerly.
     """
     key = (cupy.cuda.Device().id, key)
     by_choice = {candidate.choice: candidate for candidate in candidates}
@@ -260,7 +275,7 @@ def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_
         known = _CHOICES.get(key)
     if known in by_choice:
         return by_choice[known]
-    fastest = _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_errors)
+    fastest = _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_errors, in_graph)
     with _LOCK:
         if _CHOICES.get(key) == known:     # nobody chose meanwhile (or an adopted choice was not built here)
             _CHOICES[key] = fastest.choice
@@ -268,8 +283,9 @@ def choose_plan(key, candidates, pointers, handle, cupy, hold=None, repeats_its_
         return by_choice.get(_CHOICES[key], fastest)
 
 
-def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_errors):
+def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_errors, in_graph):
     stream = cupy.cuda.get_current_stream()        # the backend's stream: its handle is bound to it
+    timer = captured_milliseconds if in_graph else gpu_milliseconds
     scratch = cupy.empty((max([candidate.workspace for candidate in candidates] + [1]),), dtype=cupy.uint8)
     timings = []
     for position, candidate in enumerate(candidates):
@@ -284,8 +300,8 @@ def _fastest(candidates, pointers, handle, cupy, hold, repeats_its_bits, run_err
                 if verdict is not True:            # atomics the engine's notes did not declare, or wrong sums
                     candidate.dropped = verdict or "not repeatable"
                     continue
-            milliseconds = gpu_milliseconds(cupy, stream, hold, lambda: [run() for _ in range(TIMED_RUNS)])
-        except run_errors:                        # an engine that builds but cannot run these arrays
+            milliseconds = timer(cupy, stream, hold, lambda: [run() for _ in range(TIMED_RUNS)])
+        except run_errors:                        # an engine that builds but cannot run (or be recorded) here
             continue
         timings.append((milliseconds, position))
     if not timings:
@@ -317,6 +333,24 @@ def gpu_milliseconds(cupy, stream, hold, enqueue, first_hold=HOLD_SECONDS):
         if hold is None or not caught_up or seconds >= MAX_HOLD_SECONDS:
             return cupy.cuda.get_elapsed_time(start, end)
         seconds *= 4
+
+
+def captured_milliseconds(cupy, stream, hold, enqueue):
+    """gpu_milliseconds of the work `enqueue()` puts on `stream`, recorded once as a CUDA graph and timed as that
+    graph's replay: the cost inside a captured step (see the module docstring). Relaxed capture mode, as the
+    backend's own capture: another thread sharing the GPU may allocate meanwhile. Should enqueue() raise, the
+    capture is ended and the error goes on."""
+    stream.begin_capture(mode=cupy.cuda.runtime.streamCaptureModeRelaxed)
+    try:
+        enqueue()
+    except BaseException:
+        try:
+            stream.end_capture()
+        except Exception:                   # an invalidated capture raises here too: enqueue's error counts
+            pass
+        raise
+    graph = stream.end_capture()
+    return gpu_milliseconds(cupy, stream, hold, lambda: graph.launch(stream=stream))
 
 
 def export_choices(device_id):
@@ -352,7 +386,9 @@ def _parse_saved(entry):
     """(key, choice) of one saved [key, choice] entry, or None when it is not one."""
     try:
         key, choice = entry
-        key = tuple(key) + ((False,) if len(key) == KEY_LENGTH_BEFORE_SPLIT_K else ())
+        key = tuple(key)
+        if OLDEST_KEY_LENGTH <= len(key) < KEY_LENGTH:
+            key += (False,) * (KEY_LENGTH - len(key))
         hash(key)                         # a key of plain values (a nested list would not be one)
     except (TypeError, ValueError):
         return None

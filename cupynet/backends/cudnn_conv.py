@@ -26,11 +26,12 @@ Layout lives only in the strides
     need `set_dim`, because their shape cannot be inferred (a stride-2 dgrad loses H's parity).
 
 The cache key
-    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic, split_k), op being
-    "fprop", "dgrad", "wgrad" or "fprop_stats" (an fprop with genstats, forward_with_stats), split_k
-    being True for every weight gradient of an engine made with split_k (False for fprop and dgrad, which
-    have no split-K settings, so their choices are shared either way), with N, C, H, W taken from the
-    op's image-side tensor (x, or dx for dgrad). A built graph is reusable with new pointers for the same
+    (op, N, C, H, W, K, R, S, stride, pad, layout, io_dtype, strict_fp32, deterministic, split_k,
+    tune_in_graph), op being "fprop", "dgrad", "wgrad" or "fprop_stats" (an fprop with genstats,
+    forward_with_stats), split_k being True for every weight gradient of an engine made with split_k (False
+    for fprop and dgrad, which have no split-K settings, so their choices are shared either way), tune_in_graph
+    True where the autotuner times its candidates inside a CUDA graph (so choices timed one way are not taken
+    for the other), with N, C, H, W taken from the op's image-side tensor (x, or dx for dgrad). A built graph is reusable with new pointers for the same
     shapes, strides and dtypes, so each key is built exactly once (`builds` counts it) and every later call
     is a dict lookup, three shape checks and one `execute`.
 
@@ -52,7 +53,9 @@ Autotuning (autotune=True, the GPU backend's default, `--no-conv-autotune` turns
     the fastest is executed from then on (conv_autotune.py, which also says why choices are shared by
     every engine of the process). With split_k=True (`--conv-split-k`), a weight gradient's candidates
     also include split-K settings of its engines, each built in a graph of its own (conv_autotune.py says
-    why); the chosen candidate's graph and tensors are then the ones executed.
+    why); the chosen candidate's graph and tensors are then the ones executed. With tune_in_graph=True
+    (`--conv-tune-in-graph`) each candidate is timed replayed from a CUDA graph, as the captured step runs it
+    (conv_autotune.py says why).
 
 Why integer pointers
     `execute` is given `{tensor: arr.data.ptr}` and the workspace address as plain Python ints. Passing
@@ -242,6 +245,7 @@ class CudnnConv:
                  otherwise the heuristics' first choice.
     deterministic: only engines that give the same bits on every run (see the module docstring).
     split_k:     with autotune, also time split-K settings of each weight gradient's engines (conv_autotune.py).
+    tune_in_graph: with autotune, time each candidate replayed from a recorded CUDA graph (conv_autotune.py).
     hold:        optional hold(seconds), which keeps the current stream busy (CupyBackend.hold_stream): the
                  autotuner enqueues its timed runs behind it, so it times the engines, not the host.
 
@@ -257,7 +261,7 @@ class CudnnConv:
     """
 
     def __init__(self, handle, layout, io_dtype, strict_fp32=False, autotune=False, wgrad_handle=None,
-                 wgrad_streams=(), deterministic=True, split_k=False, hold=None):
+                 wgrad_streams=(), deterministic=True, split_k=False, hold=None, tune_in_graph=False):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if io_dtype not in IO_DTYPES:
@@ -280,6 +284,7 @@ class CudnnConv:
         self.autotune = bool(autotune)
         self.deterministic = bool(deterministic)
         self.split_k = bool(split_k)
+        self.tune_in_graph = bool(tune_in_graph)
         type_name, self.itemsize = IO_DTYPES[io_dtype]
         self._data_type = getattr(self._cudnn.data_type, type_name)
         self._float = self._cudnn.data_type.FLOAT
@@ -402,7 +407,7 @@ class CudnnConv:
 
     def _graph_for(self, op, key_dims, stride, pad):
         key = (op, *key_dims, stride, pad, self.layout, self.io_dtype, self.strict_fp32, self.deterministic,
-               self.split_k and op == "wgrad")
+               self.split_k and op == "wgrad", self.tune_in_graph)
         self.graph_calls[key] += 1
         if key in self._graphs:
             return self._graphs[key]
@@ -463,7 +468,7 @@ class CudnnConv:
             else:
                 check = self._repeats_its_bits(outputs) if self.deterministic else None
             entry.chosen = choose_plan(entry.key, entry.candidates, pointers, lane.handle, self._cupy, self._hold,
-                                       check, self._build_errors())
+                                       check, self._build_errors(), self.tune_in_graph)
             counts = self.genstats_counts if op == FPROP_STATS else self.split_k_counts
             counts.update(candidate.dropped for candidate in entry.candidates if candidate.dropped)
             for other in lanes:

@@ -209,7 +209,7 @@ class CupyBackend(LayoutMixin):
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
-                 stream_priorities=False):
+                 stream_priorities=False, tune_in_graph=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -225,6 +225,8 @@ class CupyBackend(LayoutMixin):
             raise ValueError(f"bn_launches must be 1 or 2, got {bn_launches!r}")
         if conv_genstats and not autotune:
             raise ValueError("conv_genstats needs autotune: the autotuner checks each genstats engine before use")
+        if tune_in_graph and not autotune:
+            raise ValueError("tune_in_graph needs autotune: it is how the autotuner times the engines")
         self.layout = layout
         self.bn_launches = bn_launches          # launches per BatchNorm pass (1: a grid-wide wait inside one)
         self.dtype = bfloat16_dtype() if dtype_name == "bfloat16" else np.dtype(np.float32)   # activations
@@ -233,6 +235,7 @@ class CupyBackend(LayoutMixin):
         self.autotune = bool(autotune)          # time cuDNN's candidate engines on first use, keep the fastest
         self.deterministic = bool(deterministic)  # only cuDNN engines that repeat their bits (cudnn_conv.py)
         self.split_k = bool(split_k)            # autotuning also times weight gradients' split-K settings
+        self.tune_in_graph = bool(tune_in_graph)  # ... and times each engine replayed from a CUDA graph
         self.conv_genstats = bool(conv_genstats)  # convolutions before BatchNorm also give its sums (layers.py)
         # stage 1's 3x3 forwards and data gradients on pixel pairs (backends/pixel_pairs.py); NHWC only
         self.pixel_pairs = bool(pixel_pairs) and layout == "NHWC"
@@ -274,7 +277,8 @@ class CupyBackend(LayoutMixin):
         self.conv = CudnnConv(self.cudnn_handle, self.layout, dtype_name, strict_fp32=strict, autotune=self.autotune,
                               wgrad_handle=self.side_cudnn_handle,
                               wgrad_streams=self.side_streams,
-                              deterministic=self.deterministic, split_k=self.split_k, hold=self.hold_stream)
+                              deterministic=self.deterministic, split_k=self.split_k, hold=self.hold_stream,
+                              tune_in_graph=self.tune_in_graph)
 
     # ----------------------------------------------------------------- arrays and layout helpers
 
