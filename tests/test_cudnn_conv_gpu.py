@@ -20,6 +20,7 @@ import zlib
 import numpy as np
 import pytest
 
+from cupynet.backends.conv_autotune import KEY_FIELDS
 from cupynet.backends.numpy_backend import NumpyBackend
 
 pytestmark = pytest.mark.gpu
@@ -390,7 +391,10 @@ def test_nondeterministic_engines_are_candidates_only_when_allowed(handle, monke
     strict.backward_filter(x, dy, 1, 1, dw)
     free.backward_filter(x, dy, 1, 1, dw_free)
     (entry,), (free_entry,) = strict._graphs.values(), free._graphs.values()
-    assert entry.key[-2] is True and free_entry.key[-2] is False and entry.key[:-2] == free_entry.key[:-2]
+    deterministic = KEY_FIELDS.index("deterministic")
+    assert entry.key[deterministic] is True and free_entry.key[deterministic] is False
+    assert [entry.key[:deterministic], entry.key[deterministic + 1:]] == [free_entry.key[:deterministic],
+                                                                        free_entry.key[deterministic + 1:]]
     timed = {candidate.name for candidate in entry.candidates}
     free_timed = {candidate.name for candidate in free_entry.candidates}
     nondeterministic = _buildable_engines(free, "wgrad", False) - _buildable_engines(free, "wgrad", True)
@@ -505,8 +509,9 @@ def test_engines_timed_in_a_graph_are_chosen_apart_and_compute_the_same(monkeypa
     cudnn.destroy_handle(handle)
     entries = list(in_graph._graphs.values())
     assert len(timed) == sum(len(entry.candidates) for entry in entries) > 3
-    assert all(entry.key[-1] is True and entry.chosen is not None for entry in entries)
-    assert all(entry.key[-1] is False for entry in eager._graphs.values())
+    in_graph_field = KEY_FIELDS.index("tune_in_graph")
+    assert all(entry.key[in_graph_field] is True and entry.chosen is not None for entry in entries)
+    assert all(entry.key[in_graph_field] is False for entry in eager._graphs.values())
     for got, ref in ((y_graph, y), (dx_graph, dx), (dw_graph, dw)):
         ref_host = prec.to_host(ref)
         np.testing.assert_allclose(prec.to_host(got), ref_host, rtol=0,
@@ -610,9 +615,11 @@ def test_split_k_needs_the_knob_and_keeps_its_choices_apart(handle):
     entries = {entry.key[0]: entry for entry in plain._graphs.values()}
     split_entries = {entry.key[0]: entry for entry in split._graphs.values()}
     assert not _split_k(entries["wgrad"].candidates) and plain.split_k_counts == {}
-    assert entries["wgrad"].key[-1] is False and split_entries["wgrad"].key[-1] is True
-    assert entries["wgrad"].key[:-1] == split_entries["wgrad"].key[:-1]
-    assert entries["fprop"].key == split_entries["fprop"].key and entries["fprop"].key[-1] is False
+    field = KEY_FIELDS.index("split_k")
+    assert entries["wgrad"].key[field] is False and split_entries["wgrad"].key[field] is True
+    assert [entries["wgrad"].key[:field], entries["wgrad"].key[field + 1:]] == [
+        split_entries["wgrad"].key[:field], split_entries["wgrad"].key[field + 1:]]
+    assert entries["fprop"].key == split_entries["fprop"].key and entries["fprop"].key[field] is False
     assert split.split_k_counts["tried"] >= split.split_k_counts["built"] == len(_split_k(split_entries["wgrad"].candidates))
     import cudnn
     if hasattr(cudnn, "ENGINES"):     # the emulation has a deterministic split-K engine for every weight gradient
@@ -739,7 +746,8 @@ def test_an_adopted_choice_that_does_not_build_here_falls_back_to_the_heuristics
     x, _, dy, (_, _, dw) = _block_arrays("NHWC", prec)
     plain.backward_filter(x, dy, 1, 1, dw)
     (plain_entry,) = plain._graphs.values()
-    key = list(plain_entry.key[:-1]) + [True]
+    key = list(plain_entry.key)
+    key[KEY_FIELDS.index("split_k")] = True
     device = cupy.cuda.Device().id
     environment = conv_autotune.export_choices(device)["environment"]
     assert conv_autotune.import_choices({"environment": environment, "choices": [[key, adopted]]}, device) == 1

@@ -216,7 +216,8 @@ def test_split_k_weight_gradients_captured_equal_eager(dataset):
     captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
     assert captured[0].runner.captured
     choices = backend.conv.engine_choices()
-    assert all(choice["key"][-1] is (choice["op"] == "wgrad") for choice in choices)    # split_k in wgrad keys
+    split_k = conv_autotune.KEY_FIELDS.index("split_k")
+    assert all(choice["key"][split_k] is (choice["op"] == "wgrad") for choice in choices)    # in wgrad keys
     assert {choice["key"]: choice["plan_index"] for choice in choices if choice["key"] in forced} == forced
     assert_identical(eager, captured)
     conv_autotune.forget_choices()
@@ -336,7 +337,7 @@ def test_engines_timed_in_a_graph_train_as_eager_steps_with_them(dataset):
     settings = dict(BASE, wgrad_streams=2, conv_tune_in_graph=True)
     eager = train(TrainConfig(**settings, cuda_graph="off"), dataset,
                   make_backend("NHWC", "float32", wgrad_streams=2, tune_in_graph=True))
-    keys = [key for _, key in conv_autotune._CHOICES if key[-1] is True]
+    keys = [key for _, key in conv_autotune._CHOICES if key[conv_autotune.KEY_FIELDS.index("tune_in_graph")] is True]
     assert {key[0] for key in keys} == {"fprop", "dgrad", "wgrad"}
     captured = train(TrainConfig(**settings, cuda_graph="on"), dataset,
                      make_backend("NHWC", "float32", wgrad_streams=2, tune_in_graph=True))

@@ -74,9 +74,10 @@ MAX_SPLIT_K_ENGINES = 2                  # engines those settings are shared amo
 MAX_SPLIT_K_SLICES = 64                  # a 128-image batch's 8x8 maps still give each slice 128 positions
 REPEAT_CHECK_RUNS = 3                    # runs compared with the first before a split-K setting is timed
 SPLIT_K = "split_k"                      # a choice ("split_k", engine id, slices), beside plain plan indices
-# A graph key's length (cudnn_conv.py): a checkpoint's shorter keys are from before the key said split_k (14
-# elements) or tune_in_graph (15), switches that were off then; they are read with those set to False
-KEY_LENGTH = 16
+# A graph key's fields (cudnn_conv.py makes the keys). A checkpoint's shorter keys are from before the key had
+# split_k (14 fields) or tune_in_graph (15), switches that were off then: they are read with those set to False
+KEY_FIELDS = ("op", "N", "C", "H", "W", "K", "R", "S", "stride", "pad", "layout", "io_dtype", "strict_fp32",
+              "deterministic", "split_k", "tune_in_graph")
 OLDEST_KEY_LENGTH = 14
 
 _CHOICES = {}                            # (device id, graph key) -> choice: a plan index or a split-K setting
@@ -387,8 +388,8 @@ def _parse_saved(entry):
     try:
         key, choice = entry
         key = tuple(key)
-        if OLDEST_KEY_LENGTH <= len(key) < KEY_LENGTH:
-            key += (False,) * (KEY_LENGTH - len(key))
+        if OLDEST_KEY_LENGTH <= len(key) < len(KEY_FIELDS):
+            key += (False,) * (len(KEY_FIELDS) - len(key))
         hash(key)                         # a key of plain values (a nested list would not be one)
     except (TypeError, ValueError):
         return None
