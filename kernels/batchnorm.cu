@@ -123,7 +123,7 @@ struct GroupValues {
 // the next load, each load waiting out the memory's latency. The places come first so that no branch of
 // theirs falls between the loads either.) The last k, fewer than U, make one more batch whose loads each test
 // their bound: predicated loads, still issued together (one at a time, a thread of a batch-512 bn_stats waited
-// on memory five times for its ten groups instead of three).
+// on memory four or five times for its ten or eleven groups instead of three).
 template <int U, typename Place, typename Load, typename Use>
 __device__ __forceinline__ void in_batches(int first, int end, int step, Place place, Load load, Use use)
 {
