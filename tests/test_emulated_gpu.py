@@ -8,7 +8,7 @@ CuPy's stream, event and CUDA-graph capture rules, cuDNN Frontend graphs execute
 sequencing and multi-GPU paths are tested on every commit; speed, real asynchrony and the true cuDNN,
 CuPy and NCCL libraries still need the GPU machine (bench/device_check.sh).
 
-    python -m pytest tests/test_emulated_gpu.py -q         # about two minutes on 2 cores
+    python -m pytest tests/test_emulated_gpu.py -q         # about four and a half minutes on 2 cores
     PYTHONPATH=tests/emulated_gpu python -m pytest -m gpu tests/test_gpu_parity.py   # one file, by hand
 """
 import json
@@ -25,9 +25,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EMULATOR = REPO / "tests" / "emulated_gpu"
-GPU_TEST_FILES = ("tests/test_gpu_parity.py", "tests/test_cudnn_conv_gpu.py", "tests/test_step_graph_gpu.py",
-                  "tests/test_shared_gpu.py", "tests/test_parallel.py", "tests/test_bench_scripts.py",
-                  "tests/emulated_gpu/check_emulator.py")
+# Longest first (minutes on CI's 2 cores), so that the two files at a time finish close together.
+GPU_TEST_FILES = ("tests/test_step_options_gpu.py", "tests/test_step_graph_gpu.py", "tests/test_gpu_parity.py",
+                  "tests/test_shared_gpu.py", "tests/test_bench_scripts.py", "tests/test_parallel.py",
+                  "tests/test_cudnn_conv_gpu.py", "tests/emulated_gpu/check_emulator.py")
+# The primitive parity tests again with sanitized kernels (test_every_kernel_stays_in_bounds_...): a run of the
+# same pool as the files, second longest, so that it runs beside them rather than after them.
+SANITIZED_PARITY = "tests/test_gpu_parity.py, sanitized"
 FILE_TIMEOUT_S = 900
 TEST_STACKS_AFTER_S = 240              # a test running this long prints every thread's stack (a hang)
 PARALLEL_FILES = 2                      # CI has 2 cores
@@ -94,25 +98,36 @@ def run_emulated(args, devices=1, timeout=FILE_TIMEOUT_S, sanitize=False):
 
 
 def _compile_kernels(sanitize=False):
-    """Compile every kernel file for the CPU once, two at a time, before the tests use them."""
+    """Compile every kernel file for the CPU once, two at a time, before the tests use them; the compiler's
+    CompletedProcess."""
     code = ("import sys; from concurrent.futures import ThreadPoolExecutor; import kernel_runner as R; "
             "from cupynet.backends import kernels as K; "
             "list(ThreadPoolExecutor(2).map(lambda f: R.build_library(K.module_source(f), K.expressions(f)), "
             "K.KERNELS))")
-    result = run_emulated(["-c", code], sanitize=sanitize)
-    assert result.returncode == 0, result.stderr[-3000:]
+    return run_emulated(["-c", code], sanitize=sanitize)
 
 
 @pytest.fixture(scope="module")
 def file_results():
-    """pytest -m gpu on each GPU test file, on the emulated GPU (two emulated devices), two files at a time."""
-    _compile_kernels()
+    """pytest -m gpu on each GPU test file, on the emulated GPU (two emulated devices), and the primitive parity
+    tests with sanitized kernels (one device) where AddressSanitizer is at hand, two runs at a time."""
+    compiled = _compile_kernels()
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    runs = list(GPU_TEST_FILES)
+    if LIBASAN is not None:
+        runs.insert(1, SANITIZED_PARITY)
 
     def run(file):
-        args = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", file,
+        sanitize = file == SANITIZED_PARITY
+        tests = ["tests/test_gpu_parity.py", "-k", "not resnet20 and not trainer_steps"] if sanitize else [file]
+        args = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *tests,
                 "-o", f"faulthandler_timeout={TEST_STACKS_AFTER_S}"]
+        if sanitize:
+            compiled = _compile_kernels(sanitize=True)
+            if compiled.returncode != 0:
+                return file, compiled
         try:
-            return file, run_emulated(args, devices=2)
+            return file, run_emulated(args, devices=1 if sanitize else 2, sanitize=sanitize)
         except subprocess.TimeoutExpired as stuck:
             # One file's hang fails that file's test, with what it printed (the stacks of every thread
             # included, from faulthandler_timeout), instead of an error for every file.
@@ -122,7 +137,7 @@ def file_results():
                                                      output[1] + f"\n{file}: killed after {FILE_TIMEOUT_S} s")
 
     with ThreadPoolExecutor(PARALLEL_FILES) as pool:
-        return dict(pool.map(run, GPU_TEST_FILES))
+        return dict(pool.map(run, runs))
 
 
 def test_every_gpu_test_file_is_run_on_the_emulated_gpu():
@@ -301,11 +316,10 @@ def test_sanitized_kernels_stop_at_an_out_of_bounds_access():
 
 
 @pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
-def test_every_kernel_stays_in_bounds_in_the_primitive_parity_tests():
+def test_every_kernel_stays_in_bounds_in_the_primitive_parity_tests(file_results):
     """The per-primitive parity tests (both layouts, both dtypes, odd shapes) with sanitized kernels: no kernel
-    reads or writes outside its arrays (parity alone would miss a read of a neighbour that happens to fit)."""
-    _compile_kernels(sanitize=True)
-    result = run_emulated(["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu_parity.py",
-                           "-k", "not resnet20 and not trainer_steps"], sanitize=True)
+    reads or writes outside its arrays (parity alone would miss a read of a neighbour that happens to fit).
+    Run in file_results' pool, beside the GPU test files."""
+    result = file_results[SANITIZED_PARITY]
     assert result.returncode == 0 and re.search(r"\d+ passed", result.stdout), \
         result.stdout[-4000:] + result.stderr[-4000:]

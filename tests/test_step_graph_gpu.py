@@ -1,13 +1,7 @@
-"""Whole-step CUDA-graph capture on the GPU: replayed steps equal eager steps bit for bit.
+"""Whole-step CUDA-graph capture on the GPU: replayed steps equal eager steps bit for bit (how the runs are
+compared: tests/step_graph_runs.py); the step options under capture are tests/test_step_options_gpu.py's.
 
     python -m pytest -m gpu tests/test_step_graph_gpu.py -q       # on a GPU machine (skipped elsewhere)
-
-Each case trains the same model twice from the same seed, once eagerly (--cuda-graph off) and once
-captured (--cuda-graph on: two eager warm-up steps, then one recording replayed), over several epoch
-starts (a new order uploaded between replays) and a learning-rate change (the device scalar set between
-replays), with evaluations in between (they reuse the training buffers of the same shape: a replay must
-not be corrupted by them). Both runs launch the same kernels in the same order on the same data with
-deterministic cuDNN engines, so every parameter, momentum and moving statistic must be equal exactly.
 """
 import json
 
@@ -15,54 +9,15 @@ import numpy as np
 import pytest
 
 from cupynet.config import TrainConfig
-from cupynet.data import synthetic_dataset
 from cupynet.trainer import Trainer
+from step_graph_runs import BASE, STEPS, assert_identical, make_backend, small_dataset, train
 
 pytestmark = pytest.mark.gpu
-
-STEPS = 12
-# 64 images at batch 16: 4 steps per epoch, so 12 steps start 3 epochs; the LR drops after 1.5 epochs.
-BASE = dict(num_layers=8, train_batch_size=16, eval_batch_size=16, bn_decay=0.9, seed=4,
-            lr_values=(0.1, 0.02), lr_boundaries=(1.5,))
 
 
 @pytest.fixture(scope="module")
 def dataset():
-    return synthetic_dataset(num_train=64, num_test=24, seed=1)
-
-
-def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False,
-                 conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
-                 stream_priorities=False, tune_in_graph=False):
-    if dtype == "bfloat16":
-        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
-    from cupynet.backends.cupy_backend import CupyBackend
-    return CupyBackend(0, layout, dtype, tf32=tf32, wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks,
-                       bn_launches=bn_launches, split_k=split_k, conv_genstats=conv_genstats,
-                       pixel_pairs=pixel_pairs, residual_grad_sums=residual_grad_sums,
-                       wgrad_pixel_pairs=wgrad_pixel_pairs, stream_priorities=stream_priorities,
-                       tune_in_graph=tune_in_graph)
-
-
-def train(config, dataset, backend, comm=None, evaluate_every=5):
-    """STEPS steps with an evaluation every `evaluate_every`; (trainer, state arrays, evaluations, losses)."""
-    trainer = Trainer(config, dataset, backend, comm)
-    evaluations, losses = [], []
-    for _ in range(STEPS):
-        trainer.train_step()
-        if trainer.step % evaluate_every == 0:
-            evaluations.append(trainer.evaluate(dataset.test))
-            losses.append(trainer.take_mean_loss())
-    return trainer, trainer.checkpoint_arrays(), evaluations, losses
-
-
-def assert_identical(eager, captured):
-    _, eager_state, eager_evals, eager_losses = eager
-    _, state, evals, losses = captured
-    for name, value in eager_state.items():
-        np.testing.assert_array_equal(state[name], value, err_msg=name)
-    assert evals == eager_evals
-    assert losses == eager_losses
+    return small_dataset()
 
 
 @pytest.mark.parametrize("layout,dtype", [("NHWC", "float32"), ("NCHW", "float32"), ("NHWC", "bfloat16")])
@@ -140,209 +95,6 @@ def test_host_communicator_is_never_captured(dataset):
     assert not Trainer(TrainConfig(**BASE), dataset, backend, comm).runner.capture
     with pytest.raises(ConfigError, match="host all-reduce"):
         Trainer(TrainConfig(**BASE, cuda_graph="on"), dataset, backend, comm)
-
-
-@pytest.mark.parametrize("layout,overlap", [("NHWC", True), ("NHWC", False), ("NCHW", False)])
-def test_one_launch_batchnorm_captured_equals_two_launches_eager(dataset, layout, overlap):
-    """--bn-launches 1, captured (its kernels wait for their grid inside the replayed graph, evaluations between
-    replays), against the two-launch eager steps: ResNet-8's BatchNorm grids fit the GPU uncapped, so the one
-    kernel adds the same partial sums in the same order and applies the same arithmetic: the same bits. The
-    backward takes its one launch only with the weight gradients in the serial order (overlap off)."""
-    settings = dict(BASE, data_format=layout, dtype="bfloat16")
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend(layout, "bfloat16"))
-    backend = make_backend(layout, "bfloat16", bn_launches=1)
-    backend.overlap_wgrad = overlap
-    captured = train(TrainConfig(**settings, cuda_graph="on", bn_launches=1), dataset, backend)
-    assert captured[0].runner.captured
-    launches = backend.kernels.launches
-    assert launches["bn_stats_apply"] > 0 and (launches["bn_grad_dx"] > 0) == (not overlap)
-    # NCHW reads one channel per block: where the GPU holds fewer blocks than a layer has channels (the
-    # emulated GPU does, at 32 and 64), that layer takes the two launches
-    if layout == "NHWC":
-        assert launches["bn_stats"] == 0 and (launches["bn_grad"] == 0) == (not overlap)
-    assert_identical(eager, captured)
-
-
-@pytest.mark.parametrize("wgrad_streams,wgrad_chunks", [(1, 1), (3, 1), (2, 2)])
-def test_weight_gradients_beside_the_main_stream_equal_the_serial_order(dataset, wgrad_streams, wgrad_chunks):
-    """Weight gradients on side streams (overlapping the data gradients; with 3 streams taken in turn,
-    also each other, every stream with its own cuDNN workspace), captured, against the
-    plain serial eager order on one stream: the same kernels on the same data, so the same bits.
-    ResNet-8 has 9 weight gradients per step: each of 3 streams serves several. With 2 chunks each
-    weight gradient is two cuDNN calls over half the batch, side by side on the 2 streams, summed at the
-    end of backward in a fixed order: the serial run computes the same chunks one after another."""
-    serial_backend = make_backend("NHWC", "bfloat16", wgrad_chunks=wgrad_chunks)
-    serial_backend.overlap_wgrad = False
-    serial = train(TrainConfig(**BASE, dtype="bfloat16", cuda_graph="off"), dataset, serial_backend)
-    backend = make_backend("NHWC", "bfloat16", wgrad_streams=wgrad_streams, wgrad_chunks=wgrad_chunks)
-    overlapped = train(TrainConfig(**BASE, dtype="bfloat16", cuda_graph="on", wgrad_streams=wgrad_streams,
-                                   wgrad_chunks=wgrad_chunks), dataset, backend)
-    assert backend.overlap_wgrad and overlapped[0].runner.captured
-    assert len(backend.side_streams) == backend.conv.wgrad_lanes == wgrad_streams
-    # the weight-gradient graphs were built for slices of the batch of 16: 8 images each with 2 chunks
-    assert {choice["dims"][0] for choice in backend.conv.engine_choices() if choice["op"] == "wgrad"} \
-        == {16 // wgrad_chunks}
-    assert serial_backend.calls["sum_chunks"] == STEPS      # one sum per step, for every convolution
-    assert_identical(serial, overlapped)
-
-
-def test_split_k_weight_gradients_captured_equal_eager(dataset):
-    """With --conv-split-k the autotuner also times split-K settings of the weight gradients' engines, each a
-    cuDNN graph of its own. A first run times them; then every weight gradient for which one was built is
-    made to run one (its choice replaced, as a checkpoint's would be adopted), and the captured step repeats
-    the eager one bit for bit with them, the weight gradients beside the main stream on two side streams."""
-    from cupynet.backends import conv_autotune
-    conv_autotune.forget_choices()
-    settings = dict(BASE, dtype="bfloat16", wgrad_streams=2, conv_split_k=True)
-    tuning = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
-    train(TrainConfig(**settings, cuda_graph="off"), dataset, tuning)
-    forced = {}
-    for entry in tuning.conv._graphs.values():
-        built = [c.choice for c in entry.candidates or [] if isinstance(c.choice, tuple) and not c.dropped]
-        if built:
-            forced[entry.key] = built[-1]                    # the most slices
-    import cudnn
-    if not forced:
-        assert not hasattr(cudnn, "ENGINES"), "the emulated cuDNN has a split-K engine for every weight gradient"
-        pytest.skip("cuDNN offered no split-K setting for these weight gradients")
-    device = tuning.device.id
-    saved = conv_autotune.export_choices(device)
-    saved["choices"] = [[key, list(forced.get(tuple(key), ())) or choice] for key, choice in saved["choices"]]
-    conv_autotune.forget_choices()
-    conv_autotune.import_choices(saved, device)
-    eager_backend = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured
-    choices = backend.conv.engine_choices()
-    split_k = conv_autotune.KEY_FIELDS.index("split_k")
-    assert all(choice["key"][split_k] is (choice["op"] == "wgrad") for choice in choices)    # in wgrad keys
-    assert {choice["key"]: choice["plan_index"] for choice in choices if choice["key"] in forced} == forced
-    assert_identical(eager, captured)
-    conv_autotune.forget_choices()
-
-
-def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset, layout="NHWC", dtype="bfloat16"):
-    """--conv-genstats: the convolutions before a BatchNorm also write its sums (where cuDNN has a genstats
-    engine for the shape; the others run plain and their BatchNorm makes its own statistics). Captured steps
-    repeat the eager ones bit for bit, and the run follows the plain one (only the statistics' rounding
-    differs, and on a GPU the fused graph's engine; bf16 steps drift apart from there). On a GPU the mean
-    losses agree to 2%. On the emulated one the first five steps' mean loss moved by about 1e-4 (relative)
-    with the rounding, and by 2.4e-3 with every statistic 2% off (the count scaled in bn_apply_from_sums); the
-    next five's also carries where the rounding has led the bf16 run: a mere change of summation order in the
-    BatchNorm reductions moved the plain run's by 0.09%, and the two runs' apart by 0.13%."""
-    settings = dict(BASE, data_format=layout, dtype=dtype, conv_genstats=True)
-    eager_backend = make_backend(layout, dtype, conv_genstats=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend(layout, dtype, conv_genstats=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured
-    counts = backend.conv.genstats_counts
-    # ResNet-8's conv -> BN shapes: 3 -> 16, 16 -> 16, and 2 each in stages 2 and 3 (the emulated cuDNN has
-    # genstats engines only for outputs of a multiple of 32 channels: both paths run)
-    assert counts["fused"] + counts["unsupported"] == 6
-    import cudnn
-    emulated = hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE")
-    if emulated:
-        assert counts == {"fused": 4, "unsupported": 2}
-    assert backend.conv.executions["fprop_stats"] > 0 or counts["fused"] == 0
-    assert_identical(eager, captured)
-    plain = train(TrainConfig(**dict(settings, conv_genstats=False), cuda_graph="off"), dataset,
-                  make_backend(layout, dtype))
-    first, later = (1e-3, 5e-3) if emulated else (2e-2, 2e-2)
-    np.testing.assert_allclose(captured[3][0], plain[3][0], rtol=first)
-    np.testing.assert_allclose(captured[3][1:], plain[3][1:], rtol=later)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, dtype):
-    """--conv-pixel-pairs: stage 1's convolutions run on pixel pairs, their paired weights built from the
-    current weights before each forward (inside the captured step, and before each evaluation's forward) and
-    taken by the data gradients; --wgrad-pixel-pairs: their weight gradients too. Captured steps repeat the
-    eager ones bit for bit, and the run follows the plain one: the same convolutions, summed in another order
-    (and in bf16 the paired weight gradient's halves rounded before they are added). After the 12 steps, the
-    parameters as one vector, on the emulated GPU: 0.0035 (float32) and 0.0049 (bf16) apart, relative norm
-    (with the forward switch alone the bf16 runs were identical; from process to process the float32
-    autotuner may pick a TF32 engine or a plain one); with a paired kernel that swapped the pixels of a
-    pair, 0.048 apart, and with a fold that read the wrong pixel of each pair, 0.029."""
-    settings = dict(BASE, dtype=dtype, conv_pixel_pairs=True, wgrad_pixel_pairs=True)
-    eager_backend = make_backend("NHWC", dtype, pixel_pairs=True, wgrad_pixel_pairs=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", dtype, pixel_pairs=True, wgrad_pixel_pairs=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured
-    # ResNet-8's stage 1 has two convolutions: their paired kernels built by their forwards at each step (their
-    # data gradients take them) and for each evaluation batch (2 evaluations of 24 test images in batches of 16);
-    # their weight gradients folded at each step
-    assert eager_backend.kernels.launches["pixel_pair_weights"] == 2 * STEPS + 2 * 2 * 2
-    assert eager_backend.kernels.launches["pixel_pair_weight_gradient"] == 2 * STEPS
-    assert_identical(eager, captured)
-    plain = train(TrainConfig(**dict(settings, conv_pixel_pairs=False, wgrad_pixel_pairs=False), cuda_graph="off"),
-                  dataset, make_backend("NHWC", dtype))
-    names = [name for name in plain[1] if name.startswith("params/")]
-    paired, unpaired = (np.concatenate([state[name].ravel() for name in names]).astype(np.float64)
-                        for state in (captured[1], plain[1]))
-    print(f"pixel pairs vs plain: {np.linalg.norm(paired - unpaired) / np.linalg.norm(unpaired):.3g}")
-    assert np.linalg.norm(paired - unpaired) <= 0.02 * np.linalg.norm(unpaired)
-
-
-@pytest.mark.parametrize("layout,dtype", [("NHWC", "bfloat16"), ("NCHW", "float32")])
-def test_residual_grad_sums_captured_equal_the_plain_eager_steps(dataset, layout, dtype):
-    """--residual-grad-sums: a block's input-gradient add also reduces the gradient sums of the BatchNorm before
-    it (the stem's, or the previous block's second), in bn_grad's tiling, so the same partial sums in the same
-    order: captured steps equal the plain eager ones bit for bit. ResNet-8's one such block takes the stem's
-    (test_gpu_parity's ResNet-20 has blocks taking the previous block's too)."""
-    settings = dict(BASE, data_format=layout, dtype=dtype)
-    plain = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend(layout, dtype))
-    backend = make_backend(layout, dtype, residual_grad_sums=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on", residual_grad_sums=True), dataset, backend)
-    assert captured[0].runner.captured
-    # once per eager warm-up step; the recording's launch is replayed, not counted again
-    assert backend.kernels.launches["relu_backward_add_bn_grad"] >= 1
-    assert_identical(plain, captured)
-
-
-def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset):
-    """--stream-priorities: the main stream at a higher priority than the two weight-gradient side streams; eager
-    steps with them, and captured ones (the graph instantiated again with per-node priorities through the
-    driver), equal the plain eager steps bit for bit. On the emulated GPU (which records priorities, not schedules
-    by them) the driver library is tests/emulated_gpu/cuda_driver_stub.cpp, which refuses any flags but per-node
-    priorities; the captured half skips where no driver library is on the library path."""
-    from cupynet.backends.node_priorities import driver
-    from cupynet.errors import DeviceError
-    settings = dict(BASE, wgrad_streams=2)
-    plain = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend("NHWC", "float32", wgrad_streams=2))
-    backend = make_backend("NHWC", "float32", wgrad_streams=2, stream_priorities=True)
-    assert all(backend.stream.priority < side.priority for side in backend.side_streams)
-    eager = train(TrainConfig(**settings, cuda_graph="off", stream_priorities=True), dataset, backend)
-    assert_identical(plain, eager)
-    try:
-        driver()
-    except DeviceError as error:
-        pytest.skip(f"the captured step with per-node priorities needs the CUDA driver library: {error}")
-    backend = make_backend("NHWC", "float32", wgrad_streams=2, stream_priorities=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on", stream_priorities=True), dataset, backend)
-    runner = captured[0].runner
-    assert runner.captured and runner.graph._executable is not None
-    assert_identical(plain, captured)
-
-
-def test_engines_timed_in_a_graph_train_as_eager_steps_with_them(dataset):
-    """--conv-tune-in-graph: during the warm-up the autotuner records each candidate's runs in a graph of their
-    own, on the main stream and on the weight gradients' two side streams, before the step itself is recorded;
-    the captured steps equal eager steps with the same switch bit for bit (the same engines: a choice is kept
-    per key, and these keys are their own)."""
-    from cupynet.backends import conv_autotune
-    settings = dict(BASE, wgrad_streams=2, conv_tune_in_graph=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset,
-                  make_backend("NHWC", "float32", wgrad_streams=2, tune_in_graph=True))
-    keys = [key for _, key in conv_autotune._CHOICES if key[conv_autotune.KEY_FIELDS.index("tune_in_graph")] is True]
-    assert {key[0] for key in keys} == {"fprop", "dgrad", "wgrad"}
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset,
-                     make_backend("NHWC", "float32", wgrad_streams=2, tune_in_graph=True))
-    assert captured[0].runner.captured
-    assert_identical(eager, captured)
 
 
 def test_the_warm_up_is_reported_once_at_the_first_replayed_step(dataset, tmp_path):
