@@ -5,7 +5,7 @@
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_BUDGET=575 bash bench/device_check.sh ARCHIVE    # everything, one call
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1" DEVICE_CHECK_BUDGET=575 \
 #         bash bench/device_check.sh ARCHIVE                  # and a second seed if it fits before the diagnostics
-#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,timeline,timeline512,conv_engines,layouts,scaling,train \
+#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,timeline,timeline512,timeline_fp32,conv_engines,layouts,scaling,train \
 #         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
 #     DEVICE_CHECK_OPTIONS_FROM=.prev DEVICE_CHECK_SKIP=gpu_tests,cifar,accuracy,vs_torch,layouts,scaling,train \
 #         bash bench/device_check.sh                          # a second call: the first call's step_options*.json,
@@ -41,9 +41,10 @@
 #   batch512    ResNet-44 batch 512 bf16 NHWC against PyTorch                        -> $OUT/vs_torch_512.json
 #   layers      where an eager ResNet-44 bf16 NHWC step's time goes, per primitive, beside the HBM peak
 #                                                                                     -> $OUT/layers.json
-#   timeline, timeline512  the captured bf16 step at batch 128, then 512, with their fastest options under
-#               PyTorch's profiler: per step the GPU's busy and idle time, the weight gradients' chain and the
-#               rest, the kernels by time          -> $OUT/timeline_*.json, timeline_*.trace.json.gz
+#   timeline, timeline512, timeline_fp32  the captured bf16 step at batch 128, then 512, then the float32 (TF32)
+#               step at 128, with their fastest options under PyTorch's profiler: per step the GPU's busy and
+#               idle time, the weight gradients' chain and the rest, the kernels by time, the gaps between them
+#                                                  -> $OUT/timeline_*.json, timeline_*.trace.json.gz
 #   accuracy_more  the further ';'-separated DEVICE_CHECK_ACCURACY_ARGS entries ("--seed 0;--seed 1": a second
 #               seed; "--seed 0;--seed 0 --conv-init glorot_uniform": the reference's init), as many as fit
 #               the budget whole                                        -> $OUT/accuracy_2.json, ...
@@ -506,9 +507,13 @@ if ((TORCH_CUDA)); then
         $BEST_BF16 --json "$OUT/timeline_128.json" --trace "$OUT/timeline_128.trace.json.gz"'
     run_stage timeline512 60 bash -c '"$PY" bench/timeline.py --device 0 --depth 44 --batch 512 --dtype bfloat16 \
         $BEST_512 --json "$OUT/timeline_512.json" --trace "$OUT/timeline_512.trace.json.gz"'
+    # float32 NHWC is the farthest from its target (run 2: 1.38x graphed PyTorch, 1.5x asked) and had no timeline
+    run_stage timeline_fp32 60 bash -c '"$PY" bench/timeline.py --device 0 --depth 44 --batch 128 --dtype float32 \
+        $BEST_FP32 --json "$OUT/timeline_fp32.json" --trace "$OUT/timeline_fp32.trace.json.gz"'
 else
     skip_stage timeline "PyTorch with CUDA is not importable here (its profiler records the kernels)"
     skip_stage timeline512 "PyTorch with CUDA is not importable here"
+    skip_stage timeline_fp32 "PyTorch with CUDA is not importable here"
 fi
 
 # The further accuracy runs (DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1": another seed), each only if a
@@ -700,16 +705,18 @@ if layers:
               f"host {row['host_ms_per_step']:>8.3f} ms  kernel {kernel if kernel is not None else '-':>8} ms  "
               f"{row['fraction_of_peak']:>6.1%} of peak")
 
-for name in ("timeline_128.json", "timeline_512.json"):
+for name in ("timeline_128.json", "timeline_512.json", "timeline_fp32.json"):
     timeline = load(name)
     if not timeline:
         continue
-    print(f"\nwhere a captured step goes ({name}, batch {timeline['args']['batch']}): period "
+    print(f"\nwhere a captured step goes ({name}, {timeline['args']['dtype']}, batch {timeline['args']['batch']}): period "
           f"{timeline['period_us']:.0f} us ({timeline.get('period_unprofiled_us')} us unprofiled), GPU busy "
           f"{timeline['busy_us']:.0f} us, idle {timeline['idle_share']:.1%}")
     print("  " + ", ".join(f"{chain} busy {us:.0f} us" for chain, us in timeline["chains_busy_us"].items()) +
           f", both at once {timeline['chains_overlap_us']:.0f} us")
     print("  " + ", ".join(f"{group} {us:.0f} us" for group, us in timeline["groups"].items()))
+    print("  gaps on a stream: " + ", ".join(f"{row['after']} -> {row['before']} {row['per_step']:g} x "
+                                            f"{row['median_us']:g} us" for row in timeline.get("gaps", [])[:4]))
     for row in timeline["kernels"][:6]:
         print(f"  {row['us_per_step']:>8.1f} us  {row['calls_per_step']:>5.1f} calls  {row['name'][:90]}")
 

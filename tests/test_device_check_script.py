@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
 STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "cifar", "accuracy", "vs_torch", "batch512", "layers",
-               "timeline", "timeline512", "accuracy_more", "conv_engines", "layouts", "scaling", "train")
+               "timeline", "timeline512", "timeline_fp32", "accuracy_more", "conv_engines", "layouts", "scaling", "train")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -165,13 +165,19 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
                ("augment_train_batch", 60, 2), ("sm90_xmma_wgrad_x", 62, 30), ("cupynet_timeline_marker", 100, 1)]
     trace = {"traceEvents": [{"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": 7}}
                              for name, ts, dur in kernels]}
-    report = dict(timeline.summarize(timeline.gpu_events(trace), 2, {"augment_train_batch"}), args={"batch": 128},
-                  period_unprofiled_us=48.5)
+    report = dict(timeline.summarize(timeline.gpu_events(trace), 2, {"augment_train_batch"}),
+                  args={"batch": 128, "dtype": "bfloat16"}, period_unprofiled_us=48.5)
     (tmp_path / "timeline_128.json").write_text(json.dumps(report))
+    (tmp_path / "timeline_fp32.json").write_text(json.dumps(dict(report, args={"batch": 128, "dtype": "float32"})))
     result = subprocess.run([sys.executable, "-c", summary_program(), "0"], env=dict(os.environ, OUT=str(tmp_path)),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "where a captured step goes (timeline_128.json, batch 128): period 50 us (48.5 us unprofiled)" in result.stdout
+    for name, dtype in (("timeline_128.json", "bfloat16"), ("timeline_fp32.json", "float32")):
+        assert f"where a captured step goes ({name}, {dtype}, batch 128): period 50 us (48.5 us unprofiled)" \
+            in result.stdout
+    # in 2 steps: our augment_train_batch -> cuDNN's kernel twice, 0 us; cuDNN's -> ours once, 18 us (the most
+    # time per step first)
+    assert "gaps on a stream: cuDNN -> cupynet 0.5 x 18 us, cupynet -> cuDNN 1 x 0 us" in result.stdout
     assert "weight gradients busy 30 us, the rest busy 2 us, both at once 0 us" in result.stdout
     assert re.search(r"batch 8\s+float32\s+- wgrad stream\(s\), 1 chunk\(s\), -", result.stdout)
     assert "bf16_128: --wgrad-chunks 2" in result.stdout
