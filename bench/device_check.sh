@@ -715,8 +715,9 @@ for name in ("timeline_128.json", "timeline_512.json", "timeline_fp32.json"):
     print("  " + ", ".join(f"{chain} busy {us:.0f} us" for chain, us in timeline["chains_busy_us"].items()) +
           f", both at once {timeline['chains_overlap_us']:.0f} us")
     print("  " + ", ".join(f"{group} {us:.0f} us" for group, us in timeline["groups"].items()))
-    print("  gaps on a stream: " + ", ".join(f"{row['after']} -> {row['before']} {row['per_step']:g} x "
-                                            f"{row['median_us']:g} us" for row in timeline.get("gaps", [])[:4]))
+    if timeline.get("gaps"):       # (timelines before 2026-11-28 have none)
+        print("  gaps on a stream: " + ", ".join(f"{row['after']} -> {row['before']} {row['per_step']:g} x "
+                                                f"{row['median_us']:g} us" for row in timeline["gaps"][:4]))
     for row in timeline["kernels"][:6]:
         print(f"  {row['us_per_step']:>8.1f} us  {row['calls_per_step']:>5.1f} calls  {row['name'][:90]}")
 
