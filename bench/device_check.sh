@@ -343,8 +343,10 @@ seconds_until() {   # seconds_until OFFSET START [LEAST]: seconds left until OFF
 step_options() {
     local start=$SECONDS rc=0 seconds
     # the switches that are off by default and not yet measured on a GPU (see below): a row each, the defaults'
-    # twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one row
-    local switches=(--conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums --stream-priorities --conv-tune-in-graph)
+    # twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one row. The rows of a
+    # grid share one process: --stream-priorities, the one that calls the CUDA driver through ctypes (a crash
+    # there would end the grid), comes last of them
+    local switches=(--conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums --conv-tune-in-graph --stream-priorities)
     local alone=() alone_512=() together="" flag
     for flag in "${switches[@]}"; do
         alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $flag on")
@@ -356,9 +358,9 @@ step_options() {
     # The defaults with genstats (any engine) come fifth, right after 1x1's other rows: a fused pair's forward
     # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
     # The switches not yet measured on a GPU (pixel pairs for stage 1's forwards and data gradients, and for its
-    # weight gradients; BatchNorm's gradient sums in the residual adds; the main stream's priority over the side
-    # streams'; the autotuner timing engines inside a CUDA graph) get one --also row each right after the defaults' (a dimension would double the grids), here, at
-    # fp32 and at batch 512: each differs from the defaults in that option alone (deterministic engines, no
+    # weight gradients; BatchNorm's gradient sums in the residual adds; the autotuner timing engines inside a CUDA
+    # graph; the main stream's priority over the side streams') get one --also row each right after the
+    # defaults' (a dimension would double the grids), here, at fp32 and at batch 512: each differs from the defaults in that option alone (deterministic engines, no
     # genstats, whose fused forwards never run paired), and a row this early is measured however the pacing cuts
     # its grid. bf16 then has all of them at once with the pair and engines run 1 found fastest (4x1, any engine):
     # best_step_options.py picks one row, so a combination counts only as a row of its own. The shares stay as
@@ -399,8 +401,8 @@ step_options() {
     fi
     # batch 512: its 12 rows are likely more than its ~36 s (of a 150-s stage) already allow, so genstats, which
     # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do pixel
-    # pairs (forward and data gradient; weight gradient), residual grad sums, stream priorities and engines timed
-    # in a graph: 1x1 with deterministic engines, without split-K, the grid's third to seventh rows; then all of
+    # pairs (forward and data gradient; weight gradient), residual grad sums, engines timed in a graph and stream
+    # priorities: 1x1 with deterministic engines, without split-K, the grid's third to seventh rows; then all of
     # them at once (4x1, any engine)
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
