@@ -360,9 +360,10 @@ step_options() {
     # The switches not yet measured on a GPU (pixel pairs for stage 1's forwards and data gradients, and for its
     # weight gradients; BatchNorm's gradient sums in the residual adds; the autotuner timing engines inside a CUDA
     # graph; the main stream's priority over the side streams') get one --also row each right after the
-    # defaults' (a dimension would double the grids), here, at fp32 and at batch 512: each differs from the defaults in that option alone (deterministic engines, no
-    # genstats, whose fused forwards never run paired), and a row this early is measured however the pacing cuts
-    # its grid. bf16 then has all of them at once with the pair and engines run 1 found fastest (4x1, any engine):
+    # defaults' (a dimension would double the grids), here, at fp32 and at batch 512: each differs from the
+    # defaults in that option alone (deterministic engines, no genstats, whose fused forwards never run
+    # paired), and a row this early is measured however the pacing cuts its grid. bf16 then has all of them at
+    # once with the pair and engines run 1 found fastest (4x1, any engine):
     # best_step_options.py picks one row, so a combination counts only as a row of its own. The shares stay as
     # they were: these rows take their grid's time from the last configurations, the most speculative.
     if seconds=$(seconds_until $((STAGE_LIMIT * 32 / 100)) "$start"); then
@@ -711,7 +712,8 @@ for name in ("timeline_128.json", "timeline_512.json", "timeline_fp32.json"):
     timeline = load(name)
     if not timeline:
         continue
-    print(f"\nwhere a captured step goes ({name}, {timeline['args']['dtype']}, batch {timeline['args']['batch']}): period "
+    args = timeline["args"]
+    print(f"\nwhere a captured step goes ({name}, {args['dtype']}, batch {args['batch']}): period "
           f"{timeline['period_us']:.0f} us ({timeline.get('period_unprofiled_us')} us unprofiled), GPU busy "
           f"{timeline['busy_us']:.0f} us, idle {timeline['idle_share']:.1%}")
     print("  " + ", ".join(f"{chain} busy {us:.0f} us" for chain, us in timeline["chains_busy_us"].items()) +

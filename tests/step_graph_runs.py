@@ -56,5 +56,3 @@ def assert_identical(eager, captured):
         np.testing.assert_array_equal(state[name], value, err_msg=name)
     assert evals == eager_evals
     assert losses == eager_losses
-
-
