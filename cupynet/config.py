@@ -62,6 +62,7 @@ class TrainConfig:
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     stream_priorities: bool = False          # GPU: the main stream before the weight gradients' side streams
     conv_tune_in_graph: bool = False         # GPU: the autotuner times each engine replayed from a CUDA graph
+    padded_input: bool = False               # GPU, NHWC: the input's channels padded to 16 bytes for the stem
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
@@ -221,6 +222,12 @@ def build_parser():
                     "graph, as the captured step runs it, instead of enqueued eagerly: in a graph, cuDNN's "
                     "own memsets (an engine zeroing its workspace) are memset nodes, which an H100 trace showed "
                     "3-13 us slow to follow (0.42 us between two kernels); off by default until a GPU run shows it faster")
+    add_switch(model, "padded_input",
+               help="GPU, NHWC: the augmentation writes the network's input with its 3 channels padded by zeros "
+                    "to a 16-byte pixel (8 in bfloat16, 4 in float32) and the stem convolution runs on it with "
+                    "its weights padded alike, so that cuDNN neither pads the input itself on every call nor "
+                    "falls back to its generic engine for 3 channels; the same results up to the engines' "
+                    "rounding; off by default until a GPU run shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "
@@ -346,6 +353,9 @@ def validate(config):
         if on and c.data_format != "NHWC":
             raise ConfigError(f"{flag} needs --data-format NHWC: a pixel pair is two neighbouring pixels' "
                               f"channels, adjacent in memory only when channels come last")
+    if c.padded_input and c.data_format != "NHWC":
+        raise ConfigError("--padded-input needs --data-format NHWC: it pads each pixel's channels to 16 bytes, "
+                          "a vector only when channels come last")
     if c.residual_grad_sums and c.block != "v1":
         raise ConfigError(f"--residual-grad-sums needs --block v1: only a post-activation block adds up its input "
                           f"gradient in a kernel of its own (--block {c.block}'s blocks end in a plain add)")

@@ -62,7 +62,8 @@ def build_backend(config, device):
                           wgrad_chunks=config.wgrad_chunks, bn_launches=config.bn_launches, split_k=config.conv_split_k,
                           conv_genstats=config.conv_genstats, pixel_pairs=config.conv_pixel_pairs,
                           residual_grad_sums=config.residual_grad_sums, wgrad_pixel_pairs=config.wgrad_pixel_pairs,
-                          stream_priorities=config.stream_priorities, tune_in_graph=config.conv_tune_in_graph)
+                          stream_priorities=config.stream_priorities, tune_in_graph=config.conv_tune_in_graph,
+                          padded_input=config.padded_input)
 
 
 def make_group(config, devices):

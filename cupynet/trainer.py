@@ -64,7 +64,7 @@ class Trainer:
         self.schedule = PiecewiseConstant.from_epochs(config.lr_boundaries, config.lr_values,
                                                       self.sampler.steps_per_epoch)
         batch = self.shard_size
-        self.x = be.empty(be.activation_shape(batch, 3, 32, 32))    # x: the step's normalized images
+        self.x = be.empty(be.input_shape(batch, 3, 32, 32))    # x: the step's normalized images
         self.labels = be.empty((batch,), dtype=np.int32)
         self.loss_sum = be.zeros((), dtype=be.param_dtype)         # summed on the device between logs
         self.loss_steps = 0
@@ -217,7 +217,7 @@ class Trainer:
     def _eval_batch_buffers(self, count):
         if count not in self._eval_buffers:
             be = self.be
-            self._eval_buffers[count] = (be.empty(be.activation_shape(count, 3, 32, 32)),
+            self._eval_buffers[count] = (be.empty(be.input_shape(count, 3, 32, 32)),
                                          be.empty((count,), dtype=np.int32))
         return self._eval_buffers[count]
 

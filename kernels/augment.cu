@@ -1,7 +1,8 @@
 /*
  * kernels/augment.cu: the input pipeline on the device. Gathers a batch of rows from the uint8
  * dataset (N, H, W, 3) kept on the GPU, optionally pads by `pad` zero pixels, crops back to H x W at a
- * random offset and flips left-right at random, normalizes to x / 128 - 1, and gathers the labels.
+ * random offset and flips left-right at random, normalizes to x / 128 - 1, and gathers the labels. The
+ * output may have more channels than the images (X > C, zeros: --padded-input).
  * NumPy twin: NumpyBackend.augment_batch; the draws are those of cupynet/sampling.py::crop_flip_draws,
  * reproduced bit for bit (tests/test_gpu_parity.py compares the outputs for exact equality).
  * Loaded by cupynet/backends/kernels.py; syntax-checked on CPU by tests/test_kernels_compile.py.
@@ -40,20 +41,25 @@ __device__ __forceinline__ unsigned int crop_flip_hash(unsigned int seed, unsign
     return mix32((row * GOLDEN) ^ key);
 }
 
-// The body shared by both entry points, a grid-stride loop over the batch.
+// The body shared by both entry points, a grid-stride loop over the batch's pixels: each thread draws its
+// image's crop and flip once and writes the pixel's X channels, the image's C then zeros (X > C: the input
+// padded to a 16-byte pixel, --padded-input, cupynet/backends/padded_input.py; the padding is 0, not the -1
+// of a black pixel, though the stem's weights there are zero either way).
 // images: (N, H, W, C) uint8; labels: (N,) int32; indices: (B,) int64 dataset rows;
-// x_out: (B, C, H, W) or (B, H, W, C) per channels_last; labels_out: (B,) int32.
+// x_out: (B, X, H, W) or (B, H, W, X) per channels_last; labels_out: (B,) int32. A padded NHWC pixel that is one
+// 16-byte pack (X = Pack<T>::size) is stored as one, where vec says x_out starts on a 16-byte boundary.
 template <typename T>
 __device__ __forceinline__ void augment_rows(const unsigned char* images, const int* labels, const long long* indices,
-                                             int B, int H, int W, int C, int pad, unsigned int seed,
+                                             int B, int H, int W, int C, int X, int pad, unsigned int seed,
                                              unsigned int step, unsigned int first_row, int distort, T* x_out,
-                                             int* labels_out, int channels_last)
+                                             int* labels_out, int channels_last, int vec)
 {
-    const int total = B * C * H * W;
+    const int pixels = B * H * W;
     const unsigned int k = 2u * (unsigned int)pad + 1u;
-    for (int i = first_index(); i < total; i += grid_stride()) {
-        int b, c, h, w;
-        decode_offset(i, C, H, W, channels_last, b, c, h, w);
+    for (int i = first_index(); i < pixels; i += grid_stride()) {
+        const int w = i % W;
+        const int h = (i / W) % H;
+        const int b = i / (W * H);
         int src_h = h;
         int src_w = w;
         if (distort) {
@@ -65,12 +71,22 @@ __device__ __forceinline__ void augment_rows(const unsigned char* images, const 
             src_h = dy + h - pad;
             src_w = dx + (flip ? W - 1 - w : w) - pad;
         }
-        unsigned int pixel = 0u;   // the zero padding, normalized to -1 like any black pixel
-        if (src_h >= 0 && src_h < H && src_w >= 0 && src_w < W) {
-            const long long row = indices[b];
-            pixel = images[((row * H + src_h) * W + src_w) * C + c];
+        // the zero padding of the crop, normalized to -1 like any black pixel
+        const bool inside = src_h >= 0 && src_h < H && src_w >= 0 && src_w < W;
+        const unsigned char* source = images + ((indices[b] * H + src_h) * W + src_w) * C;
+        auto channel = [&](int c) {                                 // 0 for a padding channel
+            return c < C ? (inside ? (float)source[c] : 0.0f) * (1.0f / 128.0f) - 1.0f : 0.0f;
+        };
+        if (vec && channels_last && X == Pack<T>::size) {
+            float v[Pack<T>::size];
+#pragma unroll
+            for (int c = 0; c < Pack<T>::size; ++c) v[c] = channel(c);
+            store_pack(x_out, i, v);
+        } else {
+            for (int c = 0; c < X; ++c) {
+                x_out[offset_of(b, c, h, w, X, H, W, channels_last)] = from_float<T>(channel(c));
+            }
         }
-        x_out[i] = from_float<T>((float)pixel * (1.0f / 128.0f) - 1.0f);
     }
     for (int b = first_index(); b < B; b += grid_stride()) labels_out[b] = labels[indices[b]];
 }
@@ -78,11 +94,12 @@ __device__ __forceinline__ void augment_rows(const unsigned char* images, const 
 // A batch of explicitly listed rows at a step given by the host (evaluation, tests).
 template <typename T>
 __global__ void augment_batch(const unsigned char* images, const int* labels, const long long* indices, int B,
-                              int H, int W, int C, int pad, unsigned int seed, unsigned int step,
-                              unsigned int first_row, int distort, T* x_out, int* labels_out, int channels_last)
+                              int H, int W, int C, int X, int pad, unsigned int seed, unsigned int step,
+                              unsigned int first_row, int distort, T* x_out, int* labels_out, int channels_last,
+                              int vec)
 {
-    augment_rows<T>(images, labels, indices, B, H, W, C, pad, seed, step, first_row, distort, x_out, labels_out,
-                    channels_last);
+    augment_rows<T>(images, labels, indices, B, H, W, C, X, pad, seed, step, first_row, distort, x_out, labels_out,
+                    channels_last, vec);
 }
 
 // The training batch of the step held in device memory (the trainer's step counter), so a captured step
@@ -91,13 +108,14 @@ __global__ void augment_batch(const unsigned char* images, const int* labels, co
 template <typename T>
 __global__ void augment_train_batch(const unsigned char* images, const int* labels, const long long* order,
                                     const long long* step, long long steps_per_epoch, long long global_batch,
-                                    int B, int H, int W, int C, int pad, unsigned int seed, unsigned int first_row,
-                                    int distort, T* x_out, int* labels_out, int channels_last)
+                                    int B, int H, int W, int C, int X, int pad, unsigned int seed,
+                                    unsigned int first_row, int distort, T* x_out, int* labels_out,
+                                    int channels_last, int vec)
 {
     const long long s = step[0];
     const long long start = (s % steps_per_epoch) * global_batch + (long long)first_row;
-    augment_rows<T>(images, labels, order + start, B, H, W, C, pad, seed, (unsigned int)(s & 0xFFFFFFFFll),
-                    first_row, distort, x_out, labels_out, channels_last);
+    augment_rows<T>(images, labels, order + start, B, H, W, C, X, pad, seed, (unsigned int)(s & 0xFFFFFFFFll),
+                    first_row, distort, x_out, labels_out, channels_last, vec);
 }
 
 // step[0] += 1 on the device: the last kernel of a training step (one thread).

@@ -246,6 +246,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--conv-tune-in-graph", "--no-conv-autotune"], ["--conv-tune-in-graph", "--conv-autotune"]),
     (["--conv-pixel-pairs", "--data-format", "NCHW"], ["--conv-pixel-pairs", "NHWC"]),
     (["--wgrad-pixel-pairs", "--data-format", "NCHW"], ["--wgrad-pixel-pairs", "NHWC"]),
+    (["--padded-input", "--data-format", "NCHW"], ["--padded-input", "NHWC"]),
     (["--residual-grad-sums", "--block", "v2"], ["--residual-grad-sums", "--block v1"]),
     (["--residual-grad-sums", "--sync-bn", "--gpus", "cpu,cpu"], ["--residual-grad-sums", "--sync-bn"]),
 ])

@@ -301,6 +301,67 @@ def test_convolutions_on_pixel_pairs(dtype, case):
     assert be.kernels.launches["pixel_pair_weight_gradient"] == (folds if paired else 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_stem_on_a_padded_input(dtype):
+    """--padded-input: the stem's 3-channel weights padded by zeros (pad_weight_channels) convolve an input of 8
+    (bf16) or 4 (float32) channels, the last of them zero, and its weight gradient (K, 3, 3, X) is cut back to
+    the 3 real channels (crop_weight_channels), into a float32 view and into one of the activation dtype: all
+    match the reference on the unpadded input. With pixel pairs on as well, the stem is not paired (its weight
+    reads fewer channels than the input holds)."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=False, padded_input=True, pixel_pairs=True,
+                     wgrad_pixel_pairs=True)
+    channels = 8 if dtype == "bfloat16" else 4
+    assert be.input_shape(3, 3, 6, 8) == (3, 6, 8, channels)
+    a = Arrays(be, seed=12)
+    x_host = a.rng.standard_normal((3, 6, 8, 3))
+    x, x_ref = a.put(np.concatenate([x_host, np.zeros((3, 6, 8, channels - 3))], axis=-1))
+    x_ref = x_ref[..., :3]
+    wt, w_ref = a.put(a.rng.standard_normal((16, 3, 3, 3)) * 0.3)
+    dy, dy_ref = a.put(a.rng.standard_normal((3, 6, 8, 16)))
+    y = a.nan((3, 6, 8, 16))
+    with fast_path(be, kernels=("pad_weight_channels",), conv_ops=("fprop",)):
+        be.conv2d_forward(x, wt, 1, 1, y)
+    expected = a.ref.conv2d_forward(x_ref, w_ref, 1, 1, np.empty((3, 6, 8, 16)))
+    magnitude = a.ref.conv2d_forward(np.abs(x_ref), np.abs(w_ref), 1, 1, np.empty((3, 6, 8, 16)))
+    assert_bounded(a.get(y), expected, CONV[dtype] * magnitude, what="fprop")
+    expected = a.ref.conv2d_backward_filter(x_ref, dy_ref, 1, 1, np.empty(wt.shape))
+    magnitude = a.ref.conv2d_backward_filter(np.abs(x_ref), np.abs(dy_ref), 1, 1, np.empty(wt.shape))
+    for dw_dtype in {np.dtype(np.float32), be.dtype}:
+        dw = a.nan(wt.shape, dtype=dw_dtype)
+        be.conv2d_backward_filter(x, dy, 1, 1, dw)
+        be.wait_for_gradients()
+        assert_bounded(a.get(dw), expected, CONV[dtype] * magnitude, what=f"wgrad into {dw_dtype}")
+    assert {(key[0], key[2]) for key in be.conv.graph_calls} == {("fprop", channels), ("wgrad", channels)}
+    assert be.kernels.launches["crop_weight_channels"] == len({np.dtype(np.float32), be.dtype})
+    assert be.kernels.launches["pixel_pair_weights"] == be.kernels.launches["pixel_pair_weight_gradient"] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padded_stem_weights_are_the_weights_and_zeros(dtype):
+    """pad_weight_channels and crop_weight_channels move values: bit for bit the weights with zero channels
+    added, and the padded gradient's first channels (converted to float32 where asked)."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, padded_input=True)
+    a = Arrays(be, seed=13)
+    wt, w_host = a.put(a.rng.standard_normal((5, 3, 3, 3)))
+    x = be.empty((2, 4, 4, 8))
+    with be.device, be.stream:          # as a primitive would run it
+        padded = a.get(be._weight_for(x, wt))
+    np.testing.assert_array_equal(padded, np.concatenate([w_host, np.zeros((5, 3, 3, 5))], axis=-1))
+    d_padded, d_host = a.put(a.rng.standard_normal((5, 3, 3, 8)))
+    for dw_dtype in {np.dtype(np.float32), be.dtype}:
+        dw = a.nan((5, 3, 3, 3), dtype=dw_dtype)
+        with be.device, be.stream:
+            be._launch_1d("crop_weight_channels", (ctype(d_padded.dtype), ctype(dw.dtype)), dw.size,
+                          (d_padded, dw, np.int32(45), np.int32(3), np.int32(8)))
+            np.testing.assert_array_equal(a.get(dw), d_host[..., :3])
+
+
 def test_a_data_gradient_pairs_the_current_weights_where_no_forward_of_its_pass_did():
     """The paired kernel a forward builds serves its layer's data gradient until the pass ends
     (wait_for_gradients); after that, with new weights, the data gradient alone builds the kernel again, and
@@ -1200,6 +1261,45 @@ def test_augment_train_batch_reads_the_device_counter_like_numpy(layout, dtype):
     np.testing.assert_array_equal(be.to_host(x).astype(np.float32), expected)
     np.testing.assert_array_equal(be.to_host(labels_out), expected_labels)
     assert int(be.to_host(counter)) == 2 ** 32 + 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distort", [False, True], ids=["plain", "distort"])
+def test_augmentation_writes_a_padded_input(dtype, distort):
+    """--padded-input (NHWC): both entry points write the reference's 3 channels, then zeros up to a 16-byte
+    pixel, into input_shape's buffer; in NCHW the option changes nothing."""
+    from cupynet.backends.cupy_backend import CupyBackend
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    assert CupyBackend(device_id=0, layout="NCHW", dtype=dtype, padded_input=True).input_shape(7, 3, 32, 32) == \
+        (7, 3, 32, 32)
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, padded_input=True)
+    rng = np.random.default_rng(16)
+    images_host = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    labels_host = rng.integers(0, 10, 30).astype(np.int32)
+    order_host = rng.permutation(30).astype(np.int64)
+    counter_host = np.array(5, dtype=np.int64)
+    images, labels, order = be.from_host(images_host), be.from_host(labels_host), be.from_host(order_host)
+    ref = NumpyBackend("NHWC", "float32")
+    channels = 8 if dtype == "bfloat16" else 4
+    x = be.from_host(np.full((7, 32, 32, channels), np.nan, dtype=np.float32), dtype=be.dtype)
+    assert x.shape == be.input_shape(7, 3, 32, 32)
+    labels_out = be.empty((7,), dtype=np.int32)
+    expected = np.empty((7, 32, 32, 3), dtype=np.float32)
+    expected_labels = np.empty(7, dtype=np.int32)
+    be.augment_train_batch(images, labels, order, be.from_host(counter_host), 4, 7, 0, 9, distort, x, labels_out)
+    ref.augment_train_batch(images_host, labels_host, order_host, counter_host, 4, 7, 0, 9, distort, expected,
+                            expected_labels)
+    np.testing.assert_array_equal(be.to_host(x)[..., :3].astype(np.float32), expected)
+    np.testing.assert_array_equal(be.to_host(x)[..., 3:].astype(np.float32), 0.0)
+    np.testing.assert_array_equal(be.to_host(labels_out), expected_labels)
+    ref.augment_batch(images_host, labels_host, order_host[:7], 9, 5, distort, expected, expected_labels)
+    # into an aligned buffer (each pixel one 16-byte store) and into a view one element off (element by element)
+    unaligned = be.empty((x.size + 1,))[1:].reshape(x.shape)
+    for out in (x, unaligned):
+        be.augment_batch(images, labels, order[:7], 9, 5, distort, out, labels_out)
+        np.testing.assert_array_equal(be.to_host(out)[..., :3].astype(np.float32), expected)
+        np.testing.assert_array_equal(be.to_host(out)[..., 3:].astype(np.float32), 0.0)
 
 
 # --------------------------------------------------------------------------- whole models

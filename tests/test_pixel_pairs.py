@@ -68,6 +68,7 @@ def test_folding_the_paired_kernel_back_counts_each_weight_twice():
 @pytest.mark.parametrize("layout,x_shape,w_shape,stride,pad,expected", [
     ("NHWC", (128, 32, 32, 16), (16, 3, 3, 16), 1, 1, True),     # stage 1
     ("NHWC", (128, 32, 32, 3), (16, 3, 3, 3), 1, 1, False),      # the stem: 3 channels in
+    ("NHWC", (128, 32, 32, 8), (16, 3, 3, 3), 1, 1, False),      # the stem on a padded input (--padded-input)
     ("NHWC", (128, 16, 16, 32), (32, 3, 3, 32), 1, 1, False),    # stage 2: already wide
     ("NHWC", (128, 32, 32, 16), (32, 3, 3, 16), 2, 1, False),    # a stride-2 convolution
     ("NHWC", (128, 32, 31, 16), (16, 3, 3, 16), 1, 1, False),    # an odd width

@@ -164,6 +164,36 @@ def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, dtyp
     assert np.linalg.norm(paired - unpaired) <= 0.02 * np.linalg.norm(unpaired)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_padded_input_captured_equals_eager_and_follows_the_plain_run(dataset, dtype):
+    """--padded-input: the augmentation writes the input with zero channels up to a 16-byte pixel (inside the
+    captured step, and for each evaluation batch) and the stem pads its weights to match before each forward and
+    cuts its weight gradient back. Captured steps repeat the eager ones bit for bit, and the run follows the
+    plain one (the same sums, up to the engines' order)."""
+    settings = dict(BASE, dtype=dtype, padded_input=True)
+    eager_backend = make_backend("NHWC", dtype, padded_input=True)
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
+    backend = make_backend("NHWC", dtype, padded_input=True)
+    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
+    assert captured[0].runner.captured and captured[0].x.shape[-1] == (8 if dtype == "bfloat16" else 4)
+    # the stem's padded weights for each step and each evaluation batch (2 evaluations of 24 images in batches
+    # of 16), its gradient cut back at each step
+    assert eager_backend.kernels.launches["pad_weight_channels"] == STEPS + 2 * 2
+    assert eager_backend.kernels.launches["crop_weight_channels"] == STEPS
+    assert_identical(eager, captured)
+    plain = train(TrainConfig(**dict(settings, padded_input=False), cuda_graph="off"), dataset,
+                  make_backend("NHWC", dtype))
+    names = [name for name in plain[1] if name.startswith("params/")]
+    padded, unpadded = (np.concatenate([state[name].ravel() for name in names]).astype(np.float64)
+                        for state in (captured[1], plain[1]))
+    print(f"padded input vs plain: {np.linalg.norm(padded - unpadded) / np.linalg.norm(unpadded):.3g}")
+    assert np.linalg.norm(padded - unpadded) <= 0.02 * np.linalg.norm(unpadded)
+    # the stem's weights alone: on the emulated GPU 0 (bf16, and float32 where both runs' engines agree), where a
+    # gradient cut back from the wrong channels left them 0.052 apart (and all the parameters only 0.013)
+    stem, stem_plain = captured[1]["params/stem/conv/w"], plain[1]["params/stem/conv/w"]
+    assert np.linalg.norm(stem - stem_plain) <= 0.02 * np.linalg.norm(stem_plain)
+
+
 @pytest.mark.parametrize("layout,dtype", [("NHWC", "bfloat16"), ("NCHW", "float32")])
 def test_residual_grad_sums_captured_equal_the_plain_eager_steps(dataset, layout, dtype):
     """--residual-grad-sums: a block's input-gradient add also reduces the gradient sums of the BatchNorm before

@@ -28,6 +28,9 @@ Streams and synchronisation
     convolutions on pixel pairs (cupynet/backends/pixel_pairs.py), each after a small kernel that builds
     the paired weights from the current ones; with wgrad_pixel_pairs=True (--wgrad-pixel-pairs) their weight
     gradients do, each followed by a small kernel that folds the paired gradient back.
+    With padded_input=True (--padded-input, NHWC) the network's input has its channels padded to a 16-byte
+    pixel (`input_shape`; cupynet/backends/padded_input.py): the augmentation writes the zeros, and a
+    convolution of such an input pads its weights first and cuts its weight gradient back to the real channels.
     With stream_priorities=True (--stream-priorities) the main stream runs at the device's highest priority and
     the side streams at its lowest, in eager steps and in the captured one (cupynet/backends/node_priorities.py).
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
@@ -67,7 +70,7 @@ try:                                # importable without CuPy, so CPU tests can 
 except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
-from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, pixel_pairs
+from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, padded_input, pixel_pairs
 from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
 from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, instantiate_with_node_priorities
@@ -209,7 +212,7 @@ class CupyBackend(LayoutMixin):
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
-                 stream_priorities=False, tune_in_graph=False):
+                 stream_priorities=False, tune_in_graph=False, padded_input=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -240,6 +243,8 @@ class CupyBackend(LayoutMixin):
         # stage 1's 3x3 forwards and data gradients on pixel pairs (backends/pixel_pairs.py); NHWC only
         self.pixel_pairs = bool(pixel_pairs) and layout == "NHWC"
         self.wgrad_pixel_pairs = bool(wgrad_pixel_pairs) and layout == "NHWC"     # and their weight gradients
+        # the network's input padded to a 16-byte pixel, for the stem (backends/padded_input.py); NHWC only
+        self.padded_input = bool(padded_input) and layout == "NHWC"
         # a residual block's input-gradient add also reduces the next BatchNorm's gradient sums (layers.py)
         self.residual_grad_sums = bool(residual_grad_sums)
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
@@ -358,6 +363,13 @@ class CupyBackend(LayoutMixin):
             self.stream.wait_event(self._join)
         self._side_pending.clear()
 
+    def input_shape(self, n, c, h, w):
+        """The shape of the network's input: activation_shape, with padded_input its channels padded to a
+        16-byte pixel (the augmentation writes the zeros; a convolution of it pads its weights to match)."""
+        if self.padded_input:
+            c = padded_input.padded_channels(c, self.dtype)
+        return self.activation_shape(n, c, h, w)
+
     @property
     def _channels_last(self):
         return _i32(self.layout == "NHWC")
@@ -417,7 +429,7 @@ class CupyBackend(LayoutMixin):
         if self._on_pixel_pairs(x, w, stride, pad):
             self.conv.forward(_pair_view(x), self._pixel_pair_weight(w, reuse=False), 1, 1, _pair_view(y))
             return y
-        return self.conv.forward(x, w, stride, pad, y)
+        return self.conv.forward(x, self._weight_for(x, w), stride, pad, y)
 
     @_primitive
     def conv2d_forward_with_stats(self, x, w, stride, pad, y, sums):
@@ -427,7 +439,7 @@ class CupyBackend(LayoutMixin):
         and the autotuner's checks (the caller's BatchNorm then makes its own statistics). Never on pixel
         pairs: their sums would be per paired channel."""
         _require_dtype(np.float32, sums=sums)
-        return self.conv.forward_with_stats(x, w, stride, pad, y, sums)
+        return self.conv.forward_with_stats(x, self._weight_for(x, w), stride, pad, y, sums)
 
     @_primitive
     def conv2d_backward_data(self, dy, w, stride, pad, dx):
@@ -435,7 +447,20 @@ class CupyBackend(LayoutMixin):
         if self._on_pixel_pairs(dx, w, stride, pad):
             self.conv.backward_data(_pair_view(dy), self._pixel_pair_weight(w, reuse=True), 1, 1, _pair_view(dx))
             return dx
-        return self.conv.backward_data(dy, w, stride, pad, dx)
+        return self.conv.backward_data(dy, self._weight_for(dx, w), stride, pad, dx)
+
+    def _weight_for(self, image, w):
+        """w, or for a padded input (padded_input.is_padded: more channels than w reads) w with zero channels
+        added to match, built by kernels/padded_input.cu into a buffer of w's own (w changes between steps: every
+        forward builds it; a few thousand values)."""
+        if not padded_input.is_padded(self.layout, image.shape, w.shape):
+            return w
+        k, r, s, c = w.shape
+        channels = image.shape[-1]
+        padded = self._scratch(("padded_input", w.data.ptr), (k, r, s, channels), w.dtype)
+        self._launch_1d("pad_weight_channels", (ctype(w.dtype),), padded.size,
+                        (w, padded, _i32(k * r * s), _i32(c), _i32(channels)))
+        return padded
 
     def _on_pixel_pairs(self, image, w, stride, pad):
         """Whether this convolution runs on pixel pairs: the option is on and the rewrite applies to it."""
@@ -494,6 +519,14 @@ class CupyBackend(LayoutMixin):
             d_paired = self._scratch(f"pixel_pairs_wgrad{lane}", pixel_pairs.paired_weight_shape(dw.shape), self.dtype)
             self.conv.backward_filter(_pair_view(x), _pair_view(dy), 1, 1, d_paired, lane)
             return self._fold_pixel_pair_gradient(d_paired, dw)
+        if padded_input.is_padded(self.layout, x.shape, dw.shape):
+            # the padded input's gradient (K, R, S, X) into the lane's scratch, its first C channels copied out
+            k, r, s, c = dw.shape
+            d_padded = self._scratch(f"padded_input_wgrad{lane}", (k, r, s, x.shape[-1]), self.dtype)
+            self.conv.backward_filter(x, dy, stride, pad, d_padded, lane)
+            self._launch_1d("crop_weight_channels", (ctype(d_padded.dtype), ctype(dw.dtype)), dw.size,
+                            (d_padded, dw, _i32(k * r * s), _i32(c), _i32(x.shape[-1])))
+            return dw
         if dw.dtype == self.dtype:
             return self.conv.backward_filter(x, dy, stride, pad, dw, lane)
         dw_io = self._scratch(f"wgrad{lane}", dw.shape, self.dtype)    # one per side stream: they run side by side
@@ -1021,34 +1054,36 @@ class CupyBackend(LayoutMixin):
     # ----------------------------------------------------------------- data
 
     def _augment_geometry(self, images, labels, x_out, labels_out, batch):
-        """(H, W, C) of the dataset, after checking dtypes and that the outputs hold `batch` images."""
+        """(H, W, C, X) of the dataset and of x_out (X: its channels, padded or not), after checking dtypes and
+        that the outputs hold `batch` images: x_out shaped activation_shape or, padded, input_shape."""
         _require_dtype(np.uint8, images=images)
         _require_dtype(np.int32, labels=labels, labels_out=labels_out)
         _, h, w, channels = images.shape
-        expected = self.activation_shape(batch, channels, h, w)
-        if tuple(x_out.shape) != expected or labels_out.size != batch:
+        fits = (self.activation_shape(batch, channels, h, w), self.input_shape(batch, channels, h, w))
+        if tuple(x_out.shape) not in fits or labels_out.size != batch:
             raise ValueError(f"augment: x_out {x_out.shape} / labels_out {labels_out.shape} do not fit "
                              f"{batch} images of {h}x{w}x{channels} ({self.layout})")
-        return h, w, channels
+        return h, w, channels, self.nchw_dims(x_out)[1]
 
     @_primitive
     def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out, first_row=0):
         """Gather a batch from the uint8 dataset on the device, [pad-crop-flip], normalize to x / 128 - 1.
 
         images: uint8 (N, H, W, 3); labels: int32 (N,); indices: int64 (B,) device array;
-        x_out: activation (B, 3, H, W | B, H, W, 3); labels_out: int32 (B,). The crop/flip draws are
+        x_out: activation (B, 3, H, W | B, H, W, 3), or input_shape's (padded_input: the channels after the
+        image's zeros); labels_out: int32 (B,). The crop/flip draws are
         sampling.crop_flip_draws(seed, step, B, 9, first_row), computed in the kernel from (seed, step) and
         each row's global batch position first_row + b (a data-parallel worker's shard offset).
         """
         if indices.dtype != np.int64:
             indices = indices.astype(np.int64)
         batch = int(indices.size)
-        h, w, channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
-        self._launch_1d("augment_batch", (ctype(x_out.dtype),), _count(x_out),
-                        (images, labels, indices, _i32(batch), _i32(h), _i32(w), _i32(channels),
+        h, w, channels, x_channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
+        self._launch_1d("augment_batch", (ctype(x_out.dtype),), _count(x_out) // x_channels,   # a thread a pixel
+                        (images, labels, indices, _i32(batch), _i32(h), _i32(w), _i32(channels), _i32(x_channels),
                          _i32(AUGMENT_PAD), np.uint32(seed & 0xFFFFFFFF), np.uint32(step & 0xFFFFFFFF),
                          np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)), x_out, labels_out,
-                         self._channels_last))
+                         self._channels_last, _i32(_pack_aligned([x_out]))))
         return x_out
 
     @_primitive
@@ -1059,15 +1094,15 @@ class CupyBackend(LayoutMixin):
         read on the device, so a captured step draws the next batch on every replay."""
         _require_dtype(np.int64, order=order, step=step)
         batch = int(labels_out.size)
-        h, w, channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
+        h, w, channels, x_channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
         if steps_per_epoch * global_batch > order.size or first_row + batch > global_batch:
             raise ValueError(f"augment_train_batch: {steps_per_epoch} steps of {global_batch} rows do not fit an "
                              f"order of {order.size}, or rows {first_row}..{first_row + batch} the global batch")
-        self._launch_1d("augment_train_batch", (ctype(x_out.dtype),), _count(x_out),
+        self._launch_1d("augment_train_batch", (ctype(x_out.dtype),), _count(x_out) // x_channels,   # a thread a pixel
                         (images, labels, order, step, np.int64(steps_per_epoch), np.int64(global_batch),
-                         _i32(batch), _i32(h), _i32(w), _i32(channels), _i32(AUGMENT_PAD),
+                         _i32(batch), _i32(h), _i32(w), _i32(channels), _i32(x_channels), _i32(AUGMENT_PAD),
                          np.uint32(seed & 0xFFFFFFFF), np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)),
-                         x_out, labels_out, self._channels_last))
+                         x_out, labels_out, self._channels_last, _i32(_pack_aligned([x_out]))))
         return x_out
 
     @_primitive

@@ -78,6 +78,10 @@ KERNELS = {
         # --wgrad-pixel-pairs: (cuDNN's io type, the gradient's): bf16 or float32 gradients in bf16 runs
         "pixel_pair_weight_gradient": [(BF16, BF16), (BF16, FLOAT), (FLOAT, FLOAT)],
     },
+    "padded_input.cu": {
+        "pad_weight_channels": _per_type(*ACTIVATION_TYPES),        # --padded-input: the stem's padded weights
+        "crop_weight_channels": [(BF16, BF16), (BF16, FLOAT), (FLOAT, FLOAT)],   # ... and their gradient cut back
+    },
     "pooling.cu": {
         "global_avgpool_forward": _per_type(*ACTIVATION_TYPES),
         "global_avgpool_backward": _per_type(*ACTIVATION_TYPES),

@@ -24,6 +24,10 @@ class LayoutMixin:
     def activation_shape(self, n, c, h, w):
         return (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
 
+    def input_shape(self, n, c, h, w):
+        """The network's input: an activation (the GPU backend may pad its channels, --padded-input)."""
+        return self.activation_shape(n, c, h, w)
+
     def nchw_dims(self, x):
         """(N, C, H, W) of an activation array in this backend's layout."""
         if self.layout == "NCHW":

@@ -45,12 +45,13 @@ PAIR_CHANNEL_MULTIPLE = 8     # 2C and 2K then fill whole 16-byte vectors of bf1
 def applies(layout, x_shape, w_shape, stride, pad):
     """Whether a convolution of NHWC activations x_shape (the image side: x, or dx for a data gradient) with
     a KRSC weight of w_shape can run on pixel pairs: NHWC, 3x3, stride 1, padding 1, an even width, and C and
-    K multiples of PAIR_CHANNEL_MULTIPLE up to PAIR_MAX_CHANNELS."""
+    K multiples of PAIR_CHANNEL_MULTIPLE up to PAIR_MAX_CHANNELS, the weight reading all of x's C channels (not
+    an input padded for the stem, --padded-input)."""
     if layout != "NHWC" or stride != 1 or pad != 1:
         return False
     width, c = x_shape[2], x_shape[3]
-    k, r, s, _ = w_shape
-    return ((r, s) == (3, 3) and width % 2 == 0
+    k, r, s, weight_channels = w_shape
+    return ((r, s) == (3, 3) and width % 2 == 0 and weight_channels == c
             and all(n % PAIR_CHANNEL_MULTIPLE == 0 and n <= PAIR_MAX_CHANNELS for n in (c, k)))
 
 
