@@ -41,8 +41,9 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     channels (the stem's 3) with its input padded to PADDED_CHANNELS: zero channels would change neither the
     output nor the real channels' weight gradient, and the time says whether cuDNN's engines for a multiple
     of 8 channels beat those it takes for 3 (run 1: 22.9 us forward on a generic engine; 45.6 us for the
-    weight gradient, which ends the step). Not counted: padding the input (the augmentation kernel could
-    write it padded) and the weights.
+    weight gradient, which ends the step). cupynet runs the stem so with --padded-input
+    (cupynet/backends/padded_input.py: the augmentation writes the input padded to 16 bytes a pixel, 8 bf16
+    channels, 4 float32). Not counted: padding the weights and cutting the gradient back (small passes).
 
 Reports per convolution, and per step (the calls times the time), cupynet's engine, the fastest
 deterministic engine and the fastest of all: how much a better engine choice could still give. The per-step

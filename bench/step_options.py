@@ -88,6 +88,8 @@ OPTIONS = (
                label="stream priorities"),
     StepOption("conv_tune_in_graph", column="in-graph", width=8, phrase=", engines timed in a graph",
                label="engines timed in a graph"),
+    StepOption("padded_input", column="padded", width=6, phrase=", the input padded to 16 bytes a pixel",
+               label="padded input"),
 )
 NAMES = tuple(option.name for option in OPTIONS)
 DEFAULTS = {option.name: option.default for option in OPTIONS}

@@ -351,6 +351,7 @@ def host_batch(trainer):
     images = be.to_host(trainer.x).astype(np.float32)   # bf16 values are exact in float32
     if be.layout == "NHWC":
         images = images.transpose(0, 3, 1, 2)
+    images = images[:, :3]                               # without --padded-input's zero channels
     return np.ascontiguousarray(images), be.to_host(trainer.labels).astype(np.int64)
 
 

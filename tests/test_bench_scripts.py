@@ -318,11 +318,13 @@ def test_layouts_reports_the_gpu_backends_genstats_counts(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("option,field,recorded", [("conv_pixel_pairs", "conv_pixel_pairs", [True, False, False]),
+                                                   ("padded_input", "padded_input", [True, False, False]),
                                                    ("residual_grad_sums", "residual_grad_sums", [True, True, False])])
 def test_layouts_rows_record_the_gpu_backends_option(tmp_path, option, field, recorded):
-    """On the GPU (or the emulated one) a row records an option as the backend applied it: pixel pairs on in NHWC
-    when asked for, off in NCHW even when asked for (a pixel pair's channels are adjacent only when channels come
-    last); residual grad sums on in either layout when asked for; each off when not asked for."""
+    """On the GPU (or the emulated one) a row records an option as the backend applied it: pixel pairs and a padded
+    input on in NHWC when asked for, off in NCHW even when asked for (a pixel pair's channels, and a pixel's 16
+    bytes, are adjacent only when channels come last); residual grad sums on in either layout when asked for; each
+    off when not asked for."""
     layouts = layouts_module()
     args = layouts.parse_args(["--device", "0", "--no-tf32", "--warmup", "1", "--steps", "1", "--repeats", "1"])
     dataset = layouts.synthetic_dataset(num_train=32, num_test=8, seed=0)
