@@ -748,11 +748,16 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
     options += [label for key, label in SWITCHES if accuracy["args"].get(key)]
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
-    phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in (accuracy.get("setup_phases") or {}).items())
+    parts = accuracy.get("setup_parts") or {}          # a GPU backend's: CUDA context, cuDNN
+
+    def phase(name, seconds):
+        inner = ", ".join(f"{part} {s:.2f}" for part, s in parts.get(name, {}).items())
+        return f"{name} {seconds:.2f}" + (f" ({inner})" if inner else "")
+    phases = ", ".join(phase(*item) for item in (accuracy.get("setup_phases") or {}).items())
     print(f"\ntime to accuracy ({', '.join(options)}): "
           f"test {accuracy['test_accuracy']:.2%} in {accuracy['wall_seconds']} s wall "
           f"(setup {accuracy.get('setup_seconds')} s: {phases or '?'}; warm-up {accuracy.get('warmup_seconds')} s "
-          f"of the training), "
+          f"of the training; evaluation {accuracy.get('eval_seconds', '?')} s), "
           f"{accuracy['train_seconds']} s training ({accuracy['images_per_sec']} img/s)")
 
 try:

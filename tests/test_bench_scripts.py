@@ -103,6 +103,8 @@ def test_time_to_accuracy_quick_trains_the_recipe_and_reports_the_curve(tmp_path
     assert [point["lr"] for point in curve][-1] == 0.001          # the last quarter runs at the last rate
     assert 0 <= report["setup_seconds"] <= report["wall_seconds"]
     assert report["warmup_seconds"] is None             # the CPU records no step: no warm-up to report
+    assert report["setup_parts"] == {} and 0 <= report["eval_seconds"] <= report["wall_seconds"]   # GPU: by part
+    assert "--eval-batch-size" not in report["command"]    # the demo's 500 test images at cupynet.train's 100
 
 
 def test_time_to_accuracy_times_the_warm_up_from_the_start_event():
@@ -124,13 +126,15 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
     chosen = train_args(recipe_flags(parse_args(["--data-dir", "D", "--wgrad-streams", "2", "--wgrad-chunks", "2",
                                                  "--no-conv-deterministic", "--conv-init", "glorot_uniform",
                                                  "--conv-split-k", "--conv-genstats", "--conv-pixel-pairs",
-                                                 "--residual-grad-sums"]), "M"))
+                                                 "--residual-grad-sums", "--padded-input"]), "M"))
     assert (chosen.wgrad_streams, chosen.wgrad_chunks, chosen.conv_deterministic, chosen.train_steps) == \
         (2, 2, False, 122 * 351)
     assert (default.conv_split_k, chosen.conv_split_k) == (False, True)
     assert (default.conv_genstats, chosen.conv_genstats) == (False, True)
     assert (default.conv_pixel_pairs, chosen.conv_pixel_pairs) == (False, True)
     assert (default.residual_grad_sums, chosen.residual_grad_sums) == (False, True)
+    assert (default.padded_input, chosen.padded_input) == (False, True)
+    assert default.eval_batch_size == 1000         # the final evaluation in 10 forwards on a GPU
     assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
 
 

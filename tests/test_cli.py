@@ -81,6 +81,7 @@ def test_short_training_run_reports_checkpoints_and_logs(tiny_cifar, tmp_path):
     assert events[-1]["images"] == 50 and events[-1]["step"] == 4 and 0 <= events[-1]["accuracy"] <= 1
     assert re.search(r"^setup [\d.]+s: data [\d.]+s, backend [\d.]+s, model [\d.]+s$", out, re.MULTILINE), out
     assert set(events[-1]["setup_phases"]) == {"data", "backend", "model"}
+    assert events[-1]["setup_parts"] == {} and 0 <= events[-1]["eval_seconds"] <= events[-1]["wall_seconds"]
     assert 0 <= sum(events[-1]["setup_phases"].values()) <= events[-1]["setup_seconds"] + 0.01
     assert events[1]["lr"] == 0.1 and events[1]["loss"] > 0 and events[1]["total_loss"] > events[1]["loss"]
     _, meta = load_checkpoint(latest_checkpoint(model_dir))

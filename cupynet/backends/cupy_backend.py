@@ -60,6 +60,7 @@ float32: `tf32=True` lets cuDNN use TF32 tensor cores (~1e-3 relative error per 
     `tf32=False` keeps convolutions strict fp32 (the parity tests use it).
 """
 import functools
+import time
 import weakref
 from collections import Counter
 
@@ -258,6 +259,7 @@ class CupyBackend(LayoutMixin):
         self._scratch_buffers = {}
         self._bn_plans = {}
 
+        started = time.perf_counter()
         self.device = cupy.cuda.Device(device_id)
         self.device.use()
         with self.device:
@@ -269,7 +271,11 @@ class CupyBackend(LayoutMixin):
             self._fork = cupy.cuda.Event(block=False, disable_timing=True)
             self._join = cupy.cuda.Event(block=False, disable_timing=True)
             self.kernels = KernelLibrary(self.device)
+            context = time.perf_counter()          # the first stream made the device's context
             self._create_conv(dtype_name)
+        # where the backend's setup went (cupynet.train prints it): a run's setup counts against its wall time
+        self.setup_phases = {"CUDA context": round(context - started, 3),
+                             "cuDNN": round(time.perf_counter() - context, 3)}
 
     def _create_conv(self, dtype_name):
         """cuDNN handle bound to our stream, and the convolution engine that uses it."""
