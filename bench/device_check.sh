@@ -344,10 +344,10 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     # the switches that are off by default and not yet measured on a GPU (see below): a row each, the defaults'
     # twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one row. The rows of a
-    # grid share one process: --stream-priorities, the one that calls the CUDA driver through ctypes (a crash
-    # there would end the grid), comes last of them
+    # grid share one process: --stream-priorities and --programmatic-launch, the ones that call the CUDA driver
+    # through ctypes (a crash there would end the grid), come last of them
     local switches=(--conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums --conv-tune-in-graph --padded-input
-                    --stream-priorities)
+                    --stream-priorities --programmatic-launch)
     local alone=() alone_512=() together="" flag
     for flag in "${switches[@]}"; do
         alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $flag on")
@@ -360,11 +360,12 @@ step_options() {
     # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
     # The switches not yet measured on a GPU (pixel pairs for stage 1's forwards and data gradients, and for its
     # weight gradients; BatchNorm's gradient sums in the residual adds; the autotuner timing engines inside a CUDA
-    # graph; the stem's input padded to 16 bytes a pixel; the main stream's priority over the side streams') get
-    # one --also row each right after the defaults' (a dimension would double the grids), here, at fp32 and at
-    # batch 512: each differs from the defaults in that option alone (deterministic engines, no genstats, whose
-    # fused forwards never run paired), and a row this early is measured however the pacing cuts its grid. bf16
-    # then has all of them at once with the pair and engines run 1 found fastest (4x1, any engine):
+    # graph; the stem's input padded to 16 bytes a pixel; the main stream's priority over the side streams;
+    # programmatic edges into our kernels in the captured step) get one --also row each right after the
+    # defaults' (a dimension would double the grids), here, at fp32 and at batch 512: each differs from the
+    # defaults in that option alone (deterministic engines, no genstats, whose fused forwards never run paired),
+    # and a row this early is measured however the pacing cuts its grid. bf16 then has all of them at once with
+    # the pair and engines run 1 found fastest (4x1, any engine):
     # best_step_options.py picks one row, so a combination counts only as a row of its own. The shares stay as
     # they were: these rows take their grid's time from the last configurations, the most speculative.
     if seconds=$(seconds_until $((STAGE_LIMIT * 32 / 100)) "$start"); then

@@ -90,6 +90,8 @@ OPTIONS = (
                label="engines timed in a graph"),
     StepOption("padded_input", column="padded", width=6, phrase=", the input padded to 16 bytes a pixel",
                label="padded input"),
+    StepOption("programmatic_launch", column="pdl", width=3, phrase=", programmatic launches",
+               label="programmatic launch"),
 )
 NAMES = tuple(option.name for option in OPTIONS)
 DEFAULTS = {option.name: option.default for option in OPTIONS}

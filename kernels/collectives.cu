@@ -25,6 +25,7 @@
 template <typename T>
 __global__ void publish(const T* data, T* slot, int n)
 {
+    wait_for_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) slot[i] = data[i];
 }
 
@@ -32,6 +33,7 @@ __global__ void publish(const T* data, T* slot, int n)
 extern "C" __global__ void rank_barrier(unsigned long long* barriers_passed, unsigned long long* arrivals,
                                         int size, volatile int* abort_flag, unsigned long long timeout_ns)
 {
+    wait_for_prior_grids();
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const unsigned long long target = (barriers_passed[0] += 1ull) * (unsigned long long)size;
     __threadfence();                                   // this rank's published slot before its arrival
@@ -52,6 +54,7 @@ extern "C" __global__ void rank_barrier(unsigned long long* barriers_passed, uns
 template <typename T>
 __global__ void reduce_slots(const T* slots, T* data, int n, int size, int mean)
 {
+    wait_for_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) {
         T total = slots[i];
         for (int r = 1; r < size; ++r) total += slots[(long long)r * n + i];
@@ -63,5 +66,6 @@ __global__ void reduce_slots(const T* slots, T* data, int n, int size, int mean)
 template <typename T>
 __global__ void copy_slot(const T* slot, T* data, int n)
 {
+    wait_for_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) data[i] = slot[i];
 }

@@ -47,6 +47,18 @@ __device__ __forceinline__ unsigned long long global_time_ns()
     return t;
 }
 
+// Every kernel's first statement, before any memory access: where the captured step runs a kernel after another
+// through a programmatic edge (--programmatic-launch, cupynet/backends/programmatic_launch.py), the kernel may be
+// launched before the one before it has finished, and this waits until it has and its writes are visible. Without
+// such an edge (a plain launch, an ordinary graph edge) there is nothing to wait for and it returns at once.
+// Hopper's griddepcontrol; nothing on older GPUs (which run no such edges) nor on the emulated GPU.
+__device__ __forceinline__ void wait_for_prior_grids()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ------------------------------------------------------------------ grid-stride loops
 
 __device__ __forceinline__ int first_index() { return blockIdx.x * blockDim.x + threadIdx.x; }

@@ -294,7 +294,8 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
     # grids; in this order, one right after the other
     switches = ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--conv-tune-in-graph",
-                "--padded-input", "--stream-priorities"]       # the driver call through ctypes last: a crash would end the grid
+                "--padded-input", "--stream-priorities", "--programmatic-launch"]   # the driver calls through
+    # ctypes last: a crash would end the grid
     for flag in switches:
         rows = [[row for row in also_rows(run) if flag in row and len(row) <= 8] for run in runs]
         assert [len(found) for found in rows] == [1, 1, 0, 0, 1], flag

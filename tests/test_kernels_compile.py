@@ -79,6 +79,15 @@ def test_nvcc_compiles_every_instantiation(nvcc_ptx, file):
         assert entry_count(ptx, name, templated=bool(instantiations)) == expected, (file, name)
 
 
+@pytest.mark.parametrize("file", sorted(K.KERNELS))
+def test_every_entry_waits_for_prior_grids_on_hopper(nvcc_ptx, file):
+    """wait_for_prior_grids() (common.cuh) is Hopper's griddepcontrol.wait in every kernel compiled for sm_90: one
+    per entry point (--programmatic-launch's edges rely on it; tests/test_programmatic_launch.py checks the source)."""
+    _, _, ptx = nvcc_ptx[file]
+    entries = len(re.findall(r"^\.visible \.entry ", ptx, flags=re.MULTILINE))
+    assert entries and ptx.count("griddepcontrol.wait") == entries, file
+
+
 def _nvrtc_compiler():
     """CuPy's NVRTC program class and option assembly, or skip with the reason."""
     try:

@@ -60,18 +60,20 @@ def test_capture_needs_a_backend_that_can_record():
         StepRunner(NumpyBackend("NHWC", "float32"), capture=True)
 
 
-def test_the_node_priority_graph_needs_the_cuda_driver_and_says_so_in_one_line():
-    """--stream-priorities instantiates the captured step through the driver library (backends/node_priorities.py):
-    where it cannot be loaded (this CPU machine), a one-line DeviceError that names the option and the library;
-    where it can, the function it calls is declared with its C signature."""
+@pytest.mark.parametrize("option", ["--stream-priorities", "--programmatic-launch"])
+def test_the_graph_options_need_the_cuda_driver_and_say_so_in_one_line(option):
+    """--stream-priorities and --programmatic-launch instantiate the captured step through the driver library
+    (backends/cuda_driver.py): where it cannot be loaded (this CPU machine), a one-line DeviceError that names the
+    option and the library; where it can, each function called is declared with its C signature."""
     import ctypes
 
-    from cupynet.backends import node_priorities
+    from cupynet.backends import cuda_driver
     from cupynet.errors import DeviceError
     try:
-        library = node_priorities.driver()
+        cuda_driver.driver(option)
     except DeviceError as error:
         message = str(error)
-        assert "--stream-priorities" in message and "libcuda.so.1" in message and "\n" not in message
+        assert option in message and "libcuda.so.1" in message and "\n" not in message
     else:
-        assert library.cuGraphInstantiateWithFlags.restype is ctypes.c_int
+        call = cuda_driver.function(option, "cuGraphInstantiateWithFlags")
+        assert call.restype is ctypes.c_int and len(call.argtypes) == 3

@@ -1,6 +1,7 @@
 """The step options under whole-step capture on the GPU: with each of them (one-launch BatchNorm, weight gradients
 on side streams or split-K engines, statistics from the convolutions, pixel pairs, gradient sums in the residual
-add, stream priorities, engines timed in a graph) captured steps equal eager steps bit for bit, and where an
+add, stream priorities, engines timed in a graph, a padded input, programmatic launches) captured steps equal eager
+steps bit for bit, and where an
 option changes the arithmetic, the run follows the plain one (how the runs are compared: step_graph_runs.py).
 
     python -m pytest -m gpu tests/test_step_options_gpu.py -q     # on a GPU machine (skipped elsewhere)
@@ -214,9 +215,9 @@ def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset
     """--stream-priorities: the main stream at a higher priority than the two weight-gradient side streams; eager
     steps with them, and captured ones (the graph instantiated again with per-node priorities through the
     driver), equal the plain eager steps bit for bit. On the emulated GPU (which records priorities, not schedules
-    by them) the driver library is tests/emulated_gpu/cuda_driver_stub.cpp, which refuses any flags but per-node
-    priorities; the captured half skips where no driver library is on the library path."""
-    from cupynet.backends.node_priorities import driver
+    by them) the driver library is tests/emulated_gpu/cuda_driver_stub.cpp, which refuses any flags but none and
+    per-node priorities; the captured half skips where no driver library is on the library path."""
+    from cupynet.backends.cuda_driver import driver
     from cupynet.errors import DeviceError
     settings = dict(BASE, wgrad_streams=2)
     plain = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend("NHWC", "float32", wgrad_streams=2))
@@ -225,7 +226,7 @@ def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset
     eager = train(TrainConfig(**settings, cuda_graph="off", stream_priorities=True), dataset, backend)
     assert_identical(plain, eager)
     try:
-        driver()
+        driver("--stream-priorities")
     except DeviceError as error:
         pytest.skip(f"the captured step with per-node priorities needs the CUDA driver library: {error}")
     backend = make_backend("NHWC", "float32", wgrad_streams=2, stream_priorities=True)
@@ -233,6 +234,36 @@ def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset
     runner = captured[0].runner
     assert runner.captured and runner.graph._executable is not None
     assert_identical(plain, captured)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_programmatic_launches_compute_what_plain_launches_do(dataset, dtype):
+    """--programmatic-launch: the captured step's edges into our kernels from the kernels before them made
+    programmatic (each kernel launched early, waiting for the one before it inside), alone and with stream
+    priorities (both instantiate the graph through the driver, with one call): the steps equal plain eager ones
+    bit for bit. On a GPU many edges become programmatic; the emulated GPU's driver stub reads every graph as
+    empty, so there none does and this checks the rest of the path (the rewrite's choice: test_programmatic_launch.py;
+    that every kernel waits first: test_kernels_compile.py)."""
+    import cudnn
+
+    from cupynet.backends.cuda_driver import driver
+    from cupynet.errors import DeviceError
+    settings = dict(BASE, dtype=dtype, wgrad_streams=2)
+    plain = train(TrainConfig(**settings, cuda_graph="off"), dataset, make_backend("NHWC", dtype, wgrad_streams=2))
+    try:
+        driver("--programmatic-launch")
+    except DeviceError as error:
+        pytest.skip(f"programmatic launches need the CUDA driver library: {error}")
+    emulated = hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE")
+    for priorities in (False, True):
+        options = dict(wgrad_streams=2, programmatic_launch=True, stream_priorities=priorities)
+        backend = make_backend("NHWC", dtype, **options)
+        captured = train(TrainConfig(**dict(settings, **options), cuda_graph="on"), dataset, backend)
+        graph = captured[0].runner.graph
+        assert captured[0].runner.captured and graph._executable is not None
+        # ResNet-8's step has about 40 of our kernels after another kernel on the same stream
+        assert graph.programmatic_edges == 0 if emulated else graph.programmatic_edges >= 20, graph.programmatic_edges
+        assert_identical(plain, captured)
 
 
 def test_engines_timed_in_a_graph_train_as_eager_steps_with_them(dataset):

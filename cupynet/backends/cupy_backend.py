@@ -33,6 +33,9 @@ Streams and synchronisation
     convolution of such an input pads its weights first and cuts its weight gradient back to the real channels.
     With stream_priorities=True (--stream-priorities) the main stream runs at the device's highest priority and
     the side streams at its lowest, in eager steps and in the captured one (cupynet/backends/node_priorities.py).
+    With programmatic_launch=True (--programmatic-launch) the captured step's edges into our kernels from the
+    kernels before them become programmatic (cupynet/backends/programmatic_launch.py): each launched before the
+    one before it has finished, waiting for it inside (every kernel's first statement).
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -74,7 +77,8 @@ except ImportError:                 # pragma: no cover - depends on the machine
 from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, padded_input, pixel_pairs
 from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
-from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, instantiate_with_node_priorities
+from cupynet.backends import cuda_driver, programmatic_launch
+from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, USE_NODE_PRIORITY
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
@@ -213,7 +217,7 @@ class CupyBackend(LayoutMixin):
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
-                 stream_priorities=False, tune_in_graph=False, padded_input=False):
+                 stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -251,6 +255,8 @@ class CupyBackend(LayoutMixin):
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
         # the main stream at the highest priority, the side streams at the lowest (backends/node_priorities.py)
         self.stream_priorities = bool(stream_priorities)
+        # the captured step's edges into our kernels made programmatic (backends/programmatic_launch.py)
+        self.programmatic_launch = bool(programmatic_launch)
         self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for
         self._wgrad_turn = 0                    # the next weight gradient's side stream (in turn, per step)
@@ -1162,17 +1168,25 @@ class CupyBackend(LayoutMixin):
 
 class CapturedGraph:
     """A recorded CUDA graph, the memory pool its captured allocations came from, and its backend. With the
-    backend's stream_priorities, the graph instantiated again so that its kernels keep their streams' priorities
-    (backends/node_priorities.py); made inside the backend's device."""
+    backend's programmatic_launch, the graph's edges into our kernels made programmatic
+    (backends/programmatic_launch.py); with either that or stream_priorities, the graph instantiated again, the
+    latter so that its kernels keep their streams' priorities (backends/node_priorities.py). Made inside the
+    backend's device."""
 
     def __init__(self, graph, pool, backend):
         self.graph = graph
         self.pool = pool            # kept alive with the graph: its blocks are baked into the graph
         self.backend = backend
         self.launches = 0
-        self._executable = None     # the node-priority instantiation, launched instead of CuPy's
-        if backend.stream_priorities:
-            self._executable = instantiate_with_node_priorities(graph.graph)
+        self.programmatic_edges = 0     # how many edges programmatic_launch made programmatic
+        self._executable = None     # our own instantiation, launched instead of CuPy's
+        if backend.programmatic_launch:
+            self.programmatic_edges = programmatic_launch.make_programmatic(graph.graph,
+                                                                            backend.kernels.function_handles())
+        if backend.stream_priorities or backend.programmatic_launch:
+            option = "--stream-priorities" if backend.stream_priorities else programmatic_launch.OPTION
+            flags = USE_NODE_PRIORITY if backend.stream_priorities else 0
+            self._executable = cuda_driver.instantiate(option, graph.graph, flags)
             # freed with this object; at exit the process's end frees it (CUDA may be shutting down by then)
             weakref.finalize(self, cupy.cuda.runtime.graphExecDestroy, self._executable).atexit = False
 

@@ -230,6 +230,12 @@ class KernelLibrary:
             self._functions[key] = kernel
         return kernel
 
+    def function_handles(self):
+        """The CUfunction handles (ints) of every kernel compiled so far on this device: how a captured graph's
+        kernel nodes that are ours are told from cuDNN's (backends/programmatic_launch.py)."""
+        with self.device:
+            return {kernel.kernel.ptr for kernel in self._functions.values()}
+
     def resident_blocks(self, name, template_args, block, shared_mem=0):
         """How many blocks of this kernel the whole GPU holds at once (the driver's occupancy for this block
         size and dynamic shared memory, times the SMs): the largest grid whose blocks may wait for each other."""
