@@ -308,11 +308,7 @@ def test_the_stem_on_a_padded_input(dtype):
     the 3 real channels (crop_weight_channels), into a float32 view and into one of the activation dtype: all
     match the reference on the unpadded input. With pixel pairs on as well, the stem is not paired (its weight
     reads fewer channels than the input holds)."""
-    from cupynet.backends.cupy_backend import CupyBackend
-    if dtype == "bfloat16":
-        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
-    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=False, padded_input=True, pixel_pairs=True,
-                     wgrad_pixel_pairs=True)
+    be = make_backend("NHWC", dtype, padded_input=True, pixel_pairs=True, wgrad_pixel_pairs=True)
     channels = 8 if dtype == "bfloat16" else 4
     assert be.input_shape(3, 3, 6, 8) == (3, 6, 8, channels)
     a = Arrays(be, seed=12)
@@ -343,10 +339,7 @@ def test_the_stem_on_a_padded_input(dtype):
 def test_padded_stem_weights_are_the_weights_and_zeros(dtype):
     """pad_weight_channels and crop_weight_channels move values: bit for bit the weights with zero channels
     added, and the padded gradient's first channels (converted to float32 where asked)."""
-    from cupynet.backends.cupy_backend import CupyBackend
-    if dtype == "bfloat16":
-        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
-    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, padded_input=True)
+    be = make_backend("NHWC", dtype, padded_input=True)
     a = Arrays(be, seed=13)
     wt, w_host = a.put(a.rng.standard_normal((5, 3, 3, 3)))
     x = be.empty((2, 4, 4, 8))
@@ -1268,12 +1261,8 @@ def test_augment_train_batch_reads_the_device_counter_like_numpy(layout, dtype):
 def test_augmentation_writes_a_padded_input(dtype, distort):
     """--padded-input (NHWC): both entry points write the reference's 3 channels, then zeros up to a 16-byte
     pixel, into input_shape's buffer; in NCHW the option changes nothing."""
-    from cupynet.backends.cupy_backend import CupyBackend
-    if dtype == "bfloat16":
-        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
-    assert CupyBackend(device_id=0, layout="NCHW", dtype=dtype, padded_input=True).input_shape(7, 3, 32, 32) == \
-        (7, 3, 32, 32)
-    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, padded_input=True)
+    assert make_backend("NCHW", dtype, padded_input=True).input_shape(7, 3, 32, 32) == (7, 3, 32, 32)
+    be = make_backend("NHWC", dtype, padded_input=True)
     rng = np.random.default_rng(16)
     images_host = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
     labels_host = rng.integers(0, 10, 30).astype(np.int32)

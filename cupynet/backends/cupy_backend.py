@@ -74,10 +74,10 @@ try:                                # importable without CuPy, so CPU tests can 
 except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
-from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, padded_input, pixel_pairs
+from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, cuda_driver, padded_input, pixel_pairs,
+                               programmatic_launch)
 from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
 from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
-from cupynet.backends import cuda_driver, programmatic_launch
 from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, USE_NODE_PRIORITY
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
