@@ -344,15 +344,17 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     # the switches that are off by default and not yet measured on a GPU (see below): a row each, the defaults'
     # twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one row. The rows of a
-    # grid share one process: --stream-priorities and --programmatic-launch, the ones that call the CUDA driver
-    # through ctypes (a crash there would end the grid), come last of them
+    # grid share one process: --stream-priorities, --programmatic-launch and --programmatic-launch-early, the ones
+    # that call the CUDA driver through ctypes (a crash there would end the grid), come last of them. The early
+    # launches are a variant of the programmatic ones, not another switch to add: the all-together row has the
+    # latter (an edge data the driver might refuse would lose that row too)
     local switches=(--conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums --conv-tune-in-graph --padded-input
-                    --stream-priorities --programmatic-launch)
+                    --stream-priorities --programmatic-launch --programmatic-launch-early)
     local alone=() alone_512=() together="" flag
     for flag in "${switches[@]}"; do
         alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $flag on")
         alone_512+=(--also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off $flag on")
-        together+=" $flag on"
+        [[ $flag == --programmatic-launch-early ]] || together+=" $flag on"
     done
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
@@ -361,7 +363,8 @@ step_options() {
     # The switches not yet measured on a GPU (pixel pairs for stage 1's forwards and data gradients, and for its
     # weight gradients; BatchNorm's gradient sums in the residual adds; the autotuner timing engines inside a CUDA
     # graph; the stem's input padded to 16 bytes a pixel; the main stream's priority over the side streams;
-    # programmatic edges into our kernels in the captured step) get one --also row each right after the
+    # programmatic edges into our kernels in the captured step, and those from the launch-order port) get one --also
+    # row each right after the
     # defaults' (a dimension would double the grids), here, at fp32 and at batch 512: each differs from the
     # defaults in that option alone (deterministic engines, no genstats, whose fused forwards never run paired),
     # and a row this early is measured however the pacing cuts its grid. bf16 then has all of them at once with
@@ -403,10 +406,9 @@ step_options() {
             --max-seconds "$seconds" --json "$OUT/step_options_split.json" || rc=1
     fi
     # batch 512: its 12 rows are likely more than its ~36 s (of a 150-s stage) already allow, so genstats, which
-    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so do pixel
-    # pairs (forward and data gradient; weight gradient), residual grad sums, engines timed in a graph and stream
-    # priorities: 1x1 with deterministic engines, without split-K, the grid's third to seventh rows; then all of
-    # them at once (4x1, any engine)
+    # would double them, gets one row: 1x1 with any engine (--also), right after its twin without; so does each
+    # switch not yet measured (the list above): 1x1 with deterministic engines, without split-K, right after
+    # 1x1's own rows; then all of them at once (4x1, any engine)
     if seconds=$(seconds_until $((STAGE_LIMIT - 15)) "$start" 25); then
         timeout --foreground --kill-after=5 $((seconds + 10)) \
             "$PY" bench/layouts.py --device 0 --depths 44 --batches 512 --layouts NHWC --dtypes bfloat16 --cuda-graph on \

@@ -339,6 +339,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, **optio
             "conv_tune_in_graph": getattr(backend, "tune_in_graph", None),
             "padded_input": getattr(backend, "padded_input", None),
             "programmatic_launch": getattr(backend, "programmatic_launch", None),
+            "programmatic_launch_early": getattr(backend, "programmatic_launch_early", None),
             "wgrad_chunks": backend.wgrad_chunks, "bn_launches": getattr(backend, "bn_launches", None),
             "images_per_sec": round(median, 2), "images_per_sec_min": round(min(rates), 2),
             "images_per_sec_max": round(max(rates), 2), "step_ms": round(1000 * batch / median, 2),

@@ -92,6 +92,8 @@ OPTIONS = (
                label="padded input"),
     StepOption("programmatic_launch", column="pdl", width=3, phrase=", programmatic launches",
                label="programmatic launch"),
+    StepOption("programmatic_launch_early", column="pdl-early", width=9,
+               phrase=", launched once the kernel before has begun", label="programmatic launch early"),
 )
 NAMES = tuple(option.name for option in OPTIONS)
 DEFAULTS = {option.name: option.default for option in OPTIONS}

@@ -64,6 +64,7 @@ class TrainConfig:
     conv_tune_in_graph: bool = False         # GPU: the autotuner times each engine replayed from a CUDA graph
     padded_input: bool = False               # GPU, NHWC: the input's channels padded to 16 bytes for the stem
     programmatic_launch: bool = False        # GPU: the captured step's edges into our kernels programmatic
+    programmatic_launch_early: bool = False  # GPU: ... and launched once the kernel before has begun
     bn_launches: int = BN_LAUNCHES           # GPU: launches per BatchNorm pass (1: one kernel waiting on its grid)
     # optimization
     train_steps: int = 80000                 # the total target step, not "additional steps"
@@ -235,6 +236,12 @@ def build_parser():
                     "made through the CUDA driver) and waits for it inside, so that its launch overlaps the "
                     "other's end; on an H100 one kernel followed another after a median 0.42-0.45 us, about 200 "
                     "times a step; the same results; off by default until a GPU run shows it faster")
+    add_switch(model, "programmatic_launch_early",
+               help="GPU (Hopper and later), captured steps: --programmatic-launch, with each of our kernels "
+                    "launched as soon as every block of the kernel before it has begun (the edge's launch-order "
+                    "port, cuDNN's kernels included) rather than once that kernel's blocks have all let it (ours "
+                    "do as they start, cuDNN's as they end); more overlap, and more blocks holding SMs while they "
+                    "wait; implies --programmatic-launch; off by default until a GPU run shows it faster")
     model.add_argument("--wgrad-streams", type=int, default=d.wgrad_streams,
                        help=f"GPU: weight gradients run beside the data gradients on this many side streams, "
                             f"taken in turn, so they also overlap each other (1-{MAX_WGRAD_STREAMS}; default "

@@ -63,7 +63,8 @@ def build_backend(config, device):
                           conv_genstats=config.conv_genstats, pixel_pairs=config.conv_pixel_pairs,
                           residual_grad_sums=config.residual_grad_sums, wgrad_pixel_pairs=config.wgrad_pixel_pairs,
                           stream_priorities=config.stream_priorities, tune_in_graph=config.conv_tune_in_graph,
-                          padded_input=config.padded_input, programmatic_launch=config.programmatic_launch)
+                          padded_input=config.padded_input, programmatic_launch=config.programmatic_launch,
+                          programmatic_launch_early=config.programmatic_launch_early)
 
 
 def make_group(config, devices):

@@ -16,7 +16,7 @@
 template <typename T>
 __global__ void relu_forward(const T* x, T* y, int n, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     constexpr int P = Pack<T>::size;
     const int packs = pack_count<T>(n, vec);
     for (int j = first_index(); j < packs; j += grid_stride()) {
@@ -33,7 +33,7 @@ __global__ void relu_forward(const T* x, T* y, int n, int vec)
 template <typename T>
 __global__ void relu_backward(const T* dy, const T* y, T* dx, int n, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     constexpr int P = Pack<T>::size;
     const int packs = pack_count<T>(n, vec);
     for (int j = first_index(); j < packs; j += grid_stride()) {
@@ -56,7 +56,7 @@ __global__ void relu_backward(const T* dy, const T* y, T* dx, int n, int vec)
 template <typename T>
 __global__ void residual_add(const T* a, const T* b, const T* mask, int masked, T* y, int n, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     constexpr int P = Pack<T>::size;
     const int packs = pack_count<T>(n, vec);
     for (int j = first_index(); j < packs; j += grid_stride()) {
@@ -81,7 +81,7 @@ __global__ void residual_add(const T* a, const T* b, const T* mask, int masked, 
 template <typename Tin, typename Tout>
 __global__ void sum_rows(const Tin* x, Tout* y, int n, int rows)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) {
         float sum = to_float(x[i]);
         for (int r = 1; r < rows; ++r) sum += to_float(x[(long long)r * n + i]);

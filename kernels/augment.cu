@@ -98,7 +98,7 @@ __global__ void augment_batch(const unsigned char* images, const int* labels, co
                               unsigned int first_row, int distort, T* x_out, int* labels_out, int channels_last,
                               int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     augment_rows<T>(images, labels, indices, B, H, W, C, X, pad, seed, step, first_row, distort, x_out, labels_out,
                     channels_last, vec);
 }
@@ -113,7 +113,7 @@ __global__ void augment_train_batch(const unsigned char* images, const int* labe
                                     unsigned int first_row, int distort, T* x_out, int* labels_out,
                                     int channels_last, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const long long s = step[0];
     const long long start = (s % steps_per_epoch) * global_batch + (long long)first_row;
     augment_rows<T>(images, labels, order + start, B, H, W, C, X, pad, seed, (unsigned int)(s & 0xFFFFFFFFll),
@@ -123,6 +123,6 @@ __global__ void augment_train_batch(const unsigned char* images, const int* labe
 // step[0] += 1 on the device: the last kernel of a training step (one thread).
 extern "C" __global__ void advance_step(long long* step)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     if (first_index() == 0) step[0] += 1;
 }

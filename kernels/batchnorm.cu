@@ -531,7 +531,7 @@ __global__ void bn_stats(const T* x, int C, int inner, int m, int cw, float* par
                          double decay, double eps, float* running_mean, float* running_var, float* saved_mean,
                          float* saved_invstd, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     stats_partials(x, C, inner, m, cw, partials, vec);
     if (last_block_to_arrive(arrivals)) {
         finish_statistics(x, partials, C, inner, m, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
@@ -554,7 +554,7 @@ BN_REDUCTION_BOUNDS
 __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C, int inner, int m, int cw,
                                           float* partials, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     if (vec) {
         stats_partials_groups<Pack<T>::size>(x, shift, C, inner, m, cw, partials);
     } else {
@@ -568,7 +568,7 @@ __global__ void bn_stats_partials_shifted(const T* x, const float* shift, int C,
 // what the communicator reduces between the reduction and the rest of the layer.
 extern "C" __global__ void bn_sums_finalize(const float* partials, int slices, int C, double* sums)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     add_channel_groups(partials, slices, C, blockIdx.x, gridDim.x, prefetch_nothing,
                        [&](int c, double2 s, NothingToPrefetch) {
                            sums[c] = s.x;
@@ -583,7 +583,7 @@ template <typename S>
 __global__ void bn_stats_from_sums(const S* sums, const float* shift, double count, int C, double decay, double eps,
                                    float* running_mean, float* running_var, float* saved_mean, float* saved_invstd)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int c = first_index(); c < C; c += grid_stride()) {
         store_statistics(make_double2((double)sums[c], (double)sums[C + c]), shift[c], count,
                          moving_statistics(running_mean, running_var, c), c, decay, eps, running_mean, running_var,
@@ -594,7 +594,7 @@ __global__ void bn_stats_from_sums(const S* sums, const float* shift, double cou
 // Grid-stride over C: dbeta = sums[0], dgamma = sums[1] (float32), for bn_backward_dx to read.
 extern "C" __global__ void bn_grad_from_sums(const double* sums, int C, float* dgamma, float* dbeta)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int c = first_index(); c < C; c += grid_stride()) {
         dbeta[c] = (float)sums[c];
         dgamma[c] = (float)sums[C + c];
@@ -655,7 +655,7 @@ __global__ void bn_apply(const T* x, const T* residual, T* y, const float* mean,
                          const float* gamma, const float* beta, float eps, int stat_is_variance, int n, int C,
                          int inner, int add_residual, int relu_out, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     apply_elements(x, residual, y, mean, stat, gamma, beta, eps, stat_is_variance, n, C, inner, add_residual,
                    relu_out, vec, first_index(), grid_stride());
 }
@@ -674,7 +674,7 @@ __global__ void bn_apply_from_sums(const T* x, const T* residual, T* y, const S*
                                    float* saved_mean, float* saved_invstd, const float* gamma, const float* beta,
                                    int n, int C, int inner, int add_residual, int relu_out, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     extern __shared__ float channel_stats[];        // [mean (C), invstd (C)]
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         const double2 channel_sums = make_double2((double)sums[c], (double)sums[C + c]);
@@ -705,7 +705,7 @@ __global__ void bn_stats_apply(const T* x, const T* residual, T* y, int C, int i
                                const float* beta, int n, int add_residual, int relu_out, int vec_reduce,
                                int vec_apply)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     stats_partials(x, C, inner, m, cw, partials, vec_reduce);
     finish_then_release(sync, [&]() {
         finish_statistics(x, partials, C, inner, m, decay, eps, running_mean, running_var, saved_mean, saved_invstd);
@@ -805,7 +805,7 @@ __global__ void bn_grad_partials(const T* dy, const T* x, const T* y, const floa
                                  const float* gamma, const float* beta, int C, int inner, int m, int cw,
                                  float* partials, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     grad_partials<T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
 }
 
@@ -826,7 +826,7 @@ __global__ void bn_grad(const T* dy, const T* x, const T* y, const float* mean, 
                         const float* gamma, const float* beta, int C, int inner, int m, int cw, float* partials,
                         unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     grad_partials<T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec);
     if (last_block_to_arrive(arrivals)) finish_grad_sums(partials, C, dgamma, dbeta);
 }
@@ -868,7 +868,7 @@ __global__ void relu_backward_add_bn_grad(const T* dy, const T* out, const T* ad
                                           const float* beta, int C, int inner, int m, int cw, float* partials,
                                           unsigned int* arrivals, float* dgamma, float* dbeta, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     if (vec) {
         add_grad_tile<Pack<T>::size, T, R>(dy, out, addend, dx, x, y, mean, invstd, gamma, beta, C, inner, m, cw,
                                            partials);
@@ -933,7 +933,7 @@ __global__ void bn_backward_dx(const T* dy, const T* x, const T* y, const float*
                                const float* gamma, const float* beta, const float* dgamma, const float* dbeta, T* dx,
                                int n, int C, int inner, int m, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     input_grad_elements<T, R>(dy, x, y, mean, invstd, gamma, beta, dgamma, dbeta, dx, n, C, inner, m, vec,
                               first_index(), grid_stride());
 }
@@ -951,7 +951,7 @@ __global__ void bn_grad_dx(const T* dy, const T* x, const T* y, const float* mea
                            unsigned int* sync, float* dgamma, float* dbeta, T* dx, int n, int vec_reduce,
                            int vec_apply)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     grad_partials<T, R>(dy, x, y, mean, invstd, gamma, beta, C, inner, m, cw, partials, vec_reduce);
     finish_then_release(sync, [&]() { finish_grad_sums(partials, C, dgamma, dbeta); });
     const float* arrays[6] = {mean, invstd, gamma, dgamma, dbeta, beta};

@@ -25,7 +25,7 @@
 template <typename T>
 __global__ void publish(const T* data, T* slot, int n)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) slot[i] = data[i];
 }
 
@@ -33,7 +33,7 @@ __global__ void publish(const T* data, T* slot, int n)
 extern "C" __global__ void rank_barrier(unsigned long long* barriers_passed, unsigned long long* arrivals,
                                         int size, volatile int* abort_flag, unsigned long long timeout_ns)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const unsigned long long target = (barriers_passed[0] += 1ull) * (unsigned long long)size;
     __threadfence();                                   // this rank's published slot before its arrival
@@ -54,7 +54,7 @@ extern "C" __global__ void rank_barrier(unsigned long long* barriers_passed, uns
 template <typename T>
 __global__ void reduce_slots(const T* slots, T* data, int n, int size, int mean)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) {
         T total = slots[i];
         for (int r = 1; r < size; ++r) total += slots[(long long)r * n + i];
@@ -66,6 +66,6 @@ __global__ void reduce_slots(const T* slots, T* data, int n, int size, int mean)
 template <typename T>
 __global__ void copy_slot(const T* slot, T* data, int n)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) data[i] = slot[i];
 }

@@ -47,15 +47,20 @@ __device__ __forceinline__ unsigned long long global_time_ns()
     return t;
 }
 
-// Every kernel's first statement, before any memory access: where the captured step runs a kernel after another
+// Every kernel's first statement, before any memory access. Where the captured step runs a kernel after another
 // through a programmatic edge (--programmatic-launch, cupynet/backends/programmatic_launch.py), the kernel may be
-// launched before the one before it has finished, and this waits until it has and its writes are visible. Without
-// such an edge (a plain launch, an ordinary graph edge) there is nothing to wait for and it returns at once.
-// Hopper's griddepcontrol; nothing on older GPUs (which run no such edges) nor on the emulated GPU.
-__device__ __forceinline__ void wait_for_prior_grids()
+// launched before the one before it has finished: this first waits until that one has finished and its writes are
+// visible (griddepcontrol.wait). Then it lets the kernel after this one launch (griddepcontrol.launch_dependents):
+// once every block of this kernel has got that far, the next kernel's blocks may take the SMs this one's blocks
+// leave, and they wait in their own first statement, so the next kernel starts the moment this one ends instead of
+// a launch later. After the wait, not before it: a kernel still waiting does not let the one after it launch, so at
+// most two kernels of a chain are in flight. Without such an edge (a plain launch, an ordinary graph edge) both
+// return at once. Hopper's griddepcontrol; nothing on older GPUs (which run no such edges) nor on the emulated GPU.
+__device__ __forceinline__ void start_after_prior_grids()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

@@ -24,7 +24,7 @@ __device__ __forceinline__ int lane_index() { return threadIdx.x & 31; }
 template <typename T>
 __global__ void dense_forward(const T* x, const float* w, const float* b, T* y, int N, int Cin, int Cout)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = warp_index(); i < N * Cout; i += warp_stride()) {     // the same i in every lane of a warp
         const int n = i / Cout;
         const int k = i - n * Cout;
@@ -39,7 +39,7 @@ __global__ void dense_forward(const T* x, const float* w, const float* b, T* y, 
 template <typename T>
 __global__ void dense_backward_data(const T* dy, const float* w, T* dx, int N, int Cin, int Cout)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = first_index(); i < N * Cin; i += grid_stride()) {
         const int n = i / Cin;
         const int c = i - n * Cin;
@@ -54,7 +54,7 @@ __global__ void dense_backward_data(const T* dy, const float* w, T* dx, int N, i
 template <typename T>
 __global__ void dense_backward_params(const T* x, const T* dy, float* dw, float* db, int N, int Cin, int Cout)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int weights = Cin * Cout;
     for (int i = warp_index(); i < weights + Cout; i += warp_stride()) {   // the same i in every lane of a warp
         float sum = 0.0f;

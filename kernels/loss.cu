@@ -16,7 +16,7 @@
 template <typename T>
 __global__ void softmax_cross_entropy(const T* logits, const int* labels, int N, int K, float* loss, T* dlogits)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     float local = 0.0f;
     const float rows = (float)N;
     for (int r = threadIdx.x; r < N; r += blockDim.x) {
@@ -44,7 +44,7 @@ __global__ void softmax_cross_entropy(const T* logits, const int* labels, int N,
 template <typename T>
 __global__ void count_correct(const T* logits, const int* labels, int num_valid, int K, long long* correct)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     long long hits = 0;
     for (int r = threadIdx.x; r < num_valid; r += blockDim.x) {
         const T* z = logits + r * K;

@@ -11,7 +11,7 @@
 template <typename T>
 __global__ void pad_weight_channels(const T* w, T* padded, int taps, int C, int X)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int total = taps * X;
     for (int i = first_index(); i < total; i += grid_stride()) {
         const int c = i % X;
@@ -24,7 +24,7 @@ __global__ void pad_weight_channels(const T* w, T* padded, int taps, int C, int 
 template <typename TIn, typename TOut>
 __global__ void crop_weight_channels(const TIn* d_padded, TOut* dw, int taps, int C, int X)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int total = taps * C;
     for (int i = first_index(); i < total; i += grid_stride()) {
         dw[i] = from_float<TOut>(to_float(d_padded[(i / C) * X + i % C]));

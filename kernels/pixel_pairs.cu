@@ -12,7 +12,7 @@
 template <typename T>
 __global__ void pixel_pair_weights(const T* w, T* paired, int K, int R, int C)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int total = 2 * K * R * 3 * 2 * C;
     for (int i = first_index(); i < total; i += grid_stride()) {
         const int qc = i % (2 * C);
@@ -34,7 +34,7 @@ __global__ void pixel_pair_weights(const T* w, T* paired, int K, int R, int C)
 template <typename TIn, typename TOut>
 __global__ void pixel_pair_weight_gradient(const TIn* d_paired, TOut* dw, int K, int R, int C)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int total = K * R * 3 * C;
     for (int i = first_index(); i < total; i += grid_stride()) {
         const int c = i % C;

@@ -11,7 +11,7 @@
 template <typename T>
 __global__ void global_avgpool_forward(const T* x, T* y, int N, int C, int HW, int channels_last)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = first_index(); i < N * C; i += grid_stride()) {
         const int n = i / C;
         const int c = i - n * C;
@@ -27,7 +27,7 @@ __global__ void global_avgpool_forward(const T* x, T* y, int N, int C, int HW, i
 template <typename T>
 __global__ void global_avgpool_backward(const T* dy, T* dx, int N, int C, int HW, int channels_last)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int total = N * C * HW;
     for (int i = first_index(); i < total; i += grid_stride()) {
         const int c = channels_last ? i % C : (i / HW) % C;

@@ -18,7 +18,7 @@ template <typename Tcopy>
 __global__ void sgd_momentum(float* params, const float* grads, float* accum, const float* lr, float momentum,
                              float weight_decay, int n, Tcopy* copy, int write_copy)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const float rate = lr[0];
     for (int i = first_index(); i < n; i += grid_stride()) {
         const float p = params[i];
@@ -35,7 +35,7 @@ __global__ void sgd_momentum(float* params, const float* grads, float* accum, co
 template <typename T>
 __global__ void sum_squares_partials(const T* x, int n, float* partials)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     float local = 0.0f;
     for (int i = first_index(); i < n; i += grid_stride()) {
         const float v = to_float(x[i]);
@@ -48,7 +48,7 @@ __global__ void sum_squares_partials(const T* x, int n, float* partials)
 // Second stage: one block adds the partials in double and writes out[0].
 extern "C" __global__ void sum_finalize(const float* partials, int count, float* out)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     double local = 0.0;
     for (int i = threadIdx.x; i < count; i += blockDim.x) local += partials[i];
     const double total = block_sum(local);
@@ -58,6 +58,6 @@ extern "C" __global__ void sum_finalize(const float* partials, int count, float*
 // total[i] += scale * value[i] (0-d or same-shape float32 arrays): the loss summed between log lines.
 extern "C" __global__ void accumulate(float* total, const float* value, float scale, int n)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     for (int i = first_index(); i < n; i += grid_stride()) total[i] = __fadd_rn(total[i], __fmul_rn(scale, value[i]));
 }

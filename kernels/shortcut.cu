@@ -53,7 +53,7 @@ template <typename T>
 __global__ void shortcut_forward(const T* x, T* y, int N, int Cin, int H, int W, int Cout, int Ho, int Wo,
                                  int stride, int channels_last, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int total = N * Cout * Ho * Wo;
     if (vec) {
         forward_groups<Pack<T>::size>(x, y, Cin, H, W, Cout, Ho, Wo, stride, 1, total);
@@ -106,7 +106,7 @@ template <typename T>
 __global__ void shortcut_backward(const T* dy, const T* mask, int masked, T* dx, int accumulate, int N, int Cin,
                                   int H, int W, int Cout, int Ho, int Wo, int stride, int channels_last, int vec)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     const int total = N * Cin * H * W;
     if (vec) {
         backward_groups<Pack<T>::size>(dy, mask, masked, dx, accumulate, Cin, H, W, Cout, Ho, Wo, stride, 1, total);

@@ -13,7 +13,7 @@
 // One thread spins until `ns` nanoseconds have passed on the global timer; launch with one block of one thread.
 extern "C" __global__ void hold_stream(unsigned long long ns)
 {
-    wait_for_prior_grids();
+    start_after_prior_grids();
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const unsigned long long start = global_time_ns();
     while (global_time_ns() - start < ns) {

@@ -26,7 +26,8 @@ def small_dataset():
 
 def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
-                 stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False):
+                 stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False,
+                 programmatic_launch_early=False):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
@@ -35,7 +36,8 @@ def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_l
                        pixel_pairs=pixel_pairs, residual_grad_sums=residual_grad_sums,
                        wgrad_pixel_pairs=wgrad_pixel_pairs, stream_priorities=stream_priorities,
                        tune_in_graph=tune_in_graph, padded_input=padded_input,
-                       programmatic_launch=programmatic_launch)
+                       programmatic_launch=programmatic_launch,
+                       programmatic_launch_early=programmatic_launch_early)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):

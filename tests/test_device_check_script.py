@@ -294,8 +294,9 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
     # grids; in this order, one right after the other
     switches = ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--conv-tune-in-graph",
-                "--padded-input", "--stream-priorities", "--programmatic-launch"]   # the driver calls through
-    # ctypes last: a crash would end the grid
+                "--padded-input", "--stream-priorities", "--programmatic-launch",   # the driver calls through
+                "--programmatic-launch-early"]                                      # ctypes last: a crash would
+    # end the grid
     for flag in switches:
         rows = [[row for row in also_rows(run) if flag in row and len(row) <= 8] for run in runs]
         assert [len(found) for found in rows] == [1, 1, 0, 0, 1], flag
@@ -307,10 +308,11 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
         options = [row[-2] for row in also_rows(run)]
         first = options.index(switches[0])
         assert options[first:first + len(switches)] == switches
-    # then, at bf16 (batch 128 and 512), all of them at once with 4 streams and any engine: the grid's last row
+    # then, at bf16 (batch 128 and 512), all of them at once with 4 streams and any engine: the grid's last row;
+    # the early programmatic launches are a variant of the programmatic ones, not among them
     for run, split in ((runs[0], []), (runs[4], ["--conv-split-k", "off"])):
         assert also_rows(run)[-1] == ["--wgrad-pairs", "4x1", "--conv-deterministic", "off", *split,
-                                      *[word for flag in switches for word in (flag, "on")]]
+                                      *[word for flag in switches[:-1] for word in (flag, "on")]]
     assert all(len(row) <= 8 for row in also_rows(runs[1]))
     calls.unlink()
     short = dict(env, STAGE_LIMIT="38")       # 12, 16, 21 and 25 s for the first four (at least 10 each): they

@@ -80,12 +80,16 @@ def test_nvcc_compiles_every_instantiation(nvcc_ptx, file):
 
 
 @pytest.mark.parametrize("file", sorted(K.KERNELS))
-def test_every_entry_waits_for_prior_grids_on_hopper(nvcc_ptx, file):
-    """wait_for_prior_grids() (common.cuh) is Hopper's griddepcontrol.wait in every kernel compiled for sm_90: one
-    per entry point (--programmatic-launch's edges rely on it; tests/test_programmatic_launch.py checks the source)."""
+def test_every_entry_waits_for_prior_grids_then_lets_the_next_launch_on_hopper(nvcc_ptx, file):
+    """start_after_prior_grids() (common.cuh) is Hopper's griddepcontrol.wait, then griddepcontrol.launch_dependents,
+    in every kernel compiled for sm_90: one of each per entry point, the wait first (--programmatic-launch's edges
+    rely on the wait; tests/test_programmatic_launch.py checks the source)."""
     _, _, ptx = nvcc_ptx[file]
-    entries = len(re.findall(r"^\.visible \.entry ", ptx, flags=re.MULTILINE))
-    assert entries and ptx.count("griddepcontrol.wait") == entries, file
+    entries = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
+    assert entries, file
+    for body in entries:
+        assert body.count("griddepcontrol.wait") == 1 and body.count("griddepcontrol.launch_dependents") == 1, file
+        assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents"), file
 
 
 def _nvrtc_compiler():

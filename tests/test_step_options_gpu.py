@@ -240,10 +240,11 @@ def test_stream_priorities_change_when_kernels_run_not_what_they_compute(dataset
 def test_programmatic_launches_compute_what_plain_launches_do(dataset, dtype):
     """--programmatic-launch: the captured step's edges into our kernels from the kernels before them made
     programmatic (each kernel launched early, waiting for the one before it inside), alone and with stream
-    priorities (both instantiate the graph through the driver, with one call): the steps equal plain eager ones
+    priorities (both instantiate the graph through the driver, with one call), and from the launch-order port
+    (--programmatic-launch-early: launched once the kernel before has begun): the steps equal plain eager ones
     bit for bit. On a GPU many edges become programmatic; the emulated GPU's driver stub reads every graph as
-    empty, so there none does and this checks the rest of the path (the rewrite's choice: test_programmatic_launch.py;
-    that every kernel waits first: test_kernels_compile.py)."""
+    empty, so there none does and this checks the rest of the path (the rewrite's choice and its edge data:
+    test_programmatic_launch.py; that every kernel waits first: test_kernels_compile.py)."""
     import cudnn
 
     from cupynet.backends.cuda_driver import driver
@@ -255,9 +256,11 @@ def test_programmatic_launches_compute_what_plain_launches_do(dataset, dtype):
     except DeviceError as error:
         pytest.skip(f"programmatic launches need the CUDA driver library: {error}")
     emulated = hasattr(cudnn, "GENSTATS_CHANNEL_MULTIPLE")
-    for priorities in (False, True):
-        options = dict(wgrad_streams=2, programmatic_launch=True, stream_priorities=priorities)
+    for launches in (dict(programmatic_launch=True), dict(programmatic_launch=True, stream_priorities=True),
+                     dict(programmatic_launch_early=True)):
+        options = dict(wgrad_streams=2, **launches)
         backend = make_backend("NHWC", dtype, **options)
+        assert backend.programmatic_launch          # implied by the early launches
         captured = train(TrainConfig(**dict(settings, **options), cuda_graph="on"), dataset, backend)
         graph = captured[0].runner.graph
         assert captured[0].runner.captured and graph._executable is not None

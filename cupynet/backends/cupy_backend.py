@@ -35,7 +35,9 @@ Streams and synchronisation
     the side streams at its lowest, in eager steps and in the captured one (cupynet/backends/node_priorities.py).
     With programmatic_launch=True (--programmatic-launch) the captured step's edges into our kernels from the
     kernels before them become programmatic (cupynet/backends/programmatic_launch.py): each launched before the
-    one before it has finished, waiting for it inside (every kernel's first statement).
+    one before it has finished, waiting for it inside (every kernel's first statement); with
+    programmatic_launch_early=True (--programmatic-launch-early, which implies it) as soon as all the blocks of
+    the one before have begun.
     Code outside the backend never does CuPy array work itself: it calls the backend (`upload_into`,
     `copy_into`, `fill`, ...), which enters the stream. Making the stream current once with `use()` is
     not enough: CuPy rewinds to its stack of `with` blocks, so after the first primitive the thread's
@@ -217,7 +219,8 @@ class CupyBackend(LayoutMixin):
     def __init__(self, device_id=0, layout="NHWC", dtype="float32", tf32=True, autotune=True, overlap_wgrad=True,
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
-                 stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False):
+                 stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False,
+                 programmatic_launch_early=False):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -255,8 +258,10 @@ class CupyBackend(LayoutMixin):
         self.overlap_wgrad = bool(overlap_wgrad)  # weight gradients on a side stream, beside the main stream
         # the main stream at the highest priority, the side streams at the lowest (backends/node_priorities.py)
         self.stream_priorities = bool(stream_priorities)
-        # the captured step's edges into our kernels made programmatic (backends/programmatic_launch.py)
-        self.programmatic_launch = bool(programmatic_launch)
+        # the captured step's edges into our kernels made programmatic (backends/programmatic_launch.py), with
+        # programmatic_launch_early from the launch-order port (our kernel may launch once the one before has begun)
+        self.programmatic_launch_early = bool(programmatic_launch_early)
+        self.programmatic_launch = bool(programmatic_launch) or self.programmatic_launch_early
         self.wgrad_chunks = wgrad_chunks        # weight gradients per slice of the batch (ParamStore reads it)
         self._side_pending = set()              # side streams with work the main stream has not waited for
         self._wgrad_turn = 0                    # the next weight gradient's side stream (in turn, per step)
@@ -1181,8 +1186,8 @@ class CapturedGraph:
         self.programmatic_edges = 0     # how many edges programmatic_launch made programmatic
         self._executable = None     # our own instantiation, launched instead of CuPy's
         if backend.programmatic_launch:
-            self.programmatic_edges = programmatic_launch.make_programmatic(graph.graph,
-                                                                            backend.kernels.function_handles())
+            self.programmatic_edges = programmatic_launch.make_programmatic(
+                graph.graph, backend.kernels.function_handles(), at_block_start=backend.programmatic_launch_early)
         if backend.stream_priorities or backend.programmatic_launch:
             option = "--stream-priorities" if backend.stream_priorities else programmatic_launch.OPTION
             flags = USE_NODE_PRIORITY if backend.stream_priorities else 0

@@ -8,13 +8,22 @@ finished, so that its launch overlaps that kernel's end; the kernel itself then 
 until that kernel has finished and its writes are visible.
 
 How: after the step is captured, every edge of the CUDA graph from a kernel node into one of our kernels that
-has no other incoming edge (a kernel that follows another on one stream) becomes a programmatic edge (the
-upstream kernel's programmatic port: the dependent may launch once all of the upstream's blocks have exited),
-and the graph is instantiated again (backends/cuda_driver.py). Every kernel of kernels/*.cu calls
-`wait_for_prior_grids()` (common.cuh) before it touches memory, so an early launch computes what a plain one
-does: the same bits. cuDNN's kernels do not wait, so edges into them stay as they are, as do edges from
-anything but a kernel (memsets, events) and into a kernel that also waits for other work (a side stream's join).
-Eager steps are unchanged.
+has no other incoming edge (a kernel that follows another on one stream) becomes a programmatic edge, and the
+graph is instantiated again (backends/cuda_driver.py). Every kernel of kernels/*.cu calls
+`start_after_prior_grids()` (common.cuh) before it touches memory: it waits there for the kernel before it, so an
+early launch computes what a plain one does, the same bits. cuDNN's kernels do not wait, so edges into them stay as
+they are, as do edges from anything but a kernel (memsets, events) and into a kernel that also waits for other work
+(a side stream's join). Eager steps are unchanged.
+
+When the dependent may launch depends on the edge's port in the upstream kernel:
+  * `--programmatic-launch`: the programmatic port, once every block of the upstream kernel has triggered its
+    dependents or exited. Ours trigger right after their wait (`start_after_prior_grids()`), so a kernel of ours
+    lets the next one launch as soon as all its blocks run; cuDNN's kernels may never trigger, and then the next
+    kernel launches as their blocks exit, which still spares the launch's round trip.
+  * `--programmatic-launch-early` (implies the former): the launch-order port, once every block of the upstream
+    kernel has begun, whatever kernel it is (CUDA's "trigger at block start"), so after cuDNN's kernels too. Its
+    cost: a chain of short kernels may have more than two of them in flight, their blocks holding SMs while they
+    wait, which the weight gradients on the side streams could have used. Which is faster is for a GPU run to say.
 
 `choose` decides on a graph's nodes and edges (tested on the CPU); `make_programmatic` reads and rewrites the
 captured graph through the driver.
@@ -26,6 +35,7 @@ from cupynet.backends import cuda_driver
 OPTION = "--programmatic-launch"
 KERNEL_NODE = 0                 # CU_GRAPH_NODE_TYPE_KERNEL
 PROGRAMMATIC_PORT = 1           # CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC: all blocks triggered or exited
+LAUNCH_ORDER_PORT = 2           # CU_GRAPH_KERNEL_NODE_PORT_LAUNCH_ORDER: all blocks have begun
 PROGRAMMATIC_TYPE = 1           # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
 EDGE_DATA_BYTES = 8             # CUgraphEdgeData: from_port, to_port, type, 5 reserved bytes
 KERNEL_PARAMS_BYTES = 256       # more than CUDA_KERNEL_NODE_PARAMS_v2 holds; its first field is the CUfunction
@@ -41,9 +51,17 @@ def choose(edges, kernel_nodes, our_nodes):
             if start in kernel_nodes and end in our_nodes and incoming[end] == 1 and not any(data)]
 
 
-def make_programmatic(graph_handle, our_functions):
+def edge_data(at_block_start=False):
+    """A programmatic edge's CUgraphEdgeData (8 bytes): from the upstream kernel's programmatic port, or with
+    at_block_start from its launch-order port; to the whole dependent; the programmatic dependency type."""
+    port = LAUNCH_ORDER_PORT if at_block_start else PROGRAMMATIC_PORT
+    return bytes([port, 0, PROGRAMMATIC_TYPE, 0, 0, 0, 0, 0])
+
+
+def make_programmatic(graph_handle, our_functions, at_block_start=False):
     """Rewrite the captured CUgraph `graph_handle` as `choose` says, our kernels known by their CUfunction handles
-    (ints); returns how many edges became programmatic. The device's context must be current."""
+    (ints), each new edge's data `edge_data(at_block_start)`; returns how many edges became programmatic. The
+    device's context must be current."""
     nodes = _nodes(graph_handle)
     kernel_nodes, our_nodes = set(), set()
     for node in nodes:
@@ -59,8 +77,7 @@ def make_programmatic(graph_handle, our_functions):
         starts = (ctypes.c_void_p * count)(*[start for start, _ in chosen])
         ends = (ctypes.c_void_p * count)(*[end for _, end in chosen])
         plain = ctypes.create_string_buffer(EDGE_DATA_BYTES * count)       # the edges' data now: all zero
-        programmatic = ctypes.create_string_buffer(
-            bytes([PROGRAMMATIC_PORT, 0, PROGRAMMATIC_TYPE, 0, 0, 0, 0, 0]) * count, EDGE_DATA_BYTES * count)
+        programmatic = ctypes.create_string_buffer(edge_data(at_block_start) * count, EDGE_DATA_BYTES * count)
         cuda_driver.call(OPTION, "cuGraphRemoveDependencies_v2", ctypes.c_void_p(graph_handle), starts, ends, plain,
                          count)
         cuda_driver.call(OPTION, "cuGraphAddDependencies_v2", ctypes.c_void_p(graph_handle), starts, ends,
