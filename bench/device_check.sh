@@ -763,6 +763,20 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
           f"of the training; evaluation {accuracy.get('eval_seconds', '?')} s), "
           f"{accuracy['train_seconds']} s training ({accuracy['images_per_sec']} img/s)")
 
+# The time target is an H100's (two thirds of PyTorch's 190.5 s there); on another GPU, an estimate from PyTorch's
+# graphed bf16 step measured here (vs_torch.json) says what the accuracy runs above compare with
+graphed = [row["torch_graph"].get("images_per_sec") for row in (load("vs_torch.json") or {}).get("results", [])
+           if (row.get("batch"), row.get("layout"), row.get("dtype")) == (128, "NHWC", "bfloat16")
+           and isinstance(row.get("torch_graph"), dict) and row["torch_graph"].get("images_per_sec")]
+if graphed and load("accuracy.json"):
+    try:
+        from bench.time_to_accuracy import PYTORCH_GRAPHED_H100, PYTORCH_SECONDS_H100, target_seconds_here
+        print(f"  time target on this GPU, estimated: 2/3 x {PYTORCH_SECONDS_H100} s x {PYTORCH_GRAPHED_H100:,} / "
+              f"{graphed[0]:,.0f} (PyTorch's graphed bf16 images/s on the notes' H100 / here) = "
+              f"{target_seconds_here(graphed[0]):.1f} s (127 s on that H100; not a measured PyTorch run)")
+    except Exception as error:
+        print(f"  (no time target estimate: {type(error).__name__}: {error})")
+
 try:
     lines = open(os.path.join(out, "train.log")).read().strip().splitlines()
     print("\ntraining (last lines of train.log)")

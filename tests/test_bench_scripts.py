@@ -107,6 +107,14 @@ def test_time_to_accuracy_quick_trains_the_recipe_and_reports_the_curve(tmp_path
     assert "--eval-batch-size" not in report["command"]    # the demo's 500 test images at cupynet.train's 100
 
 
+def test_the_time_target_on_another_gpu_scales_by_pytorchs_graphed_throughput_there():
+    """Two thirds of PyTorch's 190.5 s on the notes' H100, where its graphed bf16 step ran 29,386 images/s; a GPU
+    where it runs 1.25x as fast gets a target 1.25x as short."""
+    from bench.time_to_accuracy import TARGET_SECONDS_H100, target_seconds_here
+    assert abs(target_seconds_here(29_386) - TARGET_SECONDS_H100) < 0.01
+    assert abs(target_seconds_here(1.25 * 29_386) - TARGET_SECONDS_H100 / 1.25) < 0.01
+
+
 def test_time_to_accuracy_times_the_warm_up_from_the_start_event():
     from bench.time_to_accuracy import training_seconds, warmup_seconds
     metrics = [{"event": "start", "time": 100.0}, {"event": "warmup", "step": 3, "time": 102.25},

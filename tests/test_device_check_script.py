@@ -139,7 +139,8 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     (tmp_path / "best_options.txt").write_text("bf16_128: --wgrad-chunks 2\n")
     (tmp_path / "vs_torch.json").write_text(json.dumps({         # the options a comparison and an accuracy run had
         "args": {"conv_genstats": True, "conv_deterministic": False, "residual_grad_sums": True},
-        "results": [{"batch": 128, "layout": "NHWC", "dtype": "bfloat16", "ratio_vs_torch_graph": 1.4}]}))
+        "results": [{"batch": 128, "layout": "NHWC", "dtype": "bfloat16", "ratio_vs_torch_graph": 1.4,
+                     "torch_graph": {"images_per_sec": 36732.5}}]}))
     (tmp_path / "vs_torch_fp32.json").write_text(json.dumps({    # options that did not verify, then the defaults
         "args": {"wgrad_streams": 4}, "results": [],
         "verification": [{"layout": "NCHW", "dtype": "float32", "passed": False, "loss_rel_error": 0.02}]}))
@@ -190,6 +191,9 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert "(1 wgrad stream(s), 1 chunk(s), any engine + genstats + residual grad sums, 2 BN launch(es))" \
         in result.stdout
     assert "time to accuracy (bfloat16, seed 0, genstats)" in result.stdout
+    # PyTorch's graphed bf16 step 1.25x the notes' H100 here: two thirds of 190.5 s / 1.25
+    assert ("time target on this GPU, estimated: 2/3 x 190.5 s x 29,386 / 36,732 (PyTorch's graphed bf16 images/s "
+            "on the notes' H100 / here) = 101.6 s") in result.stdout
     assert re.search(r"3 chunk\(s\), -\s+\+ pixel pairs, 2 BN launch\(es\):\s+\d+", result.stdout)
     assert "vs graphed 1.7x, vs eager 5.0x  (1 wgrad stream(s), 1 chunk(s), deterministic + pixel pairs" in result.stdout
     assert "vs graphed 1.2x, vs eager 5.0x  (1 wgrad stream(s), 1 chunk(s), deterministic, 2 BN" in result.stdout
