@@ -142,12 +142,12 @@ def test_demo_defaults_without_data_dir_and_explicit_flags_win():
 
 
 def test_the_data_loads_in_a_thread_of_its_own_while_the_run_goes_on(tiny_cifar, tmp_path):
-    """train.BackgroundLoad: its constructor returns while the load is still reading (a batch file that is a named
-    pipe, written only once the constructor has returned), and `dataset()` then gives what a plain load gives. No
-    timing involved: a load in the caller's thread would wait for the pipe until the writer gives up waiting
-    (30 s) and writes anyway, and the load would then be done when the constructor returns."""
+    """train.load_in_background returns while the load is still reading (a batch file that is a named pipe, written
+    only once the call has returned), and `result()` then gives what a plain load gives. No timing involved: a load
+    in the caller's thread would wait for the pipe until the writer gives up waiting (30 s) and writes anyway, and
+    the load would then be done when the call returns."""
     from cupynet.config import parse_args
-    from cupynet.train import BackgroundLoad, load_dataset
+    from cupynet.train import load_dataset, load_in_background
     data = copy_dataset(tiny_cifar, tmp_path / "data")
     contents = (data / "data_batch_2").read_bytes()
     (data / "data_batch_2").unlink()
@@ -160,10 +160,10 @@ def test_the_data_loads_in_a_thread_of_its_own_while_the_run_goes_on(tiny_cifar,
             pipe.write(contents)
     writer = threading.Thread(target=write_the_pipe, daemon=True)
     writer.start()
-    loading = BackgroundLoad(parse_args(["--data-dir", str(data), *FAST]))
-    assert not loading._future.done()
+    loading = load_in_background(parse_args(["--data-dir", str(data), *FAST]))
+    assert not loading.done()
     constructed.set()
-    dataset = loading.dataset()
+    dataset = loading.result()
     writer.join(timeout=60)
     assert loading.seconds is not None and loading.seconds >= 0
     plain = load_dataset(parse_args(["--data-dir", str(tiny_cifar), *FAST]))

@@ -170,7 +170,7 @@ def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_th
     # the chief's backend setup, by part: where a run's seconds before its first step go (the workers build their
     # backends once the data is loaded; one device builds its backend while the data loads: test_cli.py)
     assert re.search(r"setup [\d.]+s: data [\d.]+s \(loaded [\d.]+s\), backend [\d.]+s \(CUDA context [\d.]+s, "
-                     r"cuDNN [\d.]+s\), model [\d.]+s", first.stdout), first.stdout
+                     r"cuDNN import [\d.]+s, cuDNN handles [\d.]+s\), model [\d.]+s", first.stdout), first.stdout
     assert re.search(r"final: \w+ accuracy [\d.]+% \(\d+/100\)", first.stdout), first.stdout
     second = run_emulated(common + ["--gpus", "0,1", "--train-steps", "9", "--wgrad-streams", "2", "--wgrad-chunks", "2"],
                           devices=2)

@@ -99,6 +99,7 @@ from collections import Counter
 from cupynet.backends.conv_autotune import (REPEAT_CHECK_RUNS, NoCandidateRan, build_candidates,
                                             build_split_k_candidates, choose_plan, engine_ids, known_choice,
                                             split_k_engines, split_k_setting_or_none)
+from cupynet.background import Background
 from cupynet.errors import DeviceError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -162,6 +163,16 @@ def import_frontend():
         raise DeviceError(f"the cuDNN Frontend is not importable ({type(error).__name__}: {error}); "
                           f"{FRONTEND_HINT}") from error
     return cudnn
+
+
+def import_frontend_in_background():
+    """import_frontend() in a thread of its own (cupynet/background.py), begun before the backend makes its CUDA
+    context; `.result()` gives the module or raises the import's DeviceError, `.seconds` how long it took.
+
+    Why: a run's setup counts against its wall time, and on an H100 the GPU backend's setup took 4.3 s, the
+    context and cuDNN one after the other. Importing the Frontend (its Python module and the cuDNN library it
+    loads) needs no context, so it can run while the driver makes one."""
+    return Background(import_frontend, name="cudnn-import")
 
 
 # --------------------------------------------------------------------------- one built graph
