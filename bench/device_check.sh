@@ -751,7 +751,7 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
     options += [label for key, label in SWITCHES if accuracy["args"].get(key)]
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
-    parts = accuracy.get("setup_parts") or {}          # a GPU backend's: CUDA context, cuDNN
+    parts = accuracy.get("setup_parts") or {}          # a GPU backend's: CUDA context, cuDNN import, handles
 
     def phase(name, seconds):
         inner = ", ".join(f"{part} {s:.2f}" for part, s in parts.get(name, {}).items())

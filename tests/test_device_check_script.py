@@ -156,7 +156,7 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     accuracy = {"args": {"dtype": "bfloat16", "seed": 0, "conv_genstats": True}, "test_accuracy": 0.88,
                 "wall_seconds": 140, "train_seconds": 133, "images_per_sec": 41000, "setup_seconds": 6.9,
                 "setup_phases": {"data": 1.2, "backend": 4.5, "model": 1.2}, "warmup_seconds": 0.61,
-                "setup_parts": {"backend": {"CUDA context": 0.4, "cuDNN": 4.1}}, "eval_seconds": 0.3}
+                "setup_parts": {"backend": {"CUDA context": 0.4, "cuDNN import": 1.3, "cuDNN handles": 2.8}}, "eval_seconds": 0.3}
     (tmp_path / "accuracy.json").write_text(json.dumps(accuracy))
     for seed, option in ((1, "conv_pixel_pairs"), (2, "residual_grad_sums")):
         args = {"dtype": "bfloat16", "seed": seed, option: True}
@@ -203,7 +203,7 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert ("vs_torch_fp32.json: NCHW float32 did NOT verify against PyTorch (4 wgrad stream(s), 1 chunk(s), "
             "deterministic, 2 BN launch(es)): loss rel 0.02") in result.stdout
     assert re.search(r"batch 128 NCHW float32\s+vs graphed 1.6x.*\(1 wgrad stream\(s\), 1 chunk", result.stdout)
-    assert ("(setup 6.9 s: data 1.20, backend 4.50 (CUDA context 0.40, cuDNN 4.10), model 1.20; warm-up 0.61 s of "
+    assert ("(setup 6.9 s: data 1.20, backend 4.50 (CUDA context 0.40, cuDNN import 1.30, cuDNN handles 2.80), model 1.20; warm-up 0.61 s of "
             "the training; evaluation 0.3 s)") in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
