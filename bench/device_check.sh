@@ -5,9 +5,9 @@
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_BUDGET=575 bash bench/device_check.sh ARCHIVE    # everything, one call
 #     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_ACCURACY_ARGS="--seed 0;--seed 1" DEVICE_CHECK_BUDGET=575 \
 #         bash bench/device_check.sh ARCHIVE                  # and a second seed if it fits before the diagnostics
-#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,timeline,timeline512,timeline_fp32,conv_engines,layouts,scaling,train \
+#     DEVICE_CHECK_ACCURACY=1 DEVICE_CHECK_SKIP=gpu_tests,step_options,vs_torch,batch512,layers,timeline,timeline512,timeline_fp32,conv_engines,layouts,scaling,train,setup_costs \
 #         bash bench/device_check.sh ARCHIVE                  # the time-to-accuracy run alone (with cifar)
-#     DEVICE_CHECK_OPTIONS_FROM=.prev DEVICE_CHECK_SKIP=gpu_tests,cifar,accuracy,vs_torch,layouts,scaling,train \
+#     DEVICE_CHECK_OPTIONS_FROM=.prev DEVICE_CHECK_SKIP=gpu_tests,cifar,accuracy,vs_torch,layouts,scaling,train,setup_costs \
 #         bash bench/device_check.sh                          # a second call: the first call's step_options*.json,
 #                                                             # copied into .prev/ (git-ignored: carry it), choose
 #                                                             # the options; nothing it runs needs the data
@@ -54,6 +54,9 @@
 #   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
 #   train       python -m cupynet.train --gpus 0 on that data, 300 steps             -> $OUT/train.log
+#   setup_costs where the GPU backend's setup goes: the CUDA context, the Frontend's import, cuDNN's libraries
+#               and handles, timed in fresh processes, as the backend orders them and with the libraries
+#               opened first                                                          -> $OUT/setup_costs.json
 # Then summary.txt: versions, stage results, test counts, the images/s tables, the accuracy run.
 #
 # A failing stage is recorded and the next one runs; the exit status is non-zero if any stage failed.
@@ -559,6 +562,10 @@ else
     skip_stage train "needs the converted CIFAR-10 data"
 fi
 
+# Where the backend's setup goes (a run's setup counts against its wall time): fresh processes, each part timed,
+# as the backend orders them and with cuDNN's libraries opened first
+run_stage setup_costs 60 "$PY" bench/setup_costs.py --device 0 --runs 2 --json "$OUT/setup_costs.json"
+
 # ----------------------------------------------------------------------------- summary
 
 timeout 30 "$PY" - "$FAILED" <<'EOF' | tee "$OUT/summary.txt"
@@ -734,6 +741,12 @@ for name in ("scaling.json", "scaling_nccl.json"):
         print(f"\n{name}: {row['workers']} worker(s), {row['communicator']}, "
               f"{'captured' if row.get('captured') else 'eager'}: {row['images_per_sec']:.0f} img/s, "
               f"efficiency {row.get('efficiency', 1.0):.2f}, all-reduce {1000 * row['all_reduce_s']:.3f} ms")
+
+costs = load("setup_costs.json")
+if costs:
+    print("\nsetup costs (bench/setup_costs.py, fresh processes, medians, s):")
+    for order, parts in costs.get("medians", {}).items():
+        print(f"  {order:>8} order: {sum(parts.values()):.2f}: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
 
 for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
     accuracy = load(name)

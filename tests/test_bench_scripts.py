@@ -516,3 +516,49 @@ def test_each_step_option_is_a_train_flag_recorded_in_every_layouts_row():
     row = layouts.measure(*point[:4], args, layouts.synthetic_dataset(num_train=16, num_test=8, seed=0),
                           cuda_graph=point[4], **point[5])
     assert set(row) >= set(step_options.NAMES), row
+
+
+@pytest.mark.parametrize("args", [["--device", "cpu"], ["--device", "x"], ["--device", "0", "--runs", "0"]])
+def test_setup_costs_refuses_bad_flags_in_one_line(args):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "setup_costs.py"), *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "setup_costs.py: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_setup_costs_finds_the_cudnn_libraries_not_yet_loaded_beside_the_loaded_ones(tmp_path, monkeypatch):
+    """cudnn_folders and libraries_beside: the folders of the mapped libcudnn files (else LD_LIBRARY_PATH's that
+    hold one), each other libcudnn file there once (a link and its target count once), nothing already mapped,
+    nothing else."""
+    from bench.setup_costs import cudnn_folders, libraries_beside
+    lib, other = tmp_path / "lib", tmp_path / "other"
+    lib.mkdir(), other.mkdir()
+    for name in ("libcudnn.so.9.19.0", "libcudnn_graph.so.9.19.0", "libcudnn_ops.so.9.19.0", "libcublas.so.13"):
+        (lib / name).write_bytes(b"")
+    (lib / "libcudnn.so.9").symlink_to("libcudnn.so.9.19.0")
+    (lib / "libcudnn_graph.so.9").symlink_to("libcudnn_graph.so.9.19.0")
+    mapped = [str(lib / "libcudnn.so.9")]
+    assert cudnn_folders(mapped) == [str(lib)]
+    found = libraries_beside(cudnn_folders(mapped), mapped)
+    assert sorted(os.path.realpath(p) for p in found) == [str(lib / "libcudnn_graph.so.9.19.0"),
+                                                         str(lib / "libcudnn_ops.so.9.19.0")]
+    monkeypatch.setenv("LD_LIBRARY_PATH", os.pathsep.join([str(other), str(lib)]))
+    assert cudnn_folders([]) == [str(lib)]                   # nothing mapped yet: where a libcudnn.so* is
+    assert len(libraries_beside(cudnn_folders([]), [])) == 3
+
+
+@pytest.mark.gpu
+def test_setup_costs_times_each_part_in_fresh_processes_in_both_orders(tmp_path):
+    """On the GPU (or the emulated one): one fresh process per order, every part timed, medians and runs written."""
+    out = tmp_path / "setup_costs.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "setup_costs.py"), "--device", "0",
+                             "--runs", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "setup_costs" and set(report["medians"]) == {"backend", "preload"}
+    assert list(report["medians"]["backend"]) == ["import cupy", "CUDA context", "import cudnn", "first cuDNN handle",
+                                                  "second cuDNN handle", "first convolution"]
+    assert list(report["medians"]["preload"]) == ["import cupy", "import cudnn", "open cuDNN's libraries",
+                                                  "CUDA context", "first cuDNN handle", "second cuDNN handle",
+                                                  "first convolution"]
+    assert all(seconds >= 0 for parts in report["medians"].values() for seconds in parts.values())
+    assert " backend order (median of 1): " in result.stdout and " preload order (median of 1): " in result.stdout

@@ -22,7 +22,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_check.sh"
 TORCH_SCRIPTS = ("vs_torch.py", "torch_resnet.py")
 STAGE_NAMES = ("install", "versions", "gpu_tests", "step_options", "cifar", "accuracy", "vs_torch", "batch512", "layers",
-               "timeline", "timeline512", "timeline_fp32", "accuracy_more", "conv_engines", "layouts", "scaling", "train")
+               "timeline", "timeline512", "timeline_fp32", "accuracy_more", "conv_engines", "layouts", "scaling", "train",
+               "setup_costs")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -161,6 +162,9 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     for seed, option in ((1, "conv_pixel_pairs"), (2, "residual_grad_sums")):
         args = {"dtype": "bfloat16", "seed": seed, option: True}
         (tmp_path / f"accuracy_{seed + 1}.json").write_text(json.dumps(dict(accuracy, args=args)))
+    (tmp_path / "setup_costs.json").write_text(json.dumps({"medians": {
+        "backend": {"CUDA context": 0.4, "import cudnn": 0.5, "first cuDNN handle": 2.5},
+        "preload": {"import cudnn": 0.5, "open cuDNN's libraries": 2.0, "CUDA context": 0.4, "first cuDNN handle": 0.3}}}))
     sys.path.insert(0, str(REPO / "bench"))
     import timeline                                             # the timeline stage's JSON, from a made-up trace
     kernels = [("cupynet_timeline_marker", 0, 1), ("augment_train_batch", 10, 2), ("sm90_xmma_wgrad_x", 12, 30),
@@ -205,6 +209,9 @@ def test_summary_renders_the_benchmarks_json(tmp_path):
     assert re.search(r"batch 128 NCHW float32\s+vs graphed 1.6x.*\(1 wgrad stream\(s\), 1 chunk", result.stdout)
     assert ("(setup 6.9 s: data 1.20, backend 4.50 (CUDA context 0.40, cuDNN import 1.30, cuDNN handles 2.80), model 1.20; warm-up 0.61 s of "
             "the training; evaluation 0.3 s)") in result.stdout
+    assert ("   backend order: 3.40: CUDA context 0.400, import cudnn 0.500, first cuDNN handle 2.500\n"
+            "   preload order: 3.20: import cudnn 0.500, open cuDNN's libraries 2.000, CUDA context 0.400, "
+            "first cuDNN handle 0.300") in result.stdout
     table = result.stdout.split("images/s, ResNet-44")[1]
     assert re.search(r"8\s+NHWC\s+float32\s+\d+", table) and re.search(r"8\s+NCHW\s+float32\s+\d+", table)
     assert "where an eager step goes" in result.stdout and "conv2d_forward" in result.stdout
@@ -431,7 +438,8 @@ def test_every_python_command_of_the_device_check_parses():
     commands = script_python_commands()
     modules = {module for module, _ in commands}
     assert modules == {"bench.layouts", "bench.best_step_options", "bench.time_to_accuracy", "bench.vs_torch",
-                       "bench.layers", "bench.timeline", "bench.conv_engines", "bench.scaling", "cupynet.config"}, modules
+                       "bench.layers", "bench.timeline", "bench.conv_engines", "bench.scaling", "bench.setup_costs",
+                       "cupynet.config"}, modules
     for module, argv in commands:
         try:
             importlib.import_module(module).parse_args(argv)
