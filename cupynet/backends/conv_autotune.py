@@ -52,7 +52,7 @@ An engine whose runs cannot be recorded is left out, as one that cannot run.
 
 Frontend calls used (nvidia-cudnn-frontend 1.22-1.26, names read in the 1.22.1 wheel):
 `get_execution_plan_count()`, `build_plan_at_index(i)` (raises for a deselected or unsupported index),
-`get_workspace_size_plan_at_index(i)`, `execute_plan_at_index(variant_pack, workspace, i, handle=)`,
+`get_workspace_size_plan_at_index(i)`, `execute_plan_at_index(tensor_to_device_buffer, workspace, i, handle=)`,
 `get_behavior_notes_for_plan_at_index(i)` and `cudnn.behavior_note.RUNTIME_COMPILATION`; for split-K,
 `get_engine_count()`, `get_knobs_for_engine(engine id)` (knob objects with `type`, `min_value`,
 `max_value`, `stride`), `create_execution_plan(engine id, {cudnn.knob_type.SPLIT_K_SLC: slices})`, and the

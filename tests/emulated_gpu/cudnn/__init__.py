@@ -31,6 +31,11 @@ checks what cuDNN would check, the way cuDNN would do it, so that mistakes in ou
     none), so a model run takes both paths, fused and not (tests may change the multiple).
 
 Convolutions accumulate in float64 and round once to the output type (bfloat16: to nearest even).
+
+Its API is the real Frontend's, held to it by tests/test_frontend_api.py against the installed one (the test
+extra's): every public name exists there, parameters pybind11 takes by position only are position-only here
+(declared before `/`), keyword names are the real ones, enum members exist there (checked with every Frontend
+from 1.22.1 to 1.26.0 on 2026-11-29).
 """
 import ctypes
 import enum
@@ -68,7 +73,6 @@ class behavior_note(enum.Enum):
 
 class knob_type(enum.Enum):
     NOT_SET = 0
-    SPLIT_K = 2
     SPLIT_K_BUF = 5
     TILEK = 6
     SPLIT_K_SLC = 9
@@ -104,7 +108,7 @@ def create_handle():
     return handle
 
 
-def destroy_handle(handle):
+def destroy_handle(handle, /):
     _handles.pop(handle)
 
 
@@ -174,20 +178,20 @@ class _Tensor:
         self.is_virtual = False          # an intermediate of a fused graph: no memory, no pointer
         self.uid = next(self._uids)
 
-    def set_output(self, value):
+    def set_output(self, value, /):
         self.is_output = bool(value)
         return self
 
-    def set_dim(self, dim):
+    def set_dim(self, dim, /):
         self.dim = [int(d) for d in dim]
         return self
 
-    def set_stride(self, stride):
+    def set_stride(self, stride, /):
         self.stride = [int(s) for s in stride]
         return self
 
-    def set_data_type(self, value):
-        self.data_type = value
+    def set_data_type(self, data_type):
+        self.data_type = data_type
         return self
 
     def get_uid(self):
@@ -345,7 +349,7 @@ class pygraph:
         self._require("validated", "build_operation_graph")
         self.stage = "operation graph"
 
-    def create_execution_plans(self, modes):
+    def create_execution_plans(self, modes, /):
         self._require("operation graph", "create_execution_plans")
         if not modes:
             raise ValueError("create_execution_plans: no heuristics mode")
@@ -357,13 +361,13 @@ class pygraph:
         self._require("operation graph", "get_engine_count")
         return len(ENGINES)
 
-    def get_knobs_for_engine(self, engine_id):
+    def get_knobs_for_engine(self, engine_id, /):
         self._require("operation graph", "get_knobs_for_engine")
         if not 0 <= engine_id < len(ENGINES):
             raise RuntimeError(f"Failed to get knobs for engine: no engine {engine_id}")
         return list(ENGINES[engine_id].knobs)
 
-    def create_execution_plan(self, engine_id, knobs):
+    def create_execution_plan(self, engine_id, knobs, /):
         self._require("operation graph", "create_execution_plan")
         if not 0 <= engine_id < len(ENGINES):
             raise RuntimeError(f"create_execution_plan: no engine {engine_id}")
@@ -379,7 +383,7 @@ class pygraph:
         self._behavior += [ENGINES[engine].behavior for engine, _ in self.plans]
         self.stage = "plans created"
 
-    def deselect_numeric_notes(self, notes):
+    def deselect_numeric_notes(self, notes, /):
         """Bars the plans created so far whose notes (as the Frontend keeps them) match; before any plan
         exists there is nothing to bar."""
         if _STAGES.index(self.stage) < _STAGES.index("plans created"):
@@ -431,7 +435,7 @@ class pygraph:
         return "".join([f"eng{engine}"] + [f"_k{key.value}={value}" for key, value in sorted(
             knobs.items(), key=lambda item: item[0].value)]) + f" ({ENGINES[engine].name})"
 
-    def get_behavior_notes_for_plan_at_index(self, index):
+    def get_behavior_notes_for_plan_at_index(self, index, /):
         self._plan_at(index)
         return list(self._behavior[index])
 
@@ -452,14 +456,14 @@ class pygraph:
 
     # ------------------------------------------------------------- execution
 
-    def execute(self, variant_pack, workspace, handle=None):
-        self._enqueue(self._default_plan(), variant_pack, workspace, handle)
+    def execute(self, tensor_to_device_buffer, workspace, handle=None):
+        self._enqueue(self._default_plan(), tensor_to_device_buffer, workspace, handle)
 
-    def execute_plan_at_index(self, variant_pack, workspace, index, handle=None):
+    def execute_plan_at_index(self, tensor_to_device_buffer, workspace, index, handle=None):
         self._plan_at(index)
         if index not in self.built:
             raise RuntimeError(f"execute_plan_at_index: plan {index} was not built")
-        self._enqueue(index, variant_pack, workspace, handle)
+        self._enqueue(index, tensor_to_device_buffer, workspace, handle)
 
     def _enqueue(self, plan, variant_pack, workspace, handle):
         engine, knobs = self.plans[plan]
