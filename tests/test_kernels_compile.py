@@ -5,6 +5,8 @@
     surface here (skipped, with the reason printed, where nvcc is not on PATH);
   * the same sources compile with NVRTC exactly as CuPy's RawModule compiles them (CuPy's options and
     include paths, the name expressions of cupynet/backends/kernels.py), where CuPy and NVRTC load;
+  * compiled to H100 cubins as CuPy compiles them (-ftz=true), no kernel spills registers or keeps a stack frame
+    (local memory: off-chip traffic no roofline counts), from ptxas's own report;
   * the registry in kernels.py names every __global__ of the sources and nothing else;
   * CupyBackend implements every public method of NumpyBackend with the same signature.
 
@@ -90,6 +92,70 @@ def test_every_entry_waits_for_prior_grids_then_lets_the_next_launch_on_hopper(n
     for body in entries:
         assert body.count("griddepcontrol.wait") == 1 and body.count("griddepcontrol.launch_dependents") == 1, file
         assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents"), file
+
+
+def ptxas_resources(log):
+    """{entry: (registers, stack frame bytes, spill store bytes, spill load bytes)} from `nvcc -Xptxas -v` output."""
+    resources, entry, frame = {}, None, None
+    for line in log.splitlines():
+        if match := re.search(r"Compiling entry function '(\w+)'", line):
+            entry, frame = match.group(1), None
+        elif match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            frame = tuple(int(n) for n in match.groups())
+        elif (match := re.search(r"Used (\d+) registers", line)) and entry is not None:
+            resources[entry] = (int(match.group(1)),) + (frame or (0, 0, 0))
+    return resources
+
+
+def compile_cubins(sources, out, extra=()):
+    """{name: (returncode, ptxas -v log)}: each source compiled to an sm_90 (H100) cubin, all at once, with -ftz=true
+    as CuPy compiles our kernels."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH: cannot compile kernels/*.cu here")
+    jobs = {}
+    for name, text in sources.items():
+        source = out / f"{name}.cu"
+        source.write_text(text)
+        command = [nvcc, "-cubin", "-arch=sm_90", "-std=c++17", "-ftz=true", "-Xptxas", "-v", *extra, str(source),
+                   "-o", str(out / f"{name}.cubin")]
+        jobs[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = {name: job.communicate(timeout=NVCC_TIMEOUT_S)[0] for name, job in jobs.items()}
+    return {name: (job.returncode, logs[name]) for name, job in jobs.items()}
+
+
+@pytest.fixture(scope="module")
+def sm90_logs(tmp_path_factory):
+    """file -> (returncode, ptxas -v log) of every kernels/*.cu with every registered instantiation, for sm_90."""
+    out = tmp_path_factory.mktemp("cubin")
+    return compile_cubins({f"wrap_{file}": instantiation_wrapper(file) for file in K.KERNELS}, out)
+
+
+@pytest.mark.parametrize("file", sorted(K.KERNELS))
+def test_no_kernel_spills_registers_or_keeps_a_stack_frame_on_hopper(sm90_logs, file):
+    """Local memory is off-chip: a kernel that spills registers (the BatchNorm reductions' launch bounds cap them at
+    65,536 / (256 x 3) = 85), or keeps an array it indexes at run time in a stack frame, pays memory traffic its
+    roofline does not count. ptxas's report for every entry point, compiled as CuPy compiles it for an H100."""
+    returncode, log = sm90_logs[f"wrap_{file}"]
+    assert returncode == 0, log
+    resources = ptxas_resources(log)
+    expected = sum(len(i) if i else 1 for i in K.KERNELS[file].values())
+    assert len(resources) == expected, (file, sorted(resources))
+    assert {entry: r for entry, r in resources.items() if r[1:] != (0, 0, 0)} == {}
+
+
+def test_the_local_memory_check_sees_a_stack_frame(tmp_path):
+    """The check above can fail: a kernel storing into a local array at places known only at run time keeps it in a
+    stack frame (one it only reads so, the compiler can rewrite into a computation)."""
+    source = ("__global__ void keeps_a_stack_frame(const int* at, float* out) {\n"
+              "    float values[64];\n"
+              "    for (int i = 0; i < 64; ++i) values[at[i] & 63] = out[i];      // stored at run-time places\n"
+              "    out[threadIdx.x] = values[at[64 + threadIdx.x] & 63];\n"
+              "}\n")
+    returncode, log = compile_cubins({"probe": source}, tmp_path)["probe"]
+    assert returncode == 0, log
+    (registers, frame, _, _), = ptxas_resources(log).values()
+    assert frame >= 64 * 4 and registers > 0
 
 
 def _nvrtc_compiler():
