@@ -1069,6 +1069,35 @@ def test_dense_forward_and_backward(layout, dtype, n):
     assert_close(a.get(db), ex_db, f32, scale=np.abs(dy_ref).sum(axis=0), what="db")
 
 
+@params(layouts=("NHWC",), dtypes=("float32",))
+def test_the_dense_parameter_gradients_run_beside_the_main_stream(layout, dtype):
+    """dense_backward leaves only dx on the backward's chain: dw and db are computed on a side stream, as the
+    convolutions' weight gradients are, and are final once the main stream has waited for it (wait_for_gradients).
+    On the emulated GPU, where a stream's work runs only when something waits for it, the main stream's own work is
+    then done while dw still holds what was there before; on a GPU only the results are checked."""
+    be = make_backend(layout, dtype)
+    a = Arrays(be, seed=11)
+    n, cin, cout = 8, 64, 10
+    x, x_ref = a.put(a.rng.standard_normal((n, cin)))
+    w, w_ref = a.put(a.rng.standard_normal((cin, cout)) * 0.2, dtype=np.float32)
+    dy, dy_ref = a.put(a.rng.standard_normal((n, cout)))
+    dx = a.nan((n, cin))
+    dw, _ = a.put(np.full((cin, cout), 7.0), dtype=np.float32)
+    db, _ = a.put(np.full(cout, 7.0), dtype=np.float32)
+    be.dense_backward(x, w, dy, dx, dw, db)
+    import cupy
+    if "emulated" in cupy.__version__:
+        # host copies on the main stream alone, which has not waited for the side streams
+        assert np.all(dw.get(stream=be.stream) == 7.0) and np.all(db.get(stream=be.stream) == 7.0)
+        assert not np.isnan(dx.get(stream=be.stream).astype(np.float32)).any()
+    be.wait_for_gradients()
+    ex_dx, ex_dw, ex_db = np.empty((n, cin)), np.empty((cin, cout)), np.empty(cout)
+    a.ref.dense_backward(x_ref, w_ref, dy_ref, ex_dx, ex_dw, ex_db)
+    f32 = REDUCTION["float32"]
+    assert_bounded(a.get(dw), ex_dw, f32 * (np.abs(x_ref).T @ np.abs(dy_ref)), what="dw")
+    assert_close(a.get(db), ex_db, f32, scale=np.abs(dy_ref).sum(axis=0), what="db")
+    assert_bounded(a.get(dx), ex_dx, f32 * (np.abs(dy_ref) @ np.abs(w_ref).T), what="dx")
+
 @params(layouts=("NHWC",))
 def test_softmax_cross_entropy(layout, dtype):
     be = backend(layout, dtype)

@@ -510,7 +510,7 @@ class CupyBackend(LayoutMixin):
         the whole batch gets at 16-64 channels, and the sum of the chunks (`sum_chunks`, once per step for
         every convolution) is added in a fixed order, so the result still repeats its bits.
 
-        It runs on side streams (the step's k-th cuDNN weight-gradient call on side stream k mod
+        It runs on side streams (the step's k-th parameter-gradient call, the dense layer's first, on side stream k mod
         wgrad_streams), after everything enqueued so far on the main stream. With overlap_wgrad (the default)
         it also runs beside what comes next (the data gradient, the layers below, other weight gradients; x
         and dy are not written again in this step), and dw is final once the main stream has waited for the
@@ -520,19 +520,26 @@ class CupyBackend(LayoutMixin):
         """
         self._fork.record(self.stream)
         for x_part, dy_part, dw_part in self.weight_gradient_parts(x, dy, dw):
-            lane = self._wgrad_turn % len(self.side_streams)
-            self._wgrad_turn += 1
-            side = self.side_streams[lane]
-            side.wait_event(self._fork)
+            lane, side = self._next_side_stream()
             with side:
                 if x_part.shape[0]:
                     self._weight_gradient(x_part, dy_part, stride, pad, dw_part, lane)
                 else:                                   # a batch smaller than the chunks: nothing to add
                     dw_part.fill(0)
-            self._side_pending.add(lane)
         if not self.overlap_wgrad:
             self._join_side_stream()
         return dw
+
+    def _next_side_stream(self):
+        """(lane, stream): the side stream whose turn it is (the step's k-th parameter gradient on side stream k mod
+        wgrad_streams), made to wait for the main stream's work up to the caller's `self._fork.record`, and counted
+        as pending until the main stream joins it."""
+        lane = self._wgrad_turn % len(self.side_streams)
+        self._wgrad_turn += 1
+        side = self.side_streams[lane]
+        side.wait_event(self._fork)
+        self._side_pending.add(lane)
+        return lane, side
 
     def _weight_gradient(self, x, dy, stride, pad, dw, lane):
         """cuDNN wgrad [into the lane's bf16 scratch, then converted] on the current stream (side stream `lane`);
@@ -996,15 +1003,24 @@ class CupyBackend(LayoutMixin):
 
     @_primitive
     def dense_backward(self, x, w, dy, dx, dw, db):
-        """dx = dy @ w.T, dw = x.T @ dy, db = column sums of dy (dw, db float32 gradient views, written)."""
+        """dx = dy @ w.T, dw = x.T @ dy, db = column sums of dy (dw, db float32 gradient views, written).
+
+        Only dx is on the backward's chain: the parameter gradients run beside it on a side stream, as the
+        convolutions' weight gradients do (conv2d_backward_filter: x and dy are not written again in this step, and
+        dw and db are final once the main stream has waited for the side streams)."""
         _require_dtype(np.float32, w=w, dw=dw, db=db)
         _same_dtype(x, dy=dy, dx=dx)
         rows, cin = x.shape
         cout = w.shape[1]
         t = (ctype(x.dtype),)
+        self._fork.record(self.stream)
+        _, side = self._next_side_stream()
+        with side:
+            self._launch_1d("dense_backward_params", t, (cin * cout + cout) * WARP,     # a warp per output
+                            (x, dy, dw, db, _i32(rows), _i32(cin), _i32(cout)))
         self._launch_1d("dense_backward_data", t, rows * cin, (dy, w, dx, _i32(rows), _i32(cin), _i32(cout)))
-        self._launch_1d("dense_backward_params", t, (cin * cout + cout) * WARP,     # a warp per output
-                        (x, dy, dw, db, _i32(rows), _i32(cin), _i32(cout)))
+        if not self.overlap_wgrad:
+            self._join_side_stream()
         return dx
 
     @_primitive
