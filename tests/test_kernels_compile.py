@@ -1,18 +1,19 @@
 """CPU checks of the GPU backend's code: no GPU needed, so these run in CI.
 
-  * every kernels/*.cu compiles with `nvcc -ptx -arch=sm_90`, every registered instantiation (float and
-    __nv_bfloat16) included, and each expected entry point is in the PTX: kernel syntax and type errors
-    surface here (skipped, with the reason printed, where nvcc is not on PATH);
+  * every kernels/*.cu compiles with nvcc for sm_90 (an H100 cubin, as CuPy compiles it: -ftz=true; its PTX kept),
+    every registered instantiation (float and __nv_bfloat16) included, and each expected entry point is in the
+    PTX: kernel syntax and type errors surface here (skipped, with the reason printed, where nvcc is not on PATH);
   * the same sources compile with NVRTC exactly as CuPy's RawModule compiles them (CuPy's options and
     include paths, the name expressions of cupynet/backends/kernels.py), where CuPy and NVRTC load;
-  * compiled to H100 cubins as CuPy compiles them (-ftz=true), no kernel spills registers or keeps a stack frame
-    (local memory: off-chip traffic no roofline counts), from ptxas's own report;
+  * in those cubins no kernel spills registers or keeps a stack frame (local memory: off-chip traffic no roofline
+    counts), from ptxas's own report;
   * the registry in kernels.py names every __global__ of the sources and nothing else;
   * CupyBackend implements every public method of NumpyBackend with the same signature.
 
     python -m pytest tests/test_kernels_compile.py -q -ra
 """
 import inspect
+import pathlib
 import re
 import shutil
 import subprocess
@@ -51,49 +52,6 @@ def entry_count(ptx, name, templated):
     return len(re.findall(pattern, ptx, flags=re.MULTILINE))
 
 
-@pytest.fixture(scope="module")
-def nvcc_ptx(tmp_path_factory):
-    """file -> PTX text, all files compiled in parallel with nvcc -ptx -arch=sm_90."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: cannot compile kernels/*.cu here")
-    out = tmp_path_factory.mktemp("ptx")
-    jobs = {}
-    for file in K.KERNELS:
-        wrapper = out / f"wrap_{file}"
-        wrapper.write_text(instantiation_wrapper(file))
-        ptx = out / f"{file}.ptx"
-        command = [nvcc, "-ptx", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", str(wrapper), "-o", str(ptx)]
-        jobs[file] = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ptx)
-    results = {}
-    for file, (process, ptx) in jobs.items():
-        log, _ = process.communicate(timeout=NVCC_TIMEOUT_S)
-        results[file] = (process.returncode, log, ptx.read_text() if ptx.exists() else "")
-    return results
-
-
-@pytest.mark.parametrize("file", sorted(K.KERNELS))
-def test_nvcc_compiles_every_instantiation(nvcc_ptx, file):
-    returncode, log, ptx = nvcc_ptx[file]
-    assert returncode == 0, f"nvcc failed on kernels/{file}:\n{log}"
-    for name, instantiations in K.KERNELS[file].items():
-        expected = len(instantiations) if instantiations else 1
-        assert entry_count(ptx, name, templated=bool(instantiations)) == expected, (file, name)
-
-
-@pytest.mark.parametrize("file", sorted(K.KERNELS))
-def test_every_entry_waits_for_prior_grids_then_lets_the_next_launch_on_hopper(nvcc_ptx, file):
-    """start_after_prior_grids() (common.cuh) is Hopper's griddepcontrol.wait, then griddepcontrol.launch_dependents,
-    in every kernel compiled for sm_90: one of each per entry point, the wait first (--programmatic-launch's edges
-    rely on the wait; tests/test_programmatic_launch.py checks the source)."""
-    _, _, ptx = nvcc_ptx[file]
-    entries = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
-    assert entries, file
-    for body in entries:
-        assert body.count("griddepcontrol.wait") == 1 and body.count("griddepcontrol.launch_dependents") == 1, file
-        assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents"), file
-
-
 def ptxas_resources(log):
     """{entry: (registers, stack frame bytes, spill store bytes, spill load bytes)} from `nvcc -Xptxas -v` output."""
     resources, entry, frame = {}, None, None
@@ -125,18 +83,46 @@ def compile_cubins(sources, out, extra=()):
 
 
 @pytest.fixture(scope="module")
-def sm90_logs(tmp_path_factory):
-    """file -> (returncode, ptxas -v log) of every kernels/*.cu with every registered instantiation, for sm_90."""
-    out = tmp_path_factory.mktemp("cubin")
-    return compile_cubins({f"wrap_{file}": instantiation_wrapper(file) for file in K.KERNELS}, out)
+def sm90_builds(tmp_path_factory):
+    """file -> (returncode, nvcc's output with ptxas's report, PTX text): every file compiled at once to an sm_90
+    (H100) cubin as CuPy compiles it (-ftz=true), warnings as errors, its PTX kept."""
+    out = tmp_path_factory.mktemp("ptx")
+    names = {file: f"wrap_{pathlib.Path(file).stem}" for file in K.KERNELS}
+    compiled = compile_cubins({names[file]: instantiation_wrapper(file) for file in K.KERNELS}, out,
+                              extra=("-Werror", "all-warnings", "--keep", "--keep-dir", str(out)))
+    kept = {file: out / f"{names[file]}.ptx" for file in K.KERNELS}
+    return {file: compiled[names[file]] + (kept[file].read_text() if kept[file].exists() else "",)
+            for file in K.KERNELS}
 
 
 @pytest.mark.parametrize("file", sorted(K.KERNELS))
-def test_no_kernel_spills_registers_or_keeps_a_stack_frame_on_hopper(sm90_logs, file):
+def test_nvcc_compiles_every_instantiation(sm90_builds, file):
+    returncode, log, ptx = sm90_builds[file]
+    assert returncode == 0, f"nvcc failed on kernels/{file}:\n{log}"
+    for name, instantiations in K.KERNELS[file].items():
+        expected = len(instantiations) if instantiations else 1
+        assert entry_count(ptx, name, templated=bool(instantiations)) == expected, (file, name)
+
+
+@pytest.mark.parametrize("file", sorted(K.KERNELS))
+def test_every_entry_waits_for_prior_grids_then_lets_the_next_launch_on_hopper(sm90_builds, file):
+    """start_after_prior_grids() (common.cuh) is Hopper's griddepcontrol.wait, then griddepcontrol.launch_dependents,
+    in every kernel compiled for sm_90: one of each per entry point, the wait first (--programmatic-launch's edges
+    rely on the wait; tests/test_programmatic_launch.py checks the source)."""
+    _, _, ptx = sm90_builds[file]
+    entries = re.split(r"^\.visible \.entry ", ptx, flags=re.MULTILINE)[1:]
+    assert entries, file
+    for body in entries:
+        assert body.count("griddepcontrol.wait") == 1 and body.count("griddepcontrol.launch_dependents") == 1, file
+        assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents"), file
+
+
+@pytest.mark.parametrize("file", sorted(K.KERNELS))
+def test_no_kernel_spills_registers_or_keeps_a_stack_frame_on_hopper(sm90_builds, file):
     """Local memory is off-chip: a kernel that spills registers (the BatchNorm reductions' launch bounds cap them at
     65,536 / (256 x 3) = 85), or keeps an array it indexes at run time in a stack frame, pays memory traffic its
     roofline does not count. ptxas's report for every entry point, compiled as CuPy compiles it for an H100."""
-    returncode, log = sm90_logs[f"wrap_{file}"]
+    returncode, log, _ = sm90_builds[file]
     assert returncode == 0, log
     resources = ptxas_resources(log)
     expected = sum(len(i) if i else 1 for i in K.KERNELS[file].values())
