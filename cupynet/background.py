@@ -18,15 +18,14 @@ class Background:
 
     def __init__(self, function, *args, name):
         self.seconds = None
-        self._function = function
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cupynet-{name}")
-        self._future = pool.submit(self._timed, *args)
+        self._future = pool.submit(self._timed, function, *args)
         pool.shutdown(wait=False)              # its one job runs on; the thread ends with it
 
-    def _timed(self, *args):
+    def _timed(self, function, *args):
         started = time.perf_counter()
         try:
-            return self._function(*args)
+            return function(*args)
         finally:
             self.seconds = time.perf_counter() - started
 

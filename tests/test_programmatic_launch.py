@@ -40,6 +40,14 @@ def test_every_kernel_waits_for_the_kernel_before_it_before_anything_else():
 
 
 # Prints what cuda.h says: the edge data of both kinds of programmatic edge, byte by byte, and the constants.
+def nvcc_or_skip():
+    """nvcc's path (its toolkit holds the cuda.h the probes compile against), or skip with the reason."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH: no cuda.h to compare with")
+    return nvcc
+
+
 HEADER_PROBE = r"""
 #include <cuda.h>
 #include <cstdio>
@@ -65,11 +73,8 @@ def test_the_edge_data_and_the_constants_are_the_cuda_headers(tmp_path):
     --programmatic-launch-early from the launch-order port; the programmatic dependency type), the kernel node type
     and --stream-priorities' instantiation flag, as the CUDA toolkit's cuda.h defines them (nvcc compiles a probe
     against it; skipped where nvcc is not on PATH). The driver is called through ctypes, which checks none of this."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: no cuda.h to compare with")
     (tmp_path / "probe.cpp").write_text(HEADER_PROBE)
-    build = subprocess.run([nvcc, "-x", "c++", "probe.cpp", "-o", "probe"], cwd=tmp_path, capture_output=True,
+    build = subprocess.run([nvcc_or_skip(), "-x", "c++", "probe.cpp", "-o", "probe"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
     assert build.returncode == 0, build.stderr
     lines = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, timeout=30,
@@ -118,11 +123,8 @@ def signature_probe(signatures):
 
 
 def compile_probe(source, tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: no cuda.h to compare with")
     (tmp_path / "signatures.cpp").write_text(source)
-    return subprocess.run([nvcc, "-x", "c++", "-std=c++17", "-c", "signatures.cpp", "-o", "signatures.o"],
+    return subprocess.run([nvcc_or_skip(), "-x", "c++", "-std=c++17", "-c", "signatures.cpp", "-o", "signatures.o"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
