@@ -320,9 +320,32 @@ def test_sanitized_kernels_stop_at_an_out_of_bounds_access():
 
 
 @pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
+def test_sanitized_kernels_stop_at_a_misaligned_pack():
+    """Sanitized kernels also check alignment: a 16-byte load from a float array 4 bytes off a 16-byte boundary is
+    reported, as a GPU would fault on it (an x86 CPU would load it)."""
+    code = ("import numpy as np, cupy\n"
+            "m = cupy.RawModule(code='extern \"C\" __global__ void copy_pack(const float* x, float* y, int at) "
+            "{ reinterpret_cast<uint4*>(y)[0] = reinterpret_cast<const uint4*>(x + at)[0]; }', "
+            "name_expressions=['copy_pack'])\n"
+            "x = cupy.arange(16, dtype=np.float32)\n"
+            "y = cupy.zeros((4,), dtype=np.float32)\n"
+            "m.get_function('copy_pack')((1,), (1,), (x, y, np.int32(4)))\n"
+            "print('aligned', y.get().tolist(), flush=True)\n"
+            "m.get_function('copy_pack')((1,), (1,), (x, y, np.int32(1)))\n"
+            "cupy.cuda.Device().synchronize()\n"
+            "print('misaligned', y.get().tolist(), flush=True)\n")
+    result = run_emulated(["-c", code], timeout=300, sanitize=True)
+    assert "aligned [4.0, 5.0, 6.0, 7.0]" in result.stdout and "misaligned" not in result.stdout and \
+        result.returncode != 0, result.stdout + result.stderr[-2000:]
+    assert re.search(r"misaligned address 0x[0-9a-f]+ for type 'const (struct )?uint4', which requires 16 byte "
+                     r"alignment", result.stderr), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
 def test_every_kernel_stays_in_bounds_in_the_primitive_parity_tests(file_results):
     """The per-primitive parity tests (both layouts, both dtypes, odd shapes) with sanitized kernels: no kernel
-    reads or writes outside its arrays (parity alone would miss a read of a neighbour that happens to fit).
+    reads or writes outside its arrays (parity alone would miss a read of a neighbour that happens to fit), and
+    none loads or stores a pack off its alignment.
     Run in file_results' pool, beside the GPU test files."""
     result = file_results[SANITIZED_PARITY]
     assert result.returncode == 0 and re.search(r"\d+ passed", result.stdout), \

@@ -37,12 +37,20 @@ extern "C" __global__ void block_total(const float* x, int n, float* out)
         out[0] = total;
     }
 }
+
+// Lanes from `live` on return at once; lane 0 then takes lane `delta`'s 1 by a shuffle, into out[0].
+extern "C" __global__ void shuffle_from(int live, int delta, float* out)
+{
+    if ((int)threadIdx.x >= live) return;
+    const float v = __shfl_down_sync(0xffffffffu, 1.0f, delta);
+    if (threadIdx.x == 0) out[0] = v;
+}
 """
 
 
 @pytest.fixture(scope="module")
 def module():
-    return cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total"])
+    return cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from"])
 
 
 def test_kernels_run_with_shared_memory_shuffles_and_barriers(module):
@@ -52,6 +60,18 @@ def test_kernels_run_with_shared_memory_shuffles_and_barriers(module):
     assert float(out.get()[0]) == float(np.arange(1000).sum())
     module.get_function("add_one")((3,), (128,), (x, np.int32(1000)))
     np.testing.assert_array_equal(x.get(), np.arange(1000, dtype=np.float32) + 1)
+
+
+@pytest.mark.parametrize("threads, live, delta, expected", [
+    (32, 32, 5, 1.0),              # a live lane's value
+    (32, 32, 40, 1.0),             # past the warp: the lane's own value, CUDA's rule
+    (32, 4, 5, np.nan),            # an exited lane: undefined on a GPU, NaN here
+    (8, 8, 16, np.nan),            # a lane the block does not have: likewise
+])
+def test_a_shuffle_from_an_exited_or_missing_lane_reads_garbage(module, threads, live, delta, expected):
+    out = cupy.zeros((1,), dtype=np.float32)
+    module.get_function("shuffle_from")((1,), (threads,), (np.int32(live), np.int32(delta), out))
+    np.testing.assert_array_equal(out.get(), [expected])
 
 
 @pytest.mark.parametrize("bad, why", [(1000, "Python int"), (np.int64(1000), "64-bit for an int"),
@@ -68,6 +88,9 @@ def test_a_pointer_parameter_needs_an_array_and_geometry_is_checked(module):
     x = cupy.zeros((4,), dtype=np.float32)
     with pytest.raises(KernelError, match="invalid block"):
         module.get_function("add_one")((1,), (2048,), (x, np.int32(4)))
+    module.get_function("add_one")((1,), (32,), (x, np.int32(4)), shared_mem=48 * 1024)
+    with pytest.raises(KernelError, match="dynamic shared memory of 49153 bytes"):
+        module.get_function("add_one")((1,), (32,), (x, np.int32(4)), shared_mem=48 * 1024 + 1)
 
 
 def test_empty_memory_is_poisoned_and_host_device_mixing_is_refused():
@@ -185,7 +208,7 @@ def test_host_copies_given_a_stream_are_asynchronous_and_the_null_stream_waits_f
 def test_a_kernels_first_load_waits_for_the_devices_queued_work(module):
     """CUDA's lazy loading: the first get_function of a kernel may wait for the whole device, so work queued
     on any stream of the device has run after it (a barrier kernel spinning there would hang the load)."""
-    fresh = cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total"])
+    fresh = cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from"])
     stream = cupy.cuda.Stream(non_blocking=True)
     x = cupy.zeros((8,), dtype=np.float32)
     module.get_function("add_one")((1,), (32,), (x, np.int32(8)), stream=stream)

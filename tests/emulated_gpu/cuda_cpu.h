@@ -171,6 +171,7 @@ struct Scheduler {
     Barrier block;
     std::vector<Barrier> warps;
     std::vector<unsigned long long> exchange;   // two 8-byte slots per thread, for shuffles (shuffle_down)
+    std::vector<unsigned long long> written;    // per slot: 1 + the warp barrier generation that wrote it
     std::vector<char> dynamic_shared;
     void* scheduler_sp = nullptr;
     int current = -1;
@@ -269,6 +270,7 @@ inline std::string run_block(void (*body)(void*), void* arg, int threads)
     s.warps.assign((threads + WARP - 1) / WARP, Barrier{});
     for (int t = 0; t < threads; ++t) ++s.warps[t / WARP].live;
     s.exchange.assign(2 * threads, 0ull);
+    s.written.assign(2 * threads, 0ull);
     for (int t = 0; t < threads; ++t) {
         Fiber& f = s.fibers[t];
         f.stack = s.stacks[t];
@@ -414,11 +416,15 @@ template <typename... A> std::string signature(void (*)(A...))
 
 // ------------------------------------------------------------------ warp shuffles
 
-// v from lane (lane + delta) of the same warp; own v when that lane is past the warp (CUDA's rule).
+// v from lane (lane + delta) of the same warp; own v when that lane is past the warp (CUDA's rule). When that
+// lane has exited, or does not exist (a block whose size is not a multiple of 32), CUDA leaves the value
+// undefined: here it is all ones (NaN as a float, -1 as an integer), so that a sum that takes it in is wrong
+// rather than quietly right (zeros would be).
 // One rendezvous per shuffle: consecutive shuffles of a warp write alternate slots (the parity of the warp
 // barrier's generation, the same for every lane that arrives at one rendezvous), and a lane can only write a
 // slot again two rendezvous later, by which time every lane has read it (each reads right after the first
-// one completes, before it arrives at the next).
+// one completes, before it arrives at the next). A slot stamped with another generation was not written at
+// this rendezvous: its lane had exited.
 template <typename T> T shuffle_down(T v, int delta)
 {
     static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
@@ -426,13 +432,19 @@ template <typename T> T shuffle_down(T v, int delta)
     const int t = s.current;
     const int lane = t % WARP;
     Barrier& warp = s.warps[t / WARP];
+    const unsigned long long stamp = warp.generation + 1ull;
     const int slots = (int)(warp.generation & 1ull) * (int)s.fibers.size();
     std::memcpy(&s.exchange[slots + t], &v, sizeof(T));
+    s.written[slots + t] = stamp;
     arrive(warp, Wait::warp);
     T result = v;
     const int source = t + delta;
-    if (lane + delta < WARP && source < (int)s.fibers.size()) {
-        std::memcpy(&result, &s.exchange[slots + source], sizeof(T));
+    if (lane + delta < WARP) {
+        if (source < (int)s.fibers.size() && s.written[slots + source] == stamp) {
+            std::memcpy(&result, &s.exchange[slots + source], sizeof(T));
+        } else {
+            std::memset(&result, 0xFF, sizeof(T));
+        }
     }
     return result;
 }

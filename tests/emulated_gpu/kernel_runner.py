@@ -35,9 +35,12 @@ COMPILER = os.environ.get("CXX", "g++")
 FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-fno-strict-aliasing")
 # $CUPYNET_EMULATOR_SANITIZE=1: kernels built with AddressSanitizer, so a read or write past the end of an
 # array stops the run with a report, like compute-sanitizer's memcheck (the process needs libasan
-# preloaded: tests/test_emulated_gpu.py shows how)
-SANITIZE_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer")
+# preloaded: tests/test_emulated_gpu.py shows how), and with UndefinedBehaviorSanitizer's alignment check, so
+# does a misaligned load or store (a 16-byte pack off a 16-byte boundary), which a GPU refuses ("misaligned
+# address") and an x86 CPU mostly forgives
+SANITIZE_FLAGS = ("-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer")
 ERROR_BYTES = 512
+DEFAULT_DYNAMIC_SHARED_LIMIT = 48 * 1024
 
 _BF16_INCLUDE = re.compile(r"^\s*#\s*include\s*<cuda_bf16\.h>\s*$", re.MULTILINE)
 _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
@@ -205,8 +208,11 @@ def check_geometry(grid, block, shared_mem):
         raise KernelError(f"invalid block {block}")
     if min(grid) < 1 or grid[0] > 2 ** 31 - 1 or grid[1] > 65535 or grid[2] > 65535:
         raise KernelError(f"invalid grid {grid}")
-    if not 0 <= int(shared_mem) <= 227 * 1024:
-        raise KernelError(f"dynamic shared memory of {shared_mem} bytes")
+    # past 48 KB a kernel needs cudaFuncAttributeMaxDynamicSharedMemorySize raised first (CuPy:
+    # RawKernel.max_dynamic_shared_size_bytes), which cupynet never does
+    if not 0 <= int(shared_mem) <= DEFAULT_DYNAMIC_SHARED_LIMIT:
+        raise KernelError(f"dynamic shared memory of {shared_mem} bytes (at most {DEFAULT_DYNAMIC_SHARED_LIMIT} "
+                          f"without raising the kernel's limit)")
 
 
 def _three(dims):
