@@ -64,7 +64,7 @@
 
 // The partial-sum kernels' blocks: at most BN_THREADS threads (cw * rows), BN_BLOCKS_PER_SM of them resident
 // on an SM, which the compiler guarantees by keeping the registers within bounds (__launch_bounds__): the
-// backend sizes their grids to one wave of that many (cupy_backend.py mirrors both numbers).
+// backend sizes their grids to one wave of that many (cupy_batchnorm.py mirrors both numbers).
 #define BN_THREADS 256
 #define BN_BLOCKS_PER_SM 3
 #define BN_REDUCTION_BOUNDS __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)

@@ -580,13 +580,13 @@ def test_batchnorm_from_sums_in_one_launch_equals_two_launches(layout, dtype, sh
 
 def test_arrays_overlap_where_they_share_a_byte():
     """The check that sends the forward from sums to its two launches when what it reads is also written."""
-    from cupynet.backends.cupy_backend import _overlap
+    from cupynet.backends.cupy_operands import overlap
     be = backend("NHWC", "float32")
     buffer = be.zeros((10,), dtype=np.float32)
     first, last, rest = buffer[:5], buffer[4:], buffer[5:]
-    assert _overlap(first, last) and _overlap(last, first) and _overlap(buffer, rest)
-    assert not _overlap(first, rest) and not _overlap(rest, first)
-    assert not _overlap(buffer, be.zeros((10,), dtype=np.float32))
+    assert overlap(first, last) and overlap(last, first) and overlap(buffer, rest)
+    assert not overlap(first, rest) and not overlap(rest, first)
+    assert not overlap(buffer, be.zeros((10,), dtype=np.float32))
 
 
 @params()

@@ -65,6 +65,18 @@ def ptxas_resources(log):
     return resources
 
 
+def ptxas_static_shared(log):
+    """{entry: bytes of static __shared__ memory} from `nvcc -Xptxas -v` output (0 where ptxas reports none)."""
+    shared, entry = {}, None
+    for line in log.splitlines():
+        if match := re.search(r"Compiling entry function '(\w+)'", line):
+            entry = match.group(1)
+        elif (match := re.search(r"Used \d+ registers", line)) and entry is not None:
+            smem = re.search(r"(\d+) bytes smem", line)
+            shared[entry] = int(smem.group(1)) if smem else 0
+    return shared
+
+
 def compile_cubins(sources, out, extra=()):
     """{name: (returncode, ptxas -v log)}: each source compiled to an sm_90 (H100) cubin, all at once, with -ftz=true
     as CuPy compiles our kernels."""
@@ -128,6 +140,32 @@ def test_no_kernel_spills_registers_or_keeps_a_stack_frame_on_hopper(sm90_builds
     expected = sum(len(i) if i else 1 for i in K.KERNELS[file].values())
     assert len(resources) == expected, (file, sorted(resources))
     assert {entry: r for entry, r in resources.items() if r[1:] != (0, 0, 0)} == {}
+
+
+@pytest.mark.parametrize("file", sorted(K.KERNELS))
+def test_static_shared_memory_leaves_the_backends_dynamic_share_within_48_kb(sm90_builds, file):
+    """Without raising a kernel's limit (cupynet never does), a launch's static and dynamic shared memory together
+    stay within 48 KB, or it fails on the GPU. The backend asks for at most MAX_DYNAMIC_SHARED_BYTES of dynamic
+    shared memory (and the emulated GPU refuses more than 48 KB of it), so every kernel's static __shared__ must fit
+    in what that leaves."""
+    from cupynet.backends.cupy_operands import MAX_DYNAMIC_SHARED_BYTES
+    returncode, log, _ = sm90_builds[file]
+    assert returncode == 0, log
+    shared = ptxas_static_shared(log)
+    assert shared and len(shared) == len(ptxas_resources(log)), file
+    too_much = {entry: size for entry, size in shared.items() if size + MAX_DYNAMIC_SHARED_BYTES > 48 * 1024}
+    assert too_much == {}, f"static __shared__ beyond {48 * 1024 - MAX_DYNAMIC_SHARED_BYTES} bytes: {too_much}"
+
+
+def test_the_static_shared_memory_check_reads_ptxas(tmp_path):
+    """The check above can fail: ptxas reports a kernel's static __shared__ array, here 2 KB."""
+    compiled = compile_cubins({"shared_probe": (
+        'extern "C" __global__ void shared_probe(float* y) { __shared__ float tile[512]; '
+        "tile[threadIdx.x] = y[threadIdx.x]; __syncthreads(); y[threadIdx.x] = tile[511 - threadIdx.x]; }")},
+        tmp_path)
+    returncode, log = compiled["shared_probe"]
+    assert returncode == 0, log
+    assert ptxas_static_shared(log) == {"shared_probe": 2048}
 
 
 def test_the_local_memory_check_sees_a_stack_frame(tmp_path):
@@ -203,11 +241,11 @@ def test_cupy_backend_implements_the_whole_contract():
 def test_batchnorm_constants_the_backend_mirrors_are_the_kernels():
     """The backend sizes launches after constants of kernels/batchnorm.cu: the reductions' blocks (BN_THREADS,
     for which slice_lanes spreads the finalize over every channel at once), how many an SM holds
-    (BN_BLOCKS_PER_SM, their launch bounds) and bn_sums_finalize's grid (_finalize_blocks mirrors slice_lanes)."""
-    from cupynet.backends import cupy_backend
+    (BN_BLOCKS_PER_SM, their launch bounds) and bn_sums_finalize's grid (finalize_blocks mirrors slice_lanes)."""
+    from cupynet.backends import cupy_batchnorm
     source = (K.kernels_dir() / "batchnorm.cu").read_text()
     for name in ("BN_THREADS", "BN_BLOCKS_PER_SM"):
-        assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
+        assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_batchnorm, name), name
     lanes = {16: 16, 32: 8, 64: 4, 3: 32, 48: 4, 200: 1, 2064: 1}      # slice_lanes(C), as the kernel computes it
     for channels, per_channel in lanes.items():
-        assert cupy_backend._finalize_blocks(channels) == -(-channels * per_channel // 32), channels
+        assert cupy_batchnorm.finalize_blocks(channels) == -(-channels * per_channel // 32), channels

@@ -2,7 +2,8 @@
 
 Convolutions run through cuDNN Frontend graphs (cupynet/backends/cudnn_conv.py); everything else runs
 our kernels from kernels/*.cu (loaded by cupynet/backends/kernels.py), the dense layer included
-(kernels/dense.cu). Every method has the name, arguments and semantics of
+(kernels/dense.cu). The BatchNorm primitives are a mixin of their own (cupynet/backends/cupy_batchnorm.py), and
+what every primitive shares (operand checks, the kernels' conventions) is in cupynet/backends/cupy_operands.py. Every method has the name, arguments and semantics of
 NumpyBackend (cupynet/backends/numpy_backend.py), which is the oracle that tests/test_gpu_parity.py
 compares it with, primitive by primitive, on a machine with a GPU:
 
@@ -64,7 +65,6 @@ Mixed precision (dtype="bfloat16"): activations, their gradients and the convolu
 float32: `tf32=True` lets cuDNN use TF32 tensor cores (~1e-3 relative error per convolution);
     `tf32=False` keeps convolutions strict fp32 (the parity tests use it).
 """
-import functools
 import time
 import weakref
 from collections import Counter
@@ -79,27 +79,17 @@ except ImportError:                 # pragma: no cover - depends on the machine
 from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, cuda_driver, padded_input, pixel_pairs,
                                programmatic_launch)
 from cupynet.backends.cudnn_conv import CudnnConv, import_frontend_in_background
-from cupynet.backends.kernels import RELU_FROM_INPUT, RELU_FROM_OUTPUT, RELU_NONE, KernelLibrary, ctype
-from cupynet.backends.layout import LAYOUTS, LayoutMixin, check_relu_mask
+from cupynet.backends.cupy_batchnorm import BatchNormPrimitives
+from cupynet.backends.cupy_operands import (MAX_SLICES, MIN_STEPS_PER_THREAD, element_count, i32, on_device,
+                                            pack_aligned, pack_elements, present, primitive, require_dtype, same_dtype)
+from cupynet.backends.kernels import KernelLibrary, ctype
+from cupynet.backends.layout import LAYOUTS, LayoutMixin
 from cupynet.backends.node_priorities import HIGHEST_PRIORITY, LOWEST_PRIORITY, USE_NODE_PRIORITY
 from cupynet.errors import DeviceError
 DTYPES = ("float32", "bfloat16")
-MAX_ELEMENTS = 2 ** 30              # kernels index with int: n plus a grid stride stays < 2^31
 AUGMENT_PAD = 4                     # the reference's pad-4 crop: offsets in [0, 9)
-BN_THREADS = 256                    # threads per block of the BatchNorm partial sums
-FINALIZE_THREADS = 32               # bn_sums_finalize: one warp a block
 HEAD_THREADS = 256                  # the one-block loss and accuracy kernels
 WARP = 32                           # threads per warp: the dense layer's kernels sum each output in one
-MAX_SLICES = 1024                   # most partial sums per channel (rows of the scratch buffer)
-PACK_BYTES = 16                     # what kernels move per load and store on their vector paths
-MIN_STEPS_PER_THREAD = 4            # a partial-sum thread reads at least this many elements or packs
-# The BatchNorm reductions' blocks per SM (batchnorm.cu's BN_BLOCKS_PER_SM, which bounds their registers so
-# that an SM holds that many): their grids are one wave. bn_grad in bf16 with the relu mask recomputed from x
-# needs about 80 registers a thread, so an SM holds 3 of its 256-thread blocks; 4 per SM left a quarter of the
-# grid to a second wave at batch 512. A constant, not each kernel's occupancy, so that the slices (and so the
-# bits of the sums) depend on the shapes and the GPU alone.
-BN_BLOCKS_PER_SM = 3
-MAX_DYNAMIC_SHARED_BYTES = 47 * 1024    # a launch may ask for 48 KB less the kernel's static __shared__
 
 
 def bfloat16_dtype():
@@ -112,106 +102,12 @@ def bfloat16_dtype():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def _primitive(method):
-    """A contract primitive: counted in `calls`, run on the backend's device and stream."""
-    name = method.__name__
-
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        self.calls[name] += 1
-        with self.device, self.stream:
-            return method(self, *args, **kwargs)
-    return run
-
-
-def _on_device(method):
-    """An array helper (not counted, as in NumpyBackend): run on the backend's device and stream."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        with self.device, self.stream:
-            return method(self, *args, **kwargs)
-    return run
-
-
-def _pack_elements(dtype):
-    """Elements in one 16-byte pack (common.cuh, "16-byte packs"): 4 floats or 8 bfloat16."""
-    return PACK_BYTES // np.dtype(dtype).itemsize
-
-
-def _pack_aligned(arrays):
-    """Whether every array starts on a pack boundary, as the kernels' 16-byte loads and stores need."""
-    return all(array.data.ptr % PACK_BYTES == 0 for array in arrays)
-
-
-def _finalize_blocks(channels):
-    """Blocks of FINALIZE_THREADS that bn_sums_finalize needs to add every channel at once: batchnorm.cu's
-    slice_lanes(C) lanes per channel, the most (a power of 2, at most 32) with which BN_THREADS threads hold
-    every channel. Any grid gives the same sums (the kernel strides over its channels); this one, one pass."""
-    lanes = 32
-    while lanes > 1 and lanes * channels > BN_THREADS:
-        lanes //= 2
-    return -(-channels * lanes // FINALIZE_THREADS)
-
-
 def _pair_view(activation):
     """An NHWC activation (N, H, W, C) read as pixel pairs (N, H, W/2, 2C): the same bytes (a view)."""
     return activation.reshape(pixel_pairs.paired_shape(activation.shape))
 
 
-def _i32(value):
-    return np.int32(value)
-
-
-def _count(array):
-    """Number of elements, refused when the kernels' int indices could not address them."""
-    size = int(array.size)
-    if size > MAX_ELEMENTS:
-        raise ValueError(f"array of {size} elements: the kernels address at most {MAX_ELEMENTS}")
-    return size
-
-
-def _require_dtype(dtype, **arrays):
-    """Raise TypeError unless every named array has `dtype` (the kernels read raw pointers)."""
-    for name, array in arrays.items():
-        if array.dtype != dtype:
-            raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {array.dtype}")
-
-
-def _same_dtype(reference, **arrays):
-    """Raise TypeError unless the named arrays have the dtype of `reference` (one template argument)."""
-    _require_dtype(reference.dtype, **arrays)
-
-
-def _overlap(a, b):
-    """Whether two device arrays share any byte."""
-    return a.data.ptr < b.data.ptr + b.nbytes and b.data.ptr < a.data.ptr + a.nbytes
-
-
-def _present(**arrays):
-    """The named arrays that are not None (optional operands of a dtype check)."""
-    return {name: array for name, array in arrays.items() if array is not None}
-
-
-def _relu_operands(y, beta, dy, gamma):
-    """(relu, y_or_unused, beta_or_unused) for a BatchNorm backward's optional fused relu: its kernels' ReluMask
-    template argument, none without y; with beta as well, the mask recomputed from x (RELU_FROM_INPUT: y is never
-    read); else read from y. The kernels take pointers either way and never read the ones their mode does not use
-    (dy, gamma stand in)."""
-    if y is None:
-        return RELU_NONE, dy, gamma
-    if beta is not None:
-        return RELU_FROM_INPUT, dy, beta
-    return RELU_FROM_OUTPUT, y, gamma
-
-
-def _check_bn_grad_operands(primitive, gamma, saved_mean, saved_invstd, dgamma, dbeta, y, beta, y_name="y"):
-    """A BatchNorm backward's per-channel arrays are float32, and beta (the relu's mask from x) comes with y."""
-    _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
-                   dgamma=dgamma, dbeta=dbeta, **_present(beta=beta))
-    check_relu_mask(primitive, y, beta, y_name)
-
-
-class CupyBackend(LayoutMixin):
+class CupyBackend(BatchNormPrimitives, LayoutMixin):
     """The backend contract on one CUDA device (see the module docstring)."""
 
     name = "cupy"
@@ -316,15 +212,15 @@ class CupyBackend(LayoutMixin):
             return bfloat16_dtype()
         return np.dtype(dtype)
 
-    @_on_device
+    @on_device
     def empty(self, shape, dtype=None):
         return cupy.empty(shape, dtype=self._as_dtype(dtype))
 
-    @_on_device
+    @on_device
     def zeros(self, shape, dtype=None):
         return cupy.zeros(shape, dtype=self._as_dtype(dtype))
 
-    @_on_device
+    @on_device
     def to_host(self, array):
         """A NumPy copy of a device array (waits for the stream, and the side stream's weight gradients:
         only between steps)."""
@@ -332,7 +228,7 @@ class CupyBackend(LayoutMixin):
         # CuPy's ascontiguousarray turns a 0-d array into shape (1,): give back the caller's shape
         return cupy.ascontiguousarray(array).get(stream=self.stream).reshape(array.shape)
 
-    @_on_device
+    @on_device
     def from_host(self, array, dtype=None):
         """A device copy of a host array, converted to `dtype` on the host (bf16: round to nearest even)."""
         host = np.asarray(array)
@@ -342,7 +238,7 @@ class CupyBackend(LayoutMixin):
         device_array.set(host, stream=self.stream)
         return device_array
 
-    @_on_device
+    @on_device
     def upload_into(self, array, host):
         """array[...] = host (same shape and dtype), copied on the backend's stream, after earlier work."""
         host = np.asarray(host, dtype=array.dtype, order="C")      # (ascontiguousarray makes 0-d arrays 1-d)
@@ -350,7 +246,7 @@ class CupyBackend(LayoutMixin):
             raise ValueError(f"upload_into: host array {host.shape} does not match {array.shape}")
         array.set(host, stream=self.stream)
 
-    @_on_device
+    @on_device
     def copy_into(self, target, source):
         """target[...] = source, converted to target's dtype, on the backend's stream (device to device):
         bfloat16 <-> float32 by our `convert` kernel (round to nearest even), a plain copy otherwise."""
@@ -361,7 +257,7 @@ class CupyBackend(LayoutMixin):
         else:
             self._convert(source, target)
 
-    @_on_device
+    @on_device
     def fill(self, array, value):
         """Set every element on the device (e.g. the learning-rate scalar between steps)."""
         array.fill(value)
@@ -394,7 +290,7 @@ class CupyBackend(LayoutMixin):
 
     @property
     def _channels_last(self):
-        return _i32(self.layout == "NHWC")
+        return i32(self.layout == "NHWC")
 
     def _scratch(self, role, shape, dtype):
         """A device buffer for internal use, allocated once per (role, shape, dtype) and then reused.
@@ -418,11 +314,11 @@ class CupyBackend(LayoutMixin):
         every array in `packed` (those the kernel indexes per element) starts on a 16-byte boundary, and the
         caller's packs_fit (a kernel's own condition on the shapes) holds.
         Template arguments: the elements' type, then more_types."""
-        pack = _pack_elements(dtype)
-        vec = packs_fit and _pack_aligned(packed)
+        pack = pack_elements(dtype)
+        vec = packs_fit and pack_aligned(packed)
         work = n // pack + n % pack if vec else n            # threads needed: packs, then the tail
         self.kernels.launch(name, (ctype(dtype), *more_types), self.kernels.grid_1d(max(work, 1)),
-                            KernelLibrary.BLOCK, tuple(args) + (_i32(vec),), shared_mem=shared_mem)
+                            KernelLibrary.BLOCK, tuple(args) + (i32(vec),), shared_mem=shared_mem)
 
     def _convert(self, source, target):
         """target = source converted to target's dtype (same number of elements): a sum of one row."""
@@ -430,10 +326,10 @@ class CupyBackend(LayoutMixin):
 
     def _sum_rows(self, rows, target, count):
         """target = the sum of the `count` rows of target's size that `rows` holds, in float32 (kernels/activation.cu)."""
-        n = _count(target)
-        self._launch_1d("sum_rows", (ctype(rows.dtype), ctype(target.dtype)), n, (rows, target, _i32(n), _i32(count)))
+        n = element_count(target)
+        self._launch_1d("sum_rows", (ctype(rows.dtype), ctype(target.dtype)), n, (rows, target, i32(n), i32(count)))
 
-    @_primitive
+    @primitive
     def sum_chunks(self, target, chunks):
         """target[...] = the sum of chunks' rows (chunks: (rows, *target.shape)), added in row order in float32,
         converted to target's dtype: weight gradients computed per slice of the batch (or in bf16) into the
@@ -444,7 +340,7 @@ class CupyBackend(LayoutMixin):
 
     # ----------------------------------------------------------------- convolution (cuDNN Frontend)
 
-    @_primitive
+    @primitive
     def conv2d_forward(self, x, w, stride, pad, y):
         """y = conv(x, w). x: activation; w: (K,C,R,S) | (K,R,S,C) in the activation dtype. With pixel_pairs
         (--conv-pixel-pairs), a convolution that pixel_pairs.applies to runs on pixel pairs."""
@@ -453,17 +349,17 @@ class CupyBackend(LayoutMixin):
             return y
         return self.conv.forward(x, self._weight_for(x, w), stride, pad, y)
 
-    @_primitive
+    @primitive
     def conv2d_forward_with_stats(self, x, w, stride, pad, y, sums):
         """y = conv(x, w) and sums (2, K) float32 <- [sum(y), sum(y^2)] per channel, in one cuDNN graph (its
         genstats, --conv-genstats), as NumpyBackend. Returns False, with y written by the plain graph and
         sums not to be read, where cuDNN has no engine for the fused graph that passes this engine's rules
         and the autotuner's checks (the caller's BatchNorm then makes its own statistics). Never on pixel
         pairs: their sums would be per paired channel."""
-        _require_dtype(np.float32, sums=sums)
+        require_dtype(np.float32, sums=sums)
         return self.conv.forward_with_stats(x, self._weight_for(x, w), stride, pad, y, sums)
 
-    @_primitive
+    @primitive
     def conv2d_backward_data(self, dy, w, stride, pad, dx):
         """dx = d(loss)/dx (on pixel pairs as conv2d_forward)."""
         if self._on_pixel_pairs(dx, w, stride, pad):
@@ -481,7 +377,7 @@ class CupyBackend(LayoutMixin):
         channels = image.shape[-1]
         padded = self._scratch(("padded_input", w.data.ptr), (k, r, s, channels), w.dtype)
         self._launch_1d("pad_weight_channels", (ctype(w.dtype),), padded.size,
-                        (w, padded, _i32(k * r * s), _i32(c), _i32(channels)))
+                        (w, padded, i32(k * r * s), i32(c), i32(channels)))
         return padded
 
     def _on_pixel_pairs(self, image, w, stride, pad):
@@ -497,11 +393,11 @@ class CupyBackend(LayoutMixin):
         if not (reuse and w.data.ptr in self._pairs_built):
             k, r, _, c = w.shape
             self._launch_1d("pixel_pair_weights", (ctype(w.dtype),), paired.size,
-                            (w, paired, _i32(k), _i32(r), _i32(c)))
+                            (w, paired, i32(k), i32(r), i32(c)))
             self._pairs_built.add(w.data.ptr)
         return paired
 
-    @_primitive
+    @primitive
     def conv2d_backward_filter(self, x, dy, stride, pad, dw):
         """dw = d(loss)/dw, written, in dw's dtype: the activation dtype directly, else (float32 dw in bf16)
         through a bf16 scratch and a conversion. dw of shape (chunks, *weight): dw[j] is the gradient of
@@ -554,7 +450,7 @@ class CupyBackend(LayoutMixin):
             d_padded = self._scratch(f"padded_input_wgrad{lane}", (k, r, s, x.shape[-1]), self.dtype)
             self.conv.backward_filter(x, dy, stride, pad, d_padded, lane)
             self._launch_1d("crop_weight_channels", (ctype(d_padded.dtype), ctype(dw.dtype)), dw.size,
-                            (d_padded, dw, _i32(k * r * s), _i32(c), _i32(x.shape[-1])))
+                            (d_padded, dw, i32(k * r * s), i32(c), i32(x.shape[-1])))
             return dw
         if dw.dtype == self.dtype:
             return self.conv.backward_filter(x, dy, stride, pad, dw, lane)
@@ -568,10 +464,10 @@ class CupyBackend(LayoutMixin):
         each weight's two places added (kernels/pixel_pairs.cu)."""
         k, r, _, c = dw.shape
         self._launch_1d("pixel_pair_weight_gradient", (ctype(d_paired.dtype), ctype(dw.dtype)), dw.size,
-                        (d_paired, dw, _i32(k), _i32(r), _i32(c)))
+                        (d_paired, dw, i32(k), i32(r), i32(c)))
         return dw
 
-    @_primitive
+    @primitive
     def wait_for_gradients(self):
         """Order the weight gradients computed beside the main stream before what comes next on it.
 
@@ -582,355 +478,38 @@ class CupyBackend(LayoutMixin):
         self._wgrad_turn = 0
         self._pairs_built.clear()       # the optimizer may change the weights next: pair them again
 
-    # ----------------------------------------------------------------- batch normalization
-
-    def _channel_geometry(self, x, channels):
-        """(C, inner, m): x seen as (outer, C, inner); m = elements per channel."""
-        _, c, h, w = self.nchw_dims(x)
-        if c != channels:
-            raise ValueError(f"activation has {c} channels, BatchNorm parameters {channels}")
-        inner = h * w if self.layout == "NCHW" else 1
-        return c, inner, _count(x) // c
-
-    @staticmethod
-    def _bn_group(x, channels, inner, arrays):
-        """Elements per group of the partial-sum kernels (batchnorm.cu, "Partial-sum tiling"): a 16-byte
-        pack when every array read is aligned and no pack straddles two channels, else 1."""
-        pack = _pack_elements(x.dtype)
-        run = channels if inner == 1 else inner         # adjacent elements that share a row (NHWC) or a channel
-        return pack if run % pack == 0 and _pack_aligned(arrays) else 1
-
-    def _bn_plan(self, channels, m, group, inner):
-        """Launch geometry of the partial-sum kernels for C channels of m elements read in groups of
-        `group` (see batchnorm.cu). The kernels tell the layouts apart by inner == 1, not by the backend's
-        layout: an NCHW activation of 1 x 1 images is laid out as NHWC, and is read as such."""
-        nhwc = inner == 1
-        key = (channels, m, group, nhwc)
-        plan = self._bn_plans.get(key)
-        if plan is None:
-            groups_per_row = channels // group if nhwc else 1
-            cw = min(groups_per_row, BN_THREADS)
-            rows = BN_THREADS // cw
-            tiles = -(-groups_per_row // cw) if nhwc else channels
-            row_steps = -(-(m if nhwc else m // group) // rows)
-            wanted = -(-row_steps // MIN_STEPS_PER_THREAD)
-            fill_gpu = max(1, BN_BLOCKS_PER_SM * self.kernels.sm_count // tiles)
-            slices = max(1, min(wanted, fill_gpu, MAX_SLICES))
-            sums_per_thread = group if nhwc else 1          # NCHW adds a group's values before the tree
-            plan = dict(cw=cw, grid=(tiles, slices), block=(cw * rows,), slices=slices, vec=int(group > 1),
-                        shared_mem=2 * sums_per_thread * cw * rows * 4)
-            self._bn_plans[key] = plan
-        return plan
-
-    def _bn_one_launch_plan(self, kernel, x, channels, m, inner, reduce_arrays, staged, template_args=None):
-        """The geometry of a one-launch pass (kernel: bn_stats_apply or bn_grad_dx, which stage `staged`
-        per-channel arrays in shared memory after their grid-wide wait; template_args: the instantiation's, by
-        default x's type alone), or None when the two-launch path must run instead (always with bn_launches=2):
-        the partial-sum plan with its slices capped so that the GPU holds every block at once (the wait would
-        otherwise never end), and dynamic shared memory for the staged arrays too.
-
-        The backward's one launch runs only when the weight gradients do not overlap it (overlap_wgrad
-        off): a cuDNN kernel beside it on a side stream could hold SM slots this grid needs while waiting for
-        its own blocks (a stream-K GEMM's may), and nothing would ever release either. The forward pass has
-        the GPU to itself: nothing runs on the side streams then."""
-        if self.bn_launches == 2 or (kernel == "bn_grad_dx" and self.overlap_wgrad):
-            return None
-        plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, reduce_arrays), inner)
-        shared_mem = max(plan["shared_mem"], staged * channels * 4)
-        if shared_mem > MAX_DYNAMIC_SHARED_BYTES:
-            return None
-        resident = self.kernels.resident_blocks(kernel, template_args or (ctype(x.dtype),), plan["block"][0],
-                                                shared_mem)
-        tiles, slices = plan["grid"]
-        if resident < tiles:
-            return None
-        slices = min(slices, resident // tiles)
-        return dict(plan, grid=(tiles, slices), slices=slices, shared_mem=shared_mem)
-
-    def _bn_partials(self, x, channels, m, inner, arrays):
-        """The plan of the partial-sum kernels reading `arrays`, and the scratch it fills."""
-        plan = self._bn_plan(channels, m, self._bn_group(x, channels, inner, arrays), inner)
-        return plan, self._bn_partials_buffer(plan, channels)
-
-    def _bn_partials_buffer(self, plan, channels):
-        """The (2, P, C) float32 scratch of a plan's partial sums."""
-        return self._scratch("bn_partials", (2, plan["slices"], channels), np.float32)
-
-    def _bn_arrivals(self):
-        """The counters with which a reduction (bn_stats, bn_grad, and the one-launch passes) finds its last
-        block, and the one-launch passes' other blocks wait for it.
-
-        Zeroed once; every launch leaves the arrivals at 0 again. One per backend is enough: the reductions run
-        one after another on the main stream, and workers sharing a GPU have a backend each.
-        """
-        arrivals = self._scratch_buffers.get("bn_arrivals")
-        if arrivals is None:     # [0]: arrivals; [1]: the one-launch passes' generation (finish_then_release)
-            arrivals = self._scratch_buffers["bn_arrivals"] = cupy.zeros((2,), dtype=np.uint32)
-        return arrivals
-
-    @staticmethod
-    def _apply_operands(x, y, residual):
-        """The arrays bn_apply reads or writes per element (the residual checked against x)."""
-        if residual is None:
-            return x, y
-        _same_dtype(x, residual=residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual of shape {residual.shape} for an activation of shape {x.shape}")
-        return x, residual, y
-
-    def _bn_apply(self, x, y, mean, stat, gamma, beta, eps, stat_is_variance, relu, residual):
-        c, inner, _ = self._channel_geometry(x, gamma.size)
-        n = _count(x)
-        operands = self._apply_operands(x, y, residual)
-        self._launch_packed("bn_apply", x.dtype, n, operands,
-                            (x, x if residual is None else residual, y, mean, stat, gamma, beta, np.float32(eps),
-                             _i32(stat_is_variance), _i32(n), _i32(c), _i32(inner), _i32(residual is not None),
-                             _i32(relu)))
-
-    @_primitive
-    def batchnorm_train_forward(self, x, gamma, beta, running_mean, running_var, decay, eps,
-                                y, saved_mean, saved_invstd, relu=False, residual=None):
-        """y = [relu](gamma * (x - mean) / sqrt(var + eps) + beta [+ residual]) with batch statistics.
-
-        Saves the batch mean and 1/sqrt(var + eps), and updates the moving statistics on the device
-        (moving variance with the unbiased m/(m-1) batch variance), as NumpyBackend. Two launches:
-        bn_stats (statistics, finalized by its last block) and bn_apply; with bn_launches=1 one,
-        bn_stats_apply, where the GPU holds the capped grid (else the two).
-        """
-        _require_dtype(np.float32, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
-                       saved_mean=saved_mean, saved_invstd=saved_invstd)
-        _same_dtype(x, y=y)
-        c, inner, m = self._channel_geometry(x, gamma.size)
-        t = (ctype(x.dtype),)
-        plan = self._bn_one_launch_plan("bn_stats_apply", x, c, m, inner, (x,), 4)
-        if plan is not None:
-            operands = self._apply_operands(x, y, residual)
-            partials = self._bn_partials_buffer(plan, c)
-            n = _count(x)
-            self.kernels.launch("bn_stats_apply", t, plan["grid"], plan["block"],
-                                (x, x if residual is None else residual, y, _i32(c), _i32(inner), _i32(m),
-                                 _i32(plan["cw"]), partials, self._bn_arrivals(), np.float64(decay), np.float64(eps),
-                                 running_mean, running_var, saved_mean, saved_invstd, gamma, beta, _i32(n),
-                                 _i32(residual is not None), _i32(relu), _i32(plan["vec"]),
-                                 _i32(_pack_aligned(operands))),
-                                shared_mem=plan["shared_mem"])
-            return y
-        plan, partials = self._bn_partials(x, c, m, inner, (x,))
-        self.kernels.launch("bn_stats", t, plan["grid"], plan["block"],
-                            (x, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
-                             np.float64(decay), np.float64(eps), running_mean, running_var, saved_mean, saved_invstd,
-                             _i32(plan["vec"])),
-                            shared_mem=plan["shared_mem"])
-        self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
-        return y
-
-    def _bn_sums(self, partials_kernel, args, x, channels, sums, read, more_types=()):
-        """One split-BN reduction: partials_kernel(*args, cw, partials, vec) then (2, C) float64 sums.
-
-        The reduction stages of the fused path, ending in bn_sums_finalize instead of a fused finalize.
-        `read`: the activations the kernel reads per element; template arguments: x's type, then more_types.
-        """
-        _require_dtype(np.float64, sums=sums)
-        c, inner, m = self._channel_geometry(x, channels)
-        plan, partials = self._bn_partials(x, c, m, inner, read)
-        self.kernels.launch(partials_kernel, (ctype(x.dtype), *more_types), plan["grid"], plan["block"],
-                            (*args, _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, _i32(plan["vec"])),
-                            shared_mem=plan["shared_mem"])
-        self.kernels.launch("bn_sums_finalize", (), (_finalize_blocks(c),), (FINALIZE_THREADS,),
-                            (partials, _i32(plan["slices"]), _i32(c), sums))
-        return sums
-
-    @_primitive
-    def batchnorm_stats(self, x, shift, sums):
-        """sums (2, C) float64 <- [sum(x - shift), sum((x - shift)^2)] per channel, as NumpyBackend
-        (float32 partials of the shifted values, added in double)."""
-        _require_dtype(np.float32, shift=shift)
-        return self._bn_sums("bn_stats_partials_shifted", (x, shift), x, shift.size, sums, (x,))
-
-    @_primitive
-    def batchnorm_train_from_sums(self, x, sums, shift, count, gamma, beta, running_mean, running_var, decay, eps,
-                                  y, saved_mean, saved_invstd, relu=False, residual=None):
-        """Statistics from (global) shifted sums covering `count` elements per channel, then y, as NumpyBackend.
-        sums: float64 (sync BN's), or float32 (those a convolution's genstats wrote, conv2d_forward_with_stats).
-        One launch (bn_apply_from_sums), or two (bn_stats_from_sums, bn_apply) where shift or sums share memory
-        with what is written (sync BN's shift is the moving mean) or C is too large for the one."""
-        _require_dtype(np.float32, shift=shift, gamma=gamma, beta=beta, running_mean=running_mean,
-                       running_var=running_var, saved_mean=saved_mean, saved_invstd=saved_invstd)
-        if sums.dtype not in (np.float64, np.float32):
-            raise TypeError(f"sums must be float64 or float32, got {sums.dtype}")
-        _same_dtype(x, y=y)
-        c, inner, _ = self._channel_geometry(x, gamma.size)
-        outputs = (running_mean, running_var, saved_mean, saved_invstd)
-        shared_mem = 2 * c * 4
-        aliased = any(_overlap(read, out) for read in (shift, sums) for out in outputs + (y,))
-        if aliased or shared_mem > MAX_DYNAMIC_SHARED_BYTES:
-            # two launches: a shift that is one of the outputs (sync BN's moving mean) would be read by some
-            # blocks of the one-launch kernel after its block 0 updated it (sums or shift in y: after other
-            # blocks wrote it)
-            self._launch_1d("bn_stats_from_sums", (ctype(sums.dtype),), c,
-                            (sums, shift, np.float64(count), _i32(c), np.float64(decay), np.float64(eps), *outputs))
-            self._bn_apply(x, y, saved_mean, saved_invstd, gamma, beta, eps, False, relu, residual)
-            return y
-        n = _count(x)
-        self._launch_packed("bn_apply_from_sums", x.dtype, n, self._apply_operands(x, y, residual),
-                            (x, x if residual is None else residual, y, sums, shift, np.float64(count),
-                             np.float64(decay), np.float64(eps), *outputs, gamma, beta, _i32(n), _i32(c), _i32(inner),
-                             _i32(residual is not None), _i32(relu)),
-                            more_types=(ctype(sums.dtype),), shared_mem=shared_mem)
-        return y
-
-    @_primitive
-    def batchnorm_infer_forward(self, x, gamma, beta, running_mean, running_var, eps, y, relu=False, residual=None):
-        """BatchNorm with the moving statistics (evaluation)."""
-        _require_dtype(np.float32, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
-        _same_dtype(x, y=y)
-        self._bn_apply(x, y, running_mean, running_var, gamma, beta, eps, True, relu, residual)
-        return y
-
-    @_primitive
-    def batchnorm_backward(self, dy, x, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, y=None, beta=None):
-        """Backward of batchnorm_train_forward; with y (its relu output) the relu backward is fused. With beta
-        too (the caller's promise that no residual was added before the relu) the kernels recompute the relu's
-        mask from x instead of reading y: the forward's normalized value, with the same rounded operations, is
-        > 0 exactly where y is, and y is a whole activation less to read in each pass.
-
-        Two launches: bn_grad (dgamma, dbeta, finalized by its last block) and bn_backward_dx; with
-        bn_launches=1 one, bn_grad_dx, where the GPU holds the capped grid and no weight gradient runs beside
-        it (else the two: see _bn_one_launch_plan).
-        """
-        _check_bn_grad_operands("batchnorm_backward", gamma, saved_mean, saved_invstd, dgamma, dbeta, y, beta)
-        _same_dtype(x, dy=dy, dx=dx, **_present(y=y))
-        c, inner, m = self._channel_geometry(x, gamma.size)
-        n = _count(x)
-        relu, y_or_unused, beta_or_unused = _relu_operands(y, beta, dy, gamma)
-        t = (ctype(x.dtype), relu)
-        read = (dy, x) if y_or_unused is dy else (dy, x, y)
-        staged = 6 if relu == RELU_FROM_INPUT else 5            # bn_grad_dx_staged: beta only to recompute
-        plan = self._bn_one_launch_plan("bn_grad_dx", x, c, m, inner, read, staged, t)
-        if plan is not None:
-            partials = self._bn_partials_buffer(plan, c)
-            self.kernels.launch("bn_grad_dx", t, plan["grid"], plan["block"],
-                                (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused, _i32(c),
-                                 _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(), dgamma, dbeta,
-                                 dx, _i32(n), _i32(plan["vec"]), _i32(_pack_aligned(read + (dx,)))),
-                                shared_mem=plan["shared_mem"])
-            return dx
-        plan, partials = self._bn_partials(x, c, m, inner, read)
-        self.kernels.launch("bn_grad", t, plan["grid"], plan["block"],
-                            (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused,
-                             _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
-                             dgamma, dbeta, _i32(plan["vec"])),
-                            shared_mem=plan["shared_mem"])
-        return self._bn_backward_dx(dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused,
-                                    dgamma, dbeta, dx, m)
-
-    def _bn_backward_dx(self, dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused, dgamma,
-                        dbeta, dx, count):
-        """bn_backward_dx: dx from dgamma and dbeta, the sums over `count` elements per channel (relu, y_or_unused,
-        beta_or_unused as _relu_operands gives them)."""
-        c, inner, _ = self._channel_geometry(x, gamma.size)
-        n = _count(x)
-        read = (dy, x) if y_or_unused is dy else (dy, x, y_or_unused)
-        self._launch_packed("bn_backward_dx", x.dtype, n, read + (dx,),
-                            (dy, x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused, dgamma, dbeta, dx,
-                             _i32(n), _i32(c), _i32(inner), _i32(count)), more_types=(relu,))
-        return dx
-
-    @_primitive
-    def batchnorm_backward_dx(self, dy, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, y=None, beta=None):
-        """The rest of batchnorm_backward once dgamma and dbeta hold its sums (relu_backward_add_bn_grad wrote them
-        with the gradient dy): dx alone, one launch (bn_backward_dx). y and beta as batchnorm_backward's."""
-        _check_bn_grad_operands("batchnorm_backward_dx", gamma, saved_mean, saved_invstd, dgamma, dbeta, y, beta)
-        _same_dtype(x, dy=dy, dx=dx, **_present(y=y))
-        _, _, m = self._channel_geometry(x, gamma.size)
-        relu, y_or_unused, beta_or_unused = _relu_operands(y, beta, dy, gamma)
-        return self._bn_backward_dx(dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, beta_or_unused,
-                                    dgamma, dbeta, dx, m)
-
-    @_primitive
-    def relu_backward_add_bn_grad(self, dy, y, addend, dx, bn_x, gamma, saved_mean, saved_invstd, dgamma, dbeta,
-                                  bn_y=None, beta=None):
-        """dx = relu_backward_add(dy, y, addend), and in the same pass the dgamma and dbeta that
-        batchnorm_backward(dx, bn_x, gamma, saved_mean, saved_invstd, ..., y=bn_y, beta=beta) would write: the sums
-        of the BatchNorm whose output's gradient dx is (--residual-grad-sums); batchnorm_backward_dx then finishes
-        that BatchNorm's backward. One launch, relu_backward_add_bn_grad, in bn_grad's tiling. dx may be addend,
-        and no other operand."""
-        _check_bn_grad_operands("relu_backward_add_bn_grad", gamma, saved_mean, saved_invstd, dgamma, dbeta, bn_y,
-                                beta, y_name="bn_y")
-        _same_dtype(bn_x, dy=dy, y=y, addend=addend, dx=dx, **_present(bn_y=bn_y))
-        operands = dict(dy=dy, y=y, addend=addend, bn_x=bn_x, **_present(bn_y=bn_y))
-        for name, array in operands.items():
-            if array.shape != dx.shape:
-                raise ValueError(f"relu_backward_add_bn_grad: {name} {array.shape} for a gradient of {dx.shape}")
-            if name != "addend" and _overlap(array, dx):
-                raise ValueError(f"relu_backward_add_bn_grad: dx shares memory with {name} (only addend may be dx)")
-        c, inner, m = self._channel_geometry(bn_x, gamma.size)
-        relu, y_or_unused, beta_or_unused = _relu_operands(bn_y, beta, dy, gamma)
-        read = (dy, y, addend, dx, bn_x) + (() if y_or_unused is dy else (bn_y,))
-        plan, partials = self._bn_partials(bn_x, c, m, inner, read)
-        self.kernels.launch("relu_backward_add_bn_grad", (ctype(bn_x.dtype), relu), plan["grid"], plan["block"],
-                            (dy, y, addend, dx, bn_x, y_or_unused, saved_mean, saved_invstd, gamma, beta_or_unused,
-                             _i32(c), _i32(inner), _i32(m), _i32(plan["cw"]), partials, self._bn_arrivals(),
-                             dgamma, dbeta, _i32(plan["vec"])),
-                            shared_mem=plan["shared_mem"])
-        return dx
-
-    @_primitive
-    def batchnorm_backward_sums(self, dy, x, y, saved_mean, saved_invstd, sums):
-        """sums (2, C) float64 <- [sum(dz), sum(dz * xhat)] per channel (y: the fused relu's output or None)."""
-        _require_dtype(np.float32, saved_mean=saved_mean, saved_invstd=saved_invstd)
-        _same_dtype(x, **_present(dy=dy, y=y))
-        relu, y_or_unused, unused = _relu_operands(y, None, dy, saved_mean)    # sync BN reads the mask from y
-        return self._bn_sums("bn_grad_partials", (dy, x, y_or_unused, saved_mean, saved_invstd, unused, unused),
-                             x, saved_mean.size, sums, (dy, x, y_or_unused), more_types=(relu,))
-
-    @_primitive
-    def batchnorm_backward_from_sums(self, dy, x, y, gamma, saved_mean, saved_invstd, sums, count,
-                                     dx, dgamma, dbeta):
-        """dbeta, dgamma <- sums; dx from sums covering `count` elements per channel, as NumpyBackend
-        (bn_backward_dx reads dgamma/dbeta and scales them by 1/count, exactly its fused-path use)."""
-        _require_dtype(np.float32, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd,
-                       dgamma=dgamma, dbeta=dbeta)
-        _require_dtype(np.float64, sums=sums)
-        _same_dtype(x, **_present(dy=dy, dx=dx, y=y))
-        c, _, _ = self._channel_geometry(x, gamma.size)
-        self._launch_1d("bn_grad_from_sums", (), c, (sums, _i32(c), dgamma, dbeta))
-        relu, y_or_unused, unused = _relu_operands(y, None, dy, gamma)
-        return self._bn_backward_dx(dy, x, y_or_unused, relu, saved_mean, saved_invstd, gamma, unused, dgamma, dbeta,
-                                    dx, count)
-
     # ----------------------------------------------------------------- elementwise
 
-    @_primitive
+    @primitive
     def relu_forward(self, x, y):
-        _same_dtype(x, y=y)
-        n = _count(x)
-        self._launch_packed("relu_forward", x.dtype, n, (x, y), (x, y, _i32(n)))
+        same_dtype(x, y=y)
+        n = element_count(x)
+        self._launch_packed("relu_forward", x.dtype, n, (x, y), (x, y, i32(n)))
         return y
 
-    @_primitive
+    @primitive
     def relu_backward(self, dy, y, dx):
         """dx = dy where the relu output y is positive."""
-        _same_dtype(dy, y=y, dx=dx)
-        n = _count(dy)
-        self._launch_packed("relu_backward", dy.dtype, n, (dy, y, dx), (dy, y, dx, _i32(n)))
+        same_dtype(dy, y=y, dx=dx)
+        n = element_count(dy)
+        self._launch_packed("relu_backward", dy.dtype, n, (dy, y, dx), (dy, y, dx, i32(n)))
         return dx
 
-    @_primitive
+    @primitive
     def add(self, a, b, y):
         """y = a + b (the pre-activation residual sum); y may be a."""
-        _same_dtype(a, b=b, y=y)
-        n = _count(a)
-        self._launch_packed("residual_add", a.dtype, n, (a, b, y), (a, b, b, _i32(0), y, _i32(n)))
+        same_dtype(a, b=b, y=y)
+        n = element_count(a)
+        self._launch_packed("residual_add", a.dtype, n, (a, b, y), (a, b, b, i32(0), y, i32(n)))
         return y
 
-    @_primitive
+    @primitive
     def relu_backward_add(self, dy, y, addend, dx):
         """dx = addend + (dy where the relu output y is positive, else 0); dx may be addend."""
-        _same_dtype(dy, y=y, addend=addend, dx=dx)
-        n = _count(dy)
+        same_dtype(dy, y=y, addend=addend, dx=dx)
+        n = element_count(dy)
         self._launch_packed("residual_add", dy.dtype, n, (addend, dy, y, dx),
-                            (addend, dy, y, _i32(1), dx, _i32(n)))
+                            (addend, dy, y, i32(1), dx, i32(n)))
         return dx
 
     # ----------------------------------------------------------------- option-A shortcut
@@ -941,75 +520,75 @@ class CupyBackend(LayoutMixin):
         n_out, cout, ho, wo = self.nchw_dims(y_like)
         if n_out != n or cout < cin or (ho, wo) != (h // stride, w // stride):
             raise ValueError(f"shortcut: input {x_like.shape} and output {y_like.shape} do not match stride {stride}")
-        return tuple(_i32(v) for v in (n, cin, h, w, cout, ho, wo, stride)) + (self._channels_last,)
+        return tuple(i32(v) for v in (n, cin, h, w, cout, ho, wo, stride)) + (self._channels_last,)
 
     def _shortcut_packs_fit(self, x_like, y_like):
         """Whether the shortcut kernels' packs fit the shapes (alignment aside): NHWC, and Cin, Cout and the padding
         below all multiples of a pack, so that a pack is one position's channels, all copied or all padding."""
         _, cin, _, _ = self.nchw_dims(x_like)
         _, cout, _, _ = self.nchw_dims(y_like)
-        pack = _pack_elements(x_like.dtype)
+        pack = pack_elements(x_like.dtype)
         return self.layout == "NHWC" and cin % pack == 0 and cout % pack == 0 and (cout - cin) // 2 % pack == 0
 
-    @_primitive
+    @primitive
     def shortcut_forward(self, x, stride, y):
         """y = zero-pad-channels(avgpool_stride(x)), padding (Cout - Cin) // 2 channels below."""
-        _same_dtype(x, y=y)
-        self._launch_packed("shortcut_forward", x.dtype, _count(y), (x, y), (x, y) + self._shortcut_args(x, y, stride),
+        same_dtype(x, y=y)
+        self._launch_packed("shortcut_forward", x.dtype, element_count(y), (x, y), (x, y) + self._shortcut_args(x, y, stride),
                             packs_fit=self._shortcut_packs_fit(x, y))
         return y
 
-    @_primitive
+    @primitive
     def shortcut_backward(self, dy, stride, dx, relu_output=None, accumulate=False):
         """dx = [dx +] the adjoint of shortcut_forward applied to dy [masked by relu_output > 0], one pass."""
-        _same_dtype(dy, dx=dx, **_present(relu_output=relu_output))
+        same_dtype(dy, dx=dx, **present(relu_output=relu_output))
         if relu_output is not None and relu_output.shape != dy.shape:
             raise ValueError(f"shortcut_backward: relu_output {relu_output.shape} for a gradient of {dy.shape}")
-        masked, mask = _i32(relu_output is not None), (dy if relu_output is None else relu_output)
-        self._launch_packed("shortcut_backward", dx.dtype, _count(dx), (dy, mask, dx),
-                            (dy, mask, masked, dx, _i32(accumulate)) + self._shortcut_args(dx, dy, stride),
+        masked, mask = i32(relu_output is not None), (dy if relu_output is None else relu_output)
+        self._launch_packed("shortcut_backward", dx.dtype, element_count(dx), (dy, mask, dx),
+                            (dy, mask, masked, dx, i32(accumulate)) + self._shortcut_args(dx, dy, stride),
                             packs_fit=self._shortcut_packs_fit(dx, dy))
         return dx
 
     # ----------------------------------------------------------------- head: pooling, dense, loss
 
-    @_primitive
+    @primitive
     def global_avgpool_forward(self, x, y):
         """x: activation -> y: (N, C)."""
-        _same_dtype(x, y=y)
+        same_dtype(x, y=y)
         n, c, h, w = self.nchw_dims(x)
         self._launch_1d("global_avgpool_forward", (ctype(x.dtype),), n * c,
-                        (x, y, _i32(n), _i32(c), _i32(h * w), self._channels_last))
+                        (x, y, i32(n), i32(c), i32(h * w), self._channels_last))
         return y
 
-    @_primitive
+    @primitive
     def global_avgpool_backward(self, dy, dx):
-        _same_dtype(dx, dy=dy)
+        same_dtype(dx, dy=dy)
         n, c, h, w = self.nchw_dims(dx)
-        self._launch_1d("global_avgpool_backward", (ctype(dx.dtype),), _count(dx),
-                        (dy, dx, _i32(n), _i32(c), _i32(h * w), self._channels_last))
+        self._launch_1d("global_avgpool_backward", (ctype(dx.dtype),), element_count(dx),
+                        (dy, dx, i32(n), i32(c), i32(h * w), self._channels_last))
         return dx
 
-    @_primitive
+    @primitive
     def dense_forward(self, x, w, b, y):
         """y = x @ w + b. x: (N, Cin) activation; w: (Cin, Cout), b: (Cout,) float32; float32 sums (dense.cu)."""
-        _require_dtype(np.float32, w=w, b=b)
-        _same_dtype(x, y=y)
+        require_dtype(np.float32, w=w, b=b)
+        same_dtype(x, y=y)
         rows, cin = x.shape
         cout = w.shape[1]
         self._launch_1d("dense_forward", (ctype(x.dtype),), rows * cout * WARP,      # a warp per output
-                        (x, w, b, y, _i32(rows), _i32(cin), _i32(cout)))
+                        (x, w, b, y, i32(rows), i32(cin), i32(cout)))
         return y
 
-    @_primitive
+    @primitive
     def dense_backward(self, x, w, dy, dx, dw, db):
         """dx = dy @ w.T, dw = x.T @ dy, db = column sums of dy (dw, db float32 gradient views, written).
 
         Only dx is on the backward's chain: the parameter gradients run beside it on a side stream, as the
         convolutions' weight gradients do (conv2d_backward_filter: x and dy are not written again in this step, and
         dw and db are final once the main stream has waited for the side streams)."""
-        _require_dtype(np.float32, w=w, dw=dw, db=db)
-        _same_dtype(x, dy=dy, dx=dx)
+        require_dtype(np.float32, w=w, dw=dw, db=db)
+        same_dtype(x, dy=dy, dx=dx)
         rows, cin = x.shape
         cout = w.shape[1]
         t = (ctype(x.dtype),)
@@ -1017,37 +596,37 @@ class CupyBackend(LayoutMixin):
         _, side = self._next_side_stream()
         with side:
             self._launch_1d("dense_backward_params", t, (cin * cout + cout) * WARP,     # a warp per output
-                            (x, dy, dw, db, _i32(rows), _i32(cin), _i32(cout)))
-        self._launch_1d("dense_backward_data", t, rows * cin, (dy, w, dx, _i32(rows), _i32(cin), _i32(cout)))
+                            (x, dy, dw, db, i32(rows), i32(cin), i32(cout)))
+        self._launch_1d("dense_backward_data", t, rows * cin, (dy, w, dx, i32(rows), i32(cin), i32(cout)))
         if not self.overlap_wgrad:
             self._join_side_stream()
         return dx
 
-    @_primitive
+    @primitive
     def softmax_cross_entropy(self, logits, labels, loss, dlogits):
         """Mean cross-entropy into the 0-d float32 `loss`; dlogits = (softmax - onehot) / N. One block."""
-        _require_dtype(np.int32, labels=labels)
-        _require_dtype(np.float32, loss=loss)
-        _same_dtype(logits, dlogits=dlogits)
+        require_dtype(np.int32, labels=labels)
+        require_dtype(np.float32, loss=loss)
+        same_dtype(logits, dlogits=dlogits)
         n, k = logits.shape
         self.kernels.launch("softmax_cross_entropy", (ctype(logits.dtype),), (1,), (HEAD_THREADS,),
-                            (logits, labels, _i32(n), _i32(k), loss, dlogits))
+                            (logits, labels, i32(n), i32(k), loss, dlogits))
         return loss
 
-    @_primitive
+    @primitive
     def count_correct(self, logits, labels, num_valid, correct):
         """correct (0-d int64) += number of the first `num_valid` rows whose argmax equals the label."""
-        _require_dtype(np.int32, labels=labels)
-        _require_dtype(np.int64, correct=correct)
+        require_dtype(np.int32, labels=labels)
+        require_dtype(np.int64, correct=correct)
         n, k = logits.shape
         valid = max(0, min(int(num_valid), n))
         self.kernels.launch("count_correct", (ctype(logits.dtype),), (1,), (HEAD_THREADS,),
-                            (logits, labels, _i32(valid), _i32(k), correct))
+                            (logits, labels, i32(valid), i32(k), correct))
         return correct
 
     # ----------------------------------------------------------------- optimizer
 
-    @_primitive
+    @primitive
     def sgd_momentum_update(self, params, grads, accum, lr, momentum, weight_decay, compute_copy=None):
         """One momentum-SGD step over the flat float32 buffers, bit-identical to NumpyBackend's:
 
@@ -1055,38 +634,38 @@ class CupyBackend(LayoutMixin):
         (lr: 0-d device array). compute_copy, when given, receives the updated parameters in its dtype,
         in the same kernel.
         """
-        _require_dtype(np.float32, params=params, grads=grads, accum=accum, lr=lr)
-        n = _count(params)
+        require_dtype(np.float32, params=params, grads=grads, accum=accum, lr=lr)
+        n = element_count(params)
         if grads.size != n or accum.size != n:
             raise ValueError("params, grads and accum must have the same size")
         copy = params if compute_copy is None else compute_copy   # not written when write_copy is 0
         if copy.size != n:
             raise ValueError(f"compute_copy has {copy.size} elements, params {n}")
         self._launch_1d("sgd_momentum", (ctype(copy.dtype),), n,
-                        (params, grads, accum, lr, np.float32(momentum), np.float32(weight_decay), _i32(n),
-                         copy, _i32(compute_copy is not None)))
+                        (params, grads, accum, lr, np.float32(momentum), np.float32(weight_decay), i32(n),
+                         copy, i32(compute_copy is not None)))
 
-    @_primitive
+    @primitive
     def accumulate(self, total, value, scale):
         """total += scale * value, on 0-d (or same-shape) float32 device arrays (running sums of the loss)."""
-        _require_dtype(np.float32, total=total, value=value)
-        n = _count(total)
+        require_dtype(np.float32, total=total, value=value)
+        n = element_count(total)
         if value.size != n:
             raise ValueError(f"accumulate: value has {value.size} elements, total {n}")
-        self._launch_1d("accumulate", (), n, (total, value, np.float32(scale), _i32(n)))
+        self._launch_1d("accumulate", (), n, (total, value, np.float32(scale), i32(n)))
         return total
 
-    @_primitive
+    @primitive
     def sum_of_squares(self, array, out):
         """out (0-d float32) = sum(array ** 2): per-block partials, then one block adds them in double."""
-        _require_dtype(np.float32, out=out)
-        n = _count(array)
+        require_dtype(np.float32, out=out)
+        n = element_count(array)
         blocks = max(1, min(-(-n // (KernelLibrary.BLOCK * MIN_STEPS_PER_THREAD)),
                             4 * self.kernels.sm_count, MAX_SLICES))
         partials = self._scratch("sum_squares", (blocks,), np.float32)
         self.kernels.launch("sum_squares_partials", (ctype(array.dtype),), (blocks,), (KernelLibrary.BLOCK,),
-                            (array, _i32(n), partials))
-        self.kernels.launch("sum_finalize", (), (1,), (KernelLibrary.BLOCK,), (partials, _i32(blocks), out))
+                            (array, i32(n), partials))
+        self.kernels.launch("sum_finalize", (), (1,), (KernelLibrary.BLOCK,), (partials, i32(blocks), out))
         return out
 
     # ----------------------------------------------------------------- data
@@ -1094,8 +673,8 @@ class CupyBackend(LayoutMixin):
     def _augment_geometry(self, images, labels, x_out, labels_out, batch):
         """(H, W, C, X) of the dataset and of x_out (X: its channels, padded or not), after checking dtypes and
         that the outputs hold `batch` images: x_out shaped activation_shape or, padded, input_shape."""
-        _require_dtype(np.uint8, images=images)
-        _require_dtype(np.int32, labels=labels, labels_out=labels_out)
+        require_dtype(np.uint8, images=images)
+        require_dtype(np.int32, labels=labels, labels_out=labels_out)
         _, h, w, channels = images.shape
         fits = (self.activation_shape(batch, channels, h, w), self.input_shape(batch, channels, h, w))
         if tuple(x_out.shape) not in fits or labels_out.size != batch:
@@ -1103,7 +682,7 @@ class CupyBackend(LayoutMixin):
                              f"{batch} images of {h}x{w}x{channels} ({self.layout})")
         return h, w, channels, self.nchw_dims(x_out)[1]
 
-    @_primitive
+    @primitive
     def augment_batch(self, images, labels, indices, seed, step, distort, x_out, labels_out, first_row=0):
         """Gather a batch from the uint8 dataset on the device, [pad-crop-flip], normalize to x / 128 - 1.
 
@@ -1117,36 +696,36 @@ class CupyBackend(LayoutMixin):
             indices = indices.astype(np.int64)
         batch = int(indices.size)
         h, w, channels, x_channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
-        self._launch_1d("augment_batch", (ctype(x_out.dtype),), _count(x_out) // x_channels,   # a thread a pixel
-                        (images, labels, indices, _i32(batch), _i32(h), _i32(w), _i32(channels), _i32(x_channels),
-                         _i32(AUGMENT_PAD), np.uint32(seed & 0xFFFFFFFF), np.uint32(step & 0xFFFFFFFF),
-                         np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)), x_out, labels_out,
-                         self._channels_last, _i32(_pack_aligned([x_out]))))
+        self._launch_1d("augment_batch", (ctype(x_out.dtype),), element_count(x_out) // x_channels,   # a thread a pixel
+                        (images, labels, indices, i32(batch), i32(h), i32(w), i32(channels), i32(x_channels),
+                         i32(AUGMENT_PAD), np.uint32(seed & 0xFFFFFFFF), np.uint32(step & 0xFFFFFFFF),
+                         np.uint32(first_row & 0xFFFFFFFF), i32(bool(distort)), x_out, labels_out,
+                         self._channels_last, i32(pack_aligned([x_out]))))
         return x_out
 
-    @_primitive
+    @primitive
     def augment_train_batch(self, images, labels, order, step, steps_per_epoch, global_batch, first_row, seed,
                             distort, x_out, labels_out):
         """augment_batch of the training batch of the step held in the 0-d int64 device counter `step`:
         rows order[start:start + B] with start = (step % steps_per_epoch) * global_batch + first_row,
         read on the device, so a captured step draws the next batch on every replay."""
-        _require_dtype(np.int64, order=order, step=step)
+        require_dtype(np.int64, order=order, step=step)
         batch = int(labels_out.size)
         h, w, channels, x_channels = self._augment_geometry(images, labels, x_out, labels_out, batch)
         if steps_per_epoch * global_batch > order.size or first_row + batch > global_batch:
             raise ValueError(f"augment_train_batch: {steps_per_epoch} steps of {global_batch} rows do not fit an "
                              f"order of {order.size}, or rows {first_row}..{first_row + batch} the global batch")
-        self._launch_1d("augment_train_batch", (ctype(x_out.dtype),), _count(x_out) // x_channels,   # a thread a pixel
+        self._launch_1d("augment_train_batch", (ctype(x_out.dtype),), element_count(x_out) // x_channels,   # a thread a pixel
                         (images, labels, order, step, np.int64(steps_per_epoch), np.int64(global_batch),
-                         _i32(batch), _i32(h), _i32(w), _i32(channels), _i32(x_channels), _i32(AUGMENT_PAD),
-                         np.uint32(seed & 0xFFFFFFFF), np.uint32(first_row & 0xFFFFFFFF), _i32(bool(distort)),
-                         x_out, labels_out, self._channels_last, _i32(_pack_aligned([x_out]))))
+                         i32(batch), i32(h), i32(w), i32(channels), i32(x_channels), i32(AUGMENT_PAD),
+                         np.uint32(seed & 0xFFFFFFFF), np.uint32(first_row & 0xFFFFFFFF), i32(bool(distort)),
+                         x_out, labels_out, self._channels_last, i32(pack_aligned([x_out]))))
         return x_out
 
-    @_primitive
+    @primitive
     def advance_step(self, step):
         """step (0-d int64 device counter) += 1, on the device: the last kernel of a training step."""
-        _require_dtype(np.int64, step=step)
+        require_dtype(np.int64, step=step)
         self.kernels.launch("advance_step", (), (1,), (32,), (step,))
         return step
 
