@@ -8,7 +8,7 @@ CuPy's stream, event and CUDA-graph capture rules, cuDNN Frontend graphs execute
 sequencing and multi-GPU paths are tested on every commit; speed, real asynchrony and the true cuDNN,
 CuPy and NCCL libraries still need the GPU machine (bench/device_check.sh).
 
-    python -m pytest tests/test_emulated_gpu.py -q         # about four and a half minutes on 2 cores
+    python -m pytest tests/test_emulated_gpu.py -q         # about six minutes on 2 cores
     PYTHONPATH=tests/emulated_gpu python -m pytest -m gpu tests/test_gpu_parity.py   # one file, by hand
 """
 import json
@@ -32,6 +32,43 @@ GPU_TEST_FILES = ("tests/test_step_options_gpu.py", "tests/test_step_graph_gpu.p
 # The primitive parity tests again with sanitized kernels (test_every_kernel_stays_in_bounds_...): a run of the
 # same pool as the files, second longest, so that it runs beside them rather than after them.
 SANITIZED_PARITY = "tests/test_gpu_parity.py, sanitized"
+# Captured training steps of ResNet-8 with the step options a GPU has not yet run (bench/device_check.sh times them,
+# several rows to a process: a bad access there would end its grid), sanitized: each run's TrainConfig fields, and
+# kernels that prove the options' paths ran.
+SANITIZED_STEP_OPTIONS = "captured training with every step option, sanitized"
+STEP_OPTION_RUNS = (
+    (dict(dtype="bfloat16", data_format="NHWC", wgrad_streams=4, conv_deterministic=False, conv_pixel_pairs=True,
+          wgrad_pixel_pairs=True, residual_grad_sums=True, conv_tune_in_graph=True, padded_input=True,
+          stream_priorities=True, programmatic_launch=True),
+     ("pixel_pair_weights", "pixel_pair_weight_gradient", "relu_backward_add_bn_grad", "pad_weight_channels",
+      "crop_weight_channels")),
+    (dict(dtype="float32", data_format="NHWC", bn_launches=1, conv_deterministic=False, wgrad_streams=2,
+          wgrad_chunks=2, conv_pixel_pairs=True, padded_input=True, programmatic_launch_early=True),
+     ("bn_stats_apply", "pixel_pair_weights", "pad_weight_channels", "sum_rows")),
+    (dict(dtype="bfloat16", data_format="NCHW", bn_launches=1, residual_grad_sums=True, conv_split_k=True,
+          conv_genstats=True, conv_deterministic=False),
+     ("bn_stats_apply", "relu_backward_add_bn_grad", "bn_apply_from_sums")),
+)
+# Runs in the subprocess: each configuration's captured steps (an evaluation between replays), then its launches.
+STEP_OPTIONS_SCRIPT = """
+import json, sys
+from cupynet.config import TrainConfig
+from cupynet.data import synthetic_dataset
+from cupynet.train import build_backend
+from cupynet.trainer import Trainer
+dataset = synthetic_dataset(num_train=64, num_test=24, seed=1)
+for options in json.loads(sys.argv[1]):
+    config = TrainConfig(num_layers=8, train_batch_size=16, eval_batch_size=16, bn_decay=0.9, seed=4,
+                         cuda_graph="on", **options)
+    backend = build_backend(config, 0)
+    trainer = Trainer(config, dataset, backend)
+    for step in range(5):
+        trainer.train_step()
+        if step == 3:
+            trainer.evaluate(dataset.test)
+    assert trainer.runner.captured, options
+    print("launches", json.dumps(dict(backend.kernels.launches)), flush=True)
+"""
 FILE_TIMEOUT_S = 900
 TEST_STACKS_AFTER_S = 240              # a test running this long prints every thread's stack (a hang)
 PARALLEL_FILES = 2                      # CI has 2 cores
@@ -116,8 +153,12 @@ def file_results():
     runs = list(GPU_TEST_FILES)
     if LIBASAN is not None:
         runs.insert(1, SANITIZED_PARITY)
+        runs.insert(2, SANITIZED_STEP_OPTIONS)
 
     def run(file):
+        if file == SANITIZED_STEP_OPTIONS:
+            options = json.dumps([options for options, _ in STEP_OPTION_RUNS])
+            return file, run_emulated(["-c", STEP_OPTIONS_SCRIPT, options], sanitize=True)
         sanitize = file == SANITIZED_PARITY
         tests = ["tests/test_gpu_parity.py", "-k", "not resnet20 and not trainer_steps"] if sanitize else [file]
         args = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *tests,
@@ -339,6 +380,20 @@ def test_sanitized_kernels_stop_at_a_misaligned_pack():
         result.returncode != 0, result.stdout + result.stderr[-2000:]
     assert re.search(r"misaligned address 0x[0-9a-f]+ for type 'const (struct )?uint4', which requires 16 byte "
                      r"alignment", result.stderr), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
+def test_every_step_option_stays_in_bounds_and_aligned_in_captured_training(file_results):
+    """Captured ResNet-8 steps with every step option a GPU has not yet run (three combinations, both dtypes and
+    layouts), sanitized kernels: no kernel reads or writes outside its arrays or off its alignment, and each
+    option's own kernels ran. Run in file_results' pool, beside the GPU test files."""
+    result = file_results[SANITIZED_STEP_OPTIONS]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    launches = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
+                if line.startswith("launches ")]
+    assert len(launches) == len(STEP_OPTION_RUNS), result.stdout[-4000:]
+    for (options, kernels), launched in zip(STEP_OPTION_RUNS, launches):
+        assert all(launched.get(kernel, 0) > 0 for kernel in kernels), (options, launched)
 
 
 @pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
