@@ -254,8 +254,10 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
         "scaling_nccl": ["bench/scaling.py", "--device", "0", *small, "--workers", "1", "--comm", "nccl",
                          "--warmup", "2", "--steps", "1", "--repeats", "2"],
     }
-    for name, args in runs.items():
-        result = run_emulated(args + ["--json", str(tmp_path / f"{name}.json")], timeout=300)
+    with ThreadPoolExecutor(PARALLEL_FILES) as pool:      # two at a time, as the GPU test files
+        results = dict(pool.map(lambda item: (item[0], run_emulated(
+            item[1] + ["--json", str(tmp_path / f"{item[0]}.json")], timeout=300)), runs.items()))
+    for name, result in results.items():
         assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr[-8000:]}"
         assert "Emulated CUDA device" in result.stdout, result.stdout
         report = json.loads((tmp_path / f"{name}.json").read_text())
