@@ -38,6 +38,15 @@ extern "C" __global__ void block_total(const float* x, int n, float* out)
     }
 }
 
+// Block 0 alone writes `seen`; every block then stores what it reads there.
+extern "C" __global__ void shared_left_over(float* out)
+{
+    __shared__ float seen;
+    if (blockIdx.x == 0 && threadIdx.x == 0) seen = 1.0f;
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = seen;
+}
+
 // Lanes from `live` on return at once; lane 0 then takes lane `delta`'s 1 by a shuffle, into out[0].
 extern "C" __global__ void shuffle_from(int live, int delta, float* out)
 {
@@ -50,7 +59,7 @@ extern "C" __global__ void shuffle_from(int live, int delta, float* out)
 
 @pytest.fixture(scope="module")
 def module():
-    return cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from"])
+    return cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from", "shared_left_over"])
 
 
 def test_kernels_run_with_shared_memory_shuffles_and_barriers(module):
@@ -60,6 +69,15 @@ def test_kernels_run_with_shared_memory_shuffles_and_barriers(module):
     assert float(out.get()[0]) == float(np.arange(1000).sum())
     module.get_function("add_one")((3,), (128,), (x, np.int32(1000)))
     np.testing.assert_array_equal(x.get(), np.arange(1000, dtype=np.float32) + 1)
+
+
+def test_every_block_starts_with_garbage_in_its_static_shared_memory(module):
+    """A block never sees what another block left in shared memory (on a GPU each has its own): what it did not
+    write reads NaN, whichever order the launches run their blocks in."""
+    for _ in range(2):
+        out = cupy.zeros((3,), dtype=np.float32)
+        module.get_function("shared_left_over")((3,), (32,), (out,))
+        np.testing.assert_array_equal(out.get(), [1.0, np.nan, np.nan])
 
 
 @pytest.mark.parametrize("threads, live, delta, expected", [
@@ -208,7 +226,7 @@ def test_host_copies_given_a_stream_are_asynchronous_and_the_null_stream_waits_f
 def test_a_kernels_first_load_waits_for_the_devices_queued_work(module):
     """CUDA's lazy loading: the first get_function of a kernel may wait for the whole device, so work queued
     on any stream of the device has run after it (a barrier kernel spinning there would hang the load)."""
-    fresh = cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from"])
+    fresh = cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from", "shared_left_over"])
     stream = cupy.cuda.Stream(non_blocking=True)
     x = cupy.zeros((8,), dtype=np.float32)
     module.get_function("add_one")((1,), (32,), (x, np.int32(8)), stream=stream)

@@ -13,9 +13,11 @@
  *     thread runs until it reaches __syncthreads() or a warp shuffle, then the next one runs. A barrier
  *     opens when every live thread of the block (or of the warp, for a shuffle) has arrived; threads
  *     that returned count as arrived, as on current GPUs. A barrier that can never open is reported;
- *   - __shared__ variables are per OS thread (blocks of one launch run in turn, so they share them);
- *     dynamic shared memory (`extern __shared__ T name[];`, rewritten by the runner) is a buffer of the
- *     requested size, filled with ones (NaN as floats) before each block;
+ *   - __shared__ variables are per OS thread (blocks of one launch run in turn, so they share them), and
+ *     every block starts with them all ones (NaN as floats), as a block on a GPU starts with garbage there:
+ *     static ones (`__shared__ T name[N];`, rewritten by the runner into block_shared) are filled when first
+ *     used and before each later block; dynamic shared memory (`extern __shared__ T name[];`) is a buffer of
+ *     the requested size, filled before each block;
  *   - atomics are real atomics (std::atomic_ref), globaltimer is the steady clock.
  * What it does not model: memory coalescing, timing, warp divergence costs, denormal flushing (-ftz),
  * and the fused multiply-adds nvcc contracts on its own (only explicit fmaf is fused here).
@@ -45,7 +47,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__ static thread_local
+// kernel_runner rewrites every __shared__ declaration (block_shared, dynamic_shared): one it missed fails to compile
+#define __shared__ cpuemu_unrewritten_shared_declaration
 
 // ------------------------------------------------------------------ vector types and thread indices
 
@@ -173,6 +176,7 @@ struct Scheduler {
     std::vector<unsigned long long> exchange;   // two 8-byte slots per thread, for shuffles (shuffle_down)
     std::vector<unsigned long long> written;    // per slot: 1 + the warp barrier generation that wrote it
     std::vector<char> dynamic_shared;
+    std::vector<std::pair<void*, size_t>> block_shared;   // this OS thread's static __shared__ storage
     void* scheduler_sp = nullptr;
     int current = -1;
     bool reverse = false;               // this launch runs threads and blocks last to first
@@ -187,6 +191,30 @@ inline Scheduler& scheduler()
 }
 
 inline void* dynamic_shared() { return scheduler().dynamic_shared.data(); }
+
+// A block's shared memory starts as garbage: all ones (NaN as floats) here.
+inline void poison_shared(Scheduler& s, size_t dynamic_bytes)
+{
+    s.dynamic_shared.assign(dynamic_bytes + 16, (char)0xFF);
+    for (auto [storage, bytes] : s.block_shared) std::memset(storage, 0xFF, bytes);
+}
+
+inline bool register_block_shared(void* storage, size_t bytes)
+{
+    scheduler().block_shared.emplace_back(storage, bytes);
+    std::memset(storage, 0xFF, bytes);
+    return true;
+}
+
+// `__shared__ T name[N];` (kernel_runner rewrites it to `auto& name = cpuemu::block_shared<T[N]>([] {});`): storage
+// per OS thread and per place in the source (Tag: that place's lambda), all ones at first use and before each block.
+template <typename T, typename Tag> T& block_shared(Tag)
+{
+    static thread_local T storage;
+    static thread_local bool registered = register_block_shared(&storage, sizeof(T));
+    (void)registered;
+    return storage;
+}
 
 [[noreturn]] inline void fiber_entry()
 {
@@ -353,9 +381,9 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, si
     s.reverse = !s.reverse;
     const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
     for (unsigned long long k = 0; problem.empty() && k < blocks; ++k) {
-        // each block starts with its dynamic shared memory all ones (NaN as floats): one that reads what it
-        // never wrote gets garbage, not the previous block's values, as on a GPU, where blocks do not share it
-        s.dynamic_shared.assign(shared_bytes + 16, (char)0xFF);
+        // each block starts with its shared memory, static and dynamic, all ones (NaN as floats): one that reads
+        // what it never wrote gets garbage, not the previous block's values, as on a GPU, where blocks do not share it
+        poison_shared(s, shared_bytes);
         enter_block(grid, block, s.reverse ? blocks - 1 - k : k);
         problem = run_block(&Launch<A...>::body, &launch_state, threads);
     }
@@ -379,7 +407,7 @@ int launch_concurrent(void (*kernel)(A...), const unsigned* grid, const unsigned
     for (unsigned long long b = 0; b < blocks; ++b) {
         workers.emplace_back([&, b]() {
             Scheduler& s = scheduler();
-            s.dynamic_shared.assign(shared_bytes + 16, (char)0xFF);     // garbage, as in launch
+            poison_shared(s, shared_bytes);                           // garbage, as in launch
             enter_block(grid, block, b);
             Launch<A...> launch_state{kernel, args};
             problems[b] = run_block(&Launch<A...>::body, &launch_state, threads);

@@ -11,10 +11,11 @@ would silently misread them: arrays (anything with `.ctypes.data`) for pointer p
 whose kind and size match the parameter exactly (numpy.int32 for int, numpy.float64 for double, ...).
 A Python int or float is refused, because CuPy would pass it as a 64-bit value.
 
-Two constructs of our sources have no C++ meaning and are rewritten before compiling, and only these:
-`#include <cuda_bf16.h>` (cuda_cpu.h defines __nv_bfloat16) and `extern __shared__ T name[];` (dynamic
-shared memory becomes the launch's buffer); the globaltimer read of kernels/collectives.cu (inline PTX)
-becomes the steady clock. Libraries are cached by the hash of what was compiled
+Three constructs of our sources have no C++ meaning and are rewritten before compiling, and only these:
+`#include <cuda_bf16.h>` (cuda_cpu.h defines __nv_bfloat16), `extern __shared__ T name[];` (dynamic
+shared memory becomes the launch's buffer) and `__shared__ T name[N];` (static shared memory becomes a reference
+to storage of the OS thread's that every block starts with all ones, as it starts with garbage on a GPU:
+cuda_cpu.h, block_shared); the globaltimer read of kernels/collectives.cu (inline PTX) becomes the steady clock. Libraries are cached by the hash of what was compiled
 ($CUPYNET_EMULATOR_CACHE, default ~/.cache/cupynet-emulated-gpu).
 """
 import ctypes
@@ -44,6 +45,8 @@ DEFAULT_DYNAMIC_SHARED_LIMIT = 48 * 1024
 
 _BF16_INCLUDE = re.compile(r"^\s*#\s*include\s*<cuda_bf16\.h>\s*$", re.MULTILINE)
 _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+# `__shared__ T name;` or `__shared__ T name[N]...;` (not extern: _DYNAMIC_SHARED's, rewritten first)
+_STATIC_SHARED = re.compile(r"(?<![\w])__shared__\s+([\w:<>\s]+?)\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
 _GLOBALTIMER = re.compile(r'asm\s+volatile\s*\(\s*"mov\.u64 %0, %%globaltimer;"\s*:\s*"=l"\s*\(\s*(\w+)\s*\)\s*\)\s*;')
 
 _BUILD_LOCK = threading.Lock()
@@ -61,9 +64,11 @@ def compiler_problem():
 
 
 def cpu_source(code):
-    """CUDA source -> C++ source for cuda_cpu.h (the three rewrites of the module docstring)."""
+    """CUDA source -> C++ source for cuda_cpu.h (the rewrites of the module docstring)."""
     code = _BF16_INCLUDE.sub("/* <cuda_bf16.h>: cuda_cpu.h */", code)
     code = _DYNAMIC_SHARED.sub(r"\1* \2 = static_cast<\1*>(cpuemu::dynamic_shared());", code)
+    # a lambda's type is unique to its place (and to each instantiation of an enclosing template): one storage
+    code = _STATIC_SHARED.sub(r"auto& \2 = cpuemu::block_shared<\1\3>([] {});", code)
     return _GLOBALTIMER.sub(r"\1 = cpuemu::global_time_ns();", code)
 
 
