@@ -52,11 +52,12 @@ STEP_OPTION_RUNS = (
 # Runs in the subprocess: each configuration's captured steps (an evaluation between replays), then its launches.
 STEP_OPTIONS_SCRIPT = """
 import json, sys
+sys.path.insert(0, "tests")
+from step_graph_runs import small_dataset
 from cupynet.config import TrainConfig
-from cupynet.data import synthetic_dataset
 from cupynet.train import build_backend
 from cupynet.trainer import Trainer
-dataset = synthetic_dataset(num_train=64, num_test=24, seed=1)
+dataset = small_dataset()
 for options in json.loads(sys.argv[1]):
     config = TrainConfig(num_layers=8, train_batch_size=16, eval_batch_size=16, bn_decay=0.9, seed=4,
                          cuda_graph="on", **options)
@@ -157,8 +158,8 @@ def file_results():
 
     def run(file):
         if file == SANITIZED_STEP_OPTIONS:
-            options = json.dumps([options for options, _ in STEP_OPTION_RUNS])
-            return file, run_emulated(["-c", STEP_OPTIONS_SCRIPT, options], sanitize=True)
+            configs = json.dumps([options for options, _ in STEP_OPTION_RUNS])
+            return file, run_emulated(["-c", STEP_OPTIONS_SCRIPT, configs], sanitize=True)
         sanitize = file == SANITIZED_PARITY
         tests = ["tests/test_gpu_parity.py", "-k", "not resnet20 and not trainer_steps"] if sanitize else [file]
         args = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *tests,

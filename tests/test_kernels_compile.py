@@ -52,29 +52,29 @@ def entry_count(ptx, name, templated):
     return len(re.findall(pattern, ptx, flags=re.MULTILINE))
 
 
-def ptxas_resources(log):
-    """{entry: (registers, stack frame bytes, spill store bytes, spill load bytes)} from `nvcc -Xptxas -v` output."""
-    resources, entry, frame = {}, None, None
+def ptxas_entries(log):
+    """(entry, ptxas's "Used N registers, ..." line, its (stack frame, spill store, spill load) bytes) for each
+    entry point in `nvcc -Xptxas -v` output."""
+    entry, frame = None, None
     for line in log.splitlines():
         if match := re.search(r"Compiling entry function '(\w+)'", line):
             entry, frame = match.group(1), None
         elif match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
             frame = tuple(int(n) for n in match.groups())
-        elif (match := re.search(r"Used (\d+) registers", line)) and entry is not None:
-            resources[entry] = (int(match.group(1)),) + (frame or (0, 0, 0))
-    return resources
+        elif re.search(r"Used \d+ registers", line) and entry is not None:
+            yield entry, line, frame or (0, 0, 0)
+
+
+def ptxas_resources(log):
+    """{entry: (registers, stack frame bytes, spill store bytes, spill load bytes)} from `nvcc -Xptxas -v` output."""
+    return {entry: (int(re.search(r"Used (\d+) registers", used).group(1)),) + frame
+            for entry, used, frame in ptxas_entries(log)}
 
 
 def ptxas_static_shared(log):
     """{entry: bytes of static __shared__ memory} from `nvcc -Xptxas -v` output (0 where ptxas reports none)."""
-    shared, entry = {}, None
-    for line in log.splitlines():
-        if match := re.search(r"Compiling entry function '(\w+)'", line):
-            entry = match.group(1)
-        elif (match := re.search(r"Used \d+ registers", line)) and entry is not None:
-            smem = re.search(r"(\d+) bytes smem", line)
-            shared[entry] = int(smem.group(1)) if smem else 0
-    return shared
+    return {entry: int(smem.group(1)) if (smem := re.search(r"(\d+) bytes smem", used)) else 0
+            for entry, used, _ in ptxas_entries(log)}
 
 
 def compile_cubins(sources, out, extra=()):

@@ -55,11 +55,12 @@ extern "C" __global__ void shuffle_from(int live, int delta, float* out)
     if (threadIdx.x == 0) out[0] = v;
 }
 """
+ADD_ONE_KERNELS = ["add_one", "block_total", "shuffle_from", "shared_left_over"]
 
 
 @pytest.fixture(scope="module")
 def module():
-    return cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from", "shared_left_over"])
+    return cupy.RawModule(code=ADD_ONE, name_expressions=ADD_ONE_KERNELS)
 
 
 def test_kernels_run_with_shared_memory_shuffles_and_barriers(module):
@@ -226,7 +227,7 @@ def test_host_copies_given_a_stream_are_asynchronous_and_the_null_stream_waits_f
 def test_a_kernels_first_load_waits_for_the_devices_queued_work(module):
     """CUDA's lazy loading: the first get_function of a kernel may wait for the whole device, so work queued
     on any stream of the device has run after it (a barrier kernel spinning there would hang the load)."""
-    fresh = cupy.RawModule(code=ADD_ONE, name_expressions=["add_one", "block_total", "shuffle_from", "shared_left_over"])
+    fresh = cupy.RawModule(code=ADD_ONE, name_expressions=ADD_ONE_KERNELS)
     stream = cupy.cuda.Stream(non_blocking=True)
     x = cupy.zeros((8,), dtype=np.float32)
     module.get_function("add_one")((1,), (32,), (x, np.int32(8)), stream=stream)

@@ -15,8 +15,9 @@ Three constructs of our sources have no C++ meaning and are rewritten before com
 `#include <cuda_bf16.h>` (cuda_cpu.h defines __nv_bfloat16), `extern __shared__ T name[];` (dynamic
 shared memory becomes the launch's buffer) and `__shared__ T name[N];` (static shared memory becomes a reference
 to storage of the OS thread's that every block starts with all ones, as it starts with garbage on a GPU:
-cuda_cpu.h, block_shared); the globaltimer read of kernels/collectives.cu (inline PTX) becomes the steady clock. Libraries are cached by the hash of what was compiled
-($CUPYNET_EMULATOR_CACHE, default ~/.cache/cupynet-emulated-gpu).
+cuda_cpu.h, block_shared); the globaltimer read of kernels/collectives.cu (inline PTX) becomes the steady clock.
+Libraries are cached by the hash of what was compiled ($CUPYNET_EMULATOR_CACHE, default
+~/.cache/cupynet-emulated-gpu).
 """
 import ctypes
 import hashlib
