@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", help="folder with cifar-10-batches-py (required unless --quick)")
     p.add_argument("--gpus", default="0")
-    p.add_argument("--epochs", type=float, default=122.0)
+    p.add_argument("--epochs", type=float, help="epochs to train (default 122, or 2 with --quick)")
     p.add_argument("--num-layers", type=int, default=44)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--data-format", default="NHWC")
@@ -71,11 +71,14 @@ def parse_args(argv=None):
                    help="passed on to cupynet.train: how convolution weights start (default: its default)")
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
-    p.add_argument("--quick", action="store_true", help="CPU, built-in sample, ResNet-8, 2 epochs, float32")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU, built-in sample, ResNet-8, float32, 2 epochs unless --epochs says otherwise")
     p.add_argument("--json", help="output file (default bench/results/time_to_accuracy-<host>.json)")
     args = p.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 2.0 if args.quick else 122.0
     if args.quick:
-        args.gpus, args.epochs, args.num_layers, args.dtype, args.log_interval = "cpu", 2.0, 8, "float32", 5
+        args.gpus, args.num_layers, args.dtype, args.log_interval = "cpu", 8, "float32", 5
     elif not args.data_dir:
         p.error("--data-dir is required (or --quick for the built-in sample)")
     if args.epochs <= 0:

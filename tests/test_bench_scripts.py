@@ -144,6 +144,9 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
     assert (default.residual_grad_sums, chosen.residual_grad_sums) == (False, True)
     assert (default.padded_input, chosen.padded_input) == (False, True)
     assert default.eval_batch_size == 1000         # the final evaluation in 10 forwards on a GPU
+    # --quick trains 2 epochs of the sample's 14 steps, unless --epochs says otherwise
+    assert [train_args(recipe_flags(parse_args(["--quick", *epochs]), "M")).train_steps
+            for epochs in ([], ["--epochs", "0.25"])] == [28, 3]
     assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
 
 

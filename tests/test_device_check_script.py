@@ -246,12 +246,13 @@ def test_every_recorded_stage_packs_what_the_stages_wrote_so_far(tmp_path):
 def test_accuracy_runs_one_time_to_accuracy_per_entry(tmp_path):
     """DEVICE_CHECK_ACCURACY_ARGS="A;B;C": the accuracy stage runs entry 1 and accuracy_more entries 2 to 3,
     each bench/time_to_accuracy.py after the chosen step options ($BEST_BF16), writing accuracy.json,
-    accuracy_2.json and accuracy_3.json (CPU quick runs here)."""
+    accuracy_2.json and accuracy_3.json (CPU quick runs of 3 steps here)."""
     out, scratch = tmp_path / "out", tmp_path / "tmp"
     out.mkdir()
     scratch.mkdir()
     env = dict(os.environ, OUT=str(out), TMP=str(scratch), PY=sys.executable, BEST_BF16="--wgrad-chunks 2",
-               DEVICE_CHECK_ACCURACY_ARGS="--quick --seed 0;--quick --seed 3 --wgrad-chunks 3;--quick --seed 4")
+               DEVICE_CHECK_ACCURACY_ARGS=";".join(f"--quick --epochs 0.25 {flags}" for flags in
+                                                  ("--seed 0", "--seed 3 --wgrad-chunks 3", "--seed 4")))
     program = (script_functions("accuracy_entries", "accuracy_runs") +
                "; accuracy_entries; accuracy_runs unused-dir 1 1 && accuracy_runs unused-dir 2 3")
     result = subprocess.run(["bash", "-c", program], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
