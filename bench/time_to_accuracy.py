@@ -81,16 +81,23 @@ def parse_args(argv=None):
         args.gpus, args.num_layers, args.dtype, args.log_interval = "cpu", 8, "float32", 5
     elif not args.data_dir:
         p.error("--data-dir is required (or --quick for the built-in sample)")
-    if args.epochs <= 0:
-        p.error(f"--epochs must be > 0, got {args.epochs}")
+    batch, train_images, _ = recipe_sizes(args.quick)
+    per_epoch = train_images // batch
+    if int(args.epochs * per_epoch) < 1:
+        p.error(f"--epochs {args.epochs:g} is less than one step ({per_epoch} steps an epoch)")
     return args
+
+
+def recipe_sizes(quick):
+    """(batch, training images, validation images) of the recipe, or of its --quick run on the sample."""
+    if quick:
+        return 64, 900, 100                     # the sample: 1,000 train - 100 held out
+    return 128, TRAIN_IMAGES, 5000
 
 
 def recipe_flags(args, model_dir):
     """The `python -m cupynet.train` flags of the run: the reference recipe over args.epochs epochs."""
-    batch = 64 if args.quick else 128
-    train_images = 900 if args.quick else TRAIN_IMAGES            # the sample: 1,000 train - 100 held out
-    validation = 100 if args.quick else 5000
+    batch, train_images, validation = recipe_sizes(args.quick)
     steps = int(args.epochs * (train_images // batch))
     flags = ["--gpus", args.gpus, "--num-layers", args.num_layers, "--dtype", args.dtype,
              "--data-format", args.data_format, "--train-batch-size", batch, "--validation-size", validation,

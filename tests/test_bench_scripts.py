@@ -144,10 +144,18 @@ def test_time_to_accuracy_passes_the_step_options_on_to_training():
     assert (default.residual_grad_sums, chosen.residual_grad_sums) == (False, True)
     assert (default.padded_input, chosen.padded_input) == (False, True)
     assert default.eval_batch_size == 1000         # the final evaluation in 10 forwards on a GPU
+    assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
     # --quick trains 2 epochs of the sample's 14 steps, unless --epochs says otherwise
     assert [train_args(recipe_flags(parse_args(["--quick", *epochs]), "M")).train_steps
             for epochs in ([], ["--epochs", "0.25"])] == [28, 3]
-    assert (default.conv_init, chosen.conv_init) == ("he_normal", "glorot_uniform")
+
+
+@pytest.mark.parametrize("argv, message", [(["--quick", "--epochs", "0.05"], "less than one step (14 steps an epoch)"),
+                                           (["--data-dir", "D", "--epochs", "0"], "less than one step (351 steps")])
+def test_time_to_accuracy_refuses_epochs_of_no_step(argv, message):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "time_to_accuracy.py"), *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
 
 
 def test_time_to_accuracy_refuses_a_used_model_dir(tmp_path):
