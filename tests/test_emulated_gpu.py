@@ -25,15 +25,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EMULATOR = REPO / "tests" / "emulated_gpu"
-# Longest first (minutes on CI's 2 cores), so that the two files at a time finish close together.
+# Longest first (minutes on CI's 2 cores), so that the two runs at a time finish close together.
 GPU_TEST_FILES = ("tests/test_step_options_gpu.py", "tests/test_step_graph_gpu.py", "tests/test_gpu_parity.py",
                   "tests/test_shared_gpu.py", "tests/test_bench_scripts.py", "tests/test_parallel.py",
                   "tests/test_cudnn_conv_gpu.py", "tests/emulated_gpu/check_emulator.py")
-# The primitive parity tests with sanitized kernels (test_every_kernel_stays_in_bounds_...): a run of the same pool
-# as the files, second longest, so that it runs beside them rather than after them. The parity file's own run then
-# takes only the model-level tests this one leaves out (it runs everything where there is no AddressSanitizer).
-SANITIZED_PARITY = "tests/test_gpu_parity.py, sanitized"
-MODEL_LEVEL_PARITY = "resnet20 or trainer_steps"
+# Where AddressSanitizer is at hand, these files' tests (those a -k selection picks; None: all) run with sanitized
+# kernels instead of plain ones: a read or write outside an array, or a 16-byte pack off its alignment, stops the
+# run with a report (kernel_runner.SANITIZE_FLAGS), where parity alone would miss a read of a neighbour that happens
+# to fit. The primitive parity tests (both layouts, both dtypes, odd shapes) and the collectives of workers sharing a
+# GPU; the model-level parity tests, which launch the same kernels on larger arrays, stay plain.
+SANITIZED = {"tests/test_gpu_parity.py": "not (resnet20 or trainer_steps)", "tests/test_shared_gpu.py": None}
 # Captured training steps of ResNet-8 with the step options a GPU has not yet run (bench/device_check.sh times them,
 # several rows to a process: a bad access there would end its grid), sanitized: each run's TrainConfig fields, and
 # kernels that prove the options' paths ran.
@@ -151,43 +152,53 @@ def _compile_kernels(sanitize=False):
     return run_emulated(["-c", code], sanitize=sanitize)
 
 
+def file_runs():
+    """(run name, file, sanitized, -k selection or None) of each pytest run of the GPU test files, longest first:
+    a file of SANITIZED runs sanitized where AddressSanitizer is at hand, and plain for what its selection leaves."""
+    runs = []
+    for file in GPU_TEST_FILES:
+        if LIBASAN is None or file not in SANITIZED:
+            runs.append((file, file, False, None))
+            continue
+        selection = SANITIZED[file]
+        runs.append((f"{file}, sanitized", file, True, selection))
+        if selection is not None:
+            runs.append((file, file, False, f"not ({selection})"))
+    return runs
+
+
 @pytest.fixture(scope="module")
 def file_results():
-    """pytest -m gpu on each GPU test file, on the emulated GPU (two emulated devices), and the primitive parity
-    tests with sanitized kernels (one device) where AddressSanitizer is at hand, instead of in the parity file's
-    run, two runs at a time."""
+    """run name -> result: pytest -m gpu on each GPU test file (file_runs), on the emulated GPU (two emulated
+    devices), and the sanitized captured training of STEP_OPTION_RUNS, two runs at a time."""
     compiled = _compile_kernels()
     assert compiled.returncode == 0, compiled.stderr[-3000:]
-    runs = list(GPU_TEST_FILES)
+    runs = file_runs()
     if LIBASAN is not None:
-        runs.insert(1, SANITIZED_PARITY)
-        runs.insert(2, SANITIZED_STEP_OPTIONS)
+        runs.insert(1, (SANITIZED_STEP_OPTIONS, None, True, None))
 
-    def run(file):
-        if file == SANITIZED_STEP_OPTIONS:
+    def run(entry):
+        name, file, sanitize, selection = entry
+        if name == SANITIZED_STEP_OPTIONS:
             configs = json.dumps([options for options, _ in STEP_OPTION_RUNS])
-            return file, run_emulated(["-c", STEP_OPTIONS_SCRIPT, configs], sanitize=True)
-        sanitize = file == SANITIZED_PARITY
-        tests = [file]
-        if sanitize:
-            tests = ["tests/test_gpu_parity.py", "-k", f"not ({MODEL_LEVEL_PARITY})"]
-        elif file == "tests/test_gpu_parity.py" and LIBASAN is not None:
-            tests = [file, "-k", MODEL_LEVEL_PARITY]
-        args = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *tests,
-                "-o", f"faulthandler_timeout={TEST_STACKS_AFTER_S}"]
+            return name, run_emulated(["-c", STEP_OPTIONS_SCRIPT, configs], sanitize=True)
+        # --capture=sys: what a kernel library writes to the process's stderr (AddressSanitizer's report, before
+        # it ends the process) goes past pytest's capture into the result, where fd capture would swallow it
+        args = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--capture=sys", file,
+                *(["-k", selection] if selection else []), "-o", f"faulthandler_timeout={TEST_STACKS_AFTER_S}"]
         if sanitize:
             compiled = _compile_kernels(sanitize=True)
             if compiled.returncode != 0:
-                return file, compiled
+                return name, compiled
         try:
-            return file, run_emulated(args, devices=1 if sanitize else 2, sanitize=sanitize)
+            return name, run_emulated(args, devices=2, sanitize=sanitize)
         except subprocess.TimeoutExpired as stuck:
-            # One file's hang fails that file's test, with what it printed (the stacks of every thread
+            # One run's hang fails that file's test, with what it printed (the stacks of every thread
             # included, from faulthandler_timeout), instead of an error for every file.
             output = [text.decode(errors="replace") if isinstance(text, bytes) else (text or "")
                       for text in (stuck.stdout, stuck.stderr)]
-            return file, subprocess.CompletedProcess(stuck.cmd, -9, output[0],
-                                                     output[1] + f"\n{file}: killed after {FILE_TIMEOUT_S} s")
+            return name, subprocess.CompletedProcess(stuck.cmd, -9, output[0],
+                                                     output[1] + f"\n{name}: killed after {FILE_TIMEOUT_S} s")
 
     with ThreadPoolExecutor(PARALLEL_FILES) as pool:
         return dict(pool.map(run, runs))
@@ -201,12 +212,15 @@ def test_every_gpu_test_file_is_run_on_the_emulated_gpu():
 
 @pytest.mark.parametrize("file", GPU_TEST_FILES)
 def test_gpu_test_file_passes_on_the_emulated_gpu(file_results, file):
-    result = file_results[file]
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    report = f"{file}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-8000:]}"
-    assert result.returncode == 0, report
-    assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, report
-    assert "skipped" not in summary, report            # two emulated GPUs: every gpu test can run
+    """Every run of the file (plain, or sanitized and plain: file_runs) passes, each test of it run once."""
+    names = [name for name, of, _, _ in file_runs() if of == file]
+    for name in names:
+        result = file_results[name]
+        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        report = f"{name}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-8000:]}"
+        assert result.returncode == 0, report
+        assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, report
+        assert "skipped" not in summary, report            # two emulated GPUs: every gpu test can run
 
 
 def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_the_cpu(tmp_path):
@@ -411,12 +425,14 @@ def test_every_step_option_stays_in_bounds_and_aligned_in_captured_training(file
 
 
 @pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime (libasan) for the kernel compiler")
-def test_every_kernel_stays_in_bounds_in_the_primitive_parity_tests(file_results):
-    """The per-primitive parity tests (both layouts, both dtypes, odd shapes) with sanitized kernels: no kernel
-    reads or writes outside its arrays (parity alone would miss a read of a neighbour that happens to fit), and
-    none loads or stores a pack off its alignment. Their only run on the emulated GPU (the parity file's own run
-    takes the rest), in file_results' pool, beside the GPU test files: every one of them must run."""
-    result = file_results[SANITIZED_PARITY]
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0 and re.search(r"\d+ passed", summary) and "skipped" not in summary, \
-        result.stdout[-4000:] + result.stderr[-4000:]
+def test_the_primitive_parity_tests_and_the_shared_gpu_collectives_run_with_sanitized_kernels(file_results):
+    """SANITIZED's tests ran with sanitized kernels (in file_results' pool, beside the GPU test files) and passed:
+    no kernel read or wrote outside its arrays or loaded or stored a pack off its alignment; the rest of their
+    files ran plain (test_gpu_test_file_passes_on_the_emulated_gpu checks every run)."""
+    sanitized = {file: name for name, file, sanitize, _ in file_runs() if sanitize}
+    assert set(sanitized) == set(SANITIZED)
+    for file, name in sanitized.items():
+        result = file_results[name]
+        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        assert result.returncode == 0 and re.search(r"\d+ passed", summary) and "skipped" not in summary, \
+            result.stdout[-4000:] + result.stderr[-4000:]
