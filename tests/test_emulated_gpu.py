@@ -121,6 +121,17 @@ LIBASAN = libasan()
 DRIVER_STUB_DIR = _kernel_runner().build_driver_stub() if PROBLEM is None else None
 
 
+def _static_tls_tunable():
+    """The tunable that reserves static TLS for the kernel libraries a process loads (about 300-700 bytes each, a
+    few dozen of them), or None where the C library is not glibc 2.32 or later (it has no such tunable)."""
+    name, version = platform.libc_ver()
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    return "glibc.rtld.optional_static_tls=262144" if name == "glibc" and numbers >= (2, 32) else None
+
+
+STATIC_TLS_TUNABLE = _static_tls_tunable()
+
+
 def emulated_env(devices=1, sanitize=False):
     env = dict(os.environ)
     if sanitize:
@@ -134,6 +145,8 @@ def emulated_env(devices=1, sanitize=False):
     # cuDNN's NumPy temporaries would take fresh, faulting pages at every convolution): a run 15% faster
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 32))
+    if STATIC_TLS_TUNABLE:     # kernel libraries with initial-exec TLS (kernel_runner.INITIAL_EXEC_TLS)
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), STATIC_TLS_TUNABLE]))
     return env
 
 
