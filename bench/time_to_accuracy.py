@@ -81,8 +81,7 @@ def parse_args(argv=None):
         args.gpus, args.num_layers, args.dtype, args.log_interval = "cpu", 8, "float32", 5
     elif not args.data_dir:
         p.error("--data-dir is required (or --quick for the built-in sample)")
-    batch, train_images, _ = recipe_sizes(args.quick)
-    per_epoch = train_images // batch
+    per_epoch = steps_per_epoch(args.quick)
     if int(args.epochs * per_epoch) < 1:
         p.error(f"--epochs {args.epochs:g} is less than one step ({per_epoch} steps an epoch)")
     return args
@@ -95,10 +94,16 @@ def recipe_sizes(quick):
     return 128, TRAIN_IMAGES, 5000
 
 
+def steps_per_epoch(quick):
+    """Training steps in an epoch of the recipe (or of its --quick run): 351, or 14 on the sample."""
+    batch, train_images, _ = recipe_sizes(quick)
+    return train_images // batch
+
+
 def recipe_flags(args, model_dir):
     """The `python -m cupynet.train` flags of the run: the reference recipe over args.epochs epochs."""
-    batch, train_images, validation = recipe_sizes(args.quick)
-    steps = int(args.epochs * (train_images // batch))
+    batch, _, validation = recipe_sizes(args.quick)
+    steps = int(args.epochs * steps_per_epoch(args.quick))
     flags = ["--gpus", args.gpus, "--num-layers", args.num_layers, "--dtype", args.dtype,
              "--data-format", args.data_format, "--train-batch-size", batch, "--validation-size", validation,
              "--momentum", 0.9, "--weight-decay", 1e-4, "--lr-values", "0.1,0.01,0.001",

@@ -223,17 +223,21 @@ def test_every_gpu_test_file_is_run_on_the_emulated_gpu():
     assert marked <= set(GPU_TEST_FILES), f"add to GPU_TEST_FILES: {sorted(marked - set(GPU_TEST_FILES))}"
 
 
+def assert_every_test_passed(name, result):
+    """A pytest run of file_results passed, every test of it run (two emulated GPUs: none may skip)."""
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    report = f"{name}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-8000:]}"
+    assert result.returncode == 0, report
+    assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, report
+    assert "skipped" not in summary, report
+
+
 @pytest.mark.parametrize("file", GPU_TEST_FILES)
 def test_gpu_test_file_passes_on_the_emulated_gpu(file_results, file):
     """Every run of the file (plain, or sanitized and plain: file_runs) passes, each test of it run once."""
-    names = [name for name, of, _, _ in file_runs() if of == file]
-    for name in names:
-        result = file_results[name]
-        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-        report = f"{name}: exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-8000:]}"
-        assert result.returncode == 0, report
-        assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, report
-        assert "skipped" not in summary, report            # two emulated GPUs: every gpu test can run
+    for name, of, _, _ in file_runs():
+        if of == file:
+            assert_every_test_passed(name, file_results[name])
 
 
 def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_the_cpu(tmp_path):
@@ -444,8 +448,5 @@ def test_the_primitive_parity_tests_and_the_shared_gpu_collectives_run_with_sani
     files ran plain (test_gpu_test_file_passes_on_the_emulated_gpu checks every run)."""
     sanitized = {file: name for name, file, sanitize, _ in file_runs() if sanitize}
     assert set(sanitized) == set(SANITIZED)
-    for file, name in sanitized.items():
-        result = file_results[name]
-        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-        assert result.returncode == 0 and re.search(r"\d+ passed", summary) and "skipped" not in summary, \
-            result.stdout[-4000:] + result.stderr[-4000:]
+    for name in sanitized.values():
+        assert_every_test_passed(name, file_results[name])
