@@ -8,7 +8,9 @@ parse flags -> load data (in a thread of its own, beside the device checks and t
 the model dir -> build the model -> resume from the latest checkpoint -> train to --train-steps (progress lines,
 periodic checkpoints) -> final checkpoint -> evaluate -> report.
 Metrics go to <model-dir>/metrics.jsonl as JSON lines. Rerunning the same command resumes; --train-steps
-is the total target step. Bad input ends with one line `error: ...` and exit status 2.
+is the total target step. Bad input ends with one line `error: ...` and exit status 2. SIGTERM (a scheduler's
+preemption) stops the run after the step in progress with a checkpoint there, exit status 143
+(cupynet/stop_request.py); Ctrl-C leaves at once with the last complete checkpoint, exit status 130.
 
 Several devices (`--gpus cpu,cpu`, `--gpus 0,1`) train data-parallel: one worker thread per device runs
 the same flow as one device, on its shard of every global batch (cupynet/parallel.py, Trainer's
@@ -29,6 +31,7 @@ from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, syn
 from cupynet.errors import ConfigError, CupynetError
 from cupynet.parallel import HostGroup, NcclGroup, run_workers
 from cupynet.report import MetricsLog, format_duration, progress_line
+from cupynet.stop_request import StopRequest, Terminated, stop_on_sigterm
 from cupynet.trainer import Trainer
 
 
@@ -128,8 +131,11 @@ class SetupClock:
         return f"{self.seconds:.1f}s: " + ", ".join(phase_text(*item) for item in self.phases.items())
 
 
-def run(config, out=print):
-    """Train and evaluate as `config` says; returns the final evaluation dict."""
+def run(config, out=print, stop=None):
+    """Train and evaluate as `config` says; returns the final evaluation dict. Once `stop` (a StopRequest) is
+    requested, the workers stop at a step boundary and save a checkpoint there instead: the dict then says where
+    (`stopped_at`, `checkpoint`) and has no evaluation."""
+    stop = stop or StopRequest()
     clock = SetupClock()
     loading = load_in_background(config)
     devices = resolve_devices(config.devices)
@@ -143,11 +149,11 @@ def run(config, out=print):
     check_against_data(config, dataset)
     if backend is not None:
         model_dir = prepare_model_dir(config.model_dir)
-        return run_worker(config, dataset, backend, devices, model_dir, out, clock)
-    return run_data_parallel(config, dataset, devices, out, clock)
+        return run_worker(config, dataset, backend, devices, model_dir, out, clock, stop)
+    return run_data_parallel(config, dataset, devices, out, clock, stop)
 
 
-def run_data_parallel(config, dataset, devices, out, clock):
+def run_data_parallel(config, dataset, devices, out, clock, stop):
     """One worker thread per device, each running run_worker with its rank of one communicator group.
 
     The backends are built in the worker threads (a GPU backend binds its device and stream to the
@@ -164,14 +170,14 @@ def run_data_parallel(config, dataset, devices, out, clock):
             clock.mark("backend", getattr(backend, "setup_phases", None))
         comm = group.communicator(rank, backend)
         return run_worker(config, dataset, backend, devices, model_dir, out if rank == 0 else _Silent(),
-                          clock, comm)
+                          clock, stop, comm)
 
     return run_workers(devices, worker, group)[0]
 
 
-def run_worker(config, dataset, backend, devices, model_dir, out, clock, comm=None):
+def run_worker(config, dataset, backend, devices, model_dir, out, clock, stop, comm=None):
     """The whole run on one backend: alone (comm None) or as one rank of a data-parallel group.
-    clock: the run's SetupClock (only the chief marks it)."""
+    clock: the run's SetupClock (only the chief marks it); stop: the run's StopRequest."""
     chief = comm is None or comm.rank == 0          # prints, writes metrics and checkpoints
     out(f"cupynet {__version__}: {dataset.description}")
     if config.dataset_kind == "sample":
@@ -202,7 +208,11 @@ def run_worker(config, dataset, backend, devices, model_dir, out, clock, comm=No
     metrics = MetricsLog(model_dir) if chief else _Silent()
     metrics.write("start", step=trainer.step, resumed_from=resumed_from, config=config.to_dict(),
                   dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
-    train_seconds = train_loop(trainer, config, model_dir, metrics, out, chief)
+    train_seconds, stopped = train_loop(trainer, config, model_dir, metrics, out, chief, stop)
+    if stopped:                          # on request, with the model dir's latest checkpoint at this step
+        checkpoint = latest_checkpoint(model_dir) if chief else None    # None: stopped before a first step
+        metrics.write("stopped", step=trainer.step, checkpoint=checkpoint and os.path.basename(checkpoint))
+        return dict(stopped_at=trainer.step, checkpoint=checkpoint, train_seconds=train_seconds)
 
     eval_started = time.time()
     trainer.average_moving_statistics()
@@ -229,15 +239,20 @@ def shard_note(trainer, comm):
     return f" = {comm.size} workers x {trainer.shard_size} ({comm.kind} all-reduce{sync_bn})"
 
 
-def train_loop(trainer, config, model_dir, metrics, out, chief=True):
-    """Train from trainer.step to config.train_steps; returns the seconds spent."""
-    if trainer.step >= config.train_steps:
+def train_loop(trainer, config, model_dir, metrics, out, chief, stop):
+    """Train from trainer.step to config.train_steps, or to the step where `stop` has the workers stop, with a
+    checkpoint there unless the model dir has one. Returns (seconds spent, whether it stopped on request)."""
+    rank = trainer.comm.rank if trainer.comm is not None else 0
+    saved_step = trainer.step            # what the model dir holds already (a fresh run: nothing to save yet)
+    if trainer.step >= config.train_steps and not stop.should_stop(rank, trainer.step):
         out(f"already at step {trainer.step} (--train-steps {config.train_steps}): nothing to train, evaluating")
-        return 0.0
+        return 0.0, False
     started = time.time()
     mark_time, mark_step = started, trainer.step
     warming_up = trainer.runner.capture
-    while trainer.step < config.train_steps:
+    while not stop.should_stop(rank, trainer.step):     # the same answer at the same step on every worker
+        if trainer.step >= config.train_steps:
+            return time.time() - started, False
         lr = trainer.learning_rate
         trainer.train_step()
         step = trainer.step
@@ -260,28 +275,44 @@ def train_loop(trainer, config, model_dir, metrics, out, chief=True):
                           total_loss=loss + trainer.l2_penalty(), lr=lr, images_per_sec=round(images_per_sec, 2))
             mark_time, mark_step = time.time(), step
         if step % config.checkpoint_interval == 0 or step == config.train_steps:   # always one at the end
-            trainer.average_moving_statistics()      # the checkpoint holds the replicas' mean statistics
-            if chief:
-                save(trainer, model_dir, config)
-    return time.time() - started
+            save(trainer, model_dir, config, chief)
+            saved_step = step
+    if trainer.step != saved_step:       # every worker stopped at this step: the same collectives on all
+        save(trainer, model_dir, config, chief)
+    return time.time() - started, True
 
 
-def save(trainer, model_dir, config):
-    save_checkpoint(model_dir, trainer.step, trainer.checkpoint_arrays(), trainer.checkpoint_meta(),
-                    keep=config.keep_checkpoints)
+def save(trainer, model_dir, config, chief):
+    """A checkpoint at the current step; every worker takes part (the moving statistics' mean), the chief writes."""
+    trainer.average_moving_statistics()      # the checkpoint holds the replicas' mean statistics
+    if chief:
+        save_checkpoint(model_dir, trainer.step, trainer.checkpoint_arrays(), trainer.checkpoint_meta(),
+                        keep=config.keep_checkpoints)
 
 
 def main(argv=None):
+    stop = StopRequest()
     try:
-        config = parse_args(argv)
-        run(config)
+        with stop_on_sigterm(stop):
+            config = parse_args(argv)
+            result = run(config, stop=stop)
     except CupynetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (a second SIGTERM): the last complete checkpoint is intact; rerun the same command to "
+              "resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\ninterrupted: the last complete checkpoint is intact; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    if "stopped_at" in result:
+        checkpoint = result["checkpoint"]
+        held = f"{os.path.basename(checkpoint)} holds it" if checkpoint else "nothing trained, nothing saved"
+        print(f"terminated (SIGTERM) at step {result['stopped_at']}: {held}; rerun the same command to resume",
+              file=sys.stderr)
+        return 143
     return 0
 
 

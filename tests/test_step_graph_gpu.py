@@ -102,13 +102,15 @@ def test_the_warm_up_is_reported_once_at_the_first_replayed_step(dataset, tmp_pa
     and its first launch), with the seconds since training started, and prints them; an eager run writes none."""
     from cupynet.report import MetricsLog
     from cupynet.step_graph import WARMUP_STEPS
+    from cupynet.stop_request import StopRequest
     from cupynet.train import train_loop
     for mode in ("on", "off"):
         config = TrainConfig(**BASE, cuda_graph=mode, train_steps=6, log_interval=3, checkpoint_interval=100)
         trainer = Trainer(config, dataset, make_backend("NHWC", "float32"))
         model_dir, lines = tmp_path / mode, []
         model_dir.mkdir()
-        train_loop(trainer, config, str(model_dir), MetricsLog(str(model_dir)), lines.append)
+        assert train_loop(trainer, config, str(model_dir), MetricsLog(str(model_dir)), lines.append, chief=True,
+                          stop=StopRequest())[1] is False          # not stopped: it reached its 6 steps
         with open(model_dir / "metrics.jsonl") as f:
             warmups = [event for event in map(json.loads, f) if event["event"] == "warmup"]
         said = [line for line in lines if line.startswith("warm-up:")]
