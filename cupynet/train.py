@@ -296,9 +296,16 @@ def main(argv=None):
         with stop_on_sigterm(stop):
             config = parse_args(argv)
             result = run(config, stop=stop)
+            sys.stdout.flush()       # a closed output pipe is found here, not by the interpreter's exit
     except CupynetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The output's reader went away (`... | head`): stop as a pipe's writer does, without a traceback. Standard
+        # output then points at /dev/null, so that the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("stopped: the output pipe was closed; the last complete checkpoint is intact", file=sys.stderr)
+        return 141
     except Terminated:
         print("terminated (a second SIGTERM): the last complete checkpoint is intact; rerun the same command to "
               "resume", file=sys.stderr)

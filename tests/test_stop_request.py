@@ -2,7 +2,8 @@
 
 The agreement is tested with real threads held together at every step by a barrier, as the gradient all-reduce
 holds data-parallel workers together: a worker that stopped a step before the others would leave them waiting at
-the barrier (a broken barrier, here). The command line is tested with real signals sent to `cupynet.train`.
+the barrier (a broken barrier, here). The command line is tested with real signals sent to `cupynet.train`, and
+with its output pipe closed (the other way a run is stopped from outside).
 """
 import os
 import random
@@ -172,3 +173,13 @@ def test_a_second_sigterm_leaves_at_once_with_the_last_complete_checkpoint(tmp_p
     assert checkpoint_step(model_dir) == 1                 # the first stop's checkpoint was never begun
     assert sorted(os.listdir(model_dir)) == ["checkpoint.json", "ckpt-00000001.npz", "metrics.jsonl"]
 
+
+def test_a_closed_output_pipe_stops_the_run_without_a_traceback(tmp_path):
+    """`python -m cupynet.train | head`: when the reader goes, the next progress line finds the pipe closed."""
+    process = cupynet_train(*FAST, "--gpus", "cpu", "--model-dir", tmp_path / "run", "--train-steps", 100000)
+    wait_for_progress(process, step_lines=1)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr.strip().splitlines() == ["stopped: the output pipe was closed; the last complete checkpoint is "
+                                           "intact"]
