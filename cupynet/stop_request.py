@@ -13,10 +13,10 @@ where the signal came.
 
 Data-parallel workers must stop at the same step: they meet in a collective at every step, and a worker that
 stopped early would leave the others waiting in it. So the request does not stop anyone at once: it names the step
-where everyone stops, one past the last boundary any worker has passed. Workers run at most one step apart (the
-gradient all-reduce holds each step together), so every worker is still at or before that step, and each stops
-when it gets there. A request before any worker has passed a boundary (during setup) stops each at its first one,
-the step the run started from, which is the same for all.
+where everyone stops, one past the last boundary any worker has passed. The workers' host loops may be steps apart
+(the host all-reduce holds CPU workers to one step; with NCCL on the GPUs a host runs ahead of its device), but none
+is past that step, so each trains on until it gets there and stops. A request before any worker has passed a
+boundary (during setup) stops each at its first one, the step the run started from, which is the same for all.
 """
 import signal
 import threading

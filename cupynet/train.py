@@ -279,6 +279,9 @@ def train_loop(trainer, config, model_dir, metrics, out, chief, stop):
             saved_step = step
     if trainer.step != saved_step:       # every worker stopped at this step: the same collectives on all
         save(trainer, model_dir, config, chief)
+    # Every worker's part of the last collectives runs before it leaves: no later read of its own (as an evaluation
+    # has) would wait for them, and its peers' do.
+    trainer.be.synchronize()
     return time.time() - started, True
 
 

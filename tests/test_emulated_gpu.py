@@ -16,11 +16,13 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,6 +267,42 @@ def test_training_cli_on_two_emulated_gpus_captures_resumes_and_hands_over_to_th
                             capture_output=True, text=True, timeout=FILE_TIMEOUT_S)
     assert on_cpu.returncode == 0 and "resuming from ckpt-00000009.npz (step 9)" in on_cpu.stdout, \
         on_cpu.stdout + on_cpu.stderr
+
+
+def test_sigterm_on_two_emulated_gpus_stops_both_workers_at_one_step_and_the_rerun_continues(tmp_path):
+    """`--gpus 0,1`, captured steps with NCCL: SIGTERM stops both workers at the same step with a checkpoint there
+    (a worker that stopped a step before the other would leave it waiting in that step's all-reduce), and the
+    rerun trains the same parameters as a run never stopped. Each worker waits for its part of the checkpoint's
+    all-reduce before it ends (the emulated NCCL runs a rank's part only when its stream is waited for: the first
+    version of the stop left it unrun, and the chief waited for its peer until the emulated NCCL timed out)."""
+    from cupynet.checkpoint import latest_checkpoint, load_checkpoint
+    stopped_dir, straight_dir = tmp_path / "stopped", tmp_path / "straight"
+    common = ["-m", "cupynet.train", "--gpus", "0,1", "--synthetic", "--num-layers", "8", "--train-batch-size", "16",
+              "--log-interval", "1", "--checkpoint-interval", "1000", "--validation-size", "20", "--eval-on",
+              "validation", "--eval-batch-size", "20", "--dtype", "bfloat16"]
+    process = subprocess.Popen([sys.executable, *common, "--model-dir", str(stopped_dir), "--train-steps", "100000"],
+                               cwd=REPO, env=dict(emulated_env(devices=2), PYTHONUNBUFFERED="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:                         # a few replayed steps first
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 5:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=FILE_TIMEOUT_S)
+    assert process.returncode == 143, stderr
+    step = load_checkpoint(latest_checkpoint(str(stopped_dir)))[1]["step"]
+    assert stderr.strip().splitlines() == [f"terminated (SIGTERM) at step {step}: ckpt-{step:08d}.npz holds it; "
+                                           "rerun the same command to resume"]
+    for model_dir in (stopped_dir, straight_dir):
+        result = run_emulated(common + ["--model-dir", str(model_dir), "--train-steps", str(step + 2)], devices=2)
+        assert result.returncode == 0, result.stdout + result.stderr
+    arrays_a, meta_a = load_checkpoint(latest_checkpoint(str(stopped_dir)))
+    arrays_b, meta_b = load_checkpoint(latest_checkpoint(str(straight_dir)))
+    assert meta_a["step"] == meta_b["step"] == step + 2
+    for name in arrays_a:                               # the moving statistics: tests/test_stop_request.py says why
+        if "moving_" in name:
+            np.testing.assert_allclose(arrays_a[name], arrays_b[name], rtol=1e-5, atol=1e-9, err_msg=name)
+        else:
+            np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
 
 
 @pytest.mark.parametrize("gpus, message", [("2", "no GPU 2"), ("0,0", "0")])
