@@ -183,3 +183,24 @@ def test_a_closed_output_pipe_stops_the_run_without_a_traceback(tmp_path):
     assert process.wait(timeout=120) == 141, stderr
     assert stderr.strip().splitlines() == ["stopped: the output pipe was closed; the last complete checkpoint is "
                                            "intact"]
+
+
+def test_a_stop_requested_during_setup_trains_nothing_and_saves_nothing_new(tmp_path):
+    """A SIGTERM before the first step (during the data load or the backend's setup): the run stops where it
+    started, fresh with nothing to save, resumed with the checkpoint it resumed from."""
+    from cupynet.config import parse_args
+    from cupynet.train import run
+    model_dir = tmp_path / "run"
+    config = parse_args([*FAST, "--gpus", "cpu", "--model-dir", str(model_dir), "--train-steps", "3"])
+    stop = StopRequest()
+    stop.request()
+    result = run(config, out=lambda *args: None, stop=stop)
+    assert result["stopped_at"] == 0 and result["checkpoint"] is None and "accuracy" not in result
+    assert latest_checkpoint(str(model_dir)) is None
+    assert "accuracy" in run(config, out=lambda *args: None) and checkpoint_step(model_dir) == 3
+    more = parse_args([*FAST, "--gpus", "cpu", "--model-dir", str(model_dir), "--train-steps", "6"])
+    stop = StopRequest()
+    stop.request()
+    result = run(more, out=lambda *args: None, stop=stop)
+    assert result["stopped_at"] == 3 and result["checkpoint"] == latest_checkpoint(str(model_dir))
+    assert checkpoint_step(model_dir) == 3 and len(list(model_dir.glob("ckpt-*.npz"))) == 1
