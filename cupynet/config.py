@@ -291,6 +291,32 @@ def flag_of(field_name):
     raise KeyError(field_name)
 
 
+# What a resumed run should train with as before: a flag changed on a rerun (on purpose, or a flag forgotten) makes
+# another experiment, so the run says so. Speed and bookkeeping flags are left out (they change how fast, not what).
+RECIPE_FIELDS = ("train_batch_size", "momentum", "weight_decay", "lr_values", "lr_boundaries", "distortion",
+                 "bn_decay", "bn_epsilon", "dtype", "sync_bn")
+
+
+def recipe_changes(saved, config):
+    """The recipe flags in which `config` differs from a checkpoint's config (a dict, as to_dict wrote it), as
+    '--weight-decay 0.0001 -> 0.0002' ('distortion on -> off' for a switch); [] for a checkpoint without one."""
+    changes = []
+    for name in RECIPE_FIELDS:
+        if name not in saved:
+            continue
+        old, new = saved[name], getattr(config, name)
+        if isinstance(new, tuple):
+            old, new = tuple(old), new
+        if old == new:
+            continue
+        if isinstance(new, bool):
+            changes.append(f"{name.replace('_', ' ')} {'on' if old else 'off'} -> {'on' if new else 'off'}")
+        else:
+            show = (lambda v: ",".join(f"{x:g}" for x in v)) if isinstance(new, tuple) else str
+            changes.append(f"{flag_of(name)} {show(old)} -> {show(new)}")
+    return changes
+
+
 def parse_args(argv=None):
     """Flags -> a validated TrainConfig. Raises ConfigError with a one-line message."""
     args = vars(build_parser().parse_args(argv))

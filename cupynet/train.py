@@ -26,7 +26,7 @@ from cupynet import __version__
 from cupynet.backends import check_devices, check_dtype, create_backend, resolve_devices
 from cupynet.background import Background
 from cupynet.checkpoint import latest_checkpoint, load_checkpoint, prepare_model_dir, save_checkpoint
-from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args
+from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args, recipe_changes
 from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, synthetic_dataset
 from cupynet.errors import ConfigError, CupynetError
 from cupynet.parallel import HostGroup, NcclGroup, run_workers
@@ -198,6 +198,9 @@ def run_worker(config, dataset, backend, devices, model_dir, out, clock, stop, c
         out(f"model dir: {model_dir} | resuming from {os.path.basename(resumed_from)} (step {trainer.step})")
         if trainer.seed != config.seed:
             out(f"  (continuing with the checkpoint's seed {trainer.seed}, not --seed {config.seed})")
+        changes = recipe_changes(meta.get("config", {}), config)
+        if changes:
+            out(f"  (changed since the checkpoint: {', '.join(changes)})")
     else:
         out(f"model dir: {model_dir} | starting at step 0")
     trainer.broadcast_state()      # replicas start identical, fresh or resumed (no-op alone)

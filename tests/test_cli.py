@@ -106,9 +106,23 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tiny_c
     for name in arrays_a:      # parameters, BN statistics and momentum: bit for bit
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
     assert read_metrics(straight)[-1]["accuracy"] == read_metrics(resumed)[-1]["accuracy"]
+    assert "changed since the checkpoint" not in second.stdout
     # a third run of the same command has nothing left to train: it only evaluates
     third = run_cli("--data-dir", tiny_cifar, "--model-dir", resumed, "--train-steps", 6, *FAST)
     assert third.returncode == 0 and "nothing to train" in third.stdout and "global step 6" in third.stdout
+
+
+def test_a_rerun_with_another_recipe_says_what_changed(tiny_cifar, tmp_path):
+    """Resuming with other training flags (on purpose, or one forgotten) trains another experiment: the run says
+    which of them differ from the checkpoint's; speed and bookkeeping flags are not listed."""
+    model_dir = tmp_path / "run"
+    assert run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST).returncode == 0
+    other = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 4, *FAST,
+                    "--weight-decay", "2e-4", "--lr-values", "0.2,0.02", "--lr-boundaries", "50", "--no-distortion",
+                    "--log-interval", "1", "--keep-checkpoints", "2")
+    assert other.returncode == 0, other.stderr
+    assert "  (changed since the checkpoint: --weight-decay 0.0001 -> 0.0002, --lr-values 0.1,0.01,0.001,0.0002 -> " \
+           "0.2,0.02, --lr-boundaries 82,123,300 -> 50, distortion on -> off)\n" in other.stdout, other.stdout
 
 
 def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_cifar, tmp_path):
