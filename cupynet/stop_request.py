@@ -57,11 +57,13 @@ class StopRequest:
 
 
 class stop_on_sigterm:
-    """Context manager for the main thread: while inside, SIGTERM requests `stop`, and a second SIGTERM raises
-    Terminated. The handler only sets state: printing from it could re-enter a print the main thread is in."""
+    """Context manager: while inside, SIGTERM requests `stop`, and a second SIGTERM raises Terminated. Python runs
+    signal handlers in the main thread only, so elsewhere (main() called from a thread) it changes nothing. The
+    handler only sets state: printing from it could re-enter a print the main thread is in."""
 
     def __init__(self, stop):
         self.stop = stop
+        self._previous = None
 
     def _handle(self, signum, frame):
         if self.stop.requested:
@@ -69,9 +71,11 @@ class stop_on_sigterm:
         self.stop.request()
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self.stop
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
         return False

@@ -204,3 +204,21 @@ def test_a_stop_requested_during_setup_trains_nothing_and_saves_nothing_new(tmp_
     result = run(more, out=lambda *args: None, stop=stop)
     assert result["stopped_at"] == 3 and result["checkpoint"] == latest_checkpoint(str(model_dir))
     assert checkpoint_step(model_dir) == 3 and len(list(model_dir.glob("ckpt-*.npz"))) == 1
+
+
+def test_the_handler_is_installed_in_the_main_thread_only_and_removed_after():
+    from cupynet.stop_request import Terminated, stop_on_sigterm
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest()
+    with stop_on_sigterm(stop):
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)                    # the first: a request, nothing raised
+        assert stop.requested
+        with pytest.raises(Terminated):
+            handler(signal.SIGTERM, None)                # the second: leave at once
+    assert signal.getsignal(signal.SIGTERM) is before
+    in_thread = []
+    thread = threading.Thread(target=lambda: in_thread.append(stop_on_sigterm(StopRequest()).__enter__()))
+    thread.start()
+    thread.join()
+    assert in_thread and signal.getsignal(signal.SIGTERM) is before    # no ValueError, nothing installed
