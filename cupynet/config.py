@@ -297,10 +297,14 @@ RECIPE_FIELDS = ("train_batch_size", "momentum", "weight_decay", "lr_values", "l
                  "bn_decay", "bn_epsilon", "dtype", "sync_bn")
 
 
-def recipe_changes(saved, config):
-    """The recipe flags in which `config` differs from a checkpoint's config (a dict, as to_dict wrote it), as
-    '--weight-decay 0.0001 -> 0.0002' ('distortion on -> off' for a switch); [] for a checkpoint without one."""
+def recipe_changes(meta, config, train_images):
+    """How this run's recipe differs from a checkpoint's (its meta: the config as to_dict wrote it, and the number of
+    training images): '--weight-decay 0.0001 -> 0.0002', 'distortion on -> off' for a switch, 'training images
+    45000 -> 50000' (another --validation-size or data). [] where nothing differs or the checkpoint does not say."""
+    saved = meta.get("config", {})
     changes = []
+    if meta.get("train_images", train_images) != train_images:
+        changes.append(f"training images {meta['train_images']} -> {train_images}")
     for name in RECIPE_FIELDS:
         if name not in saved:
             continue

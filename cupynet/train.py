@@ -198,7 +198,7 @@ def run_worker(config, dataset, backend, devices, model_dir, out, clock, stop, c
         out(f"model dir: {model_dir} | resuming from {os.path.basename(resumed_from)} (step {trainer.step})")
         if trainer.seed != config.seed:
             out(f"  (continuing with the checkpoint's seed {trainer.seed}, not --seed {config.seed})")
-        changes = recipe_changes(meta.get("config", {}), config)
+        changes = recipe_changes(meta, config, len(dataset.train))
         if changes:
             out(f"  (changed since the checkpoint: {', '.join(changes)})")
     else:

@@ -233,7 +233,7 @@ class Trainer:
 
     def checkpoint_meta(self):
         meta = dict(self.model.architecture, dataset=self.config.dataset_kind)
-        meta.update(cupynet_version=__version__, config=self.config.to_dict(),
+        meta.update(cupynet_version=__version__, config=self.config.to_dict(), train_images=self.sampler.num_images,
                     # All randomness after initialization is a pure function of (seed, step):
                     # restoring the seed and the step restores the RNG state exactly.
                     rng={"kind": "counter-based (seed, step)", "seed": self.seed},
