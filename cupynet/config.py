@@ -300,11 +300,14 @@ RECIPE_FIELDS = ("train_batch_size", "momentum", "weight_decay", "lr_values", "l
 def recipe_changes(meta, config, train_images):
     """How this run's recipe differs from a checkpoint's (its meta: the config as to_dict wrote it, and the number of
     training images): '--weight-decay 0.0001 -> 0.0002', 'distortion on -> off' for a switch, 'training images
-    45000 -> 50000' (another --validation-size or data). [] where nothing differs or the checkpoint does not say."""
+    45000 -> 50000' (another --validation-size or data), 'workers 1 -> 2' (each worker's BatchNorm normalizes with
+    its shard's statistics). [] where nothing differs or the checkpoint does not say."""
     saved = meta.get("config", {})
     changes = []
     if meta.get("train_images", train_images) != train_images:
         changes.append(f"training images {meta['train_images']} -> {train_images}")
+    if len(saved.get("devices", config.devices)) != len(config.devices):
+        changes.append(f"workers {len(saved['devices'])} -> {len(config.devices)}")
     for name in RECIPE_FIELDS:
         if name not in saved:
             continue

@@ -119,11 +119,11 @@ def test_a_rerun_with_another_recipe_says_what_changed(tiny_cifar, tmp_path):
     assert run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST).returncode == 0
     other = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 4, *FAST,
                     "--weight-decay", "2e-4", "--lr-values", "0.2,0.02", "--lr-boundaries", "50", "--no-distortion",
-                    "--log-interval", "1", "--keep-checkpoints", "2", "--validation-size", "40")
+                    "--log-interval", "1", "--keep-checkpoints", "2", "--validation-size", "40", "--gpus", "cpu,cpu")
     assert other.returncode == 0, other.stderr
-    assert "  (changed since the checkpoint: training images 180 -> 160, --weight-decay 0.0001 -> 0.0002, " \
-           "--lr-values 0.1,0.01,0.001,0.0002 -> 0.2,0.02, --lr-boundaries 82,123,300 -> 50, distortion on -> off)\n" \
-        in other.stdout, other.stdout
+    assert "  (changed since the checkpoint: training images 180 -> 160, workers 1 -> 2, --weight-decay 0.0001 -> " \
+           "0.0002, --lr-values 0.1,0.01,0.001,0.0002 -> 0.2,0.02, --lr-boundaries 82,123,300 -> 50, distortion on " \
+           "-> off)\n" in other.stdout, other.stdout
 
 
 def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_cifar, tmp_path):
