@@ -313,7 +313,7 @@ def recipe_changes(meta, config, train_images):
             continue
         old, new = saved[name], getattr(config, name)
         if isinstance(new, tuple):
-            old, new = tuple(old), new
+            old = tuple(old)                 # a list once written as JSON
         if old == new:
             continue
         if isinstance(new, bool):

@@ -213,7 +213,7 @@ def run_worker(config, dataset, backend, devices, model_dir, out, clock, stop, c
                   dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
     train_seconds, stopped = train_loop(trainer, config, model_dir, metrics, out, chief, stop)
     if stopped:                          # on request, with the model dir's latest checkpoint at this step
-        checkpoint = latest_checkpoint(model_dir) if chief else None    # None: stopped before a first step
+        checkpoint = latest_checkpoint(model_dir) if chief else None    # the chief's: None if nothing was saved
         metrics.write("stopped", step=trainer.step, checkpoint=checkpoint and os.path.basename(checkpoint))
         return dict(stopped_at=trainer.step, checkpoint=checkpoint, train_seconds=train_seconds)
 
