@@ -19,7 +19,6 @@ training-loss curve (every --log-interval steps), as a table and as JSON (`--jso
 bench/results/time_to_accuracy-<host>.json) with bench/layouts.py's environment().
 """
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -34,6 +33,7 @@ from bench.layouts import environment, replace_json       # noqa: E402
 from cupynet.config import parse_args as parse_train_args  # noqa: E402
 from cupynet.errors import CupynetError                    # noqa: E402
 from cupynet.params import CONV_INITS                      # noqa: E402
+from cupynet.report import read_metrics                    # noqa: E402
 from cupynet.train import run                              # noqa: E402
 
 TRAIN_IMAGES = 45_000          # 50,000 minus the 5,000-image validation split
@@ -126,11 +126,6 @@ def fresh_model_dir(path):
     if os.path.isdir(path) and os.listdir(path):
         raise CupynetError(f"--model-dir {path} is not empty: a resumed run would not measure the time to accuracy")
     return path
-
-
-def read_metrics(model_dir):
-    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def start_time(metrics):

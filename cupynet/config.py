@@ -80,6 +80,7 @@ class TrainConfig:
     reduce: str = "nccl"                     # GPU workers' all-reduce; CPU workers always use the host one
     model_dir: Optional[str] = None          # None: runs/<dataset>-resnet<depth>-<block>
     log_interval: int = 100
+    eval_interval: int = 0                   # steps between evaluations during training; 0: only the final one
     checkpoint_interval: int = 2000
     keep_checkpoints: int = 5
     # derived by validate()
@@ -151,7 +152,8 @@ def build_parser():
                       "default: the CIFAR-10 sample shipped with cupynet, with demo defaults")
     data.add_argument("--synthetic", action="store_true", help="random images, for benchmarks")
     data.add_argument("--validation-size", type=int, help="training images held out for validation (default: 10%%)")
-    data.add_argument("--eval-on", choices=("test", "validation"), default=d.eval_on, help="split evaluated at the end")
+    data.add_argument("--eval-on", choices=("test", "validation"), default=d.eval_on, help="split evaluated at the end "
+                      "(and every --eval-interval steps)")
     data.add_argument("--no-distortion", dest="distortion", action="store_false",
                       help="turn off pad-4/random-crop/random-flip augmentation")
     model = p.add_argument_group("model")
@@ -277,6 +279,10 @@ def build_parser():
                      "(CPU workers always use host)")
     run.add_argument("--model-dir", help="checkpoints and metrics.jsonl (default: runs/<dataset>-resnet<depth>-<block>)")
     run.add_argument("--log-interval", type=int, help="steps between progress lines (default 100; demo 15)")
+    run.add_argument("--eval-interval", type=int, default=d.eval_interval,
+                     help="steps between evaluations of the --eval-on split during training, each printed and in "
+                     "metrics.jsonl (an accuracy curve); training goes on exactly as without them; 0: only the "
+                     "final evaluation")
     run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default 2000; demo 50)")
     run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                      help="most recent checkpoints kept in --model-dir; older ones are deleted")
@@ -374,6 +380,8 @@ def validate(config):
     _positive(c, "train_batch_size", "eval_batch_size", "log_interval", "checkpoint_interval", "keep_checkpoints")
     if c.train_steps < 0:
         raise ConfigError(f"--train-steps must be >= 0, got {c.train_steps}")
+    if c.eval_interval < 0:
+        raise ConfigError(f"--eval-interval must be >= 0 (0: only the final evaluation), got {c.eval_interval}")
     workers = len(c.devices)
     if c.train_batch_size % workers:
         raise ConfigError(f"--train-batch-size {c.train_batch_size} is not divisible by the {workers} workers "

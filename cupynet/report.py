@@ -43,3 +43,9 @@ class MetricsLog:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+
+def read_metrics(model_dir):
+    """Every event of <model_dir>/metrics.jsonl, in order, as dicts."""
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

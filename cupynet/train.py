@@ -6,7 +6,7 @@
 
 parse flags -> load data (in a thread of its own, beside the device checks and the backend's setup) -> prepare
 the model dir -> build the model -> resume from the latest checkpoint -> train to --train-steps (progress lines,
-periodic checkpoints) -> final checkpoint -> evaluate -> report.
+periodic checkpoints, evaluations every --eval-interval steps if asked) -> final checkpoint -> evaluate -> report.
 Metrics go to <model-dir>/metrics.jsonl as JSON lines. Rerunning the same command resumes; --train-steps
 is the total target step. Bad input ends with one line `error: ...` and exit status 2. SIGTERM (a scheduler's
 preemption) stops the run after the step in progress with a checkpoint there, exit status 143
@@ -15,12 +15,13 @@ preemption) stops the run after the step in progress with a checkpoint there, ex
 Several devices (`--gpus cpu,cpu`, `--gpus 0,1`) train data-parallel: one worker thread per device runs
 the same flow as one device, on its shard of every global batch (cupynet/parallel.py, Trainer's
 "Data parallelism"). Rank 0 alone prints, writes metrics and checkpoints; every rank joins the
-collectives (gradient average per step, loss at log steps, BN statistics before checkpoints and the
-evaluation, the sharded evaluation itself).
+collectives (gradient average per step, loss at log steps, BN statistics before checkpoints and each
+evaluation, the sharded evaluations themselves).
 """
 import os
 import sys
 import time
+from typing import NamedTuple
 
 from cupynet import __version__
 from cupynet.backends import check_devices, check_dtype, create_backend, resolve_devices
@@ -211,27 +212,32 @@ def run_worker(config, dataset, backend, devices, model_dir, out, clock, stop, c
     metrics = MetricsLog(model_dir) if chief else _Silent()
     metrics.write("start", step=trainer.step, resumed_from=resumed_from, config=config.to_dict(),
                   dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
-    train_seconds, stopped = train_loop(trainer, config, model_dir, metrics, out, chief, stop)
-    if stopped:                          # on request, with the model dir's latest checkpoint at this step
+    split = dataset.test if config.eval_on == "test" else dataset.validation
+    loop = train_loop(trainer, config, model_dir, metrics, out, chief, stop, split)
+    if loop.stopped:                     # on request, with the model dir's latest checkpoint at this step
         checkpoint = latest_checkpoint(model_dir) if chief else None    # the chief's: None if nothing was saved
         metrics.write("stopped", step=trainer.step, checkpoint=checkpoint and os.path.basename(checkpoint))
-        return dict(stopped_at=trainer.step, checkpoint=checkpoint, train_seconds=train_seconds)
+        return dict(stopped_at=trainer.step, checkpoint=checkpoint, train_seconds=loop.seconds)
 
     eval_started = time.time()
     trainer.average_moving_statistics()
-    split = dataset.test if config.eval_on == "test" else dataset.validation
     result = trainer.evaluate(split)
     eval_seconds = time.time() - eval_started
     wall = time.time() - clock.started
+    train_seconds = loop.seconds - loop.eval_seconds
     metrics.write("eval", step=trainer.step, split=config.eval_on, wall_seconds=round(wall, 3),
                   setup_seconds=round(clock.seconds, 3), setup_phases=clock.phases, setup_parts=clock.parts,
-                  eval_seconds=round(eval_seconds, 3), **result)
+                  eval_seconds=round(eval_seconds, 3), evaluations_during_training=loop.evaluations,
+                  eval_during_training_seconds=round(loop.eval_seconds, 3), **result)
+    during = (f", {loop.evaluations} evaluation{'s' if loop.evaluations > 1 else ''} during training "
+              f"{format_duration(loop.eval_seconds)}" if loop.evaluations else "")
     out(f"final: {config.eval_on} accuracy {result['accuracy']:.2%} ({result['correct']}/{result['images']}), "
         f"loss {result['loss']:.4f}, global step {trainer.step}, wall time {format_duration(wall)} "
-        f"(setup {format_duration(clock.seconds)}, train {format_duration(train_seconds)}, "
+        f"(setup {format_duration(clock.seconds)}, train {format_duration(train_seconds)}{during}, "
         f"eval {format_duration(eval_seconds)})")
     return dict(result, step=trainer.step, wall_seconds=wall, setup_seconds=clock.seconds,
-                setup_phases=dict(clock.phases), setup_parts=dict(clock.parts), eval_seconds=eval_seconds)
+                setup_phases=dict(clock.phases), setup_parts=dict(clock.parts), eval_seconds=eval_seconds,
+                evaluations_during_training=loop.evaluations, eval_during_training_seconds=loop.eval_seconds)
 
 
 def shard_note(trainer, comm):
@@ -242,20 +248,29 @@ def shard_note(trainer, comm):
     return f" = {comm.size} workers x {trainer.shard_size} ({comm.kind} all-reduce{sync_bn})"
 
 
-def train_loop(trainer, config, model_dir, metrics, out, chief, stop):
+class LoopOutcome(NamedTuple):
+    seconds: float               # in the training loop, the evaluations during it included
+    stopped: bool                # on a stop request (SIGTERM), not at --train-steps
+    evaluations: int = 0         # every --eval-interval steps
+    eval_seconds: float = 0.0    # their part of `seconds`
+
+
+def train_loop(trainer, config, model_dir, metrics, out, chief, stop, eval_split=None):
     """Train from trainer.step to config.train_steps, or to the step where `stop` has the workers stop, with a
-    checkpoint there unless the model dir has one. Returns (seconds spent, whether it stopped on request)."""
+    checkpoint there unless the model dir has one; every config.eval_interval steps before the last, evaluate
+    `eval_split` (when given). Returns a LoopOutcome."""
     rank = trainer.comm.rank if trainer.comm is not None else 0
     saved_step = trainer.step            # what the model dir holds already (a fresh run: nothing to save yet)
     if trainer.step >= config.train_steps and not stop.should_stop(rank, trainer.step):
         out(f"already at step {trainer.step} (--train-steps {config.train_steps}): nothing to train, evaluating")
-        return 0.0, False
+        return LoopOutcome(0.0, False)
     started = time.time()
     mark_time, mark_step = started, trainer.step
     warming_up = trainer.runner.capture
+    evaluations, eval_seconds = 0, 0.0
     while not stop.should_stop(rank, trainer.step):     # the same answer at the same step on every worker
         if trainer.step >= config.train_steps:
-            return time.time() - started, False
+            return LoopOutcome(time.time() - started, False, evaluations, eval_seconds)
         lr = trainer.learning_rate
         trainer.train_step()
         step = trainer.step
@@ -277,6 +292,11 @@ def train_loop(trainer, config, model_dir, metrics, out, chief, stop):
             metrics.write("train", step=step, epoch=round(trainer.epoch, 4), loss=loss,
                           total_loss=loss + trainer.l2_penalty(), lr=lr, images_per_sec=round(images_per_sec, 2))
             mark_time, mark_step = time.time(), step
+        if (eval_split is not None and config.eval_interval and step % config.eval_interval == 0
+                and step < config.train_steps):      # the final evaluation follows the last step
+            seconds = evaluate_during_training(trainer, config, eval_split, metrics, out)
+            evaluations, eval_seconds = evaluations + 1, eval_seconds + seconds
+            mark_time += seconds                     # not in the next progress line's images/s
         if step % config.checkpoint_interval == 0 or step == config.train_steps:   # always one at the end
             save(trainer, model_dir, config, chief)
             saved_step = step
@@ -285,7 +305,22 @@ def train_loop(trainer, config, model_dir, metrics, out, chief, stop):
     # Every worker's part of the last collectives runs before it leaves: no later read of its own (as an evaluation
     # has) would wait for them, and its peers' do.
     trainer.be.synchronize()
-    return time.time() - started, True
+    return LoopOutcome(time.time() - started, True, evaluations, eval_seconds)
+
+
+def evaluate_during_training(trainer, config, split, metrics, out):
+    """One evaluation between two steps (every worker at the same step: a collective); returns its seconds."""
+    trainer.be.synchronize()                         # the steps before it are not its time
+    started = time.time()
+    result = trainer.evaluate_during_training(split)
+    seconds = time.time() - started
+    step, width = trainer.step, len(str(config.train_steps))
+    out(f"step {step:>{width}}/{config.train_steps}  epoch {trainer.epoch:6.2f}  {config.eval_on} accuracy "
+        f"{result['accuracy']:.2%} ({result['correct']}/{result['images']}), loss {result['loss']:.4f} "
+        f"(evaluated in {seconds:.1f}s)")
+    metrics.write("eval_during_training", step=step, epoch=round(trainer.epoch, 4), split=config.eval_on,
+                  seconds=round(seconds, 3), **result)
+    return seconds
 
 
 def save(trainer, model_dir, config, chief):

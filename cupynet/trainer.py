@@ -207,6 +207,20 @@ class Trainer:
         return {"accuracy": num_correct / n, "correct": num_correct, "images": n,
                 "loss": float(be.to_host(loss_total)) / n}
 
+    def evaluate_during_training(self, split):
+        """evaluate(split) between two training steps, with the replicas' mean moving statistics as the final
+        evaluation has them; each replica's own are put back after it, so training goes on exactly as it would
+        without the evaluation (alone, nothing to average or put back)."""
+        own = None
+        if self.comm is not None:
+            own = self.be.empty(self.model.state.flat.shape, dtype=self.model.state.flat.dtype)
+            self.be.copy_into(own, self.model.state.flat)
+        self.average_moving_statistics()
+        result = self.evaluate(split)
+        if own is not None:
+            self.be.copy_into(self.model.state.flat, own)
+        return result
+
     def _eval_slice(self, n):
         """[first, end) of the split's n images for this replica: contiguous, disjoint, covering all."""
         if self.comm is None:

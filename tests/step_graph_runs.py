@@ -3,8 +3,9 @@
 Each case trains the same model twice from the same seed, once eagerly (--cuda-graph off) and once
 captured (--cuda-graph on: two eager warm-up steps, then one recording replayed), over several epoch
 starts (a new order uploaded between replays) and a learning-rate change (the device scalar set between
-replays), with evaluations in between (they reuse the training buffers of the same shape: a replay must
-not be corrupted by them). Both runs launch the same kernels in the same order on the same data with
+replays), with evaluations in between as --eval-interval runs them (they reuse the training buffers of the
+same shape, and with a communicator average the moving statistics for the evaluation and put each replica's own
+back: a replay must not be corrupted by them). Both runs launch the same kernels in the same order on the same data with
 deterministic cuDNN engines, so every parameter, momentum and moving statistic must be equal exactly.
 """
 import numpy as np
@@ -47,7 +48,7 @@ def train(config, dataset, backend, comm=None, evaluate_every=5):
     for _ in range(STEPS):
         trainer.train_step()
         if trainer.step % evaluate_every == 0:
-            evaluations.append(trainer.evaluate(dataset.test))
+            evaluations.append(trainer.evaluate_during_training(dataset.test))   # with a comm: mean statistics
             losses.append(trainer.take_mean_loss())
     return trainer, trainer.checkpoint_arrays(), evaluations, losses
 

@@ -3,7 +3,6 @@
 Runs the real command in a subprocess on a tiny real CIFAR-10 folder cut from the built-in sample
 (5 x 40 training images, 50 test images) with a ResNet-8, so each run takes a second or two.
 """
-import json
 import os
 import pickle
 import re
@@ -17,6 +16,7 @@ import pytest
 from cupynet.checkpoint import latest_checkpoint, load_checkpoint
 from cupynet.data import (TEST_BATCH_NAME, TRAIN_BATCH_NAMES, builtin_sample_dir, read_batch_file,
                           write_batch_file, write_meta_file, CLASS_NAMES)
+from cupynet.report import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--num-layers", "8", "--train-batch-size", "16", "--eval-batch-size", "16",
@@ -59,11 +59,6 @@ def assert_one_line_error(result, *fragments):
     assert "Traceback" not in result.stderr + result.stdout
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-def read_metrics(model_dir):
-    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -124,6 +119,34 @@ def test_a_rerun_with_another_recipe_says_what_changed(tiny_cifar, tmp_path):
     assert "  (changed since the checkpoint: training images 180 -> 160, workers 1 -> 2, --weight-decay 0.0001 -> " \
            "0.0002, --lr-values 0.1,0.01,0.001,0.0002 -> 0.2,0.02, --lr-boundaries 82,123,300 -> 50, distortion on " \
            "-> off)\n" in other.stdout, other.stdout
+
+
+def test_evaluations_during_training_print_an_accuracy_curve_and_leave_the_training_as_it_was(tiny_cifar, tmp_path):
+    """--eval-interval 2 evaluates at steps 2 and 4 of 6 (the final evaluation is step 6's): each equals the final
+    evaluation of a run that ends at that step, and the run trains exactly as one without them."""
+    runs = {name: tmp_path / name for name in ("curve", "plain", "short")}
+    curve = run_cli("--data-dir", tiny_cifar, "--model-dir", runs["curve"], "--train-steps", 6, *FAST,
+                    "--eval-interval", 2)
+    assert curve.returncode == 0, curve.stderr
+    for name, steps in (("plain", 6), ("short", 4)):
+        assert run_cli("--data-dir", tiny_cifar, "--model-dir", runs[name], "--train-steps", steps,
+                       *FAST).returncode == 0
+    events = read_metrics(runs["curve"])
+    during = [e for e in events if e["event"] == "eval_during_training"]
+    assert [e["step"] for e in during] == [2, 4] and all(e["images"] == 50 and e["split"] == "test" for e in during)
+    for event in during:
+        assert re.search(rf"^step {event['step']}/6  epoch +[\d.]+  test accuracy [\d.]+% \({event['correct']}/50\), "
+                         rf"loss {event['loss']:.4f} \(evaluated in [\d.]+s\)$", curve.stdout, re.MULTILINE), curve.stdout
+    short_final = read_metrics(runs["short"])[-1]
+    assert (during[1]["correct"], during[1]["loss"]) == (short_final["correct"], short_final["loss"])
+    final, plain_final = events[-1], read_metrics(runs["plain"])[-1]
+    assert final["event"] == "eval" and final["evaluations_during_training"] == 2
+    assert (final["correct"], final["loss"]) == (plain_final["correct"], plain_final["loss"])
+    assert "train " in curve.stdout and ", 2 evaluations during training " in curve.stdout
+    arrays_a, _ = load_checkpoint(latest_checkpoint(runs["curve"]))
+    arrays_b, _ = load_checkpoint(latest_checkpoint(runs["plain"]))
+    for name in arrays_a:      # parameters, BN statistics and momentum: bit for bit
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
 
 
 def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_cifar, tmp_path):
@@ -280,6 +303,7 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--gpus", "gpu1"], ["gpu1"]),
     (["--dtype", "bfloat16"], ["bfloat16"]),
     (["--momentum", "1.5"], ["--momentum"]),
+    (["--eval-interval", "-5"], ["--eval-interval", "-5"]),
     (["--lr-values", "0.1,0.01", "--lr-boundaries", "10,20"], ["--lr-values"]),
     (["--train-batch-size", "500"], ["500", "180 training images"]),
     (["--no-such-flag"], ["--no-such-flag"]),

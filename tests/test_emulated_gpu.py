@@ -305,6 +305,25 @@ def test_sigterm_on_two_emulated_gpus_stops_both_workers_at_one_step_and_the_rer
             np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
 
 
+def test_evaluations_during_training_on_two_emulated_gpus_leave_the_captured_training_as_it_was(tmp_path):
+    """`--gpus 0,1 --eval-interval 2`, captured steps with NCCL: the evaluations between replays (the moving
+    statistics all-reduced for them, then each replica's own put back) change nothing in the training."""
+    from cupynet.checkpoint import latest_checkpoint, load_checkpoint
+    from cupynet.report import read_metrics
+    common = ["-m", "cupynet.train", "--gpus", "0,1", "--synthetic", "--num-layers", "8", "--train-batch-size", "16",
+              "--log-interval", "3", "--checkpoint-interval", "1000", "--validation-size", "20", "--eval-on",
+              "validation", "--eval-batch-size", "20", "--dtype", "bfloat16", "--train-steps", "7"]
+    for name, more in (("curve", ["--eval-interval", "2"]), ("plain", [])):
+        result = run_emulated(common + ["--model-dir", str(tmp_path / name), *more], devices=2)
+        assert result.returncode == 0, result.stdout + result.stderr
+    during = [e["step"] for e in read_metrics(str(tmp_path / "curve")) if e["event"] == "eval_during_training"]
+    assert during == [2, 4, 6]          # between replays: the step is recorded after two eager ones
+    arrays_a, _ = load_checkpoint(latest_checkpoint(str(tmp_path / "curve")))
+    arrays_b, _ = load_checkpoint(latest_checkpoint(str(tmp_path / "plain")))
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+
+
 @pytest.mark.parametrize("gpus, message", [("2", "no GPU 2"), ("0,0", "0")])
 def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus, message):
     result = run_emulated(["-m", "cupynet.train", "--gpus", gpus, "--model-dir", str(tmp_path / "m")], devices=2,

@@ -26,6 +26,7 @@ from cupynet.config import TrainConfig, parse_args
 from cupynet.data import synthetic_dataset
 from cupynet.errors import ConfigError, DeviceError
 from cupynet.parallel import CommunicatorAborted, HostGroup, run_workers
+from cupynet.report import read_metrics
 from cupynet.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,6 +327,29 @@ def test_cli_two_cpu_workers_train_checkpoint_and_resume_exactly(tmp_path):
     assert meta_a["step"] == meta_b["step"] == 6
     for name in arrays_a:
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+
+
+def test_cli_two_workers_evaluate_during_training_and_go_on_with_their_own_statistics(tmp_path):
+    """--eval-interval with two workers: each evaluation (a collective, at the same step on both) uses the replicas'
+    mean moving statistics, as the final one does, then gives each replica its own back: step 2's equals the final
+    evaluation of a run that ends there, and the run trains exactly as one without them (no checkpoint in between,
+    whose mean would hide a lost replica's statistics)."""
+    runs = {name: tmp_path / name for name in ("curve", "plain", "short")}
+    for name, steps, more in (("curve", 4, ["--eval-interval", "1"]), ("plain", 4, []), ("short", 2, [])):
+        result = run_cli(*CLI_FAST, "--model-dir", runs[name], "--train-steps", steps, "--checkpoint-interval", 100,
+                         *more)
+        assert result.returncode == 0, result.stderr
+    events = read_metrics(runs["curve"])
+    during = [e for e in events if e["event"] == "eval_during_training"]
+    assert [e["step"] for e in during] == [1, 2, 3] and all(e["images"] == 20 for e in during)
+    short_final = read_metrics(runs["short"])[-1]
+    assert (during[1]["correct"], during[1]["loss"]) == (short_final["correct"], short_final["loss"])
+    arrays_a, _ = load_checkpoint(latest_checkpoint(runs["curve"]))
+    arrays_b, _ = load_checkpoint(latest_checkpoint(runs["plain"]))
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    assert (events[-1]["correct"], events[-1]["loss"]) == (read_metrics(runs["plain"])[-1]["correct"],
+                                                           read_metrics(runs["plain"])[-1]["loss"])
 
 
 def wait_for_first_checkpoint(model_dir, process, timeout_s=60):
