@@ -328,6 +328,15 @@ def latest_checkpoint(model_dir):
     return None if name is None else os.path.join(model_dir, name)
 
 
+def list_checkpoints(model_dir):
+    """Absolute paths of the checkpoints in `model_dir`, oldest step first ([] if there is none)."""
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    try:
+        return [os.path.join(model_dir, name) for _, name in _list_checkpoints(model_dir)]
+    except OSError as exc:
+        raise CheckpointError(f"cannot read model dir {model_dir}: {_os_reason(exc)}") from None
+
+
 def _read_members(path):
     """All members of the npz at `path` as in-memory arrays, read without pickle.
 

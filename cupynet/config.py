@@ -108,20 +108,20 @@ def _csv(kind):
     return parse
 
 
-def _layout(text):
+def layout_name(text):
     if text not in LAYOUT_ALIASES:
         raise argparse.ArgumentTypeError(f"expected NCHW, NHWC, channels_first or channels_last, got {text!r}")
     return LAYOUT_ALIASES[text]
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that raises ConfigError (one line, no usage dump) instead of exiting."""
 
     def error(self, message):
         raise ConfigError(f"{message} (see --help)")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" only where it tells something: not for an unset default (None: the help says
     what applies, often a demo default), not for an on/off switch (--synthetic, --no-distortion: its
     default is "not given"), and not where the help already names the default."""
@@ -145,8 +145,8 @@ def add_switch(group, field, help):
 
 def build_parser():
     d = TrainConfig()
-    p = _Parser(prog="python -m cupynet.train", description=__doc__.split("\n\n")[0],
-                formatter_class=_HelpFormatter)
+    p = OneLineErrorParser(prog="python -m cupynet.train", description=__doc__.split("\n\n")[0],
+                           formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="folder with cifar-10-batches-py (or that folder itself); "
                       "default: the CIFAR-10 sample shipped with cupynet, with demo defaults")
@@ -169,7 +169,7 @@ def build_parser():
     model.add_argument("--sync-bn", action="store_true",
                        help="with several workers, BatchNorm statistics over the global batch (all-reduced), "
                             "exactly as one device; default: each worker's own shard")
-    model.add_argument("--data-format", type=_layout, default=d.data_format, help="memory layout: NCHW or NHWC")
+    model.add_argument("--data-format", type=layout_name, default=d.data_format, help="memory layout: NCHW or NHWC")
     model.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                        help="compute precision: float32, float64 (CPU only), bfloat16 (GPU only, float32 master weights)")
     add_switch(model, "tf32",

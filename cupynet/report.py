@@ -6,6 +6,7 @@
 """
 import json
 import os
+import sys
 import time
 
 
@@ -49,3 +50,9 @@ def read_metrics(model_dir):
     """Every event of <model_dir>/metrics.jsonl, in order, as dicts."""
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def leave_quietly_on_a_closed_pipe():
+    """After a BrokenPipeError on standard output (`... | head`): point it at /dev/null, so that the interpreter's
+    last flush at exit cannot fail again with a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

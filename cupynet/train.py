@@ -31,7 +31,7 @@ from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args, recipe_changes
 from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, synthetic_dataset
 from cupynet.errors import ConfigError, CupynetError
 from cupynet.parallel import HostGroup, NcclGroup, run_workers
-from cupynet.report import MetricsLog, format_duration, progress_line
+from cupynet.report import MetricsLog, format_duration, leave_quietly_on_a_closed_pipe, progress_line
 from cupynet.stop_request import StopRequest, Terminated, stop_on_sigterm
 from cupynet.trainer import Trainer
 
@@ -342,9 +342,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        # The output's reader went away (`... | head`): stop as a pipe's writer does, without a traceback. Standard
-        # output then points at /dev/null, so that the interpreter's last flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The output's reader went away (`... | head`): stop as a pipe's writer does, without a traceback.
+        leave_quietly_on_a_closed_pipe()
         print("stopped: the output pipe was closed; the last complete checkpoint is intact", file=sys.stderr)
         return 141
     except Terminated:

@@ -324,6 +324,26 @@ def test_evaluations_during_training_on_two_emulated_gpus_leave_the_captured_tra
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
 
 
+def test_a_checkpoint_trained_on_the_cpu_evaluates_on_the_emulated_gpu(tmp_path):
+    """`python -m cupynet.evaluate` on GPU 0: the CPU run's final checkpoint gives its loss in float32 (to rounding)
+    and in bfloat16 (to bfloat16's); a GPU id that is not there is one line."""
+    from cupynet.report import read_metrics
+    model_dir = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "-m", "cupynet.train", "--gpus", "cpu", "--model-dir", str(model_dir),
+                              "--train-steps", "3", "--train-batch-size", "16", "--checkpoint-interval", "3"],
+                             cwd=REPO, capture_output=True, text=True, timeout=FILE_TIMEOUT_S)
+    assert trained.returncode == 0, trained.stderr
+    final = read_metrics(str(model_dir))[-1]
+    for dtype, rtol in (("float32", 1e-4), ("bfloat16", 3e-2)):
+        result = run_emulated(["-m", "cupynet.evaluate", str(model_dir), "--gpus", "0", "--dtype", dtype])
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert f"backend: cupy on 0, NHWC {dtype}" in lines[1], lines
+        np.testing.assert_allclose(float(lines[2].rsplit("loss ", 1)[1]), final["loss"], rtol=rtol)
+    missing = run_emulated(["-m", "cupynet.evaluate", str(model_dir), "--gpus", "1"])
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: --gpus: no GPU 1")
+
+
 @pytest.mark.parametrize("gpus, message", [("2", "no GPU 2"), ("0,0", "0")])
 def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus, message):
     result = run_emulated(["-m", "cupynet.train", "--gpus", gpus, "--model-dir", str(tmp_path / "m")], devices=2,

@@ -1,0 +1,135 @@
+"""`python -m cupynet.evaluate`: saved checkpoints evaluated on their run's data without its flags, and bad input.
+
+Trains ResNet-8s for a few steps on the built-in sample (and on a copy of it given as --data-dir), then evaluates
+their checkpoints; each evaluation of the sample's 100 validation or 500 test images takes well under a second.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cupynet.data import builtin_sample_dir
+from cupynet.evaluate import main
+from cupynet.report import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--gpus", "cpu", "--num-layers", "8", "--train-batch-size", "16", "--eval-batch-size", "50",
+        "--log-interval", "2", "--checkpoint-interval", "2"]
+
+
+def train(model_dir, *args):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "cupynet.train", "--model-dir", str(model_dir), *FAST,
+                             *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return read_metrics(str(model_dir))
+
+
+def evaluate(capsys, *args):
+    """main() on these arguments: (exit status, printed lines, error lines)."""
+    status = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return status, out.splitlines(), err.splitlines()
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """4 steps on the built-in sample, checkpoints at steps 2 and 4, the validation split evaluated at step 2."""
+    model_dir = tmp_path_factory.mktemp("runs") / "sample"
+    return model_dir, train(model_dir, "--train-steps", 4, "--eval-interval", 2, "--eval-on", "validation")
+
+
+def test_every_checkpoint_evaluates_as_the_run_evaluated_it_then(sample_run, capsys):
+    """--all: step 2's checkpoint gives the run's evaluation during training at step 2, step 4's (the last) its
+    final evaluation, exactly; the data and the model come from the checkpoints' record, no training flag given."""
+    model_dir, metrics = sample_run
+    status, lines, err = evaluate(capsys, model_dir, "--all", "--eval-on", "validation", "--gpus", "cpu")
+    assert status == 0, err
+    assert lines[1].startswith("model: ResNet-8 v1 | backend: numpy on cpu, NHWC float32 | validation split, 100 "
+                               "images | 2 checkpoints of ")
+    during = next(e for e in metrics if e["event"] == "eval_during_training")
+    final = metrics[-1]
+    assert during["step"] == 2 and final["event"] == "eval" and final["step"] == 4
+    assert lines[2:] == [f"ckpt-00000002.npz  step 2  validation accuracy {during['accuracy']:.2%} "
+                         f"({during['correct']}/100)  loss {during['loss']:.4f}",
+                         f"ckpt-00000004.npz  step 4  validation accuracy {final['accuracy']:.2%} "
+                         f"({final['correct']}/100)  loss {final['loss']:.4f}"]
+
+
+def test_the_latest_checkpoint_by_default_one_file_when_named_and_the_model_dir_left_as_it_was(sample_run, capsys):
+    model_dir, _ = sample_run
+    before = sorted(os.listdir(model_dir)), os.path.getmtime(model_dir / "metrics.jsonl")
+    status, lines, _ = evaluate(capsys, model_dir, "--gpus", "cpu")
+    assert status == 0 and len(lines) == 3 and lines[2].startswith("ckpt-00000004.npz  step 4  test accuracy ")
+    assert lines[2].split("(")[1].startswith(tuple(f"{n}/500)" for n in range(501)))
+    status, lines, _ = evaluate(capsys, model_dir / "ckpt-00000002.npz", "--gpus", "cpu")
+    assert status == 0 and lines[2].startswith("ckpt-00000002.npz  step 2  test accuracy ")
+    assert (sorted(os.listdir(model_dir)), os.path.getmtime(model_dir / "metrics.jsonl")) == before
+
+
+def test_another_layout_and_precision_evaluate_the_same_model(sample_run, capsys):
+    """Checkpoints are layout-free: NCHW in float64 gives the NHWC float32 run's loss to float32 rounding."""
+    model_dir, metrics = sample_run
+    status, lines, err = evaluate(capsys, model_dir, "--eval-on", "validation", "--gpus", "cpu",
+                                  "--data-format", "NCHW", "--dtype", "float64", "--eval-batch-size", 7)
+    assert status == 0, err
+    assert "NCHW float64" in lines[1]
+    loss = float(lines[2].rsplit("loss ", 1)[1])
+    np.testing.assert_allclose(loss, metrics[-1]["loss"], rtol=1e-4)
+
+
+def test_the_runs_data_folder_is_used_and_a_moved_one_is_named_with_the_way_out(tmp_path, capsys):
+    data = tmp_path / "cifar"
+    shutil.copytree(builtin_sample_dir(), data / "cifar-10-batches-py")
+    model_dir = tmp_path / "run"
+    final = train(model_dir, "--data-dir", data, "--train-steps", 2, "--validation-size", 20)[-1]
+    status, lines, _ = evaluate(capsys, model_dir, "--gpus", "cpu")
+    assert status == 0 and f"({final['correct']}/500)  loss {final['loss']:.4f}" in lines[2]
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    status, _, err = evaluate(capsys, model_dir, "--gpus", "cpu")
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"error: {data}") and \
+        err[0].endswith("(the data the run of ckpt-00000002.npz trained on; pass --data-dir)"), err
+    status, lines, _ = evaluate(capsys, model_dir, "--gpus", "cpu", "--data-dir", moved, "--eval-on", "validation")
+    assert status == 0 and "validation split, 20 images" in lines[1]    # the run's --validation-size
+
+
+def test_a_checkpoint_of_the_demo_sample_is_refused_on_other_data(sample_run, tmp_path, capsys):
+    shutil.copytree(builtin_sample_dir(), tmp_path / "cifar-10-batches-py")
+    status, _, err = evaluate(capsys, sample_run[0], "--gpus", "cpu", "--data-dir", tmp_path)
+    assert status == 2 and len(err) == 1 and "dataset=sample" in err[0] and "dataset=cifar10" in err[0], err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["{tmp}/nowhere"], "no such model dir or checkpoint file"),
+    (["{tmp}"], "holds no checkpoint"),
+    (["{tmp}/junk.npz"], "cannot read checkpoint"),
+    (["{run}/ckpt-00000002.npz", "--all"], "--all takes a model dir"),
+    (["{run}", "--gpus", "cpu,cpu"], "an evaluation runs on one device"),
+    (["{run}", "--gpus", "cpu", "--dtype", "bfloat16"], "bfloat16"),
+    (["{run}", "--gpus", "cpu", "--eval-batch-size", "0"], "--eval-batch-size"),
+    (["{run}", "--gpus", "cpu", "--data-format", "HWCN"], "--data-format"),
+    (["{run}", "--no-such-flag"], "--no-such-flag"),
+    ([], "path"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(sample_run, tmp_path, capsys, args, fragment):
+    (tmp_path / "junk.npz").write_bytes(b"not a zip archive")
+    args = [a.format(tmp=tmp_path, run=sample_run[0]) for a in args]
+    status, _, err = evaluate(capsys, *args)
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+def test_the_command_line(sample_run):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "cupynet.evaluate", str(sample_run[0]), "--gpus", "cpu"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.splitlines()[2].startswith("ckpt-00000004.npz  step 4  "), \
+        result.stderr
+    missing = subprocess.run([sys.executable, "-m", "cupynet.evaluate", str(sample_run[0] / "nothing")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"error: {sample_run[0] / 'nothing'}: no such model dir or "
+                                                   "checkpoint file"]
