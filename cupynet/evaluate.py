@@ -82,16 +82,18 @@ def config_of(meta, args, source):
     return config
 
 
-def choose_dtype(config, requested, device, out):
+def choose_dtype(config, requested, device):
     """--dtype if given; else the run's, or float32 where this device lacks it (bfloat16 on the CPU, float64 on a
-    GPU), said in a line."""
+    GPU). Returns a note to print when it is not the run's own, else ''."""
+    note = ""
     if requested is not None:
         config.dtype = requested
     elif (device == "cpu" and config.dtype == "bfloat16") or (device != "cpu" and config.dtype == "float64"):
-        out(f"  (the run trained in {config.dtype}, which the {'CPU' if device == 'cpu' else 'GPU'} backend lacks: "
-            f"evaluating in float32)")
+        note = (f"  (the run trained in {config.dtype}, which the {'CPU' if device == 'cpu' else 'GPU'} backend "
+                f"lacks: evaluating in float32)")
         config.dtype = "float32"
     check_dtype(device, config.dtype)
+    return note
 
 
 def load_data(config, from_the_run, source):
@@ -113,7 +115,7 @@ def evaluate(args, out=print):
     width = len(str(meta["step"]))            # the newest step is the longest
     device = resolve_devices(config.devices)[0]
     check_devices([device])
-    choose_dtype(config, args.dtype, device, out)
+    dtype_note = choose_dtype(config, args.dtype, device)
     dataset = load_data(config, args.data_dir is None, newest)
     check_against_data(config, dataset)
     split = dataset.test if config.eval_on == "test" else dataset.validation
@@ -123,6 +125,8 @@ def evaluate(args, out=print):
     out(f"model: ResNet-{config.num_layers} {config.block} | backend: {backend.name} on {device}, {backend.layout} "
         f"{backend.dtype} | {config.eval_on} split, {len(split)} images | {len(paths)} checkpoint"
         f"{'s' if len(paths) > 1 else ''} of {os.path.dirname(paths[-1])}")
+    if dtype_note:
+        out(dtype_note)
     results = []
     for path in paths:
         name = os.path.basename(path)

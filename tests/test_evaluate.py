@@ -97,6 +97,20 @@ def test_the_runs_data_folder_is_used_and_a_moved_one_is_named_with_the_way_out(
     assert status == 0 and "validation split, 20 images" in lines[1]    # the run's --validation-size
 
 
+def test_a_bfloat16_run_evaluates_in_float32_on_the_cpu_and_says_so(sample_run, tmp_path, capsys):
+    """A GPU run's record says bfloat16, which the CPU backend lacks: float32 instead, in a note (here the sample
+    run's checkpoint written again, through save_checkpoint, with that record)."""
+    from cupynet.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    arrays, meta = load_checkpoint(latest_checkpoint(sample_run[0]))
+    meta["config"]["dtype"] = "bfloat16"
+    save_checkpoint(tmp_path, meta["step"], arrays, meta)
+    status, lines, err = evaluate(capsys, tmp_path, "--gpus", "cpu", "--eval-on", "validation")
+    assert status == 0, err
+    assert "NHWC float32" in lines[1]
+    assert lines[2] == "  (the run trained in bfloat16, which the CPU backend lacks: evaluating in float32)"
+    assert lines[3].endswith(f"({sample_run[1][-1]['correct']}/100)  loss {sample_run[1][-1]['loss']:.4f}")
+
+
 def test_a_checkpoint_of_the_demo_sample_is_refused_on_other_data(sample_run, tmp_path, capsys):
     shutil.copytree(builtin_sample_dir(), tmp_path / "cifar-10-batches-py")
     status, _, err = evaluate(capsys, sample_run[0], "--gpus", "cpu", "--data-dir", tmp_path)
