@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from cupynet.errors import CheckpointError
+
 
 def format_duration(seconds):
     """1h02m, 5m12s or 42s."""
@@ -39,11 +41,14 @@ class MetricsLog:
         line = json.dumps(record) + "\n"
         # One os.write of one line in append mode: a killed run leaves whole lines, never a torn one
         # in the middle of the file.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as error:      # the model dir removed, or full, during the run: one line, as at its start
+            raise CheckpointError(f"cannot write {self.path}: {error.strerror or error}") from None
 
 
 def read_metrics(model_dir):

@@ -149,6 +149,29 @@ def test_evaluations_during_training_print_an_accuracy_curve_and_leave_the_train
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
 
 
+@pytest.mark.parametrize("gpus", ["cpu", "cpu,cpu"])
+def test_a_model_dir_removed_during_the_run_ends_it_with_one_line(tiny_cifar, tmp_path, gpus):
+    """The run's next write after the model dir is gone (the metrics line after a progress line) is a one-line error,
+    as an unwritable model dir is at the start (a checkpoint's: tests/test_checkpoint.py), with every worker
+    stopped."""
+    import shutil
+    from cupynet.config import parse_args
+    from cupynet.errors import CupynetError
+    from cupynet.train import run
+    model_dir = tmp_path / "run"
+    config = parse_args(["--data-dir", str(tiny_cifar), "--model-dir", str(model_dir), "--train-steps", "6", *FAST,
+                         "--gpus", gpus])
+
+    def out(line):
+        if line.startswith("step 2/6"):
+            shutil.rmtree(model_dir)
+
+    with pytest.raises(CupynetError) as raised:
+        run(config, out=out)
+    assert str(raised.value) == f"cannot write {model_dir}/metrics.jsonl: No such file or directory"
+    assert not model_dir.exists()
+
+
 def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_cifar, tmp_path):
     model_dir = tmp_path / "run"
     assert run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST).returncode == 0
