@@ -25,3 +25,7 @@ class CheckpointError(CupynetError):
 
 class DeviceError(CupynetError):
     """A requested device or backend is not available."""
+
+
+class TrainingDiverged(CupynetError):
+    """The loss, or the weights, stopped being finite numbers (NaN or infinity): too high a learning rate, say."""

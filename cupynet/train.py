@@ -18,10 +18,13 @@ the same flow as one device, on its shard of every global batch (cupynet/paralle
 collectives (gradient average per step, loss at log steps, BN statistics before checkpoints and each
 evaluation, the sharded evaluations themselves).
 """
+import math
 import os
 import sys
 import time
 from typing import NamedTuple
+
+import numpy as np
 
 from cupynet import __version__
 from cupynet.backends import check_devices, check_dtype, create_backend, resolve_devices
@@ -29,7 +32,7 @@ from cupynet.background import Background
 from cupynet.checkpoint import latest_checkpoint, load_checkpoint, prepare_model_dir, save_checkpoint
 from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args, recipe_changes
 from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, synthetic_dataset
-from cupynet.errors import ConfigError, CupynetError
+from cupynet.errors import ConfigError, CupynetError, TrainingDiverged
 from cupynet.parallel import HostGroup, NcclGroup, run_workers
 from cupynet.report import MetricsLog, format_duration, leave_quietly_on_a_closed_pipe, progress_line
 from cupynet.stop_request import StopRequest, Terminated, stop_on_sigterm
@@ -213,7 +216,10 @@ def run_worker(config, dataset, backend, devices, model_dir, out, clock, stop, c
     metrics.write("start", step=trainer.step, resumed_from=resumed_from, config=config.to_dict(),
                   dataset=dataset.description, backend=backend.name, devices=[str(d) for d in devices])
     split = dataset.test if config.eval_on == "test" else dataset.validation
-    loop = train_loop(trainer, config, model_dir, metrics, out, chief, stop, split)
+    # A diverging run is reported once, by train_loop (TrainingDiverged), not by the NumPy reference's warnings about
+    # the overflows that lead to it (np.errstate holds in this thread: each worker's own).
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        loop = train_loop(trainer, config, model_dir, metrics, out, chief, stop, split)
     if loop.stopped:                     # on request, with the model dir's latest checkpoint at this step
         checkpoint = latest_checkpoint(model_dir) if chief else None    # the chief's: None if nothing was saved
         metrics.write("stopped", step=trainer.step, checkpoint=checkpoint and os.path.basename(checkpoint))
@@ -288,9 +294,13 @@ def train_loop(trainer, config, model_dir, metrics, out, chief, stop, eval_split
             images_per_sec = (step - mark_step) * config.train_batch_size / max(now - mark_time, 1e-9)
             eta = (config.train_steps - step) * config.train_batch_size / max(images_per_sec, 1e-9)
             loss = trainer.take_mean_loss()
+            total_loss = loss + trainer.l2_penalty()
             out(progress_line(step, config.train_steps, trainer.epoch, loss, lr, images_per_sec, eta))
             metrics.write("train", step=step, epoch=round(trainer.epoch, 4), loss=loss,
-                          total_loss=loss + trainer.l2_penalty(), lr=lr, images_per_sec=round(images_per_sec, 2))
+                          total_loss=total_loss, lr=lr, images_per_sec=round(images_per_sec, 2))
+            if not math.isfinite(total_loss):
+                diverged(model_dir, metrics, step, f"its mean loss since step {mark_step} is {loss:g} and its "
+                                                   f"L2 term {total_loss - loss:g}")
             mark_time, mark_step = time.time(), step
         if (eval_split is not None and config.eval_interval and step % config.eval_interval == 0
                 and step < config.train_steps):      # the final evaluation follows the last step
@@ -298,10 +308,10 @@ def train_loop(trainer, config, model_dir, metrics, out, chief, stop, eval_split
             evaluations, eval_seconds = evaluations + 1, eval_seconds + seconds
             mark_time += seconds                     # not in the next progress line's images/s
         if step % config.checkpoint_interval == 0 or step == config.train_steps:   # always one at the end
-            save(trainer, model_dir, config, chief)
+            save(trainer, model_dir, config, chief, metrics)
             saved_step = step
     if trainer.step != saved_step:       # every worker stopped at this step: the same collectives on all
-        save(trainer, model_dir, config, chief)
+        save(trainer, model_dir, config, chief, metrics)
     # Every worker's part of the last collectives runs before it leaves: no later read of its own (as an evaluation
     # has) would wait for them, and its peers' do.
     trainer.be.synchronize()
@@ -323,12 +333,26 @@ def evaluate_during_training(trainer, config, split, metrics, out):
     return seconds
 
 
-def save(trainer, model_dir, config, chief):
-    """A checkpoint at the current step; every worker takes part (the moving statistics' mean), the chief writes."""
+def save(trainer, model_dir, config, chief, metrics):
+    """A checkpoint at the current step; every worker takes part (the moving statistics' mean), the chief writes.
+    A state that is no longer finite is never saved: the run stops instead (TrainingDiverged)."""
     trainer.average_moving_statistics()      # the checkpoint holds the replicas' mean statistics
+    arrays = trainer.checkpoint_arrays()     # the same on every worker from here: each finds what the others find
+    broken = [name for name, array in arrays.items() if not np.isfinite(array).all()]
+    if broken:      # BatchNorm can keep the loss finite while a moving variance has overflowed
+        more = f" and {len(broken) - 1} more of its arrays" if len(broken) > 1 else ""
+        diverged(model_dir, metrics, trainer.step, f"{broken[0]}{more} no longer finite (NaN or infinity)")
     if chief:
-        save_checkpoint(model_dir, trainer.step, trainer.checkpoint_arrays(), trainer.checkpoint_meta(),
-                        keep=config.keep_checkpoints)
+        save_checkpoint(model_dir, trainer.step, arrays, trainer.checkpoint_meta(), keep=config.keep_checkpoints)
+
+
+def diverged(model_dir, metrics, step, what):
+    """End the run: the training diverged (the reference tutorial's 'Model diverged with loss = NaN'), found at a
+    progress line or before a checkpoint, so no checkpoint holds it. Every worker comes here at the same step."""
+    metrics.write("diverged", step=step, what=what)
+    kept = latest_checkpoint(model_dir)
+    kept = f"{os.path.basename(kept)}, from before it, is the latest checkpoint" if kept else "no checkpoint was saved"
+    raise TrainingDiverged(f"the training diverged by step {step}: {what}; {kept} (a lower --lr-values may help)")
 
 
 def main(argv=None):

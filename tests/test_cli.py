@@ -172,6 +172,33 @@ def test_a_model_dir_removed_during_the_run_ends_it_with_one_line(tiny_cifar, tm
     assert not model_dir.exists()
 
 
+@pytest.mark.parametrize("gpus, log_interval, checkpoint_interval, found", [
+    ("cpu", 1, 1000, "its mean loss since step "),                 # found at a progress line
+    ("cpu", 1000, 2, "no longer finite (NaN or infinity)"),        # found before a checkpoint (a moving variance)
+    ("cpu,cpu", 1, 1000, "its mean loss since step "),             # every worker finds it at the same step
+    ("cpu,cpu", 1000, 2, "no longer finite (NaN or infinity)"),
+])
+def test_a_diverging_run_stops_with_one_line_before_it_checkpoints_the_damage(tiny_cifar, tmp_path, gpus, log_interval,
+                                                                               checkpoint_interval, found):
+    """A learning rate of 10^5: the loss, or a moving variance, stop being finite within a few steps. The run stops
+    at the progress line (or the checkpoint) that finds it, in one line; every checkpoint left holds finite
+    numbers."""
+    model_dir = tmp_path / "run"
+    result = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 40, *FAST,
+                     "--log-interval", log_interval, "--checkpoint-interval", checkpoint_interval,
+                     "--lr-values", "1e5,1", "--lr-boundaries", 100, "--gpus", gpus)
+    assert_one_line_error(result, "the training diverged by step ", found, "(a lower --lr-values may help)")
+    step = read_metrics(model_dir)[-1]
+    assert step["event"] == "diverged" and f"by step {step['step']}:" in result.stderr
+    saved = [name for name in os.listdir(model_dir) if name.startswith("ckpt-")]
+    for name in saved:
+        arrays, meta = load_checkpoint(model_dir / name)
+        assert meta["step"] < step["step"] and all(np.isfinite(a).all() for a in arrays.values()), name
+    latest = latest_checkpoint(model_dir)
+    assert (f"{os.path.basename(latest)}, from before it, is the latest checkpoint" if latest else
+            "no checkpoint was saved") in result.stderr
+
+
 def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_cifar, tmp_path):
     model_dir = tmp_path / "run"
     assert run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST).returncode == 0
