@@ -298,7 +298,7 @@ def train_loop(trainer, config, model_dir, metrics, out, chief, stop, eval_split
             out(progress_line(step, config.train_steps, trainer.epoch, loss, lr, images_per_sec, eta))
             metrics.write("train", step=step, epoch=round(trainer.epoch, 4), loss=loss,
                           total_loss=total_loss, lr=lr, images_per_sec=round(images_per_sec, 2))
-            if not math.isfinite(total_loss):
+            if chief and not math.isfinite(total_loss):     # the others: see diverged()
                 diverged(model_dir, metrics, step, f"its mean loss since step {mark_step} is {loss:g} and its "
                                                    f"L2 term {total_loss - loss:g}")
             mark_time, mark_step = time.time(), step
@@ -337,18 +337,21 @@ def save(trainer, model_dir, config, chief, metrics):
     """A checkpoint at the current step; every worker takes part (the moving statistics' mean), the chief writes.
     A state that is no longer finite is never saved: the run stops instead (TrainingDiverged)."""
     trainer.average_moving_statistics()      # the checkpoint holds the replicas' mean statistics
-    arrays = trainer.checkpoint_arrays()     # the same on every worker from here: each finds what the others find
+    if not chief:
+        return
+    arrays = trainer.checkpoint_arrays()
     broken = [name for name, array in arrays.items() if not np.isfinite(array).all()]
     if broken:      # BatchNorm can keep the loss finite while a moving variance has overflowed
         more = f" and {len(broken) - 1} more of its arrays" if len(broken) > 1 else ""
         diverged(model_dir, metrics, trainer.step, f"{broken[0]}{more} no longer finite (NaN or infinity)")
-    if chief:
-        save_checkpoint(model_dir, trainer.step, arrays, trainer.checkpoint_meta(), keep=config.keep_checkpoints)
+    save_checkpoint(model_dir, trainer.step, arrays, trainer.checkpoint_meta(), keep=config.keep_checkpoints)
 
 
 def diverged(model_dir, metrics, step, what):
     """End the run: the training diverged (the reference tutorial's 'Model diverged with loss = NaN'), found at a
-    progress line or before a checkpoint, so no checkpoint holds it. Every worker comes here at the same step."""
+    progress line or before a checkpoint, so no checkpoint holds it. The chief alone checks and raises (it writes
+    the metrics): the run's group is then aborted (parallel.run_workers), which takes the other workers out of
+    their next collective."""
     metrics.write("diverged", step=step, what=what)
     kept = latest_checkpoint(model_dir)
     kept = f"{os.path.basename(kept)}, from before it, is the latest checkpoint" if kept else "no checkpoint was saved"
