@@ -53,7 +53,8 @@
 #   layouts     ResNet-44 batch 128 images/s, NCHW/NHWC x float32/bfloat16 x eager/captured -> layouts.json
 #   scaling     1 vs 2 workers sharing the GPU (shared-GPU collectives, captured), and NCCL at one rank:
 #               images/s and the all-reduce of ResNet-44's gradient alone       -> $OUT/scaling*.json
-#   train       python -m cupynet.train --gpus 0 on that data, 300 steps (BN decay 0.9) -> $OUT/train.log
+#   train       python -m cupynet.train --gpus 0 on that data, 300 steps (BN decay 0.9), evaluating every 100,
+#               then python -m cupynet.evaluate of its checkpoint                -> $OUT/train.log
 #   setup_costs where the GPU backend's setup goes: the CUDA context, the Frontend's import, cuDNN's libraries
 #               and handles, timed in fresh processes, as the backend orders them and with the libraries
 #               opened first                                                          -> $OUT/setup_costs.json
@@ -557,8 +558,11 @@ run_stage scaling 60 bash -c '"$PY" bench/scaling.py --device 0 --depth 44 --bat
 if [[ -n "$CIFAR_DIR" ]]; then
     # BatchNorm decay 0.9 as the built-in demo's: at the reference's 0.997 the moving statistics are still 41% their
     # initial values after 300 steps, and the test accuracy printed (9.27% on 2026-11-27) says nothing
-    run_stage train 60 "$PY" -m cupynet.train --gpus 0 --data-dir "$CIFAR_DIR" --train-steps 300 \
-        --batch-norm-decay 0.9 --log-interval 50 --model-dir "$TMP/run"
+    # with evaluations between replays (--eval-interval), then its checkpoint evaluated again by cupynet.evaluate,
+    # which must give the run's final evaluation exactly (the summary compares them)
+    run_stage train 60 bash -c '"$PY" -m cupynet.train --gpus 0 --data-dir "$0" --train-steps 300 \
+        --batch-norm-decay 0.9 --log-interval 50 --eval-interval 100 --model-dir "$1" &&
+        "$PY" -m cupynet.evaluate "$1" --gpus 0' "$CIFAR_DIR" "$TMP/run"
     cp "$TMP/run/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null || true
 else
     skip_stage train "needs the converted CIFAR-10 data"
@@ -794,9 +798,15 @@ if graphed and load("accuracy.json"):
 
 try:
     lines = open(os.path.join(out, "train.log")).read().strip().splitlines()
-    print("\ntraining (last lines of train.log)")
-    for line in lines[-4:]:
-        print("  " + line)
+    print("\ntraining (train.log: its evaluations during and after it, then cupynet.evaluate's of its checkpoint)")
+    for line in lines:
+        if "accuracy" in line:
+            print("  " + line)
+    final = [re.search(r"\((\d+/\d+)\), loss ([\d.]+)", line) for line in lines if line.startswith("final:")]
+    again = [re.search(r"\((\d+/\d+)\)  loss ([\d.]+)", line) for line in lines if line.startswith("ckpt-")]
+    if final and again and final[0] and again[0]:
+        same = final[0].groups() == again[0].groups()
+        print(f"  the checkpoint evaluated again: {'the same' if same else 'NOT the same'} correct count and loss")
 except OSError:
     pass
 

@@ -9,8 +9,8 @@
 # the emulated GPU can run in minutes: ResNet-8 instead of 44, batches 16 and 32 instead of 128 and 512, 1-2
 # timed steps, every stage limit 12x longer (the emulator is slow, and the stages pace themselves to their
 # limits), the accuracy runs 0.05 epoch of ResNet-8 (the default DEVICE_CHECK_ACCURACY_ARGS below: two entries,
-# so the further-runs stage runs too), the 300-step training run 5 steps. Stages that need PyTorch with CUDA skip
-# themselves, as on a machine without it. What it checks: every stage's commands run, their JSON reaches
+# so the further-runs stage runs too), the 300-step training run 5 steps (evaluating every 2). Stages that need
+# PyTorch with CUDA skip themselves, as on a machine without it. What it checks: every stage's commands run, their JSON reaches
 # best_step_options.py and the summary, and the options chosen are passed on; not a figure it prints.
 # Takes about 8 minutes on the project's 2-core machine. The environment passes through (DEVICE_CHECK_SKIP,
 # default "install,gpu_tests": the emulated suite is `pytest -m gpu` itself; DEVICE_CHECK_ACCURACY,
@@ -26,6 +26,7 @@ shrink() {   # device_check.sh on stdin -> its rehearsal version on stdout
         -e 's/--repeats 5/--repeats 2/g' \
         -e 's/--steps 5 /--steps 1 /g' \
         -e 's/--train-steps 300/--train-steps 5 --num-layers 8 --train-batch-size 16/' \
+        -e 's/--eval-interval 100/--eval-interval 2/' \
         -e 's/^    local name=\$1 cap=\$2$/    local name=$1 cap=$(($2 * 12))/' \
         -e 's/^ACCURACY_RUN_S=200$/ACCURACY_RUN_S=2400/'
 }

@@ -45,6 +45,11 @@ def build_parser():
     return p
 
 
+def parse_args(argv=None):
+    """Flags -> argparse namespace; a bad flag raises ConfigError (one line)."""
+    return build_parser().parse_args(argv)
+
+
 def checkpoints_to_evaluate(path, every):
     """The checkpoint files `path` names: a file itself, or a model dir's latest (every one with `every`)."""
     if os.path.isfile(path):
@@ -141,7 +146,7 @@ def evaluate(args, out=print):
 
 def main(argv=None):
     try:
-        evaluate(build_parser().parse_args(argv))
+        evaluate(parse_args(argv))
         sys.stdout.flush()
     except CupynetError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -386,7 +386,7 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                  "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats --conv-pixel-pairs "
                                    "--residual-grad-sums",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
-                 "CIFAR_DIR": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
+                 "CIFAR_DIR": "/data", "0": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",
                  "files": "/out/step_options.json /out/step_options_bn.json",
                  # compare_with_torch's arguments
@@ -399,18 +399,20 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
 
 
 def script_python_commands():
-    """(module, argv) of every `"$PY" bench/NAME.py ...` and `"$PY" -m cupynet.train ...` in device_check.sh,
+    """(module, argv) of every `"$PY" bench/NAME.py ...` and `"$PY" -m cupynet.train|evaluate ...` in device_check.sh,
     with the script's variables replaced by what they hold at run time."""
     import shlex
     text = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())              # join continued lines
     commands = []
-    for target, rest in re.findall(r'"\$PY" (bench/\w+\.py|-m cupynet\.train)([^\n&|;\'<]*)', text):
+    for target, rest in re.findall(r'"\$PY" (bench/\w+\.py|-m cupynet\.train|-m cupynet\.evaluate)([^\n&|;\'<]*)',
+                                   text):
         rest = re.sub(r"\s\d*>>?\s*\S+", "", rest)                     # redirections
         rest = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: SCRIPT_VALUES[m.group(1)], rest)   # "${array[@]}"
         rest = re.sub(r"\$\(\((\w+) - (\d+)\)\)",                       # $((NAME - N)) arithmetic
                       lambda m: str(int(SCRIPT_VALUES[m.group(1)]) - int(m.group(2))), rest)
         rest = re.sub(r"\$\{(\w+):-\}|\$\{?(\w+)\}?", lambda m: SCRIPT_VALUES[m.group(1) or m.group(2)], rest)
-        module = "cupynet.config" if target.startswith("-m") else "bench." + pathlib.Path(target).stem
+        module = {"-m cupynet.train": "cupynet.config", "-m cupynet.evaluate": "cupynet.evaluate"}.get(
+            target, "bench." + pathlib.Path(target).stem)
         commands.append((module, shlex.split(rest)))
     return commands
 
@@ -440,7 +442,7 @@ def test_every_python_command_of_the_device_check_parses():
     modules = {module for module, _ in commands}
     assert modules == {"bench.layouts", "bench.best_step_options", "bench.time_to_accuracy", "bench.vs_torch",
                        "bench.layers", "bench.timeline", "bench.conv_engines", "bench.scaling", "bench.setup_costs",
-                       "cupynet.config"}, modules
+                       "cupynet.config", "cupynet.evaluate"}, modules
     for module, argv in commands:
         try:
             importlib.import_module(module).parse_args(argv)
