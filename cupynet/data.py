@@ -260,6 +260,9 @@ def read_meta_file(path) -> list[str]:
 def find_batches_dir(data_dir) -> str:
     """The cifar-10-batches-py folder: `data_dir` itself if it holds data_batch_1, else that child of it."""
     data_dir = os.fspath(data_dir)
+    if os.path.isfile(data_dir):
+        raise DataError(f"{data_dir}: a file, not a data folder (an archive such as cifar-10-python.tar.gz? extract "
+                        f"it, tar xf FILE, and pass the folder it makes)")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: data directory not found")
     for candidate in (data_dir, os.path.join(data_dir, BATCHES_DIR_NAME)):

@@ -269,6 +269,15 @@ def test_missing_data_dir(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_data_dir_that_is_a_file_says_so(tmp_path):
+    """The downloaded archive itself passed as --data-dir: the error says to extract it, not that nothing is there."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not really")
+    result = run_cli("--data-dir", archive, "--model-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, str(archive), "a file, not a data folder", "extract it")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_batch_file(tiny_cifar, tmp_path):
     data = copy_dataset(tiny_cifar, tmp_path / "data")
     (data / "data_batch_3").unlink()
