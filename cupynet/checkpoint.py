@@ -31,12 +31,18 @@ Usage:
     save_checkpoint(model_dir, step, arrays, meta={"config": ..., "rng": ...}, keep=5)
 """
 
+import contextlib
 import errno
 import json
 import os
 import re
 import secrets
 import zipfile
+
+try:
+    import fcntl           # POSIX; elsewhere model dirs are not locked (model_dir_lock)
+except ImportError:        # pragma: no cover
+    fcntl = None
 
 import numpy as np
 
@@ -45,6 +51,7 @@ from cupynet.errors import CheckpointError
 FORMAT_VERSION = 1
 META_KEY = "__meta__"
 POINTER_NAME = "checkpoint.json"
+LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)\.npz$")
 
@@ -160,14 +167,47 @@ def prepare_model_dir(model_dir):
     return path
 
 
+@contextlib.contextmanager
+def model_dir_lock(model_dir):
+    """Held for a training run's whole life, so that a second run on the same model dir (the same command started
+    twice, say) is refused at its start: the two would train on, each resuming nothing of the other's, writing
+    checkpoints and metrics into one folder. An flock on <model_dir>/.lock: the OS drops it when the process
+    ends however it ends, so a killed run leaves no stale lock. The file, left in place, holds the holder's pid
+    for the message. Where the file system has no flock, the run goes on unlocked."""
+    path = os.path.join(model_dir, LOCK_NAME)
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"model dir {model_dir}: cannot open its lock file {LOCK_NAME}: {_os_reason(exc)}") \
+            from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CheckpointError(f"model dir {model_dir} is in use by another run (pid {holder}); wait for it to "
+                                  f"end, or pass another --model-dir") from None
+        except OSError:       # no flock on this file system (some network ones): unlocked, as before
+            pass
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)          # and with it the lock
+
+
 def _remove_stale_tmp_files(model_dir):
     """Delete `.tmp-*` leftovers in `model_dir`.
 
     A temp file outlives its writer only when that writer was killed mid-save (every error path removes its
     own). A model dir has one writer (the chief worker), and the save that calls this has not created its
     temp file yet, so every `.tmp-*` found here is garbage: removing it reclaims what can be gigabytes. If two
-    runs were wrongly pointed at one dir, the other run's save fails loudly at its rename (CheckpointError),
-    it never produces a corrupt checkpoint.
+    runs were pointed at one dir despite its lock (model_dir_lock), the other run's save fails loudly at its
+    rename (CheckpointError), it never produces a corrupt checkpoint.
     """
     for entry in os.scandir(model_dir):
         if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):

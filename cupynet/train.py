@@ -29,7 +29,8 @@ import numpy as np
 from cupynet import __version__
 from cupynet.backends import check_devices, check_dtype, create_backend, resolve_devices
 from cupynet.background import Background
-from cupynet.checkpoint import latest_checkpoint, load_checkpoint, prepare_model_dir, save_checkpoint
+from cupynet.checkpoint import (latest_checkpoint, load_checkpoint, model_dir_lock, prepare_model_dir,
+                                save_checkpoint)
 from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args, recipe_changes
 from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, synthetic_dataset
 from cupynet.errors import ConfigError, CupynetError, TrainingDiverged
@@ -153,7 +154,8 @@ def run(config, out=print, stop=None):
     check_against_data(config, dataset)
     if backend is not None:
         model_dir = prepare_model_dir(config.model_dir)
-        return run_worker(config, dataset, backend, devices, model_dir, out, clock, stop)
+        with model_dir_lock(model_dir):      # one run per model dir
+            return run_worker(config, dataset, backend, devices, model_dir, out, clock, stop)
     return run_data_parallel(config, dataset, devices, out, clock, stop)
 
 
@@ -176,7 +178,8 @@ def run_data_parallel(config, dataset, devices, out, clock, stop):
         return run_worker(config, dataset, backend, devices, model_dir, out if rank == 0 else _Silent(),
                           clock, stop, comm)
 
-    return run_workers(devices, worker, group)[0]
+    with model_dir_lock(model_dir):          # one run per model dir
+        return run_workers(devices, worker, group)[0]
 
 
 def run_worker(config, dataset, backend, devices, model_dir, out, clock, stop, comm=None):

@@ -594,3 +594,23 @@ def test_check_compatible_on_loaded_meta(tmp_path):
     check_compatible(meta, ARCH, ARCH.keys())
     with pytest.raises(CheckpointError, match="num_layers=20 but this run is num_layers=56"):
         check_compatible(meta, dict(ARCH, num_layers=56), ARCH.keys())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run per model dir
+
+
+def test_model_dir_lock_refuses_a_second_holder_until_the_first_lets_go(tmp_path):
+    """Two holders in one process take two open file descriptions, as two processes would: the second is refused
+    with the holder's pid; after the first has let go, it is free again, and the lock file stays."""
+    from cupynet.checkpoint import LOCK_NAME, model_dir_lock
+    with model_dir_lock(str(tmp_path)):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(CheckpointError) as exc_info:
+            with model_dir_lock(str(tmp_path)):
+                pass
+        assert_one_line_naming(exc_info, tmp_path)
+        assert f"is in use by another run (pid {os.getpid()})" in str(exc_info.value)
+    with model_dir_lock(str(tmp_path)):
+        pass
+    assert latest_checkpoint(tmp_path) is None and os.listdir(tmp_path) == [LOCK_NAME]

@@ -199,15 +199,42 @@ def test_a_diverging_run_stops_with_one_line_before_it_checkpoints_the_damage(ti
             "no checkpoint was saved") in result.stderr
 
 
+def test_a_second_run_on_a_model_dir_in_use_is_refused_and_the_first_goes_on(tiny_cifar, tmp_path):
+    """The same command started twice: the second ends at once with one line naming the first's pid; the first
+    trains on undisturbed; once it has ended (however: the lock dies with its process), the dir is free again."""
+    import signal
+    import time
+    model_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    first = subprocess.Popen([sys.executable, "-m", "cupynet.train", "--data-dir", str(tiny_cifar), "--model-dir",
+                              str(model_dir), "--train-steps", "100000", *FAST], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(model_dir) is None:      # training, with the lock held
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not get going"
+            time.sleep(0.1)
+        second = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 100000, *FAST)
+        assert_one_line_error(second, f"model dir {model_dir} is in use by another run (pid {first.pid})",
+                              "--model-dir")
+        assert first.poll() is None                     # undisturbed
+    finally:
+        first.send_signal(signal.SIGKILL)               # no graceful stop: the lock must die with the process
+        first.communicate(timeout=60)
+    third = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST)
+    assert third.returncode == 0, third.stderr
+
+
 def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_cifar, tmp_path):
     model_dir = tmp_path / "run"
     assert run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST).returncode == 0
-    before = {name: (model_dir / name).read_bytes() for name in os.listdir(model_dir) if name != "metrics.jsonl"}
+    kept = ("metrics.jsonl", ".lock")     # the run's log, and its lock (which holds the pid of its latest holder)
+    before = {name: (model_dir / name).read_bytes() for name in os.listdir(model_dir) if name not in kept}
     result = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST,
                      "--num-layers", 14)
     assert_one_line_error(result, "num_layers=8", "num_layers=14")
-    after = {name: (model_dir / name).read_bytes() for name in os.listdir(model_dir) if name != "metrics.jsonl"}
-    assert after == before
+    after = {name: (model_dir / name).read_bytes() for name in os.listdir(model_dir) if name not in kept}
+    assert after == before and "ckpt-00000002.npz" in after
 
 
 def test_demo_defaults_without_data_dir_and_explicit_flags_win():

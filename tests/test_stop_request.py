@@ -171,7 +171,7 @@ def test_a_second_sigterm_leaves_at_once_with_the_last_complete_checkpoint(tmp_p
     assert stderr.strip().splitlines() == ["terminated (a second SIGTERM): the last complete checkpoint is intact; "
                                            "rerun the same command to resume"]
     assert checkpoint_step(model_dir) == 1                 # the first stop's checkpoint was never begun
-    assert sorted(os.listdir(model_dir)) == ["checkpoint.json", "ckpt-00000001.npz", "metrics.jsonl"]
+    assert sorted(os.listdir(model_dir)) == [".lock", "checkpoint.json", "ckpt-00000001.npz", "metrics.jsonl"]
 
 
 def test_a_closed_output_pipe_stops_the_run_without_a_traceback(tmp_path):
