@@ -179,9 +179,10 @@ def build_parser():
                             "(auto: on for GPU workers unless --reduce host; results are identical either way with "
                             "--conv-deterministic, the default)")
     add_switch(model, "conv_autotune",
-               help="GPU: time cuDNN's candidate engines for each convolution on first use (up to 8 of its "
-                    "heuristics' list) and keep the fastest (--no-conv-autotune: the heuristics' first "
-                    "choice, identical across processes)")
+               help="GPU: time cuDNN's candidate engines for each training convolution on first use (up to 8 "
+                    "of its heuristics' list) and keep the fastest; an evaluation's own shapes take the "
+                    "heuristics' first choice, untimed (--no-conv-autotune: that choice everywhere, identical "
+                    "across processes)")
     add_switch(model, "conv_deterministic",
                help="GPU: only cuDNN engines that give the same bits on every run, so reruns, resumes and "
                     "the captured step repeat exactly (--no-conv-deterministic: engines that add in a "

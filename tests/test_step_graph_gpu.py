@@ -119,3 +119,27 @@ def test_the_warm_up_is_reported_once_at_the_first_replayed_step(dataset, tmp_pa
             assert len(said) == 1 and f"the first {WARMUP_STEPS + 1} steps" in said[0]
         else:
             assert warmups == [] and said == []
+
+
+def test_an_evaluation_builds_its_new_convolutions_untimed_and_training_keeps_its_choices(dataset):
+    """With autotuning on, the training step's convolutions are timed and chosen; an evaluation's new shapes (its
+    batch of 24 here, 16 in training) take the heuristics' first plan, untimed (the same in every process that
+    evaluates the model), while one at a shape training tuned runs the training's choice; a later training step
+    still runs its tuned engines."""
+    from cupynet.backends.conv_autotune import export_choices
+    backend = make_backend("NHWC", "float32")
+    trainer = Trainer(TrainConfig(**dict(BASE, eval_batch_size=24), cuda_graph="off"), dataset, backend)
+    for _ in range(2):
+        trainer.train_step()
+    trained = {entry["key"]: entry["plan_index"] for entry in backend.conv.engine_choices()}
+    assert trained and all(index is not None for index in trained.values())        # timed and chosen
+    exported = len(export_choices(0)["choices"])
+    trainer.evaluate(dataset.test)
+    evaluation = {entry["key"]: entry["plan_index"] for entry in backend.conv.engine_choices()
+                  if entry["key"] not in trained}
+    assert evaluation and all(key[1] == 24 and index is None for key, index in evaluation.items()), evaluation
+    assert len(export_choices(0)["choices"]) == exported       # nothing of the evaluation's for a checkpoint
+    assert {entry["key"]: entry["plan_index"] for entry in backend.conv.engine_choices()
+            if entry["key"] in trained} == trained
+    trainer.train_step()
+    assert backend.conv.executions["fprop"] > 0 and trainer.step == 3

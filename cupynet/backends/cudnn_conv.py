@@ -55,7 +55,11 @@ Autotuning (autotune=True, the GPU backend's default, `--no-conv-autotune` turns
     also include split-K settings of its engines, each built in a graph of its own (conv_autotune.py says
     why); the chosen candidate's graph and tensors are then the ones executed. With tune_in_graph=True
     (`--conv-tune-in-graph`) each candidate is timed replayed from a CUDA graph, as the captured step runs it
-    (conv_autotune.py says why).
+    (conv_autotune.py says why). Inside untimed_new_graphs() (the backend's evaluating()), a graph first built
+    there is not timed: it runs a choice already made for its key (this process's, or an adopted checkpoint's)
+    or else the heuristics' first plan, which every process picks alike. So an evaluation gives the same bits in
+    the training run and in `python -m cupynet.evaluate` of its checkpoint (a timed choice can differ from one
+    process to the next), and a one-off evaluation pays no timing of its own shapes' candidates.
 
 Why integer pointers
     `execute` is given `{tensor: arr.data.ptr}` and the workspace address as plain Python ints. Passing
@@ -316,6 +320,7 @@ class CudnnConv:
         self.genstats_problems = []     # why each "unsupported" one was (cuDNN's words, one line each)
         self._graphs = {}               # cache key -> _BuiltGraph
         self._frozen = False
+        self._time_new_graphs = True    # False inside untimed_new_graphs()
 
     # ------------------------------------------------------------------ public contract
 
@@ -378,6 +383,16 @@ class CudnnConv:
     def freeze(self):
         """From now on a shape without a built graph is an error, not a build inside a step."""
         self._frozen = True
+
+    @contextlib.contextmanager
+    def untimed_new_graphs(self):
+        """Graphs first built inside it run a choice already made for their key, or else the heuristics' first
+        plan, untimed (the module's "Autotuning" says why); graphs built before keep theirs."""
+        before, self._time_new_graphs = self._time_new_graphs, False
+        try:
+            yield
+        finally:
+            self._time_new_graphs = before
 
     @property
     def graphs_built(self):
@@ -575,10 +590,11 @@ class CudnnConv:
         which can run plain instead)."""
         cudnn = self._cudnn
         known = known_choice(key) if self.autotune else None      # this process's or an adopted checkpoint's
+        tune = self.autotune and (self._time_new_graphs or known is not None)    # a known choice runs untimed
         try:
             graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
             try:
-                candidates = self._plan(graph, tensors, known)
+                candidates = self._plan(graph, tensors, known, tune=tune)
                 if candidates is not None and self.split_k and op == "wgrad":
                     candidates += self._split_k_candidates(graph, candidates, known, key_dims, stride, pad)
             except cudnn.cudnnGraphNotSupportedError:
@@ -587,7 +603,7 @@ class CudnnConv:
                 # Only engines that sum in reduced precision left? Better than no convolution at all: plan
                 # again allowing them (a deselection cannot be undone on the same graph).
                 graph, tensors, shapes = self.describe_graph(op, key_dims, stride, pad)
-                candidates = self._plan(graph, tensors, known, reduced_precision_sums=True)
+                candidates = self._plan(graph, tensors, known, reduced_precision_sums=True, tune=tune)
                 self.reduced_precision_graphs.append(describe(op, key_dims, stride, pad))
             if candidates == [] and known is not None and op == FPROP_STATS:
                 # an adopted choice this cuDNN cannot build: time (and check) the others, rather than run the
@@ -667,13 +683,14 @@ class CudnnConv:
         tensor.set_stride(packed_strides(self.layout, *dims))
         tensor.set_data_type(data_type)
 
-    def _plan(self, graph, tensors, known, reduced_precision_sums=False):
+    def _plan(self, graph, tensors, known, reduced_precision_sums=False, tune=True):
         """validate -> operation graph -> heuristics [A, FALLBACK] -> deselect -> check -> build.
 
-        Returns the autotuning candidates (conv_autotune.Candidate, maybe none), or None without autotuning,
-        when the heuristics' first plan was built (`execute` runs it). reduced_precision_sums: keep the
-        engines noted REDUCED_PRECISION_REDUCTION (only when nothing else supports the graph). known: the
-        choice already made for this graph, if any (conv_autotune.build_candidates)."""
+        Returns the autotuning candidates (conv_autotune.Candidate, maybe none), or None without autotuning
+        (or with tune False), when the heuristics' first plan was built (`execute` runs it).
+        reduced_precision_sums: keep the engines noted REDUCED_PRECISION_REDUCTION (only when nothing else
+        supports the graph). known: the choice already made for this graph, if any
+        (conv_autotune.build_candidates)."""
         cudnn = self._cudnn
         graph.validate()
         graph.build_operation_graph()
@@ -686,7 +703,7 @@ class CudnnConv:
         # CUDA-graph replay repeat the eager steps bit for bit. Strict: no TF32.
         graph.deselect_numeric_notes(self._deselected_notes(reduced_precision_sums))
         graph.check_support()
-        if self.autotune:
+        if self.autotune and tune:
             return build_candidates(graph, tensors, self._build_errors(), known,
                                     cudnn.behavior_note.RUNTIME_COMPILATION)
         graph.build_plans()       # no autotuning: the heuristics' first plan

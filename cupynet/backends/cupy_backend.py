@@ -731,6 +731,11 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
 
     # ----------------------------------------------------------------- cuDNN engine choices
 
+    def evaluating(self):
+        """Around an evaluation's forwards: convolution graphs first built there are not timed (CudnnConv's
+        untimed_new_graphs): the same engines, so the same bits, in every process that evaluates a model."""
+        return self.conv.untimed_new_graphs()
+
     def conv_engine_choices(self):
         """The autotuned cuDNN engines of this GPU, for a checkpoint's metadata (None without autotuning)."""
         from cupynet.backends.conv_autotune import export_choices

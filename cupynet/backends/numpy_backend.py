@@ -14,6 +14,7 @@ The contract (the GPU backend implements the same names and arguments):
     from cupynet.backends.numpy_backend import NumpyBackend
     be = NumpyBackend(layout="NHWC", dtype="float32")
 """
+import contextlib
 from collections import Counter
 
 import numpy as np
@@ -94,6 +95,10 @@ class NumpyBackend(LayoutMixin):
     def wait_for_gradients(self):
         """The GPU backend computes weight gradients beside its main stream; here they are done already."""
         self.calls["wait_for_gradients"] += 1
+
+    def evaluating(self):
+        """Around an evaluation's forwards (the GPU backend builds its convolutions there untimed): nothing here."""
+        return contextlib.nullcontext()
 
     def conv_engine_choices(self):
         """The GPU backend's autotuned cuDNN engines, for checkpoints; the CPU has none."""
