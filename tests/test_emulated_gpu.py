@@ -344,6 +344,27 @@ def test_a_checkpoint_trained_on_the_cpu_evaluates_on_the_emulated_gpu(tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: --gpus: no GPU 1")
 
 
+def test_a_gpu_runs_checkpoints_evaluate_on_the_gpu_as_the_run_evaluated_them(tmp_path):
+    """Captured bf16 steps with an evaluation between replays at step 2, then `python -m cupynet.evaluate --all` in
+    a fresh process: step 2's checkpoint gives that evaluation, step 4's the final one, bit for bit (training's
+    engines adopted from the checkpoint, the evaluation's own shapes untimed in both processes)."""
+    from cupynet.report import read_metrics
+    model_dir = tmp_path / "run"
+    trained = run_emulated(["-m", "cupynet.train", "--gpus", "0", "--synthetic", "--num-layers", "8",
+                            "--train-batch-size", "16", "--validation-size", "40", "--eval-on", "validation",
+                            "--eval-batch-size", "24", "--dtype", "bfloat16", "--train-steps", "4",
+                            "--eval-interval", "2", "--checkpoint-interval", "2", "--model-dir", str(model_dir)])
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    events = read_metrics(str(model_dir))
+    during, final = [e for e in events if e["event"] == "eval_during_training"], events[-1]
+    assert [e["step"] for e in during] == [2] and final["event"] == "eval"
+    again = run_emulated(["-m", "cupynet.evaluate", str(model_dir), "--all", "--gpus", "0", "--eval-on", "validation"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines()[2:] == [
+        f"ckpt-0000000{e['step']}.npz  step {e['step']}  validation accuracy {e['accuracy']:.2%} ({e['correct']}/40)  "
+        f"loss {e['loss']:.4f}" for e in (during[0], final)]
+
+
 @pytest.mark.parametrize("gpus, message", [("2", "no GPU 2"), ("0,0", "0")])
 def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus, message):
     result = run_emulated(["-m", "cupynet.train", "--gpus", gpus, "--model-dir", str(tmp_path / "m")], devices=2,
