@@ -5,6 +5,7 @@
     print(progress_line(step=100, total=2000, epoch=0.28, loss=2.01, lr=0.1, images_per_sec=95.0, eta_s=610))
 """
 import json
+import math
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ class MetricsLog:
 
     def write(self, event, **fields):
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        line = json.dumps(record) + "\n"
+        line = json.dumps(_strict_json(record), allow_nan=False) + "\n"
         # One os.write of one line in append mode: a killed run leaves whole lines, never a torn one
         # in the middle of the file.
         try:
@@ -49,6 +50,18 @@ class MetricsLog:
                 os.close(fd)
         except OSError as error:      # the model dir removed, or full, during the run: one line, as at its start
             raise CheckpointError(f"cannot write {self.path}: {error.strerror or error}") from None
+
+
+def _strict_json(value):
+    """`value` with every float that is not finite (a diverged run's loss) as None: metrics.jsonl stays standard
+    JSON, which has no NaN or Infinity (Python would write them, and jq, say, refuses them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def read_metrics(model_dir):

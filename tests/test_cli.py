@@ -3,6 +3,7 @@
 Runs the real command in a subprocess on a tiny real CIFAR-10 folder cut from the built-in sample
 (5 x 40 training images, 50 test images) with a ResNet-8, so each run takes a second or two.
 """
+import json
 import os
 import pickle
 import re
@@ -190,6 +191,14 @@ def test_a_diverging_run_stops_with_one_line_before_it_checkpoints_the_damage(ti
     assert_one_line_error(result, "the training diverged by step ", found, "(a lower --lr-values may help)")
     step = read_metrics(model_dir)[-1]
     assert step["event"] == "diverged" and f"by step {step['step']}:" in result.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant}, which standard JSON has not")
+
+    with open(model_dir / "metrics.jsonl") as f:      # the non-finite loss is null there
+        events = [json.loads(line, parse_constant=refuse) for line in f]
+    if found.startswith("its mean loss"):
+        assert events[-2]["event"] == "train" and events[-2]["total_loss"] is None
     saved = [name for name in os.listdir(model_dir) if name.startswith("ckpt-")]
     for name in saved:
         arrays, meta = load_checkpoint(model_dir / name)
