@@ -112,10 +112,11 @@ def load_data(config, from_the_run, source):
 
 
 def evaluate(args, out=print):
-    """Evaluate every checkpoint `args` names; returns [(checkpoint path, step, result dict)] in order."""
+    """Evaluate every checkpoint `args` names, in order, a line each."""
     paths = checkpoints_to_evaluate(args.path, args.all)
     newest = os.path.basename(paths[-1])
-    _, meta = load_checkpoint(paths[-1])
+    loaded = {paths[-1]: load_checkpoint(paths[-1])}      # read once: its record sets up the run, then it is evaluated
+    meta = loaded[paths[-1]][1]
     config = config_of(meta, args, newest)
     width = len(str(meta["step"]))            # the newest step is the longest
     device = resolve_devices(config.devices)[0]
@@ -132,16 +133,13 @@ def evaluate(args, out=print):
         f"{'s' if len(paths) > 1 else ''} of {os.path.dirname(paths[-1])}")
     if dtype_note:
         out(dtype_note)
-    results = []
     for path in paths:
         name = os.path.basename(path)
-        arrays, meta = load_checkpoint(path)
+        arrays, meta = loaded.pop(path) if path in loaded else load_checkpoint(path)
         trainer.restore(arrays, meta, name)       # refuses another architecture or dataset kind
         result = trainer.evaluate(split)
         out(f"{name}  step {trainer.step:>{width}}  {config.eval_on} accuracy {result['accuracy']:.2%} "
             f"({result['correct']}/{result['images']})  loss {result['loss']:.4f}")
-        results.append((path, trainer.step, result))
-    return results
 
 
 def main(argv=None):
