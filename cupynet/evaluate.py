@@ -19,7 +19,7 @@ from cupynet.backends import check_devices, check_dtype, resolve_devices
 from cupynet.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from cupynet.config import DTYPES, HelpFormatter, OneLineErrorParser, TrainConfig, layout_name, validate
 from cupynet.errors import CheckpointError, ConfigError, CupynetError, DataError
-from cupynet.report import leave_quietly_on_a_closed_pipe
+from cupynet.report import leave_quietly_on_a_closed_pipe, print_each_line_at_once
 from cupynet.train import build_backend, check_against_data, load_dataset
 from cupynet.trainer import Trainer
 
@@ -136,13 +136,14 @@ def evaluate(args, out=print):
     for path in paths:
         name = os.path.basename(path)
         arrays, meta = loaded.pop(path) if path in loaded else load_checkpoint(path)
-        trainer.restore(arrays, meta, name)       # refuses another architecture or dataset kind
+        trainer.restore(arrays, meta, name)
         result = trainer.evaluate(split)
         out(f"{name}  step {trainer.step:>{width}}  {config.eval_on} accuracy {result['accuracy']:.2%} "
             f"({result['correct']}/{result['images']})  loss {result['loss']:.4f}")
 
 
 def main(argv=None):
+    print_each_line_at_once()
     try:
         evaluate(parse_args(argv))
         sys.stdout.flush()

@@ -70,6 +70,13 @@ def read_metrics(model_dir):
         return [json.loads(line) for line in f]
 
 
+def print_each_line_at_once():
+    """Standard output flushed at every line, a pipe included: `... | tee run.log` shows each progress line as it
+    is printed, and `... | head` stops the run at its next line, not once 8 KB of lines have piled up."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+
+
 def leave_quietly_on_a_closed_pipe():
     """After a BrokenPipeError on standard output (`... | head`): point it at /dev/null, so that the interpreter's
     last flush at exit cannot fail again with a traceback."""

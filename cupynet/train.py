@@ -35,7 +35,8 @@ from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args, recipe_changes
 from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, synthetic_dataset
 from cupynet.errors import ConfigError, CupynetError, TrainingDiverged
 from cupynet.parallel import HostGroup, NcclGroup, run_workers
-from cupynet.report import MetricsLog, format_duration, leave_quietly_on_a_closed_pipe, progress_line
+from cupynet.report import (MetricsLog, format_duration, leave_quietly_on_a_closed_pipe, print_each_line_at_once,
+                            progress_line)
 from cupynet.stop_request import StopRequest, Terminated, stop_on_sigterm
 from cupynet.trainer import Trainer
 
@@ -362,6 +363,7 @@ def diverged(model_dir, metrics, step, what):
 
 
 def main(argv=None):
+    print_each_line_at_once()
     stop = StopRequest()
     try:
         with stop_on_sigterm(stop):

@@ -18,6 +18,7 @@ import pytest
 
 from cupynet.checkpoint import latest_checkpoint, load_checkpoint
 from cupynet.stop_request import StopRequest
+from cupynet.report import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,18 +95,20 @@ FAST = ["--synthetic", "--num-layers", "8", "--train-batch-size", "16", "--eval-
 
 
 def cupynet_train(*args, **popen):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    # Without PYTHONUNBUFFERED, as a user's shell runs it: the lines must come through the pipe as printed.
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYTHONUNBUFFERED", None)
     return subprocess.Popen([sys.executable, "-m", "cupynet.train", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **popen)
 
 
 def wait_for_progress(process, step_lines=1):
-    """Read the run's output until `step_lines` progress lines have come: a step has just ended."""
+    """Read the run's output until `step_lines` progress lines have come: a step has just ended. Returns its step."""
     seen = []
     for line in process.stdout:
         seen.append(line)
         if line.startswith("step") and (step_lines := step_lines - 1) == 0:
-            return
+            return int(line.split()[1].split("/")[0])
     raise AssertionError("the run ended before its progress lines: " + "".join(seen) + process.stderr.read())
 
 
@@ -175,14 +178,18 @@ def test_a_second_sigterm_leaves_at_once_with_the_last_complete_checkpoint(tmp_p
 
 
 def test_a_closed_output_pipe_stops_the_run_without_a_traceback(tmp_path):
-    """`python -m cupynet.train | head`: when the reader goes, the next progress line finds the pipe closed."""
-    process = cupynet_train(*FAST, "--gpus", "cpu", "--model-dir", tmp_path / "run", "--train-steps", 100000)
-    wait_for_progress(process, step_lines=1)
+    """`python -m cupynet.train | head`: when the reader goes, the next progress line finds the pipe closed (a line
+    each step here; with the 8 KB of lines a pipe's buffer holds unflushed, the run would go on for about 80 steps)."""
+    model_dir = tmp_path / "run"
+    process = cupynet_train(*FAST, "--gpus", "cpu", "--model-dir", model_dir, "--train-steps", 100000)
+    step_read = wait_for_progress(process, step_lines=1)
     process.stdout.close()
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 141, stderr
     assert stderr.strip().splitlines() == ["stopped: the output pipe was closed; the last complete checkpoint is "
                                            "intact"]
+    last_logged = max(event["step"] for event in read_metrics(model_dir) if event["event"] == "train")
+    assert step_read <= last_logged < step_read + 10
 
 
 def test_a_stop_requested_during_setup_trains_nothing_and_saves_nothing_new(tmp_path):
