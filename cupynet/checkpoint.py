@@ -440,8 +440,9 @@ def _as_json_value(value):
         return value
 
 
-def check_compatible(meta, expected, keys):
-    """Raise CheckpointError unless meta[key] == expected[key] for every key in `keys`.
+def check_compatible(meta, expected, keys, way_out="use another --model-dir"):
+    """Raise CheckpointError unless meta[key] == expected[key] for every key in `keys`; its message ends with
+    `way_out`, what the user can do instead.
 
     Values are compared after a JSON round trip, because meta went through JSON: a config tuple (3, 3) equals
     the stored list [3, 3]. The message lists every differing key with both values on one line.
@@ -453,7 +454,7 @@ def check_compatible(meta, expected, keys):
     wanted = ", ".join(f"{k}={_show(expected, k)}" for k in differing)
     source = checkpoint_name(meta["step"]) if isinstance(meta.get("step"), int) else "in the model dir"
     raise CheckpointError(
-        f"checkpoint {source} was written for {stored} but this run is {wanted}; use another --model-dir"
+        f"checkpoint {source} was written for {stored} but this run is {wanted}; {way_out}"
     )
 
 

@@ -7,7 +7,8 @@
 The counterpart of the reference tutorial's separate evaluation program. The model (depth, block, BatchNorm
 epsilon) and the data (its folder, the held-out validation split, a synthetic set's seed) come from the checkpoint's
 record of the run that wrote it, so no training flag needs repeating; the device, precision and memory layout are
-this run's choice (checkpoints are layout-free), by default the training's where the device has them. On the same
+this run's choice (checkpoints are layout-free): by default a GPU if one can run, and the training's precision
+(where the device has it) and layout. On the same
 device and precision, a run's final checkpoint evaluates exactly as the run's own final evaluation did.
 Writes nothing. Bad input ends with one line `error: ...` and exit status 2.
 """
@@ -127,6 +128,7 @@ def evaluate(args, out=print):
     split = dataset.test if config.eval_on == "test" else dataset.validation
     backend = build_backend(config, device)
     trainer = Trainer(config, dataset, backend)
+    trainer.check_restorable(meta, way_out="evaluate it on the data it trained on (leave out --data-dir)")
     out(f"cupynet {__version__}: {dataset.description}")
     out(f"model: ResNet-{config.num_layers} {config.block} | backend: {backend.name} on {device}, {backend.layout} "
         f"{backend.dtype} | {config.eval_on} split, {len(split)} images | {len(paths)} checkpoint"

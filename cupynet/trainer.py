@@ -4,7 +4,8 @@ It owns the training step (next batch -> forward/backward -> momentum-SGD update
 split, and the conversion of its state to and from checkpoint arrays. `cupynet/train.py` drives it.
 
     trainer = Trainer(config, dataset, backend)
-    trainer.restore(*load_checkpoint(path))       # optional
+    arrays, meta = load_checkpoint(path)          # optional: resume
+    trainer.restore(arrays, meta, os.path.basename(path))
     while trainer.step < config.train_steps:
         trainer.train_step()
     result = trainer.evaluate(dataset.test)
@@ -258,10 +259,14 @@ class Trainer:
             meta["conv_engines"] = engines
         return meta
 
+    def check_restorable(self, meta, way_out="use another --model-dir"):
+        """Refuse (CheckpointError, ending with `way_out`) a checkpoint written for another architecture or dataset."""
+        expected = dict(self.model.architecture, dataset=self.config.dataset_kind)
+        check_compatible(meta, expected, COMPATIBILITY_KEYS, way_out)
+
     def restore(self, arrays, meta, source):
         """Load a checkpoint's state; refuse one written for another architecture or dataset."""
-        expected = dict(self.model.architecture, dataset=self.config.dataset_kind)
-        check_compatible(meta, expected, COMPATIBILITY_KEYS)
+        self.check_restorable(meta)
         try:
             self.model.params.load_state_dict(arrays, "params/")
             self.model.state.load_state_dict(arrays, "bn/")

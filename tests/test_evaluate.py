@@ -113,8 +113,9 @@ def test_a_bfloat16_run_evaluates_in_float32_on_the_cpu_and_says_so(sample_run, 
 
 def test_a_checkpoint_of_the_demo_sample_is_refused_on_other_data(sample_run, tmp_path, capsys):
     shutil.copytree(builtin_sample_dir(), tmp_path / "cifar-10-batches-py")
-    status, _, err = evaluate(capsys, sample_run[0], "--gpus", "cpu", "--data-dir", tmp_path)
+    status, lines, err = evaluate(capsys, sample_run[0], "--gpus", "cpu", "--data-dir", tmp_path)
     assert status == 2 and len(err) == 1 and "dataset=sample" in err[0] and "dataset=cifar10" in err[0], err
+    assert err[0].endswith("; evaluate it on the data it trained on (leave out --data-dir)") and lines == [], lines
 
 
 @pytest.mark.parametrize("args, fragment", [
