@@ -10,6 +10,7 @@ shipped in the package, and a few defaults change so that this demo finishes in 
 CPU cores (DEMO_DEFAULTS below); flags given explicitly always win.
 """
 import argparse
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -37,7 +38,8 @@ class TrainConfig:
     # data
     data_dir: Optional[str] = None           # None: the built-in sample
     synthetic: bool = False
-    validation_size: Optional[int] = None    # None: 10% of the training images (5,000 of 50,000)
+    validation_size: Optional[int] = None    # None: 10% of CIFAR-10's training images (5,000 of 50,000);
+                                             # none of a synthetic set's
     eval_on: str = "test"
     distortion: bool = True
     # model
@@ -123,13 +125,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" only where it tells something: not for an unset default (None: the help says
-    what applies, often a demo default), not for an on/off switch (--synthetic, --no-distortion: its
-    default is "not given"), and not where the help already names the default."""
+    what applies, often a demo default), not for a flag that only turns something on or off (--synthetic,
+    --no-distortion: its default is "not given"), and not where the help already names the default ("default
+    1", "off by default"). A --x/--no-x pair whose help is silent on it gets "(default: True)" or False."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
-        if action.default is None or switch or "(default" in text or "default:" in text:
+        if action.default is None or switch or re.search(r"\(default|default:|default \d|by default", text):
             return text
         default = action.default
         if isinstance(default, (tuple, list)):      # as it is typed: --lr-values 0.1,0.01
@@ -145,13 +148,14 @@ def add_switch(group, field, help):
 
 def build_parser():
     d = TrainConfig()
-    p = OneLineErrorParser(prog="python -m cupynet.train", description=__doc__.split("\n\n")[0],
+    p = OneLineErrorParser(prog="python -m cupynet.train", description="Train a CIFAR-10 ResNet, then evaluate it.",
                            formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="folder with cifar-10-batches-py (or that folder itself); "
                       "default: the CIFAR-10 sample shipped with cupynet, with demo defaults")
     data.add_argument("--synthetic", action="store_true", help="random images, for benchmarks")
-    data.add_argument("--validation-size", type=int, help="training images held out for validation (default: 10%%)")
+    data.add_argument("--validation-size", type=int, help="training images held out for validation "
+                      "(default: 10%% of CIFAR-10's; none of --synthetic's)")
     data.add_argument("--eval-on", choices=("test", "validation"), default=d.eval_on, help="split evaluated at the end "
                       "(and every --eval-interval steps)")
     data.add_argument("--no-distortion", dest="distortion", action="store_false",
