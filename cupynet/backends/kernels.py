@@ -15,8 +15,8 @@ int, numpy.float32 for float, numpy.float64 for double, numpy.uint32 for unsigne
 by value with their own size. Arrays are passed as pointers and must be C-contiguous (checked).
 
 Where the sources are: `kernels/` at the repository root (beside the `cupynet` package), or
-`cupynet/kernels/` when an installed wheel ships them there (see the report to the lead / pyproject).
-CPU check without a GPU: `python -m pytest tests/test_kernels_compile.py` (nvcc -ptx and NVRTC).
+`cupynet/kernels/` when an installed wheel ships them there (pyproject.toml's package data).
+CPU check without a GPU: `python -m pytest tests/test_kernels_compile.py` (nvcc to an sm_90 cubin, and NVRTC).
 """
 import re
 import threading
