@@ -445,10 +445,12 @@ def test_help_explains_every_flag_and_shows_each_default_once():
     for flag, line in lines.items():
         assert len(re.split(r"\s{2,}", line)) >= 2, f"{flag} has no help: {line!r}"
         assert line.count("(default") <= 1 and "(default: None)" not in line, line
+        assert not re.search(r"(default \d|by default).*\(default: ", line), line     # said once is enough
     assert "default" not in lines["--no-distortion"]      # an off switch: "(default: True)" would mislead
     assert lines["--lr-values"].endswith("(default: 0.1,0.01,0.001,0.0002)")   # as it is typed
     assert lines["--momentum"].endswith("(default: 0.9)")
     assert lines["--num-layers"].endswith("(default 44; demo 8)")           # the help's own words, not None
+    assert lines["--tf32"].endswith("(default: True)")      # an on/off pair whose help is silent on its default
 
 
 def test_synthetic_data_trains_without_any_files(tmp_path):
