@@ -10,7 +10,9 @@ shipped in the package, and a few defaults change so that this demo finishes in 
 CPU cores (DEMO_DEFAULTS below); flags given explicitly always win.
 """
 import argparse
+import math
 import re
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -360,7 +362,7 @@ def parse_devices(spec):
         token = token.strip()
         if token == "cpu":
             devices.append("cpu")
-        elif token.isdigit():
+        elif re.fullmatch("[0-9]+", token):        # not str.isdigit(): it takes '²' and '٣' too
             devices.append(int(token))
         else:
             raise ConfigError(f"--gpus {spec!r}: {token!r} is neither 'cpu' nor a GPU id (expected e.g. cpu, 0 or 0,1)")
@@ -372,15 +374,41 @@ def parse_devices(spec):
     return devices
 
 
+def _check_kinds(config):
+    """Each field holds the kind of value it declares: a record of a run read back from JSON may not (the flags
+    parsed here always do). bool is no int here, and an int is a float."""
+    def fits(value, kind):
+        if kind in (int, float) and isinstance(value, bool):
+            return False
+        return isinstance(value, {float: (int, float), tuple: (tuple, list)}.get(kind, kind))
+
+    for item in fields(config):
+        value = getattr(config, item.name)
+        kinds = typing.get_args(item.type) or (item.type,)        # Optional[int]: (int, NoneType)
+        if not any(fits(value, kind) for kind in kinds):
+            flag = flag_of(item.name) if item.name != "devices" else "devices"
+            raise ConfigError(f"{flag} must be {' or '.join(kind.__name__ for kind in kinds)}, got {value!r}")
+
+
 def validate(config):
     """Check every flag and combination; raise ConfigError naming the first problem."""
     c = config
+    _check_kinds(c)
     if c.synthetic and c.data_dir:
         raise ConfigError("--synthetic and --data-dir exclude each other")
+    for flag, path in (("--data-dir", c.data_dir), ("--model-dir", c.model_dir)):
+        if path is not None and not path.strip():
+            raise ConfigError(f"{flag} is empty: name a folder (leave the flag out for its default)")
     try:
         blocks_per_stage(c.num_layers, c.block)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(str(error))
+    if c.data_format not in ("NCHW", "NHWC"):
+        raise ConfigError(f"--data-format must be NCHW or NHWC, got {c.data_format!r}")
+    if c.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
+    if not 0 <= c.seed < 2**32:          # the augmentation's hash takes a 32-bit seed
+        raise ConfigError(f"--seed must be from 0 to {2**32 - 1}, got {c.seed}")
     c.devices = parse_devices(c.gpus)
     _positive(c, "train_batch_size", "eval_batch_size", "log_interval", "checkpoint_interval", "keep_checkpoints")
     if c.train_steps < 0:
@@ -393,12 +421,12 @@ def validate(config):
                           f"of --gpus {c.gpus} (each worker takes an equal shard)")
     if not 0 <= c.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {c.momentum}")
-    if c.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {c.weight_decay}")
+    if not 0 <= c.weight_decay < math.inf:          # NaN fails every comparison
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {c.weight_decay}")
     if not 0 <= c.bn_decay < 1:
         raise ConfigError(f"--batch-norm-decay must be in [0, 1), got {c.bn_decay}")
-    if c.bn_epsilon <= 0:
-        raise ConfigError(f"--batch-norm-epsilon must be > 0, got {c.bn_epsilon}")
+    if not 0 < c.bn_epsilon < math.inf:
+        raise ConfigError(f"--batch-norm-epsilon must be a finite number > 0, got {c.bn_epsilon}")
     if not 1 <= c.wgrad_streams <= MAX_WGRAD_STREAMS:
         raise ConfigError(f"--wgrad-streams must be from 1 to {MAX_WGRAD_STREAMS}, got {c.wgrad_streams}")
     if not 1 <= c.wgrad_chunks <= MAX_WGRAD_CHUNKS:
@@ -444,8 +472,9 @@ def _validate_schedule(c):
     if len(c.lr_values) != len(c.lr_boundaries) + 1:
         raise ConfigError(f"--lr-values needs one more entry than --lr-boundaries "
                           f"(got {len(c.lr_values)} values for {len(c.lr_boundaries)} boundaries)")
-    if any(v < 0 for v in c.lr_values):
-        raise ConfigError("--lr-values must be >= 0")
-    if any(b <= 0 for b in c.lr_boundaries) or list(c.lr_boundaries) != sorted(set(c.lr_boundaries)):
-        raise ConfigError(f"--lr-boundaries must be positive and strictly increasing, got "
+    if not all(0 <= v < math.inf for v in c.lr_values):
+        raise ConfigError(f"--lr-values must be finite numbers >= 0, got {','.join(map(str, c.lr_values))}")
+    if (not all(0 < b < math.inf for b in c.lr_boundaries)
+            or list(c.lr_boundaries) != sorted(set(c.lr_boundaries))):
+        raise ConfigError(f"--lr-boundaries must be positive, finite and strictly increasing, got "
                           f"{','.join(map(str, c.lr_boundaries))}")

@@ -191,7 +191,10 @@ def _check_labels(labels, num_images, path) -> np.ndarray:
     """b'labels' -> int32 (N,) in 0..9, or a DataError saying what is wrong with it."""
     if not isinstance(labels, (list, tuple, np.ndarray)):
         raise DataError(f"{path}: b'labels' is a {type(labels).__name__}, expected a list of ints")
-    array = np.asarray(labels)
+    try:
+        array = np.asarray(labels)
+    except (ValueError, RecursionError):       # ragged ([[1, 2], 3]) or nested past NumPy's depth
+        raise DataError(f"{path}: b'labels' is not a flat list of ints") from None
     # Booleans and floats are not class indices even when they look like 0 and 1.
     if array.size and array.dtype.kind not in "iu":
         raise DataError(f"{path}: b'labels' are not integers (dtype {array.dtype})")
@@ -283,6 +286,8 @@ def _split_off_validation(images, labels, validation_size, source) -> tuple[Spli
     num_images = labels.shape[0]
     if isinstance(validation_size, bool) or not isinstance(validation_size, (int, np.integer)):
         raise DataError(f"{source}: validation size must be an integer, got {validation_size!r}")
+    if not num_images:
+        raise DataError(f"{source}: the training batches hold no images")
     if not 0 <= validation_size < num_images:
         raise DataError(
             f"{source}: validation size {validation_size} must be at least 0 and less than the "
@@ -323,6 +328,8 @@ def load_cifar10(data_dir, validation_size=None) -> Dataset:
         validation_size = _default_validation_size(train_labels.shape[0])
     train, validation = _split_off_validation(train_images, train_labels, validation_size, batches_dir)
     test = Split(test_images, test_labels)
+    if not len(test):                 # an evaluation over no images has no accuracy
+        raise DataError(f"{os.path.join(batches_dir, TEST_BATCH_NAME)}: holds no images")
 
     description = (
         f"CIFAR-10 from {batches_dir}: {len(train)} train, {len(validation)} validation, {len(test)} test"

@@ -72,7 +72,8 @@ def config_of(meta, args, source):
         raise CheckpointError(f"{source}: has no record of the run that wrote it (no 'config' in its meta)")
     try:
         config = TrainConfig(**{name: saved[name] for name in RUN_FIELDS if name in saved})
-    except TypeError as error:
+        validate(config)                   # a record edited by hand, or from another version, in one line
+    except (TypeError, ValueError, ConfigError) as error:
         raise CheckpointError(f"{source}: its record of the run does not fit this cupynet ({error})")
     config.gpus = args.gpus
     config.eval_on = args.eval_on

@@ -236,6 +236,18 @@ def test_dir_without_batches(tmp_path):
     assert_one_line_naming(error, tmp_path)
 
 
+@pytest.mark.parametrize("emptied", [data.TEST_BATCH_NAME, "every training batch"])
+def test_a_split_without_images_is_refused(tmp_path, emptied):
+    """A test batch of 0 images would train and then fail at the evaluation (no accuracy of no images)."""
+    batches_dir = write_fake_cifar(tmp_path)[0]
+    names = data.TRAIN_BATCH_NAMES if emptied == "every training batch" else [emptied]
+    for name in names:
+        data.write_batch_file(batches_dir / name, random_images(np.random.default_rng(0), 0), [], "empty")
+    with pytest.raises(DataError, match="holds no images|hold no images") as error:
+        data.load_cifar10(batches_dir)
+    assert_one_line_naming(error, batches_dir)
+
+
 def test_missing_batch_file(tmp_path):
     batches_dir = write_fake_cifar(tmp_path)[0]
     os.remove(batches_dir / "data_batch_3")
@@ -308,8 +320,9 @@ def test_wrong_data_array(tmp_path, array):
         ([0, 1, 2], "3 labels for 4 images"),
         ([0.0, 1.0, 2.0, 3.0], "not integers"),
         ([b"cat", b"dog", b"cat", b"dog"], "not integers"),
+        ([[1, 2], 3, 4, 5], "not a flat list of ints"),
     ],
-    ids=["too-large", "negative", "too-few", "float", "bytes"],
+    ids=["too-large", "negative", "too-few", "float", "bytes", "ragged"],
 )
 def test_bad_labels(tmp_path, labels, match):
     path = tmp_path / "batch"

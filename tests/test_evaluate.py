@@ -137,6 +137,26 @@ def test_bad_input_is_one_line_and_exit_status_2(sample_run, tmp_path, capsys, a
     assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
 
 
+@pytest.mark.parametrize("field, value, fragment", [
+    ("data_format", "XYZ", "--data-format must be NCHW or NHWC, got 'XYZ'"),
+    ("num_layers", "eight", "--num-layers must be int, got 'eight'"),
+    ("synthetic", "yes", "--synthetic must be bool, got 'yes'"),
+    ("seed", -1, "--seed must be from 0 to"),
+    ("dtype", "float16", "--dtype must be one of"),
+])
+def test_a_record_of_the_run_that_does_not_fit_is_one_line(sample_run, tmp_path, capsys, field, value, fragment):
+    """The record of the run, edited by hand (or from another version), is what sets the evaluation up: checked as
+    the flags are, and reported as the checkpoint's."""
+    from cupynet.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    arrays, meta = load_checkpoint(latest_checkpoint(sample_run[0]))
+    meta["config"][field] = value
+    save_checkpoint(tmp_path, meta["step"], arrays, meta)
+    status, lines, err = evaluate(capsys, tmp_path, "--gpus", "cpu")
+    assert status == 2 and lines == [] and len(err) == 1, err
+    assert err[0].startswith("error: ckpt-00000004.npz: its record of the run does not fit this cupynet (")
+    assert fragment in err[0], err
+
+
 def test_the_command_line(sample_run):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-m", "cupynet.evaluate", str(sample_run[0]), "--gpus", "cpu"],
