@@ -200,6 +200,25 @@ def model_dir_lock(model_dir):
         os.close(fd)          # and with it the lock
 
 
+@contextlib.contextmanager
+def claim_model_dir(model_dir):
+    """A training run's model dir for its whole life: prepared (prepare_model_dir) and locked (model_dir_lock).
+    A dir the run created and leaves holding only its lock file (the run failed before writing anything: bad data,
+    an output it cannot write) is removed again, while still locked, so that the failure leaves nothing behind."""
+    path = os.path.abspath(os.fspath(model_dir))
+    created = not os.path.lexists(path)
+    path = prepare_model_dir(path)
+    with model_dir_lock(path):
+        try:
+            yield path
+        finally:
+            if created:
+                with contextlib.suppress(OSError):
+                    if os.listdir(path) == [LOCK_NAME]:
+                        os.remove(os.path.join(path, LOCK_NAME))
+                        os.rmdir(path)
+
+
 def _remove_stale_tmp_files(model_dir):
     """Delete `.tmp-*` leftovers in `model_dir`.
 
@@ -392,6 +411,11 @@ def _read_members(path):
             members = {key: npz[key] for key in npz.files}
     except CheckpointError:
         raise
+    except ValueError as exc:
+        if "pickle" in str(exc):       # NumPy's text suggests allow_pickle=True: never, for a file from anywhere
+            raise CheckpointError(f"cannot read checkpoint {path}: it holds pickled Python objects, which a cupynet "
+                                  f"checkpoint never does (not loaded)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_os_reason(exc)}") from None
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {_os_reason(exc)}") from None
     for key, value in members.items():
@@ -399,6 +423,17 @@ def _read_members(path):
         if not isinstance(value, np.ndarray):
             raise CheckpointError(f"checkpoint {path} is corrupt: member {key!r} is not a NumPy array")
     return members
+
+
+def check_training_state(source, arrays):
+    """A training state (a model's parameters, statistics, momenta) is real numbers, all finite: the trainer never
+    saves a diverged state, so NaN or infinity means a damaged or foreign file, which would otherwise load and train
+    or evaluate on as garbage. (The storage itself round-trips any numeric array.)"""
+    for key, value in arrays.items():
+        if value.dtype.kind not in "fiu":
+            raise CheckpointError(f"{source} is corrupt: {key!r} holds {value.dtype} values, not real numbers")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CheckpointError(f"{source} is corrupt: {key!r} holds NaN or infinity")
 
 
 def _parse_meta(path, members):
@@ -417,6 +452,11 @@ def _parse_meta(path, members):
         raise CheckpointError(
             f"checkpoint {path} has format_version {version!r}; this cupynet reads version {FORMAT_VERSION}"
         )
+    step = meta.get("step")
+    if type(step) is not int or not 0 <= step < 2**62:     # bool is an int too: type(), not isinstance()
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata: its step {step!r} is not a step count")
+    if not isinstance(meta.get("config", {}), dict):
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata: its record of the run is not a JSON object")
     return meta
 
 

@@ -77,7 +77,14 @@ def print_each_line_at_once():
         sys.stdout.reconfigure(line_buffering=True)
 
 
-def leave_quietly_on_a_closed_pipe():
-    """After a BrokenPipeError on standard output (`... | head`): point it at /dev/null, so that the interpreter's
-    last flush at exit cannot fail again with a traceback."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def leave_stdout_quietly():
+    """After standard output failed (`... | head` closed it, or it is a full disk): point it at /dev/null, so that
+    the interpreter's last flush at exit cannot fail again with a traceback."""
+    if sys.stdout is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def flush_stdout():
+    """Flush standard output, which may be closed (`>&-`: sys.stdout is None, and print() writes nothing)."""
+    if sys.stdout is not None:
+        sys.stdout.flush()

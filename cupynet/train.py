@@ -29,14 +29,13 @@ import numpy as np
 from cupynet import __version__
 from cupynet.backends import check_devices, check_dtype, create_backend, resolve_devices
 from cupynet.background import Background
-from cupynet.checkpoint import (latest_checkpoint, load_checkpoint, model_dir_lock, prepare_model_dir,
-                                save_checkpoint)
+from cupynet.checkpoint import claim_model_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args, recipe_changes
 from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, synthetic_dataset
 from cupynet.errors import ConfigError, CupynetError, TrainingDiverged
 from cupynet.parallel import HostGroup, NcclGroup, run_workers
-from cupynet.report import (MetricsLog, format_duration, leave_quietly_on_a_closed_pipe, print_each_line_at_once,
-                            progress_line)
+from cupynet.report import (MetricsLog, flush_stdout, format_duration, leave_stdout_quietly,
+                            print_each_line_at_once, progress_line)
 from cupynet.stop_request import StopRequest, Terminated, stop_on_sigterm
 from cupynet.trainer import Trainer
 
@@ -154,8 +153,7 @@ def run(config, out=print, stop=None):
     clock.mark("data", {"loaded beside the backend" if backend is not None else "loaded": loading.seconds})
     check_against_data(config, dataset)
     if backend is not None:
-        model_dir = prepare_model_dir(config.model_dir)
-        with model_dir_lock(model_dir):      # one run per model dir
+        with claim_model_dir(config.model_dir) as model_dir:      # one run per model dir
             return run_worker(config, dataset, backend, devices, model_dir, out, clock, stop)
     return run_data_parallel(config, dataset, devices, out, clock, stop)
 
@@ -169,17 +167,16 @@ def run_data_parallel(config, dataset, devices, out, clock, stop):
     """
     check_dtype(devices[0], config.dtype)          # every worker has the same kind of device
     group = make_group(config, devices)
-    model_dir = prepare_model_dir(config.model_dir)
+    with claim_model_dir(config.model_dir) as model_dir:     # one run per model dir
 
-    def worker(rank, device):
-        backend = build_backend(config, device)
-        if rank == 0:
-            clock.mark("backend", getattr(backend, "setup_phases", None))
-        comm = group.communicator(rank, backend)
-        return run_worker(config, dataset, backend, devices, model_dir, out if rank == 0 else _Silent(),
-                          clock, stop, comm)
+        def worker(rank, device):
+            backend = build_backend(config, device)
+            if rank == 0:
+                clock.mark("backend", getattr(backend, "setup_phases", None))
+            comm = group.communicator(rank, backend)
+            return run_worker(config, dataset, backend, devices, model_dir, out if rank == 0 else _Silent(),
+                              clock, stop, comm)
 
-    with model_dir_lock(model_dir):          # one run per model dir
         return run_workers(devices, worker, group)[0]
 
 
@@ -369,15 +366,19 @@ def main(argv=None):
         with stop_on_sigterm(stop):
             config = parse_args(argv)
             result = run(config, stop=stop)
-            sys.stdout.flush()       # a closed output pipe is found here, not by the interpreter's exit
+            flush_stdout()           # a closed output pipe is found here, not by the interpreter's exit
     except CupynetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The output's reader went away (`... | head`): stop as a pipe's writer does, without a traceback.
-        leave_quietly_on_a_closed_pipe()
+        leave_stdout_quietly()
         print("stopped: the output pipe was closed; the last complete checkpoint is intact", file=sys.stderr)
         return 141
+    except OSError as error:       # the output cannot be written (a full disk): one line, as for bad input
+        leave_stdout_quietly()
+        print(f"error: cannot write the output: {error.strerror or error}", file=sys.stderr)
+        return 2
     except Terminated:
         print("terminated (a second SIGTERM): the last complete checkpoint is intact; rerun the same command to "
               "resume", file=sys.stderr)

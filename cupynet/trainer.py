@@ -35,7 +35,7 @@ import numpy as np
 
 from cupynet import __version__
 from cupynet.errors import CheckpointError, ConfigError
-from cupynet.checkpoint import check_compatible
+from cupynet.checkpoint import check_compatible, check_training_state
 from cupynet.model import ResNet
 from cupynet.optim import MomentumSGD, PiecewiseConstant
 from cupynet.sampling import StepSampler
@@ -267,12 +267,15 @@ class Trainer:
     def restore(self, arrays, meta, source):
         """Load a checkpoint's state; refuse one written for another architecture or dataset."""
         self.check_restorable(meta)
+        check_training_state(source, arrays)
         try:
             self.model.params.load_state_dict(arrays, "params/")
             self.model.state.load_state_dict(arrays, "bn/")
             self.model.params.load_state_dict(arrays, "momentum/", flat=self.optimizer.accumulator)
             self.step = int(meta["step"])
             self.seed = int(meta["rng"]["seed"])
+            if not 0 <= self.seed < 2**32:           # as --seed
+                raise ValueError(f"its seed {self.seed} is not from 0 to {2**32 - 1}")
         except (KeyError, ValueError, TypeError) as error:
             raise CheckpointError(f"{source}: does not hold this model's state ({type(error).__name__}: {error})")
         self.sampler = StepSampler(self.seed, self.sampler.num_images, self.sampler.batch_size)

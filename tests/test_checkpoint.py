@@ -447,6 +447,15 @@ def _meta_wrong_version(path, good):
     _write_zip(path, {"__meta__.npy": meta})
 
 
+def _meta_with(**fields):
+    """A checkpoint maker whose meta has these fields (a file edited by hand, or written by something else)."""
+    def make(path, good):
+        meta = {"step": 1, "format_version": 1, **fields}
+        _write_zip(path, {"w.npy": _npy_bytes(np.ones(2)), "__meta__.npy": _npy_bytes(np.array(json.dumps(meta)))})
+    make.__name__ = "_meta_with_" + "_".join(f"{k}_{v}" for k, v in fields.items())
+    return make
+
+
 def _missing(path, good):
     pass
 
@@ -463,8 +472,15 @@ def _missing(path, good):
         _no_meta,
         _meta_not_json,
         _meta_wrong_version,
+        _meta_with(step=-5),
+        _meta_with(step=10**30),
+        _meta_with(step=True),
+        _meta_with(step="7"),
+        _meta_with(step=None),
+        _meta_with(config=[1, 2]),
         _missing,
     ],
+    ids=lambda make: make.__name__.strip("_"),
 )
 def test_load_refuses_bad_files(tmp_path, make_bad):
     good_dir = tmp_path / "good"
@@ -477,6 +493,22 @@ def test_load_refuses_bad_files(tmp_path, make_bad):
         load_checkpoint(bad)
     assert_one_line_naming(exc_info, bad)
     assert not (tmp_path / "PICKLE_RAN").exists()  # refused without unpickling
+    assert "allow_pickle" not in str(exc_info.value)  # NumPy's advice to unpickle a file from anywhere: not passed on
+
+
+@pytest.mark.parametrize("value, what", [
+    (np.array([1.0, np.nan], dtype=np.float32), "holds NaN or infinity"),
+    (np.array([np.inf]), "holds NaN or infinity"),
+    (np.array([1 + 2j]), "holds complex128 values, not real numbers"),
+    (np.zeros(2, dtype=[("a", "f4")]), "not real numbers"),
+])
+def test_a_training_state_must_be_finite_real_numbers(value, what):
+    from cupynet.checkpoint import check_training_state
+    check_training_state("ckpt-00000001.npz", {"params/w": np.ones(3, np.float32), "step": np.array(4)})
+    with pytest.raises(CheckpointError) as exc_info:
+        check_training_state("ckpt-00000001.npz", {"params/w": np.ones(3, np.float32), "params/b": value})
+    assert str(exc_info.value).startswith("ckpt-00000001.npz is corrupt: 'params/b' holds ") and what in str(exc_info.value)
+    assert_one_line_naming(exc_info, "ckpt-00000001.npz")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -614,3 +646,26 @@ def test_model_dir_lock_refuses_a_second_holder_until_the_first_lets_go(tmp_path
     with model_dir_lock(str(tmp_path)):
         pass
     assert latest_checkpoint(tmp_path) is None and os.listdir(tmp_path) == [LOCK_NAME]
+
+
+def test_a_model_dir_claimed_and_left_unused_is_removed_only_if_the_run_made_it(tmp_path):
+    """A run that fails before writing anything leaves no folder it made; a folder that was there stays, and so
+    does one the run wrote into."""
+    from cupynet.checkpoint import LOCK_NAME, claim_model_dir
+    made = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError):
+        with claim_model_dir(made) as path:
+            assert path == str(made) and os.listdir(made) == [LOCK_NAME]
+            raise RuntimeError("bad input found after the model dir was claimed")
+    assert not made.exists() and (tmp_path / "new").is_dir()       # its parents stay
+    with claim_model_dir(tmp_path / "kept"):
+        pass
+    assert not (tmp_path / "kept").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with claim_model_dir(existing):
+        pass
+    assert os.listdir(existing) == [LOCK_NAME]
+    with claim_model_dir(made) as path:
+        save_checkpoint(path, 1, {"w": np.ones(2)}, {})
+    assert sorted(os.listdir(made)) == [LOCK_NAME, "checkpoint.json", "ckpt-00000001.npz"]

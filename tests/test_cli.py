@@ -246,6 +246,43 @@ def test_checkpoint_from_another_architecture_is_refused_and_left_intact(tiny_ci
     assert after == before and "ckpt-00000002.npz" in after
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda arrays, meta: arrays.__setitem__("params/logits/w", arrays["params/logits/w"] * np.nan),
+     "'params/logits/w' holds NaN or infinity"),
+    (lambda arrays, meta: meta["rng"].__setitem__("seed", -3), "its seed -3 is not from 0 to"),
+])
+def test_a_damaged_checkpoint_is_refused_at_resume_in_one_line(tiny_cifar, tmp_path, damage, fragment):
+    """A checkpoint edited by hand or damaged where its CRCs cannot see (written so by another program): never
+    loaded into a run that would train on garbage."""
+    from cupynet.checkpoint import save_checkpoint
+    model_dir = tmp_path / "run"
+    assert run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 2, *FAST).returncode == 0
+    arrays, meta = load_checkpoint(latest_checkpoint(str(model_dir)))
+    damage(arrays, meta)
+    save_checkpoint(model_dir, meta.pop("step"), arrays, meta)
+    result = run_cli("--data-dir", tiny_cifar, "--model-dir", model_dir, "--train-steps", 4, *FAST)
+    assert_one_line_error(result, "ckpt-00000002.npz", fragment)
+    assert latest_checkpoint(str(model_dir)).endswith("ckpt-00000002.npz")
+
+
+@pytest.mark.parametrize("redirect", [">/dev/full", ">&-"])
+def test_an_output_that_cannot_be_written_ends_the_run_in_one_line(tiny_cifar, tmp_path, redirect):
+    """A full disk under the output: one line, and no model dir left behind by a run that wrote nothing into it.
+    A closed output (`>&-`): Python prints nothing, and the run trains and saves as usual."""
+    model_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "cupynet.train", "--data-dir", tiny_cifar, "--model-dir", model_dir,
+               "--train-steps", 2, *FAST]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(" ".join(map(str, command)) + " " + redirect, shell=True, capture_output=True,
+                            text=True, env=env, timeout=300)
+    if redirect == ">&-":
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert latest_checkpoint(str(model_dir)).endswith("ckpt-00000002.npz")
+        return
+    assert_one_line_error(result, "cannot write the output: No space left on device")
+    assert not model_dir.exists()
+
+
 def test_demo_defaults_without_data_dir_and_explicit_flags_win():
     from cupynet.config import parse_args
     demo = parse_args([])
@@ -418,6 +455,14 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--padded-input", "--data-format", "NCHW"], ["--padded-input", "NHWC"]),
     (["--residual-grad-sums", "--block", "v2"], ["--residual-grad-sums", "--block v1"]),
     (["--residual-grad-sums", "--sync-bn", "--gpus", "cpu,cpu"], ["--residual-grad-sums", "--sync-bn"]),
+    (["--seed", "-1"], ["--seed", "-1"]),
+    (["--lr-values", "0.1,0.01", "--lr-boundaries", "nan"], ["--lr-boundaries", "finite"]),
+    (["--lr-values", "inf,0.1", "--lr-boundaries", "1"], ["--lr-values", "finite"]),
+    (["--weight-decay", "inf"], ["--weight-decay", "finite"]),
+    (["--batch-norm-epsilon", "nan"], ["--batch-norm-epsilon", "finite"]),
+    (["--gpus", "\u00b2"], ["neither 'cpu' nor a GPU id"]),        # a digit to str.isdigit(), not to int()
+    (["--data-dir", ""], ["--data-dir is empty"]),
+    (["--model-dir", ""], ["--model-dir is empty"]),
 ])
 def test_bad_flags(tiny_cifar, tmp_path, args, fragments):
     model_dir = tmp_path / "run"
