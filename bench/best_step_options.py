@@ -13,9 +13,9 @@ goes to stderr; so does a file that could not be read, when another could.
 bench/device_check.sh uses it to run the accuracy and the PyTorch comparison with the options its own
 step_options stage found fastest, in the same device call.
 
-A missing or unreadable file, or no matching row, is a one-line error and exit status 2.
+A bad flag, a missing or unreadable file (when no other could be read), or no matching row, is a one-line error,
+`error: ...`, and exit status 2.
 """
-import argparse
 import json
 import os
 import sys
@@ -23,20 +23,38 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import step_options   # noqa: E402
+from bench.cli import check_at_least, run_script   # noqa: E402
+from cupynet.config import DTYPES, OneLineErrorParser   # noqa: E402
+from cupynet.errors import ConfigError   # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="bench/layouts.py JSON files")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--layout", default="NHWC")
+    p.add_argument("--layout", default="NHWC", choices=("NCHW", "NHWC"))
     p.add_argument("--min-gain", type=float, default=0.02,
                    help="how much faster than the defaults the best row must be to be chosen (0.02: 2%%)")
     args = p.parse_args(argv)
-    if args.min_gain < 0:
-        p.error(f"--min-gain must be >= 0, got {args.min_gain}")
+    check_at_least(p.error, args, 1, "batch")
+    check_at_least(p.error, args, 0, "min_gain")
     return args
+
+
+def read_rows(path):
+    """The rows of a bench/layouts.py JSON file; ValueError saying (without the path) why there are none."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except OSError as error:
+        raise ValueError(error.strerror or str(error)) from None        # its str() names the path again
+    except ValueError as error:                                         # not JSON, or not UTF-8
+        raise ValueError(f"not JSON ({error})") from None
+    rows = report.get("results") if isinstance(report, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("no 'results' list of rows: not a bench/layouts.py --json file")
+    return rows
 
 
 def options_of(row):
@@ -49,7 +67,8 @@ def choose(rows, dtype, batch, layout, min_gain):
     """(options, best row, default row or None): the fastest captured row's options, or the defaults'
     unless it beats them by more than min_gain. ValueError when no row matches."""
     matching = [row for row in rows if row.get("captured") and row.get("dtype") == dtype
-                and row.get("batch") == batch and row.get("layout") == layout and "error" not in row]
+                and row.get("batch") == batch and row.get("layout") == layout and "error" not in row
+                and isinstance(row.get("images_per_sec"), (int, float))]
     if not matching:
         raise ValueError(f"no captured {layout} {dtype} batch-{batch} row")
     best = max(matching, key=lambda row: row["images_per_sec"])
@@ -61,20 +80,20 @@ def choose(rows, dtype, batch, layout, min_gain):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows, problems = [], []
+    rows, read, problems = [], [], []
     for path in args.results:
         try:
-            with open(path) as f:
-                rows += json.load(f)["results"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            rows += read_rows(path)
+            read.append(path)
+        except ValueError as error:
             problems.append(f"{path}: {error}")
+    if not read:
+        raise ConfigError("; ".join(problems))
     try:
-        if len(problems) == len(args.results):
-            raise ValueError("; ".join(problems))
         options, best, default = choose(rows, args.dtype, args.batch, args.layout, args.min_gain)
-    except (ValueError, KeyError, TypeError) as error:
-        print(f"best_step_options: {' '.join(args.results)}: {error}", file=sys.stderr)
-        sys.exit(2)
+    except ValueError as error:
+        skipped = f" (skipped {'; '.join(problems)})" if problems else ""
+        raise ConfigError(f"{', '.join(read)}: {error}{skipped}") from None
     for problem in problems:
         print(f"best_step_options: skipped {problem}", file=sys.stderr)
     against = f"; defaults {default['images_per_sec']:.0f}" if default else "; defaults not measured"
@@ -85,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

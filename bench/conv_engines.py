@@ -50,9 +50,9 @@ deterministic engine and the fastest of all: how much a better engine choice cou
 totals add only the convolutions for which every compared figure exists (and say how many). Writes JSON
 (`--json`, default bench/results/conv_engines-<host>.json) with bench/layouts.py's environment(), again
 after every convolution, so a run stopped from outside keeps what it measured. --max-seconds bounds the
-whole run, setup included: past it, no further build, survey or convolution starts. GPU only.
+whole run, setup included: past it, no further build, survey or convolution starts. GPU only. Bad input (a flag,
+a GPU that is not there) is one line, `error: ...`, and exit status 2.
 """
-import argparse
 import os
 import platform
 import statistics
@@ -64,15 +64,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.layouts import device_of, environment, replace_json     # noqa: E402
-from cupynet.backends import check_devices, create_backend          # noqa: E402
+from bench.cli import (check_at_least, check_device, depth_problem, device_of, is_count,   # noqa: E402
+                       run_script)
+from bench.layouts import environment, replace_json                 # noqa: E402
+from cupynet.backends import create_backend                         # noqa: E402
 from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, SettingRefused,  # noqa: E402
                                             build_split_k_setting, engine_ids, gpu_milliseconds,
                                             split_k_engines)
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
 from cupynet.backends.pixel_pairs import PAIR_MAX_CHANNELS          # noqa: E402
-from cupynet.errors import CupynetError, DeviceError                 # noqa: E402
+from cupynet.config import OneLineErrorParser                       # noqa: E402
 from cupynet.model import ResNet                                    # noqa: E402
 
 OPS = ("wgrad", "fprop", "dgrad")       # surveyed in this order: weight gradients cost the most (GPU notes)
@@ -82,12 +84,12 @@ HOST_SECONDS_PER_CALL = 60e-6           # a generous host cost of one execute (G
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="0", help="GPU id")
-    p.add_argument("--depth", type=int, default=44)
+    p.add_argument("--depth", type=int, default=44, help="ResNet depth (6n+2)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--layout", default="NHWC")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--layout", default="NHWC", choices=("NCHW", "NHWC"))
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="float32: strict fp32 convolutions")
     p.add_argument("--runs", type=int, default=20, help="executions per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per engine (median reported)")
@@ -100,12 +102,17 @@ def parse_args(argv=None):
                    help="weight gradients: how many (engine, slices) split-K settings to time (0: none)")
     p.add_argument("--json", help="output file (default bench/results/conv_engines-<host>.json)")
     args = p.parse_args(argv)
-    if not args.device.isdigit():
+    if not is_count(args.device):
         p.error(f"the engines are cuDNN's: --device must be a GPU id, got {args.device!r}")
+    problem = depth_problem(args.depth)
+    if problem:
+        p.error(problem)
     if args.runs < 1 or args.repeats < 1:
         p.error(f"--runs and --repeats must be >= 1, got {args.runs} and {args.repeats}")
-    if args.split_k_settings < 0:
-        p.error(f"--split-k-settings must be >= 0, got {args.split_k_settings}")
+    check_at_least(p.error, args, 1, "batch")
+    check_at_least(p.error, args, 0, "split_k_settings", "build_seconds")
+    if not args.max_seconds > 0:
+        p.error(f"--max-seconds must be positive, got {args.max_seconds}")
     return args
 
 
@@ -492,7 +499,7 @@ def write_report(path, env, args, totals, rows, not_surveyed, reduced_precision_
 def main(argv=None):
     args = parse_args(argv)
     deadline = time.perf_counter() + args.max_seconds
-    check_devices([device_of(args.device)])
+    check_device(args.device)
     env = environment(args.device)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"conv_engines-{platform.node() or 'host'}.json")
@@ -532,7 +539,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CupynetError, DeviceError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

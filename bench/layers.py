@@ -49,9 +49,9 @@ conv2d_forward_with_stats and batchnorm_train_from_sums rows (the GPU needs its 
 `--no-conv-deterministic` is there because the step options may say so (genstats engines may all be such).
 The peak (`--peak-gbs`) defaults on the CPU to a measured `np.copyto` of 256 MB (read + write, best of 3);
 on a GPU pass the datasheet figure. Prints a table and writes JSON (`--json`, default
-bench/results/layers-<host>.json) with `environment()` of bench/layouts.py.
+bench/results/layers-<host>.json) with `environment()` of bench/layouts.py. Bad input (a flag, a depth not 6n+2,
+a dtype the device lacks, a GPU that is not there) is one line, `error: ...`, and exit status 2.
 """
-import argparse
 import inspect
 import os
 import platform
@@ -65,10 +65,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import step_options                                             # noqa: E402
-from bench.layouts import CudaEventTimer, WallTimer, device_of, environment, replace_json   # noqa: E402
-from cupynet.backends import check_devices                                  # noqa: E402
+from bench.cli import (check_at_least, check_device, depth_problem, device_of, dtype_problem,   # noqa: E402
+                       is_device, run_script)
+from bench.layouts import CudaEventTimer, WallTimer, environment, replace_json   # noqa: E402
 from cupynet.backends.layout import LayoutMixin                             # noqa: E402
-from cupynet.config import TrainConfig                                      # noqa: E402
+from cupynet.config import OneLineErrorParser, TrainConfig                  # noqa: E402
 from cupynet.data import synthetic_dataset                                  # noqa: E402
 from cupynet.train import build_backend                                     # noqa: E402
 from cupynet.trainer import Trainer                                         # noqa: E402
@@ -91,11 +92,11 @@ OPTIONS = [option for option in step_options.OPTIONS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=20, help="ResNet depth (6n+2)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--layout", default="NHWC", choices=("NCHW", "NHWC"))
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (GPU) or float64 (CPU)")
     p.add_argument("--device", default="cpu", help="'cpu' or a GPU id")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="GPU float32: strict fp32 convolutions")
     step_options.add_flags(p, OPTIONS)
@@ -111,6 +112,15 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, 1 warm-up, 1 timed step")
     p.add_argument("--json", help="output file (default bench/results/layers-<host>.json)")
     args = p.parse_args(argv)
+    if not is_device(args.device):
+        p.error(f"--device: 'cpu' or a GPU id, got {args.device!r}")
+    for problem in (depth_problem(args.depth), dtype_problem(args.dtype, args.device)):
+        if problem:
+            p.error(problem)
+    check_at_least(p.error, args, 1, "batch", "steps", "isolate_repeats", "isolate_launches")
+    check_at_least(p.error, args, 0, "warmup")
+    if args.peak_gbs is not None and not args.peak_gbs > 0:
+        p.error(f"--peak-gbs must be positive, got {args.peak_gbs}")
     if args.quick:
         args.depth, args.batch, args.warmup, args.steps = 8, 8, 1, 1
     if args.device != "cpu" and args.peak_gbs is None:
@@ -390,10 +400,9 @@ def write_json(path, report):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_device(args.device)                       # a clear DeviceError before environment() asks CUDA
     measured = args.peak_gbs is None
     peak_gbs = measure_copy_bandwidth() if measured else args.peak_gbs
-    if args.device != "cpu":
-        check_devices([device_of(args.device)])     # a clear DeviceError before environment() asks CUDA
     dataset = synthetic_dataset(num_train=args.batch * 4, num_test=args.batch, seed=0)
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | ResNet-{args.depth} batch {args.batch} {args.layout} {args.dtype} | "
@@ -417,4 +426,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,7 +37,9 @@ otherwise cut: no configuration starts once the time since the start plus 1.5x t
 would pass it; those left are listed in the JSON (`not_measured`). The JSON is rewritten after every
 configuration, so a run stopped from outside keeps what it measured. A configuration that fails at run
 time (out of memory, a CUDA or cuDNN error, a non-finite loss) is recorded with its error and the next one
-runs; the exit status is then 1. A bad flag or a configuration cupynet refuses ends the run in one line.
+runs; the exit status is then 1. A bad flag (a depth not 6n+2, a dtype the device lacks: float32 on either,
+bfloat16 on a GPU, float64 on the CPU), a GPU that is not there or a configuration cupynet refuses ends the run
+in one line, `error: ...`, with exit status 2, before anything is written.
 
 `--also "FLAGS"` adds a smaller grid's configurations (its grid flags over this grid's), each where the
 product of every value puts it, beside those it differs from in the last dimensions: a few configurations
@@ -67,11 +69,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import step_options                                   # noqa: E402
+from bench.cli import (check_at_least, check_device, depth_problem, device_of, dtype_problem, is_count,  # noqa: E402
+                       is_device, run_script)
 from cupynet import __version__                                   # noqa: E402
-from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, check_devices   # noqa: E402
-from cupynet.config import TrainConfig                             # noqa: E402
+from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS   # noqa: E402
+from cupynet.config import OneLineErrorParser, TrainConfig         # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
-from cupynet.errors import ConfigError, CupynetError               # noqa: E402
+from cupynet.errors import ConfigError                             # noqa: E402
 from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
 from cupynet.train import build_backend                            # noqa: E402
 from cupynet.trainer import Trainer                                # noqa: E402
@@ -86,7 +90,7 @@ GRID_FLAGS = ("depths", "batches", "layouts", "dtypes", "cuda_graph", "wgrad_pai
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", default="20,44", help="comma-separated ResNet depths (6n+2)")
     p.add_argument("--batches", default="128", help="comma-separated batch sizes")
     p.add_argument("--layouts", default="NCHW,NHWC")
@@ -126,13 +130,30 @@ def parse_args(argv=None):
 
 
 def check(fail, args):
-    """Refuse, through fail(message) (argparse's error: one line, exit status 2), flag values no configuration
-    could run with."""
-    if args.device != "cpu" and not args.device.isdigit():
+    """Refuse, through fail(message) (the parser's error: one line, exit status 2), flag values no configuration
+    could run with, before anything is measured or written."""
+    if not is_device(args.device):
         fail(f"--device: 'cpu' or a GPU id, got {args.device!r}")
     for flag in ("depths", "batches", "wgrad_streams", "wgrad_chunks"):
-        if not all(value.isdigit() and int(value) > 0 for value in getattr(args, flag).split(",")):
+        if not all(is_count(value) and int(value) > 0 for value in getattr(args, flag).split(",")):
             fail(f"--{flag.replace('_', '-')}: a comma-separated list of positive integers, got {getattr(args, flag)!r}")
+    for depth in args.depths.split(","):
+        problem = depth_problem(int(depth), "--depths")
+        if problem:
+            fail(problem)
+    if any(layout not in ("NCHW", "NHWC") for layout in args.layouts.split(",")):
+        fail(f"--layouts: a comma-separated list of NCHW and NHWC, got {args.layouts!r}")
+    for dtype in args.dtypes.split(","):
+        problem = dtype_problem(dtype, args.device, "--dtypes")
+        if problem:
+            fail(problem)
+    graphs = args.cuda_graph.split(",")
+    if any(graph not in ("auto", "off", "on") for graph in graphs):
+        fail(f"--cuda-graph: a comma-separated list of auto, off and on, got {args.cuda_graph!r}")
+    if "on" in graphs and args.device == "cpu":
+        fail("--cuda-graph on needs a GPU (--device 0): the CPU backend has no CUDA graphs")
+    check_at_least(fail, args, 1, "steps", "repeats")
+    check_at_least(fail, args, 0, "warmup")
     for flag, most in (("wgrad_streams", MAX_WGRAD_STREAMS), ("wgrad_chunks", MAX_WGRAD_CHUNKS)):
         if any(int(value) > most for value in getattr(args, flag).split(",")):
             fail(f"--{flag.replace('_', '-')}: at most {most}, got {getattr(args, flag)!r}")
@@ -197,7 +218,7 @@ def parse_pairs(text):
     pairs = []
     for item in text.split(","):
         parts = item.split("x")
-        if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        if len(parts) != 2 or not all(is_count(part) and int(part) > 0 for part in parts):
             raise ValueError(f"STREAMSxCHUNKS pairs of positive integers, comma-separated, got {text!r}")
         streams, chunks = int(parts[0]), int(parts[1])
         if streams > MAX_WGRAD_STREAMS or chunks > MAX_WGRAD_CHUNKS:
@@ -291,10 +312,6 @@ class CudaEventTimer:
         self.end.record(self.backend.stream)
         self.end.synchronize()
         return cupy.cuda.get_elapsed_time(self.begin, self.end) / 1000.0
-
-
-def device_of(text):
-    return "cpu" if text == "cpu" else int(text)
 
 
 def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, **options):
@@ -448,8 +465,7 @@ def peak_memory(backend, trainer):
 def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
-    if args.device != "cpu":
-        check_devices([device_of(args.device)])     # a clear DeviceError before environment() asks CUDA
+    check_device(args.device)                      # a clear DeviceError before environment() asks CUDA
     points = grid(args)
     largest = max(point[1] for point in points)            # batch
     dataset = synthetic_dataset(num_train=largest * 4, num_test=largest, seed=0)
@@ -492,7 +508,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CupynetError as error:       # e.g. --cuda-graph on without a GPU: one line, not a traceback
-        sys.exit(f"error: {error}")
+    run_script(main)

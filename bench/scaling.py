@@ -20,8 +20,9 @@ the size of the flat gradient, `--repeats` times; the median seconds is reported
 under the default --cuda-graph auto), `nccl` (one rank: NCCL refuses two ranks on one GPU); `auto` is host on
 the CPU and shared on a GPU. Each row records the communicator and whether the step was captured.
 Prints a table and writes JSON (`--json`, default bench/results/scaling-<host>.json) with `environment()`.
+Bad input (a flag, a depth not 6n+2, a dtype the device lacks, a GPU that is not there) is one line, `error: ...`,
+and exit status 2.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -31,9 +32,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.layers import default_json, write_json                        # noqa: E402
-from bench.layouts import WallTimer, device_of, environment               # noqa: E402
-from cupynet.backends import check_devices, create_backend                # noqa: E402
-from cupynet.config import TrainConfig                                   # noqa: E402
+from bench.cli import (check_at_least, check_device, depth_problem, device_of, dtype_problem,   # noqa: E402
+                       is_count, is_device, run_script)
+from bench.layouts import WallTimer, environment                          # noqa: E402
+from cupynet.backends import create_backend                              # noqa: E402
+from cupynet.config import OneLineErrorParser, TrainConfig               # noqa: E402
 from cupynet.data import synthetic_dataset                               # noqa: E402
 from cupynet.parallel import HostGroup, NcclGroup, run_workers           # noqa: E402
 from cupynet.step_graph import WARMUP_STEPS                              # noqa: E402
@@ -41,13 +44,13 @@ from cupynet.trainer import Trainer                                      # noqa:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (the first is the baseline)")
     p.add_argument("--device", default="cpu", help="'cpu' or a GPU id (N workers share it)")
     p.add_argument("--depth", type=int, default=20, help="ResNet depth (6n+2)")
     p.add_argument("--batch", type=int, default=128, help="global batch, fixed for every worker count")
     p.add_argument("--layout", default="NHWC", choices=("NCHW", "NHWC"))
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (GPU) or float64 (CPU)")
     p.add_argument("--comm", default="auto", choices=("auto", "host", "shared", "nccl"),
                    help="communicator (auto: host on the CPU, shared on a GPU)")
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"), help="as the training flag")
@@ -57,10 +60,21 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 8, workers 1,2, 2 windows of 1 step")
     p.add_argument("--json", help="output file (default bench/results/scaling-<host>.json)")
     args = p.parse_args(argv)
+    if not is_device(args.device):
+        p.error(f"--device: 'cpu' or a GPU id, got {args.device!r}")
+    if not all(is_count(n) and int(n) > 0 for n in args.workers.split(",")):
+        p.error(f"--workers: a comma-separated list of positive integers, got {args.workers!r}")
+    for problem in (depth_problem(args.depth), dtype_problem(args.dtype, args.device)):
+        if problem:
+            p.error(problem)
+    check_at_least(p.error, args, 1, "batch", "steps", "repeats")
+    check_at_least(p.error, args, 0, "warmup")
+    if args.cuda_graph == "on" and args.device == "cpu":
+        p.error("--cuda-graph on needs a GPU (--device 0): the CPU backend has no CUDA graphs")
     if args.quick:
         args.depth, args.batch, args.workers, args.warmup, args.steps, args.repeats = 8, 8, "1,2", 1, 1, 2
     args.worker_counts = [int(n) for n in args.workers.split(",")]
-    bad = [n for n in args.worker_counts if n < 1 or args.batch % n]
+    bad = [n for n in args.worker_counts if args.batch % n]
     if bad:
         p.error(f"--batch {args.batch} must split evenly over every worker count (not {bad[0]})")
     if args.comm == "auto":
@@ -145,8 +159,7 @@ def add_efficiency(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device != "cpu":
-        check_devices([device_of(args.device)])     # a clear DeviceError before environment() asks CUDA
+    check_device(args.device)                       # a clear DeviceError before environment() asks CUDA
     dataset = synthetic_dataset(num_train=args.batch * 4, num_test=args.batch, seed=0)
     env = environment(args.device)
     print(f"{env.get('gpu', 'CPU')} | ResNet-{args.depth} {args.layout} {args.dtype}, global batch {args.batch} | "
@@ -166,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,7 +19,8 @@ With each part's seconds, the cuDNN libraries the process has mapped after the i
 (read from /proc/self/maps). If the first handle is much faster in the preload order, its seconds in the backend
 order are cuDNN opening its libraries, which needs no context: the backend's import thread could open those (and
 only those) beside the context too. Prints the medians per order and writes JSON (--json, default
-bench/results/setup_costs-<host>.json) with bench/layouts.py's environment(). GPU only.
+bench/results/setup_costs-<host>.json) with bench/layouts.py's environment(). GPU only: without one (or without
+CuPy) it says so in one line, `error: ...`, with exit status 2; a measured process failing is exit status 1.
 """
 import argparse
 import ctypes
@@ -34,7 +35,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.layers import default_json, write_json                  # noqa: E402
+from bench.cli import check_device, is_count, run_script           # noqa: E402
 from bench.layouts import environment                               # noqa: E402
+from cupynet.config import OneLineErrorParser                       # noqa: E402
 from cupynet.errors import CupynetError                             # noqa: E402
 
 ORDERS = ("backend", "preload")
@@ -44,13 +47,13 @@ PROBE_INPUT, PROBE_WEIGHT = (128, 32, 32, 16), (16, 3, 3, 16)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", required=True, help="the GPU id")
     p.add_argument("--runs", type=int, default=2, help="fresh processes per order (medians reported)")
     p.add_argument("--json", help="output file (default bench/results/setup_costs-<host>.json)")
     p.add_argument("--child", choices=ORDERS, help=argparse.SUPPRESS)     # one measured process (internal)
     args = p.parse_args(argv)
-    if args.device == "cpu" or not args.device.isdigit():
+    if not is_count(args.device):
         p.error(f"--device must be a GPU id (the setup measured is the GPU backend's), got {args.device!r}")
     if args.runs < 1:
         p.error(f"--runs must be at least 1, got {args.runs}")
@@ -152,11 +155,11 @@ def run_child(order, device):
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise CupynetError(f"setup_costs: a {order}-order process took more than {CHILD_TIMEOUT_S} s") from None
+        raise CupynetError(f"a {order}-order process took more than {CHILD_TIMEOUT_S} s") from None
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CupynetError(f"setup_costs: a {order}-order process failed (exit {done.returncode}): {last}")
+        raise CupynetError(f"a {order}-order process failed (exit {done.returncode}): {last}")
     return json.loads(lines[-1])
 
 
@@ -180,7 +183,10 @@ def main(argv=None):
                 runs[order].append(run_child(order, device))
         env = environment(device)
     except CupynetError as error:
-        print(error, file=sys.stderr)
+        # A GPU that is not there (or no CuPy) is bad input: one line and exit status 2. Asked only now: the check
+        # imports CuPy and cuDNN, which would warm the page cache for the first measured process.
+        check_device(args.device)
+        print(f"error: {error}", file=sys.stderr)           # a measured process failed on a GPU that is there
         return 1
     summary = {order: medians(runs[order]) for order in ORDERS}
     for order in ORDERS:
@@ -202,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

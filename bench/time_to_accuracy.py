@@ -3,6 +3,7 @@
     python bench/time_to_accuracy.py --data-dir DIR                    # GPU 0, bf16 NHWC, 122 epochs
     python bench/time_to_accuracy.py --data-dir DIR --dtype float32 --data-format NCHW
     python bench/time_to_accuracy.py --quick                           # CPU, the built-in sample, seconds (CI)
+    python bench/time_to_accuracy.py --quick --gpus 0                  # the same on GPU 0
 
 DIR holds cifar-10-batches-py (for the project's JPEG copy: `python cifar10_from_jpeg.py DIR` beside
 cifar10-jpeg.tar.xz, see the README). The recipe is the one PyTorch was timed with (shared GPU notes):
@@ -16,9 +17,10 @@ GPU (an H200, say) the device check's summary estimates that target from PyTorch
 
 Reports the test accuracy, the wall time of the whole run and of training alone, the images/s, and the
 training-loss curve (every --log-interval steps), as a table and as JSON (`--json`, default
-bench/results/time_to_accuracy-<host>.json) with bench/layouts.py's environment().
+bench/results/time_to_accuracy-<host>.json) with bench/layouts.py's environment(). Bad input (a flag cupynet.train
+would refuse, a GPU that is not there, missing data) is one line, `error: ...`, and exit status 2; the flags and the
+device are checked before anything is printed or made.
 """
-import argparse
 import os
 import platform
 import shutil
@@ -29,7 +31,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import step_options                            # noqa: E402
+from bench.cli import check_at_least, depth_problem, dtype_problem, run_script   # noqa: E402
 from bench.layouts import environment, replace_json       # noqa: E402
+from cupynet.backends import check_devices, check_dtype, resolve_devices   # noqa: E402
+from cupynet.config import OneLineErrorParser              # noqa: E402
 from cupynet.config import parse_args as parse_train_args  # noqa: E402
 from cupynet.errors import CupynetError                    # noqa: E402
 from cupynet.params import CONV_INITS                      # noqa: E402
@@ -57,9 +62,9 @@ def target_seconds_here(torch_graphed_images_per_sec):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", help="folder with cifar-10-batches-py (required unless --quick)")
-    p.add_argument("--gpus", default="0")
+    p.add_argument("--gpus", help="as cupynet.train's (default 0, or cpu with --quick)")
     p.add_argument("--epochs", type=float, help="epochs to train (default 122, or 2 with --quick)")
     p.add_argument("--num-layers", type=int, default=44)
     p.add_argument("--dtype", default="bfloat16")
@@ -72,15 +77,23 @@ def parse_args(argv=None):
     p.add_argument("--log-interval", type=int, default=500)
     p.add_argument("--model-dir", help="a new or empty folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true",
-                   help="CPU, built-in sample, ResNet-8, float32, 2 epochs unless --epochs says otherwise")
+                   help="the CPU unless --gpus says otherwise, built-in sample, ResNet-8, float32, 2 epochs unless "
+                        "--epochs says otherwise")
     p.add_argument("--json", help="output file (default bench/results/time_to_accuracy-<host>.json)")
     args = p.parse_args(argv)
+    # what --quick replaces is checked as given too (the rest, as cupynet.train checks it, in main)
+    for problem in (depth_problem(args.num_layers, "--num-layers"), dtype_problem(args.dtype)):
+        if problem:
+            p.error(problem)
+    check_at_least(p.error, args, 1, "log_interval")
     if args.epochs is None:
         args.epochs = 2.0 if args.quick else 122.0
     if args.quick:
-        args.gpus, args.num_layers, args.dtype, args.log_interval = "cpu", 8, "float32", 5
+        args.num_layers, args.dtype, args.log_interval = 8, "float32", 5
     elif not args.data_dir:
         p.error("--data-dir is required (or --quick for the built-in sample)")
+    if args.gpus is None:
+        args.gpus = "cpu" if args.quick else "0"
     per_epoch = steps_per_epoch(args.quick)
     if int(args.epochs * per_epoch) < 1:
         p.error(f"--epochs {args.epochs:g} is less than one step ({per_epoch} steps an epoch)")
@@ -151,6 +164,12 @@ def training_seconds(metrics):
 
 def main(argv=None):
     args = parse_args(argv)
+    # cupynet.train's own checks of the flags, the devices (a GPU that is not there) and the dtype, before a line
+    # is printed or a model dir made
+    config = parse_train_args(recipe_flags(args, args.model_dir or tempfile.gettempdir()))
+    devices = resolve_devices(config.devices)
+    check_devices(devices)
+    check_dtype(devices[0], config.dtype)
     model_dir = fresh_model_dir(args.model_dir)
     flags = recipe_flags(args, model_dir)
     print("python -m cupynet.train " + " ".join(flags), flush=True)
@@ -168,7 +187,7 @@ def main(argv=None):
              for m in metrics if m["event"] == "train"]
     train_seconds = training_seconds(metrics)
     images = config.train_steps * config.train_batch_size
-    report = {"benchmark": "time_to_accuracy", "environment": environment("cpu" if args.gpus == "cpu" else 0),
+    report = {"benchmark": "time_to_accuracy", "environment": environment(devices[0]),
               "args": vars(args), "command": "python -m cupynet.train " + " ".join(flags),
               "test_accuracy": result["accuracy"], "correct": result["correct"], "test_images": result["images"],
               "wall_seconds": round(wall, 2), "train_seconds": round(train_seconds, 2),
@@ -188,7 +207,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CupynetError as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

@@ -24,7 +24,6 @@ such a trace again instead (no GPU, no PyTorch), with --steps the replays it hol
 Needs a GPU, and PyTorch with CUDA for its profiler (a benchmark may use PyTorch where it is importable; cupynet
 never depends on it): without PyTorch it prints one "skipped" line and exits 0, as vs_torch.py does.
 """
-import argparse
 import gzip
 import json
 import os
@@ -44,7 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import layouts                                                     # noqa: E402
 import vs_torch                                                    # noqa: E402
 from bench import step_options                                     # noqa: E402
+from bench.cli import is_count, run_script           # noqa: E402
 from cupynet.backends.kernels import KERNEL_FILES                  # noqa: E402
+from cupynet.config import OneLineErrorParser                      # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import CupynetError                            # noqa: E402
 from cupynet.step_graph import WARMUP_STEPS                        # noqa: E402
@@ -216,7 +217,7 @@ def print_summary(summary, title):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="0", help="a GPU id")
     p.add_argument("--depth", type=int, default=44, help="ResNet v1 depth, 6n+2")
     p.add_argument("--batch", type=int, default=128)
@@ -234,7 +235,7 @@ def parse_args(argv=None):
                                         "needed; --steps: the replays it holds")
     args = p.parse_args(argv)
     problem = vs_torch.step_options_problem(args)
-    if not args.device.isdigit():
+    if not is_count(args.device):
         problem = f"--device must be a GPU id (the timeline is of GPU kernels), got {args.device!r}"
     elif args.depth < 8 or (args.depth - 2) % 6:
         problem = f"--depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, ...), got {args.depth}"
@@ -314,7 +315,8 @@ def summarize_saved(args):
             trace = json.load(file)
         summary = summarize(gpu_events(trace), args.steps, set(KERNEL_FILES), args.top)
     except (OSError, ValueError) as error:      # missing, not gzip, not JSON, no markers
-        print(f"timeline: error: {args.from_trace}: {' '.join(str(error).split())}", file=sys.stderr)
+        why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)   # not the path again
+        print(f"error: {args.from_trace}: {' '.join(why.split())}", file=sys.stderr)
         return 2
     print_summary(summary, f"{args.from_trace}: {args.steps} replays")
     if args.json:
@@ -332,7 +334,7 @@ def main(argv=None):
         print(f"timeline: skipped: PyTorch is not importable ({problem}); its profiler records the kernels")
         return 0
     if not torch.cuda.is_available():
-        print(f"timeline: error: PyTorch sees no CUDA device (torch {torch.__version__}); its profiler records the "
+        print(f"error: PyTorch sees no CUDA device (torch {torch.__version__}); its profiler records the "
               f"kernels", file=sys.stderr)
         return 2
     folder = tempfile.mkdtemp(prefix="timeline")
@@ -342,16 +344,16 @@ def main(argv=None):
             write_trace(os.path.join(folder, "trace.json"), args.trace)
         summary = summarize(gpu_events(trace), args.steps, set(KERNEL_FILES), args.top)
     except CupynetError as error:       # a device or an option this machine cannot run
-        print(f"timeline: error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as error:          # CUDA, cuDNN or the profiler failing, a trace without the markers:
-        print(f"timeline: error: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"error: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
         return 1                        # one line, as every benchmark reports a run that could not finish
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     summary["period_unprofiled_us"] = round(unprofiled_us, 2)
     if not np.isfinite(loss):
-        print(f"timeline: error: the profiled steps' loss is {loss}", file=sys.stderr)
+        print(f"error: the profiled steps' loss is {loss}", file=sys.stderr)
         return 1
     options = {name: getattr(args, name) for name in STEP_OPTIONS}
     title = (f"ResNet-{args.depth}, batch {args.batch}, {args.layout} {args.dtype}, captured, "
@@ -367,4 +369,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -24,12 +24,23 @@ Parameter names: cupynet's ParamStore names every tensor ("stage2/block0/conv1/w
 weights are canonical KCRS in cupynet (state_dict) and (out, in, kh, kw) in torch: the same order.
 cupynet's dense weight is (in, out) (y = x @ w + b); torch.nn.Linear's is (out, in): it is transposed.
 
-A benchmark helper only: nothing in cupynet imports this file, and PyTorch is not a dependency of cupynet.
+A benchmark helper only: nothing in cupynet imports this file, and PyTorch is not a dependency of cupynet. Run as a
+script, it has nothing to run; without PyTorch it says in one line that it needs it (exit status 2).
 """
+import sys
+
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except Exception as error:      # ImportError, or OSError when a CUDA library of the wheel cannot load
+    if __name__ != "__main__":
+        raise
+    print(f"error: bench/torch_resnet.py needs PyTorch ({' '.join(f'{type(error).__name__}: {error}'.split())}); "
+          f"it is bench/vs_torch.py's model, run that", file=sys.stderr)
+    sys.exit(2)
 
 NUM_CLASSES = 10
 STAGE_FILTERS = (16, 32, 64)

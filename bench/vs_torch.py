@@ -46,8 +46,9 @@ sys.path.insert(0, BENCH)          # bench/layouts.py (which puts the repository
 
 import layouts                                                     # noqa: E402
 from bench import step_options                                     # noqa: E402
+from bench.cli import device_of, is_device, run_script     # noqa: E402
 from cupynet.backends import MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, check_dtype, gpu_problem   # noqa: E402
-from cupynet.config import TrainConfig                             # noqa: E402
+from cupynet.config import OneLineErrorParser, TrainConfig         # noqa: E402
 from cupynet.data import synthetic_dataset                         # noqa: E402
 from cupynet.errors import ConfigError, CupynetError               # noqa: E402
 from cupynet.train import build_backend                            # noqa: E402
@@ -138,7 +139,7 @@ def step_options_problem(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=44, help="ResNet v1 depth, 6n+2")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--layouts", type=csv_of(LAYOUTS), default=["NHWC"], help="comma-separated: NCHW, NHWC")
@@ -180,7 +181,7 @@ def argument_problem(args):
         return problem
     if args.warmup is not None and args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
-    if args.device not in ("auto", "cpu") and not args.device.isdigit():
+    if args.device != "auto" and not is_device(args.device):
         return f"--device must be 'cpu', a GPU id or 'auto', got {args.device!r}"
     return None
 
@@ -195,7 +196,7 @@ def resolve_device(args, torch):
         if getattr(args, name) is None:
             setattr(args, name, value)
     for dtype in args.dtypes:
-        check_dtype(layouts.device_of(args.device), dtype)     # bfloat16 needs a GPU: one-line DeviceError
+        check_dtype(device_of(args.device), dtype)     # bfloat16 needs a GPU: one-line DeviceError
     if kind == "gpu" and not torch.cuda.is_available():
         raise CupynetError(f"--device {args.device}: PyTorch sees no CUDA device (torch {torch.__version__}, "
                            f"built for CUDA {torch.version.cuda})")
@@ -219,7 +220,7 @@ def cupynet_config(args, layout, dtype):
 
 def cupynet_trainer(args, layout, dtype, dataset):
     config = cupynet_config(args, layout, dtype)
-    return Trainer(config, dataset, build_backend(config, layouts.device_of(args.device)))
+    return Trainer(config, dataset, build_backend(config, device_of(args.device)))
 
 
 def memory_format(torch, layout):
@@ -633,9 +634,9 @@ def main(argv=None):
     try:
         return run(torch, args)
     except CupynetError as error:        # a device or dtype this machine cannot run: one line, no traceback
-        print(f"vs_torch: error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -10,10 +10,23 @@ import numpy as np
 import pytest
 
 from bench.layers import bytes_moved
+from cupynet.backends import gpu_problem
 from cupynet.backends.numpy_backend import NumpyBackend
+from cupynet.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_KEYS = ("cupynet", "git_commit", "numpy", "python", "cpu_count", "date")
+
+
+def refused(script, *argv, env=None):
+    """Run bench/<script> with bad input; check the project's rule (one line on stderr, `error: ...`, exit status 2,
+    no traceback, nothing on stdout) and return that line."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *argv], capture_output=True,
+                            text=True, timeout=60, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result
+    assert "Traceback" not in result.stderr and result.stdout == "", result
+    return lines[0]
 
 
 def run_quick(script, tmp_path):
@@ -76,9 +89,7 @@ def test_layouts_refuses_a_bad_grid_value_without_a_traceback(flag, value):
 
 @pytest.mark.parametrize("args", [["--device", "cpu"], ["--device", "x"], ["--runs", "0"], ["--split-k-settings", "-1"]])
 def test_conv_engines_refuses_bad_flags_in_one_line(args):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "conv_engines.py"), *args],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "conv_engines.py: error:" in result.stderr and "Traceback" not in result.stderr
+    assert args[0] in refused("conv_engines.py", *args)
 
 
 def test_scaling_refuses_gpu_communicators_on_the_cpu():
@@ -304,7 +315,7 @@ def test_layouts_runs_residual_grad_sums_and_pixel_pairs_also_rows_right_after_t
 def test_layouts_refuses_a_bad_also_grid_in_one_line(also):
     """--also takes grid flags only, checked like the grid's own when the arguments are parsed (where the device
     check's command test looks); a refusal names the --also argument."""
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError):
         layouts_module().parse_args(["--quick", "--also", also])
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "layouts.py"), "--quick", "--also", also],
                             capture_output=True, text=True, timeout=60)
@@ -397,7 +408,7 @@ def test_time_to_accuracy_with_missing_data_fails_in_one_line_and_leaves_nothing
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "time_to_accuracy.py"),
-                             "--data-dir", str(tmp_path / "missing"), "--gpus", "cpu"],
+                             "--data-dir", str(tmp_path / "missing"), "--gpus", "cpu", "--dtype", "float32"],
                             capture_output=True, text=True, timeout=60, env=dict(os.environ, TMPDIR=str(scratch)))
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "missing" in result.stderr
@@ -531,9 +542,7 @@ def test_each_step_option_is_a_train_flag_recorded_in_every_layouts_row():
 
 @pytest.mark.parametrize("args", [["--device", "cpu"], ["--device", "x"], ["--device", "0", "--runs", "0"]])
 def test_setup_costs_refuses_bad_flags_in_one_line(args):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "setup_costs.py"), *args],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "setup_costs.py: error:" in result.stderr and "Traceback" not in result.stderr
+    assert args[-2] in refused("setup_costs.py", *args)
 
 
 def test_setup_costs_finds_the_cudnn_libraries_not_yet_loaded_beside_the_loaded_ones(tmp_path, monkeypatch):
@@ -573,3 +582,133 @@ def test_setup_costs_times_each_part_in_fresh_processes_in_both_orders(tmp_path)
                                                   "first convolution"]
     assert all(seconds >= 0 for parts in report["medians"].values() for seconds in parts.values())
     assert " backend order (median of 1): " in result.stdout and " preload order (median of 1): " in result.stdout
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit status 2
+
+NO_GPU = pytest.mark.skipif(gpu_problem() is None, reason="a GPU is usable here: the run would start")
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    ("layers.py", ["--depth", "9"], "--depth must be 6n+2"),
+    ("layers.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
+    ("layers.py", ["--batch", "-4"], "--batch must be >= 1, got -4"),
+    ("layers.py", ["--dtype", "bfloat16"], "--dtype bfloat16 needs the GPU backend"),      # the CPU by default
+    ("layers.py", ["--dtype", "float16"], "--dtype 'float16'"),
+    ("layers.py", ["--device", "x"], "--device"),
+    ("layers.py", ["--steps", "0"], "--steps must be >= 1"),
+    ("layers.py", ["--warmup", "-1"], "--warmup must be >= 0"),
+    ("layers.py", ["--peak-gbs", "0"], "--peak-gbs must be positive"),
+    ("scaling.py", ["--workers", "abc"], "--workers: a comma-separated list of positive integers, got 'abc'"),
+    ("scaling.py", ["--workers", "1,0"], "--workers"),
+    ("scaling.py", ["--steps", "0"], "--steps must be >= 1"),
+    ("scaling.py", ["--repeats", "0"], "--repeats must be >= 1"),
+    ("scaling.py", ["--depth", "10"], "--depth must be 6n+2"),
+    ("scaling.py", ["--dtype", "bfloat16"], "--dtype bfloat16 needs the GPU backend"),
+    ("scaling.py", ["--cuda-graph", "on"], "--cuda-graph on needs a GPU"),
+    ("conv_engines.py", ["--depth", "9"], "--depth must be 6n+2"),
+    ("conv_engines.py", ["--dtype", "float16"], "--dtype"),
+    ("conv_engines.py", ["--max-seconds", "0"], "--max-seconds"),
+    ("time_to_accuracy.py", ["--quick", "--num-layers", "9"], "--num-layers must be 6n+2"),
+    ("time_to_accuracy.py", ["--quick", "--dtype", "float16"], "--dtype 'float16'"),
+    ("time_to_accuracy.py", ["--quick", "--log-interval", "0"], "--log-interval must be >= 1"),
+    ("time_to_accuracy.py", ["--quick", "--gpus", "x"], "--gpus 'x'"),
+    ("time_to_accuracy.py", ["--data-dir", "D", "--gpus", "cpu"], "--dtype bfloat16 needs the GPU backend"),
+    ("best_step_options.py", ["x.json", "--batch", "0"], "--batch must be >= 1"),
+    ("best_step_options.py", ["x.json", "--layout", "nhwc"], "--layout"),
+    ("timeline.py", ["--depth", "9"], "--depth must be 6n+2"),
+    ("vs_torch.py", ["--depth", "9"], "--depth must be 6n+2"),
+])
+def test_bench_scripts_refuse_bad_values_in_one_line(script, argv, named):
+    assert named in refused(script, *argv)
+
+
+@pytest.mark.parametrize("script, argv, number", [
+    ("layouts.py", [], "--steps"), ("layers.py", [], "--batch"), ("scaling.py", [], "--batch"),
+    ("time_to_accuracy.py", ["--quick"], "--seed"), ("conv_engines.py", [], "--batch"), ("timeline.py", [], "--batch"),
+    ("vs_torch.py", [], "--batch"), ("setup_costs.py", ["--device", "0"], "--runs"),
+    ("best_step_options.py", ["x.json"], "--batch"),
+])
+@pytest.mark.parametrize("bad", ["unknown flag", "not a number"])
+def test_bench_scripts_refuse_argparse_errors_in_one_line_without_a_usage_dump(script, argv, number, bad):
+    """An unknown flag, or a value argparse cannot convert, is one line (cupynet's OneLineErrorParser), not argparse's
+    usage dump."""
+    flags = ["--no-such-flag"] if bad == "unknown flag" else [number, "x"]
+    line = refused(script, *argv, *flags)
+    assert flags[0] in line and "usage:" not in line
+
+
+def test_torch_resnet_without_pytorch_says_it_needs_it_in_one_line():
+    # Runs whether or not PyTorch is installed: the import is blocked in the child process.
+    script = os.path.join(REPO, "bench", "torch_resnet.py")
+    code = (f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{script!r}, '--help']; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result
+    assert "needs PyTorch" in lines[0] and "Traceback" not in result.stderr
+
+
+@NO_GPU
+def test_time_to_accuracy_refuses_a_gpu_that_is_not_there_before_anything_runs(tmp_path):
+    """--quick --gpus 0 asks for GPU 0 (not the CPU --quick defaults to): where there is none, the one-line error
+    cupynet.train gives, before the command line is printed or a temporary model dir made."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    line = refused("time_to_accuracy.py", "--quick", "--gpus", "0", "--json", str(tmp_path / "tta.json"),
+                   env=dict(os.environ, TMPDIR=str(scratch)))
+    assert line.startswith("error: --gpus 0: ")
+    assert list(scratch.iterdir()) == [] and list(tmp_path.iterdir()) == [scratch]
+
+
+@NO_GPU
+@pytest.mark.parametrize("script, argv", [("setup_costs.py", ["--runs", "1"]), ("layers.py", ["--peak-gbs", "100"]),
+                                          ("scaling.py", ["--quick"]), ("conv_engines.py", []),
+                                          ("layouts.py", ["--quick"])])
+def test_bench_scripts_refuse_a_gpu_that_is_not_there_in_one_line(tmp_path, script, argv):
+    out = tmp_path / "out.json"
+    line = refused(script, "--device", "0", *argv, "--json", str(out))
+    assert line.startswith("error: --device 0: ") and not out.exists()
+
+
+def layouts_default_json():
+    """bench/layouts.py's default report (its state: whether it exists, and when it was written)."""
+    import platform
+    path = os.path.join(REPO, "bench", "results", f"layouts-{platform.node() or 'host'}.json")
+    return path, (os.path.getmtime(path) if os.path.exists(path) else None)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--depths", "9"], "--depths must be 6n+2"),
+    (["--quick", "--dtypes", "float16"], "--dtypes 'float16'"),
+    (["--quick", "--dtypes", "float32,bfloat16"], "--dtypes bfloat16 needs the GPU backend"),
+    (["--quick", "--cuda-graph", "off,on"], "--cuda-graph on needs a GPU"),
+    (["--quick", "--layouts", "nhwc"], "--layouts"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--quick", "--also", "--depths 10"], "--also '--depths 10': --depths must be 6n+2"),
+])
+def test_layouts_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, argv, named):
+    out = tmp_path / "layouts.json"
+    assert named in refused("layouts.py", *argv, "--json", str(out))
+    assert list(tmp_path.iterdir()) == []
+    path, written = layouts_default_json()          # nor its default report, without --json
+    refused("layouts.py", *argv)
+    assert layouts_default_json() == (path, written)
+
+
+@pytest.mark.parametrize("content, named", [
+    ("not json", "not JSON (Expecting value"), ("{}", "no 'results' list"), ("[]", "no 'results' list"),
+    (json.dumps({"results": [1]}), "no 'results' list"),
+])
+def test_best_step_options_says_once_which_file_and_why(tmp_path, content, named):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    line = refused("best_step_options.py", str(path))
+    assert line.startswith(f"error: {path}: {named}") and line.count(str(path)) == 1, line
+    missing = refused("best_step_options.py", str(tmp_path / "missing.json"))
+    assert missing == f"error: {tmp_path / 'missing.json'}: No such file or directory"
+
+
+def test_timeline_names_a_missing_trace_once():
+    missing = os.path.join(REPO, "no-such-trace.json.gz")
+    assert refused("timeline.py", "--from-trace", missing) == f"error: {missing}: No such file or directory"
