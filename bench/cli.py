@@ -10,7 +10,7 @@ usage dump), its checks raise CupynetError or call the parser's error, and run_s
 import re
 import sys
 
-from cupynet.backends import check_dtype, gpu_count, gpu_problem
+from cupynet.backends import check_devices, check_dtype
 from cupynet.config import DTYPES
 from cupynet.errors import CupynetError, DeviceError
 
@@ -43,14 +43,7 @@ def is_device(text):
 def check_device(text, flag="--device"):
     """Raise a one-line DeviceError unless `text` ('cpu' or a GPU id) is a device this machine has: cupynet's
     check_devices, naming the benchmark's flag. Called by main, not parse_args: parsing never asks the hardware."""
-    if text == "cpu":
-        return
-    problem = gpu_problem()
-    if problem:
-        raise DeviceError(f"{flag} {text}: {problem}")
-    count = gpu_count()
-    if int(text) >= count:
-        raise DeviceError(f"{flag} {text}: no GPU {text} on this machine (it has {count}: ids 0-{count - 1})")
+    check_devices([device_of(text)], flag)
 
 
 def depth_problem(depth, flag="--depth"):

@@ -19,8 +19,8 @@ from cupynet import __version__
 from cupynet.backends import check_devices, check_dtype, resolve_devices
 from cupynet.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from cupynet.config import DTYPES, HelpFormatter, OneLineErrorParser, TrainConfig, layout_name, validate
-from cupynet.errors import CheckpointError, ConfigError, CupynetError, DataError
-from cupynet.report import flush_stdout, leave_stdout_quietly, print_each_line_at_once
+from cupynet.errors import CheckpointError, ConfigError, DataError
+from cupynet.report import exit_status
 from cupynet.train import build_backend, check_against_data, load_dataset
 from cupynet.trainer import Trainer
 
@@ -146,25 +146,7 @@ def evaluate(args, out=print):
 
 
 def main(argv=None):
-    print_each_line_at_once()
-    try:
-        evaluate(parse_args(argv))
-        flush_stdout()
-    except CupynetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        leave_stdout_quietly()
-        print("stopped: the output pipe was closed", file=sys.stderr)
-        return 141
-    except OSError as error:       # the output cannot be written (a full disk): one line, as for bad input
-        leave_stdout_quietly()
-        print(f"error: cannot write the output: {error.strerror or error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: evaluate(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from cupynet.errors import CheckpointError
+from cupynet.errors import CheckpointError, CupynetError
 
 
 def format_duration(seconds):
@@ -70,21 +70,49 @@ def read_metrics(model_dir):
         return [json.loads(line) for line in f]
 
 
-def print_each_line_at_once():
+def exit_status(program, resumable=False):
+    """Run a command's `program()` (its exit status, None: 0) the way every cupynet command ends: bad input
+    (CupynetError) or an output that cannot be written is one line `error: ...` and status 2; a closed output
+    pipe (`... | head`) 141 and Ctrl-C 130, as a shell's commands end, each with one line (a `resumable` run's
+    says its checkpoints are intact); never a traceback. Output is flushed at every line."""
+    kept = "the last complete checkpoint is intact"
+    _print_each_line_at_once()
+    try:
+        status = program()
+        _flush_stdout()            # a closed output pipe is found here, not by the interpreter's exit
+        return status or 0
+    except CupynetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:        # the output's reader went away: stop as a pipe's writer does
+        _leave_stdout_quietly()
+        print(f"stopped: the output pipe was closed{'; ' + kept if resumable else ''}", file=sys.stderr)
+        return 141
+    except OSError as error:       # the output cannot be written (a full disk): one line, as for bad input
+        _leave_stdout_quietly()
+        print(f"error: cannot write the output: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        resume = f": {kept}; rerun the same command to resume" if resumable else ""
+        print(f"\ninterrupted{resume}", file=sys.stderr)
+        return 130
+
+
+def _print_each_line_at_once():
     """Standard output flushed at every line, a pipe included: `... | tee run.log` shows each progress line as it
     is printed, and `... | head` stops the run at its next line, not once 8 KB of lines have piled up."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
 
 
-def leave_stdout_quietly():
+def _leave_stdout_quietly():
     """After standard output failed (`... | head` closed it, or it is a full disk): point it at /dev/null, so that
     the interpreter's last flush at exit cannot fail again with a traceback."""
     if sys.stdout is not None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def flush_stdout():
+def _flush_stdout():
     """Flush standard output, which may be closed (`>&-`: sys.stdout is None, and print() writes nothing)."""
     if sys.stdout is not None:
         sys.stdout.flush()

@@ -32,10 +32,9 @@ from cupynet.background import Background
 from cupynet.checkpoint import claim_model_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from cupynet.config import DEMO_DEFAULTS, flag_of, parse_args, recipe_changes
 from cupynet.data import builtin_sample_dir, find_batches_dir, load_cifar10, synthetic_dataset
-from cupynet.errors import ConfigError, CupynetError, TrainingDiverged
+from cupynet.errors import ConfigError, TrainingDiverged
 from cupynet.parallel import HostGroup, NcclGroup, run_workers
-from cupynet.report import (MetricsLog, flush_stdout, format_duration, leave_stdout_quietly,
-                            print_each_line_at_once, progress_line)
+from cupynet.report import MetricsLog, exit_status, format_duration, progress_line
 from cupynet.stop_request import StopRequest, Terminated, stop_on_sigterm
 from cupynet.trainer import Trainer
 
@@ -360,33 +359,19 @@ def diverged(model_dir, metrics, step, what):
 
 
 def main(argv=None):
-    print_each_line_at_once()
+    return exit_status(lambda: run_command(argv), resumable=True)
+
+
+def run_command(argv):
+    """The command's work and its SIGTERM endings (exit_status has the others): the exit status."""
     stop = StopRequest()
     try:
         with stop_on_sigterm(stop):
-            config = parse_args(argv)
-            result = run(config, stop=stop)
-            flush_stdout()           # a closed output pipe is found here, not by the interpreter's exit
-    except CupynetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        # The output's reader went away (`... | head`): stop as a pipe's writer does, without a traceback.
-        leave_stdout_quietly()
-        print("stopped: the output pipe was closed; the last complete checkpoint is intact", file=sys.stderr)
-        return 141
-    except OSError as error:       # the output cannot be written (a full disk): one line, as for bad input
-        leave_stdout_quietly()
-        print(f"error: cannot write the output: {error.strerror or error}", file=sys.stderr)
-        return 2
+            result = run(parse_args(argv), stop=stop)
     except Terminated:
         print("terminated (a second SIGTERM): the last complete checkpoint is intact; rerun the same command to "
               "resume", file=sys.stderr)
         return 143
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last complete checkpoint is intact; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
     if "stopped_at" in result:
         checkpoint = result["checkpoint"]
         held = f"{os.path.basename(checkpoint)} holds it" if checkpoint else "nothing trained, nothing saved"

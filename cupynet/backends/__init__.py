@@ -58,18 +58,18 @@ def resolve_devices(devices):
     return devices
 
 
-def check_devices(devices):
-    """Reject GPU ids that are not there, before anything starts."""
+def check_devices(devices, flag="--gpus"):
+    """Reject GPU ids that are not there, before anything starts; the message names `flag`, the one they came by."""
     gpu_ids = [d for d in devices if d != "cpu"]
     if not gpu_ids:
         return
     problem = gpu_problem()
     if problem:
-        raise DeviceError(f"--gpus {','.join(map(str, gpu_ids))}: {problem}")
+        raise DeviceError(f"{flag} {','.join(map(str, gpu_ids))}: {problem}")
     count = gpu_count()
     missing = [d for d in gpu_ids if d >= count]
     if missing:
-        raise DeviceError(f"--gpus: no GPU {missing[0]} on this machine (it has {count}: ids 0-{count - 1})")
+        raise DeviceError(f"{flag}: no GPU {missing[0]} on this machine (it has {count}: ids 0-{count - 1})")
 
 
 def check_dtype(device, dtype):
