@@ -1,4 +1,5 @@
-"""What a run shows: the periodic progress line, the final report, and metrics.jsonl.
+"""What a run shows: the periodic progress line, the final report, metrics.jsonl, and how a command ends
+(exit_status: its status, and one line on stderr for each way it can fail).
 
     log = MetricsLog(model_dir)               # appends one JSON object per line to metrics.jsonl
     log.write("train", step=100, loss=2.01)
