@@ -34,6 +34,9 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     stage 1 only). Weight gradient: the paired kernel's gradient, whose two places per weight a small pass
     adds back into the original's (--wgrad-pixel-pairs). Timed with random weights; building the paired kernel
     and adding the gradient back (small passes) are not counted;
+  * `narrow_kernel`: cupynet's own tensor-core kernel for 16-channel 3x3 stride-1 forwards and data gradients
+    (kernels/narrow_conv.cu, --narrow-conv-kernel; NHWC, bf16 or float32 with TF32), timed as the engines are,
+    on its own arrays: the same multiply-adds on the same shapes, no cuDNN;
   * `pixel_octets`: the same rewrite with groups of 8 pixels, for a convolution of fewer than
     PADDED_CHANNELS input channels (the stem: 24 channels in, 128 out, 8 times the multiply-adds, a shape
     cuDNN's fast engines take); forward and weight gradient (not built);
@@ -73,6 +76,7 @@ from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, SettingRefused,
                                             split_k_engines)
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
+from cupynet.backends import narrow_conv                            # noqa: E402
 from cupynet.backends.pixel_pairs import PAIR_MAX_CHANNELS          # noqa: E402
 from cupynet.config import OneLineErrorParser                       # noqa: E402
 from cupynet.model import ResNet                                    # noqa: E402
@@ -321,16 +325,36 @@ class Survey:
                     engine["skipped"] = f"built but did not run: {one_line(error)}"
 
     def _time(self, graph, index, pack, workspace):
-        handle, stream = self.backend.cudnn_handle, self.backend.stream
+        handle = self.backend.cudnn_handle
+        return self._median_us(lambda: graph.execute_plan_at_index(pack, workspace, index, handle=handle))
 
-        def run():
-            graph.execute_plan_at_index(pack, workspace, index, handle=handle)
+    def _median_us(self, run):
+        """Median microseconds per run() on the backend's stream (entered by the caller), as the engines are timed."""
         run()                                                       # untimed: first-run costs
         first_hold = max(0.001, HOST_SECONDS_PER_CALL * self.args.runs)
-        windows = [gpu_milliseconds(self.cupy, stream, self.backend.hold_stream,
+        windows = [gpu_milliseconds(self.cupy, self.backend.stream, self.backend.hold_stream,
                                     lambda: [run() for _ in range(self.args.runs)], first_hold)
                    for _ in range(self.args.repeats)]
         return round(1000.0 * statistics.median(windows) / self.args.runs, 2)
+
+    def narrow_kernel(self, conv):
+        """The `narrow_kernel` variant: cupynet's own kernel for this forward or data gradient, timed on random
+        arrays of its shapes, as an engine entry (deterministic: each output is one warp's sum in a fixed order)."""
+        backend = self.backend
+        n, c, h, w, k, r, s = conv["dims"]
+        rng = np.random.default_rng(3)
+        with backend.device, backend.stream:
+            source = backend.from_host(rng.standard_normal((n, h, w, c)), dtype=backend.dtype)
+            weight = backend.from_host(rng.standard_normal((k, r, s, c)) * 0.1, dtype=backend.dtype)
+            target = backend.from_host(np.zeros((n, h, w, k)), dtype=backend.dtype)
+            data_gradient = conv["op"] == "dgrad"
+            try:
+                us = self._median_us(lambda: backend._narrow_conv(source, weight, target, data_gradient))
+            except self.run_errors as error:
+                self.problem = one_line(error)
+                return None
+        return [{"name": "cupynet narrow_conv3x3", "index": None, "us": us, "deterministic": True,
+                 "runtime_compiled": False}]
 
     def split_k(self, conv):
         """The weight gradient's split-K settings: every value (powers of two from 2 to 64) of the engines
@@ -442,6 +466,10 @@ def variants(survey, conv, args):
     if conv["op"] == "fprop":
         found["genstats"] = of(survey.fused(conv, prologue=False, genstats=True))
         found["scale_bias_relu_genstats"] = of(survey.fused(conv, prologue=True, genstats=True))
+    n, c, h, w, k, r, s = conv["dims"]
+    if conv["op"] != "wgrad" and narrow_conv.applies(args.layout, args.dtype, survey.backend.tf32, (n, h, w, c),
+                                                     (k, r, s, c), conv["stride"], conv["pad"]):
+        found["narrow_kernel"] = lambda: survey.narrow_kernel(conv)
     for name, group in PIXEL_GROUPS.items():
         if pixel_groups_apply(conv, args, group):
             found[name] = of(survey.grouped(conv, group))

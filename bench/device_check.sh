@@ -352,8 +352,9 @@ step_options() {
     # that call the CUDA driver through ctypes (a crash there would end the grid), come last of them. The early
     # launches are a variant of the programmatic ones, not another switch to add: the all-together row has the
     # latter (an edge data the driver might refuse would lose that row too)
-    local switches=(--conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums --conv-tune-in-graph --padded-input
-                    --stream-priorities --programmatic-launch --programmatic-launch-early)
+    local switches=(--narrow-conv-kernel --conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums
+                    --conv-tune-in-graph --padded-input --stream-priorities --programmatic-launch
+                    --programmatic-launch-early)
     local alone=() alone_512=() together="" flag
     for flag in "${switches[@]}"; do
         alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $flag on")
@@ -364,7 +365,8 @@ step_options() {
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
     # The defaults with genstats (any engine) come fifth, right after 1x1's other rows: a fused pair's forward
     # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
-    # The switches not yet measured on a GPU (pixel pairs for stage 1's forwards and data gradients, and for its
+    # The switches not yet measured on a GPU (our own kernel for stage 1's forwards and data gradients, which takes
+    # them from pixel pairs in the all-together row; pixel pairs for them, and for its
     # weight gradients; BatchNorm's gradient sums in the residual adds; the autotuner timing engines inside a CUDA
     # graph; the stem's input padded to 16 bytes a pixel; the main stream's priority over the side streams;
     # programmatic edges into our kernels in the captured step, and those from the launch-order port) get one --also
@@ -503,10 +505,11 @@ if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200
     PEAK_GBS=4800
 fi
 # The bf16 step options that change which kernels run (not how the weight gradients are spread: layers.py times
-# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, stage 1 on pixel pairs, also
+# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, stage 1 in our own kernel or on
+# pixel pairs, also
 # its weight gradients (other convolution shapes), BatchNorm's gradient sums in the residual adds (one reduction fewer per block), and cuDNN
 # engines that may add in any order (genstats engines may all be such; the others' choice changes with it too).
-LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--conv-pixel-pairs' \
+LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--narrow-conv-kernel' -e '--conv-pixel-pairs' \
     -e '--wgrad-pixel-pairs' -e '--residual-grad-sums' -e '--no-conv-deterministic' <<< "${BEST_BF16:-}" | tr '\n' ' ')
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" $LAYERS_OPTIONS --json "$OUT/layers.json"

@@ -82,6 +82,8 @@ OPTIONS = (
                label="pixel pairs"),
     StepOption("wgrad_pixel_pairs", column="wg-pairs", width=8, phrase=", stage 1 weight gradients on pixel pairs",
                label="wgrad pixel pairs"),
+    StepOption("narrow_conv_kernel", column="narrow", width=6, phrase=", stage 1 convolutions in our own kernel",
+               label="narrow conv kernel"),
     StepOption("residual_grad_sums", column="res-sums", width=8, phrase=", BatchNorm gradient sums in the residual add",
                label="residual grad sums"),
     StepOption("stream_priorities", column="prio", width=4, phrase=", the main stream first",

@@ -86,7 +86,8 @@ def build_backend(config, device):
                           residual_grad_sums=config.residual_grad_sums, wgrad_pixel_pairs=config.wgrad_pixel_pairs,
                           stream_priorities=config.stream_priorities, tune_in_graph=config.conv_tune_in_graph,
                           padded_input=config.padded_input, programmatic_launch=config.programmatic_launch,
-                          programmatic_launch_early=config.programmatic_launch_early)
+                          programmatic_launch_early=config.programmatic_launch_early,
+                          narrow_conv_kernel=config.narrow_conv_kernel)
 
 
 def make_group(config, devices):

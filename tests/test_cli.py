@@ -453,6 +453,8 @@ def test_unwritable_model_dir(tiny_cifar, tmp_path):
     (["--conv-pixel-pairs", "--data-format", "NCHW"], ["--conv-pixel-pairs", "NHWC"]),
     (["--wgrad-pixel-pairs", "--data-format", "NCHW"], ["--wgrad-pixel-pairs", "NHWC"]),
     (["--padded-input", "--data-format", "NCHW"], ["--padded-input", "NHWC"]),
+    (["--narrow-conv-kernel", "--data-format", "NCHW"], ["--narrow-conv-kernel", "NHWC"]),
+    (["--narrow-conv-kernel", "--no-tf32"], ["--narrow-conv-kernel", "--no-tf32"]),
     (["--residual-grad-sums", "--block", "v2"], ["--residual-grad-sums", "--block v1"]),
     (["--residual-grad-sums", "--sync-bn", "--gpus", "cpu,cpu"], ["--residual-grad-sums", "--sync-bn"]),
     (["--seed", "-1"], ["--seed", "-1"]),

@@ -305,7 +305,7 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # the switches not yet measured: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair
     # with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
     # grids; in this order, one right after the other
-    switches = ["--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--conv-tune-in-graph",
+    switches = ["--narrow-conv-kernel", "--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--conv-tune-in-graph",
                 "--padded-input", "--stream-priorities", "--programmatic-launch",   # the driver calls through
                 "--programmatic-launch-early"]                                      # ctypes last: a crash would
     # end the grid

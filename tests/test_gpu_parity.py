@@ -301,6 +301,58 @@ def test_convolutions_on_pixel_pairs(dtype, case):
     assert be.kernels.launches["pixel_pair_weight_gradient"] == (folds if paired else 0)
 
 
+# (N, C, H, W, K, ksize, stride): stage 1's shape; odd sizes, whose 16-pixel tiles cross rows and images and whose
+# last tile is partly past the end; 1 x 1 images (every tap but the centre in the padding); and two the kernel
+# leaves to cuDNN (16 to 32 channels at stride 2; 8 channels)
+NARROW_CONVS = [(4, 16, 8, 8, 16, 3, 1), (3, 16, 5, 7, 16, 3, 1), (5, 16, 1, 1, 16, 3, 1), (4, 16, 8, 8, 32, 3, 2),
+                (2, 8, 6, 6, 8, 3, 1)]
+
+
+def round_to_tf32(values):
+    """float32 values rounded to TF32 (10 mantissa bits, to nearest, ties away from zero: PTX's cvt.rna.tf32.f32),
+    as float64: what the tensor cores multiply in a float32 convolution with TF32 allowed."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xffffe000)).view(np.float32)
+    return rounded.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", NARROW_CONVS, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}".format(*c))
+def test_convolutions_in_the_narrow_kernel(dtype, case):
+    """--narrow-conv-kernel: a 16-channel 3x3 stride-1 convolution runs its forward and data gradient in our own
+    tensor-core kernel (kernels/narrow_conv.cu), not in cuDNN, and matches the float64 reference computed from
+    what the tensor cores multiply (bf16 values as they are; float32 rounded to TF32) to the output's rounding
+    (bf16: 2^-8 of the magnitude; float32: 2e-5, the strict float32 bound); others run in cuDNN as before."""
+    from cupynet.backends import narrow_conv
+    from cupynet.backends.cupy_backend import CupyBackend
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=True, narrow_conv_kernel=True)
+    n, c, h, w, k, ksize, stride = case
+    taken = narrow_conv.applies("NHWC", dtype, True, (n, h, w, c), (k, ksize, ksize, c), stride, 1)
+    assert taken == (c == k == 16 and stride == 1)
+    a = Arrays(be, seed=7)
+    x, x_ref = a.activation(n, c, h, w)
+    wt, wt_ref = a.put(np.ascontiguousarray(be.weight_from_canonical(a.rng.standard_normal((k, c, 3, 3)) * 0.3)))
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    dy, dy_ref = a.activation(n, k, ho, wo)
+    multiplied = (lambda v: v) if dtype == "bfloat16" else round_to_tf32
+    tolerance = 2.0 ** -8 if dtype == "bfloat16" else CONV["float32"]
+    for op, run, source, target_shape in (("fprop", be.conv2d_forward, (x, x_ref), (n, ho, wo, k)),
+                                          ("dgrad", be.conv2d_backward_data, (dy, dy_ref), x.shape)):
+        target = a.nan(target_shape)
+        launches, executions = be.kernels.launches["narrow_conv3x3"], be.conv.executions[op]
+        run(source[0], wt, stride, 1, target)
+        reference = a.ref.conv2d_forward if op == "fprop" else a.ref.conv2d_backward_data
+        expected = reference(multiplied(source[1]), multiplied(wt_ref), stride, 1, np.empty(target_shape))
+        magnitude = reference(np.abs(source[1]), np.abs(wt_ref), stride, 1, np.empty(target_shape))
+        # cuDNN (not taken) may multiply float32 on TF32 or not: within two TF32 roundings of the products
+        bound = (tolerance if taken else CONV["bfloat16"] if dtype == "bfloat16" else 2.0 ** -9) * magnitude
+        assert_bounded(a.get(target), expected, bound, what=op)
+        assert be.kernels.launches["narrow_conv3x3"] - launches == (1 if taken else 0), op
+        assert be.conv.executions[op] - executions == (0 if taken else 1), op
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_stem_on_a_padded_input(dtype):
     """--padded-input: the stem's 3-channel weights padded by zeros (pad_weight_channels) convolve an input of 8

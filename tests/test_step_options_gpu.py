@@ -1,8 +1,8 @@
 """The step options under whole-step capture on the GPU: with each of them (one-launch BatchNorm, weight gradients
-on side streams or split-K engines, statistics from the convolutions, pixel pairs, gradient sums in the residual
-add, stream priorities, engines timed in a graph, a padded input, programmatic launches) captured steps equal eager
-steps bit for bit, and where an
-option changes the arithmetic, the run follows the plain one (how the runs are compared: step_graph_runs.py).
+on side streams or split-K engines, statistics from the convolutions, pixel pairs, our own kernel for stage 1's
+convolutions, gradient sums in the residual add, stream priorities, engines timed in a graph, a padded input,
+programmatic launches) captured steps equal eager steps bit for bit, and where an option changes the arithmetic, the
+run follows the plain one (how the runs are compared: step_graph_runs.py).
 
     python -m pytest -m gpu tests/test_step_options_gpu.py -q     # on a GPU machine (skipped elsewhere)
 """
@@ -41,6 +41,16 @@ def plain(dataset):
         conv_autotune.import_choices(choices, DEVICE)
         return result
     return run
+
+
+def assert_follows(run, plain_run, what, within=0.02):
+    """Every parameter of `run`, as one vector, within `within` (relative norm) of the plain run's (printed)."""
+    names = [name for name in plain_run[1] if name.startswith("params/")]
+    ours, theirs = (np.concatenate([state[name].ravel() for name in names]).astype(np.float64)
+                    for state in (run[1], plain_run[1]))
+    distance = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+    print(f"{what} vs plain: {distance:.3g}")
+    assert distance <= within, what
 
 
 @pytest.mark.parametrize("layout,overlap", [("NHWC", True), ("NHWC", False), ("NCHW", False)])
@@ -181,11 +191,27 @@ def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, plai
     assert eager_backend.kernels.launches["pixel_pair_weights"] == 2 * STEPS + 2 * 2 * 2
     assert eager_backend.kernels.launches["pixel_pair_weight_gradient"] == 2 * STEPS
     assert_identical(eager, captured)
-    names = [name for name in unpaired_run[1] if name.startswith("params/")]
-    paired, unpaired = (np.concatenate([state[name].ravel() for name in names]).astype(np.float64)
-                        for state in (captured[1], unpaired_run[1]))
-    print(f"pixel pairs vs plain: {np.linalg.norm(paired - unpaired) / np.linalg.norm(unpaired):.3g}")
-    assert np.linalg.norm(paired - unpaired) <= 0.02 * np.linalg.norm(unpaired)
+    assert_follows(captured, unpaired_run, "pixel pairs")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_narrow_conv_kernel_captured_equals_eager_and_follows_the_plain_run(dataset, plain, dtype):
+    """--narrow-conv-kernel: stage 1's forwards and data gradients run in our own tensor-core kernel (float32 on
+    TF32, as the plain run's cuDNN engines may), inside the captured step and in the evaluations. Captured steps
+    repeat the eager ones bit for bit, and the run follows the plain one (the same products, added in another
+    order; in float32 the plain run's engines may not round to TF32 where ours do)."""
+    settings = dict(BASE, dtype=dtype, narrow_conv_kernel=True)
+    plain_run = plain("NHWC", dtype)
+    eager_backend = make_backend("NHWC", dtype, narrow_conv_kernel=True)
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
+    backend = make_backend("NHWC", dtype, narrow_conv_kernel=True)
+    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
+    assert captured[0].runner.captured
+    # ResNet-8's stage 1 has two such convolutions: a forward and a data gradient of each at every step, and a
+    # forward of each for every evaluation batch (2 evaluations of 24 test images in batches of 16)
+    assert eager_backend.kernels.launches["narrow_conv3x3"] == 2 * 2 * STEPS + 2 * 2 * 2
+    assert_identical(eager, captured)
+    assert_follows(captured, plain_run, "narrow conv kernel")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -206,11 +232,7 @@ def test_a_padded_input_captured_equals_eager_and_follows_the_plain_run(dataset,
     assert eager_backend.kernels.launches["pad_weight_channels"] == STEPS + 2 * 2
     assert eager_backend.kernels.launches["crop_weight_channels"] == STEPS
     assert_identical(eager, captured)
-    names = [name for name in unpadded_run[1] if name.startswith("params/")]
-    padded, unpadded = (np.concatenate([state[name].ravel() for name in names]).astype(np.float64)
-                        for state in (captured[1], unpadded_run[1]))
-    print(f"padded input vs plain: {np.linalg.norm(padded - unpadded) / np.linalg.norm(unpadded):.3g}")
-    assert np.linalg.norm(padded - unpadded) <= 0.02 * np.linalg.norm(unpadded)
+    assert_follows(captured, unpadded_run, "padded input")
     # the stem's weights alone: on the emulated GPU 0 (bf16, and float32 where both runs' engines agree), where a
     # gradient cut back from the wrong channels left them 0.052 apart (and all the parameters only 0.013)
     stem, stem_plain = captured[1]["params/stem/conv/w"], unpadded_run[1]["params/stem/conv/w"]

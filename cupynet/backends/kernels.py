@@ -78,6 +78,10 @@ KERNELS = {
         # --wgrad-pixel-pairs: (cuDNN's io type, the gradient's): bf16 or float32 gradients in bf16 runs
         "pixel_pair_weight_gradient": [(BF16, BF16), (BF16, FLOAT), (FLOAT, FLOAT)],
     },
+    "narrow_conv.cu": {
+        # --narrow-conv-kernel: (activation type, data gradient?) for stage 1's 16-channel 3x3 convolutions
+        "narrow_conv3x3": [(t, g) for t in ACTIVATION_TYPES for g in ("false", "true")],
+    },
     "padded_input.cu": {
         "pad_weight_channels": _per_type(*ACTIVATION_TYPES),        # --padded-input: the stem's padded weights
         "crop_weight_channels": [(BF16, BF16), (BF16, FLOAT), (FLOAT, FLOAT)],   # ... and their gradient cut back

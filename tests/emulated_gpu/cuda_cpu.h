@@ -55,9 +55,13 @@
 struct uint3 { unsigned int x = 0, y = 0, z = 0; };
 struct dim3 { unsigned int x = 1, y = 1, z = 1; };
 struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned int x, y; };
 struct double2 { double x, y; };
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return uint2{x, y}; }
 inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 // Set by the scheduler before it resumes a thread (fibers of one OS thread share these variables).
@@ -98,6 +102,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f)
 
 inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
 inline int __float_as_int(float v) { int i; std::memcpy(&i, &v, 4); return i; }
+inline unsigned int __float_as_uint(float v) { unsigned int u; std::memcpy(&u, &v, 4); return u; }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) { return v.bits; }
 // Explicitly rounded operations: volatile keeps the compiler from contracting them into an fma.
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
@@ -168,6 +175,9 @@ struct Barrier {
     unsigned long long generation = 0;
 };
 
+constexpr int FRAGMENT_WORDS = 8;
+struct Fragments { unsigned int word[FRAGMENT_WORDS]; };
+
 struct Scheduler {
     std::vector<Fiber> fibers;
     std::vector<char*> stacks;          // reused by every launch of this OS thread
@@ -175,6 +185,8 @@ struct Scheduler {
     std::vector<Barrier> warps;
     std::vector<unsigned long long> exchange;   // two 8-byte slots per thread, for shuffles (shuffle_down)
     std::vector<unsigned long long> written;    // per slot: 1 + the warp barrier generation that wrote it
+    std::vector<Fragments> fragments;           // two slots per thread, for the tensor-core products (warp_gather)
+    std::vector<unsigned long long> gathered;   // per slot: as `written`
     std::vector<char> dynamic_shared;
     std::vector<std::pair<void*, size_t>> block_shared;   // this OS thread's static __shared__ storage
     void* scheduler_sp = nullptr;
@@ -299,6 +311,8 @@ inline std::string run_block(void (*body)(void*), void* arg, int threads)
     for (int t = 0; t < threads; ++t) ++s.warps[t / WARP].live;
     s.exchange.assign(2 * threads, 0ull);
     s.written.assign(2 * threads, 0ull);
+    s.fragments.assign(2 * threads, Fragments{});
+    s.gathered.assign(2 * threads, 0ull);
     for (int t = 0; t < threads; ++t) {
         Fiber& f = s.fibers[t];
         f.stack = s.stacks[t];
@@ -475,6 +489,88 @@ template <typename T> T shuffle_down(T v, int delta)
         }
     }
     return result;
+}
+
+// Every lane's fragments (up to FRAGMENT_WORDS 32-bit registers) gathered at one warp rendezvous, the double-slot
+// scheme of shuffle_down in buffers of its own: what a warp-wide tensor-core instruction (mma.sync) reads. Every
+// lane of the warp must take part, as mma.sync requires: a lane that has exited is reported and ends the process.
+inline void warp_gather(const Fragments& mine, Fragments (&all)[WARP])
+{
+    Scheduler& s = scheduler();
+    const int t = s.current;
+    const int first = t - t % WARP;
+    Barrier& warp = s.warps[t / WARP];
+    const unsigned long long stamp = warp.generation + 1ull;
+    const int slots = (int)(warp.generation & 1ull) * (int)s.fibers.size();
+    s.fragments[slots + t] = mine;
+    s.gathered[slots + t] = stamp;
+    arrive(warp, Wait::warp);
+    for (int lane = 0; lane < WARP; ++lane) {
+        const int source = first + lane;
+        if (source >= (int)s.fibers.size() || s.gathered[slots + source] != stamp) {
+            std::fprintf(stderr, "emulated GPU: mma.sync in a warp whose lane %d has exited or does not exist\n", lane);
+            std::abort();
+        }
+        all[lane] = s.fragments[slots + source];
+    }
+}
+
+inline float bf16_half(unsigned int word, int high)
+{
+    __nv_bfloat16 v;
+    v.bits = (unsigned short)(high ? word >> 16 : word & 0xffffu);
+    return __bfloat162float(v);
+}
+
+// The fragment layouts of PTX's mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 and ...m16n8k8...tf32...:
+// lane = 4 * group + thread_in_group; A (16 x K, row-major) in a[0..3], B (K x 8, column-major) in b[0..1], the
+// float32 accumulator D (16 x 8) in d[0..3]: d[i] is row group + 8 * (i / 2), column 2 * thread_in_group + i % 2.
+// The products are exact in float32 (bf16 and tf32 have at most 11 significant bits) and added in k order, then
+// to d: the order the hardware adds in is its own, so results agree to float32 rounding, not bit for bit.
+template <int K, typename Element>
+inline void emulated_mma(float (&d)[4], const Fragments& mine, Element element)
+{
+    Fragments all[WARP];
+    warp_gather(mine, all);
+    const int lane = scheduler().current % WARP;
+    const int group = lane / 4, thread_in_group = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = group + 8 * (i / 2), column = 2 * thread_in_group + i % 2;
+        float sum = 0.0f;
+        for (int k = 0; k < K; ++k) sum += element(all, true, row, k) * element(all, false, k, column);
+        d[i] += sum;
+    }
+}
+
+// A(row, k): register (row >= 8) + 2 * (k >= 8) of lane 4 * (row % 8) + (k % 8) / 2, half k % 2;
+// B(k, n): register 4 + (k >= 8) (b follows a's four in the gathered words) of lane 4 * n + (k % 8) / 2, half k % 2.
+inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
+{
+    const Fragments mine{{a[0], a[1], a[2], a[3], b[0], b[1], 0u, 0u}};
+    emulated_mma<16>(d, mine, [](const Fragments* all, bool is_a, int i, int j) {
+        return is_a ? bf16_half(all[4 * (i % 8) + (j % 8) / 2].word[(i >= 8) + 2 * (j >= 8)], j % 2)
+                    : bf16_half(all[4 * j + (i % 8) / 2].word[4 + (i >= 8)], i % 2);
+    });
+}
+
+// A(row, k): register (row >= 8) + 2 * (k >= 4) of lane 4 * (row % 8) + k % 4; B(k, n): register 4 + (k >= 4) of
+// lane 4 * n + k % 4; each a float32 whose low 13 bits the caller has cleared (tf32_round).
+inline void mma_tf32_m16n8k8(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
+{
+    const Fragments mine{{a[0], a[1], a[2], a[3], b[0], b[1], 0u, 0u}};
+    emulated_mma<8>(d, mine, [](const Fragments* all, bool is_a, int i, int j) {
+        return is_a ? __uint_as_float(all[4 * (i % 8) + j % 4].word[(i >= 8) + 2 * (j >= 4)])
+                    : __uint_as_float(all[4 * j + i % 4].word[4 + (i >= 4)]);
+    });
+}
+
+// PTX's cvt.rna.tf32.f32: float32 rounded to 10 mantissa bits, to nearest with ties away from zero (NaN and
+// infinity kept).
+inline unsigned int tf32_round(float v)
+{
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+    return u;
 }
 
 inline unsigned long long global_time_ns()
