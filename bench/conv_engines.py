@@ -34,9 +34,9 @@ It also times variants cupynet does not run (yet), to tell whether they are wort
     stage 1 only). Weight gradient: the paired kernel's gradient, whose two places per weight a small pass
     adds back into the original's (--wgrad-pixel-pairs). Timed with random weights; building the paired kernel
     and adding the gradient back (small passes) are not counted;
-  * `narrow_kernel`: cupynet's own tensor-core kernel for 16-channel 3x3 stride-1 forwards and data gradients
-    (kernels/narrow_conv.cu, --narrow-conv-kernel; NHWC, bf16 or float32 with TF32), timed as the engines are,
-    on its own arrays: the same multiply-adds on the same shapes, no cuDNN;
+  * `own_kernel`: cupynet's own tensor-core kernel for the 3x3 forwards and data gradients it takes
+    (kernels/conv3x3.cu, --own-conv-channels; NHWC, bf16 or float32 with TF32: 16 to 64 channels, a data
+    gradient at stride 1), timed as the engines are, on arrays of its own: the same multiply-adds, no cuDNN;
   * `pixel_octets`: the same rewrite with groups of 8 pixels, for a convolution of fewer than
     PADDED_CHANNELS input channels (the stem: 24 channels in, 128 out, 8 times the multiply-adds, a shape
     cuDNN's fast engines take); forward and weight gradient (not built);
@@ -76,7 +76,7 @@ from cupynet.backends.conv_autotune import (MAX_WORKSPACE_BYTES, SettingRefused,
                                             split_k_engines)
 from cupynet.backends.cudnn_conv import (array_shape, conv_output_size, describe,  # noqa: E402
                                          packed_strides)
-from cupynet.backends import narrow_conv                            # noqa: E402
+from cupynet.backends import conv3x3                                # noqa: E402
 from cupynet.backends.pixel_pairs import PAIR_MAX_CHANNELS          # noqa: E402
 from cupynet.config import OneLineErrorParser                       # noqa: E402
 from cupynet.model import ResNet                                    # noqa: E402
@@ -337,23 +337,33 @@ class Survey:
                    for _ in range(self.args.repeats)]
         return round(1000.0 * statistics.median(windows) / self.args.runs, 2)
 
-    def narrow_kernel(self, conv):
-        """The `narrow_kernel` variant: cupynet's own kernel for this forward or data gradient, timed on random
-        arrays of its shapes, as an engine entry (deterministic: each output is one warp's sum in a fixed order)."""
+    def own_kernel(self, conv):
+        """The `own_kernel` variant: cupynet's own kernel for this forward or data gradient, timed on random arrays
+        of its shapes, as an engine entry (deterministic: each output is one warp's sum in a fixed order)."""
         backend = self.backend
         n, c, h, w, k, r, s = conv["dims"]
+        ho, wo = (conv_output_size(size, r, conv["stride"], conv["pad"]) for size in (h, w))
+        x_shape, y_shape = (n, h, w, c), (n, ho, wo, k)
+        data_gradient = conv["op"] == "dgrad"
         rng = np.random.default_rng(3)
         with backend.device, backend.stream:
-            source = backend.from_host(rng.standard_normal((n, h, w, c)), dtype=backend.dtype)
+            source = backend.from_host(rng.standard_normal(y_shape if data_gradient else x_shape), dtype=backend.dtype)
             weight = backend.from_host(rng.standard_normal((k, r, s, c)) * 0.1, dtype=backend.dtype)
-            target = backend.from_host(np.zeros((n, h, w, k)), dtype=backend.dtype)
-            data_gradient = conv["op"] == "dgrad"
+            target = backend.from_host(np.zeros(x_shape if data_gradient else y_shape), dtype=backend.dtype)
+            saved, backend.own_conv_channels = backend.own_conv_channels, max(conv3x3.CHANNEL_CHOICES)
             try:
-                us = self._median_us(lambda: backend._narrow_conv(source, weight, target, data_gradient))
+                def run():
+                    return backend._own_conv(source, weight, conv["stride"], conv["pad"], target, data_gradient)
+                if not run():
+                    self.problem = "cupynet's kernel does not take this convolution"
+                    return None
+                us = self._median_us(run)
             except self.run_errors as error:
                 self.problem = one_line(error)
                 return None
-        return [{"name": "cupynet narrow_conv3x3", "index": None, "us": us, "deterministic": True,
+            finally:
+                backend.own_conv_channels = saved
+        return [{"name": "cupynet conv3x3_mma", "index": None, "us": us, "deterministic": True,
                  "runtime_compiled": False}]
 
     def split_k(self, conv):
@@ -449,6 +459,16 @@ def pixel_groups_apply(conv, args, group):
     return fits and (max(c, k) <= PAIR_MAX_CHANNELS if group == 2 else c < PADDED_CHANNELS)
 
 
+def own_kernel_takes(conv, args, tf32):
+    """Whether cupynet's own kernel computes this forward or data gradient (the `own_kernel` variant)."""
+    n, c, h, w, k, r, s = conv["dims"]
+    data_gradient = conv["op"] == "dgrad"
+    source = (n, conv_output_size(h, r, conv["stride"], conv["pad"]), conv_output_size(w, s, conv["stride"], conv["pad"]),
+              k) if data_gradient else (n, h, w, c)
+    return conv3x3.kernel_shape(args.layout, args.dtype, tf32, source, (k, r, s, c), conv["stride"], conv["pad"],
+                                data_gradient, max(conv3x3.CHANNEL_CHOICES)) is not None
+
+
 # What else to time per operation: name -> a callable surveying it. bf16 weight gradients writing float32
 # would spare cupynet's conversion kernel; the fused patterns would spare BatchNorm passes; split-K settings
 # are what --conv-split-k adds to the autotuner's candidates; pixel groups and the padded input, the slow
@@ -466,10 +486,8 @@ def variants(survey, conv, args):
     if conv["op"] == "fprop":
         found["genstats"] = of(survey.fused(conv, prologue=False, genstats=True))
         found["scale_bias_relu_genstats"] = of(survey.fused(conv, prologue=True, genstats=True))
-    n, c, h, w, k, r, s = conv["dims"]
-    if conv["op"] != "wgrad" and narrow_conv.applies(args.layout, args.dtype, survey.backend.tf32, (n, h, w, c),
-                                                     (k, r, s, c), conv["stride"], conv["pad"]):
-        found["narrow_kernel"] = lambda: survey.narrow_kernel(conv)
+    if conv["op"] != "wgrad" and own_kernel_takes(conv, args, survey.backend.tf32):
+        found["own_kernel"] = lambda: survey.own_kernel(conv)
     for name, group in PIXEL_GROUPS.items():
         if pixel_groups_apply(conv, args, group):
             found[name] = of(survey.grouped(conv, group))

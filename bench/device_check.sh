@@ -346,31 +346,32 @@ seconds_until() {   # seconds_until OFFSET START [LEAST]: seconds left until OFF
 
 step_options() {
     local start=$SECONDS rc=0 seconds
-    # the switches that are off by default and not yet measured on a GPU (see below): a row each, the defaults'
-    # twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one row. The rows of a
-    # grid share one process: --stream-priorities, --programmatic-launch and --programmatic-launch-early, the ones
-    # that call the CUDA driver through ctypes (a crash there would end the grid), come last of them. The early
-    # launches are a variant of the programmatic ones, not another switch to add: the all-together row has the
-    # latter (an edge data the driver might refuse would lose that row too)
-    local switches=(--narrow-conv-kernel --conv-pixel-pairs --wgrad-pixel-pairs --residual-grad-sums
-                    --conv-tune-in-graph --padded-input --stream-priorities --programmatic-launch
-                    --programmatic-launch-early)
-    local alone=() alone_512=() together="" flag
-    for flag in "${switches[@]}"; do
-        alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $flag on")
-        alone_512+=(--also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off $flag on")
-        [[ $flag == --programmatic-launch-early ]] || together+=" $flag on"
+    # the options that are off by default and not yet measured on a GPU (see below), as a flag and its value: a row
+    # each, the defaults' twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one
+    # row. Our own convolution kernel for every width first, then for stage 1's alone. The rows of a grid share one
+    # process: --stream-priorities, --programmatic-launch and --programmatic-launch-early, the ones that call the
+    # CUDA driver through ctypes (a crash there would end the grid), come last of them. The all-together row leaves
+    # out the variants of another row's option: our kernel for stage 1 alone (all widths is in) and the early
+    # launches (the programmatic ones are in: an edge data the driver might refuse would lose that row too)
+    local settings=("--own-conv-channels 64" "--own-conv-channels 16" "--conv-pixel-pairs on" "--wgrad-pixel-pairs on"
+                    "--residual-grad-sums on" "--conv-tune-in-graph on" "--padded-input on" "--stream-priorities on"
+                    "--programmatic-launch on" "--programmatic-launch-early on")
+    local alone=() alone_512=() together="" setting
+    for setting in "${settings[@]}"; do
+        alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $setting")
+        alone_512+=(--also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off $setting")
+        [[ $setting == "--own-conv-channels 16" || $setting == --programmatic-launch-early* ]] || together+=" $setting"
     done
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.
     # The defaults with genstats (any engine) come fifth, right after 1x1's other rows: a fused pair's forward
     # is two launches with BatchNorm's two (bn_apply_from_sums), not only with --bn-launches 1 (the grid below).
-    # The switches not yet measured on a GPU (our own kernel for stage 1's forwards and data gradients, which takes
-    # them from pixel pairs in the all-together row; pixel pairs for them, and for its
-    # weight gradients; BatchNorm's gradient sums in the residual adds; the autotuner timing engines inside a CUDA
-    # graph; the stem's input padded to 16 bytes a pixel; the main stream's priority over the side streams;
-    # programmatic edges into our kernels in the captured step, and those from the launch-order port) get one --also
-    # row each right after the
+    # The options not yet measured on a GPU (our own kernel for the 3x3 convolutions' forwards and data gradients,
+    # every width or stage 1's, which takes stage 1's from pixel pairs in the all-together row; pixel pairs for
+    # them, and for stage 1's weight gradients; BatchNorm's gradient sums in the residual adds; the autotuner timing
+    # engines inside a CUDA graph; the stem's input padded to 16 bytes a pixel; the main stream's priority over the
+    # side streams; programmatic edges into our kernels in the captured step, and those from the launch-order port)
+    # get one --also row each right after the
     # defaults' (a dimension would double the grids), here, at fp32 and at batch 512: each differs from the
     # defaults in that option alone (deterministic engines, no genstats, whose fused forwards never run paired),
     # and a row this early is measured however the pacing cuts its grid. bf16 then has all of them at once with
@@ -505,11 +506,11 @@ if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H200
     PEAK_GBS=4800
 fi
 # The bf16 step options that change which kernels run (not how the weight gradients are spread: layers.py times
-# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, stage 1 in our own kernel or on
-# pixel pairs, also
+# every call alone): the one-launch BatchNorm passes, the convolutions' genstats, our own convolution kernel, stage 1
+# on pixel pairs, also
 # its weight gradients (other convolution shapes), BatchNorm's gradient sums in the residual adds (one reduction fewer per block), and cuDNN
 # engines that may add in any order (genstats engines may all be such; the others' choice changes with it too).
-LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--narrow-conv-kernel' -e '--conv-pixel-pairs' \
+LAYERS_OPTIONS=$(grep -o -e '--bn-launches [12]' -e '--conv-genstats' -e '--own-conv-channels [0-9]*' -e '--conv-pixel-pairs' \
     -e '--wgrad-pixel-pairs' -e '--residual-grad-sums' -e '--no-conv-deterministic' <<< "${BEST_BF16:-}" | tr '\n' ' ')
 run_stage layers 60 "$PY" bench/layers.py --device 0 --depth 44 --batch 128 --layout NHWC --dtype bfloat16 \
     --steps 5 --peak-gbs "$PEAK_GBS" $LAYERS_OPTIONS --json "$OUT/layers.json"
@@ -582,7 +583,7 @@ import json, os, re, sys
 import xml.etree.ElementTree as ET
 
 out = os.environ["OUT"]
-try:        # the step options' switches that are off by default, as the summary names them when on
+try:        # the step options that are off (or 0) by default, as the summary names them when on
     from bench.step_options import OPTIONS
     SWITCHES = [(option.name, option.label) for option in OPTIONS if option.label]
 except Exception as error:      # a tree that cannot import it still gets the rest of its summary
@@ -598,7 +599,7 @@ def load(name):
 
 def extras(options):
     """' + split-K + genstats + pixel pairs': the options a row or run had on beyond streams, chunks and engines."""
-    return "".join(f" + {label}" for key, label in SWITCHES if options.get(key))
+    return "".join(f" + {label.format(options[key])}" for key, label in SWITCHES if options.get(key))
 
 def counts(label, report):
     """'  [split-K tried 21, built 14]': what an option did in a row (its report; None: the option was off)."""
@@ -770,7 +771,7 @@ for name in ["accuracy.json"] + [f"accuracy_{i}.json" for i in range(2, 10)]:
         options.append(f"conv init {accuracy['args']['conv_init']}")
     if accuracy["args"].get("conv_deterministic") is False:
         options.append("any cuDNN engine")
-    options += [label for key, label in SWITCHES if accuracy["args"].get(key)]
+    options += [label.format(accuracy["args"][key]) for key, label in SWITCHES if accuracy["args"].get(key)]
     if accuracy["args"].get("bn_launches"):
         options.append(f"{accuracy['args']['bn_launches']} BN launch(es)")
     parts = accuracy.get("setup_parts") or {}          # a GPU backend's: CUDA context, cuDNN import, handles

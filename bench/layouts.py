@@ -351,7 +351,7 @@ def measure(depth, batch, layout, dtype, args, dataset, cuda_graph=None, **optio
             "conv_split_k": getattr(backend, "split_k", None), "conv_genstats": backend.conv_genstats,
             "conv_pixel_pairs": getattr(backend, "pixel_pairs", None),
             "wgrad_pixel_pairs": getattr(backend, "wgrad_pixel_pairs", None),
-            "narrow_conv_kernel": getattr(backend, "narrow_conv_kernel", None),
+            "own_conv_channels": getattr(backend, "own_conv_channels", None),
             "residual_grad_sums": getattr(backend, "residual_grad_sums", None),
             "stream_priorities": getattr(backend, "stream_priorities", None),
             "conv_tune_in_graph": getattr(backend, "tune_in_graph", None),

@@ -8,10 +8,10 @@ its order, the benchmarks derive:
   * best_step_options.py: a row's options by name, the flags that select them (`flags`), `describe`;
   * vs_torch.py (timeline.py), layers.py, time_to_accuracy.py: their flags (`add_flags`), then TrainConfig's
     arguments (`config_kwargs`) or the flags passed on (`flags`);
-  * device_check.sh's summary: the labels of the switches that are off by default.
+  * device_check.sh's summary: the labels of the options that are off (or 0) by default.
 Adding an on/off option takes one StepOption here, then its rows in device_check.sh's measurement plan and the
 line of layouts.measure's row that records it as the backend applied it (tests/test_bench_scripts.py checks that
-each option has a flag cupynet.train takes, a field in the rows and, off by default, a label).
+each option has a flag cupynet.train takes, a field in the rows and, off or 0 by default, a label).
 """
 from dataclasses import dataclass
 
@@ -28,7 +28,8 @@ class StepOption:
     width: int
     phrase: str           # describe()'s words, with the separator before them: "{}" takes an int's value; a
     phrase_off: str = ""  # switch has its words when on and when off
-    label: str = ""       # device_check.sh's summary: " + label" where a switch that is off by default is on
+    label: str = ""       # device_check.sh's summary: " + label" where an option off (0) by default is on ("{}":
+                          # its value)
 
     @property
     def default(self):
@@ -82,8 +83,9 @@ OPTIONS = (
                label="pixel pairs"),
     StepOption("wgrad_pixel_pairs", column="wg-pairs", width=8, phrase=", stage 1 weight gradients on pixel pairs",
                label="wgrad pixel pairs"),
-    StepOption("narrow_conv_kernel", column="narrow", width=6, phrase=", stage 1 convolutions in our own kernel",
-               label="narrow conv kernel"),
+    StepOption("own_conv_channels", column="own-conv", width=8,
+               phrase=", convolutions of up to {} channels in our own kernel",
+               label="own conv kernel up to {} channels"),
     StepOption("residual_grad_sums", column="res-sums", width=8, phrase=", BatchNorm gradient sums in the residual add",
                label="residual grad sums"),
     StepOption("stream_priorities", column="prio", width=4, phrase=", the main stream first",

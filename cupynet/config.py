@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from cupynet.backends import BN_LAUNCHES, MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, WGRAD_CHUNKS, WGRAD_STREAMS
+from cupynet.backends.conv3x3 import CHANNEL_CHOICES
 from cupynet.errors import ConfigError
 from cupynet.model import BLOCK_KINDS, blocks_per_stage
 from cupynet.params import CONV_INITS, DEFAULT_CONV_INIT
@@ -62,7 +63,7 @@ class TrainConfig:
     conv_genstats: bool = False              # convolutions before BatchNorm also write its per-channel sums
     conv_pixel_pairs: bool = False           # GPU, NHWC: stage 1's 3x3 convolutions on pixel pairs
     wgrad_pixel_pairs: bool = False          # GPU, NHWC: and their weight gradients
-    narrow_conv_kernel: bool = False         # GPU, NHWC: stage 1's 3x3 convolutions in our own tensor-core kernel
+    own_conv_channels: int = 0               # GPU, NHWC: 3x3 convolutions of at most this many channels in our kernel
     residual_grad_sums: bool = False         # a residual block's input-gradient add also reduces BatchNorm's sums
     wgrad_chunks: int = WGRAD_CHUNKS         # weight gradients per slice of the batch, side by side, then summed
     stream_priorities: bool = False          # GPU: the main stream before the weight gradients' side streams
@@ -216,12 +217,14 @@ def build_parser():
                     "convolution, folded back by a small kernel (each weight's two places added); the same "
                     "gradients up to rounding (in bfloat16, two rounded halves); off by default until a "
                     "GPU run shows it faster")
-    add_switch(model, "narrow_conv_kernel",
-               help="GPU, NHWC, bfloat16 or float32 with --tf32: stage 1's 3x3 convolutions (16 channels in and "
-                    "out, stride 1) run forward and data gradient in cupynet's own tensor-core kernel "
-                    "(kernels/narrow_conv.cu) instead of cuDNN's engines, which are slow at 16 channels (with "
-                    "--conv-pixel-pairs too: this kernel takes them); weight gradients stay with cuDNN; the same "
-                    "results up to the order of the sums; off by default until a GPU run shows it faster")
+    model.add_argument("--own-conv-channels", type=int, choices=CHANNEL_CHOICES, default=d.own_conv_channels,
+                       metavar="N",
+                       help="GPU, NHWC, bfloat16 or float32 with --tf32; N is 0, 16, 32 or 64: the 3x3 convolutions "
+                            "whose channels in and out are at most N (16: stage 1's; 64: all) run their forwards and data gradients in "
+                            "cupynet's own tensor-core kernel (kernels/conv3x3.cu) instead of cuDNN's engines, which "
+                            "are slow at these widths; a stage's first, strided, data gradient and every weight "
+                            "gradient stay with cuDNN; the same results up to the order of the sums; default 0 (none) "
+                            "until a GPU run shows it faster")
     add_switch(model, "residual_grad_sums",
                help="block v1: the kernel that adds up a residual block's input gradient (main path plus "
                     "identity shortcut) also reduces the gradient sums of the BatchNorm that gradient "
@@ -448,11 +451,14 @@ def validate(config):
         if on and c.data_format != "NHWC":
             raise ConfigError(f"{flag} needs --data-format NHWC: a pixel pair is two neighbouring pixels' "
                               f"channels, adjacent in memory only when channels come last")
-    if c.narrow_conv_kernel and c.data_format != "NHWC":
-        raise ConfigError("--narrow-conv-kernel needs --data-format NHWC: its lanes load a pixel's channels, "
+    if c.own_conv_channels not in CHANNEL_CHOICES:
+        raise ConfigError(f"--own-conv-channels must be one of {', '.join(map(str, CHANNEL_CHOICES))}, "
+                          f"got {c.own_conv_channels}")
+    if c.own_conv_channels and c.data_format != "NHWC":
+        raise ConfigError("--own-conv-channels needs --data-format NHWC: its lanes load a pixel's channels, "
                           "adjacent in memory only when channels come last")
-    if c.narrow_conv_kernel and c.dtype == "float32" and not c.tf32:
-        raise ConfigError("--narrow-conv-kernel multiplies float32 on TF32 tensor cores: it cannot run with "
+    if c.own_conv_channels and c.dtype == "float32" and not c.tf32:
+        raise ConfigError("--own-conv-channels multiplies float32 on TF32 tensor cores: it cannot run with "
                           "--no-tf32 (strict float32); leave one of them out")
     if c.padded_input and c.data_format != "NHWC":
         raise ConfigError("--padded-input needs --data-format NHWC: it pads each pixel's channels to 16 bytes, "

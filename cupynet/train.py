@@ -87,7 +87,7 @@ def build_backend(config, device):
                           stream_priorities=config.stream_priorities, tune_in_graph=config.conv_tune_in_graph,
                           padded_input=config.padded_input, programmatic_launch=config.programmatic_launch,
                           programmatic_launch_early=config.programmatic_launch_early,
-                          narrow_conv_kernel=config.narrow_conv_kernel)
+                          own_conv_channels=config.own_conv_channels)
 
 
 def make_group(config, devices):

@@ -28,7 +28,7 @@ def small_dataset():
 def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
                  stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False,
-                 programmatic_launch_early=False, narrow_conv_kernel=False):
+                 programmatic_launch_early=False, own_conv_channels=0):
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
     from cupynet.backends.cupy_backend import CupyBackend
@@ -39,7 +39,7 @@ def make_backend(layout, dtype, tf32=True, wgrad_streams=1, wgrad_chunks=1, bn_l
                        tune_in_graph=tune_in_graph, padded_input=padded_input,
                        programmatic_launch=programmatic_launch,
                        programmatic_launch_early=programmatic_launch_early,
-                       narrow_conv_kernel=narrow_conv_kernel)
+                       own_conv_channels=own_conv_channels)
 
 
 def train(config, dataset, backend, comm=None, evaluate_every=5):

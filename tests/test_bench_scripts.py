@@ -530,7 +530,7 @@ def test_each_step_option_is_a_train_flag_recorded_in_every_layouts_row():
         value = not option.default if option.on_off else \
             next(value for value in option.choices or [option.default + 1] if value != option.default)
         assert getattr(train_args(step_options.flags({option.name: value})), option.name) == value, option
-        assert bool(option.label) == (option.on_off and not option.default), option
+        assert bool(option.label) == (not option.default), option        # a switch that is off, or an int 0
     layouts = layouts_module()
     args = layouts.parse_args(["--quick", "--layouts", "NHWC"])
     (point,) = layouts.grid(args)

@@ -12,6 +12,7 @@ import os
 import pathlib
 import py_compile
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -302,29 +303,33 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     # and one genstats row there (1x1, any engine), not the dimension, which would double the grid
     assert "--conv-genstats" not in runs[4] and also_rows(runs[4])[0] == [
         "--wgrad-pairs", "1x1", "--conv-deterministic", "off", "--conv-split-k", "off", "--conv-genstats", "on"]
-    # the switches not yet measured: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair
+    # the options not yet measured: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair
     # with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
     # grids; in this order, one right after the other
-    switches = ["--narrow-conv-kernel", "--conv-pixel-pairs", "--wgrad-pixel-pairs", "--residual-grad-sums", "--conv-tune-in-graph",
-                "--padded-input", "--stream-priorities", "--programmatic-launch",   # the driver calls through
-                "--programmatic-launch-early"]                                      # ctypes last: a crash would
+    settings = [["--own-conv-channels", "64"], ["--own-conv-channels", "16"], ["--conv-pixel-pairs", "on"],
+                ["--wgrad-pixel-pairs", "on"], ["--residual-grad-sums", "on"], ["--conv-tune-in-graph", "on"],
+                ["--padded-input", "on"], ["--stream-priorities", "on"],       # the driver calls through ctypes
+                ["--programmatic-launch", "on"], ["--programmatic-launch-early", "on"]]    # last: a crash would
     # end the grid
-    for flag in switches:
-        rows = [[row for row in also_rows(run) if flag in row and len(row) <= 8] for run in runs]
-        assert [len(found) for found in rows] == [1, 1, 0, 0, 1], flag
-        assert all(flag not in run for run in runs)
+    for setting in settings:
+        rows = [[row for row in also_rows(run) if row[-2:] == setting and len(row) <= 8] for run in runs]
+        assert [len(found) for found in rows] == [1, 1, 0, 0, 1], setting
+        assert all(setting[0] not in run for run in runs)
         for found in rows[:2]:
-            assert found == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", flag, "on"]]
-        assert rows[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off", flag, "on"]]
+            assert found == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", *setting]]
+        assert rows[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off", *setting]]
     for run in (runs[0], runs[1], runs[4]):
-        options = [row[-2] for row in also_rows(run)]
-        first = options.index(switches[0])
-        assert options[first:first + len(switches)] == switches
+        options = [row[-2:] for row in also_rows(run)]
+        first = options.index(settings[0])
+        assert options[first:first + len(settings)] == settings
     # then, at bf16 (batch 128 and 512), all of them at once with 4 streams and any engine: the grid's last row;
-    # the early programmatic launches are a variant of the programmatic ones, not among them
+    # our kernel for stage 1 alone and the early programmatic launches are variants of other rows' options, not
+    # among them
+    together = [word for setting in settings if setting not in (["--own-conv-channels", "16"],
+                                                                ["--programmatic-launch-early", "on"])
+                for word in setting]
     for run, split in ((runs[0], []), (runs[4], ["--conv-split-k", "off"])):
-        assert also_rows(run)[-1] == ["--wgrad-pairs", "4x1", "--conv-deterministic", "off", *split,
-                                      *[word for flag in switches[:-1] for word in (flag, "on")]]
+        assert also_rows(run)[-1] == ["--wgrad-pairs", "4x1", "--conv-deterministic", "off", *split, *together]
     assert all(len(row) <= 8 for row in also_rows(runs[1]))
     calls.unlink()
     short = dict(env, STAGE_LIMIT="38")       # 12, 16, 21 and 25 s for the first four (at least 10 each): they
@@ -367,24 +372,26 @@ def test_best_options_turns_the_step_options_into_flags_and_notes_them(tmp_path)
 
 # What the script's variables hold when its commands run: step options as best_step_options.py prints
 # them (every flag it can print, so that each must exist wherever it is passed), and one accuracy entry's flags.
-def switch_rows(switches):
-    """step_options' arrays of --also rows for `switches`, as its loop builds them (quoted as bash would pass them)."""
+def setting_rows(settings):
+    """step_options' arrays of --also rows for `settings` ("--flag value" each), as its loop builds them (quoted as
+    bash would pass them); the all-together row without the variants of another row's option."""
     def rows(pair):
-        return " ".join(f'--also "{pair} {flag} on"' for flag in switches)
+        return " ".join(f'--also "{pair} {setting}"' for setting in settings)
+    variants = ("--own-conv-channels 16", "--programmatic-launch-early on")
     return {"alone": rows("--wgrad-pairs 1x1 --conv-deterministic on"),
             "alone_512": rows("--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off"),
-            "together": "".join(f" {flag} on" for flag in switches)}
+            "together": "".join(f" {setting}" for setting in settings if setting not in variants)}
 
 
 SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --bn-launches 1 "
-                              "--conv-genstats --conv-pixel-pairs --residual-grad-sums",
+                              "--conv-genstats --own-conv-channels 64 --conv-pixel-pairs --residual-grad-sums",
                  "BEST_FP32": "--wgrad-streams 2 --wgrad-chunks 2 --no-conv-deterministic --conv-split-k --conv-genstats "
                               "--conv-pixel-pairs --residual-grad-sums",
                  "BEST_512": "--wgrad-streams 4 --wgrad-chunks 4 --no-conv-deterministic --conv-split-k --conv-genstats "
                              "--conv-pixel-pairs --residual-grad-sums",
                  # what the script takes from BEST_BF16 (test_the_layers_stage_takes_the_kernel_changing_options)
-                 "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats --conv-pixel-pairs "
-                                   "--residual-grad-sums",
+                 "LAYERS_OPTIONS": "--no-conv-deterministic --bn-launches 1 --conv-genstats --own-conv-channels 64 "
+                                   "--conv-pixel-pairs --residual-grad-sums",
                  "args": "--seed 1 --conv-init glorot_uniform", "PEAK_GBS": "3350", "OUT": "/out", "TMP": "/tmp/x",
                  "CIFAR_DIR": "/data", "0": "/data", "1": "/data", "2": "step_options.json", "3": "bfloat16", "4": "128",
                  "i": "2", "json": "/out/accuracy_2.json", "STAGE_LIMIT": "100", "seconds": "60",
@@ -395,7 +402,7 @@ SCRIPT_VALUES = {"BEST_BF16": "--wgrad-streams 3 --wgrad-chunks 2 --no-conv-dete
                             "--conv-pixel-pairs --residual-grad-sums",
                  # step_options' rows of the switches not yet measured (the stage's own run is checked in
                  # test_step_options_paces_five_grids_and_runs_each_even_after_a_failure)
-                 **switch_rows(re.search(r"local switches=\(([^)]*)\)", SCRIPT.read_text()).group(1).split())}
+                 **setting_rows(shlex.split(re.search(r"local settings=\(([^)]*)\)", SCRIPT.read_text()).group(1)))}
 
 
 def script_python_commands():
@@ -427,6 +434,7 @@ def test_the_layers_stage_takes_the_kernel_changing_options():
     for best, expected in ((SCRIPT_VALUES["BEST_BF16"], SCRIPT_VALUES["LAYERS_OPTIONS"]),
                            ("--wgrad-streams 4 --conv-split-k", ""), ("", ""),
                            ("--wgrad-streams 2 --conv-pixel-pairs", "--conv-pixel-pairs"),
+                           ("--own-conv-channels 16 --wgrad-chunks 2", "--own-conv-channels 16"),
                            ("--wgrad-chunks 2 --residual-grad-sums", "--residual-grad-sums")):
         result = subprocess.run(["bash", "-c", f'set -u -o pipefail; {line}; echo "[$LAYERS_OPTIONS]"'],
                                 env=dict(os.environ, BEST_BF16=best), capture_output=True, text=True, timeout=30)

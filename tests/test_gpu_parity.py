@@ -301,11 +301,13 @@ def test_convolutions_on_pixel_pairs(dtype, case):
     assert be.kernels.launches["pixel_pair_weight_gradient"] == (folds if paired else 0)
 
 
-# (N, C, H, W, K, ksize, stride): stage 1's shape; odd sizes, whose 16-pixel tiles cross rows and images and whose
-# last tile is partly past the end; 1 x 1 images (every tap but the centre in the padding); and two the kernel
-# leaves to cuDNN (16 to 32 channels at stride 2; 8 channels)
-NARROW_CONVS = [(4, 16, 8, 8, 16, 3, 1), (3, 16, 5, 7, 16, 3, 1), (5, 16, 1, 1, 16, 3, 1), (4, 16, 8, 8, 32, 3, 2),
-                (2, 8, 6, 6, 8, 3, 1)]
+# (N, C, H, W, K, ksize, stride): each width at stride 1, with odd sizes whose 16-pixel tiles cross rows and images
+# and whose last tile is partly past the end, and 1 x 1 images (every tap but the centre in the padding); the two
+# strided forwards (an odd height: the last row's window half in the padding), whose data gradients cuDNN keeps;
+# and two the kernel leaves to cuDNN (8 channels; a 1x1 window)
+OWN_CONVS = [(4, 16, 8, 8, 16, 3, 1), (3, 16, 5, 7, 16, 3, 1), (5, 16, 1, 1, 16, 3, 1), (2, 32, 6, 5, 32, 3, 1),
+             (2, 64, 3, 5, 64, 3, 1), (3, 16, 7, 6, 32, 3, 2), (2, 32, 4, 4, 64, 3, 2), (2, 8, 6, 6, 8, 3, 1),
+             (4, 16, 4, 4, 16, 1, 1)]
 
 
 def round_to_tf32(values):
@@ -317,39 +319,41 @@ def round_to_tf32(values):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", NARROW_CONVS, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}".format(*c))
-def test_convolutions_in_the_narrow_kernel(dtype, case):
-    """--narrow-conv-kernel: a 16-channel 3x3 stride-1 convolution runs its forward and data gradient in our own
-    tensor-core kernel (kernels/narrow_conv.cu), not in cuDNN, and matches the float64 reference computed from
-    what the tensor cores multiply (bf16 values as they are; float32 rounded to TF32) to the output's rounding
-    (bf16: 2^-8 of the magnitude; float32: 2e-5, the strict float32 bound); others run in cuDNN as before."""
-    from cupynet.backends import narrow_conv
+@pytest.mark.parametrize("case", OWN_CONVS, ids=lambda c: "N{}C{}H{}W{}K{}k{}s{}".format(*c))
+def test_convolutions_in_our_own_kernel(dtype, case):
+    """--own-conv-channels 64: a 3x3 convolution of 16 to 64 channels runs its forward (stride 1 or 2) and its data
+    gradient (stride 1) in our own tensor-core kernel (kernels/conv3x3.cu), not in cuDNN, and matches the float64
+    reference computed from what the tensor cores multiply (bf16 values as they are; float32 rounded to TF32) to
+    the output's rounding (bf16: 2^-8 of the magnitude; float32: 2e-5, the strict float32 bound); the others run
+    in cuDNN as before."""
+    from cupynet.backends import conv3x3
     from cupynet.backends.cupy_backend import CupyBackend
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="bfloat16 on the GPU needs ml_dtypes (CuPy's bfloat16 dtype)")
-    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=True, narrow_conv_kernel=True)
+    be = CupyBackend(device_id=0, layout="NHWC", dtype=dtype, tf32=True, own_conv_channels=64)
     n, c, h, w, k, ksize, stride = case
-    taken = narrow_conv.applies("NHWC", dtype, True, (n, h, w, c), (k, ksize, ksize, c), stride, 1)
-    assert taken == (c == k == 16 and stride == 1)
+    pad = ksize // 2
     a = Arrays(be, seed=7)
     x, x_ref = a.activation(n, c, h, w)
-    wt, wt_ref = a.put(np.ascontiguousarray(be.weight_from_canonical(a.rng.standard_normal((k, c, 3, 3)) * 0.3)))
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    wt, wt_ref = a.put(np.ascontiguousarray(be.weight_from_canonical(a.rng.standard_normal((k, c, ksize, ksize)) * 0.3)))
+    ho, wo = (h + 2 * pad - ksize) // stride + 1, (w + 2 * pad - ksize) // stride + 1
     dy, dy_ref = a.activation(n, k, ho, wo)
     multiplied = (lambda v: v) if dtype == "bfloat16" else round_to_tf32
-    tolerance = 2.0 ** -8 if dtype == "bfloat16" else CONV["float32"]
     for op, run, source, target_shape in (("fprop", be.conv2d_forward, (x, x_ref), (n, ho, wo, k)),
                                           ("dgrad", be.conv2d_backward_data, (dy, dy_ref), x.shape)):
+        taken = conv3x3.kernel_shape("NHWC", dtype, True, source[0].shape, wt.shape, stride, pad, op == "dgrad", 64)
+        assert (taken is not None) == (min(c, k) >= 16 and ksize == 3 and (op == "fprop" or stride == 1)), op
         target = a.nan(target_shape)
-        launches, executions = be.kernels.launches["narrow_conv3x3"], be.conv.executions[op]
-        run(source[0], wt, stride, 1, target)
+        launches, executions = be.kernels.launches["conv3x3_mma"], be.conv.executions[op]
+        run(source[0], wt, stride, pad, target)
         reference = a.ref.conv2d_forward if op == "fprop" else a.ref.conv2d_backward_data
-        expected = reference(multiplied(source[1]), multiplied(wt_ref), stride, 1, np.empty(target_shape))
-        magnitude = reference(np.abs(source[1]), np.abs(wt_ref), stride, 1, np.empty(target_shape))
-        # cuDNN (not taken) may multiply float32 on TF32 or not: within two TF32 roundings of the products
-        bound = (tolerance if taken else CONV["bfloat16"] if dtype == "bfloat16" else 2.0 ** -9) * magnitude
-        assert_bounded(a.get(target), expected, bound, what=op)
-        assert be.kernels.launches["narrow_conv3x3"] - launches == (1 if taken else 0), op
+        expected = reference(multiplied(source[1]), multiplied(wt_ref), stride, pad, np.empty(target_shape))
+        magnitude = reference(np.abs(source[1]), np.abs(wt_ref), stride, pad, np.empty(target_shape))
+        # ours: the output's rounding; cuDNN's may multiply float32 on TF32 or not: two TF32 roundings of a product
+        tolerance = (2.0 ** -8 if dtype == "bfloat16" else CONV["float32"]) if taken else \
+            (CONV["bfloat16"] if dtype == "bfloat16" else 2.0 ** -9)
+        assert_bounded(a.get(target), expected, tolerance * magnitude, what=op)
+        assert be.kernels.launches["conv3x3_mma"] - launches == (1 if taken else 0), op
         assert be.conv.executions[op] - executions == (0 if taken else 1), op
 
 

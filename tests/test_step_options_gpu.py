@@ -1,7 +1,7 @@
 """The step options under whole-step capture on the GPU: with each of them (one-launch BatchNorm, weight gradients
-on side streams or split-K engines, statistics from the convolutions, pixel pairs, our own kernel for stage 1's
-convolutions, gradient sums in the residual add, stream priorities, engines timed in a graph, a padded input,
-programmatic launches) captured steps equal eager steps bit for bit, and where an option changes the arithmetic, the
+on side streams or split-K engines, statistics from the convolutions, pixel pairs, our own convolution kernel,
+gradient sums in the residual add, stream priorities, engines timed in a graph, a padded input, programmatic
+launches) captured steps equal eager steps bit for bit, and where an option changes the arithmetic, the
 run follows the plain one (how the runs are compared: step_graph_runs.py).
 
     python -m pytest -m gpu tests/test_step_options_gpu.py -q     # on a GPU machine (skipped elsewhere)
@@ -194,24 +194,26 @@ def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, plai
     assert_follows(captured, unpaired_run, "pixel pairs")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_narrow_conv_kernel_captured_equals_eager_and_follows_the_plain_run(dataset, plain, dtype):
-    """--narrow-conv-kernel: stage 1's forwards and data gradients run in our own tensor-core kernel (float32 on
-    TF32, as the plain run's cuDNN engines may), inside the captured step and in the evaluations. Captured steps
-    repeat the eager ones bit for bit, and the run follows the plain one (the same products, added in another
-    order; in float32 the plain run's engines may not round to TF32 where ours do)."""
-    settings = dict(BASE, dtype=dtype, narrow_conv_kernel=True)
+@pytest.mark.parametrize("dtype,channels", [("float32", 64), ("bfloat16", 64), ("bfloat16", 16)])
+def test_our_own_conv_kernel_captured_equals_eager_and_follows_the_plain_run(dataset, plain, dtype, channels):
+    """--own-conv-channels: the 3x3 forwards and data gradients of at most that many channels run in our own
+    tensor-core kernel (float32 on TF32, as the plain run's cuDNN engines may), inside the captured step and in the
+    evaluations. Captured steps repeat the eager ones bit for bit, and the run follows the plain one (the same
+    products, added in another order; in float32 the plain run's engines may not round to TF32 where ours do)."""
+    settings = dict(BASE, dtype=dtype, own_conv_channels=channels)
     plain_run = plain("NHWC", dtype)
-    eager_backend = make_backend("NHWC", dtype, narrow_conv_kernel=True)
+    eager_backend = make_backend("NHWC", dtype, own_conv_channels=channels)
     eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", dtype, narrow_conv_kernel=True)
+    backend = make_backend("NHWC", dtype, own_conv_channels=channels)
     captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
     assert captured[0].runner.captured
-    # ResNet-8's stage 1 has two such convolutions: a forward and a data gradient of each at every step, and a
-    # forward of each for every evaluation batch (2 evaluations of 24 test images in batches of 16)
-    assert eager_backend.kernels.launches["narrow_conv3x3"] == 2 * 2 * STEPS + 2 * 2 * 2
+    # ResNet-8's 3x3 convolutions after the stem: two in stage 1, and in stages 2 and 3 a strided forward and a
+    # stride-1 one each; per step their forwards and the stride-1 data gradients, and for every evaluation batch
+    # their forwards (2 evaluations of 24 test images in batches of 16)
+    forwards, data_gradients = (2, 2) if channels == 16 else (6, 4)
+    assert eager_backend.kernels.launches["conv3x3_mma"] == (forwards + data_gradients) * STEPS + forwards * 2 * 2
     assert_identical(eager, captured)
-    assert_follows(captured, plain_run, "narrow conv kernel")
+    assert_follows(captured, plain_run, f"own conv kernel up to {channels} channels")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -84,7 +84,7 @@ def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_stream
                    deterministic=True, wgrad_chunks=WGRAD_CHUNKS, bn_launches=BN_LAUNCHES, split_k=False,
                    conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
                    stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False,
-                   programmatic_launch_early=False, narrow_conv_kernel=False):
+                   programmatic_launch_early=False, own_conv_channels=0):
     """A backend for one worker's device: 'cpu' or a GPU id (checked with check_devices first).
     tf32, autotune (time cuDNN's candidate engines, keep the fastest), wgrad_streams (side streams the
     weight gradients take in turn), deterministic (only cuDNN engines that repeat their bits), bn_launches
@@ -94,8 +94,8 @@ def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_stream
     gradients' side streams), tune_in_graph (the autotuner times each engine replayed from a CUDA graph),
     padded_input (the network's input padded to a 16-byte pixel, NHWC), programmatic_launch (the captured
     step's edges into our kernels programmatic) and programmatic_launch_early (... from the launch-order port:
-    once the kernel before has begun; implies programmatic_launch) and narrow_conv_kernel (stage 1's forwards and
-    data gradients in our own tensor-core kernel, NHWC) concern the GPU only;
+    once the kernel before has begun; implies programmatic_launch) and own_conv_channels (the 3x3 forwards and data
+    gradients of at most that many channels in our own tensor-core kernel, NHWC) concern the GPU only;
     wgrad_chunks (weight gradients per slice of the batch, then summed), conv_genstats (convolutions
     before BatchNorm also give its sums) and residual_grad_sums (a residual block's input-gradient add also
     reduces the next BatchNorm's gradient sums) both."""
@@ -114,4 +114,4 @@ def create_backend(device, layout, dtype, tf32=True, autotune=True, wgrad_stream
                        tune_in_graph=tune_in_graph, padded_input=padded_input,
                        programmatic_launch=programmatic_launch,
                        programmatic_launch_early=programmatic_launch_early,
-                       narrow_conv_kernel=narrow_conv_kernel)
+                       own_conv_channels=own_conv_channels)

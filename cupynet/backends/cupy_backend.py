@@ -29,8 +29,8 @@ Streams and synchronisation
     convolutions on pixel pairs (cupynet/backends/pixel_pairs.py), each after a small kernel that builds
     the paired weights from the current ones; with wgrad_pixel_pairs=True (--wgrad-pixel-pairs) their weight
     gradients do, each followed by a small kernel that folds the paired gradient back.
-    With narrow_conv_kernel=True (--narrow-conv-kernel) those convolutions' forwards and data gradients run in
-    cupynet's own tensor-core kernel instead (cupynet/backends/narrow_conv.py), pixel pairs or not.
+    With own_conv_channels=N (--own-conv-channels) the 3x3 forwards and data gradients of at most N channels that
+    cupynet's own tensor-core kernel takes run there (cupynet/backends/conv3x3.py), before pixel pairs.
     With padded_input=True (--padded-input, NHWC) the network's input has its channels padded to a 16-byte
     pixel (`input_shape`; cupynet/backends/padded_input.py): the augmentation writes the zeros, and a
     convolution of such an input pads its weights first and cuts its weight gradient back to the real channels.
@@ -78,7 +78,7 @@ try:                                # importable without CuPy, so CPU tests can 
 except ImportError:                 # pragma: no cover - depends on the machine
     cupy = None
 
-from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, cuda_driver, narrow_conv, padded_input,
+from cupynet.backends import (MAX_WGRAD_CHUNKS, MAX_WGRAD_STREAMS, conv3x3, cuda_driver, padded_input,
                                pixel_pairs, programmatic_launch)
 from cupynet.backends.cudnn_conv import CudnnConv, import_frontend_in_background
 from cupynet.backends.cupy_batchnorm import BatchNormPrimitives
@@ -119,7 +119,7 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
                  wgrad_streams=1, deterministic=True, wgrad_chunks=1, bn_launches=2, split_k=False,
                  conv_genstats=False, pixel_pairs=False, residual_grad_sums=False, wgrad_pixel_pairs=False,
                  stream_priorities=False, tune_in_graph=False, padded_input=False, programmatic_launch=False,
-                 programmatic_launch_early=False, narrow_conv_kernel=False):
+                 programmatic_launch_early=False, own_conv_channels=0):
         if cupy is None:
             raise DeviceError("CuPy is not installed; the GPU backend needs CuPy >= 14")
         if layout not in LAYOUTS:
@@ -150,8 +150,10 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
         # stage 1's 3x3 forwards and data gradients on pixel pairs (backends/pixel_pairs.py); NHWC only
         self.pixel_pairs = bool(pixel_pairs) and layout == "NHWC"
         self.wgrad_pixel_pairs = bool(wgrad_pixel_pairs) and layout == "NHWC"     # and their weight gradients
-        # ... or those forwards and data gradients in our own tensor-core kernel (backends/narrow_conv.py)
-        self.narrow_conv_kernel = bool(narrow_conv_kernel) and layout == "NHWC"
+        # 3x3 forwards and data gradients of at most this many channels in our own kernel (backends/conv3x3.py)
+        if own_conv_channels not in conv3x3.CHANNEL_CHOICES:
+            raise ValueError(f"own_conv_channels must be one of {conv3x3.CHANNEL_CHOICES}, got {own_conv_channels!r}")
+        self.own_conv_channels = own_conv_channels if layout == "NHWC" else 0
         # the network's input padded to a 16-byte pixel, for the stem (backends/padded_input.py); NHWC only
         self.padded_input = bool(padded_input) and layout == "NHWC"
         # a residual block's input-gradient add also reduces the next BatchNorm's gradient sums (layers.py)
@@ -348,9 +350,9 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
     def conv2d_forward(self, x, w, stride, pad, y):
         """y = conv(x, w). x: activation; w: (K,C,R,S) | (K,R,S,C) in the activation dtype. With pixel_pairs
         (--conv-pixel-pairs), a convolution that pixel_pairs.applies to runs on pixel pairs; with
-        narrow_conv_kernel (--narrow-conv-kernel), one that narrow_conv.applies to runs in our own kernel."""
-        if self._on_narrow_kernel(x, w, stride, pad, y):
-            return self._narrow_conv(x, w, y, data_gradient=False)
+        own_conv_channels (--own-conv-channels), one that our own kernel takes runs there."""
+        if self._own_conv(x, w, stride, pad, y, data_gradient=False):
+            return y
         if self._on_pixel_pairs(x, w, stride, pad):
             self.conv.forward(_pair_view(x), self._pixel_pair_weight(w, reuse=False), 1, 1, _pair_view(y))
             return y
@@ -362,19 +364,18 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
         genstats, --conv-genstats), as NumpyBackend. Returns False, with y written by the plain graph and
         sums not to be read, where cuDNN has no engine for the fused graph that passes this engine's rules
         and the autotuner's checks (the caller's BatchNorm then makes its own statistics). Never on pixel
-        pairs: their sums would be per paired channel. A convolution our own kernel takes (--narrow-conv-kernel)
+        pairs: their sums would be per paired channel. A convolution our own kernel takes (--own-conv-channels)
         runs there, also returning False: it writes no sums."""
         require_dtype(np.float32, sums=sums)
-        if self._on_narrow_kernel(x, w, stride, pad, y):
-            self._narrow_conv(x, w, y, data_gradient=False)
+        if self._own_conv(x, w, stride, pad, y, data_gradient=False):
             return False
         return self.conv.forward_with_stats(x, self._weight_for(x, w), stride, pad, y, sums)
 
     @primitive
     def conv2d_backward_data(self, dy, w, stride, pad, dx):
         """dx = d(loss)/dx (in our own kernel or on pixel pairs as conv2d_forward)."""
-        if self._on_narrow_kernel(dy, w, stride, pad, dx):
-            return self._narrow_conv(dy, w, dx, data_gradient=True)
+        if self._own_conv(dy, w, stride, pad, dx, data_gradient=True):
+            return dx
         if self._on_pixel_pairs(dx, w, stride, pad):
             self.conv.backward_data(_pair_view(dy), self._pixel_pair_weight(w, reuse=True), 1, 1, _pair_view(dx))
             return dx
@@ -393,27 +394,26 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
                         (w, padded, i32(k * r * s), i32(c), i32(channels)))
         return padded
 
-    def _on_narrow_kernel(self, source, w, stride, pad, target):
-        """Whether this convolution runs in our own kernel (kernels/narrow_conv.cu): the option is on, the kernel
-        computes it (narrow_conv.applies; source and target have the same shape at stride 1) and the arrays start
-        where the kernel's vector loads and stores need them to."""
-        return (self.narrow_conv_kernel
-                and narrow_conv.applies(self.layout, self.dtype.name, self.tf32, source.shape, w.shape, stride, pad)
-                and source.shape == target.shape
-                and all(a.data.ptr % narrow_conv.ALIGNMENT == 0 for a in (source, target)))
-
-    def _narrow_conv(self, source, w, target, data_gradient):
-        """target = the forward (x -> y) or data gradient (dy -> dx) of a 16-channel 3x3 convolution, in our own
-        tensor-core kernel: a grid of warps no larger than the GPU holds at once, taking 16-pixel tiles in turn."""
+    def _own_conv(self, source, w, stride, pad, target, data_gradient):
+        """target = the forward (x -> y) or data gradient (dy -> dx) of this convolution in our own tensor-core kernel
+        (kernels/conv3x3.cu) where it takes it (conv3x3.kernel_shape, within own_conv_channels, the arrays starting
+        where its vector loads and stores need them): True; else False, nothing done. Grid: (x, output channels / 16)
+        blocks, x no larger than the GPU holds at once, the warps taking 16-pixel tiles in turn."""
+        shape = conv3x3.kernel_shape(self.layout, self.dtype.name, self.tf32, source.shape, w.shape, stride, pad,
+                                     data_gradient, self.own_conv_channels)
+        if shape is None or any(a.data.ptr % conv3x3.ALIGNMENT for a in (source, target)):
+            return False
+        source_channels, target_channels, stride = shape
         n, h, width, _ = source.shape
-        template = (ctype(self.dtype), "true" if data_gradient else "false")
-        warps = narrow_conv.THREADS // 32
-        staged = w.size * w.itemsize                  # the weights, in the block's shared memory
-        blocks = min(-(-narrow_conv.tiles(source.shape) // warps),
-                     self.kernels.resident_blocks("narrow_conv3x3", template, narrow_conv.THREADS, staged))
-        self.kernels.launch("narrow_conv3x3", template, (max(1, blocks),), (narrow_conv.THREADS,),
-                            (source, w, target, i32(n), i32(h), i32(width)), shared_mem=staged)
-        return target
+        template = (ctype(self.dtype), str(source_channels), str(target_channels), str(stride),
+                    "true" if data_gradient else "false")
+        groups = target_channels // conv3x3.GROUP
+        shared = conv3x3.shared_bytes(self.dtype.name, source_channels)
+        resident = self.kernels.resident_blocks("conv3x3_mma", template, conv3x3.THREADS, shared)
+        blocks = max(1, min(-(-conv3x3.tiles(target.shape) // (conv3x3.THREADS // 32)), resident // groups))
+        self.kernels.launch("conv3x3_mma", template, (blocks, groups), (conv3x3.THREADS,),
+                            (source, w, target, i32(n), i32(h), i32(width)), shared_mem=shared)
+        return True
 
     def _on_pixel_pairs(self, image, w, stride, pad):
         """Whether this convolution runs on pixel pairs: the option is on and the rewrite applies to it."""

@@ -23,6 +23,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from cupynet.backends.conv3x3 import SHAPES as CONV3X3_SHAPES
+
 FLOAT = "float"
 BF16 = "__nv_bfloat16"
 ACTIVATION_TYPES = (FLOAT, BF16)          # the activation dtypes: float32, bfloat16
@@ -78,9 +80,12 @@ KERNELS = {
         # --wgrad-pixel-pairs: (cuDNN's io type, the gradient's): bf16 or float32 gradients in bf16 runs
         "pixel_pair_weight_gradient": [(BF16, BF16), (BF16, FLOAT), (FLOAT, FLOAT)],
     },
-    "narrow_conv.cu": {
-        # --narrow-conv-kernel: (activation type, data gradient?) for stage 1's 16-channel 3x3 convolutions
-        "narrow_conv3x3": [(t, g) for t in ACTIVATION_TYPES for g in ("false", "true")],
+    "conv3x3.cu": {
+        # --own-conv-channels: (activation type, channels in, channels out, stride, data gradient?) of
+        # cupynet/backends/conv3x3.SHAPES: forwards and data gradients at stride 1, forwards at stride 2
+        "conv3x3_mma": [(t, str(c), str(k), str(stride), gradient) for t in ACTIVATION_TYPES
+                        for c, k, stride in CONV3X3_SHAPES
+                        for gradient in (("false", "true") if stride == 1 else ("false",))],
     },
     "padded_input.cu": {
         "pad_weight_channels": _per_type(*ACTIVATION_TYPES),        # --padded-input: the stem's padded weights
