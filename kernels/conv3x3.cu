@@ -182,9 +182,9 @@ __device__ __forceinline__ void store4(float* y, float c0, float c1, float c2, f
 template <typename T, int CI, int CO, int STRIDE, bool DATA_GRADIENT>
 __global__ void conv3x3_mma(const T* x, const T* w, T* y, int N, int H, int W)
 {
+    start_after_prior_grids();
     static_assert(!DATA_GRADIENT || STRIDE == 1, "a data gradient at stride 1 only");
     static_assert(CO % CONV3X3_GROUP == 0, "output channels in groups of 16");
-    start_after_prior_grids();
     constexpr int PRODUCTS = CI * (int)sizeof(T) / 32;       // per tap (see operand_word)
     typedef PixelPart<CI * (int)sizeof(T) / 16> Pixel;      // CI / 4 channels
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -211,7 +211,7 @@ __global__ void conv3x3_mma(const T* x, const T* w, T* y, int N, int H, int W)
             pixel[half] = tile * CONV3X3_TILE + g + 8 * half;
             const int n = pixel[half] / (Ho * Wo), in_image = pixel[half] - n * (Ho * Wo);
             const int ho = in_image / Wo, wo = in_image - ho * Wo;
-            row[half] = pixel[half] < pixels ? ho * STRIDE : -H;        // past the end: every tap outside
+            row[half] = pixel[half] < pixels ? ho * STRIDE : -2;        // past the end: every tap above the image
             column[half] = wo * STRIDE;
             corner[half] = (n * H + ho * STRIDE) * W + wo * STRIDE;
         }

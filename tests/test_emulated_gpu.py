@@ -434,8 +434,19 @@ def test_gpu_benchmarks_run_on_the_emulated_gpu(tmp_path):
     for op in ("fprop", "dgrad", "wgrad"):   # every convolution has all three figures here: all are counted
         assert per_step[op]["convolutions"] == sum(row["op"] == op for row in engines), per_step
     variants = {row["op"]: sorted(name for name, found in row["variants"].items() if found) for row in engines}
-    assert variants == {"wgrad": ["float32_output", "scale_bias_relu", "split_k"], "dgrad": [],
-                        "fprop": ["genstats", "scale_bias_relu_genstats"]}
+    assert variants == {"wgrad": ["float32_output", "scale_bias_relu", "split_k"], "dgrad": ["own_kernel"],
+                        "fprop": ["genstats", "own_kernel", "scale_bias_relu_genstats"]}
+    # cupynet's own kernel: timed for every forward and data gradient it takes (16 to 64 channels; a data gradient
+    # at stride 1), a row of its own, deterministic
+    for row in engines:
+        match = re.search(r"C=(\d+) H=\d+ W=\d+ K=(\d+) 3x3 stride (\d)", row["conv"])
+        takes = row["op"] != "wgrad" and match is not None and int(match.group(1)) >= 16 and \
+            (row["op"] == "fprop" or match.group(3) == "1")
+        own = row["variants"].get("own_kernel")
+        assert takes == (own is not None), row["conv"]
+        assert not takes or [engine["name"] for engine in own if "us" in engine and engine["deterministic"]] == [
+            "cupynet conv3x3_mma"], row
+    assert sum("own_kernel" in row["variants"] for row in engines) == 8, [row["conv"] for row in engines]
     # pixel pairs: timed for the 3x3 stride-1 convolutions of at most 16 channels (ResNet-8's stem and stage
     # 1 here: the stem's forward and weight gradient, stage 1's three), and for no other
     narrow = re.compile(r"C=(\d+) H=\d+ W=\d+ K=(\d+) 3x3 stride 1 pad 1$")
