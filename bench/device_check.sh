@@ -348,19 +348,24 @@ step_options() {
     local start=$SECONDS rc=0 seconds
     # the options that are off by default and not yet measured on a GPU (see below), as a flag and its value: a row
     # each, the defaults' twin (1x1, deterministic engines; at batch 512 without split-K), and all of them in one
-    # row. Our own convolution kernel for every width first, then for stage 1's alone. The rows of a grid share one
-    # process: --stream-priorities, --programmatic-launch and --programmatic-launch-early, the ones that call the
-    # CUDA driver through ctypes (a crash there would end the grid), come last of them. The all-together row leaves
-    # out the variants of another row's option: our kernel for stage 1 alone (all widths is in) and the early
-    # launches (the programmatic ones are in: an edge data the driver might refuse would lose that row too)
-    local settings=("--own-conv-channels 64" "--own-conv-channels 16" "--conv-pixel-pairs on" "--wgrad-pixel-pairs on"
-                    "--residual-grad-sums on" "--conv-tune-in-graph on" "--padded-input on" "--stream-priorities on"
-                    "--programmatic-launch on" "--programmatic-launch-early on")
+    # row. Our own convolution kernel for every width first, then with the BatchNorms' sums from its forwards, then
+    # for stage 1's alone. The rows of a grid share one process: --stream-priorities, --programmatic-launch and
+    # --programmatic-launch-early, the ones that call the CUDA driver through ctypes (a crash there would end the
+    # grid), come last of them. The all-together row leaves out the variants of another row's option: our kernel
+    # without the sums and for stage 1 alone (with the sums for all widths is in) and the early launches (the
+    # programmatic ones are in: an edge data the driver might refuse would lose that row too)
+    local settings=("--own-conv-channels 64" "--own-conv-channels 64 --conv-genstats on" "--own-conv-channels 16"
+                    "--conv-pixel-pairs on" "--wgrad-pixel-pairs on" "--residual-grad-sums on" "--conv-tune-in-graph on"
+                    "--padded-input on" "--stream-priorities on" "--programmatic-launch on"
+                    "--programmatic-launch-early on")
     local alone=() alone_512=() together="" setting
     for setting in "${settings[@]}"; do
         alone+=(--also "--wgrad-pairs 1x1 --conv-deterministic on $setting")
         alone_512+=(--also "--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off $setting")
-        [[ $setting == "--own-conv-channels 16" || $setting == --programmatic-launch-early* ]] || together+=" $setting"
+        case $setting in
+            "--own-conv-channels 64" | "--own-conv-channels 16" | "--programmatic-launch-early on") ;;
+            *) together+=" $setting" ;;
+        esac
     done
     # each grid under its own timeout too (its pacing judges by the configurations so far; a hang would take
     # the later grids' time); --foreground keeps it in the stage's process group, under the stage's timeout.

@@ -295,24 +295,6 @@ __device__ void add_channel_groups(const float* partials, int slices, int C, int
 struct NothingToPrefetch {};
 __device__ __forceinline__ NothingToPrefetch prefetch_nothing(int) { return {}; }
 
-// True in every thread of the launch's last block to finish its partial sums (exactly one block).
-// Each block's partials are fenced before it counts itself in `arrivals`; the last one resets the
-// counter, so it is 0 again for the next launch (kernels on one stream never overlap; each backend
-// has its own counter). The classic threadfence-reduction pattern of the CUDA programming guide.
-__device__ bool last_block_to_arrive(unsigned int* arrivals)
-{
-    __shared__ bool is_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned int blocks = gridDim.x * gridDim.y;
-        is_last = atomicAdd(arrivals, 1u) == blocks - 1;
-        if (is_last) *arrivals = 0u;
-    }
-    __syncthreads();
-    return is_last;
-}
-
 // One-launch passes (bn_stats_apply, bn_grad_dx): every block calls this after its partial sums; the launch's
 // last block to arrive runs finish() (the finalize), and every block returns from it once finish()'s writes
 // are visible. sync[0] counts arrivals (0 between launches, as for last_block_to_arrive); sync[1] is a

@@ -183,6 +183,26 @@ template <typename T> __device__ __forceinline__ int pack_count(int n, int vec)
 
 // ------------------------------------------------------------------ reductions
 
+// True in every thread of the launch's last block to finish its partial sums (exactly one block).
+// Each block's partials are fenced before it counts itself in `arrivals`; the last one resets the
+// counter, so it is 0 again for the next launch (kernels on one stream never overlap; each backend
+// has its own counter, cupy_batchnorm's _bn_arrivals). The classic threadfence-reduction pattern of the
+// CUDA programming guide. Used by kernels/batchnorm.cu's reductions and kernels/conv3x3.cu's sums.
+__device__ bool last_block_to_arrive(unsigned int* arrivals)
+{
+    __shared__ bool is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned int blocks = gridDim.x * gridDim.y;
+        is_last = atomicAdd(arrivals, 1u) == blocks - 1;
+        if (is_last) *arrivals = 0u;
+    }
+    __syncthreads();
+    return is_last;
+}
+
+
 // The sum of v over each group of `lanes` adjacent lanes (a power of 2, at most 32), complete in the group's first
 // lane: a lane reads lanes above it, within its group for every value that first lane's sum takes in.
 template <typename T> __device__ __forceinline__ T warp_sum(T v, int lanes = 32)

@@ -171,19 +171,71 @@ __device__ __forceinline__ void store4(float* y, float c0, float c1, float c2, f
     *reinterpret_cast<float4*>(y) = make_float4(c0, c1, c2, c3);
 }
 
+// A result as store4 stores it, back in float32: what a BatchNorm reading y would add up.
+__device__ __forceinline__ float as_stored(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float as_stored(float v, float) { return v; }
+
+// ------------------------------------------------------------------ the sums for the next BatchNorm
+
+// With STATS, the block's sum and sum of squares of each of its group's 16 output channels, from each lane's
+// (lanes 4g + t: channels 4t..4t+3 of the group) in a fixed order: the warp's lanes of one t with shuffles, then
+// the block's warps in order (through `scratch`, 32 floats a warp), into partials[block][channel][sum, square],
+// block = blockIdx.y gridDim.x + blockIdx.x. The grid's last block to arrive then writes sums[0][o] and sums[1][o]
+// for every output channel o, each the block partials of its group added in block order: the same bits on every
+// run. Ends with a barrier.
+__device__ void sum_channels(float (&sum)[4], float (&square)[4], float* scratch, float* partials,
+                             unsigned int* arrivals, float* sums, int CO)
+{
+    for (int offset = 16; offset >= 4; offset >>= 1) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            sum[c] += __shfl_down_sync(0xffffffffu, sum[c], offset);
+            square[c] += __shfl_down_sync(0xffffffffu, square[c], offset);
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane < 4) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            scratch[warp * 32 + (4 * lane + c) * 2] = sum[c];
+            scratch[warp * 32 + (4 * lane + c) * 2 + 1] = square[c];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float total = 0.0f;
+        for (int k = 0; k < warps; ++k) total += scratch[k * 32 + threadIdx.x];
+        partials[(blockIdx.y * gridDim.x + blockIdx.x) * 32 + threadIdx.x] = total;
+    }
+    if (last_block_to_arrive(arrivals)) {
+        for (int e = threadIdx.x; e < 2 * CO; e += blockDim.x) {
+            const int stat = e / CO, o = e - stat * CO;
+            const float* group = partials + (o / CONV3X3_GROUP) * gridDim.x * 32 + (o % CONV3X3_GROUP) * 2 + stat;
+            float total = 0.0f;
+            for (int b = 0; b < (int)gridDim.x; ++b) total += __ldcg(group + b * 32);
+            sums[e] = total;
+        }
+    }
+}
+
 // ------------------------------------------------------------------ the kernel
 
 // y (N, Ho, Wo, CO) = the 3x3 padding-1 convolution of x (N, H, W, CI) at STRIDE with w (CO, 3, 3, CI) KRSC; with
 // DATA_GRADIENT (stride 1), dx (N, H, W, CO) from dy (N, H, W, CI) and w (CI, 3, 3, CO). H and W are x's. Grid:
-// (any, CO / 16), CONV3X3_THREADS threads, dynamic shared memory for 9 x PRODUCTS x 2 x 32 fragments. Every
-// element of y is written. The warps of the grid take the 16-pixel tiles in turn; every lane of a warp stays in
+// (any, CO / 16), CONV3X3_THREADS threads, dynamic shared memory for 9 x PRODUCTS x 2 x 32 fragments and, with
+// STATS, a float per channel and statistic of each warp. Every element of y is written. With STATS (a forward
+// that feeds a BatchNorm, --conv-genstats) sums (2, CO) float32 <- [sum of y, sum of y^2] per channel, of the
+// values as stored (sum_channels; partials: gridDim.x gridDim.y x 32 floats; arrivals: the backend's counter, 0
+// between launches); without, those three are not touched. The warps of the grid take the 16-pixel tiles in turn; every lane of a warp stays in
 // the loop to its end (mma.sync needs the whole warp), a tile's pixels past the end loading zeros and storing
 // nothing. Each output is one warp's products in a fixed order: the same bits on every run.
-template <typename T, int CI, int CO, int STRIDE, bool DATA_GRADIENT>
-__global__ void conv3x3_mma(const T* x, const T* w, T* y, int N, int H, int W)
+template <typename T, int CI, int CO, int STRIDE, bool DATA_GRADIENT, bool STATS>
+__global__ void conv3x3_mma(const T* x, const T* w, T* y, int N, int H, int W, float* partials, unsigned int* arrivals,
+                            float* sums)
 {
     start_after_prior_grids();
     static_assert(!DATA_GRADIENT || STRIDE == 1, "a data gradient at stride 1 only");
+    static_assert(!(DATA_GRADIENT && STATS), "sums of a forward's output only");
     static_assert(CO % CONV3X3_GROUP == 0, "output channels in groups of 16");
     constexpr int PRODUCTS = CI * (int)sizeof(T) / 32;       // per tap (see operand_word)
     typedef PixelPart<CI * (int)sizeof(T) / 16> Pixel;      // CI / 4 channels
@@ -204,6 +256,7 @@ __global__ void conv3x3_mma(const T* x, const T* w, T* y, int N, int H, int W)
     const int pixels = N * Ho * Wo;
     const int tiles = (pixels + CONV3X3_TILE - 1) / CONV3X3_TILE;
     const int warps = blockDim.x >> 5;
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f}, square[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // with STATS: channels 4t..4t+3
     for (int tile = blockIdx.x * warps + (threadIdx.x >> 5); tile < tiles; tile += gridDim.x * warps) {
         int pixel[2], row[2], column[2], corner[2];    // output pixel; its window's centre in x, and its offset
 #pragma unroll
@@ -239,9 +292,21 @@ __global__ void conv3x3_mma(const T* x, const T* w, T* y, int N, int H, int W)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             if (pixel[half] < pixels) {
-                store4(y + pixel[half] * CO + group + 4 * t,
-                       d[0][2 * half], d[0][2 * half + 1], d[1][2 * half], d[1][2 * half + 1]);
+                const float v[4] = {d[0][2 * half], d[0][2 * half + 1], d[1][2 * half], d[1][2 * half + 1]};
+                store4(y + pixel[half] * CO + group + 4 * t, v[0], v[1], v[2], v[3]);
+                if constexpr (STATS) {
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const float stored = as_stored(v[c], T());
+                        sum[c] += stored;
+                        square[c] += stored * stored;
+                    }
+                }
             }
         }
+    }
+    if constexpr (STATS) {
+        sum_channels(sum, square, reinterpret_cast<float*>(fragments + 9 * PRODUCTS * 2 * 32), partials, arrivals,
+                     sums, CO);
     }
 }

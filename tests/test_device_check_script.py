@@ -304,28 +304,28 @@ def test_step_options_paces_five_grids_and_runs_each_even_after_a_failure(tmp_pa
     assert "--conv-genstats" not in runs[4] and also_rows(runs[4])[0] == [
         "--wgrad-pairs", "1x1", "--conv-deterministic", "off", "--conv-split-k", "off", "--conv-genstats", "on"]
     # the options not yet measured: one row each at bf16 and fp32 batch 128 and at batch 512, the default pair
-    # with deterministic engines (the defaults' twin), never the dimension; none in the BatchNorm and split-K
-    # grids; in this order, one right after the other
-    settings = [["--own-conv-channels", "64"], ["--own-conv-channels", "16"], ["--conv-pixel-pairs", "on"],
-                ["--wgrad-pixel-pairs", "on"], ["--residual-grad-sums", "on"], ["--conv-tune-in-graph", "on"],
-                ["--padded-input", "on"], ["--stream-priorities", "on"],       # the driver calls through ctypes
-                ["--programmatic-launch", "on"], ["--programmatic-launch-early", "on"]]    # last: a crash would
-    # end the grid
-    for setting in settings:
-        rows = [[row for row in also_rows(run) if row[-2:] == setting and len(row) <= 8] for run in runs]
-        assert [len(found) for found in rows] == [1, 1, 0, 0, 1], setting
-        assert all(setting[0] not in run for run in runs)
-        for found in rows[:2]:
-            assert found == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", *setting]]
-        assert rows[4] == [["--wgrad-pairs", "1x1", "--conv-deterministic", "on", "--conv-split-k", "off", *setting]]
-    for run in (runs[0], runs[1], runs[4]):
-        options = [row[-2:] for row in also_rows(run)]
-        first = options.index(settings[0])
-        assert options[first:first + len(settings)] == settings
+    # with deterministic engines (the defaults' twin), never a dimension; none in the BatchNorm and split-K grids;
+    # in this order, one right after the other
+    settings = [["--own-conv-channels", "64"], ["--own-conv-channels", "64", "--conv-genstats", "on"],
+                ["--own-conv-channels", "16"], ["--conv-pixel-pairs", "on"], ["--wgrad-pixel-pairs", "on"],
+                ["--residual-grad-sums", "on"], ["--conv-tune-in-graph", "on"], ["--padded-input", "on"],
+                ["--stream-priorities", "on"], ["--programmatic-launch", "on"],   # the driver calls through ctypes
+                ["--programmatic-launch-early", "on"]]             # last: a crash would end the grid
+    twin = ["--wgrad-pairs", "1x1", "--conv-deterministic", "on"]
+    for run, base in ((runs[0], twin), (runs[1], twin), (runs[4], twin + ["--conv-split-k", "off"])):
+        rows = also_rows(run)
+        first = rows.index(base + settings[0])
+        assert rows[first:first + len(settings)] == [base + setting for setting in settings]
+        assert all(rows.count(base + setting) == 1 for setting in settings)
+    for run in runs:
+        assert "--own-conv-channels" not in run and all(setting[0] not in run for setting in settings)
+    for run in (runs[2], runs[3]):
+        assert not any("--own-conv-channels" in row or "--conv-pixel-pairs" in row for row in also_rows(run))
     # then, at bf16 (batch 128 and 512), all of them at once with 4 streams and any engine: the grid's last row;
-    # our kernel for stage 1 alone and the early programmatic launches are variants of other rows' options, not
-    # among them
-    together = [word for setting in settings if setting not in (["--own-conv-channels", "16"],
+    # our kernel without the sums or for stage 1 alone and the early programmatic launches are variants of other
+    # rows' options, not among them
+    together = [word for setting in settings if setting not in (["--own-conv-channels", "64"],
+                                                                ["--own-conv-channels", "16"],
                                                                 ["--programmatic-launch-early", "on"])
                 for word in setting]
     for run, split in ((runs[0], []), (runs[4], ["--conv-split-k", "off"])):
@@ -377,7 +377,7 @@ def setting_rows(settings):
     bash would pass them); the all-together row without the variants of another row's option."""
     def rows(pair):
         return " ".join(f'--also "{pair} {setting}"' for setting in settings)
-    variants = ("--own-conv-channels 16", "--programmatic-launch-early on")
+    variants = ("--own-conv-channels 64", "--own-conv-channels 16", "--programmatic-launch-early on")
     return {"alone": rows("--wgrad-pairs 1x1 --conv-deterministic on"),
             "alone_512": rows("--wgrad-pairs 1x1 --conv-deterministic on --conv-split-k off"),
             "together": "".join(f" {setting}" for setting in settings if setting not in variants)}

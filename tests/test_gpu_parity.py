@@ -355,6 +355,21 @@ def test_convolutions_in_our_own_kernel(dtype, case):
         assert_bounded(a.get(target), expected, tolerance * magnitude, what=op)
         assert be.kernels.launches["conv3x3_mma"] - launches == (1 if taken else 0), op
         assert be.conv.executions[op] - executions == (0 if taken else 1), op
+        if op == "fprop" and taken:
+            check_own_forward_with_sums(be, a, x, wt, stride, pad, target)
+
+
+def check_own_forward_with_sums(be, a, x, wt, stride, pad, y):
+    """--conv-genstats with our own kernel: the same forward, bit for bit, and the next BatchNorm's sums of y as
+    stored, per channel, within float32 rounding of a sum (1e-5 of the sum of the terms' magnitudes)."""
+    k = wt.shape[0]
+    y_with_sums, sums = a.nan(y.shape), a.nan((2, k), dtype=np.float32)
+    assert be.conv2d_forward_with_stats(x, wt, stride, pad, y_with_sums, sums) is True
+    np.testing.assert_array_equal(a.get(y_with_sums), a.get(y))
+    values = a.get(y).reshape(-1, k)
+    for row, terms in enumerate((values, np.square(values))):
+        assert_bounded(a.get(sums)[row], terms.sum(axis=0), REDUCTION["float32"] * np.abs(terms).sum(axis=0),
+                       what="sum" if row == 0 else "sum of squares")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -194,17 +194,20 @@ def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, plai
     assert_follows(captured, unpaired_run, "pixel pairs")
 
 
-@pytest.mark.parametrize("dtype,channels", [("float32", 64), ("bfloat16", 64), ("bfloat16", 16)])
-def test_our_own_conv_kernel_captured_equals_eager_and_follows_the_plain_run(dataset, plain, dtype, channels):
+@pytest.mark.parametrize("dtype,channels,genstats", [("float32", 64, False), ("bfloat16", 64, False),
+                                                     ("bfloat16", 16, False), ("bfloat16", 64, True)])
+def test_our_own_conv_kernel_captured_equals_eager_and_follows_the_plain_run(dataset, plain, dtype, channels, genstats):
     """--own-conv-channels: the 3x3 forwards and data gradients of at most that many channels run in our own
     tensor-core kernel (float32 on TF32, as the plain run's cuDNN engines may), inside the captured step and in the
-    evaluations. Captured steps repeat the eager ones bit for bit, and the run follows the plain one (the same
-    products, added in another order; in float32 the plain run's engines may not round to TF32 where ours do)."""
-    settings = dict(BASE, dtype=dtype, own_conv_channels=channels)
+    evaluations; with --conv-genstats its forwards also write the next BatchNorm's sums, which then makes no
+    statistics pass of its own. Captured steps repeat the eager ones bit for bit, and the run follows the plain one
+    (the same products, added in another order; in float32 the plain run's engines may not round to TF32 where ours
+    do; with the sums, statistics from unshifted float32 sums)."""
+    settings = dict(BASE, dtype=dtype, own_conv_channels=channels, conv_genstats=genstats)
     plain_run = plain("NHWC", dtype)
-    eager_backend = make_backend("NHWC", dtype, own_conv_channels=channels)
+    eager_backend = make_backend("NHWC", dtype, own_conv_channels=channels, conv_genstats=genstats)
     eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", dtype, own_conv_channels=channels)
+    backend = make_backend("NHWC", dtype, own_conv_channels=channels, conv_genstats=genstats)
     captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
     assert captured[0].runner.captured
     # ResNet-8's 3x3 convolutions after the stem: two in stage 1, and in stages 2 and 3 a strided forward and a
@@ -212,8 +215,11 @@ def test_our_own_conv_kernel_captured_equals_eager_and_follows_the_plain_run(dat
     # their forwards (2 evaluations of 24 test images in batches of 16)
     forwards, data_gradients = (2, 2) if channels == 16 else (6, 4)
     assert eager_backend.kernels.launches["conv3x3_mma"] == (forwards + data_gradients) * STEPS + forwards * 2 * 2
+    if genstats:     # only the stem's BatchNorm makes its statistics (the emulated cuDNN has no genstats at 16 channels)
+        assert eager_backend.kernels.launches["bn_stats"] == STEPS
+        assert eager_backend.kernels.launches["bn_apply_from_sums"] == forwards * STEPS
     assert_identical(eager, captured)
-    assert_follows(captured, plain_run, f"own conv kernel up to {channels} channels")
+    assert_follows(captured, plain_run, f"own conv kernel up to {channels} channels" + " with sums" * genstats)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

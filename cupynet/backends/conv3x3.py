@@ -17,6 +17,11 @@ one; the weights' fragments are built per block into shared memory. The data gra
 reading the weights turned by 180 degrees with their channels swapped. Weight gradients stay with cuDNN: they
 run beside the main chain.
 
+With --conv-genstats a forward that feeds a BatchNorm also writes that BatchNorm's sums (the sum and sum of
+squares of each output channel, of the values as stored, in float32), added up as the warps store their results
+and finished by the grid's last block, so that the BatchNorm skips its own pass over the activation (as with
+cuDNN's genstats, for which the autotuner finds no engine at these widths either).
+
 `--own-conv-channels N` hands the kernel every convolution it takes whose channels, in and out, are at most N:
 16 is stage 1, 64 all of them. Results: the same sums as cuDNN's up to their order (float32 accumulation of exact
 products), the same bits on every run (each output is one warp's, in a fixed order); `tests/test_gpu_parity.py`
@@ -58,7 +63,14 @@ def tiles(target_shape):
     return -(-n * h * w // TILE)
 
 
-def shared_bytes(dtype, source_channels):
-    """The block's dynamic shared memory: 9 taps x its products x 2 halves x 32 lanes of fragments."""
+def shared_bytes(dtype, source_channels, stats=False):
+    """The block's dynamic shared memory: 9 taps x its products x 2 halves x 32 lanes of fragments, and with the
+    sums (stats) a float per channel of its group and statistic for each of its warps."""
     products = source_channels // (16 if dtype == "bfloat16" else 8)
-    return 9 * products * 2 * 32 * FRAGMENT_BYTES
+    return 9 * products * 2 * 32 * FRAGMENT_BYTES + (THREADS // 32 * GROUP * 2 * 4 if stats else 0)
+
+
+def partial_sums(blocks, groups):
+    """The float32 partial sums a launch with sums writes: per block, each of its group's channels' sum and sum of
+    squares."""
+    return blocks * groups * GROUP * 2

@@ -365,10 +365,10 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
         sums not to be read, where cuDNN has no engine for the fused graph that passes this engine's rules
         and the autotuner's checks (the caller's BatchNorm then makes its own statistics). Never on pixel
         pairs: their sums would be per paired channel. A convolution our own kernel takes (--own-conv-channels)
-        runs there, also returning False: it writes no sums."""
+        runs there and writes the sums too: True."""
         require_dtype(np.float32, sums=sums)
-        if self._own_conv(x, w, stride, pad, y, data_gradient=False):
-            return False
+        if self._own_conv(x, w, stride, pad, y, data_gradient=False, sums=sums):
+            return True
         return self.conv.forward_with_stats(x, self._weight_for(x, w), stride, pad, y, sums)
 
     @primitive
@@ -394,25 +394,35 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
                         (w, padded, i32(k * r * s), i32(c), i32(channels)))
         return padded
 
-    def _own_conv(self, source, w, stride, pad, target, data_gradient):
+    def _own_conv(self, source, w, stride, pad, target, data_gradient, sums=None):
         """target = the forward (x -> y) or data gradient (dy -> dx) of this convolution in our own tensor-core kernel
         (kernels/conv3x3.cu) where it takes it (conv3x3.kernel_shape, within own_conv_channels, the arrays starting
-        where its vector loads and stores need them): True; else False, nothing done. Grid: (x, output channels / 16)
-        blocks, x no larger than the GPU holds at once, the warps taking 16-pixel tiles in turn."""
+        where its vector loads and stores need them): True; else False, nothing done. With sums (2, K) float32 (a
+        forward), also [sum(y), sum(y^2)] per channel. Grid: (x, output channels / 16) blocks, x no larger than the
+        GPU holds at once, the warps taking 16-pixel tiles in turn."""
         shape = conv3x3.kernel_shape(self.layout, self.dtype.name, self.tf32, source.shape, w.shape, stride, pad,
                                      data_gradient, self.own_conv_channels)
         if shape is None or any(a.data.ptr % conv3x3.ALIGNMENT for a in (source, target)):
             return False
         source_channels, target_channels, stride = shape
         n, h, width, _ = source.shape
+        stats = sums is not None
+        if stats and sums.shape != (2, target_channels):
+            raise ValueError(f"sums of shape {sums.shape} for a convolution of {target_channels} output channels")
         template = (ctype(self.dtype), str(source_channels), str(target_channels), str(stride),
-                    "true" if data_gradient else "false")
+                    "true" if data_gradient else "false", "true" if stats else "false")
         groups = target_channels // conv3x3.GROUP
-        shared = conv3x3.shared_bytes(self.dtype.name, source_channels)
+        shared = conv3x3.shared_bytes(self.dtype.name, source_channels, stats)
         resident = self.kernels.resident_blocks("conv3x3_mma", template, conv3x3.THREADS, shared)
         blocks = max(1, min(-(-conv3x3.tiles(target.shape) // (conv3x3.THREADS // 32)), resident // groups))
+        arrivals = self._bn_arrivals()         # the reductions' counter: our kernels on this stream run one at a time
+        if stats:
+            partials = self._scratch("conv3x3_partials", (conv3x3.partial_sums(blocks, groups),), np.float32)
+        else:                                  # not touched without sums: any array will do
+            partials = sums = arrivals
         self.kernels.launch("conv3x3_mma", template, (blocks, groups), (conv3x3.THREADS,),
-                            (source, w, target, i32(n), i32(h), i32(width)), shared_mem=shared)
+                            (source, w, target, i32(n), i32(h), i32(width), partials, arrivals, sums),
+                            shared_mem=shared)
         return True
 
     def _on_pixel_pairs(self, image, w, stride, pad):

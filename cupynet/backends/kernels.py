@@ -81,11 +81,13 @@ KERNELS = {
         "pixel_pair_weight_gradient": [(BF16, BF16), (BF16, FLOAT), (FLOAT, FLOAT)],
     },
     "conv3x3.cu": {
-        # --own-conv-channels: (activation type, channels in, channels out, stride, data gradient?) of
-        # cupynet/backends/conv3x3.SHAPES: forwards and data gradients at stride 1, forwards at stride 2
-        "conv3x3_mma": [(t, str(c), str(k), str(stride), gradient) for t in ACTIVATION_TYPES
+        # --own-conv-channels: (activation type, channels in, channels out, stride, data gradient?, sums?) of
+        # cupynet/backends/conv3x3.SHAPES: forwards with or without the next BatchNorm's sums (--conv-genstats) at
+        # strides 1 and 2, data gradients at stride 1
+        "conv3x3_mma": [(t, str(c), str(k), str(stride), gradient, stats) for t in ACTIVATION_TYPES
                         for c, k, stride in CONV3X3_SHAPES
-                        for gradient in (("false", "true") if stride == 1 else ("false",))],
+                        for gradient, stats in (("false", "false"), ("false", "true"))
+                        + ((("true", "false"),) if stride == 1 else ())],
     },
     "padded_input.cu": {
         "pad_weight_channels": _per_type(*ACTIVATION_TYPES),        # --padded-input: the stem's padded weights
