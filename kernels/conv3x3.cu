@@ -85,8 +85,8 @@ __device__ __forceinline__ T tap_weight(const T* w, int r, int s, int i, int o)
 // half j are channel 4t + 2j + e, so that a lane's four results (two per half) are channels 4t..4t+3.
 __device__ __forceinline__ int output_channel(int g, int j) { return 4 * (g >> 1) + 2 * j + (g & 1); }
 
-// One lane's B fragment of one product: two 32-bit registers, in either type.
-struct Fragment { unsigned int b[2]; };
+// One lane's B fragment of one product: two 32-bit registers, in either type (one 8-byte shared-memory load).
+struct alignas(8) Fragment { unsigned int b[2]; };
 
 // A lane's part of a pixel, as WORDS 32-bit words (2 to 16: 8 to 64 bytes), loaded 8 or 16 bytes at a time from
 // `at` (aligned to that: the backend checks the arrays' start, and a part starts at a multiple of its size).
