@@ -24,10 +24,13 @@ from cupynet.report import exit_status
 from cupynet.train import build_backend, check_against_data, load_dataset
 from cupynet.trainer import Trainer
 
-# What a checkpoint's record of its run gives the evaluation: the model and the data. The rest of its flags
-# (the recipe, the speed options, the bookkeeping) play no part in an evaluation and keep their defaults.
+# What a checkpoint's record of its run gives the evaluation: the model and the data, and the speed options that
+# choose the forward's kernels (our own convolution kernel, pixel pairs, the padded input), so that an evaluation
+# repeats the run's own bit for bit on the same GPU. The rest of its flags (the recipe, the other speed options, the
+# bookkeeping) play no part in an evaluation and keep their defaults.
 RUN_FIELDS = ("data_dir", "synthetic", "validation_size", "seed", "num_layers", "block", "bn_decay", "bn_epsilon",
               "train_batch_size", "eval_batch_size", "data_format", "dtype", "tf32")
+FORWARD_KERNEL_FIELDS = ("own_conv_channels", "conv_pixel_pairs", "padded_input")     # NHWC only
 
 
 def build_parser():
@@ -71,7 +74,7 @@ def config_of(meta, args, source):
     if not isinstance(saved, dict):
         raise CheckpointError(f"{source}: has no record of the run that wrote it (no 'config' in its meta)")
     try:
-        config = TrainConfig(**{name: saved[name] for name in RUN_FIELDS if name in saved})
+        config = TrainConfig(**{name: saved[name] for name in RUN_FIELDS + FORWARD_KERNEL_FIELDS if name in saved})
         validate(config)                   # a record edited by hand, or from another version, in one line
     except (TypeError, ValueError, ConfigError) as error:
         raise CheckpointError(f"{source}: its record of the run does not fit this cupynet ({error})")
@@ -79,8 +82,10 @@ def config_of(meta, args, source):
     config.eval_on = args.eval_on
     if args.data_dir is not None:
         config.data_dir, config.synthetic = args.data_dir, False
-    if args.data_format is not None:
+    if args.data_format is not None and args.data_format != config.data_format:
         config.data_format = args.data_format
+        for name in FORWARD_KERNEL_FIELDS:           # the run's, for its layout: the defaults in another
+            setattr(config, name, getattr(TrainConfig(), name))
     if args.eval_batch_size is not None:
         config.eval_batch_size = args.eval_batch_size
     validate(config)                       # a bad --gpus, --eval-batch-size, ... in one line

@@ -352,13 +352,15 @@ def test_a_checkpoint_trained_on_the_cpu_evaluates_on_the_emulated_gpu(tmp_path)
 def test_a_gpu_runs_checkpoints_evaluate_on_the_gpu_as_the_run_evaluated_them(tmp_path):
     """Captured bf16 steps with an evaluation between replays at step 2, then `python -m cupynet.evaluate --all` in
     a fresh process: step 2's checkpoint gives that evaluation, step 4's the final one, bit for bit (training's
-    engines adopted from the checkpoint, the evaluation's own shapes untimed in both processes)."""
+    engines adopted from the checkpoint, the evaluation's own shapes untimed in both processes; the forward's
+    kernels the run's: our own convolution kernel, stage 1 on pixel pairs where it leaves them, the input padded)."""
     from cupynet.report import read_metrics
     model_dir = tmp_path / "run"
     trained = run_emulated(["-m", "cupynet.train", "--gpus", "0", "--synthetic", "--num-layers", "8",
                             "--train-batch-size", "16", "--validation-size", "40", "--eval-on", "validation",
                             "--eval-batch-size", "24", "--dtype", "bfloat16", "--train-steps", "4",
-                            "--eval-interval", "2", "--checkpoint-interval", "2", "--model-dir", str(model_dir)])
+                            "--eval-interval", "2", "--checkpoint-interval", "2", "--own-conv-channels", "32",
+                            "--conv-pixel-pairs", "--padded-input", "--model-dir", str(model_dir)])
     assert trained.returncode == 0, trained.stdout + trained.stderr
     events = read_metrics(str(model_dir))
     during, final = [e for e in events if e["event"] == "eval_during_training"], events[-1]

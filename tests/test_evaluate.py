@@ -81,6 +81,26 @@ def test_another_layout_and_precision_evaluate_the_same_model(sample_run, capsys
     np.testing.assert_allclose(loss, metrics[-1]["loss"], rtol=1e-4)
 
 
+def test_a_runs_nhwc_kernel_options_are_kept_for_its_layout_and_left_in_another(sample_run, tmp_path, capsys):
+    """The record's options that choose the forward's kernels (our own convolution kernel, pixel pairs, the padded
+    input: NHWC only) set up the evaluation as the run's own (the emulated GPU test checks it repeats the run's
+    evaluation bit for bit); with --data-format NCHW they are left out instead of refused (here the sample run's
+    checkpoint written again, through save_checkpoint, with those options in its record)."""
+    from cupynet.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from cupynet.evaluate import build_parser, config_of
+    arrays, meta = load_checkpoint(latest_checkpoint(sample_run[0]))
+    meta["config"].update(own_conv_channels=64, conv_pixel_pairs=True, padded_input=True)
+    save_checkpoint(tmp_path, meta["step"], arrays, meta)
+    kept = config_of(meta, build_parser().parse_args([str(tmp_path), "--gpus", "cpu"]), "ckpt")
+    assert (kept.own_conv_channels, kept.conv_pixel_pairs, kept.padded_input) == (64, True, True)
+    left = config_of(meta, build_parser().parse_args([str(tmp_path), "--gpus", "cpu", "--data-format", "channels_first"]), "ckpt")
+    assert (left.data_format, left.own_conv_channels, left.conv_pixel_pairs, left.padded_input) == ("NCHW", 0, False,
+                                                                                                     False)
+    status, lines, err = evaluate(capsys, tmp_path, "--gpus", "cpu", "--eval-on", "validation", "--data-format", "NCHW")
+    assert status == 0, err
+    assert lines[2].endswith(f"({sample_run[1][-1]['correct']}/100)  loss {sample_run[1][-1]['loss']:.4f}")
+
+
 def test_the_runs_data_folder_is_used_and_a_moved_one_is_named_with_the_way_out(tmp_path, capsys):
     data = tmp_path / "cifar"
     shutil.copytree(builtin_sample_dir(), data / "cifar-10-batches-py")
