@@ -196,7 +196,10 @@ __device__ bool last_block_to_arrive(unsigned int* arrivals)
     if (threadIdx.x == 0) {
         const unsigned int blocks = gridDim.x * gridDim.y;
         is_last = atomicAdd(arrivals, 1u) == blocks - 1;
-        if (is_last) *arrivals = 0u;
+        if (is_last) {
+            *arrivals = 0u;
+            __threadfence();            // the other blocks' partials are read after their count (acquire)
+        }
     }
     __syncthreads();
     return is_last;

@@ -181,8 +181,10 @@ __device__ __forceinline__ float as_stored(float v, float) { return v; }
 // (lanes 4g + t: channels 4t..4t+3 of the group) in a fixed order: the warp's lanes of one t with shuffles, then
 // the block's warps in order (through `scratch`, 32 floats a warp), into partials[block][channel][sum, square],
 // block = blockIdx.y gridDim.x + blockIdx.x. The grid's last block to arrive then writes sums[0][o] and sums[1][o]
-// for every output channel o, each the block partials of its group added in block order: the same bits on every
-// run. Ends with a barrier.
+// for every output channel o from the block partials of its group: its threads split each value's partials into
+// `slices` (blockDim.x / 2 CO of them: 8 at 16 channels, 2 at 64), each adding every slices-th block in order, and
+// one thread per value adds the slices in order (so that one warp's chain of L2 round trips over several hundred
+// blocks does not end the kernel): the same bits on every run.
 __device__ void sum_channels(float (&sum)[4], float (&square)[4], float* scratch, float* partials,
                              unsigned int* arrivals, float* sums, int CO)
 {
@@ -208,12 +210,20 @@ __device__ void sum_channels(float (&sum)[4], float (&square)[4], float* scratch
         partials[(blockIdx.y * gridDim.x + blockIdx.x) * 32 + threadIdx.x] = total;
     }
     if (last_block_to_arrive(arrivals)) {
-        for (int e = threadIdx.x; e < 2 * CO; e += blockDim.x) {
-            const int stat = e / CO, o = e - stat * CO;
-            const float* group = partials + (o / CONV3X3_GROUP) * gridDim.x * 32 + (o % CONV3X3_GROUP) * 2 + stat;
+        const int values = 2 * CO, slices = max(1, (int)blockDim.x / values), blocks = gridDim.x;
+        for (int e = threadIdx.x; e < values * slices; e += blockDim.x) {     // scratch: blockDim.x floats
+            const int value = e % values, slice = e / values, stat = value / CO, o = value - stat * CO;
+            const float* group = partials + (o / CONV3X3_GROUP) * blocks * 32 + (o % CONV3X3_GROUP) * 2 + stat;
             float total = 0.0f;
-            for (int b = 0; b < (int)gridDim.x; ++b) total += __ldcg(group + b * 32);
-            sums[e] = total;
+#pragma unroll 4
+            for (int b = slice; b < blocks; b += slices) total += __ldcg(group + b * 32);
+            scratch[e] = total;
+        }
+        __syncthreads();
+        for (int value = threadIdx.x; value < values; value += blockDim.x) {
+            float total = 0.0f;
+            for (int slice = 0; slice < slices; ++slice) total += scratch[slice * values + value];
+            sums[value] = total;
         }
     }
 }

@@ -372,6 +372,21 @@ def test_a_gpu_runs_checkpoints_evaluate_on_the_gpu_as_the_run_evaluated_them(tm
         f"loss {e['loss']:.4f}" for e in (during[0], final)]
 
 
+def test_our_own_conv_kernel_is_refused_in_one_line_on_a_gpu_older_than_ampere(tmp_path):
+    """--own-conv-channels on a GPU of compute capability 7.5 (the emulated device told to be one): one line,
+    a non-zero exit, nothing written; without the option the same GPU trains."""
+    env = dict(emulated_env(), CUPYNET_EMULATED_COMPUTE_CAPABILITY="75")
+    run = ["-m", "cupynet.train", "--gpus", "0", "--synthetic", "--num-layers", "8", "--train-batch-size", "8",
+           "--eval-batch-size", "50", "--train-steps", "1", "--validation-size", "0"]
+    refused = subprocess.run([sys.executable, *run, "--own-conv-channels", "16", "--model-dir", str(tmp_path / "m")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    lines = (refused.stdout + refused.stderr).strip().splitlines()
+    assert lines[-1] == ("error: --own-conv-channels needs a GPU of compute capability 8.0 or later (its kernel "
+                         "multiplies with mma.sync on bf16 and TF32); GPU 0 is 7.5: leave the option out"), lines
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("gpus, message", [("2", "no GPU 2"), ("0,0", "0")])
 def test_training_cli_rejects_a_missing_or_repeated_emulated_gpu(tmp_path, gpus, message):
     result = run_emulated(["-m", "cupynet.train", "--gpus", gpus, "--model-dir", str(tmp_path / "m")], devices=2,

@@ -35,6 +35,7 @@ ALIGNMENT = 16                         # bytes: a lane's loads and stores (8 or 
 # (channels in, channels out, stride) the kernel is instantiated for; a data gradient runs at stride 1 only
 SHAPES = ((16, 16, 1), (32, 32, 1), (64, 64, 1), (16, 32, 2), (32, 64, 2))
 FRAGMENT_BYTES = 8                     # one lane's B fragment of one product (two 32-bit registers)
+MIN_COMPUTE_CAPABILITY = 80            # mma.sync on bf16 and TF32, cvt.rna.tf32: Ampere (sm_80) and later
 
 
 def kernel_shape(layout, dtype, tf32, source_shape, w_shape, stride, pad, data_gradient, max_channels):

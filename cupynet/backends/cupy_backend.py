@@ -177,6 +177,11 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
         frontend = import_frontend_in_background()     # beside the CUDA context, which it does not need
         self.device = cupy.cuda.Device(device_id)
         self.device.use()
+        capability = int(self.device.compute_capability)
+        if self.own_conv_channels and capability < conv3x3.MIN_COMPUTE_CAPABILITY:
+            raise DeviceError(f"--own-conv-channels needs a GPU of compute capability 8.0 or later (its kernel "
+                              f"multiplies with mma.sync on bf16 and TF32); GPU {device_id} is "
+                              f"{capability // 10}.{capability % 10}: leave the option out")
         with self.device:
             main, side = (dict(priority=HIGHEST_PRIORITY), dict(priority=LOWEST_PRIORITY)) if stream_priorities \
                 else ({}, {})

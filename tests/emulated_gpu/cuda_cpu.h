@@ -564,13 +564,14 @@ inline void mma_tf32_m16n8k8(float (&d)[4], const unsigned int (&a)[4], const un
     });
 }
 
-// PTX's cvt.rna.tf32.f32: float32 rounded to 10 mantissa bits, to nearest with ties away from zero (NaN and
-// infinity kept).
+// PTX's cvt.rna.tf32.f32: float32 rounded to 10 mantissa bits, to nearest with ties away from zero; NaN and
+// infinity only lose their low 13 bits, as in the SASS ptxas emits for sm_90 (a NaN whose payload lay only there
+// becomes an infinity).
 inline unsigned int tf32_round(float v)
 {
     unsigned int u = __float_as_uint(v);
-    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
-    return u;
+    if ((u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;
+    return u & 0xffffe000u;
 }
 
 inline unsigned long long global_time_ns()

@@ -1,4 +1,5 @@
 """cupy.cuda.Device of the emulated CuPy: the current device per thread, attributes, synchronize."""
+import os
 import threading
 
 from cupy.cuda import runtime
@@ -39,7 +40,8 @@ class Device:
 
     @property
     def compute_capability(self):
-        return "90"
+        # an H100's, or $CUPYNET_EMULATED_COMPUTE_CAPABILITY's (e.g. 75: a GPU older than some kernel needs)
+        return os.environ.get("CUPYNET_EMULATED_COMPUTE_CAPABILITY", "90")
 
     @property
     def mem_info(self):
