@@ -53,8 +53,6 @@ STEP_OPTION_RUNS = (
     (dict(dtype="bfloat16", data_format="NHWC", own_conv_channels=64, conv_pixel_pairs=True,
           wgrad_pixel_pairs=True, conv_genstats=True, conv_deterministic=False),
      ("conv3x3_mma", "pixel_pair_weight_gradient")),
-    (dict(dtype="float32", data_format="NHWC", own_conv_channels=64, programmatic_launch=True),
-     ("conv3x3_mma",)),
     (dict(dtype="bfloat16", data_format="NCHW", bn_launches=1, residual_grad_sums=True, conv_split_k=True,
           conv_genstats=True, conv_deterministic=False),
      ("bn_stats_apply", "relu_backward_add_bn_grad", "bn_apply_from_sums")),

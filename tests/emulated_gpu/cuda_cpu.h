@@ -492,9 +492,10 @@ template <typename T> T shuffle_down(T v, int delta)
 }
 
 // Every lane's fragments (up to FRAGMENT_WORDS 32-bit registers) gathered at one warp rendezvous, the double-slot
-// scheme of shuffle_down in buffers of its own: what a warp-wide tensor-core instruction (mma.sync) reads. Every
-// lane of the warp must take part, as mma.sync requires: a lane that has exited is reported and ends the process.
-inline void warp_gather(const Fragments& mine, Fragments (&all)[WARP])
+// scheme of shuffle_down in buffers of its own: what a warp-wide tensor-core instruction (mma.sync) reads. Returns
+// the warp's 32 slots (valid until this lane's next rendezvous). Every lane of the warp must take part, as mma.sync
+// requires: a lane that has exited is reported and ends the process.
+inline const Fragments* warp_gather(const Fragments& mine)
 {
     Scheduler& s = scheduler();
     const int t = s.current;
@@ -511,8 +512,8 @@ inline void warp_gather(const Fragments& mine, Fragments (&all)[WARP])
             std::fprintf(stderr, "emulated GPU: mma.sync in a warp whose lane %d has exited or does not exist\n", lane);
             std::abort();
         }
-        all[lane] = s.fragments[slots + source];
     }
+    return &s.fragments[slots + first];
 }
 
 inline float bf16_half(unsigned int word, int high)
@@ -525,19 +526,26 @@ inline float bf16_half(unsigned int word, int high)
 // The fragment layouts of PTX's mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 and ...m16n8k8...tf32...:
 // lane = 4 * group + thread_in_group; A (16 x K, row-major) in a[0..3], B (K x 8, column-major) in b[0..1], the
 // float32 accumulator D (16 x 8) in d[0..3]: d[i] is row group + 8 * (i / 2), column 2 * thread_in_group + i % 2.
-// The products are exact in float32 (bf16 and tf32 have at most 11 significant bits) and added in k order, then
-// to d: the order the hardware adds in is its own, so results agree to float32 rounding, not bit for bit.
+// A lane reads the two rows of A and the two columns of B its results need (element(all, is_a, i, j): A(i, j) or
+// B(i, j) from the gathered fragments), then adds their products in k order, then to d. The products are exact in
+// float32 (bf16 and tf32 have at most 11 significant bits); the order the hardware adds in is its own, so results
+// agree to float32 rounding, not bit for bit.
 template <int K, typename Element>
 inline void emulated_mma(float (&d)[4], const Fragments& mine, Element element)
 {
-    Fragments all[WARP];
-    warp_gather(mine, all);
+    const Fragments* all = warp_gather(mine);
     const int lane = scheduler().current % WARP;
     const int group = lane / 4, thread_in_group = lane % 4;
+    float a[2][K], b[2][K];
+    for (int k = 0; k < K; ++k) {
+        for (int h = 0; h < 2; ++h) {
+            a[h][k] = element(all, true, group + 8 * h, k);
+            b[h][k] = element(all, false, k, 2 * thread_in_group + h);
+        }
+    }
     for (int i = 0; i < 4; ++i) {
-        const int row = group + 8 * (i / 2), column = 2 * thread_in_group + i % 2;
         float sum = 0.0f;
-        for (int k = 0; k < K; ++k) sum += element(all, true, row, k) * element(all, false, k, column);
+        for (int k = 0; k < K; ++k) sum += a[i / 2][k] * b[i % 2][k];
         d[i] += sum;
     }
 }
