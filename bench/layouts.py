@@ -381,12 +381,14 @@ def genstats_report(backend):
     """With --conv-genstats on the GPU: how many convolution graphs were built fused with BatchNorm's statistics
     ("fused"), how many ran plain ("unsupported": cuDNN had no such engine, or none passed the autotuner's
     checks), and how many candidates those checks dropped ("wrong sums", "not repeatable"), so a run shows
-    whether the option did anything (nothing counted: it did not); None otherwise, and on the CPU, which has
-    no cuDNN."""
+    whether the option did anything (nothing counted: it did not); with --own-conv-channels, how many convolution
+    shapes had their BatchNorm's sums from our own kernel instead ("own kernel"; cuDNN never saw them); None
+    otherwise, and on the CPU, which has no cuDNN."""
     counts = getattr(getattr(backend, "conv", None), "genstats_counts", None)
     if not backend.conv_genstats or counts is None:
         return None
-    return dict(counts)
+    ours = len(getattr(backend, "own_conv_sum_shapes", ()))
+    return dict(counts, **({"own kernel": ours} if ours else {}))
 
 
 def launch_count(backend):

@@ -154,6 +154,7 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
         if own_conv_channels not in conv3x3.CHANNEL_CHOICES:
             raise ValueError(f"own_conv_channels must be one of {conv3x3.CHANNEL_CHOICES}, got {own_conv_channels!r}")
         self.own_conv_channels = own_conv_channels if layout == "NHWC" else 0
+        self.own_conv_sum_shapes = set()        # (x, w, stride) shapes whose BatchNorm sums our kernel wrote
         # the network's input padded to a 16-byte pixel, for the stem (backends/padded_input.py); NHWC only
         self.padded_input = bool(padded_input) and layout == "NHWC"
         # a residual block's input-gradient add also reduces the next BatchNorm's gradient sums (layers.py)
@@ -422,6 +423,7 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
         blocks = max(1, min(-(-conv3x3.tiles(target.shape) // (conv3x3.THREADS // 32)), resident // groups))
         arrivals = self._bn_arrivals()         # the reductions' counter: our kernels on this stream run one at a time
         if stats:
+            self.own_conv_sum_shapes.add((source.shape, w.shape, stride))
             partials = self._scratch("conv3x3_partials", (conv3x3.partial_sums(blocks, groups),), np.float32)
         else:                                  # not touched without sums: any array will do
             partials = sums = arrivals
