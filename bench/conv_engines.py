@@ -341,15 +341,13 @@ class Survey:
         """The `own_kernel` variant: cupynet's own kernel for this forward or data gradient, timed on random arrays
         of its shapes, as an engine entry (deterministic: each output is one warp's sum in a fixed order)."""
         backend = self.backend
-        n, c, h, w, k, r, s = conv["dims"]
-        ho, wo = (conv_output_size(size, r, conv["stride"], conv["pad"]) for size in (h, w))
-        x_shape, y_shape = (n, h, w, c), (n, ho, wo, k)
+        source_shape, weight_shape, target_shape = own_kernel_shapes(conv)
         data_gradient = conv["op"] == "dgrad"
         rng = np.random.default_rng(3)
         with backend.device, backend.stream:
-            source = backend.from_host(rng.standard_normal(y_shape if data_gradient else x_shape), dtype=backend.dtype)
-            weight = backend.from_host(rng.standard_normal((k, r, s, c)) * 0.1, dtype=backend.dtype)
-            target = backend.from_host(np.zeros(x_shape if data_gradient else y_shape), dtype=backend.dtype)
+            source = backend.from_host(rng.standard_normal(source_shape), dtype=backend.dtype)
+            weight = backend.from_host(rng.standard_normal(weight_shape) * 0.1, dtype=backend.dtype)
+            target = backend.from_host(np.zeros(target_shape), dtype=backend.dtype)
             saved, backend.own_conv_channels = backend.own_conv_channels, max(conv3x3.CHANNEL_CHOICES)
             try:
                 def run():
@@ -459,14 +457,19 @@ def pixel_groups_apply(conv, args, group):
     return fits and (max(c, k) <= PAIR_MAX_CHANNELS if group == 2 else c < PADDED_CHANNELS)
 
 
+def own_kernel_shapes(conv):
+    """(what the kernel reads, the KRSC weight, what it writes) of this forward (x, y) or data gradient (dy, dx), NHWC."""
+    n, c, h, w, k, r, s = conv["dims"]
+    ho, wo = (conv_output_size(size, r, conv["stride"], conv["pad"]) for size in (h, w))
+    x_shape, y_shape = (n, h, w, c), (n, ho, wo, k)
+    return (y_shape, (k, r, s, c), x_shape) if conv["op"] == "dgrad" else (x_shape, (k, r, s, c), y_shape)
+
+
 def own_kernel_takes(conv, args, tf32):
     """Whether cupynet's own kernel computes this forward or data gradient (the `own_kernel` variant)."""
-    n, c, h, w, k, r, s = conv["dims"]
-    data_gradient = conv["op"] == "dgrad"
-    source = (n, conv_output_size(h, r, conv["stride"], conv["pad"]), conv_output_size(w, s, conv["stride"], conv["pad"]),
-              k) if data_gradient else (n, h, w, c)
-    return conv3x3.kernel_shape(args.layout, args.dtype, tf32, source, (k, r, s, c), conv["stride"], conv["pad"],
-                                data_gradient, max(conv3x3.CHANNEL_CHOICES)) is not None
+    source, weight, _ = own_kernel_shapes(conv)
+    return conv3x3.kernel_shape(args.layout, args.dtype, tf32, source, weight, conv["stride"], conv["pad"],
+                                conv["op"] == "dgrad", max(conv3x3.CHANNEL_CHOICES)) is not None
 
 
 # What else to time per operation: name -> a callable surveying it. bf16 weight gradients writing float32

@@ -220,11 +220,11 @@ def build_parser():
     model.add_argument("--own-conv-channels", type=int, choices=CHANNEL_CHOICES, default=d.own_conv_channels,
                        metavar="N",
                        help="GPU, NHWC, bfloat16 or float32 with --tf32; N is 0, 16, 32 or 64: the 3x3 convolutions "
-                            "whose channels in and out are at most N (16: stage 1's; 64: all) run their forwards and data gradients in "
-                            "cupynet's own tensor-core kernel (kernels/conv3x3.cu) instead of cuDNN's engines, which "
-                            "are slow at these widths; a stage's first, strided, data gradient and every weight "
-                            "gradient stay with cuDNN; the same results up to the order of the sums; default 0 (none) "
-                            "until a GPU run shows it faster")
+                            "whose channels in and out are at most N (16: stage 1's; 64: all) run their forwards "
+                            "and data gradients in cupynet's own tensor-core kernel (kernels/conv3x3.cu) instead of "
+                            "cuDNN's engines, which are slow at these widths; a stage's first, strided, data "
+                            "gradient and every weight gradient stay with cuDNN; the same results up to the order "
+                            "of the sums; default 0 (none) until a GPU run shows it faster")
     add_switch(model, "residual_grad_sums",
                help="block v1: the kernel that adds up a residual block's input gradient (main path plus "
                     "identity shortcut) also reduces the gradient sums of the BatchNorm that gradient "

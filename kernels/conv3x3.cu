@@ -236,9 +236,9 @@ __device__ void sum_channels(float (&sum)[4], float (&square)[4], float* scratch
 // STATS, a float per channel and statistic of each warp. Every element of y is written. With STATS (a forward
 // that feeds a BatchNorm, --conv-genstats) sums (2, CO) float32 <- [sum of y, sum of y^2] per channel, of the
 // values as stored (sum_channels; partials: gridDim.x gridDim.y x 32 floats; arrivals: the backend's counter, 0
-// between launches); without, those three are not touched. The warps of the grid take the 16-pixel tiles in turn; every lane of a warp stays in
-// the loop to its end (mma.sync needs the whole warp), a tile's pixels past the end loading zeros and storing
-// nothing. Each output is one warp's products in a fixed order: the same bits on every run.
+// between launches); without, those three are not touched. The warps of the grid take the 16-pixel tiles in
+// turn; every lane of a warp stays in the loop to its end (mma.sync needs the whole warp), a tile's pixels past
+// the end loading zeros and storing nothing. Each output is one warp's products in a fixed order: the same bits on every run.
 template <typename T, int CI, int CO, int STRIDE, bool DATA_GRADIENT, bool STATS>
 __global__ void conv3x3_mma(const T* x, const T* w, T* y, int N, int H, int W, float* partials, unsigned int* arrivals,
                             float* sums)

@@ -43,6 +43,18 @@ def plain(dataset):
     return run
 
 
+def eager_and_captured(settings, dataset, layout, dtype, **options):
+    """The same run twice from the same seed, each on a fresh backend with these step options: eager steps, then
+    captured ones. (eager backend, eager run, captured backend, captured run); the capture is checked to have
+    happened."""
+    eager_backend = make_backend(layout, dtype, **options)
+    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
+    backend = make_backend(layout, dtype, **options)
+    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
+    assert captured[0].runner.captured
+    return eager_backend, eager, backend, captured
+
+
 def assert_follows(run, plain_run, what, within=0.02):
     """Every parameter of `run`, as one vector, within `within` (relative norm) of the plain run's (printed)."""
     names = [name for name in plain_run[1] if name.startswith("params/")]
@@ -121,11 +133,8 @@ def test_split_k_weight_gradients_captured_equal_eager(dataset):
     saved["choices"] = [[key, list(forced.get(tuple(key), ())) or choice] for key, choice in saved["choices"]]
     conv_autotune.forget_choices()
     conv_autotune.import_choices(saved, device)
-    eager_backend = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", "bfloat16", wgrad_streams=2, split_k=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured
+    _, eager, backend, captured = eager_and_captured(settings, dataset, "NHWC", "bfloat16", wgrad_streams=2,
+                                                     split_k=True)
     choices = backend.conv.engine_choices()
     split_k = conv_autotune.KEY_FIELDS.index("split_k")
     assert all(choice["key"][split_k] is (choice["op"] == "wgrad") for choice in choices)    # in wgrad keys
@@ -146,11 +155,7 @@ def test_batchnorm_statistics_from_the_convolutions_captured_equal_eager(dataset
     BatchNorm reductions moved the plain run's by 0.09%, and the two runs' apart by 0.13%."""
     settings = dict(BASE, data_format=layout, dtype=dtype, conv_genstats=True)
     unfused = plain(layout, dtype)
-    eager_backend = make_backend(layout, dtype, conv_genstats=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend(layout, dtype, conv_genstats=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured
+    _, eager, backend, captured = eager_and_captured(settings, dataset, layout, dtype, conv_genstats=True)
     counts = backend.conv.genstats_counts
     # ResNet-8's conv -> BN shapes: 3 -> 16, 16 -> 16, and 2 each in stages 2 and 3 (the emulated cuDNN has
     # genstats engines only for outputs of a multiple of 32 channels: both paths run)
@@ -180,11 +185,8 @@ def test_pixel_pairs_captured_equal_eager_and_follow_the_plain_run(dataset, plai
     each pair, 0.029."""
     settings = dict(BASE, dtype=dtype, conv_pixel_pairs=True, wgrad_pixel_pairs=True)
     unpaired_run = plain("NHWC", dtype)
-    eager_backend = make_backend("NHWC", dtype, pixel_pairs=True, wgrad_pixel_pairs=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", dtype, pixel_pairs=True, wgrad_pixel_pairs=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured
+    eager_backend, eager, _, captured = eager_and_captured(settings, dataset, "NHWC", dtype, pixel_pairs=True,
+                                                           wgrad_pixel_pairs=True)
     # ResNet-8's stage 1 has two convolutions: their paired kernels built by their forwards at each step (their
     # data gradients take them) and for each evaluation batch (2 evaluations of 24 test images in batches of 16);
     # their weight gradients folded at each step
@@ -204,11 +206,8 @@ def test_our_own_conv_kernel_captured_equals_eager_and_follows_the_plain_run(dat
     do; with the sums, statistics from unshifted float32 sums)."""
     settings = dict(BASE, dtype=dtype, own_conv_channels=channels, conv_genstats=genstats)
     plain_run = plain("NHWC", dtype)
-    eager_backend = make_backend("NHWC", dtype, own_conv_channels=channels, conv_genstats=genstats)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", dtype, own_conv_channels=channels, conv_genstats=genstats)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured
+    eager_backend, eager, _, captured = eager_and_captured(settings, dataset, "NHWC", dtype,
+                                                           own_conv_channels=channels, conv_genstats=genstats)
     # ResNet-8's 3x3 convolutions after the stem: two in stage 1, and in stages 2 and 3 a strided forward and a
     # stride-1 one each; per step their forwards and the stride-1 data gradients, and for every evaluation batch
     # their forwards (2 evaluations of 24 test images in batches of 16)
@@ -234,11 +233,8 @@ def test_a_padded_input_captured_equals_eager_and_follows_the_plain_run(dataset,
     plain one (the same sums, up to the engines' order)."""
     settings = dict(BASE, dtype=dtype, padded_input=True)
     unpadded_run = plain("NHWC", dtype)
-    eager_backend = make_backend("NHWC", dtype, padded_input=True)
-    eager = train(TrainConfig(**settings, cuda_graph="off"), dataset, eager_backend)
-    backend = make_backend("NHWC", dtype, padded_input=True)
-    captured = train(TrainConfig(**settings, cuda_graph="on"), dataset, backend)
-    assert captured[0].runner.captured and captured[0].x.shape[-1] == (8 if dtype == "bfloat16" else 4)
+    eager_backend, eager, _, captured = eager_and_captured(settings, dataset, "NHWC", dtype, padded_input=True)
+    assert captured[0].x.shape[-1] == (8 if dtype == "bfloat16" else 4)
     # the stem's padded weights for each step and each evaluation batch (2 evaluations of 24 images in batches
     # of 16), its gradient cut back at each step
     assert eager_backend.kernels.launches["pad_weight_channels"] == STEPS + 2 * 2

@@ -406,11 +406,13 @@ class CupyBackend(BatchNormPrimitives, LayoutMixin):
         where its vector loads and stores need them): True; else False, nothing done. With sums (2, K) float32 (a
         forward), also [sum(y), sum(y^2)] per channel. Grid: (x, output channels / 16) blocks, x no larger than the
         GPU holds at once, the warps taking 16-pixel tiles in turn."""
+        if not self.own_conv_channels:                 # the default: every convolution is cuDNN's
+            return False
         shape = conv3x3.kernel_shape(self.layout, self.dtype.name, self.tf32, source.shape, w.shape, stride, pad,
                                      data_gradient, self.own_conv_channels)
         if shape is None or any(a.data.ptr % conv3x3.ALIGNMENT for a in (source, target)):
             return False
-        source_channels, target_channels, stride = shape
+        source_channels, target_channels, _ = shape
         n, h, width, _ = source.shape
         stats = sums is not None
         if stats and sums.shape != (2, target_channels):
